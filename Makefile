@@ -1,0 +1,53 @@
+# make run · make test · make bench · make lint — each sets up .venv itself.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS := $(VENV)/.deps-installed
+BUILD_DEPS := "setuptools>=77" wheel "Cython>=3.0" "grpcio-tools>=1.60" "numpy>=1.26"
+HOST ?= 127.0.0.1
+PORT ?= 7070
+DATA ?= var/kvstore
+
+.PHONY: run test bench lint format build clean help
+
+help:
+	@echo "make run    create .venv, build, start a node on $(HOST):$(PORT) (data in $(DATA), demo table loaded)"
+	@echo "make test   the same set-up, then the whole test suite"
+	@echo "make bench  the benchmarks (results in bench/)"
+	@echo "make lint   ruff format --check and ruff check"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(DEPS): pyproject.toml setup.py | $(PY)
+	$(PIP) install -q $(BUILD_DEPS)
+	$(PIP) install -q --no-build-isolation -e '.[test,dev]'
+	touch $@
+
+# Regenerates protobuf code and recompiles the Cython extension when their sources change.
+build: $(DEPS)
+	@$(PY) setup.py -q generate_protos build_ext --inplace 2>&1 | grep -v -e '^running' -e 'Compiling' -e 'Cythonizing' || true
+	@$(PY) -c "import kvstore._codec, kvstore.v1.feature_store_pb2" || { echo "build failed"; exit 1; }
+
+run: build
+	$(VENV)/bin/kvstore serve --host $(HOST) --port $(PORT) --data $(DATA) --demo
+
+test: build
+	$(VENV)/bin/pytest -q
+
+bench: build
+	$(PY) -m loadtests.bench
+
+lint: $(DEPS)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(DEPS)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf build dist *.egg-info kvstore/*.so ext/*.c kvstore/v1/*_pb2*.py kvstore/v1/*_pb2.pyi

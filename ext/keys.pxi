@@ -1,0 +1,163 @@
+# Keys, shards and row lists (docs/row-format.md, "Keys"); included by codec.pyx.
+
+
+cdef uint64_t SIGN_BIT = (<uint64_t>1) << 63
+
+
+cdef inline void _int_key(uint8_t* out, int64_t key) noexcept nogil:
+    # Flipping the sign bit makes the big-endian bytes sort like the integers.
+    store_u64_be(out, (<uint64_t>key) ^ SIGN_BIT)
+
+
+cdef int32_t _shard_count(object n_shards) except -1:
+    n = operator.index(n_shards)
+    if not 1 <= n <= INT32_MAX:
+        raise ValueError(f"n_shards is {n}, expected 1 <= n_shards <= {INT32_MAX}")
+    return <int32_t>n
+
+
+cdef Py_ssize_t _bad_range(const int64_t* offsets, Py_ssize_t n, int64_t buf_len,
+                           int64_t max_size) noexcept nogil:
+    """The first i where [offsets[i], offsets[i+1]) is not a range of the buffer (or longer
+    than max_size bytes, when max_size >= 0), or -1."""
+    cdef Py_ssize_t i
+    cdef int64_t a, b
+    for i in range(n):
+        a = offsets[i]
+        b = offsets[i + 1]
+        if a < 0 or b < a or b > buf_len or (max_size >= 0 and b - a > max_size):
+            return i
+    return -1
+
+
+cdef object _range_offsets(object offsets, Py_ssize_t buf_len, str what, int64_t max_size=-1):
+    """offsets (n + 1,) as an int64 ndarray, each [offsets[i], offsets[i+1]) in the buffer."""
+    offsets = _int64_array(offsets, -1, what)
+    cdef const int64_t[::1] view = offsets
+    cdef Py_ssize_t n = view.shape[0] - 1
+    cdef Py_ssize_t bad
+    if n < 0:
+        raise ValueError(f"{what} is empty, expected n + 1 entries")
+    with nogil:
+        bad = _bad_range(&view[0], n, buf_len, max_size)
+    if bad >= 0:
+        a = view[bad]
+        b = view[bad + 1]
+        if 0 <= a <= b <= buf_len:
+            raise ValueError(f"{what}: entry {bad} is {b - a} bytes, longer than {max_size}")
+        raise ValueError(
+            f"{what}: [{a}, {b}) of entry {bad} is not a range of the {buf_len}-byte buffer"
+        )
+    return offsets
+
+
+def encode_int_keys(keys):
+    """The stored form of int64 keys: 8 bytes big-endian of (key ^ 2**63) as a u64."""
+    cdef const int64_t[::1] view = _int64_array(keys, -1, "keys")
+    cdef Py_ssize_t i, n = view.shape[0]
+    cdef uint8_t key[8]
+    cdef list out = [None] * n
+    for i in range(n):
+        _int_key(key, view[i])
+        out[i] = PyBytes_FromStringAndSize(<char*>key, 8)
+    return out
+
+
+def encode_str_keys(buf, offsets):
+    """The stored form of string keys: key i is buf[offsets[i] : offsets[i + 1]] (UTF-8).
+
+    Raises ValueError for a key longer than 1024 bytes.
+    """
+    buffer = _byte_buffer(buf, "buf")
+    cdef const uint8_t[::1] data = buffer
+    offsets = _range_offsets(offsets, data.shape[0], "offsets", MAX_STR_KEY_SIZE)
+    cdef const int64_t[::1] view = offsets
+    cdef const char* base = <const char*>_bytes_ptr(data)
+    cdef Py_ssize_t i, n = view.shape[0] - 1
+    cdef list out = [None] * n
+    for i in range(n):
+        out[i] = PyBytes_FromStringAndSize(base + view[i], view[i + 1] - view[i])
+    return out
+
+
+def shard_ids_int(keys, n_shards):
+    """The shard of each int64 key: xxh3_64(its 8-byte stored form) % n_shards (int32)."""
+    cdef int32_t shards = _shard_count(n_shards)
+    cdef const int64_t[::1] view = _int64_array(keys, -1, "keys")
+    cdef Py_ssize_t i, n = view.shape[0]
+    out = np.empty(n, dtype=_INT32)
+    cdef int32_t[::1] ids = out
+    cdef uint8_t key[8]
+    with nogil:
+        for i in range(n):
+            _int_key(key, view[i])
+            ids[i] = <int32_t>(XXH3_64bits(key, 8) % <uint64_t>shards)
+    return out
+
+
+def shard_ids_str(buf, offsets, n_shards):
+    """The shard of each string key buf[offsets[i] : offsets[i + 1]]: xxh3_64(UTF-8) % n (int32)."""
+    cdef int32_t shards = _shard_count(n_shards)
+    buffer = _byte_buffer(buf, "buf")
+    cdef const uint8_t[::1] data = buffer
+    offsets = _range_offsets(offsets, data.shape[0], "offsets")
+    cdef const int64_t[::1] view = offsets
+    cdef const uint8_t* base = _bytes_ptr(data)
+    cdef Py_ssize_t i, n = view.shape[0] - 1
+    out = np.empty(n, dtype=_INT32)
+    cdef int32_t[::1] ids = out
+    with nogil:
+        for i in range(n):
+            ids[i] = <int32_t>(
+                XXH3_64bits(base + view[i], <size_t>(view[i + 1] - view[i])) % <uint64_t>shards
+            )
+    return out
+
+
+def xxh3_64(data):
+    """XXH3 64-bit hash (seed 0) of a bytes-like object, as an unsigned int."""
+    buffer = _byte_buffer(data, "data")
+    cdef const uint8_t[::1] view = buffer
+    return XXH3_64bits(_bytes_ptr(view), <size_t>view.shape[0])
+
+
+def join_values(list values):
+    """Concatenates byte strings into one bytes object; a None has length -1 (int32 lengths)."""
+    cdef Py_ssize_t i, size, n = len(values)
+    cdef Py_ssize_t total = 0
+    lengths = np.empty(n, dtype=_INT32)
+    cdef int32_t[::1] lengths_view = lengths
+    for i in range(n):
+        value = values[i]
+        if value is None:
+            lengths_view[i] = -1
+            continue
+        if type(value) is not bytes:
+            raise TypeError(f"values[{i}] must be bytes or None, got {type(value).__name__}")
+        size = PyBytes_GET_SIZE(value)
+        if size > INT32_MAX:
+            raise ValueError(f"values[{i}] is {size} bytes, more than an int32 length holds")
+        lengths_view[i] = <int32_t>size
+        total += size
+    block = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* out = PyBytes_AS_STRING(block)
+    # No Python code runs between the two passes, so values cannot change under us.
+    for i in range(n):
+        if lengths_view[i] > 0:
+            memcpy(out, PyBytes_AS_STRING(values[i]), lengths_view[i])
+            out += lengths_view[i]
+    return block, lengths
+
+
+def split_rows(buf, offsets):
+    """Slices buf into bytes objects: row i is buf[offsets[i] : offsets[i + 1]]."""
+    buffer = _byte_buffer(buf, "buf")
+    cdef const uint8_t[::1] data = buffer
+    offsets = _range_offsets(offsets, data.shape[0], "offsets")
+    cdef const int64_t[::1] view = offsets
+    cdef const char* base = <const char*>_bytes_ptr(data)
+    cdef Py_ssize_t i, n = view.shape[0] - 1
+    cdef list out = [None] * n
+    for i in range(n):
+        out[i] = PyBytes_FromStringAndSize(base + view[i], view[i + 1] - view[i])
+    return out

@@ -1,0 +1,370 @@
+"""The ``kvstore`` command: a thin layer over NodeConfig (serve) and Client (the rest)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from kvstore.config import DEFAULT_ADDRESS, NodeConfig
+from kvstore.errors import KvstoreError
+
+__all__ = ["main"]
+
+ADDRESS_HELP = f"node to talk to, HOST:PORT (default: $KVSTORE_ADDRESS or {DEFAULT_ADDRESS})"
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstore",
+        formatter_class=_formatter,
+        description="kvstore: a low-latency key-value store for machine-learning features.",
+        epilog=(
+            "examples:\n"
+            "  kvstore serve --data ./var/kvstore --demo      start a node on 127.0.0.1:7070\n"
+            "  kvstore tables                                  list the tables\n"
+            "  kvstore get demo_users 42 43 --features age,ctr_7d\n"
+            "\n'kvstore COMMAND --help' explains each command."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_, description=help_, epilog=f"example:\n  {example}",
+            formatter_class=_formatter,
+        )
+        p.set_defaults(handler=globals()[f"_cmd_{name.replace('-', '_')}"])
+        return p
+
+    def with_address(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--address", "-a", default=None, help=ADDRESS_HELP)
+        p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds (default 5)")
+        return p
+
+    p = command(
+        "serve",
+        "Run a storage node in the foreground until Ctrl-C or SIGTERM.",
+        "kvstore serve --host 127.0.0.1 --port 7071 --data /tmp/kv2",
+    )
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on, 0 = any free one (default 7070)")
+    p.add_argument("--data", type=Path, default=None, help="data directory (default ./var/kvstore)")
+    p.add_argument("--demo", action="store_true", help="create the demo_users table on first start")
+    p.add_argument("--block-cache-mb", type=int, default=None, help="shared RocksDB block cache, MiB (default 256)")
+    p.add_argument("--max-keys-per-request", type=int, default=None, help="refuse larger batches (default 100000)")
+    p.add_argument("--max-request-mb", type=int, default=None, help="refuse larger messages, MiB (default 64)")
+    p.add_argument("--port-file", type=Path, default=None, help="write the bound port to this file once serving")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = with_address(command("tables", "List the tables on a node.", "kvstore tables"))
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = with_address(command("describe", "Show a table's schema, version and size as JSON.", "kvstore describe demo_users"))
+    p.add_argument("table")
+
+    p = with_address(
+        command(
+            "create-table",
+            "Create a table. Creating the same definition again is a no-op.",
+            "kvstore create-table user_features --key int64 --shards 8 "
+            "--feature ctr_7d:float32 --feature emb:float32[64] --feature country:string",
+        )
+    )
+    p.add_argument("table")
+    p.add_argument("--key", default="int64", choices=["int64", "string"], help="key type (default int64)")
+    p.add_argument("--shards", type=int, default=8, help="number of shards (default 8)")
+    p.add_argument(
+        "--feature", "-f", action="append", default=[], metavar="NAME:DTYPE",
+        help="a feature; dtypes: bool int32 int64 float32 float64 string bytes float32[N] int64[] (repeat)",
+    )
+
+    p = with_address(
+        command(
+            "get",
+            "Look up keys; prints one JSON object per key (found: false for a missing key).",
+            "kvstore get demo_users 42 43 --features age,ctr_7d",
+        )
+    )
+    p.add_argument("table")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+    p.add_argument("--features", default=None, help="comma-separated feature names (default: all)")
+
+    p = with_address(
+        command(
+            "write",
+            "Upsert rows from JSON lines or CSV (a file, or - for stdin). Features left out of "
+            "the input keep their stored values. In CSV, list and embedding values are JSON "
+            "arrays and bytes are base64.",
+            "kvstore write user_features rows.jsonl   # {\"key\": 1, \"ctr_7d\": 0.1}",
+        )
+    )
+    p.add_argument("table")
+    p.add_argument("file", nargs="?", default="-", help="input file (default: stdin)")
+    p.add_argument("--format", choices=["jsonl", "csv"], default=None, help="default: by file extension, else jsonl")
+    p.add_argument("--key-column", default="key", help="the column holding the key (default: key)")
+    p.add_argument("--batch-size", type=int, default=5000, help="rows per request (default 5000)")
+
+    p = with_address(command("delete", "Delete keys (missing keys are fine).", "kvstore delete demo_users 42 43"))
+    p.add_argument("table")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+
+    p = with_address(command("drop", "Delete a table and all its data.", "kvstore drop user_features"))
+    p.add_argument("table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kvstore`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except KvstoreError as exc:
+        print(f"kvstore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"kvstore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202
+    from kvstore.client import DEFAULT_TIMEOUT_S, Client
+
+    return Client(args.address, timeout=args.timeout or DEFAULT_TIMEOUT_S)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvstore.server.app import serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = NodeConfig.from_env(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data,
+        demo=args.demo or None,
+        block_cache_bytes=args.block_cache_mb and args.block_cache_mb << 20,
+        max_keys_per_request=args.max_keys_per_request,
+        max_request_bytes=args.max_request_mb and args.max_request_mb << 20,
+        port_file=args.port_file,
+    )
+    serve(config)
+    return 0
+
+
+def _cmd_tables(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        tables = client.list_tables()
+    if args.json:
+        print(json.dumps([_info_json(t) for t in tables], indent=1))
+        return 0
+    if not tables:
+        print("no tables")
+        return 0
+    rows = [("TABLE", "KEY", "SHARDS", "FEATURES", "VERSION", "ROWS~", "DISK")]
+    for t in tables:
+        rows.append(
+            (
+                t.schema.name, t.schema.key_type, str(t.schema.shards), str(len(t.schema.features)),
+                str(t.version), str(t.rows_estimate), _size(t.disk_bytes),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(json.dumps(_info_json(client.describe_table(args.table)), indent=1))
+    return 0
+
+
+def _cmd_create_table(args: argparse.Namespace) -> int:
+    features: dict[str, str] = {}
+    for spec in args.feature:
+        for item in spec.split(","):
+            name, sep, dtype = item.partition(":")
+            if not sep:
+                raise ValueError(f"--feature {item!r}: expected NAME:DTYPE, e.g. ctr_7d:float32")
+            features[name.strip()] = dtype.strip()
+    with _client(args) as client:
+        info = client.create_table(args.table, key=args.key, features=features, shards=args.shards)
+    print(json.dumps(_info_json(info), indent=1))
+    return 0
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    features = [f.strip() for f in args.features.split(",")] if args.features else None
+    with _client(args) as client:
+        info = client.describe_table(args.table)
+        keys = _parse_keys(args.keys, info.schema.key_type)
+        result = client.get(args.table, keys, features)
+    for key, row, found in zip(keys, result.to_pylist(), result.found.tolist(), strict=True):
+        out: dict[str, Any] = {"key": key, "found": found}
+        if row is not None:
+            out.update({k: _jsonable(v) for k, v in row.items() if k != "key"})
+        print(json.dumps(out, ensure_ascii=False))
+    return 0
+
+
+def _cmd_write(args: argparse.Namespace) -> int:
+    fmt = args.format or ("csv" if str(args.file).endswith(".csv") else "jsonl")
+    total = 0
+    with _client(args) as client:
+        schema = client.describe_table(args.table).schema
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+        try:
+            reader = _read_csv(stream, schema) if fmt == "csv" else _read_jsonl(stream)
+            for first_line, rows in _batches(reader, args.batch_size):
+                try:
+                    total += client.write(args.table, rows, key_column=args.key_column)
+                except KvstoreError as exc:
+                    raise type(exc)(
+                        f"{exc} (input rows are counted from line {first_line} of {args.file}; "
+                        f"{total} rows before it were written)"
+                    ) from None
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
+    print(json.dumps({"table": args.table, "rows_written": total}))
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.describe_table(args.table)
+        n = client.delete(args.table, _parse_keys(args.keys, info.schema.key_type))
+    print(json.dumps({"table": args.table, "keys_deleted": n}))
+    return 0
+
+
+def _cmd_drop(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.drop_table(args.table)
+    print(json.dumps({"table": args.table, "dropped": True}))
+    return 0
+
+
+# -- helpers of the commands ---------------------------------------------------------
+
+
+def _info_json(info: Any) -> dict:
+    out = info.schema.to_json()
+    out.update(version=info.version, rows_estimate=info.rows_estimate, disk_bytes=info.disk_bytes)
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _parse_keys(raw: list[str], key_type: str) -> list:
+    if key_type == "string":
+        return raw
+    keys = []
+    for text in raw:
+        try:
+            keys.append(int(text))
+        except ValueError:
+            raise ValueError(f"key {text!r} is not an integer, and the table's keys are int64") from None
+    return keys
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def _read_jsonl(stream: TextIO) -> Iterator[tuple[int, dict]]:
+    for line_no, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {line_no}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"line {line_no}: expected a JSON object, got {type(row).__name__}")
+        yield line_no, row
+
+
+def _read_csv(stream: TextIO, schema: Any) -> Iterator[tuple[int, dict]]:
+    dtypes = {f.name: f.dtype.name for f in schema.features}
+    reader = csv.DictReader(stream)
+    for line_no, raw in enumerate(reader, 2):
+        row: dict[str, Any] = {}
+        for name, text in raw.items():
+            if name is None:
+                raise ValueError(f"line {line_no}: more fields than header columns")
+            row[name] = _csv_value(text, dtypes.get(name), schema.key_type, name, line_no)
+        yield line_no, row
+
+
+def _csv_value(text: str | None, dtype: str | None, key_type: str, name: str, line_no: int) -> Any:
+    if text is None or text == "":
+        return None
+    try:
+        if dtype is None:  # the key column (or an unknown one, which the client names)
+            return int(text) if key_type == "int64" and name == "key" else text
+        if dtype == "bool":
+            lowered = text.strip().lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError(f"{text!r} is not a bool")
+        if dtype in ("int32", "int64"):
+            return int(text)
+        if dtype in ("float32", "float64"):
+            return float(text)
+        if dtype == "bytes":
+            return base64.b64decode(text, validate=True)
+        if dtype == "string":
+            return text
+        return json.loads(text)  # float32[N], int64[]
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ValueError(f"line {line_no}, column {name!r} ({dtype or 'key'}): {exc}") from None
+
+
+def _batches(rows: Iterator[tuple[int, dict]], size: int) -> Iterator[tuple[int, list[dict]]]:
+    batch: list[dict] = []
+    first = 0
+    for line_no, row in rows:
+        if not batch:
+            first = line_no
+        batch.append(row)
+        if len(batch) >= size:
+            yield first, batch
+            batch = []
+    if batch:
+        yield first, batch
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

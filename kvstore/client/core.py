@@ -1,0 +1,335 @@
+"""What the sync and async clients share: schemas, the cluster map, request plans, decoding.
+
+A call is planned (which node gets which keys), sent (one RPC per node, by the sync
+or async client), then finished here (responses merged into request order and
+decoded in one pass by the Cython codec).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvstore import _codec
+from kvstore.columns import EncodedRows, encode_rows
+from kvstore.config import DEFAULT_ADDRESS
+from kvstore.errors import (
+    CorruptValue,
+    InvalidArgument,
+    KvstoreError,
+    SchemaChanged,
+    TableNotFound,
+)
+from kvstore.keys import KeyBatch
+from kvstore.schema import TableSchema
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.wire import schema_from_proto, schema_to_proto
+
+__all__ = ["DEFAULT_TIMEOUT_S", "NodeCall", "Operations", "TableInfo", "resolve_address"]
+
+#: Deadline of every call unless the client or the call says otherwise, in seconds.
+DEFAULT_TIMEOUT_S = 5.0
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+def resolve_address(address: str | None) -> str:
+    """``address``, else $KVSTORE_ADDRESS, else 127.0.0.1:7070."""
+    return address or os.environ.get("KVSTORE_ADDRESS") or DEFAULT_ADDRESS
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    """A table as the node describes it. ``disk_bytes`` in bytes."""
+
+    schema: TableSchema
+    version: int
+    rows_estimate: int
+    disk_bytes: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.TableInfo) -> TableInfo:
+        return cls(schema_from_proto(msg.schema), msg.version, msg.rows_estimate, msg.disk_bytes)
+
+
+@dataclass(slots=True)
+class NodeCall:
+    """One RPC of a batch: the node, the method, the request, its keys' request positions."""
+
+    address: str
+    method: str
+    request: Any
+    positions: np.ndarray | None = None  # None = every key, in order
+
+
+class ClientCore:
+    """Schemas and the cluster map, cached; plans and finishes batch calls."""
+
+    def __init__(self, address: str | None, timeout: float) -> None:
+        self.seed = resolve_address(address)
+        self.timeout = timeout
+        self.schemas: dict[str, TableSchema] = {}
+        self.nodes: list[str] = []
+        self.owners: dict[str, np.ndarray] = {}
+
+    # -- cluster map -----------------------------------------------------------------
+
+    def apply_cluster_map(self, msg: pb.ClusterMap) -> None:
+        self.nodes = [self._dial_address(n.address) for n in msg.nodes]
+        self.owners = {t.table: np.asarray(t.owner, dtype=np.int32) for t in msg.tables}
+
+    def _dial_address(self, advertised: str) -> str:
+        # A node bound to a wildcard address advertises it; reach it the way we reached the seed.
+        host, _, port = advertised.rpartition(":")
+        if host in ("", "0.0.0.0", "[::]", "::"):
+            return f"{self.seed.rpartition(':')[0]}:{port}"
+        return advertised
+
+    def knows_route(self, table: str) -> bool:
+        """True when the cached map routes every shard of the cached schema."""
+        owners = self.owners.get(table)
+        schema = self.schemas.get(table)
+        return owners is not None and schema is not None and len(owners) == schema.shards
+
+    def forget(self, table: str) -> None:
+        self.schemas.pop(table, None)
+        self.owners.pop(table, None)
+
+    def _split(self, table: str, schema: TableSchema, keys: KeyBatch) -> list[tuple[str, np.ndarray | None]]:
+        """Which node gets which key positions; one entry per node with keys."""
+        owners = self.owners.get(table)
+        if owners is None or len(owners) != schema.shards:
+            raise KvstoreError(f"no route for table {table!r} in the cluster map")
+        first = owners[0]
+        if (owners == first).all():  # one node owns every shard: no hashing needed here
+            return [(self.nodes[first], None)]
+        node_of_key = owners[keys.shard_ids(schema.shards)]
+        out = []
+        for node in np.unique(node_of_key).tolist():
+            out.append((self.nodes[node], np.flatnonzero(node_of_key == node)))
+        return out
+
+    # -- get -------------------------------------------------------------------------
+
+    def plan_get(
+        self, table: str, schema: TableSchema, keys: KeyBatch, features: list[str]
+    ) -> list[NodeCall]:
+        calls = []
+        for address, positions in self._split(table, schema, keys):
+            part = keys if positions is None else keys.take(positions)
+            request = pb.GetRequest(table=table, keys=part.to_proto(), features=features)
+            calls.append(NodeCall(address, "Get", request, positions))
+        return calls
+
+    def finish_get(
+        self,
+        table: str,
+        schema: TableSchema,
+        keys: KeyBatch,
+        projection: list[int],
+        calls: list[NodeCall],
+        responses: list[pb.GetResponse],
+    ):
+        """Merge the node responses into request order and decode them in one pass.
+
+        Raises ``_codec.SchemaMismatch`` when a row has another schema than ``schema``
+        (the caller refreshes the schema and retries once).
+        """
+        from kvstore.client.result import GetResult
+
+        n = keys.count
+        starts = np.zeros(n, np.int64)
+        lengths = np.full(n, -1, np.int64)
+        blocks = []
+        base = 0
+        version = 0
+        for call, response in zip(calls, responses, strict=True):
+            part_lengths = np.frombuffer(response.lengths, dtype="<i4").astype(np.int64)
+            part_starts = np.zeros(len(part_lengths), np.int64)
+            if len(part_lengths) > 1:
+                np.cumsum(np.maximum(part_lengths[:-1], 0), out=part_starts[1:])
+            part_starts += base
+            if response.order:
+                positions = np.frombuffer(response.order, dtype="<i4")
+                if call.positions is not None:
+                    positions = call.positions[positions]
+            else:
+                positions = call.positions if call.positions is not None else slice(None)
+            starts[positions] = part_starts
+            lengths[positions] = part_lengths
+            blocks.append(response.values)
+            base += len(response.values)
+            version = max(version, response.version)
+            if response.schema_id != schema.schema_id:
+                raise _codec.SchemaMismatch(0, response.schema_id)
+        buf = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        try:
+            columns, event_times = _codec.decode_columns(
+                schema.layout, projection, buf, starts, lengths
+            )
+        except _codec.CorruptRow as exc:
+            raise CorruptValue(
+                f"table {table!r}, key {keys.describe(exc.index)}: the value the node sent "
+                f"is corrupt ({exc.reason})"
+            ) from None
+        features = [schema.features[i] for i in projection]
+        return GetResult(keys, features, columns, lengths >= 0, event_times, version)
+
+    # -- write / delete --------------------------------------------------------------
+
+    def plan_write(self, table: str, schema: TableSchema, rows: EncodedRows) -> list[NodeCall]:
+        calls = []
+        for address, positions in self._split(table, schema, rows.keys):
+            if positions is None:
+                keys, buf, offsets = rows.keys, rows.rows, rows.offsets
+            else:
+                keys = rows.keys.take(positions)
+                parts = _codec.split_rows(rows.rows, rows.offsets)
+                chosen = [parts[i] for i in positions.tolist()]
+                buf = b"".join(chosen)
+                offsets = np.zeros(len(chosen) + 1, np.int64)
+                np.cumsum([len(p) for p in chosen], out=offsets[1:])
+            request = pb.WriteRequest(
+                table=table,
+                schema_id=schema.schema_id,
+                keys=keys.to_proto(),
+                rows=buf,
+                row_offsets=offsets.astype("<i8", copy=False).tobytes(),
+                features=rows.features,
+            )
+            calls.append(NodeCall(address, "Write", request, positions))
+        return calls
+
+    def plan_delete(self, table: str, schema: TableSchema, keys: KeyBatch) -> list[NodeCall]:
+        calls = []
+        for address, positions in self._split(table, schema, keys):
+            part = keys if positions is None else keys.take(positions)
+            request = pb.DeleteRequest(table=table, keys=part.to_proto())
+            calls.append(NodeCall(address, "Delete", request, positions))
+        return calls
+
+
+def check_features(schema: TableSchema, features: list[str] | None) -> tuple[list[str], list[int]]:
+    """The feature names to request and their positions; UnknownFeature names a bad one."""
+    if isinstance(features, str):
+        raise InvalidArgument(f"table {schema.name!r}: features must be a list of names")
+    names = list(features) if features else []
+    return names, schema.projection(names)
+
+
+# -- operations ----------------------------------------------------------------------
+#
+# Each public call is written once, as a generator: it yields the RPCs it needs (a
+# list of NodeCall, sent in parallel) and receives their responses, or a KvstoreError
+# thrown in. Client drives it with blocking calls, AsyncClient with coroutines.
+
+Flow = Any  # Generator[list[NodeCall], list[Any], T]
+
+
+class Operations(ClientCore):
+    """The client's calls as sans-I/O generators (see the comment above)."""
+
+    def _one(self, method: str, request: Any, address: str | None = None) -> Flow:
+        (response,) = yield [NodeCall(address or self.seed, method, request)]
+        return response
+
+    def schema_flow(self, table: str, refresh: bool = False) -> Flow:
+        if refresh or table not in self.schemas:
+            info = yield from self._one("DescribeTable", pb.DescribeTableRequest(table=table))
+            self.schemas[table] = schema_from_proto(info.schema)
+        if not self.knows_route(table):
+            cmap = yield from self._one("GetClusterMap", pb.GetClusterMapRequest())
+            self.apply_cluster_map(cmap)
+        return self.schemas[table]
+
+    def _with_schema(self, table: str, body) -> Flow:  # noqa: ANN001
+        """Run ``body(schema)``; on a stale schema, describe the table again and retry once."""
+        schema = yield from self.schema_flow(table)
+        try:
+            return (yield from body(schema))
+        except (_codec.SchemaMismatch, SchemaChanged):
+            schema = yield from self.schema_flow(table, refresh=True)
+            return (yield from body(schema))
+        except TableNotFound:
+            self.forget(table)
+            raise
+
+    def create_table_flow(
+        self, name: str, key: str, features: dict[str, str], shards: int
+    ) -> Flow:
+        schema = TableSchema.build(name, key, features, shards)
+        request = pb.CreateTableRequest(schema=schema_to_proto(schema))
+        info = TableInfo.from_proto((yield from self._one("CreateTable", request)))
+        self.schemas[name] = info.schema
+        self.owners.pop(name, None)
+        return info
+
+    def describe_flow(self, name: str) -> Flow:
+        info = TableInfo.from_proto(
+            (yield from self._one("DescribeTable", pb.DescribeTableRequest(table=name)))
+        )
+        self.schemas[name] = info.schema
+        return info
+
+    def list_flow(self) -> Flow:
+        response = yield from self._one("ListTables", pb.ListTablesRequest())
+        return [TableInfo.from_proto(t) for t in response.tables]
+
+    def drop_flow(self, name: str) -> Flow:
+        yield from self._one("DropTable", pb.DropTableRequest(table=name))
+        self.forget(name)
+
+    def cluster_map_flow(self) -> Flow:
+        cmap = yield from self._one("GetClusterMap", pb.GetClusterMapRequest())
+        self.apply_cluster_map(cmap)
+        return {
+            "epoch": cmap.epoch,
+            "nodes": [{"node_id": n.node_id, "address": n.address} for n in cmap.nodes],
+            "tables": {t.table: list(t.owner) for t in cmap.tables},
+        }
+
+    def get_flow(self, table: str, keys: Any, features: list[str] | None) -> Flow:
+        def body(schema: TableSchema) -> Flow:
+            names, projection = check_features(schema, features)
+            batch = KeyBatch.from_values(schema.key_type, keys, table)
+            calls = self.plan_get(table, schema, batch, names) if batch.count else []
+            responses = (yield calls) if calls else []
+            if not calls:
+                empty = np.empty(0, np.int64)
+                cols, times = _codec.decode_columns(schema.layout, projection, b"", empty, empty)
+                from kvstore.client.result import GetResult
+
+                feats = [schema.features[i] for i in projection]
+                return GetResult(batch, feats, cols, np.empty(0, bool), times, 0)
+            return self.finish_get(table, schema, batch, projection, calls, responses)
+
+        return (yield from self._with_schema(table, body))
+
+    def write_flow(
+        self, table: str, data: Any, key_column: str, event_time: int | np.ndarray | None
+    ) -> Flow:
+        def body(schema: TableSchema) -> Flow:
+            rows = encode_rows(schema, data, key_column, event_time)
+            if not len(rows):
+                return 0
+            responses = yield self.plan_write(table, schema, rows)
+            return sum(r.rows_written for r in responses)
+
+        return (yield from self._with_schema(table, body))
+
+    def delete_flow(self, table: str, keys: Any) -> Flow:
+        def body(schema: TableSchema) -> Flow:
+            batch = KeyBatch.from_values(schema.key_type, keys, table)
+            if not batch.count:
+                return 0
+            responses = yield self.plan_delete(table, schema, batch)
+            return sum(r.keys_deleted for r in responses)
+
+        return (yield from self._with_schema(table, body))

@@ -1,0 +1,134 @@
+"""GetResult: the answer to a batch lookup, held as column buffers (no object per feature)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kvstore import _codec
+from kvstore.keys import KeyBatch
+from kvstore.schema import Feature
+
+__all__ = ["GetResult"]
+
+
+class GetResult:
+    """Feature columns for a batch of keys, in request order.
+
+    * ``found``: bool array, False where the key has no row (never an error).
+    * ``version``: the table version that answered.
+    * ``event_times``: int64 array, µs since the epoch of each row's last write
+      (0 where missing).
+    * ``to_numpy()``, ``to_arrow()``, ``to_pylist()``: the features, see each.
+    """
+
+    __slots__ = ("_columns", "_features", "_keys", "event_times", "features", "found", "version")
+
+    def __init__(
+        self,
+        keys: KeyBatch,
+        features: list[Feature],
+        columns: list[tuple],
+        found: np.ndarray,
+        event_times: np.ndarray,
+        version: int,
+    ) -> None:
+        self._keys = keys
+        self._features = features
+        self._columns = columns
+        self.features = [f.name for f in features]
+        self.found = found
+        self.event_times = event_times
+        self.version = version
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def __repr__(self) -> str:
+        return (
+            f"GetResult({len(self)} keys, {int(self.found.sum())} found, "
+            f"features={self.features}, version={self.version})"
+        )
+
+    def _column(self, name: str) -> tuple[Feature, tuple]:
+        for feature, column in zip(self._features, self._columns, strict=True):
+            if feature.name == name:
+                return feature, column
+        raise KeyError(f"{name!r} is not among the requested features {self.features}")
+
+    def valid(self, feature: str) -> np.ndarray:
+        """Bool array: True where the key was found and ``feature`` is not null."""
+        return self._column(feature)[1][-1].astype(bool)
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """The features as NumPy arrays, one row per requested key.
+
+        Where a key is missing or a value is null: float32/float64 and float32[N]
+        hold NaN; int32, int64 and bool are ``numpy.ma.MaskedArray`` with those rows
+        masked; string, bytes and int64[] are object arrays holding None (these build
+        one Python object per value: prefer ``to_arrow()`` for them).
+        """
+        out: dict[str, np.ndarray] = {}
+        for feature, column in zip(self._features, self._columns, strict=True):
+            kind = feature.dtype.kind
+            valid = column[-1].astype(bool)
+            if kind in (_codec.KIND_FLOAT32, _codec.KIND_FLOAT64, _codec.KIND_FLOAT32_VECTOR):
+                values = column[0]
+                if not valid.all():
+                    values[~valid] = np.nan
+                out[feature.name] = values
+            elif kind <= _codec.KIND_FLOAT64:
+                out[feature.name] = np.ma.MaskedArray(column[0], mask=~valid)
+            else:
+                out[feature.name] = self._arrow_column(feature, column).to_numpy(
+                    zero_copy_only=False
+                )
+        return out
+
+    def to_arrow(self) -> pa.Table:
+        """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing."""
+        arrays = [self._keys_arrow()]
+        names = ["key"]
+        for feature, column in zip(self._features, self._columns, strict=True):
+            arrays.append(self._arrow_column(feature, column))
+            names.append(feature.name)
+        return pa.Table.from_arrays(arrays, names=names)
+
+    def to_pylist(self) -> list[dict[str, Any] | None]:
+        """One dict per key (``{"key": …, feature: value, …}``), None for a missing key."""
+        rows = self.to_arrow().to_pylist()
+        return [row if found else None for row, found in zip(rows, self.found.tolist(), strict=True)]
+
+    def _keys_arrow(self) -> pa.Array:
+        keys = self._keys
+        if keys.ints is not None:
+            return pa.array(keys.ints)
+        return pa.LargeStringArray.from_buffers(
+            len(keys), pa.py_buffer(keys.offsets), pa.py_buffer(keys.utf8)
+        ).cast(pa.string())
+
+    @staticmethod
+    def _arrow_column(feature: Feature, column: tuple) -> pa.Array:
+        kind = feature.dtype.kind
+        valid = column[-1].astype(bool)
+        mask = None if valid.all() else pa.array(~valid)
+        if kind <= _codec.KIND_FLOAT64:
+            return pa.array(column[0], type=feature.dtype.arrow_type, mask=None if mask is None else ~valid)
+        if kind == _codec.KIND_FLOAT32_VECTOR:
+            return pa.FixedSizeListArray.from_arrays(
+                pa.array(column[0].ravel()), feature.dtype.dim, mask=mask
+            )
+        offsets, data, _ = column
+        n = len(valid)
+        validity = None if mask is None else pa.array(valid).buffers()[1]
+        if kind == _codec.KIND_INT64_LIST:
+            values = pa.array(data.view("<i8"))
+            arr = pa.LargeListArray.from_arrays(pa.array(offsets // 8), values, mask=mask)
+            return arr.cast(pa.list_(pa.int64()))
+        arrow_type = pa.large_string() if kind == _codec.KIND_STRING else pa.large_binary()
+        arr = pa.Array.from_buffers(
+            arrow_type, n, [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
+        )
+        return arr.cast(feature.dtype.arrow_type)

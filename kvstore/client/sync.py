@@ -1,0 +1,148 @@
+"""Client: the blocking Python client. One RPC per node per batch, a deadline on every call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+
+from kvstore.client.core import DEFAULT_TIMEOUT_S, CHANNEL_OPTIONS, NodeCall, Operations, TableInfo
+from kvstore.client.result import GetResult
+from kvstore.errors import KvstoreError, from_rpc_error
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+
+__all__ = ["Client"]
+
+
+class Client:
+    """A connection to a kvstore cluster through one of its nodes.
+
+    ``Client("127.0.0.1:7070")``; the address defaults to ``$KVSTORE_ADDRESS``, then
+    ``127.0.0.1:7070``. ``timeout`` is the deadline of every call in seconds (default
+    5 s); each call can override it. Connecting is lazy: an unreachable node is
+    reported by the first call, as ``kvstore.Unavailable``, within its deadline.
+    Thread-safe for concurrent calls.
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._ops = Operations(address, timeout)
+        self._channels: dict[str, tuple[grpc.Channel, pb_grpc.FeatureStoreStub]] = {}
+
+    @property
+    def address(self) -> str:
+        return self._ops.seed
+
+    # -- tables ----------------------------------------------------------------------
+
+    def create_table(
+        self, name: str, *, key: str = "int64", features: dict[str, str], shards: int = 8,
+        timeout: float | None = None,
+    ) -> TableInfo:
+        """Create a table; ``features`` maps names to dtypes (``"float32[64]"`` …).
+
+        Creating the same definition again is a no-op; another definition under an
+        existing name raises ``AlreadyExists``.
+        """
+        return self._run(self._ops.create_table_flow(name, key, features, shards), timeout)
+
+    def describe_table(self, name: str, *, timeout: float | None = None) -> TableInfo:
+        """Schema, current version, estimated rows and bytes on disk of a table."""
+        return self._run(self._ops.describe_flow(name), timeout)
+
+    def list_tables(self, *, timeout: float | None = None) -> list[TableInfo]:
+        """Every table on the node, by name."""
+        return self._run(self._ops.list_flow(), timeout)
+
+    def drop_table(self, name: str, *, timeout: float | None = None) -> None:
+        """Delete a table and its data."""
+        self._run(self._ops.drop_flow(name), timeout)
+
+    def cluster_map(self, *, timeout: float | None = None) -> dict:
+        """The nodes and which of them serves each shard of each table."""
+        return self._run(self._ops.cluster_map_flow(), timeout)
+
+    # -- data ------------------------------------------------------------------------
+
+    def get(
+        self, table: str, keys: Any, features: list[str] | None = None, *,
+        timeout: float | None = None,
+    ) -> GetResult:
+        """Look up a batch of keys; ``features=None`` means all.
+
+        Results come in request order (a repeated key is answered at each of its
+        positions); a missing key is ``found[i] == False``, never an error.
+        """
+        return self._run(self._ops.get_flow(table, keys, features), timeout)
+
+    def write(
+        self, table: str, data: Any, *, key_column: str = "key",
+        event_time: int | np.ndarray | None = None, timeout: float | None = None,
+    ) -> int:
+        """Upsert rows; returns how many. Features not in ``data`` keep their values.
+
+        ``data``: a dict of columns (lists or NumPy arrays), a ``pyarrow.Table`` or
+        ``RecordBatch``, a pandas DataFrame or a list of row dicts. ``event_time`` in
+        µs since the epoch, one value or one per row (default now). Within one call,
+        a later row for the same key wins.
+        """
+        return self._run(self._ops.write_flow(table, data, key_column, event_time), timeout)
+
+    def delete(self, table: str, keys: Any, *, timeout: float | None = None) -> int:
+        """Delete a batch of keys (missing ones are fine); returns how many were named."""
+        return self._run(self._ops.delete_flow(table, keys), timeout)
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _stub(self, address: str) -> pb_grpc.FeatureStoreStub:
+        entry = self._channels.get(address)
+        if entry is None:
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            entry = (channel, pb_grpc.FeatureStoreStub(channel))
+            self._channels[address] = entry
+        return entry[1]
+
+    def _send(self, calls: list[NodeCall], timeout: float) -> list[Any]:
+        if len(calls) == 1:
+            call = calls[0]
+            try:
+                return [getattr(self._stub(call.address), call.method)(call.request, timeout=timeout)]
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, call.address, timeout) from None
+        futures = [
+            getattr(self._stub(c.address), c.method).future(c.request, timeout=timeout)
+            for c in calls
+        ]
+        responses = []
+        for call, future in zip(calls, futures, strict=True):
+            try:
+                responses.append(future.result())
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, call.address, timeout) from None
+        return responses
+
+    def _run(self, flow: Any, timeout: float | None) -> Any:
+        timeout = self._ops.timeout if timeout is None else timeout
+        try:
+            calls = next(flow)
+            while True:
+                try:
+                    responses = self._send(calls, timeout)
+                except KvstoreError as exc:
+                    calls = flow.throw(exc)
+                else:
+                    calls = flow.send(responses)
+        except StopIteration as done:
+            return done.value
+
+    def close(self) -> None:
+        """Close the channels to every node."""
+        for channel, _ in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""The one configuration object of a storage node. The CLI and environment only fill it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEFAULT_ADDRESS", "NodeConfig"]
+
+DEFAULT_ADDRESS = "127.0.0.1:7070"
+MiB = 1 << 20
+
+
+@dataclass
+class NodeConfig:
+    """Settings of one storage node; the defaults work on a laptop.
+
+    Sizes are in bytes, times in seconds.
+    """
+
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (tests); the bound port is written to ``port_file`` if set.
+    port: int = 7070
+    data_dir: Path = Path("var/kvstore")
+    #: One LRU block cache shared by every shard of every table on the node.
+    block_cache_bytes: int = 256 * MiB
+    bloom_bits_per_key: float = 10.0
+    #: A Get, Write or Delete naming more keys than this is refused with RequestTooLarge.
+    max_keys_per_request: int = 100_000
+    #: gRPC's limit on one incoming message; larger ones are refused before parsing.
+    max_request_bytes: int = 64 * MiB
+    #: Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.
+    shutdown_grace_s: float = 5.0
+    #: The address clients dial for this node (defaults to host:port as bound).
+    advertise_address: str | None = None
+    node_id: str = ""
+    #: Create and fill the ``demo_users`` table on first start.
+    demo: bool = False
+    #: Write the bound port here once serving (lets a parent process find port 0).
+    port_file: Path | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> NodeConfig:
+        """Defaults, then ``KVSTORE_*`` environment variables, then ``overrides`` (not None)."""
+        cfg = cls()
+        env = {
+            "KVSTORE_HOST": ("host", str),
+            "KVSTORE_PORT": ("port", int),
+            "KVSTORE_DATA": ("data_dir", Path),
+            "KVSTORE_BLOCK_CACHE_BYTES": ("block_cache_bytes", int),
+            "KVSTORE_MAX_KEYS_PER_REQUEST": ("max_keys_per_request", int),
+            "KVSTORE_MAX_REQUEST_BYTES": ("max_request_bytes", int),
+        }
+        for var, (attr, conv) in env.items():
+            if var in os.environ:
+                setattr(cfg, attr, conv(os.environ[var]))
+        for attr, value in overrides.items():
+            if value is not None:
+                setattr(cfg, attr, value)
+        return cfg
+
+    def load(self) -> None:
+        """Derive what follows from the settings: absolute paths, the node id."""
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        if not self.node_id:
+            self.node_id = f"{socket.gethostname()}:{self.data_dir}"
+        if self.max_keys_per_request < 1:
+            raise ValueError("max_keys_per_request must be at least 1")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")

@@ -1,0 +1,139 @@
+"""The errors a kvstore user can see, and their one mapping to gRPC status codes.
+
+Every error names the thing it is about (table, feature, key, row, limit) in its
+message. The node raises these; ``kvstore.server.servicer`` turns them into a gRPC
+status in one place, and ``kvstore.client`` turns a status back into the same class
+in one place (``from_rpc_error``), so a user catches ``kvstore.UnknownFeature`` whether
+the check ran in the client or in the node.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "AlreadyExists",
+    "CorruptValue",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "KvstoreError",
+    "NotFound",
+    "RequestTooLarge",
+    "SchemaChanged",
+    "TableNotFound",
+    "Unavailable",
+    "UnknownFeature",
+]
+
+# The trailing-metadata key carrying the exact error class across the wire.
+ERROR_TYPE_KEY = "kvstore-error"
+
+
+class KvstoreError(Exception):
+    """Base class of every error kvstore raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(KvstoreError):
+    """The request itself is wrong: a bad key, value, dtype, name or size."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class UnknownFeature(InvalidArgument):
+    """A feature name the table does not have."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """A request over a configured limit (keys per request or bytes per message)."""
+
+
+class NotFound(KvstoreError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class TableNotFound(NotFound):
+    """No table of that name on the node."""
+
+
+class AlreadyExists(KvstoreError):
+    """A table of that name exists with another schema."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class SchemaChanged(KvstoreError):
+    """The client encoded rows with a schema that is no longer the table's."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class CorruptValue(KvstoreError):
+    """A stored value that does not decode; the message names table, shard and key."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class Unavailable(KvstoreError):
+    """The node cannot be reached, or is shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(KvstoreError):
+    """The call did not finish within its deadline."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+_BY_NAME: dict[str, type[KvstoreError]] = {
+    cls.__name__: cls
+    for cls in (
+        InvalidArgument,
+        UnknownFeature,
+        RequestTooLarge,
+        NotFound,
+        TableNotFound,
+        AlreadyExists,
+        SchemaChanged,
+        CorruptValue,
+        Unavailable,
+        DeadlineExceeded,
+        KvstoreError,
+    )
+}
+
+_BY_CODE: dict[grpc.StatusCode, type[KvstoreError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: SchemaChanged,
+    grpc.StatusCode.DATA_LOSS: CorruptValue,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def from_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float | None) -> KvstoreError:
+    """The kvstore error for a failed call to the node at ``address``."""
+    code = exc.code()
+    details = exc.details() or ""
+    name = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_TYPE_KEY:
+            name = value
+    if name in _BY_NAME:
+        return _BY_NAME[name](details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+        return RequestTooLarge(
+            f"the request is larger than node {address} accepts (its max_request_bytes "
+            f"limit): {details}; send fewer keys or rows per call"
+        )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"node {address} is unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(
+            f"node {address} did not answer within the deadline of {timeout_s} s"
+        )
+    return _BY_CODE.get(code, KvstoreError)(f"node {address}: {code.name}: {details}")

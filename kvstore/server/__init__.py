@@ -1,0 +1,1 @@
+"""The storage node: gRPC servicer (wire) → Node (routing) → shards (RocksDB)."""

@@ -1,0 +1,120 @@
+"""Serving a node: startup, main loop, graceful shutdown, signals (after uvicorn's server.py).
+
+SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused, in-flight calls get
+``shutdown_grace_s`` to finish, then the databases close. A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import grpc
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore.config import NodeConfig
+from kvstore.server.node import Node
+from kvstore.server.servicer import FeatureStoreServicer
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NodeServer", "serve"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStore"].full_name
+
+
+class NodeServer:
+    """One storage node process: the gRPC server around a Node."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.node = Node(config)
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._should_exit = asyncio.Event()
+        self._force_exit = False
+
+    async def startup(self) -> None:
+        cfg = self.config
+        self.node.open()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_request_bytes),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (address in use?)")
+        address = cfg.advertise_address or f"{cfg.host}:{self.port}"
+        pb_grpc.add_FeatureStoreServicer_to_server(FeatureStoreServicer(self.node, address), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await server.start()
+        self._server = server
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.port_file is not None:
+            tmp = f"{cfg.port_file}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{self.port}\n")
+            os.replace(tmp, cfg.port_file)
+        logger.info(
+            "kvstore node serving on %s:%d, data in %s (%d tables)",
+            cfg.host,
+            self.port,
+            cfg.data_dir,
+            len(self.node.tables),
+        )
+
+    async def main_loop(self) -> None:
+        await self._should_exit.wait()
+
+    async def shutdown(self) -> None:
+        logger.info("shutting down: draining in-flight calls (grace %.1f s)", self.config.shutdown_grace_s)
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace_s)
+        self.node.close()
+        logger.info("stopped; databases closed")
+
+    def handle_exit(self, sig: int) -> None:
+        if self._should_exit.is_set() and sig == signal.SIGINT:
+            self._force_exit = True
+            logger.warning("second interrupt: exiting now")
+            os._exit(1)
+        self._should_exit.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.handle_exit, sig)
+        try:
+            await self.startup()
+            await self.main_loop()
+            await self.shutdown()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+
+def serve(config: NodeConfig) -> None:
+    """Run a node until SIGTERM/SIGINT, on uvloop."""
+    config.load()
+    if sys.version_info >= (3, 12):  # pragma: no cover - uvloop.run is the modern spelling
+        uvloop.run(NodeServer(config).run())
+    else:
+        uvloop.install()
+        asyncio.run(NodeServer(config).run())

@@ -1,0 +1,1 @@
+"""The wire contract: protobuf and gRPC code generated at build time from protos/kvstore/v1."""
