@@ -18,9 +18,8 @@ DEBUG = os.environ.get("KVSTORE_DEBUG") == "1"
 
 def generate_protos() -> None:
     """Generate kvstore/v1/*_pb2*.py(i) from protos/kvstore/v1/*.proto when out of date."""
-    from grpc_tools import protoc  # a build requirement, imported only when generating
-
     import grpc_tools
+    from grpc_tools import protoc  # a build requirement, imported only when generating
 
     protos = sorted((ROOT / "protos" / "kvstore" / "v1").glob("*.proto"))
     for proto in protos:

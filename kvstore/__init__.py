@@ -1,9 +1,9 @@
 """kvstore: a low-latency key-value store for machine-learning features.
 
-    from kvstore import Client
-    client = Client("127.0.0.1:7070")
-    result = client.get("user_features", keys=[1, 2, 3], features=["ctr_7d", "emb"])
-    result.to_numpy()
+from kvstore import Client
+client = Client("127.0.0.1:7070")
+result = client.get("user_features", keys=[1, 2, 3], features=["ctr_7d", "emb"])
+result.to_numpy()
 """
 
 from kvstore.client import DEFAULT_TIMEOUT_S, AsyncClient, Client, GetResult, TableInfo
@@ -41,6 +41,7 @@ __all__ = [
     "SchemaChanged",
     "TableInfo",
     "TableNotFound",
+    "TableSchema",
     "Unavailable",
     "UnknownFeature",
 ]

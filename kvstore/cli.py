@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import io
 import json
 import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
 
 from kvstore.config import DEFAULT_ADDRESS, NodeConfig
 from kvstore.errors import KvstoreError
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_: str, example: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
-            name, help=help_, description=help_, epilog=f"example:\n  {example}",
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {example}",
             formatter_class=_formatter,
         )
         p.set_defaults(handler=globals()[f"_cmd_{name.replace('-', '_')}"])
@@ -50,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_address(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--address", "-a", default=None, help=ADDRESS_HELP)
-        p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds (default 5)")
+        p.add_argument(
+            "--timeout", type=float, default=None, help="deadline per call, seconds (default 5)"
+        )
         return p
 
     p = command(
@@ -59,19 +65,44 @@ def build_parser() -> argparse.ArgumentParser:
         "kvstore serve --host 127.0.0.1 --port 7071 --data /tmp/kv2",
     )
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port to listen on, 0 = any free one (default 7070)")
+    p.add_argument(
+        "--port", type=int, default=None, help="port to listen on, 0 = any free one (default 7070)"
+    )
     p.add_argument("--data", type=Path, default=None, help="data directory (default ./var/kvstore)")
     p.add_argument("--demo", action="store_true", help="create the demo_users table on first start")
-    p.add_argument("--block-cache-mb", type=int, default=None, help="shared RocksDB block cache, MiB (default 256)")
-    p.add_argument("--max-keys-per-request", type=int, default=None, help="refuse larger batches (default 100000)")
-    p.add_argument("--max-request-mb", type=int, default=None, help="refuse larger messages, MiB (default 64)")
-    p.add_argument("--port-file", type=Path, default=None, help="write the bound port to this file once serving")
+    p.add_argument(
+        "--block-cache-mb",
+        type=int,
+        default=None,
+        help="shared RocksDB block cache, MiB (default 256)",
+    )
+    p.add_argument(
+        "--max-keys-per-request",
+        type=int,
+        default=None,
+        help="refuse larger batches (default 100000)",
+    )
+    p.add_argument(
+        "--max-request-mb", type=int, default=None, help="refuse larger messages, MiB (default 64)"
+    )
+    p.add_argument(
+        "--port-file",
+        type=Path,
+        default=None,
+        help="write the bound port to this file once serving",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     p = with_address(command("tables", "List the tables on a node.", "kvstore tables"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = with_address(command("describe", "Show a table's schema, version and size as JSON.", "kvstore describe demo_users"))
+    p = with_address(
+        command(
+            "describe",
+            "Show a table's schema, version and size as JSON.",
+            "kvstore describe demo_users",
+        )
+    )
     p.add_argument("table")
 
     p = with_address(
@@ -83,11 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     p.add_argument("table")
-    p.add_argument("--key", default="int64", choices=["int64", "string"], help="key type (default int64)")
+    p.add_argument(
+        "--key", default="int64", choices=["int64", "string"], help="key type (default int64)"
+    )
     p.add_argument("--shards", type=int, default=8, help="number of shards (default 8)")
     p.add_argument(
-        "--feature", "-f", action="append", default=[], metavar="NAME:DTYPE",
-        help="a feature; dtypes: bool int32 int64 float32 float64 string bytes float32[N] int64[] (repeat)",
+        "--feature",
+        "-f",
+        action="append",
+        default=[],
+        metavar="NAME:DTYPE",
+        help="a feature (repeat the option); dtypes: bool int32 int64 float32 float64 "
+        "string bytes float32[N] int64[]",
     )
 
     p = with_address(
@@ -107,20 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
             "Upsert rows from JSON lines or CSV (a file, or - for stdin). Features left out of "
             "the input keep their stored values. In CSV, list and embedding values are JSON "
             "arrays and bytes are base64.",
-            "kvstore write user_features rows.jsonl   # {\"key\": 1, \"ctr_7d\": 0.1}",
+            'kvstore write user_features rows.jsonl   # {"key": 1, "ctr_7d": 0.1}',
         )
     )
     p.add_argument("table")
     p.add_argument("file", nargs="?", default="-", help="input file (default: stdin)")
-    p.add_argument("--format", choices=["jsonl", "csv"], default=None, help="default: by file extension, else jsonl")
+    p.add_argument(
+        "--format",
+        choices=["jsonl", "csv"],
+        default=None,
+        help="default: by file extension, else jsonl",
+    )
     p.add_argument("--key-column", default="key", help="the column holding the key (default: key)")
     p.add_argument("--batch-size", type=int, default=5000, help="rows per request (default 5000)")
 
-    p = with_address(command("delete", "Delete keys (missing keys are fine).", "kvstore delete demo_users 42 43"))
+    p = with_address(
+        command("delete", "Delete keys (missing keys are fine).", "kvstore delete demo_users 42 43")
+    )
     p.add_argument("table")
     p.add_argument("keys", nargs="+", metavar="KEY")
 
-    p = with_address(command("drop", "Delete a table and all its data.", "kvstore drop user_features"))
+    p = with_address(
+        command("drop", "Delete a table and all its data.", "kvstore drop user_features")
+    )
     p.add_argument("table")
     return parser
 
@@ -143,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 # -- commands ------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace):  # noqa: ANN202
+def _client(args: argparse.Namespace):
     from kvstore.client import DEFAULT_TIMEOUT_S, Client
 
     return Client(args.address, timeout=args.timeout or DEFAULT_TIMEOUT_S)
@@ -182,8 +229,13 @@ def _cmd_tables(args: argparse.Namespace) -> int:
     for t in tables:
         rows.append(
             (
-                t.schema.name, t.schema.key_type, str(t.schema.shards), str(len(t.schema.features)),
-                str(t.version), str(t.rows_estimate), _size(t.disk_bytes),
+                t.schema.name,
+                t.schema.key_type,
+                str(t.schema.shards),
+                str(len(t.schema.features)),
+                str(t.version),
+                str(t.rows_estimate),
+                _size(t.disk_bytes),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -218,10 +270,11 @@ def _cmd_get(args: argparse.Namespace) -> int:
         info = client.describe_table(args.table)
         keys = _parse_keys(args.keys, info.schema.key_type)
         result = client.get(args.table, keys, features)
+    dtypes = {f.name: f.dtype.name for f in info.schema.features}
     for key, row, found in zip(keys, result.to_pylist(), result.found.tolist(), strict=True):
         out: dict[str, Any] = {"key": key, "found": found}
         if row is not None:
-            out.update({k: _jsonable(v) for k, v in row.items() if k != "key"})
+            out.update({k: _jsonable(v, dtypes[k]) for k, v in row.items() if k != "key"})
         print(json.dumps(out, ensure_ascii=False))
     return 0
 
@@ -289,16 +342,30 @@ def _parse_keys(raw: list[str], key_type: str) -> list:
         try:
             keys.append(int(text))
         except ValueError:
-            raise ValueError(f"key {text!r} is not an integer, and the table's keys are int64") from None
+            raise ValueError(
+                f"key {text!r} is not an integer, and the table's keys are int64"
+            ) from None
     return keys
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, dtype: str) -> Any:
+    """A value as JSON shows it: bytes as base64, NaN as null, float32 in its shortest form."""
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
+    if dtype.startswith("float32"):
+        if isinstance(value, list):
+            return [_float32(v) for v in value]
+        return _float32(value)
     if isinstance(value, float) and value != value:
         return None
     return value
+
+
+def _float32(value: float | None) -> float | None:
+    # 0.1 stored as float32 reads back as 0.10000000149011612; print what was written.
+    if value is None or value != value:
+        return None
+    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
 
 
 def _read_jsonl(stream: TextIO) -> Iterator[tuple[int, dict]]:

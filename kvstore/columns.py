@@ -225,8 +225,14 @@ def _codec_column(arr: pa.Array, dtype: DType, table: str, column: str) -> tuple
     valid = _validity(arr)
     kind = dtype.kind
     if kind <= _codec.KIND_FLOAT64:
-        filled = pc.fill_null(arr, False if kind == _codec.KIND_BOOL else 0) if valid is not None else arr
-        values = np.ascontiguousarray(filled.to_numpy(zero_copy_only=False), dtype=dtype.numpy_dtype)
+        filled = (
+            pc.fill_null(arr, False if kind == _codec.KIND_BOOL else 0)
+            if valid is not None
+            else arr
+        )
+        values = np.ascontiguousarray(
+            filled.to_numpy(zero_copy_only=False), dtype=dtype.numpy_dtype
+        )
         return values, valid
     if kind == _codec.KIND_FLOAT32_VECTOR:
         n = len(arr)
@@ -237,14 +243,20 @@ def _codec_column(arr: pa.Array, dtype: DType, table: str, column: str) -> tuple
         return np.ascontiguousarray(values.reshape(n, dtype.dim)), valid
     if kind == _codec.KIND_INT64_LIST:
         arr = arr.cast(pa.large_list(pa.int64()))
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+            arr.offset : arr.offset + len(arr) + 1
+        ]
         child = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
         if child.null_count:
             _raise_null_element(arr, table, column, dtype)
-        data = np.ascontiguousarray(child.to_numpy(zero_copy_only=False), dtype="<i8").view(np.uint8)
+        data = np.ascontiguousarray(child.to_numpy(zero_copy_only=False), dtype="<i8").view(
+            np.uint8
+        )
         return (offsets - offsets[0]) * 8, data, valid
     arr = arr.cast(pa.large_string() if kind == _codec.KIND_STRING else pa.large_binary())
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
     buf = arr.buffers()[2]
     data = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.empty(0, np.uint8)
     base = int(offsets[0])

@@ -85,7 +85,9 @@ class KeyBatch:
                 "type is string"
             )
         arr = arr.cast(pa.large_string())
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+            arr.offset : arr.offset + len(arr) + 1
+        ]
         data = arr.buffers()[2]
         base = int(offsets[0]) if len(offsets) else 0
         offsets = offsets - base
@@ -120,8 +122,7 @@ class KeyBatch:
                 )
             if len(msg.int64_le) != 8 * msg.count:
                 raise InvalidArgument(
-                    f"table {table!r}: {len(msg.int64_le)} bytes of int64 keys for "
-                    f"{msg.count} keys"
+                    f"table {table!r}: {len(msg.int64_le)} bytes of int64 keys for {msg.count} keys"
                 )
             return cls("int64", ints=np.frombuffer(msg.int64_le, dtype="<i8"))
         if msg.utf8_offsets:

@@ -189,7 +189,9 @@ class TableSchema:
     def layout(self) -> _codec.Layout:
         """The codec's byte layout of this schema."""
         return _codec.Layout(
-            self.schema_id, [f.dtype.kind for f in self.features], [f.dtype.dim for f in self.features]
+            self.schema_id,
+            [f.dtype.kind for f in self.features],
+            [f.dtype.dim for f in self.features],
         )
 
     @property

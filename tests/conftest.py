@@ -50,8 +50,19 @@ class NodeProcess:
         port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
         port_file.unlink(missing_ok=True)
         cmd = [
-            sys.executable, "-m", "kvstore.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--data", str(self.data_dir), "--port-file", str(port_file), *self.extra,
+            sys.executable,
+            "-m",
+            "kvstore.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--data",
+            str(self.data_dir),
+            "--port-file",
+            str(port_file),
+            *self.extra,
         ]
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -87,7 +98,9 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"node did not stop within {timeout} s:\n{self.output()}") from None
+                raise AssertionError(
+                    f"node did not stop within {timeout} s:\n{self.output()}"
+                ) from None
         self.log.close()
         return self.proc.returncode
 

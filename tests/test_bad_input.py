@@ -105,7 +105,9 @@ def test_null_key(client: Client, table: str) -> None:
 
 
 def test_value_of_the_wrong_dtype_names_row_and_column(client: Client, table: str) -> None:
-    with pytest.raises(kvstore.InvalidArgument, match=r"column 'age' \(int32\), row 2: 'x' \(str\)"):
+    with pytest.raises(
+        kvstore.InvalidArgument, match=r"column 'age' \(int32\), row 2: 'x' \(str\)"
+    ):
         client.write(table, {"key": [1, 2, 3], "age": [7, 8, "x"]})
     with pytest.raises(kvstore.InvalidArgument, match=r"column 'age' \(int32\), row 1: 1.5"):
         client.write(table, {"key": [1, 2], "age": [7, 1.5]})
@@ -117,7 +119,9 @@ def test_value_of_the_wrong_dtype_names_row_and_column(client: Client, table: st
 
 
 def test_embedding_of_the_wrong_length(client: Client, table: str) -> None:
-    with pytest.raises(kvstore.InvalidArgument, match=r"column 'emb' .*row 1: an embedding of length 2, expected 3"):
+    with pytest.raises(
+        kvstore.InvalidArgument, match=r"column 'emb' .*row 1: an embedding of length 2, expected 3"
+    ):
         client.write(table, {"key": [1, 2], "emb": [[1, 2, 3], [1, 2]]})
     with pytest.raises(kvstore.InvalidArgument, match="embeddings of length 4, expected 3"):
         client.write(table, {"key": [1], "emb": np.zeros((1, 4), np.float32)})
@@ -134,7 +138,9 @@ def test_request_over_the_key_limit_names_the_limit(start_node) -> None:
     with Client(node.address) as c:
         c.create_table("small", key="int64", features={"x": "int32"}, shards=2)
         c.write("small", {"key": [1], "x": [1]})
-        with pytest.raises(kvstore.RequestTooLarge, match=r"101 keys.*limit is 100 keys per request"):
+        with pytest.raises(
+            kvstore.RequestTooLarge, match=r"101 keys.*limit is 100 keys per request"
+        ):
             c.get("small", list(range(101)))
         with pytest.raises(kvstore.RequestTooLarge, match="max_keys_per_request"):
             c.write("small", {"key": list(range(200)), "x": list(range(200))})
@@ -157,8 +163,9 @@ def test_unreachable_node_fails_within_the_deadline() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     started = time.monotonic()
-    with Client(f"127.0.0.1:{port}", timeout=2.0) as c, pytest.raises(
-        kvstore.Unavailable, match=f"127.0.0.1:{port}"
+    with (
+        Client(f"127.0.0.1:{port}", timeout=2.0) as c,
+        pytest.raises(kvstore.Unavailable, match=f"127.0.0.1:{port}"),
     ):
         c.get("t", [1])
     assert time.monotonic() - started < 2.0 + 1.0
@@ -233,7 +240,10 @@ def test_garbage_rows_sent_to_the_node_are_refused(shared_node, table: str, clie
     stub = _raw_stub(shared_node.address)
     keys = pb.Keys(count=1, int64_le=np.array([1], "<i8").tobytes())
     request = pb.WriteRequest(
-        table=table, schema_id=schema_id, keys=keys, rows=b"\x01garbage",
+        table=table,
+        schema_id=schema_id,
+        keys=keys,
+        rows=b"\x01garbage",
         row_offsets=np.array([0, 8], "<i8").tobytes(),
     )
     with pytest.raises(grpc.RpcError) as info:

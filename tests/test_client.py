@@ -122,7 +122,9 @@ def test_partial_write_keeps_other_features(client: Client, table: str) -> None:
     assert rows[2] == {"key": 42, "age": 5, "country": None, "ctr_7d": None}
 
 
-def test_full_write_replaces_and_nulls_read_as_missing_values(client: Client, table_name: str) -> None:
+def test_full_write_replaces_and_nulls_read_as_missing_values(
+    client: Client, table_name: str
+) -> None:
     client.create_table(table_name, key="int64", features={"a": "float64", "b": "string"}, shards=2)
     client.write(table_name, {"key": [1], "a": [1.0], "b": ["x"]})
     client.write(table_name, pa.table({"key": [1], "a": [None], "b": ["y"]}))
@@ -171,9 +173,13 @@ def test_drop_and_recreate_with_another_schema_reads_the_new_one(
     other.close()
 
 
-def test_cluster_map_names_this_node_for_every_shard(client: Client, table: str, shared_node) -> None:
+def test_cluster_map_names_this_node_for_every_shard(
+    client: Client, table: str, shared_node
+) -> None:
     cmap = client.cluster_map()
-    assert cmap["nodes"] == [{"node_id": cmap["nodes"][0]["node_id"], "address": shared_node.address}]
+    assert cmap["nodes"] == [
+        {"node_id": cmap["nodes"][0]["node_id"], "address": shared_node.address}
+    ]
     assert cmap["tables"][table] == [0] * 8
 
 

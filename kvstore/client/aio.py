@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import DEFAULT_TIMEOUT_S, CHANNEL_OPTIONS, NodeCall, Operations, TableInfo
+from kvstore.client.core import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, NodeCall, Operations, TableInfo
 from kvstore.client.result import GetResult
 from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
@@ -31,7 +31,12 @@ class AsyncClient:
         return self._ops.seed
 
     async def create_table(
-        self, name: str, *, key: str = "int64", features: dict[str, str], shards: int = 8,
+        self,
+        name: str,
+        *,
+        key: str = "int64",
+        features: dict[str, str],
+        shards: int = 8,
         timeout: float | None = None,
     ) -> TableInfo:
         """See ``Client.create_table``."""
@@ -54,15 +59,24 @@ class AsyncClient:
         return await self._run(self._ops.cluster_map_flow(), timeout)
 
     async def get(
-        self, table: str, keys: Any, features: list[str] | None = None, *,
+        self,
+        table: str,
+        keys: Any,
+        features: list[str] | None = None,
+        *,
         timeout: float | None = None,
     ) -> GetResult:
         """See ``Client.get``."""
         return await self._run(self._ops.get_flow(table, keys, features), timeout)
 
     async def write(
-        self, table: str, data: Any, *, key_column: str = "key",
-        event_time: int | np.ndarray | None = None, timeout: float | None = None,
+        self,
+        table: str,
+        data: Any,
+        *,
+        key_column: str = "key",
+        event_time: int | np.ndarray | None = None,
+        timeout: float | None = None,
     ) -> int:
         """See ``Client.write``."""
         return await self._run(self._ops.write_flow(table, data, key_column, event_time), timeout)
@@ -81,7 +95,9 @@ class AsyncClient:
 
     async def _send_one(self, call: NodeCall, timeout: float) -> Any:
         try:
-            return await getattr(self._stub(call.address), call.method)(call.request, timeout=timeout)
+            return await getattr(self._stub(call.address), call.method)(
+                call.request, timeout=timeout
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, call.address, timeout) from None
 

@@ -102,7 +102,9 @@ class ClientCore:
         self.schemas.pop(table, None)
         self.owners.pop(table, None)
 
-    def _split(self, table: str, schema: TableSchema, keys: KeyBatch) -> list[tuple[str, np.ndarray | None]]:
+    def _split(
+        self, table: str, schema: TableSchema, keys: KeyBatch
+    ) -> list[tuple[str, np.ndarray | None]]:
         """Which node gets which key positions; one entry per node with keys."""
         owners = self.owners.get(table)
         if owners is None or len(owners) != schema.shards:
@@ -249,7 +251,7 @@ class Operations(ClientCore):
             self.apply_cluster_map(cmap)
         return self.schemas[table]
 
-    def _with_schema(self, table: str, body) -> Flow:  # noqa: ANN001
+    def _with_schema(self, table: str, body) -> Flow:
         """Run ``body(schema)``; on a stale schema, describe the table again and retry once."""
         schema = yield from self.schema_flow(table)
         try:
@@ -261,9 +263,7 @@ class Operations(ClientCore):
             self.forget(table)
             raise
 
-    def create_table_flow(
-        self, name: str, key: str, features: dict[str, str], shards: int
-    ) -> Flow:
+    def create_table_flow(self, name: str, key: str, features: dict[str, str], shards: int) -> Flow:
         schema = TableSchema.build(name, key, features, shards)
         request = pb.CreateTableRequest(schema=schema_to_proto(schema))
         info = TableInfo.from_proto((yield from self._one("CreateTable", request)))

@@ -99,7 +99,9 @@ class GetResult:
     def to_pylist(self) -> list[dict[str, Any] | None]:
         """One dict per key (``{"key": …, feature: value, …}``), None for a missing key."""
         rows = self.to_arrow().to_pylist()
-        return [row if found else None for row, found in zip(rows, self.found.tolist(), strict=True)]
+        return [
+            row if found else None for row, found in zip(rows, self.found.tolist(), strict=True)
+        ]
 
     def _keys_arrow(self) -> pa.Array:
         keys = self._keys
@@ -115,7 +117,9 @@ class GetResult:
         valid = column[-1].astype(bool)
         mask = None if valid.all() else pa.array(~valid)
         if kind <= _codec.KIND_FLOAT64:
-            return pa.array(column[0], type=feature.dtype.arrow_type, mask=None if mask is None else ~valid)
+            return pa.array(
+                column[0], type=feature.dtype.arrow_type, mask=None if mask is None else ~valid
+            )
         if kind == _codec.KIND_FLOAT32_VECTOR:
             return pa.FixedSizeListArray.from_arrays(
                 pa.array(column[0].ravel()), feature.dtype.dim, mask=mask

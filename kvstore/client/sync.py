@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import DEFAULT_TIMEOUT_S, CHANNEL_OPTIONS, NodeCall, Operations, TableInfo
+from kvstore.client.core import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, NodeCall, Operations, TableInfo
 from kvstore.client.result import GetResult
 from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
@@ -36,7 +36,12 @@ class Client:
     # -- tables ----------------------------------------------------------------------
 
     def create_table(
-        self, name: str, *, key: str = "int64", features: dict[str, str], shards: int = 8,
+        self,
+        name: str,
+        *,
+        key: str = "int64",
+        features: dict[str, str],
+        shards: int = 8,
         timeout: float | None = None,
     ) -> TableInfo:
         """Create a table; ``features`` maps names to dtypes (``"float32[64]"`` …).
@@ -65,7 +70,11 @@ class Client:
     # -- data ------------------------------------------------------------------------
 
     def get(
-        self, table: str, keys: Any, features: list[str] | None = None, *,
+        self,
+        table: str,
+        keys: Any,
+        features: list[str] | None = None,
+        *,
         timeout: float | None = None,
     ) -> GetResult:
         """Look up a batch of keys; ``features=None`` means all.
@@ -76,8 +85,13 @@ class Client:
         return self._run(self._ops.get_flow(table, keys, features), timeout)
 
     def write(
-        self, table: str, data: Any, *, key_column: str = "key",
-        event_time: int | np.ndarray | None = None, timeout: float | None = None,
+        self,
+        table: str,
+        data: Any,
+        *,
+        key_column: str = "key",
+        event_time: int | np.ndarray | None = None,
+        timeout: float | None = None,
     ) -> int:
         """Upsert rows; returns how many. Features not in ``data`` keep their values.
 
@@ -106,7 +120,9 @@ class Client:
         if len(calls) == 1:
             call = calls[0]
             try:
-                return [getattr(self._stub(call.address), call.method)(call.request, timeout=timeout)]
+                return [
+                    getattr(self._stub(call.address), call.method)(call.request, timeout=timeout)
+                ]
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc, call.address, timeout) from None
         futures = [

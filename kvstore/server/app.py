@@ -82,7 +82,9 @@ class NodeServer:
         await self._should_exit.wait()
 
     async def shutdown(self) -> None:
-        logger.info("shutting down: draining in-flight calls (grace %.1f s)", self.config.shutdown_grace_s)
+        logger.info(
+            "shutting down: draining in-flight calls (grace %.1f s)", self.config.shutdown_grace_s
+        )
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s)

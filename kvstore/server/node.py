@@ -69,7 +69,9 @@ class Node:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(data_dir)
         for schema, version in self.catalog.schemas():
-            self.tables[schema.name] = Table(self._table_root(schema), schema, version, self._options)
+            self.tables[schema.name] = Table(
+                self._table_root(schema), schema, version, self._options
+            )
         logger.info("opened %d table(s) from %s", len(self.tables), data_dir)
         if self.config.demo and DEMO_TABLE not in self.tables:
             self._load_demo()
@@ -187,7 +189,9 @@ class Node:
                 f"table {name!r}: rows encoded with schema id {schema_id}, the table's is "
                 f"{schema.schema_id}; describe the table again"
             )
-        if len(row_offsets) != n + 1 or (n and (row_offsets[0] != 0 or row_offsets[-1] != len(rows))):
+        if len(row_offsets) != n + 1 or (
+            n and (row_offsets[0] != 0 or row_offsets[-1] != len(rows))
+        ):
             raise InvalidArgument(f"table {name!r}: row offsets do not match {n} keys")
         if n == 0:
             return 0

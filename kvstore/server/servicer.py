@@ -70,7 +70,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return _table_info(self.node.table(request.table))
 
     @_translate_errors
-    async def ListTables(self, request: pb.ListTablesRequest, context: Any) -> pb.ListTablesResponse:
+    async def ListTables(
+        self, request: pb.ListTablesRequest, context: Any
+    ) -> pb.ListTablesResponse:
         tables = [self.node.tables[name] for name in sorted(self.node.tables)]
         return pb.ListTablesResponse(tables=[_table_info(t) for t in tables])
 

@@ -1,0 +1,844 @@
+"""The row codec (kvstore._codec), checked against the plain-Python oracle.
+
+Every property draws a random schema (every kind, float32 vectors of several sizes),
+rows with nulls, empty and non-ASCII values, special floats and extreme integers,
+and compares the codec with tests/rowformat_oracle.py byte for byte.
+"""
+
+import math
+import os
+import pickle
+import random
+import struct
+
+import numpy as np
+import pytest
+import rowformat_oracle as oracle
+import xxhash
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from kvstore import _codec as codec
+
+# A local settings object rather than a profile, so that other test modules keep theirs.
+# KVSTORE_CODEC_EXAMPLES=5000 runs a long search.
+examples = settings(
+    max_examples=int(os.environ.get("KVSTORE_CODEC_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+FIXED_DTYPES = {
+    oracle.BOOL: np.bool_,
+    oracle.INT32: np.int32,
+    oracle.INT64: np.int64,
+    oracle.FLOAT32: np.float32,
+    oracle.FLOAT64: np.float64,
+    oracle.FLOAT32_VECTOR: np.float32,
+}
+# What a null row holds in a values column: the codec must write zero bytes anyway.
+JUNK = {
+    oracle.BOOL: True,
+    oracle.INT32: -7,
+    oracle.INT64: INT64_MIN,
+    oracle.FLOAT32: math.nan,
+    oracle.FLOAT64: -1.5,
+    oracle.STRING: b"junk",
+    oracle.BYTES: b"\xff",
+    oracle.INT64_LIST: struct.pack("<q", 42),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Strategies
+
+int32s = st.integers(INT32_MIN, INT32_MAX) | st.sampled_from([INT32_MIN, INT32_MAX, 0, -1])
+int64s = st.integers(INT64_MIN, INT64_MAX) | st.sampled_from([INT64_MIN, INT64_MAX, 0, -1])
+special_floats = st.sampled_from([math.nan, -math.nan, math.inf, -math.inf, -0.0, 0.0])
+float32s = st.floats(width=32) | special_floats
+float64s = st.floats() | special_floats | st.just(5e-324)
+texts = st.text(max_size=8) | st.sampled_from(["", "é", "日本語のテキスト", "🙂🚀", "a\x00b"])
+
+
+def value_strategy(kind: int, dim: int) -> st.SearchStrategy:
+    return {
+        oracle.BOOL: st.booleans(),
+        oracle.INT32: int32s,
+        oracle.INT64: int64s,
+        oracle.FLOAT32: float32s,
+        oracle.FLOAT64: float64s,
+        oracle.FLOAT32_VECTOR: st.lists(float32s, min_size=dim, max_size=dim),
+        oracle.STRING: texts,
+        oracle.BYTES: st.binary(max_size=8),
+        oracle.INT64_LIST: st.lists(int64s, max_size=4),
+    }[kind]
+
+
+features = st.tuples(
+    st.sampled_from(oracle.KINDS), st.sampled_from([1, 1, 2, 3, 7, 64]) | st.integers(1, 9)
+)
+schema_ids = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def schemas(draw, max_features: int = 12):
+    """(kinds, dims, schema_id); dims is 0 for kinds other than float32[N]."""
+    pairs = draw(st.lists(features, max_size=max_features))
+    kinds = [kind for kind, _ in pairs]
+    dims = [dim if kind == oracle.FLOAT32_VECTOR else 0 for kind, dim in pairs]
+    return kinds, dims, draw(schema_ids)
+
+
+@st.composite
+def batches(draw, max_rows: int = 6, max_features: int = 12):
+    """A schema and rows: (kinds, dims, schema_id, event_times, rows, absent).
+
+    ``absent[f]`` marks a feature the write leaves out: null in every row.
+    """
+    kinds, dims, schema_id = draw(schemas(max_features))
+    n = draw(st.integers(0, max_rows))
+    absent = [draw(st.integers(0, 5)) == 0 for _ in kinds]
+    rows = []
+    for _ in range(n):
+        row = []
+        for kind, dim, is_absent in zip(kinds, dims, absent, strict=True):
+            value = None if is_absent else draw(st.none() | value_strategy(kind, dim))
+            row.append(value)
+        rows.append(row)
+    event_times = draw(st.lists(int64s, min_size=n, max_size=n))
+    return kinds, dims, schema_id, event_times, rows, absent
+
+
+def oracle_rows(kinds, dims, schema_id, event_times, rows) -> list[bytes]:
+    return [
+        oracle.encode_row(kinds, dims, schema_id, t, row)
+        for t, row in zip(event_times, rows, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Between Python values and codec columns
+
+
+def mask(valid: list[bool], style: str):
+    """A valid mask in one of the accepted forms."""
+    if style == "none" and all(valid):
+        return None
+    if style == "bool":
+        return np.array(valid, dtype=np.bool_)
+    return np.array(valid, dtype=np.uint8)
+
+
+def to_column(kind: int, dim: int, values: list, style: str):
+    """The encode_rows column of one feature's values (None = null)."""
+    n = len(values)
+    valid = [v is not None for v in values]
+    if kind in oracle.VAR_KINDS:
+        chunks = [
+            JUNK[kind] * (i % 2) if v is None else oracle.encode_value(kind, dim, v)
+            for i, v in enumerate(values)
+        ]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(c) for c in chunks], dtype=np.int64)
+        data = b"".join(chunks)
+        if style == "bool" and kind == oracle.INT64_LIST:
+            data = np.frombuffer(data, dtype=np.int64)
+        elif style == "bool":
+            data = np.frombuffer(data, dtype=np.uint8)
+        elif style == "uint8":
+            data = bytearray(data)
+        return offsets, data, mask(valid, style)
+    junk = [JUNK[oracle.FLOAT32]] * dim if kind == oracle.FLOAT32_VECTOR else JUNK[kind]
+    filled = [junk if v is None else v for v in values]
+    dtype = FIXED_DTYPES[kind]
+    if kind == oracle.BOOL and style == "uint8":
+        dtype = np.uint8
+    if kind == oracle.FLOAT32_VECTOR:
+        array = np.array(filled, dtype=dtype).reshape(n, dim)
+    else:
+        array = np.array(filled, dtype=dtype)
+    return array, mask(valid, style)
+
+
+def to_columns(kinds, dims, rows, absent, styles):
+    columns = []
+    for f, (kind, dim) in enumerate(zip(kinds, dims, strict=True)):
+        if absent[f]:
+            columns.append(None)
+        else:
+            columns.append(to_column(kind, dim, [row[f] for row in rows], styles[f % len(styles)]))
+    return columns
+
+
+def decoded_value(kind: int, dim: int, column, i: int):
+    """Row i of a decode_columns column as a Python value (None when not valid)."""
+    valid = column[-1]
+    if not valid[i]:
+        return None
+    if kind in oracle.VAR_KINDS:
+        offsets, data, _ = column
+        raw = data[offsets[i] : offsets[i + 1]].tobytes()
+        return oracle.decode_value(kind, dim, raw)
+    values = column[0]
+    return oracle.decode_value(kind, dim, values[i].tobytes())
+
+
+def same_value(kind: int, a, b) -> bool:
+    """Equality, bitwise for floats (NaN == NaN, -0.0 != 0.0)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if kind in (oracle.FLOAT32, oracle.FLOAT32_VECTOR):
+        a, b = np.atleast_1d(np.float32(a)), np.atleast_1d(np.float32(b))
+        return a.tobytes() == b.tobytes() if len(a) == len(b) else False
+    if kind == oracle.FLOAT64:
+        return struct.pack("<d", a) == struct.pack("<d", b)
+    return a == b and type(a) is type(b)
+
+
+def packed(rows: list[bytes | None], gap: bytes = b"") -> tuple[bytes, np.ndarray, np.ndarray]:
+    """rows in one buffer (gap before each) as decode_columns takes them; None = missing."""
+    buf, starts, lengths = b"", [], []
+    for row in rows:
+        buf += gap
+        if row is None:
+            starts.append(-3)  # ignored for a missing row
+            lengths.append(-1)
+        else:
+            starts.append(len(buf))
+            lengths.append(len(row))
+            buf += row
+    return buf, np.array(starts, dtype=np.int64), np.array(lengths, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# The oracle itself
+
+
+@examples
+@given(batches())
+def test_oracle_round_trips(batch):
+    kinds, dims, schema_id, event_times, rows, _ = batch
+    for row_bytes, t, row in zip(
+        oracle_rows(kinds, dims, schema_id, event_times, rows), event_times, rows, strict=True
+    ):
+        assert oracle.check_row(kinds, dims, schema_id, row_bytes) is None
+        decoded_time, values = oracle.decode_row(kinds, dims, schema_id, row_bytes)
+        assert decoded_time == t
+        for kind, got, want in zip(kinds, values, row, strict=True):
+            assert same_value(kind, got, want)
+
+
+def test_oracle_example_row():
+    # bool, int32, string, float32[2]; the string is null
+    row = oracle.encode_row([0, 1, 6, 5], [0, 0, 0, 2], 7, 1_000, [True, -2, None, [1.0, 2.0]])
+    assert row == (
+        b"\x01" + b"\x07\x00\x00\x00" + (1000).to_bytes(8, "little")  # header
+        + b"\x04"  # feature 2 is null
+        + b"\x01" + b"\xfe\xff\xff\xff" + struct.pack("<2f", 1.0, 2.0)  # fixed section
+        + b"\x00\x00\x00\x00"  # the null string ends at 0
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Layout
+
+
+@examples
+@given(schemas())
+def test_layout_matches_oracle(schema):
+    kinds, dims, schema_id = schema
+    layout = codec.Layout(schema_id, kinds, dims)
+    want = oracle.layout(kinds, dims)
+    assert layout.schema_id == schema_id
+    assert layout.n_features == len(kinds)
+    assert layout.kinds == kinds
+    assert layout.dims == list(want.dims)
+    assert layout.widths == list(want.widths)
+    assert layout.fixed_offsets == list(want.fixed_offsets)
+    assert layout.var_index == list(want.var_index)
+    assert layout.null_bitmap_size == want.null_bitmap_size
+    assert layout.fixed_size == want.fixed_size
+    assert layout.n_var == want.n_var
+    n_var = sum(kind in oracle.VAR_KINDS for kind in kinds)
+    bitmap = (len(kinds) + 7) // 8
+    assert layout.min_row_size == want.min_row_size == 13 + bitmap + sum(want.widths) + 4 * n_var
+    assert pickle.loads(pickle.dumps(layout)).kinds == kinds
+    assert repr(layout).startswith("Layout(schema_id=")
+
+
+def test_layout_constants():
+    assert (codec.FORMAT_VERSION, codec.HEADER_SIZE) == (1, 13)
+    kinds = [
+        codec.KIND_BOOL,
+        codec.KIND_INT32,
+        codec.KIND_INT64,
+        codec.KIND_FLOAT32,
+        codec.KIND_FLOAT64,
+        codec.KIND_FLOAT32_VECTOR,
+        codec.KIND_STRING,
+        codec.KIND_BYTES,
+        codec.KIND_INT64_LIST,
+    ]
+    assert kinds == list(oracle.KINDS)
+
+
+def test_layout_ignores_dims_of_other_kinds():
+    layout = codec.Layout(1, [codec.KIND_INT32, codec.KIND_FLOAT32_VECTOR], [5, 3])
+    assert layout.dims == [0, 3]
+    assert layout.widths == [4, 12]
+
+
+@pytest.mark.parametrize(
+    ("schema_id", "kinds", "dims", "message"),
+    [
+        (1, [9], [0], "kind 9"),
+        (1, [-1], [0], "kind -1"),
+        (1, [5], [0], "dim"),
+        (1, [5], [-2], "dim"),
+        (-1, [0], [0], "u32"),
+        (2**32, [0], [0], "u32"),
+        (1, [0, 1], [0], "one per feature"),
+    ],
+)
+def test_layout_rejects_bad_schemas(schema_id, kinds, dims, message):
+    with pytest.raises(ValueError, match=message):
+        codec.Layout(schema_id, kinds, dims)
+
+
+def test_layout_attributes_are_read_only():
+    layout = codec.Layout(1, [0], [0])
+    with pytest.raises(AttributeError):
+        layout.schema_id = 2
+
+
+# --------------------------------------------------------------------------------------
+# encode_rows
+
+
+styles = st.lists(st.sampled_from(["none", "bool", "uint8"]), min_size=1, max_size=4)
+
+
+@examples
+@given(batches(), styles)
+def test_encode_matches_oracle(batch, column_styles):
+    kinds, dims, schema_id, event_times, rows, absent = batch
+    layout = codec.Layout(schema_id, kinds, dims)
+    columns = to_columns(kinds, dims, rows, absent, column_styles)
+    block, offsets = codec.encode_rows(
+        layout, columns, len(rows), np.array(event_times, dtype=np.int64)
+    )
+    want = oracle_rows(kinds, dims, schema_id, event_times, rows)
+    assert isinstance(block, bytes)
+    assert block == b"".join(want)
+    assert offsets.dtype == np.int64
+    assert offsets.tolist() == [0, *np.cumsum([len(r) for r in want]).tolist()]
+
+
+def test_encode_null_values_are_zero_whatever_the_column_holds():
+    layout = codec.Layout(3, [codec.KIND_INT64, codec.KIND_BYTES, codec.KIND_BOOL], [0, 0, 0])
+    columns = [
+        (np.array([-1, 5], dtype=np.int64), np.array([0, 1], dtype=np.uint8)),
+        (np.array([0, 3, 3]), b"abc", np.array([False, True])),  # null row 0 still spans "abc"
+        (np.array([2, 0], dtype=np.uint8), None),  # uint8 bools: nonzero is true, stored as 1
+    ]
+    block, _ = codec.encode_rows(layout, columns, 2, np.array([1, 2]))
+    want = oracle_rows([2, 7, 0], [0, 0, 0], 3, [1, 2], [[None, None, True], [5, b"", False]])
+    assert block == b"".join(want)
+
+
+def test_encode_empty_batch_and_empty_schema():
+    layout = codec.Layout(1, [codec.KIND_STRING, codec.KIND_FLOAT32_VECTOR], [0, 4])
+    columns = [(np.zeros(1, np.int64), b"", None), (np.zeros((0, 4), np.float32), None)]
+    block, offsets = codec.encode_rows(layout, columns, 0, np.zeros(0, np.int64))
+    assert block == b""
+    assert offsets.tolist() == [0]
+    block, offsets = codec.encode_rows(codec.Layout(2, [], []), [], 2, np.array([5, 6]))
+    assert block == oracle.encode_row([], [], 2, 5, []) + oracle.encode_row([], [], 2, 6, [])
+    assert offsets.tolist() == [0, 13, 26]
+
+
+BAD_COLUMNS = [
+    (3, (np.zeros(5, np.float64), None), "feature 3 .*values has 5 rows, expected 6"),
+    (3, (np.zeros(6, np.float32), None), "feature 3 .*dtype float32, expected float64"),
+    (3, (np.zeros((6, 1), np.float64), None), "feature 3 .*shape"),
+    (3, [np.zeros(6, np.float64), None], "feature 3 .*expected None or \\(values, valid\\)"),
+    (3, (np.zeros(6, np.float64), np.ones(5, np.uint8)), "feature 3 .*valid has shape"),
+    (3, (np.zeros(6, np.float64), np.ones(6, np.int32)), "feature 3 .*valid has dtype"),
+    (0, (np.zeros(6, np.int8), None), "feature 0 .*dtype int8"),
+    (1, (np.zeros((6, 3), np.float32), None), "feature 1 .*shape \\(6, 3\\), expected \\(6, 2\\)"),
+    (2, (np.zeros(6, np.int64), b"", None), "feature 2 .*offsets has 6 entries, expected 7"),
+    (2, (np.zeros(7, np.float64), b"", None), "feature 2 .*offsets has dtype float64"),
+    (2, (np.array([0, 1, 2, 3, 4, 5, 9]), b"abc", None), "feature 2 .*not a range of the 3-byte"),
+    (2, (np.array([0, 2, 1, 3, 3, 3, 3]), b"abc", None), "feature 2 .*\\[2, 1\\) of row 1"),
+    (2, (np.zeros(7, np.int64), "text", None), "feature 2 .*bytes-like"),
+    (4, (np.array([0, 8, 12, 16, 16, 16, 16]), bytes(16), None), "feature 4 .*multiples of 8"),
+]
+
+
+@pytest.mark.parametrize(("feature", "column", "message"), BAD_COLUMNS)
+def test_encode_rejects_bad_columns(feature, column, message):
+    kinds = [codec.KIND_BOOL, codec.KIND_FLOAT32_VECTOR, codec.KIND_STRING, codec.KIND_FLOAT64]
+    kinds.append(codec.KIND_INT64_LIST)
+    layout = codec.Layout(1, kinds, [0, 2, 0, 0, 0])
+    columns: list = [None] * 5
+    columns[feature] = column
+    with pytest.raises((ValueError, TypeError), match=message):
+        codec.encode_rows(layout, columns, 6, np.zeros(6, np.int64))
+
+
+def test_encode_rejects_bad_arguments():
+    layout = codec.Layout(1, [codec.KIND_INT32], [0])
+    with pytest.raises(ValueError, match="columns has 2 entries, expected 1"):
+        codec.encode_rows(layout, [None, None], 1, np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="event_times has 2 entries, expected 1"):
+        codec.encode_rows(layout, [None], 1, np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="event_times has dtype float64"):
+        codec.encode_rows(layout, [None], 1, np.zeros(1, np.float64))
+    with pytest.raises(ValueError, match="n_rows"):
+        codec.encode_rows(layout, [None], -1, np.zeros(0, np.int64))
+
+
+def test_encode_ignores_offsets_of_null_var_values():
+    layout = codec.Layout(1, [codec.KIND_INT64_LIST], [0])
+    column = (np.array([0, 16, 16]), bytes(range(16)), np.array([0, 1], np.uint8))  # 0 is null
+    block, _ = codec.encode_rows(layout, [column], 2, np.zeros(2, np.int64))
+    want = oracle_rows([8], [0], 1, [0, 0], [[None], [[]]])
+    assert block == b"".join(want)
+
+
+# --------------------------------------------------------------------------------------
+# decode_columns
+
+
+@examples
+@given(batches(max_rows=8), st.data())
+def test_decode_matches_oracle(batch, data):
+    kinds, dims, schema_id, event_times, rows, _ = batch
+    encoded = oracle_rows(kinds, dims, schema_id, event_times, rows)
+    # Rows arrive in any order, with bytes between them, and some keys are missing.
+    order = data.draw(st.permutations(range(len(rows))))
+    missing = data.draw(st.lists(st.booleans(), min_size=len(rows), max_size=len(rows)))
+    wanted = [None if missing[i] else i for i in order] + [None] * data.draw(st.integers(0, 2))
+    buf, starts, lengths = packed([None if i is None else encoded[i] for i in wanted], b"\xee")
+    projection = []
+    if kinds:
+        projection = data.draw(
+            st.lists(st.integers(0, len(kinds) - 1), max_size=2 * len(kinds) + 2)
+        )
+
+    layout = codec.Layout(schema_id, kinds, dims)
+    columns, times = codec.decode_columns(layout, projection, buf, starts, lengths)
+
+    n = len(wanted)
+    assert times.dtype == np.int64
+    assert times.tolist() == [0 if i is None else event_times[i] for i in wanted]
+    assert len(columns) == len(projection)
+    for f, column in zip(projection, columns, strict=True):
+        kind, dim = kinds[f], dims[f]
+        valid = column[-1]
+        assert valid.dtype == np.uint8 and valid.shape == (n,)
+        if kind in oracle.VAR_KINDS:
+            offsets, data_bytes, _ = column
+            assert offsets.dtype == np.int64 and offsets.shape == (n + 1,)
+            assert data_bytes.dtype == np.uint8 and data_bytes.ndim == 1
+            assert offsets[0] == 0 and offsets[-1] == len(data_bytes)
+        else:
+            values = column[0]
+            assert values.dtype == FIXED_DTYPES[kind]
+            assert values.shape == ((n, dim) if kind == oracle.FLOAT32_VECTOR else (n,))
+        for row, i in enumerate(wanted):
+            want = None if i is None else rows[i][f]
+            assert valid[row] == (want is not None)
+            assert same_value(kind, decoded_value(kind, dim, column, row), want)
+            if want is None and kind not in oracle.VAR_KINDS:
+                assert not column[0][row].any()  # null and missing entries are zero
+            if want is None and kind in oracle.VAR_KINDS:
+                assert column[0][row] == column[0][row + 1]  # and empty
+
+
+def test_decode_repeated_projection_gives_separate_arrays():
+    layout = codec.Layout(1, [codec.KIND_FLOAT64, codec.KIND_STRING], [0, 0])
+    row = oracle.encode_row([4, 6], [0, 0], 1, 9, [2.5, "héllo"])
+    buf, starts, lengths = packed([row])
+    columns, _ = codec.decode_columns(layout, [1, 0, 1, 0], buf, starts, lengths)
+    assert columns[0][1].tobytes() == "héllo".encode()
+    assert columns[0][1] is not columns[2][1]
+    columns[1][0][0] = 7.0
+    assert columns[3][0][0] == 2.5
+
+
+def test_decode_missing_rows_and_empty_inputs():
+    layout = codec.Layout(1, [codec.KIND_FLOAT32_VECTOR, codec.KIND_BYTES], [3, 0])
+    buf, starts, lengths = packed([None, None])
+    columns, times = codec.decode_columns(layout, [0, 1], buf, starts, lengths)
+    (vectors, vector_valid), (offsets, data, bytes_valid) = columns
+    assert vectors.shape == (2, 3) and not vectors.any()
+    assert vector_valid.tolist() == bytes_valid.tolist() == [0, 0]
+    assert offsets.tolist() == [0, 0, 0] and data.size == 0
+    assert times.tolist() == [0, 0]
+    empty = np.zeros(0, np.int64)
+    columns, times = codec.decode_columns(layout, [0, 1], b"", empty, empty)
+    assert columns[0][0].shape == (0, 3) and columns[1][0].tolist() == [0]
+    columns, times = codec.decode_columns(layout, [], buf, starts, lengths)
+    assert columns == [] and times.tolist() == [0, 0]
+
+
+def test_decode_accepts_any_buffer():
+    layout = codec.Layout(5, [codec.KIND_INT32], [0])
+    row = oracle.encode_row([1], [0], 5, 3, [INT32_MIN])
+    for buf in (row, bytearray(row), memoryview(row), np.frombuffer(row, np.uint8)):
+        columns, _ = codec.decode_columns(layout, [0], buf, np.array([0]), np.array([len(row)]))
+        assert columns[0][0].tolist() == [INT32_MIN]
+
+
+def test_decode_rejects_bad_arguments():
+    layout = codec.Layout(5, [codec.KIND_INT32], [0])
+    row = oracle.encode_row([1], [0], 5, 3, [1])
+    with pytest.raises(ValueError, match="projection names feature 1"):
+        codec.decode_columns(layout, [1], row, np.array([0]), np.array([len(row)]))
+    with pytest.raises(ValueError, match="lengths has 2 entries, expected 1"):
+        codec.decode_columns(layout, [0], row, np.array([0]), np.array([len(row), 1]))
+    with pytest.raises(ValueError, match="bytes \\[1, 19\\) lie outside the 18-byte buffer"):
+        codec.decode_columns(layout, [0], row, np.array([1]), np.array([len(row)]))
+    with pytest.raises(ValueError, match="outside"):
+        codec.check_rows(layout, row, np.array([-1]), np.array([2]))
+
+
+# --------------------------------------------------------------------------------------
+# Corrupt rows: check_rows, decode_columns and merge_rows name the first bad row
+
+# a schema with two var features, so that ends can decrease
+KINDS = [codec.KIND_INT32, codec.KIND_STRING, codec.KIND_FLOAT32_VECTOR, codec.KIND_BYTES]
+DIMS = [0, 0, 2, 0]
+SCHEMA_ID = 4
+GOOD = oracle.encode_row(KINDS, DIMS, SCHEMA_ID, 10, [1, "abc", [1.0, 2.0], b"xy"])
+ENDS = oracle.layout(KINDS, DIMS).ends_start  # 26: u32 end of the string, then of the bytes
+
+
+def with_u32(row: bytes, offset: int, value: int) -> bytes:
+    return row[:offset] + struct.pack("<I", value) + row[offset + 4 :]
+
+
+CORRUPTIONS = {
+    "truncated header": (GOOD[:12], "length 12 is shorter than the 34-byte minimum"),
+    "truncated fixed section": (GOOD[:20], "length 20 is shorter than the 34-byte minimum"),
+    "truncated var data": (
+        GOOD[:-1],
+        "var data length mismatch: the var ends cover 5 bytes, the row holds 4",
+    ),
+    "trailing garbage": (
+        GOOD + b"\x00",
+        "var data length mismatch: the var ends cover 5 bytes, the row holds 6",
+    ),
+    "bad format byte": (b"\x07" + GOOD[1:], "format byte 0x07, expected 0x01"),
+    "decreasing var ends": (
+        with_u32(GOOD, ENDS, 6),
+        "var ends decrease: feature 3 ends at 5, before the previous end 6",
+    ),
+    "wrong schema id": (with_u32(GOOD, 1, 9), "schema id 9, expected 4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("position", [0, 2])
+def test_corrupt_rows_are_named(case, position):
+    bad, reason = CORRUPTIONS[case]
+    assert oracle.check_row(KINDS, DIMS, SCHEMA_ID, bad) == reason
+    rows: list[bytes | None] = [GOOD, None, GOOD, GOOD]
+    rows[position] = bad
+    rows.append(bad)  # a second bad row after the first one
+    buf, starts, lengths = packed(rows, b"\x01")
+    layout = codec.Layout(SCHEMA_ID, KINDS, DIMS)
+
+    assert codec.check_rows(layout, buf, starts, lengths) == (position, reason)
+    with pytest.raises(ValueError) as raised:
+        codec.decode_columns(layout, [0, 1], buf, starts, lengths)
+    error = raised.value
+    assert error.index == position
+    if case == "wrong schema id":
+        assert type(error) is codec.SchemaMismatch
+        assert error.schema_id == 9
+    else:
+        assert type(error) is codec.CorruptRow
+        assert error.reason == reason
+        assert reason in str(error) and f"row {position}" in str(error)
+
+    old_rows = [GOOD, None, GOOD, GOOD]
+    old_rows[position] = bad
+    new_buf = GOOD * 4
+    new_offsets = np.arange(5, dtype=np.int64) * len(GOOD)
+    with pytest.raises((codec.CorruptRow, codec.SchemaMismatch)) as raised:
+        codec.merge_rows(layout, old_rows, new_buf, new_offsets, np.ones(4, np.uint8))
+    assert raised.value.index == position
+    # a bad new row is the caller's input: a plain ValueError
+    new_offsets = np.array([0, len(GOOD), len(GOOD) + len(bad)])
+    with pytest.raises(ValueError, match="new row 1: ") as raised:
+        codec.merge_rows(layout, [None, GOOD], GOOD + bad, new_offsets, np.ones(4, np.uint8))
+    assert type(raised.value) is ValueError
+
+
+def test_good_rows_pass_check_rows():
+    layout = codec.Layout(SCHEMA_ID, KINDS, DIMS)
+    buf, starts, lengths = packed([GOOD, None, GOOD], b"garbage between rows")
+    assert codec.check_rows(layout, buf, starts, lengths) is None
+    assert codec.check_rows(layout, b"", np.zeros(0, np.int64), np.zeros(0, np.int64)) is None
+
+
+mutations = st.one_of(
+    st.tuples(st.just("truncate"), st.integers(0, 200)),
+    st.tuples(st.just("append"), st.binary(min_size=1, max_size=4)),
+    st.tuples(st.just("set byte"), st.integers(0, 200), st.integers(0, 255)),
+    st.tuples(st.just("set u32"), st.integers(0, 200), st.sampled_from([0, 1, 3, 8, 2**32 - 1])),
+)
+
+
+def mutate(row: bytes, mutation) -> bytes:
+    if mutation[0] == "truncate":
+        return row[: mutation[1] % (len(row) + 1)]
+    if mutation[0] == "append":
+        return row + mutation[1]
+    offset = mutation[1] % len(row)
+    if mutation[0] == "set byte":
+        return row[:offset] + bytes([mutation[2]]) + row[offset + 1 :]
+    return (row[:offset] + struct.pack("<I", mutation[2]) + row[offset + 4 :])[: len(row)]
+
+
+@examples
+@given(batches(max_rows=4, max_features=10), st.data())
+def test_check_rows_agrees_with_oracle(batch, data):
+    kinds, dims, schema_id, event_times, rows, _ = batch
+    assume(rows)
+    encoded = oracle_rows(kinds, dims, schema_id, event_times, rows)
+    for i in data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=2)):
+        encoded[i] = mutate(encoded[i], data.draw(mutations))
+    layout = codec.Layout(schema_id, kinds, dims)
+    buf, starts, lengths = packed(encoded)
+    faults = [oracle.check_row(kinds, dims, schema_id, row) for row in encoded]
+    first = next(((i, f) for i, f in enumerate(faults) if f is not None), None)
+    assert codec.check_rows(layout, buf, starts, lengths) == first
+    if first is None:
+        codec.decode_columns(layout, list(range(len(kinds))), buf, starts, lengths)
+    else:
+        with pytest.raises((codec.CorruptRow, codec.SchemaMismatch)) as raised:
+            codec.decode_columns(layout, [], buf, starts, lengths)
+        assert raised.value.index == first[0]
+
+
+# --------------------------------------------------------------------------------------
+# merge_rows
+
+
+@examples
+@given(batches(max_rows=5), st.data())
+def test_merge_matches_oracle(batch, data):
+    kinds, dims, schema_id, event_times, rows, _ = batch
+    n = len(rows)
+    stored = data.draw(st.lists(st.none() | st.just(1), min_size=n, max_size=n))
+    old_rows = []
+    for i in range(n):
+        if stored[i] is None:
+            old_rows.append(None)
+        else:
+            values = [
+                data.draw(st.none() | value_strategy(k, d))
+                for k, d in zip(kinds, dims, strict=True)
+            ]
+            old_rows.append(oracle.encode_row(kinds, dims, schema_id, i - 3, values))
+    present = data.draw(st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds)))
+    # a partial write: features it does not set are null in its rows
+    new_rows = oracle_rows(
+        kinds,
+        dims,
+        schema_id,
+        event_times,
+        [[v if p else None for v, p in zip(row, present, strict=True)] for row in rows],
+    )
+    new_buf = b"".join(new_rows)
+    new_offsets = np.array([0, *np.cumsum([len(r) for r in new_rows])], dtype=np.int64)
+
+    layout = codec.Layout(schema_id, kinds, dims)
+    merged = codec.merge_rows(
+        layout, old_rows, new_buf, new_offsets, np.array(present, dtype=np.uint8)
+    )
+    want = [
+        oracle.merge_row(kinds, dims, schema_id, old, new, present)
+        for old, new in zip(old_rows, new_rows, strict=True)
+    ]
+    assert merged == want
+    assert all(type(row) is bytes for row in merged)
+
+
+def test_merge_example():
+    kinds, dims = [codec.KIND_INT64, codec.KIND_STRING, codec.KIND_INT64_LIST], [0, 0, 0]
+    layout = codec.Layout(2, kinds, dims)
+    old = oracle.encode_row(kinds, dims, 2, 100, [7, "old", [1, 2]])
+    new = oracle.encode_row(kinds, dims, 2, 200, [None, "new text", None])
+    present = np.array([1, 1, 0], dtype=np.uint8)  # the write clears feature 0
+    (merged,) = codec.merge_rows(layout, [old], new, np.array([0, len(new)]), present)
+    assert oracle.decode_row(kinds, dims, 2, merged) == (200, [None, "new text", [1, 2]])
+
+
+def test_merge_rejects_bad_arguments():
+    layout = codec.Layout(2, [codec.KIND_INT64], [0])
+    new = oracle.encode_row([2], [0], 2, 1, [1])
+    with pytest.raises(ValueError, match="present has shape"):
+        codec.merge_rows(layout, [None], new, np.array([0, len(new)]), np.ones(2, np.uint8))
+    with pytest.raises(ValueError, match="new_offsets has 3 entries, expected 2"):
+        codec.merge_rows(layout, [None], new, np.array([0, 1, 2]), np.ones(1, np.uint8))
+    with pytest.raises(TypeError, match="old_rows\\[0\\] must be bytes"):
+        codec.merge_rows(layout, [bytearray(new)], new, np.array([0, len(new)]), np.ones(1, "u1"))
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+
+
+def test_errors_are_value_errors_that_pickle():
+    corrupt = codec.CorruptRow(3, "format byte 0x07, expected 0x01")
+    assert isinstance(corrupt, ValueError)
+    assert (corrupt.index, corrupt.reason) == (3, "format byte 0x07, expected 0x01")
+    assert str(corrupt) == "row 3 is corrupt: format byte 0x07, expected 0x01"
+    mismatch = codec.SchemaMismatch(5, 9)
+    assert isinstance(mismatch, ValueError)
+    assert (mismatch.index, mismatch.schema_id) == (5, 9)
+    assert str(mismatch) == "row 5 was written with schema id 9"
+    for error in (corrupt, mismatch, codec.SchemaMismatch(1, 2, 3)):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+
+
+# --------------------------------------------------------------------------------------
+# Keys and shards
+
+
+@examples
+@given(st.lists(int64s, max_size=20))
+@example([INT64_MIN, -1, 0, 1, INT64_MAX])
+def test_int_keys_match_oracle_and_sort_like_integers(keys):
+    encoded = codec.encode_int_keys(np.array(keys, dtype=np.int64))
+    assert encoded == [oracle.encode_int_key(k) for k in keys]
+    assert all(type(k) is bytes and len(k) == 8 for k in encoded)
+    assert sorted(encoded) == [oracle.encode_int_key(k) for k in sorted(keys)]
+
+
+def test_int_key_bytes():
+    assert codec.encode_int_keys(np.array([-1, 0, 1])) == [
+        b"\x7f\xff\xff\xff\xff\xff\xff\xff",
+        b"\x80\x00\x00\x00\x00\x00\x00\x00",
+        b"\x80\x00\x00\x00\x00\x00\x00\x01",
+    ]
+
+
+def str_key_buffer(keys: list[str]) -> tuple[bytes, np.ndarray]:
+    raw = [k.encode() for k in keys]
+    offsets = np.array([0, *np.cumsum([len(r) for r in raw])], dtype=np.int64)
+    return b"".join(raw), offsets
+
+
+@examples
+@given(st.lists(texts, max_size=10))
+def test_str_keys_are_utf8(keys):
+    buf, offsets = str_key_buffer(keys)
+    assert codec.encode_str_keys(buf, offsets) == [oracle.encode_str_key(k) for k in keys]
+
+
+def test_str_keys_are_at_most_1024_bytes():
+    buf, offsets = str_key_buffer(["a" * 1024, "é" * 512])
+    assert [len(k) for k in codec.encode_str_keys(buf, offsets)] == [1024, 1024]
+    buf, offsets = str_key_buffer(["ok", "b" * 1025])
+    with pytest.raises(ValueError, match="entry 1 is 1025 bytes"):
+        codec.encode_str_keys(buf, offsets)
+
+
+@examples
+@given(st.lists(int64s, max_size=20), st.integers(1, 1000) | st.sampled_from([1, 2**31 - 1]))
+def test_int_shards_are_xxh3_of_the_key_bytes(keys, n_shards):
+    shards = codec.shard_ids_int(np.array(keys, dtype=np.int64), n_shards)
+    assert shards.dtype == np.int32
+    want = [xxhash.xxh3_64_intdigest(oracle.encode_int_key(k)) % n_shards for k in keys]
+    assert shards.tolist() == want
+
+
+@examples
+@given(st.lists(texts, max_size=10), st.integers(1, 1000))
+def test_str_shards_are_xxh3_of_the_utf8(keys, n_shards):
+    buf, offsets = str_key_buffer(keys)
+    shards = codec.shard_ids_str(buf, offsets, n_shards)
+    assert shards.dtype == np.int32
+    assert shards.tolist() == [xxhash.xxh3_64_intdigest(k.encode()) % n_shards for k in keys]
+
+
+@examples
+@given(st.binary(max_size=300))
+@example(b"")
+def test_xxh3_64_matches_the_xxhash_package(data):
+    assert codec.xxh3_64(data) == xxhash.xxh3_64_intdigest(data)
+
+
+def test_shard_count_must_be_positive():
+    for n_shards in (0, -1):
+        with pytest.raises(ValueError, match="n_shards"):
+            codec.shard_ids_int(np.array([1]), n_shards)
+        with pytest.raises(ValueError, match="n_shards"):
+            codec.shard_ids_str(b"a", np.array([0, 1]), n_shards)
+
+
+def test_key_offsets_are_checked():
+    with pytest.raises(ValueError, match="not a range of the 3-byte buffer"):
+        codec.encode_str_keys(b"abc", np.array([0, 4]))
+    with pytest.raises(ValueError, match="empty"):
+        codec.split_rows(b"abc", np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="\\[2, 1\\)"):
+        codec.shard_ids_str(b"abc", np.array([0, 2, 1]), 4)
+
+
+# --------------------------------------------------------------------------------------
+# Row lists
+
+
+@examples
+@given(st.lists(st.none() | st.binary(max_size=20), max_size=20))
+def test_join_values_and_split_rows_round_trip(values):
+    block, lengths = codec.join_values(values)
+    assert type(block) is bytes
+    assert lengths.dtype == np.int32
+    assert lengths.tolist() == [-1 if v is None else len(v) for v in values]
+    assert block == b"".join(v for v in values if v is not None)
+    sizes = np.maximum(lengths, 0).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    assert codec.split_rows(block, offsets) == [b"" if v is None else v for v in values]
+
+
+def test_join_values_takes_only_bytes():
+    with pytest.raises(TypeError, match="values\\[1\\] must be bytes or None"):
+        codec.join_values([b"a", "b"])
+
+
+# --------------------------------------------------------------------------------------
+# A larger batch, as the client sees it
+
+
+def test_large_batch_round_trip():
+    rng = random.Random(7)
+    kinds = [codec.KIND_FLOAT32] * 32 + [codec.KIND_FLOAT32_VECTOR, codec.KIND_STRING]
+    dims = [0] * 32 + [64, 0]
+    n = 1000
+    layout = codec.Layout(11, kinds, dims)
+    values = np.array([[rng.random() for _ in range(32)] for _ in range(n)], dtype=np.float32)
+    vectors = np.arange(n * 64, dtype=np.float32).reshape(n, 64)
+    names = [f"name {i}" * (i % 3) for i in range(n)]
+    buf, name_offsets = str_key_buffer(names)
+    columns = [(np.ascontiguousarray(values[:, f]), None) for f in range(32)]
+    columns += [(vectors, None), (name_offsets, buf, None)]
+    block, offsets = codec.encode_rows(layout, columns, n, np.arange(n, dtype=np.int64))
+    decoded, times = codec.decode_columns(
+        layout, list(range(34)), block, offsets[:-1], np.diff(offsets)
+    )
+    assert times.tolist() == list(range(n))
+    assert all(np.array_equal(decoded[f][0], values[:, f]) for f in range(32))
+    assert np.array_equal(decoded[32][0], vectors)
+    assert np.array_equal(decoded[33][0], name_offsets)
+    assert decoded[33][1].tobytes() == buf
