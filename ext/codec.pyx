@@ -916,3 +916,4 @@ def merge_rows(Layout layout not None, list old_rows, new_buf, new_offsets, pres
 
 
 include "keys.pxi"
+include "delta.pxi"

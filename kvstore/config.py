@@ -24,6 +24,9 @@ class NodeConfig:
     #: 0 picks a free port (tests); the bound port is written to ``port_file`` if set.
     port: int = 7070
     data_dir: Path = Path("var/kvstore")
+    #: Where bulk versions (the base) live: written once, then only read, so it can
+    #: sit on cheap QLC flash. Default: ``<data_dir>/cold``.
+    cold_dir: Path | None = None
     #: One LRU block cache shared by every shard of every table on the node.
     block_cache_bytes: int = 256 * MiB
     bloom_bits_per_key: float = 10.0
@@ -31,6 +34,12 @@ class NodeConfig:
     max_keys_per_request: int = 100_000
     #: gRPC's limit on one incoming message; larger ones are refused before parsing.
     max_request_bytes: int = 64 * MiB
+    #: Bulk versions kept besides the current one, for rollback and pinned reads.
+    keep_versions: int = 2
+    #: A bulk load with no upload for this long (seconds) is aborted and its files removed.
+    load_lease_s: float = 60.0
+    #: fsync the WAL before acknowledging a write (survives power loss, not only a crash).
+    sync_writes: bool = False
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.
     shutdown_grace_s: float = 5.0
     #: The address clients dial for this node (defaults to host:port as bound).
@@ -49,6 +58,8 @@ class NodeConfig:
             "KVSTORE_HOST": ("host", str),
             "KVSTORE_PORT": ("port", int),
             "KVSTORE_DATA": ("data_dir", Path),
+            "KVSTORE_COLD_DIR": ("cold_dir", Path),
+            "KVSTORE_KEEP_VERSIONS": ("keep_versions", int),
             "KVSTORE_BLOCK_CACHE_BYTES": ("block_cache_bytes", int),
             "KVSTORE_MAX_KEYS_PER_REQUEST": ("max_keys_per_request", int),
             "KVSTORE_MAX_REQUEST_BYTES": ("max_request_bytes", int),
@@ -64,9 +75,12 @@ class NodeConfig:
     def load(self) -> None:
         """Derive what follows from the settings: absolute paths, the node id."""
         self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.cold_dir = Path(self.cold_dir or self.data_dir / "cold").expanduser().resolve()
         if not self.node_id:
             self.node_id = f"{socket.gethostname()}:{self.data_dir}"
         if self.max_keys_per_request < 1:
             raise ValueError("max_keys_per_request must be at least 1")
+        if self.keep_versions < 0:
+            raise ValueError("keep_versions must be at least 0")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")

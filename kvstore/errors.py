@@ -17,9 +17,11 @@ __all__ = [
     "DeadlineExceeded",
     "InvalidArgument",
     "KvstoreError",
+    "LoadConflict",
     "NotFound",
     "RequestTooLarge",
     "SchemaChanged",
+    "StorageFull",
     "TableNotFound",
     "Unavailable",
     "UnknownFeature",
@@ -69,6 +71,18 @@ class SchemaChanged(KvstoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class LoadConflict(KvstoreError):
+    """Another bulk load of the table is in progress, or the load is no longer open."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class StorageFull(KvstoreError):
+    """The node's disk is full; nothing was changed."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class CorruptValue(KvstoreError):
     """A stored value that does not decode; the message names table, shard and key."""
 
@@ -97,6 +111,8 @@ _BY_NAME: dict[str, type[KvstoreError]] = {
         TableNotFound,
         AlreadyExists,
         SchemaChanged,
+        LoadConflict,
+        StorageFull,
         CorruptValue,
         Unavailable,
         DeadlineExceeded,
@@ -110,6 +126,7 @@ _BY_CODE: dict[grpc.StatusCode, type[KvstoreError]] = {
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: SchemaChanged,
     grpc.StatusCode.DATA_LOSS: CorruptValue,
+    grpc.StatusCode.ABORTED: LoadConflict,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }

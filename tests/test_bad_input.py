@@ -192,7 +192,7 @@ def test_corrupt_stored_value_names_table_shard_and_key(start_node) -> None:
     from kvstore import _codec
 
     shard = _codec.shard_ids_int(np.array([7], np.int64), 4)[0]
-    shard_dirs = sorted(node.data_dir.glob(f"tables/corrupt-*/v*/shard-{shard:04d}"))
+    shard_dirs = sorted(node.data_dir.glob(f"tables/corrupt-*/delta/shard-{shard:04d}"))
     assert len(shard_dirs) == 1
     opts = rocksdict.Options(raw_mode=True)
     db = rocksdict.Rdict(str(shard_dirs[0]), opts, column_families={"default": opts})

@@ -134,10 +134,13 @@ def test_full_write_replaces_and_nulls_read_as_missing_values(
     assert res.to_pylist() == [{"key": 1, "a": None, "b": "y"}]
 
 
-def test_event_time_is_stored(client: Client, table: str) -> None:
-    client.write(table, {"key": [3], "age": [1]}, event_time=1_700_000_000_000_000)
-    res = client.get(table, [3, 404], ["age"])
-    assert res.event_times.tolist() == [1_700_000_000_000_000, 0]
+def test_newest_event_time_wins_per_feature(client: Client, table: str) -> None:
+    now = client.get(table, [3], ["age"]).event_times[0]
+    client.write(table, {"key": [3], "age": [1]}, event_time=now + 10)
+    client.write(table, {"key": [3], "age": [2], "ctr_7d": [9.0]}, event_time=now + 5)  # older
+    res = client.get(table, [3, 404], ["age", "ctr_7d"])
+    assert res.to_pylist()[0] == {"key": 3, "age": 1, "ctr_7d": 9.0}
+    assert res.event_times.tolist() == [now + 10, 0]
 
 
 def test_delete(client: Client, table: str) -> None:

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.config import NodeConfig
+from kvstore.server.loads import LoadManager
 from kvstore.server.node import Node
 from kvstore.server.servicer import FeatureStoreServicer
 from kvstore.v1 import feature_store_pb2 as pb
@@ -36,6 +37,8 @@ class NodeServer:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.node = Node(config)
+        self.loads = LoadManager(self.node)
+        self._housekeeping: asyncio.Task | None = None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -45,6 +48,7 @@ class NodeServer:
     async def startup(self) -> None:
         cfg = self.config
         self.node.open()
+        self.loads.open()
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
@@ -56,13 +60,16 @@ class NodeServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (address in use?)")
         address = cfg.advertise_address or f"{cfg.host}:{self.port}"
-        pb_grpc.add_FeatureStoreServicer_to_server(FeatureStoreServicer(self.node, address), server)
+        pb_grpc.add_FeatureStoreServicer_to_server(
+            FeatureStoreServicer(self.node, self.loads, address), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         await server.start()
         self._server = server
+        self._housekeeping = asyncio.create_task(self._expire_loads())
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if cfg.port_file is not None:
@@ -78,6 +85,12 @@ class NodeServer:
             len(self.node.tables),
         )
 
+    async def _expire_loads(self) -> None:
+        interval = min(1.0, self.config.load_lease_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.loads.expire()
+
     async def main_loop(self) -> None:
         await self._should_exit.wait()
 
@@ -86,8 +99,12 @@ class NodeServer:
             "shutting down: draining in-flight calls (grace %.1f s)", self.config.shutdown_grace_s
         )
         await self._health.enter_graceful_shutdown()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s)
+        for load_id in list(self.loads.loads):
+            self.loads.abort(load_id)
         self.node.close()
         logger.info("stopped; databases closed")
 

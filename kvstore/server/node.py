@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import rocksdict
 
 from kvstore import _codec
-from kvstore.columns import encode_rows
+from kvstore.columns import encode_rows, now_us
 from kvstore.config import NodeConfig
 from kvstore.errors import (
     AlreadyExists,
     CorruptValue,
     InvalidArgument,
+    NotFound,
     RequestTooLarge,
     SchemaChanged,
     TableNotFound,
@@ -30,7 +30,7 @@ from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.storage.catalog import Catalog
 from kvstore.storage.shard import Shard, rocksdb_options
-from kvstore.storage.table import Table
+from kvstore.storage.table import Table, VersionMeta
 
 logger = logging.getLogger(__name__)
 
@@ -59,30 +59,44 @@ class Node:
         self.tables: dict[str, Table] = {}
         self._cache = rocksdict.Cache(config.block_cache_bytes)
         self._options = rocksdb_options(self._cache, config.bloom_bits_per_key)
+        self._write_options = rocksdict.WriteOptions()
+        self._write_options.sync = config.sync_writes
         self.catalog: Catalog | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open every table in the catalog (creating the data directory if new)."""
-        data_dir = self.config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(data_dir)
-        for schema, version in self.catalog.schemas():
-            self.tables[schema.name] = Table(
-                self._table_root(schema), schema, version, self._options
-            )
-        logger.info("opened %d table(s) from %s", len(self.tables), data_dir)
-        if self.config.demo and DEMO_TABLE not in self.tables:
+        """Open every table in the catalog (creating the data directories if new)."""
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        assert cfg.cold_dir is not None
+        cfg.cold_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(cfg.data_dir)
+        for entry in self.catalog.entries.values():
+            self.tables[entry.schema.name] = self._open_table(entry)
+        logger.info("opened %d table(s) from %s", len(self.tables), cfg.data_dir)
+        if cfg.demo and DEMO_TABLE not in self.tables:
             self._load_demo()
+
+    def _open_table(self, entry) -> Table:
+        name = f"{entry.schema.name}-{entry.schema.schema_id}"
+        assert self.config.cold_dir is not None
+        return Table(
+            self.config.data_dir / "tables" / name,
+            self.config.cold_dir / "tables" / name,
+            entry,
+            self._options,
+        )
 
     def close(self) -> None:
         for table in self.tables.values():
             table.close()
         self.tables.clear()
 
-    def _table_root(self, schema: TableSchema) -> Path:
-        return self.config.data_dir / "tables" / f"{schema.name}-{schema.schema_id}"
+    @property
+    def shard_options(self) -> rocksdict.Options:
+        """The RocksDB options of every shard (bulk loads ingest with the same ones)."""
+        return self._options
 
     # -- tables ----------------------------------------------------------------------
 
@@ -104,10 +118,10 @@ class Node:
                 f"{existing.schema.to_json()} (asked for {schema.to_json()})"
             )
         assert self.catalog is not None
-        schema = self.catalog.add(schema)
-        table = Table(self._table_root(schema), schema, 1, self._options)
+        entry = self.catalog.add(schema)
+        table = self._open_table(entry)
         self.tables[schema.name] = table
-        logger.info("created table %r (schema id %d)", schema.name, schema.schema_id)
+        logger.info("created table %r (schema id %d)", schema.name, entry.schema.schema_id)
         return table
 
     def drop_table(self, name: str) -> None:
@@ -117,6 +131,96 @@ class Node:
         del self.tables[name]
         table.destroy()
         logger.info("dropped table %r", name)
+
+    # -- versions --------------------------------------------------------------------
+
+    def _version(self, table: Table, version: int) -> int:
+        """The version a read uses: ``version`` if kept, else the current one (0 = none)."""
+        if not version:
+            return table.current
+        if version not in table.versions:
+            kept = ", ".join(str(v) for v in sorted(table.versions)) or "none"
+            raise NotFound(
+                f"table {table.schema.name!r} has no version {version}; kept versions: {kept}"
+            )
+        return version
+
+    def install_version(self, name: str, meta: VersionMeta, shards: list[Shard]) -> None:
+        """Make a freshly ingested version current: one catalog write, then the swap.
+
+        Runs without awaiting, so no read sees part of the old and part of the new
+        version. Versions beyond ``keep_versions`` are deleted; the delta is
+        compacted against the new snapshot time.
+        """
+        table = self.table(name)
+        assert self.catalog is not None
+        entry = table.entry
+        entry.versions[meta.version] = meta
+        previous = entry.current
+        entry.current = meta.version
+        entry.next_version = max(entry.next_version, meta.version + 1)
+        self.catalog.save()
+        table.adopt_base(meta.version, shards)
+        older = sorted(v for v in entry.versions if v < meta.version)
+        for version in older[: max(0, len(older) - self.config.keep_versions)]:
+            table.drop_version(version)
+        self.catalog.save()
+        logger.info(
+            "table %r: version %d is current (was %d), %d rows",
+            name,
+            meta.version,
+            previous,
+            meta.rows,
+        )
+        self.compact_delta(name)
+
+    def rollback(self, name: str, to_version: int = 0) -> VersionMeta:
+        """Make a kept version current again: ``to_version``, or the one before current."""
+        table = self.table(name)
+        entry = table.entry
+        if to_version:
+            target = self._version(table, to_version)
+        else:
+            older = sorted(v for v in entry.versions if v < entry.current)
+            if not older:
+                raise NotFound(
+                    f"table {name!r}: no version before {entry.current} is kept to roll back to"
+                )
+            target = older[-1]
+        assert self.catalog is not None
+        entry.current = target
+        self.catalog.save()
+        logger.info("table %r: rolled back to version %d", name, target)
+        return entry.versions[target]
+
+    def compact_delta(self, name: str, chunk: int = 4096) -> int:
+        """Drop delta entries the current version's snapshot makes obsolete; returns how many
+        delta rows changed or went. Runs to completion (no await), so no write interleaves."""
+        table = self.table(name)
+        if not table.current:
+            return 0
+        snapshot = table.versions[table.current].snapshot_time_us
+        layout = table.schema.layout
+        changed = 0
+        for shard in table.delta:
+            for keys, rows in shard.scan(chunk):
+                new_rows = _codec.delta_compact(layout, rows, snapshot)
+                puts = [
+                    (k, r)
+                    for k, r, o in zip(keys, new_rows, rows, strict=True)
+                    if r is not None and r is not o
+                ]
+                deletes = [k for k, r in zip(keys, new_rows, strict=True) if r is None]
+                if puts or deletes:
+                    shard.write(puts, deletes, self._write_options)
+                    changed += len(puts) + len(deletes)
+        logger.info(
+            "table %r: delta compacted against snapshot %d: %d rows changed",
+            name,
+            snapshot,
+            changed,
+        )
+        return changed
 
     # -- data ------------------------------------------------------------------------
 
@@ -128,47 +232,55 @@ class Node:
                 "keys per request (max_keys_per_request); split the batch"
             )
 
-    def get(self, name: str, keys: KeyBatch, features: list[str]) -> GetAnswer:
-        """The stored rows of ``keys``; ``features`` are only checked (the client decodes)."""
+    def get(self, name: str, keys: KeyBatch, features: list[str], version: int = 0) -> GetAnswer:
+        """The rows of ``keys``, delta over base; ``features`` are only checked (the client
+        decodes)."""
         table = self.table(name)
         schema = table.schema
         schema.projection(features)
         n = keys.count
         self._check_count(n, name)
+        version = self._version(table, version)
         if n == 0:
-            return GetAnswer(schema.schema_id, table.version, b"", np.empty(0, np.int32), None)
-        shards = table.shards
+            return GetAnswer(schema.schema_id, version, b"", np.empty(0, np.int32), None)
+        base = table.base(version) if version else None
+        snapshot = table.versions[version].snapshot_time_us if version else _codec.NO_DELETE
+        layout = schema.layout
+        now = now_us()
+        shards = table.delta
         if len(shards) == 1:
             order = None
-            values = shards[0].multi_get(keys.encoded())
-            counts = [n]
+            groups = [(0, keys.encoded())]
         else:
             shard_ids = keys.shard_ids(len(shards))
             order = np.argsort(shard_ids, kind="stable").astype(np.int32)
             counts = np.bincount(shard_ids, minlength=len(shards)).tolist()
             encoded = keys.encoded(order)
-            values = []
+            groups = []
             pos = 0
-            for shard, count in zip(shards, counts, strict=True):
+            for s, count in enumerate(counts):
                 if count:
-                    values.extend(shard.multi_get(encoded[pos : pos + count]))
+                    groups.append((s, encoded[pos : pos + count]))
                     pos += count
+        values: list[bytes | None] = []
+        done = 0
+        for s, shard_keys in groups:
+            delta_rows = shards[s].multi_get(shard_keys)
+            base_rows = base[s].multi_get(shard_keys) if base else [None] * len(shard_keys)
+            try:
+                values.extend(_codec.overlay(layout, base_rows, delta_rows, snapshot, now, None))
+            except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+                position = done + exc.index
+                position = int(order[position]) if order is not None else position
+                message = (
+                    f"table {name!r}, shard {s}, key {keys.describe(position)}: "
+                    f"the stored value is corrupt ({exc})"
+                )
+                logger.error("%s", message)
+                raise CorruptValue(message) from None
+            done += len(shard_keys)
         block, lengths = _codec.join_values(values)
-        lengths64 = lengths.astype(np.int64)
-        starts = np.zeros(n, np.int64)
-        np.cumsum(np.maximum(lengths64[:-1], 0), out=starts[1:])
-        bad = _codec.check_rows(schema.layout, block, starts, lengths64)
-        if bad is not None:
-            index, reason = bad
-            shard_index = int(np.searchsorted(np.cumsum(counts), index, side="right"))
-            position = int(order[index]) if order is not None else index
-            message = (
-                f"table {name!r}, shard {shard_index}, key {keys.describe(position)}: "
-                f"the stored value is corrupt ({reason})"
-            )
-            logger.error("%s", message)
-            raise CorruptValue(message)
-        return GetAnswer(schema.schema_id, table.version, block, lengths, order)
+        return GetAnswer(schema.schema_id, version, block, lengths, order)
 
     def write(
         self,
@@ -179,7 +291,11 @@ class Node:
         row_offsets: np.ndarray,
         features: list[str],
     ) -> int:
-        """Upsert encoded rows; with ``features``, only those features change (merge)."""
+        """Apply full or partial rows to the delta; per feature the newest event time wins.
+
+        ``features`` names the features the rows set (empty = all); the others keep
+        their values. Each row's event time is its header's.
+        """
         table = self.table(name)
         schema = table.schema
         n = keys.count
@@ -205,43 +321,94 @@ class Node:
                 f"table {name!r}, row {index} (key {keys.describe(index)}): not a valid "
                 f"encoded row ({reason})"
             )
-        present = None
-        if features and len(set(features)) < len(schema.features):
-            present = np.zeros(len(schema.features), np.uint8)
+        present = np.ones(len(schema.features), np.uint8)
+        if features:
+            present[:] = 0
             for feature in features:
                 present[schema.index_of(feature)] = 1
-        shards = table.shards
-        shard_ids = keys.shard_ids(len(shards)).tolist()
         encoded = keys.encoded()
-        if present is None:
-            new_rows = _codec.split_rows(rows, row_offsets)
-        else:
-            old_rows: list[bytes | None] = [None] * n
-            for shard, positions in self._group(shards, shard_ids):
-                found = shard.multi_get([encoded[i] for i in positions])
-                for i, value in zip(positions, found, strict=True):
-                    old_rows[i] = value
-            try:
-                new_rows = _codec.merge_rows(schema.layout, old_rows, rows, row_offsets, present)
-            except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
-                raise CorruptValue(
-                    f"table {name!r}, shard {shard_ids[exc.index]}, key "
-                    f"{keys.describe(exc.index)}: the stored value is corrupt ({exc})"
-                ) from None
-        for shard, positions in self._group(shards, shard_ids):
-            shard.write([(encoded[i], new_rows[i]) for i in positions])
+        shard_ids = keys.shard_ids(len(table.delta)).tolist()
+        for positions in _rounds(encoded):
+            if positions is None:
+                self._apply(table, keys, encoded, shard_ids, rows, row_offsets, present)
+            else:
+                parts = _codec.split_rows(rows, row_offsets)
+                sub = [parts[i] for i in positions]
+                offsets = np.zeros(len(sub) + 1, np.int64)
+                np.cumsum([len(p) for p in sub], out=offsets[1:])
+                self._apply(
+                    table,
+                    keys.take(np.asarray(positions)),
+                    [encoded[i] for i in positions],
+                    [shard_ids[i] for i in positions],
+                    b"".join(sub),
+                    offsets,
+                    present,
+                )
         return n
 
-    def delete(self, name: str, keys: KeyBatch) -> int:
-        """Delete ``keys`` (missing ones are fine); returns how many keys were named."""
+    def _apply(
+        self,
+        table: Table,
+        keys: KeyBatch,
+        encoded: list[bytes],
+        shard_ids: list[int],
+        rows: bytes,
+        row_offsets: np.ndarray,
+        present: np.ndarray,
+    ) -> None:
+        """delta_apply over distinct keys: read the delta rows, merge, write per shard."""
+        groups = self._group(table.delta, shard_ids)
+        old_rows = self._gather(groups, encoded, len(encoded))
+        while True:
+            try:
+                new_rows = _codec.delta_apply(
+                    table.schema.layout, old_rows, rows, row_offsets, present
+                )
+                break
+            except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+                where = (
+                    f"table {table.schema.name!r}, shard {shard_ids[exc.index]}, key "
+                    f"{keys.describe(exc.index)}"
+                )
+                if not present.all():
+                    raise CorruptValue(
+                        f"{where}: the stored value is corrupt ({exc}); a write of every "
+                        "feature replaces it"
+                    ) from None
+                # A write of every feature needs nothing from the old row: replace it.
+                logger.warning("%s: replacing a corrupt stored value (%s)", where, exc)
+                old_rows[exc.index] = None
+        for shard, positions in groups:
+            shard.write([(encoded[i], new_rows[i]) for i in positions], (), self._write_options)
+
+    def delete(self, name: str, keys: KeyBatch, event_time_us: int = 0) -> int:
+        """Tombstone ``keys`` at ``event_time_us`` (default now); returns how many were named.
+
+        The delete hides every value older than it, in the delta and in the base.
+        """
         table = self.table(name)
         self._check_count(keys.count, name)
         if keys.count == 0:
             return 0
-        shards = table.shards
         encoded = keys.encoded()
-        for shard, positions in self._group(shards, keys.shard_ids(len(shards)).tolist()):
-            shard.write([], [encoded[i] for i in positions])
+        shard_ids = keys.shard_ids(len(table.delta)).tolist()
+        when = event_time_us or now_us()
+        for positions in _rounds(encoded):
+            sub_keys = encoded if positions is None else [encoded[i] for i in positions]
+            sub_ids = shard_ids if positions is None else [shard_ids[i] for i in positions]
+            groups = self._group(table.delta, sub_ids)
+            old_rows = self._gather(groups, sub_keys, len(sub_keys))
+            times = np.full(len(sub_keys), when, np.int64)
+            try:
+                new_rows = _codec.delta_delete(table.schema.layout, old_rows, times)
+            except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+                raise CorruptValue(
+                    f"table {name!r}, shard {sub_ids[exc.index]}: the stored delta value of a "
+                    f"deleted key is corrupt ({exc})"
+                ) from None
+            for shard, group in groups:
+                shard.write([(sub_keys[i], new_rows[i]) for i in group], (), self._write_options)
         return keys.count
 
     @staticmethod
@@ -251,6 +418,17 @@ class Node:
         for i, s in enumerate(shard_ids):
             groups[s].append(i)
         return [(shards[s], g) for s, g in enumerate(groups) if g]
+
+    @staticmethod
+    def _gather(groups: list[tuple[Shard, list[int]]], encoded: list[bytes], n: int) -> list:
+        """The delta rows of ``encoded`` in request order, one multi-get per shard."""
+        out: list[bytes | None] = [None] * n
+        for shard, positions in groups:
+            for i, value in zip(
+                positions, shard.multi_get([encoded[i] for i in positions]), strict=True
+            ):
+                out[i] = value
+        return out
 
     def _load_demo(self) -> None:
         """A small deterministic table so a newcomer has something to query."""
@@ -285,3 +463,19 @@ class Node:
             DEMO_TABLE, table.schema.schema_id, encoded.keys, encoded.rows, encoded.offsets, []
         )
         logger.info("loaded the demo table %r with %d rows", DEMO_TABLE, DEMO_ROWS)
+
+
+def _rounds(encoded: list[bytes]) -> list[list[int] | None]:
+    """Batches of distinct keys, in request order: [None] (all) when no key repeats,
+    else the first occurrences, then the second ones, and so on."""
+    if len(set(encoded)) == len(encoded):
+        return [None]
+    seen: dict[bytes, int] = {}
+    rounds: list[list[int]] = []
+    for i, key in enumerate(encoded):
+        r = seen.get(key, 0)
+        seen[key] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(i)
+    return rounds  # type: ignore[return-value]

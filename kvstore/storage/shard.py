@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import rocksdict
@@ -52,14 +53,39 @@ class Shard:
             return [self._db.get(keys[0])]
         return self._db[keys]
 
-    def write(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes] = ()) -> None:  # type: ignore[assignment]
-        """Apply puts and deletes atomically (one WriteBatch, WAL on)."""
+    def write(
+        self,
+        puts: list[tuple[bytes, bytes]],
+        deletes: Iterable[bytes] = (),
+        options: rocksdict.WriteOptions | None = None,
+    ) -> None:
+        """Apply puts and deletes atomically: one WriteBatch, through the WAL."""
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in puts:
             batch.put(key, value)
         for key in deletes:
             batch.delete(key)
-        self._db.write(batch)
+        if options is None:
+            self._db.write(batch)
+        else:
+            self._db.write(batch, options)
+
+    def scan(self, chunk: int = 4096) -> Iterator[tuple[list[bytes], list[bytes]]]:
+        """Every key and value in key order, ``chunk`` at a time."""
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        for key, value in self._db.items():
+            keys.append(key)
+            values.append(value)
+            if len(keys) >= chunk:
+                yield keys, values
+                keys, values = [], []
+        if keys:
+            yield keys, values
+
+    def ingest(self, paths: list[str], options: rocksdict.IngestExternalFileOptions) -> None:
+        """Ingest sorted SST files built by SstFileWriter (moved in, not copied)."""
+        self._db.ingest_external_file(paths, options)
 
     def estimate_keys(self) -> int:
         return self._db.property_int_value("rocksdb.estimate-num-keys") or 0

@@ -1,45 +1,131 @@
-"""A table on a node: its schema, its current version, and one Shard per partition."""
+"""A table on a node: its schema, the delta shards, and the bulk versions of its base.
+
+Two tiers per shard (docs/architecture.md, "Base and delta"):
+
+* the **delta**, one RocksDB per shard under the hot data directory: every online
+  write, update and delete, with per-feature event times (format-2 rows);
+* the **base**, one immutable RocksDB per shard per bulk version under the cold
+  directory, written once by a bulk load (SST ingest) and then only read.
+
+A read overlays the delta on the base of the current (or a pinned) version.
+"""
 
 from __future__ import annotations
 
+import logging
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import rocksdict
 
 from kvstore.schema import TableSchema
 from kvstore.storage.shard import Shard
 
-__all__ = ["Table"]
+if TYPE_CHECKING:
+    from kvstore.storage.catalog import TableEntry
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Table", "VersionMeta"]
+
+
+@dataclass
+class VersionMeta:
+    """One bulk version. Times in µs since the epoch, sizes in bytes."""
+
+    version: int
+    label: str
+    snapshot_time_us: int
+    rows: int
+    bytes: int
+    created_at_us: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 class Table:
-    """The shards of the current version of one table, under ``root/v<version>/``."""
-
-    __slots__ = ("root", "schema", "shards", "version")
+    """Delta shards plus the kept bulk versions of one table."""
 
     def __init__(
-        self, root: Path, schema: TableSchema, version: int, options: rocksdict.Options
+        self, hot_root: Path, cold_root: Path, entry: TableEntry, options: rocksdict.Options
     ) -> None:
-        self.root = root
-        self.schema = schema
-        self.version = version
-        version_dir = root / f"v{version:06d}"
-        self.shards = [
-            Shard(version_dir / f"shard-{i:04d}", i, options) for i in range(schema.shards)
+        self.hot_root = hot_root
+        self.cold_root = cold_root
+        #: The catalog's record of this table: schema, current version, kept versions.
+        self.entry = entry
+        self._options = options
+        schema = entry.schema
+        self.delta = [
+            Shard(hot_root / "delta" / f"shard-{i:04d}", i, options) for i in range(schema.shards)
         ]
+        self._bases: dict[int, list[Shard]] = {}
+
+    @property
+    def schema(self) -> TableSchema:
+        return self.entry.schema
+
+    @property
+    def current(self) -> int:
+        """The version reads use by default; 0 = no bulk version (the delta alone)."""
+        return self.entry.current
+
+    @property
+    def versions(self) -> dict[int, VersionMeta]:
+        return self.entry.versions
+
+    def version_dir(self, version: int) -> Path:
+        return self.cold_root / f"v{version:06d}"
+
+    def base(self, version: int) -> list[Shard]:
+        """The base shards of a kept version, opened on first use."""
+        shards = self._bases.get(version)
+        if shards is None:
+            root = self.version_dir(version)
+            shards = [
+                Shard(root / f"shard-{i:04d}", i, self._options) for i in range(self.schema.shards)
+            ]
+            self._bases[version] = shards
+        return shards
+
+    def adopt_base(self, version: int, shards: list[Shard]) -> None:
+        """Take over the shards a bulk load ingested for ``version``."""
+        self._bases[version] = shards
+
+    def drop_version(self, version: int) -> None:
+        """Close and delete a version's files (never the current one)."""
+        assert version != self.current
+        for shard in self._bases.pop(version, []):
+            shard.close()
+        self.versions.pop(version, None)
+        shutil.rmtree(self.version_dir(version), ignore_errors=True)
+        logger.info("table %r: deleted version %d", self.schema.name, version)
 
     def estimate_keys(self) -> int:
-        return sum(s.estimate_keys() for s in self.shards)
+        base = self.base(self.current) if self.current else []
+        return max(sum(s.estimate_keys() for s in self.delta), sum(s.estimate_keys() for s in base))
 
     def disk_bytes(self) -> int:
-        return sum(s.disk_bytes() for s in self.shards)
+        """Bytes of the delta and of every kept version."""
+        total = sum(s.disk_bytes() for s in self.delta)
+        for version in self.versions:
+            root = self.version_dir(version)
+            if root.exists():
+                total += sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return total
 
     def close(self) -> None:
-        for shard in self.shards:
+        for shard in self.delta:
             shard.close()
+        for shards in self._bases.values():
+            for shard in shards:
+                shard.close()
+        self._bases.clear()
 
     def destroy(self) -> None:
-        """Close every shard and delete the table's files."""
+        """Close every shard and delete the table's files, hot and cold."""
         self.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.hot_root, ignore_errors=True)
+        shutil.rmtree(self.cold_root, ignore_errors=True)

@@ -1,0 +1,475 @@
+# Delta rows (format 2) and the read-time overlay of delta over base
+# (docs/row-format.md, "Delta rows"); included by codec.pyx.
+#
+# A delta row is a format-1 body behind a longer header: deleted_at, a present
+# bitmap and one event time per feature. Every function here builds its output rows
+# the same way: per feature, a choice of source row (or none = null), then
+# _assemble copies the chosen values into one new bytes object.
+
+from libc.stdint cimport INT64_MIN
+
+from codec cimport load_u32
+
+cdef enum:
+    DELTA_FORMAT = 2
+    DELTA_FIXED_HEADER = 21     # format u8, schema id u32, event time i64, deleted_at i64
+
+DELTA_FORMAT_VERSION = DELTA_FORMAT
+NO_DELETE = INT64_MIN
+
+# Where a feature of an output row comes from.
+cdef enum:
+    FROM_NONE = 0   # null (format 1) / absent (delta)
+    FROM_A = 1
+    FROM_B = 2
+
+
+cdef struct RowView:
+    const uint8_t* row
+    Py_ssize_t length
+    Py_ssize_t bitmap_at     # offset of the null bitmap
+    Py_ssize_t shift         # body offset minus format 1's (0 for a format-1 row)
+    int64_t event_time
+    int64_t deleted_at       # delta rows only
+    const uint8_t* present   # delta rows only: the present bitmap
+    const uint8_t* times     # delta rows only: F i64 feature times
+
+
+cdef inline Py_ssize_t _delta_header(const RowLayout* c) noexcept nogil:
+    return DELTA_FIXED_HEADER + 2 * c.bitmap_size + 8 * c.n_features
+
+
+cdef inline Py_ssize_t _delta_shift(const RowLayout* c) noexcept nogil:
+    return _delta_header(c) - ROW_HEADER_SIZE - c.bitmap_size
+
+
+cdef inline bint _bit(const uint8_t* bitmap, Py_ssize_t f) noexcept nogil:
+    return (bitmap[f >> 3] >> (f & 7)) & 1
+
+
+cdef inline void _set_bit(uint8_t* bitmap, Py_ssize_t f) noexcept nogil:
+    bitmap[f >> 3] |= <uint8_t>(1 << (f & 7))
+
+
+cdef inline int64_t _feature_time(const RowView* v, Py_ssize_t f) noexcept nogil:
+    return load_i64(v.times + 8 * f)
+
+
+cdef RowFault _check_delta_row(const RowLayout* c, const uint8_t* row, Py_ssize_t length,
+                               RowCheck* check) noexcept nogil:
+    cdef Py_ssize_t j, shift = _delta_shift(c)
+    cdef Py_ssize_t min_size = c.min_row_size + shift
+    cdef uint32_t end, previous = 0
+    if length < DELTA_FIXED_HEADER:
+        check.fault = ROW_TOO_SHORT
+        check.a = length
+        return ROW_TOO_SHORT
+    if row[0] != DELTA_FORMAT:
+        check.fault = ROW_BAD_FORMAT
+        check.a = row[0]
+        return ROW_BAD_FORMAT
+    end = load_u32(row + 1)
+    if end != c.schema_id:
+        check.fault = ROW_OTHER_SCHEMA
+        check.a = end
+        return ROW_OTHER_SCHEMA
+    if length < min_size:
+        check.fault = ROW_TOO_SHORT
+        check.a = length
+        return ROW_TOO_SHORT
+    for j in range(c.n_var):
+        end = load_u32(row + c.ends_start + shift + 4 * j)
+        if end < previous:
+            check.fault = ROW_ENDS_DECREASE
+            check.a = j
+            check.b = end
+            check.c = previous
+            return ROW_ENDS_DECREASE
+        previous = end
+    if previous != <uint64_t>(length - min_size):
+        check.fault = ROW_VAR_LENGTH
+        check.a = previous
+        check.b = length - min_size
+        return ROW_VAR_LENGTH
+    return ROW_OK
+
+
+cdef str _delta_reason(const RowLayout* c, const RowCheck* check):
+    if check.fault == ROW_TOO_SHORT:
+        return (f"delta row: length {check.a} is shorter than the "
+                f"{c.min_row_size + _delta_shift(c)}-byte minimum")
+    if check.fault == ROW_BAD_FORMAT:
+        return f"delta row: format byte 0x{check.a:02x}, expected 0x{DELTA_FORMAT:02x}"
+    return "delta row: " + _fault_reason(c, check)
+
+
+cdef int _view_base(const RowLayout* c, object value, Py_ssize_t index, RowView* v) except -1:
+    """Points v at a stored format-1 row; CorruptRow/SchemaMismatch names ``index``."""
+    cdef RowCheck check
+    if type(value) is not bytes:
+        raise TypeError(f"row {index} must be bytes or None, got {type(value).__name__}")
+    v.row = <const uint8_t*>PyBytes_AS_STRING(value)
+    v.length = PyBytes_GET_SIZE(value)
+    if check_row(c, v.row, v.length, &check) != ROW_OK:
+        check.index = index
+        if check.fault == ROW_OTHER_SCHEMA:
+            raise SchemaMismatch(index, check.a, c.schema_id)
+        raise CorruptRow(index, "base row: " + _fault_reason(c, &check))
+    v.bitmap_at = ROW_HEADER_SIZE
+    v.shift = 0
+    v.event_time = load_i64(v.row + 5)
+    v.deleted_at = INT64_MIN
+    v.present = NULL
+    v.times = NULL
+    return 0
+
+
+cdef int _view_delta(const RowLayout* c, object value, Py_ssize_t index, RowView* v) except -1:
+    """Points v at a stored delta row; CorruptRow/SchemaMismatch names ``index``."""
+    cdef RowCheck check
+    if type(value) is not bytes:
+        raise TypeError(f"delta row {index} must be bytes or None, got {type(value).__name__}")
+    v.row = <const uint8_t*>PyBytes_AS_STRING(value)
+    v.length = PyBytes_GET_SIZE(value)
+    if _check_delta_row(c, v.row, v.length, &check) != ROW_OK:
+        if check.fault == ROW_OTHER_SCHEMA:
+            raise SchemaMismatch(index, check.a, c.schema_id)
+        raise CorruptRow(index, _delta_reason(c, &check))
+    v.bitmap_at = DELTA_FIXED_HEADER
+    v.shift = _delta_shift(c)
+    v.event_time = load_i64(v.row + 5)
+    v.deleted_at = load_i64(v.row + 13)
+    v.present = v.row + DELTA_FIXED_HEADER + c.bitmap_size
+    v.times = v.row + DELTA_FIXED_HEADER + 2 * c.bitmap_size
+    return 0
+
+
+cdef inline bint _src_null(const RowView* v, Py_ssize_t f) noexcept nogil:
+    return _bit(v.row + v.bitmap_at, f)
+
+
+cdef inline uint32_t _src_var_len(const RowLayout* c, const RowView* v, Py_ssize_t j) noexcept nogil:
+    cdef const uint8_t* ends = v.row + c.ends_start + v.shift
+    cdef uint32_t start = 0 if j == 0 else load_u32(ends + 4 * (j - 1))
+    return load_u32(ends + 4 * j) - start
+
+
+cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,
+                      const uint8_t* choice, bint delta, int64_t event_time,
+                      int64_t deleted_at, const int64_t* times):
+    """A new row (format 1, or a delta row when ``delta``) taking feature f from a
+    (choice FROM_A), b (FROM_B) or nowhere (FROM_NONE: null / absent)."""
+    cdef Py_ssize_t f, j, width
+    cdef Py_ssize_t shift = _delta_shift(c) if delta else 0
+    cdef Py_ssize_t bitmap_at = DELTA_FIXED_HEADER if delta else ROW_HEADER_SIZE
+    cdef uint64_t var_bytes = 0
+    cdef const RowView* src
+    cdef uint32_t length, end = 0, start
+    cdef uint8_t* row
+    cdef uint8_t* present = NULL
+    for j in range(c.n_var):
+        f = c.var_features[j]
+        if choice[f] != FROM_NONE:
+            src = a if choice[f] == FROM_A else b
+            if not _src_null(src, f):
+                var_bytes += _src_var_len(c, src, j)
+    if var_bytes > MAX_VAR_BYTES:
+        raise ValueError(f"the combined row's var data exceeds {MAX_VAR_BYTES} bytes")
+    out = PyBytes_FromStringAndSize(NULL, c.min_row_size + shift + <Py_ssize_t>var_bytes)
+    row = <uint8_t*>PyBytes_AS_STRING(out)
+    memset(row, 0, c.min_row_size + shift)
+    row[0] = DELTA_FORMAT if delta else ROW_FORMAT
+    store_u32(row + 1, c.schema_id)
+    store_i64(row + 5, event_time)
+    if delta:
+        store_i64(row + 13, deleted_at)
+        present = row + DELTA_FIXED_HEADER + c.bitmap_size
+    for f in range(c.n_features):
+        if choice[f] == FROM_NONE:
+            if not delta:
+                _set_bit(row + bitmap_at, f)
+            continue
+        src = a if choice[f] == FROM_A else b
+        if delta:
+            _set_bit(present, f)
+            store_i64(row + DELTA_FIXED_HEADER + 2 * c.bitmap_size + 8 * f, times[f])
+        if _src_null(src, f):
+            _set_bit(row + bitmap_at, f)
+            continue
+        width = c.widths[f]
+        if width:
+            copy_fixed(row + c.offsets[f] + shift, src.row + c.offsets[f] + src.shift, width)
+    for j in range(c.n_var):
+        f = c.var_features[j]
+        if choice[f] != FROM_NONE:
+            src = a if choice[f] == FROM_A else b
+            if not _src_null(src, f):
+                length = _src_var_len(c, src, j)
+                start = 0 if j == 0 else load_u32(src.row + c.ends_start + src.shift + 4 * (j - 1))
+                if length:
+                    memcpy(row + c.min_row_size + shift + end,
+                           src.row + c.min_row_size + src.shift + start, length)
+                end += length
+        store_u32(row + c.ends_start + shift + 4 * j, end)
+    return out
+
+
+cdef class _Scratch:
+    """Per-call buffers of F choices and F times."""
+    cdef uint8_t* choice
+    cdef int64_t* times
+
+    def __cinit__(self, Py_ssize_t n_features):
+        self.choice = <uint8_t*>PyMem_Calloc(n_features + 1, 1)
+        self.times = <int64_t*>PyMem_Calloc(n_features + 1, sizeof(int64_t))
+        if self.choice == NULL or self.times == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.choice)
+        PyMem_Free(self.times)
+
+
+def delta_apply(Layout layout not None, list old_rows, new_buf, new_offsets, present):
+    """Applies updates to delta rows, newest event time wins per feature.
+
+    Update i is the format-1 row ``new_buf[new_offsets[i] : new_offsets[i + 1]]``; its
+    header event time is the update's time. ``present[f]`` = 1 when the updates set
+    feature f. ``old_rows[i]`` is the stored delta row of the key, or None. Returns
+    the new delta rows. Keys must be distinct within one call (apply repeats in a
+    later call). A bad stored row raises CorruptRow/SchemaMismatch naming its index,
+    a bad update ValueError.
+    """
+    cdef const RowLayout* c = &layout.c
+    cdef Py_ssize_t n = len(old_rows)
+    cdef const uint8_t[::1] data = _byte_buffer(new_buf, "new_buf")
+    cdef const int64_t[::1] offsets = _int64_array(new_offsets, n + 1, "new_offsets")
+    present = _mask_array(present, c.n_features, "present")
+    cdef const uint8_t[::1] present_view = present
+    cdef const uint8_t* sets = _bytes_ptr(present_view)
+    cdef _Scratch scratch = _Scratch(c.n_features)
+    cdef RowView upd, old
+    cdef RowCheck check
+    cdef Py_ssize_t i, f
+    cdef int64_t a, b, t, t_old, deleted_at, event_time
+    cdef list out = [None] * n
+    for i in range(n):
+        a = offsets[i]
+        b = offsets[i + 1]
+        if a < 0 or b < a or b > data.shape[0]:
+            raise ValueError(f"update {i}: bytes [{a}, {b}) are not a range of new_buf")
+        upd.row = _bytes_ptr(data) + a
+        upd.length = b - a
+        if check_row(c, upd.row, upd.length, &check) != ROW_OK:
+            raise ValueError(f"update {i}: {_fault_reason(c, &check)}")
+        upd.bitmap_at = ROW_HEADER_SIZE
+        upd.shift = 0
+        t = load_i64(upd.row + 5)
+        value = old_rows[i]
+        if value is None:
+            deleted_at = INT64_MIN
+            event_time = t
+            for f in range(c.n_features):
+                scratch.choice[f] = FROM_B if sets[f] else FROM_NONE
+                scratch.times[f] = t
+        else:
+            _view_delta(c, value, i, &old)
+            deleted_at = old.deleted_at
+            event_time = old.event_time if old.event_time > t else t
+            for f in range(c.n_features):
+                if _bit(old.present, f):
+                    t_old = _feature_time(&old, f)
+                    # Equal times: the later-applied update wins, so a redelivery is a no-op.
+                    if sets[f] and t > deleted_at and t >= t_old:
+                        scratch.choice[f] = FROM_B
+                        scratch.times[f] = t
+                    else:
+                        scratch.choice[f] = FROM_A
+                        scratch.times[f] = t_old
+                elif sets[f] and t > deleted_at:
+                    scratch.choice[f] = FROM_B
+                    scratch.times[f] = t
+                else:
+                    scratch.choice[f] = FROM_NONE
+        out[i] = _assemble(c, &old, &upd, scratch.choice, True, event_time, deleted_at,
+                           scratch.times)
+    return out
+
+
+def delta_delete(Layout layout not None, list old_rows, times):
+    """Tombstones: key i deleted at ``times[i]`` (µs). Returns the new delta rows."""
+    cdef const RowLayout* c = &layout.c
+    cdef Py_ssize_t n = len(old_rows)
+    cdef const int64_t[::1] when = _int64_array(times, n, "times")
+    cdef _Scratch scratch = _Scratch(c.n_features)
+    cdef RowView old
+    cdef Py_ssize_t i, f
+    cdef int64_t t, deleted_at, event_time
+    cdef list out = [None] * n
+    for i in range(n):
+        t = when[i]
+        value = old_rows[i]
+        if value is None:
+            memset(scratch.choice, FROM_NONE, c.n_features)
+            old.row = NULL
+            out[i] = _assemble(c, &old, &old, scratch.choice, True, t, t, scratch.times)
+            continue
+        _view_delta(c, value, i, &old)
+        deleted_at = old.deleted_at if old.deleted_at > t else t
+        event_time = old.event_time if old.event_time > t else t
+        for f in range(c.n_features):
+            if _bit(old.present, f) and _feature_time(&old, f) > deleted_at:
+                scratch.choice[f] = FROM_A
+                scratch.times[f] = _feature_time(&old, f)
+            else:
+                scratch.choice[f] = FROM_NONE
+        out[i] = _assemble(c, &old, &old, scratch.choice, True, event_time, deleted_at,
+                           scratch.times)
+    return out
+
+
+cdef object _ttl_array(object ttl_us, Py_ssize_t n_features):
+    if ttl_us is None:
+        return None
+    ttl = _int64_array(ttl_us, n_features, "ttl_us")
+    if not ttl.any():
+        return None
+    return ttl
+
+
+def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t snapshot_time,
+            int64_t now_us, ttl_us=None):
+    """The rows a read returns: delta over base (docs/row-format.md, "Reading").
+
+    ``base_rows[i]``: the key's format-1 row in the version read (None if absent);
+    ``delta_rows[i]``: its delta row (None if absent); ``snapshot_time``: the
+    version's snapshot time in µs (NO_DELETE, i.e. INT64_MIN, without a version); ``ttl_us``: None or an int64
+    array of F TTLs in µs (0 = none), applied against ``now_us``. Returns format-1
+    rows or None (missing); a base row with nothing to change is returned as is.
+    Raises CorruptRow/SchemaMismatch naming the key's index.
+    """
+    cdef const RowLayout* c = &layout.c
+    cdef Py_ssize_t n = len(base_rows)
+    if len(delta_rows) != n:
+        raise ValueError(f"{len(delta_rows)} delta rows for {n} base rows")
+    ttl = _ttl_array(ttl_us, c.n_features)
+    cdef const int64_t[::1] ttl_view
+    cdef const int64_t* ttls = NULL
+    if ttl is not None:
+        ttl_view = ttl
+        ttls = &ttl_view[0]
+    cdef _Scratch scratch = _Scratch(c.n_features)
+    cdef RowView base, delta
+    cdef Py_ssize_t i, f
+    cdef bint base_counts, any_delta, expired
+    cdef int64_t t, tb, event_time
+    cdef list out = [None] * n
+    for i in range(n):
+        b = base_rows[i]
+        d = delta_rows[i]
+        if d is None:
+            if b is None:
+                continue
+            _view_base(c, b, i, &base)
+            if ttls == NULL:
+                out[i] = b
+                continue
+            expired = False
+            for f in range(c.n_features):
+                if ttls[f] > 0 and base.event_time < now_us - ttls[f]:
+                    scratch.choice[f] = FROM_NONE
+                    expired = True
+                else:
+                    scratch.choice[f] = FROM_A
+            out[i] = _assemble(c, &base, &base, scratch.choice, False, base.event_time,
+                               0, NULL) if expired else b
+            continue
+        _view_delta(c, d, i, &delta)
+        base_counts = False
+        if b is not None:
+            _view_base(c, b, i, &base)
+            base_counts = base.event_time > delta.deleted_at
+        tb = base.event_time if base_counts else INT64_MIN
+        any_delta = False
+        event_time = tb
+        for f in range(c.n_features):
+            if _bit(delta.present, f):
+                t = _feature_time(&delta, f)
+                if t > snapshot_time and t > tb:
+                    scratch.choice[f] = FROM_B
+                    scratch.times[f] = t
+                    any_delta = True
+                    if t > event_time:
+                        event_time = t
+                    continue
+            if base_counts:
+                scratch.choice[f] = FROM_A
+                scratch.times[f] = tb
+            else:
+                scratch.choice[f] = FROM_NONE
+        if not any_delta:
+            if not base_counts:
+                continue
+            if ttls == NULL:
+                out[i] = b  # the delta holds nothing newer: the base row as stored
+                continue
+        if ttls != NULL:
+            for f in range(c.n_features):
+                if (scratch.choice[f] != FROM_NONE and ttls[f] > 0
+                        and scratch.times[f] < now_us - ttls[f]):
+                    scratch.choice[f] = FROM_NONE
+        out[i] = _assemble(c, &base, &delta, scratch.choice, False, event_time, 0, NULL)
+    return out
+
+
+def delta_compact(Layout layout not None, list rows, int64_t snapshot_time):
+    """Drops what a version with ``snapshot_time`` (µs) makes obsolete from delta rows.
+
+    Returns, per row: the same object when nothing changes, a smaller delta row, or
+    None when nothing is left (the key's delta entry can be deleted).
+    """
+    cdef const RowLayout* c = &layout.c
+    cdef Py_ssize_t n = len(rows)
+    cdef _Scratch scratch = _Scratch(c.n_features)
+    cdef RowView row
+    cdef Py_ssize_t i, f
+    cdef bint changed, kept
+    cdef int64_t t, event_time
+    cdef list out = [None] * n
+    for i in range(n):
+        value = rows[i]
+        if value is None:
+            continue
+        _view_delta(c, value, i, &row)
+        changed = False
+        kept = False
+        event_time = row.deleted_at
+        for f in range(c.n_features):
+            scratch.choice[f] = FROM_NONE
+            if _bit(row.present, f):
+                t = _feature_time(&row, f)
+                if t > snapshot_time:
+                    scratch.choice[f] = FROM_A
+                    scratch.times[f] = t
+                    kept = True
+                    if t > event_time:
+                        event_time = t
+                else:
+                    changed = True
+        if not kept and row.deleted_at <= snapshot_time:
+            continue
+        if not changed:
+            out[i] = value
+            continue
+        out[i] = _assemble(c, &row, &row, scratch.choice, True, event_time, row.deleted_at,
+                           scratch.times)
+    return out
+
+
+def delta_info(Layout layout not None, bytes row):
+    """(event_time, deleted_at, {feature index: time}) of a delta row, for tests and tools."""
+    cdef const RowLayout* c = &layout.c
+    cdef RowView v
+    _view_delta(c, row, 0, &v)
+    times = {f: _feature_time(&v, f) for f in range(c.n_features) if _bit(v.present, f)}
+    return v.event_time, v.deleted_at, times
