@@ -6,16 +6,25 @@ result = client.get("user_features", keys=[1, 2, 3], features=["ctr_7d", "emb"])
 result.to_numpy()
 """
 
-from kvstore.client import DEFAULT_TIMEOUT_S, AsyncClient, Client, GetResult, TableInfo
+from kvstore.client import (
+    DEFAULT_TIMEOUT_S,
+    AsyncClient,
+    Client,
+    GetResult,
+    TableInfo,
+    VersionInfo,
+)
 from kvstore.errors import (
     AlreadyExists,
     CorruptValue,
     DeadlineExceeded,
     InvalidArgument,
     KvstoreError,
+    LoadConflict,
     NotFound,
     RequestTooLarge,
     SchemaChanged,
+    StorageFull,
     TableNotFound,
     Unavailable,
     UnknownFeature,
@@ -36,12 +45,15 @@ __all__ = [
     "GetResult",
     "InvalidArgument",
     "KvstoreError",
+    "LoadConflict",
     "NotFound",
     "RequestTooLarge",
     "SchemaChanged",
+    "StorageFull",
     "TableInfo",
     "TableNotFound",
     "TableSchema",
     "Unavailable",
     "UnknownFeature",
+    "VersionInfo",
 ]

@@ -9,11 +9,13 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from kvstore.client.core import resolve_address
 from kvstore.config import DEFAULT_ADDRESS, NodeConfig
 from kvstore.errors import KvstoreError
 
@@ -128,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         "string bytes float32[N] int64[]",
     )
 
+    p.add_argument(
+        "--ttl",
+        action="append",
+        default=[],
+        metavar="NAME=SECONDS",
+        help="a time to live for a feature: older values read as null (repeat the option)",
+    )
+
     p = with_address(
         command(
             "get",
@@ -169,6 +179,85 @@ def build_parser() -> argparse.ArgumentParser:
         command("drop", "Delete a table and all its data.", "kvstore drop user_features")
     )
     p.add_argument("table")
+
+    p = with_address(
+        command(
+            "load",
+            "Bulk-load Parquet or Arrow IPC files (one, many, or a hive-partitioned directory; "
+            "a local path or any URI pyarrow.fs opens) as a new version of a table, swapped "
+            "in atomically; the previous version is kept for rollback. Prints a JSON summary.",
+            "kvstore load user_features ./snapshots/2026-11-23/ --key-column user_id "
+            "--label 2026-11-23",
+        )
+    )
+    p.add_argument("table")
+    p.add_argument("source", nargs="+", help="files or directories to load")
+    p.add_argument("--key-column", default="key", help="the column holding the key (default: key)")
+    p.add_argument("--label", default="", help="a label for the version, e.g. the snapshot date")
+    p.add_argument(
+        "--create", action="store_true", help="create the table from the input schema if missing"
+    )
+    p.add_argument(
+        "--shards", type=int, default=8, help="shards of a table made by --create (default 8)"
+    )
+    p.add_argument(
+        "--dedupe",
+        choices=["first", "last"],
+        default=None,
+        help="keep the first or last row of a duplicated key (default: duplicates are an error)",
+    )
+    p.add_argument(
+        "--snapshot-time",
+        type=int,
+        default=None,
+        help="snapshot event time, µs since the epoch (default: newest event time in the "
+        "input, else now)",
+    )
+    p.add_argument(
+        "--event-time-column",
+        default=None,
+        help="per-row event times, µs (default: 'event_time' if present)",
+    )
+    p.add_argument(
+        "--format", choices=["parquet", "ipc"], default=None, help="default: by file extension"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        default=1024,
+        help="memory budget of the loader, MiB (default 1024)",
+    )
+
+    p = with_address(
+        command(
+            "status",
+            "Node health and per-table activity and freshness: rows updated, the age of the "
+            "newest applied event, update lag p50/p99 (event time to readable).",
+            "kvstore status --json",
+        )
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = with_address(
+        command(
+            "versions", "List the kept bulk versions of a table.", "kvstore versions user_features"
+        )
+    )
+    p.add_argument("table")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = with_address(
+        command(
+            "rollback",
+            "Make a kept version current again (the one before the current by default).",
+            "kvstore rollback user_features --to 7",
+        )
+    )
+    p.add_argument("table")
+    p.add_argument(
+        "--to", type=int, default=0, metavar="VERSION", help="the version to make current"
+    )
     return parser
 
 
@@ -238,9 +327,7 @@ def _cmd_tables(args: argparse.Namespace) -> int:
                 _size(t.disk_bytes),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(rows)
     return 0
 
 
@@ -258,8 +345,19 @@ def _cmd_create_table(args: argparse.Namespace) -> int:
             if not sep:
                 raise ValueError(f"--feature {item!r}: expected NAME:DTYPE, e.g. ctr_7d:float32")
             features[name.strip()] = dtype.strip()
+    ttl: dict[str, float] = {}
+    for spec in args.ttl:
+        name, sep, seconds = spec.partition("=")
+        try:
+            ttl[name.strip()] = float(seconds)
+        except ValueError:
+            raise ValueError(f"--ttl {spec!r}: expected NAME=SECONDS, e.g. ctr_7d=86400") from None
+        if not sep:
+            raise ValueError(f"--ttl {spec!r}: expected NAME=SECONDS, e.g. ctr_7d=86400")
     with _client(args) as client:
-        info = client.create_table(args.table, key=args.key, features=features, shards=args.shards)
+        info = client.create_table(
+            args.table, key=args.key, features=features, shards=args.shards, ttl=ttl
+        )
     print(json.dumps(_info_json(info), indent=1))
     return 0
 
@@ -317,6 +415,91 @@ def _cmd_drop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_load(args: argparse.Namespace) -> int:
+    from kvstore.ingest.bulk import load
+
+    summary = load(
+        args.address or resolve_address(None),
+        args.table,
+        args.source if len(args.source) > 1 else args.source[0],
+        key_column=args.key_column,
+        label=args.label,
+        create=args.create,
+        shards=args.shards,
+        dedupe=args.dedupe,
+        snapshot_time_us=args.snapshot_time,
+        event_time_column=args.event_time_column,
+        format=args.format,
+        progress=False if args.no_progress else None,
+        memory_budget_bytes=args.memory_mb << 20,
+        timeout=args.timeout or 600.0,
+    )
+    print(json.dumps(summary.to_json()))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.stats()
+    stats["address"] = client.address
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    print(f"node {client.address}: serving, up {stats['uptime_s']:.0f} s")
+    rows = [
+        ("TABLE", "VERSION", "UPDATED", "DELETED", "READ", "NEWEST EVENT AGE", "LAG P50", "LAG P99")
+    ]
+    for name, t in stats["tables"].items():
+        age = f"{t['newest_event_age_us'] / 1e6:.3f} s" if t["newest_event_time_us"] else "-"
+        rows.append(
+            (
+                name,
+                str(t["version"]),
+                str(t["rows_updated"]),
+                str(t["keys_deleted"]),
+                str(t["keys_read"]),
+                age,
+                f"{t['lag_p50_us'] / 1e3:.2f} ms" if t["lag_samples"] else "-",
+                f"{t['lag_p99_us'] / 1e3:.2f} ms" if t["lag_samples"] else "-",
+            )
+        )
+    _print_table(rows)
+    return 0
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        versions = client.versions(args.table)
+    if args.json:
+        print(json.dumps([v.to_json() for v in versions], indent=1))
+        return 0
+    if not versions:
+        print(f"table {args.table!r} has no bulk version yet (only online writes)")
+        return 0
+    rows = [("", "VERSION", "LABEL", "ROWS", "SIZE", "SNAPSHOT (UTC)", "CREATED (UTC)")]
+    for v in versions:
+        rows.append(
+            (
+                "*" if v.current else "",
+                str(v.version),
+                v.label or "-",
+                str(v.rows),
+                _size(v.bytes),
+                _utc(v.snapshot_time_us),
+                _utc(v.created_at_us),
+            )
+        )
+    _print_table(rows)
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        version = client.rollback(args.table, args.to)
+    print(json.dumps({"table": args.table, "current": version.to_json()}))
+    return 0
+
+
 # -- helpers of the commands ---------------------------------------------------------
 
 
@@ -324,6 +507,16 @@ def _info_json(info: Any) -> dict:
     out = info.schema.to_json()
     out.update(version=info.version, rows_estimate=info.rows_estimate, disk_bytes=info.disk_bytes)
     return out
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _utc(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _size(n: int) -> str:

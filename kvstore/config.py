@@ -38,6 +38,8 @@ class NodeConfig:
     keep_versions: int = 2
     #: A bulk load with no upload for this long (seconds) is aborted and its files removed.
     load_lease_s: float = 60.0
+    #: Writes with an event time further ahead of the node's clock are refused (seconds).
+    max_clock_skew_s: float = 300.0
     #: fsync the WAL before acknowledging a write (survives power loss, not only a crash).
     sync_writes: bool = False
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.

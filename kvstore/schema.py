@@ -90,10 +90,12 @@ class DType:
 
 @dataclass(frozen=True, slots=True)
 class Feature:
-    """One typed feature of a table."""
+    """One typed feature of a table; a value older than ``ttl_s`` seconds (by its event
+    time) reads as null (0 = kept forever)."""
 
     name: str
     dtype: DType
+    ttl_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,12 @@ class TableSchema:
         features: dict[str, str] | list[tuple[str, str]],
         shards: int = 8,
         schema_id: int = 0,
+        ttl: dict[str, float] | None = None,
     ) -> TableSchema:
-        """Validate and build a schema from plain values; InvalidArgument names what is wrong."""
+        """Validate and build a schema from plain values; InvalidArgument names what is wrong.
+
+        ``ttl`` maps feature names to a time to live in seconds.
+        """
         if not isinstance(name, str) or not _NAME.match(name):
             raise InvalidArgument(
                 f"table name {name!r} is not valid: use letters, digits, '_', '.', '-', "
@@ -152,6 +158,15 @@ class TableSchema:
             except InvalidArgument as exc:
                 raise InvalidArgument(f"table {name!r}, feature {fname!r}: {exc}") from None
             out.append(Feature(fname, parsed))
+        for fname, seconds in (ttl or {}).items():
+            if fname not in seen:
+                raise UnknownFeature(f"table {name!r}: a TTL for {fname!r}, which is not a feature")
+            if not isinstance(seconds, (int, float)) or seconds < 0:
+                raise InvalidArgument(
+                    f"table {name!r}, feature {fname!r}: the TTL must be a number of seconds >= 0"
+                )
+            i = [f.name for f in out].index(fname)
+            out[i] = Feature(fname, out[i].dtype, float(seconds))
         return cls(name, key, tuple(out), shards, schema_id)
 
     def with_id(self, schema_id: int) -> TableSchema:
@@ -209,10 +224,23 @@ class TableSchema:
             "shards": self.shards,
             "schema_id": self.schema_id,
             "features": {f.name: f.dtype.name for f in self.features},
+            "ttl_s": {f.name: f.ttl_s for f in self.features if f.ttl_s},
         }
 
     @classmethod
     def from_json(cls, data: dict) -> TableSchema:
         return cls.build(
-            data["name"], data["key"], data["features"], data["shards"], data.get("schema_id", 0)
+            data["name"],
+            data["key"],
+            data["features"],
+            data["shards"],
+            data.get("schema_id", 0),
+            data.get("ttl_s"),
         )
+
+    @cached_property
+    def ttl_us(self) -> np.ndarray | None:
+        """TTL of every feature in µs (0 = none), or None when no feature has one."""
+        if not any(f.ttl_s for f in self.features):
+            return None
+        return np.array([int(f.ttl_s * 1e6) for f in self.features], dtype=np.int64)

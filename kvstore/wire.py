@@ -16,7 +16,9 @@ def schema_to_proto(schema: TableSchema) -> pb.TableSchema:
     return pb.TableSchema(
         name=schema.name,
         key_type=_KEY_TYPES[schema.key_type],
-        features=[pb.Feature(name=f.name, dtype=f.dtype.name) for f in schema.features],
+        features=[
+            pb.Feature(name=f.name, dtype=f.dtype.name, ttl_s=f.ttl_s) for f in schema.features
+        ],
         shards=schema.shards,
         schema_id=schema.schema_id,
     )
@@ -32,4 +34,5 @@ def schema_from_proto(msg: pb.TableSchema) -> TableSchema:
         [(f.name, f.dtype) for f in msg.features],
         shards=msg.shards or 8,
         schema_id=msg.schema_id,
+        ttl={f.name: f.ttl_s for f in msg.features if f.ttl_s},
     )

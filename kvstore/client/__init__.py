@@ -1,8 +1,15 @@
 """The Python clients: Client (blocking) and AsyncClient (asyncio), and GetResult."""
 
 from kvstore.client.aio import AsyncClient
-from kvstore.client.core import DEFAULT_TIMEOUT_S, TableInfo
+from kvstore.client.core import DEFAULT_TIMEOUT_S, TableInfo, VersionInfo
 from kvstore.client.result import GetResult
 from kvstore.client.sync import Client
 
-__all__ = ["DEFAULT_TIMEOUT_S", "AsyncClient", "Client", "GetResult", "TableInfo"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "AsyncClient",
+    "Client",
+    "GetResult",
+    "TableInfo",
+    "VersionInfo",
+]

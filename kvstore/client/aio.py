@@ -8,8 +8,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, NodeCall, Operations, TableInfo
+from kvstore.client.core import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TIMEOUT_S,
+    NodeCall,
+    Operations,
+    TableInfo,
+    VersionInfo,
+)
 from kvstore.client.result import GetResult
+from kvstore.client.stream import AsyncUpdateStream
 from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 
@@ -37,10 +45,13 @@ class AsyncClient:
         key: str = "int64",
         features: dict[str, str],
         shards: int = 8,
+        ttl: dict[str, float] | None = None,
         timeout: float | None = None,
     ) -> TableInfo:
         """See ``Client.create_table``."""
-        return await self._run(self._ops.create_table_flow(name, key, features, shards), timeout)
+        return await self._run(
+            self._ops.create_table_flow(name, key, features, shards, ttl), timeout
+        )
 
     async def describe_table(self, name: str, *, timeout: float | None = None) -> TableInfo:
         """See ``Client.describe_table``."""
@@ -64,10 +75,11 @@ class AsyncClient:
         keys: Any,
         features: list[str] | None = None,
         *,
+        version: int = 0,
         timeout: float | None = None,
     ) -> GetResult:
         """See ``Client.get``."""
-        return await self._run(self._ops.get_flow(table, keys, features), timeout)
+        return await self._run(self._ops.get_flow(table, keys, features, version), timeout)
 
     async def write(
         self,
@@ -76,14 +88,63 @@ class AsyncClient:
         *,
         key_column: str = "key",
         event_time: int | np.ndarray | None = None,
+        position: Any = None,
         timeout: float | None = None,
     ) -> int:
         """See ``Client.write``."""
-        return await self._run(self._ops.write_flow(table, data, key_column, event_time), timeout)
+        return await self._run(
+            self._ops.write_flow(table, data, key_column, event_time, position), timeout
+        )
 
-    async def delete(self, table: str, keys: Any, *, timeout: float | None = None) -> int:
+    async def delete(
+        self,
+        table: str,
+        keys: Any,
+        *,
+        event_time: int | None = None,
+        position: Any = None,
+        timeout: float | None = None,
+    ) -> int:
         """See ``Client.delete``."""
-        return await self._run(self._ops.delete_flow(table, keys), timeout)
+        return await self._run(self._ops.delete_flow(table, keys, event_time, position), timeout)
+
+    async def update(self, table: str, data: Any, **options: Any) -> int:
+        """See ``Client.update``."""
+        return await self.write(table, data, **options)
+
+    async def update_stream(
+        self, table: str, *, max_in_flight: int = 16, timeout: float | None = None
+    ) -> AsyncUpdateStream:
+        """See ``Client.update_stream``; ``await stream.send(...)``, ``async with``."""
+        schema = await self._run(self._ops.schema_flow(table), timeout)
+        return AsyncUpdateStream(self, table, schema, max_in_flight)
+
+    async def consumer_positions(
+        self, table: str, consumer: str, source: str, *, timeout: float | None = None
+    ) -> dict[int, int]:
+        """See ``Client.consumer_positions``."""
+        return await self._run(self._ops.positions_flow(table, consumer, source), timeout)
+
+    async def stats(self, *, timeout: float | None = None) -> dict:
+        """See ``Client.stats``."""
+        return await self._run(self._ops.stats_flow(), timeout)
+
+    async def versions(self, table: str, *, timeout: float | None = None) -> list[VersionInfo]:
+        """See ``Client.versions``."""
+        return await self._run(self._ops.versions_flow(table), timeout)
+
+    async def rollback(
+        self, table: str, to_version: int = 0, *, timeout: float | None = None
+    ) -> VersionInfo:
+        """See ``Client.rollback``."""
+        return await self._run(self._ops.rollback_flow(table, to_version), timeout)
+
+    async def load(self, table: str, source: str | list[str], **options: Any) -> Any:
+        """See ``Client.load`` (runs the loader in a worker thread)."""
+        from kvstore.ingest.bulk import load
+
+        options.setdefault("timeout", max(self._ops.timeout, 600.0))
+        return await asyncio.to_thread(load, self.address, table, source, **options)
 
     def _stub(self, address: str) -> pb_grpc.FeatureStoreStub:
         entry = self._channels.get(address)

@@ -28,7 +28,14 @@ from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.wire import schema_from_proto, schema_to_proto
 
-__all__ = ["DEFAULT_TIMEOUT_S", "NodeCall", "Operations", "TableInfo", "resolve_address"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "NodeCall",
+    "Operations",
+    "TableInfo",
+    "VersionInfo",
+    "resolve_address",
+]
 
 #: Deadline of every call unless the client or the call says otherwise, in seconds.
 DEFAULT_TIMEOUT_S = 5.0
@@ -57,6 +64,34 @@ class TableInfo:
     @classmethod
     def from_proto(cls, msg: pb.TableInfo) -> TableInfo:
         return cls(schema_from_proto(msg.schema), msg.version, msg.rows_estimate, msg.disk_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """A bulk version of a table. Times in µs since the epoch, sizes in bytes."""
+
+    version: int
+    label: str
+    snapshot_time_us: int
+    rows: int
+    bytes: int
+    created_at_us: int
+    current: bool
+
+    @classmethod
+    def from_proto(cls, msg: pb.VersionInfo) -> VersionInfo:
+        return cls(
+            msg.version,
+            msg.label,
+            msg.snapshot_time_us,
+            msg.rows,
+            msg.bytes,
+            msg.created_at_us,
+            msg.current,
+        )
+
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(slots=True)
@@ -121,12 +156,14 @@ class ClientCore:
     # -- get -------------------------------------------------------------------------
 
     def plan_get(
-        self, table: str, schema: TableSchema, keys: KeyBatch, features: list[str]
+        self, table: str, schema: TableSchema, keys: KeyBatch, features: list[str], version: int = 0
     ) -> list[NodeCall]:
         calls = []
         for address, positions in self._split(table, schema, keys):
             part = keys if positions is None else keys.take(positions)
-            request = pb.GetRequest(table=table, keys=part.to_proto(), features=features)
+            request = pb.GetRequest(
+                table=table, keys=part.to_proto(), features=features, version=version
+            )
             calls.append(NodeCall(address, "Get", request, positions))
         return calls
 
@@ -186,7 +223,13 @@ class ClientCore:
 
     # -- write / delete --------------------------------------------------------------
 
-    def plan_write(self, table: str, schema: TableSchema, rows: EncodedRows) -> list[NodeCall]:
+    def plan_write(
+        self,
+        table: str,
+        schema: TableSchema,
+        rows: EncodedRows,
+        position: pb.ConsumerPosition | None = None,
+    ) -> list[NodeCall]:
         calls = []
         for address, positions in self._split(table, schema, rows.keys):
             if positions is None:
@@ -205,15 +248,25 @@ class ClientCore:
                 rows=buf,
                 row_offsets=offsets.astype("<i8", copy=False).tobytes(),
                 features=rows.features,
+                position=position,
             )
             calls.append(NodeCall(address, "Write", request, positions))
         return calls
 
-    def plan_delete(self, table: str, schema: TableSchema, keys: KeyBatch) -> list[NodeCall]:
+    def plan_delete(
+        self,
+        table: str,
+        schema: TableSchema,
+        keys: KeyBatch,
+        event_time_us: int = 0,
+        position: pb.ConsumerPosition | None = None,
+    ) -> list[NodeCall]:
         calls = []
         for address, positions in self._split(table, schema, keys):
             part = keys if positions is None else keys.take(positions)
-            request = pb.DeleteRequest(table=table, keys=part.to_proto())
+            request = pb.DeleteRequest(
+                table=table, keys=part.to_proto(), event_time_us=event_time_us, position=position
+            )
             calls.append(NodeCall(address, "Delete", request, positions))
         return calls
 
@@ -263,8 +316,15 @@ class Operations(ClientCore):
             self.forget(table)
             raise
 
-    def create_table_flow(self, name: str, key: str, features: dict[str, str], shards: int) -> Flow:
-        schema = TableSchema.build(name, key, features, shards)
+    def create_table_flow(
+        self,
+        name: str,
+        key: str,
+        features: dict[str, str],
+        shards: int,
+        ttl: dict[str, float] | None = None,
+    ) -> Flow:
+        schema = TableSchema.build(name, key, features, shards, ttl=ttl)
         request = pb.CreateTableRequest(schema=schema_to_proto(schema))
         info = TableInfo.from_proto((yield from self._one("CreateTable", request)))
         self.schemas[name] = info.schema
@@ -295,11 +355,11 @@ class Operations(ClientCore):
             "tables": {t.table: list(t.owner) for t in cmap.tables},
         }
 
-    def get_flow(self, table: str, keys: Any, features: list[str] | None) -> Flow:
+    def get_flow(self, table: str, keys: Any, features: list[str] | None, version: int = 0) -> Flow:
         def body(schema: TableSchema) -> Flow:
             names, projection = check_features(schema, features)
             batch = KeyBatch.from_values(schema.key_type, keys, table)
-            calls = self.plan_get(table, schema, batch, names) if batch.count else []
+            calls = self.plan_get(table, schema, batch, names, version) if batch.count else []
             responses = (yield calls) if calls else []
             if not calls:
                 empty = np.empty(0, np.int64)
@@ -313,23 +373,93 @@ class Operations(ClientCore):
         return (yield from self._with_schema(table, body))
 
     def write_flow(
-        self, table: str, data: Any, key_column: str, event_time: int | np.ndarray | None
+        self,
+        table: str,
+        data: Any,
+        key_column: str,
+        event_time: int | np.ndarray | None,
+        position: Any = None,
     ) -> Flow:
+        pos = position_proto(position)
+
         def body(schema: TableSchema) -> Flow:
             rows = encode_rows(schema, data, key_column, event_time)
             if not len(rows):
                 return 0
-            responses = yield self.plan_write(table, schema, rows)
+            responses = yield self.plan_write(table, schema, rows, pos)
             return sum(r.rows_written for r in responses)
 
         return (yield from self._with_schema(table, body))
 
-    def delete_flow(self, table: str, keys: Any) -> Flow:
+    def delete_flow(
+        self, table: str, keys: Any, event_time: int | None = None, position: Any = None
+    ) -> Flow:
+        pos = position_proto(position)
+
         def body(schema: TableSchema) -> Flow:
             batch = KeyBatch.from_values(schema.key_type, keys, table)
             if not batch.count:
                 return 0
-            responses = yield self.plan_delete(table, schema, batch)
+            responses = yield self.plan_delete(table, schema, batch, event_time or 0, pos)
             return sum(r.keys_deleted for r in responses)
 
         return (yield from self._with_schema(table, body))
+
+    def positions_flow(self, table: str, consumer: str, source: str) -> Flow:
+        request = pb.ConsumerPositionsRequest(table=table, consumer=consumer, source=source)
+        response = yield from self._one("GetConsumerPositions", request)
+        return {p.partition: p.offset for p in response.positions}
+
+    def stats_flow(self) -> Flow:
+        response = yield from self._one("Stats", pb.StatsRequest())
+        return stats_json(response)
+
+    def versions_flow(self, table: str) -> Flow:
+        response = yield from self._one("ListVersions", pb.ListVersionsRequest(table=table))
+        return [VersionInfo.from_proto(v) for v in response.versions]
+
+    def rollback_flow(self, table: str, to_version: int) -> Flow:
+        request = pb.RollbackRequest(table=table, to_version=to_version)
+        return VersionInfo.from_proto((yield from self._one("Rollback", request)))
+
+
+def position_proto(position: Any) -> pb.ConsumerPosition | None:
+    """A stream consumer's position as the wire carries it.
+
+    ``position``: None, a ``(consumer, source, partition, offset)`` tuple, or a
+    ``ConsumerPosition`` message.
+    """
+    if position is None or isinstance(position, pb.ConsumerPosition):
+        return position
+    try:
+        consumer, source, partition, offset = position
+    except (TypeError, ValueError):
+        raise InvalidArgument(
+            f"position must be (consumer, source, partition, offset), not {position!r}"
+        ) from None
+    return pb.ConsumerPosition(
+        consumer=str(consumer), source=str(source), partition=int(partition), offset=int(offset)
+    )
+
+
+def stats_json(response: pb.StatsResponse) -> dict:
+    """The Stats response as plain values (times in µs)."""
+    return {
+        "uptime_s": response.uptime_s,
+        "now_us": response.now_us,
+        "tables": {
+            t.table: {
+                "version": t.version,
+                "rows_updated": t.rows_updated,
+                "keys_deleted": t.keys_deleted,
+                "keys_read": t.keys_read,
+                "newest_event_time_us": t.newest_event_time_us,
+                "newest_event_age_us": t.newest_event_age_us,
+                "lag_p50_us": t.lag_p50_us,
+                "lag_p99_us": t.lag_p99_us,
+                "lag_samples": t.lag_samples,
+                "delta_keys_estimate": t.delta_keys_estimate,
+            }
+            for t in response.tables
+        },
+    }

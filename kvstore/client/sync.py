@@ -7,8 +7,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, NodeCall, Operations, TableInfo
+from kvstore.client.core import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TIMEOUT_S,
+    NodeCall,
+    Operations,
+    TableInfo,
+    VersionInfo,
+)
 from kvstore.client.result import GetResult
+from kvstore.client.stream import UpdateStream
 from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 
@@ -42,14 +50,16 @@ class Client:
         key: str = "int64",
         features: dict[str, str],
         shards: int = 8,
+        ttl: dict[str, float] | None = None,
         timeout: float | None = None,
     ) -> TableInfo:
         """Create a table; ``features`` maps names to dtypes (``"float32[64]"`` …).
 
-        Creating the same definition again is a no-op; another definition under an
-        existing name raises ``AlreadyExists``.
+        ``ttl`` maps features to a time to live in seconds: an older value (by its
+        event time) reads as null at once. Creating the same definition again is a
+        no-op; another definition under an existing name raises ``AlreadyExists``.
         """
-        return self._run(self._ops.create_table_flow(name, key, features, shards), timeout)
+        return self._run(self._ops.create_table_flow(name, key, features, shards, ttl), timeout)
 
     def describe_table(self, name: str, *, timeout: float | None = None) -> TableInfo:
         """Schema, current version, estimated rows and bytes on disk of a table."""
@@ -75,14 +85,17 @@ class Client:
         keys: Any,
         features: list[str] | None = None,
         *,
+        version: int = 0,
         timeout: float | None = None,
     ) -> GetResult:
         """Look up a batch of keys; ``features=None`` means all.
 
         Results come in request order (a repeated key is answered at each of its
         positions); a missing key is ``found[i] == False``, never an error.
+        ``version`` pins a kept bulk version (default: the current one); the
+        result's ``version`` says which answered.
         """
-        return self._run(self._ops.get_flow(table, keys, features), timeout)
+        return self._run(self._ops.get_flow(table, keys, features, version), timeout)
 
     def write(
         self,
@@ -91,20 +104,84 @@ class Client:
         *,
         key_column: str = "key",
         event_time: int | np.ndarray | None = None,
+        position: Any = None,
         timeout: float | None = None,
     ) -> int:
-        """Upsert rows; returns how many. Features not in ``data`` keep their values.
+        """Upsert full or partial rows; returns how many. Durable when it returns.
 
         ``data``: a dict of columns (lists or NumPy arrays), a ``pyarrow.Table`` or
-        ``RecordBatch``, a pandas DataFrame or a list of row dicts. ``event_time`` in
-        µs since the epoch, one value or one per row (default now). Within one call,
-        a later row for the same key wins.
+        ``RecordBatch``, a pandas DataFrame or a list of row dicts. The columns given
+        are the features set; the others keep their values. ``event_time``: µs since
+        the epoch, one value or one per row (default: now). Per key and feature the
+        newest event time wins, so a duplicated or reordered update changes nothing
+        (with equal times, the later write wins). ``position``: a stream consumer's
+        ``(consumer, source, partition, offset)``, stored atomically with the rows.
         """
-        return self._run(self._ops.write_flow(table, data, key_column, event_time), timeout)
+        return self._run(
+            self._ops.write_flow(table, data, key_column, event_time, position), timeout
+        )
 
-    def delete(self, table: str, keys: Any, *, timeout: float | None = None) -> int:
-        """Delete a batch of keys (missing ones are fine); returns how many were named."""
-        return self._run(self._ops.delete_flow(table, keys), timeout)
+    def delete(
+        self,
+        table: str,
+        keys: Any,
+        *,
+        event_time: int | None = None,
+        position: Any = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Delete keys (missing ones are fine); returns how many were named.
+
+        A delete at ``event_time`` (µs, default now) hides every older value of the
+        key, bulk-loaded or written; later writes show again.
+        """
+        return self._run(self._ops.delete_flow(table, keys, event_time, position), timeout)
+
+    def update(self, table: str, data: Any, **options: Any) -> int:
+        """Streaming-style partial update; the same as ``write`` (kept for readability)."""
+        return self.write(table, data, **options)
+
+    def update_stream(
+        self, table: str, *, max_in_flight: int = 16, timeout: float | None = None
+    ) -> UpdateStream:
+        """A client-streaming update channel: ``send()`` batches, one ack per batch.
+
+        At most ``max_in_flight`` batches wait for their acknowledgement; ``send``
+        blocks beyond that (flow control). Use as a context manager; ``flush()``
+        waits until every batch sent is durable.
+        """
+        schema = self._run(self._ops.schema_flow(table), timeout)
+        return UpdateStream(self, table, schema, max_in_flight)
+
+    def consumer_positions(
+        self, table: str, consumer: str, source: str, *, timeout: float | None = None
+    ) -> dict[int, int]:
+        """Partition → offset of the last message a stream consumer applied everywhere."""
+        return self._run(self._ops.positions_flow(table, consumer, source), timeout)
+
+    def stats(self, *, timeout: float | None = None) -> dict:
+        """Per-table activity and freshness of the node (times in µs); see ``kvstore status``."""
+        return self._run(self._ops.stats_flow(), timeout)
+
+    def versions(self, table: str, *, timeout: float | None = None) -> list[VersionInfo]:
+        """The kept bulk versions of a table, oldest first (``current`` marks the one read)."""
+        return self._run(self._ops.versions_flow(table), timeout)
+
+    def rollback(
+        self, table: str, to_version: int = 0, *, timeout: float | None = None
+    ) -> VersionInfo:
+        """Make a kept version current again: ``to_version``, or the one before current."""
+        return self._run(self._ops.rollback_flow(table, to_version), timeout)
+
+    def load(self, table: str, source: str | list[str], **options: Any) -> Any:
+        """Bulk-load Parquet / Arrow IPC files as a new version; see ``kvstore.ingest.bulk.load``.
+
+        Returns its LoadSummary (rows, bytes, seconds, version).
+        """
+        from kvstore.ingest.bulk import load
+
+        options.setdefault("timeout", max(self._ops.timeout, 600.0))
+        return load(self.address, table, source, **options)
 
     # -- plumbing --------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ interleaved with another request.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import struct
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import rocksdict
@@ -29,7 +31,7 @@ from kvstore.errors import (
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.storage.catalog import Catalog
-from kvstore.storage.shard import Shard, rocksdb_options
+from kvstore.storage.shard import SYSTEM_PREFIX, Shard, rocksdb_options
 from kvstore.storage.table import Table, VersionMeta
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,65 @@ class GetAnswer:
     order: np.ndarray | None  # int32, None = request order
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A stream consumer's offset in one partition of its source."""
+
+    consumer: str
+    source: str
+    partition: int
+    offset: int
+
+    def key_prefix(self) -> bytes:
+        return position_prefix(self.consumer, self.source)
+
+    def key(self) -> bytes:
+        return self.key_prefix() + struct.pack(">I", self.partition)
+
+
+def position_prefix(consumer: str, source: str) -> bytes:
+    return SYSTEM_PREFIX + b"pos\x00" + consumer.encode() + b"\x00" + source.encode() + b"\x00"
+
+
+LAG_SAMPLES = 4096
+
+
+@dataclass
+class TableStats:
+    """Activity and freshness of one table since the node started. Times in µs."""
+
+    rows_updated: int = 0
+    keys_deleted: int = 0
+    keys_read: int = 0
+    newest_event_time_us: int = 0
+    lags_us: np.ndarray = field(default_factory=lambda: np.zeros(LAG_SAMPLES, np.int64))
+    lag_count: int = 0
+
+    def record_updates(self, event_times: np.ndarray, applied_us: int) -> None:
+        """Record that updates with these event times became readable at ``applied_us``."""
+        self.rows_updated += len(event_times)
+        newest = int(event_times.max())
+        self.newest_event_time_us = max(self.newest_event_time_us, newest)
+        lags = applied_us - event_times[-LAG_SAMPLES:]
+        start = self.lag_count % LAG_SAMPLES
+        end = start + len(lags)
+        if end <= LAG_SAMPLES:
+            self.lags_us[start:end] = lags
+        else:
+            split = LAG_SAMPLES - start
+            self.lags_us[start:] = lags[:split]
+            self.lags_us[: end - LAG_SAMPLES] = lags[split:]
+        self.lag_count += len(lags)
+
+    def lag_percentiles(self) -> tuple[float, float, int]:
+        """(p50, p99, samples) of the update lag over the last updates, µs."""
+        n = min(self.lag_count, LAG_SAMPLES)
+        if not n:
+            return 0.0, 0.0, 0
+        p50, p99 = np.percentile(self.lags_us[:n], [50, 99])
+        return float(p50), float(p99), n
+
+
 class Node:
     """The tables of one storage node and the requests that touch them."""
 
@@ -62,6 +123,8 @@ class Node:
         self._write_options = rocksdict.WriteOptions()
         self._write_options.sync = config.sync_writes
         self.catalog: Catalog | None = None
+        self.stats: dict[str, TableStats] = {}
+        self.started = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -129,6 +192,7 @@ class Node:
         assert self.catalog is not None
         self.catalog.remove(name)
         del self.tables[name]
+        self.stats.pop(name, None)
         table.destroy()
         logger.info("dropped table %r", name)
 
@@ -268,7 +332,9 @@ class Node:
             delta_rows = shards[s].multi_get(shard_keys)
             base_rows = base[s].multi_get(shard_keys) if base else [None] * len(shard_keys)
             try:
-                values.extend(_codec.overlay(layout, base_rows, delta_rows, snapshot, now, None))
+                values.extend(
+                    _codec.overlay(layout, base_rows, delta_rows, snapshot, now, schema.ttl_us)
+                )
             except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
                 position = done + exc.index
                 position = int(order[position]) if order is not None else position
@@ -280,7 +346,14 @@ class Node:
                 raise CorruptValue(message) from None
             done += len(shard_keys)
         block, lengths = _codec.join_values(values)
+        self.table_stats(name).keys_read += n
         return GetAnswer(schema.schema_id, version, block, lengths, order)
+
+    def table_stats(self, name: str) -> TableStats:
+        stats = self.stats.get(name)
+        if stats is None:
+            stats = self.stats[name] = TableStats()
+        return stats
 
     def write(
         self,
@@ -290,11 +363,14 @@ class Node:
         rows: bytes,
         row_offsets: np.ndarray,
         features: list[str],
+        position: Position | None = None,
     ) -> int:
         """Apply full or partial rows to the delta; per feature the newest event time wins.
 
         ``features`` names the features the rows set (empty = all); the others keep
-        their values. Each row's event time is its header's.
+        their values. Each row's event time is its header's; 0 means the node's clock,
+        and a time more than ``max_clock_skew_s`` ahead of it is refused. A
+        ``position`` is stored in every shard's write, atomically with the rows.
         """
         table = self.table(name)
         schema = table.schema
@@ -321,6 +397,7 @@ class Node:
                 f"table {name!r}, row {index} (key {keys.describe(index)}): not a valid "
                 f"encoded row ({reason})"
             )
+        rows, event_times = self._event_times(name, keys, rows, row_offsets)
         present = np.ones(len(schema.features), np.uint8)
         if features:
             present[:] = 0
@@ -330,7 +407,7 @@ class Node:
         shard_ids = keys.shard_ids(len(table.delta)).tolist()
         for positions in _rounds(encoded):
             if positions is None:
-                self._apply(table, keys, encoded, shard_ids, rows, row_offsets, present)
+                self._apply(table, keys, encoded, shard_ids, rows, row_offsets, present, position)
             else:
                 parts = _codec.split_rows(rows, row_offsets)
                 sub = [parts[i] for i in positions]
@@ -344,8 +421,36 @@ class Node:
                     b"".join(sub),
                     offsets,
                     present,
+                    position,
                 )
+        self.table_stats(name).record_updates(event_times, now_us())
         return n
+
+    def _event_times(
+        self, name: str, keys: KeyBatch, rows: bytes, row_offsets: np.ndarray
+    ) -> tuple[bytes, np.ndarray]:
+        """The rows' event times (µs); a 0 becomes the node's clock (rows rewritten)."""
+        raw = np.frombuffer(rows, np.uint8)
+        at = row_offsets[:-1, None] + 5 + np.arange(8)
+        times = np.ascontiguousarray(raw[at]).view("<i8").ravel().copy()
+        now = now_us()
+        missing = times == 0
+        if missing.any():
+            fixed = bytearray(rows)
+            view = np.frombuffer(fixed, np.uint8)
+            view[at[missing]] = np.frombuffer(np.int64(now).astype("<i8").tobytes(), np.uint8)
+            rows = bytes(fixed)
+            times[missing] = now
+        limit = now + int(self.config.max_clock_skew_s * 1e6)
+        ahead = np.flatnonzero(times > limit)
+        if len(ahead):
+            i = int(ahead[0])
+            raise InvalidArgument(
+                f"table {name!r}, row {i} (key {keys.describe(i)}): event time {times[i]} µs "
+                f"is {(times[i] - now) / 1e6:.0f} s ahead of the node's clock; the limit is "
+                f"{self.config.max_clock_skew_s:.0f} s (max_clock_skew_s)"
+            )
+        return rows, times
 
     def _apply(
         self,
@@ -356,6 +461,7 @@ class Node:
         rows: bytes,
         row_offsets: np.ndarray,
         present: np.ndarray,
+        position: Position | None,
     ) -> None:
         """delta_apply over distinct keys: read the delta rows, merge, write per shard."""
         groups = self._group(table.delta, shard_ids)
@@ -379,10 +485,46 @@ class Node:
                 # A write of every feature needs nothing from the old row: replace it.
                 logger.warning("%s: replacing a corrupt stored value (%s)", where, exc)
                 old_rows[exc.index] = None
-        for shard, positions in groups:
-            shard.write([(encoded[i], new_rows[i]) for i in positions], (), self._write_options)
+        self._write_groups(table, groups, encoded, new_rows, position)
 
-    def delete(self, name: str, keys: KeyBatch, event_time_us: int = 0) -> int:
+    def _write_groups(
+        self,
+        table: Table,
+        groups: list[tuple[Shard, list[int]]],
+        encoded: list[bytes],
+        new_rows: list[bytes],
+        position: Position | None,
+    ) -> None:
+        """One WriteBatch per shard; with a position, every shard of the table records it."""
+        extra = [] if position is None else [(position.key(), struct.pack("<q", position.offset))]
+        touched = set()
+        for shard, positions in groups:
+            shard.write(
+                [(encoded[i], new_rows[i]) for i in positions] + extra, (), self._write_options
+            )
+            touched.add(shard.index)
+        if extra:
+            for shard in table.delta:
+                if shard.index not in touched:
+                    shard.write(extra, (), self._write_options)
+
+    def consumer_positions(self, name: str, consumer: str, source: str) -> dict[int, int]:
+        """Partition → the offset every shard of the table has applied (the minimum)."""
+        table = self.table(name)
+        prefix = position_prefix(consumer, source)
+        per_shard: list[dict[int, int]] = []
+        for shard in table.delta:
+            found = {}
+            for key, value in shard.prefix_items(prefix):
+                (partition,) = struct.unpack(">I", key[len(prefix) :])
+                (found[partition],) = struct.unpack("<q", value)
+            per_shard.append(found)
+        partitions = set().union(*per_shard) if per_shard else set()
+        return {p: min(found.get(p, -1) for found in per_shard) for p in sorted(partitions)}
+
+    def delete(
+        self, name: str, keys: KeyBatch, event_time_us: int = 0, position: Position | None = None
+    ) -> int:
         """Tombstone ``keys`` at ``event_time_us`` (default now); returns how many were named.
 
         The delete hides every value older than it, in the delta and in the base.
@@ -407,8 +549,8 @@ class Node:
                     f"table {name!r}, shard {sub_ids[exc.index]}: the stored delta value of a "
                     f"deleted key is corrupt ({exc})"
                 ) from None
-            for shard, group in groups:
-                shard.write([(sub_keys[i], new_rows[i]) for i in group], (), self._write_options)
+            self._write_groups(table, groups, sub_keys, new_rows, position)
+        self.table_stats(name).keys_deleted += keys.count
         return keys.count
 
     @staticmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,10 +15,11 @@ import grpc
 import numpy as np
 
 from kvstore import _codec
+from kvstore.columns import now_us
 from kvstore.errors import ERROR_TYPE_KEY, KvstoreError
 from kvstore.keys import KeyBatch
 from kvstore.server.loads import LoadManager
-from kvstore.server.node import Node
+from kvstore.server.node import Node, Position
 from kvstore.storage.table import Table, VersionMeta
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
@@ -96,26 +98,90 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             order=b"" if answer.order is None else answer.order.astype("<i4").tobytes(),
         )
 
-    @_translate_errors
-    async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
+    def _write(self, request: pb.WriteRequest) -> int:
         table = self.node.table(request.table)
         keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
-        offsets = np.frombuffer(request.row_offsets, dtype="<i8")
-        written = self.node.write(
+        return self.node.write(
             request.table,
             request.schema_id,
             keys,
             request.rows,
-            offsets,
+            np.frombuffer(request.row_offsets, dtype="<i8"),
             list(request.features),
+            _position(request),
         )
-        return pb.WriteResponse(rows_written=written)
+
+    @_translate_errors
+    async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
+        return pb.WriteResponse(rows_written=self._write(request))
+
+    async def UpdateStream(self, request_iterator: Any, context: Any) -> Any:
+        """One ack per request, in order, once it is durable; an error ends the stream
+        (the acks before it stand)."""
+        seq = 0
+        try:
+            async for request in request_iterator:
+                seq += 1
+                written = self._write(request)
+                yield pb.WriteAck(seq=seq, rows_written=written)
+        except KvstoreError as exc:
+            await context.abort(
+                exc.code,
+                f"update {seq} of the stream: {exc}",
+                ((ERROR_TYPE_KEY, type(exc).__name__),),
+            )
+        except Exception as exc:
+            logger.exception("UpdateStream failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     @_translate_errors
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
         table = self.node.table(request.table)
         keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
-        return pb.DeleteResponse(keys_deleted=self.node.delete(request.table, keys))
+        deleted = self.node.delete(request.table, keys, request.event_time_us, _position(request))
+        return pb.DeleteResponse(keys_deleted=deleted)
+
+    @_translate_errors
+    async def GetConsumerPositions(
+        self, request: pb.ConsumerPositionsRequest, context: Any
+    ) -> pb.ConsumerPositionsResponse:
+        found = self.node.consumer_positions(request.table, request.consumer, request.source)
+        return pb.ConsumerPositionsResponse(
+            positions=[
+                pb.ConsumerPosition(
+                    consumer=request.consumer, source=request.source, partition=p, offset=o
+                )
+                for p, o in found.items()
+            ]
+        )
+
+    @_translate_errors
+    async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
+        now = now_us()
+        tables = []
+        for name in sorted(self.node.tables):
+            table = self.node.tables[name]
+            stats = self.node.table_stats(name)
+            p50, p99, samples = stats.lag_percentiles()
+            newest = stats.newest_event_time_us
+            tables.append(
+                pb.TableStats(
+                    table=name,
+                    version=table.current,
+                    rows_updated=stats.rows_updated,
+                    keys_deleted=stats.keys_deleted,
+                    keys_read=stats.keys_read,
+                    newest_event_time_us=newest,
+                    newest_event_age_us=now - newest if newest else 0,
+                    lag_p50_us=p50,
+                    lag_p99_us=p99,
+                    lag_samples=samples,
+                    delta_keys_estimate=sum(s.estimate_keys() for s in table.delta),
+                )
+            )
+        return pb.StatsResponse(
+            uptime_s=time.monotonic() - self.node.started, tables=tables, now_us=now
+        )
 
     @_translate_errors
     async def GetClusterMap(self, request: pb.GetClusterMapRequest, context: Any) -> pb.ClusterMap:
@@ -185,6 +251,13 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.VersionInfo:
         meta = self.node.rollback(request.table, request.to_version)
         return _version_info(meta, self.node.table(request.table).current)
+
+
+def _position(request: pb.WriteRequest | pb.DeleteRequest) -> Position | None:
+    if not request.HasField("position"):
+        return None
+    p = request.position
+    return Position(p.consumer, p.source, p.partition, p.offset)
 
 
 def _version_info(meta: VersionMeta, current: int) -> pb.VersionInfo:

@@ -15,7 +15,13 @@ import rocksdict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Shard", "rocksdb_options"]
+SYSTEM_PREFIX = b"\xff\xfe"
+
+__all__ = ["SYSTEM_PREFIX", "Shard", "rocksdb_options"]
+
+#: Keys the node keeps for itself (consumer positions) start with these two bytes:
+#: 0xFF never occurs in UTF-8, and they are longer than the 8 bytes of an int64 key,
+#: so no row key can be one.
 
 
 def rocksdb_options(cache: rocksdict.Cache, bloom_bits_per_key: float = 10.0) -> rocksdict.Options:
@@ -71,10 +77,13 @@ class Shard:
             self._db.write(batch, options)
 
     def scan(self, chunk: int = 4096) -> Iterator[tuple[list[bytes], list[bytes]]]:
-        """Every key and value in key order, ``chunk`` at a time."""
+        """Every row key and value in key order, ``chunk`` at a time (not the
+        node's own bookkeeping keys, see SYSTEM_PREFIX)."""
         keys: list[bytes] = []
         values: list[bytes] = []
         for key, value in self._db.items():
+            if key.startswith(SYSTEM_PREFIX) and len(key) != 8:
+                continue
             keys.append(key)
             values.append(value)
             if len(keys) >= chunk:
@@ -82,6 +91,13 @@ class Shard:
                 keys, values = [], []
         if keys:
             yield keys, values
+
+    def prefix_items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Keys starting with ``prefix`` and their values, in key order."""
+        for key, value in self._db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            yield key, value
 
     def ingest(self, paths: list[str], options: rocksdict.IngestExternalFileOptions) -> None:
         """Ingest sorted SST files built by SstFileWriter (moved in, not copied)."""
