@@ -38,7 +38,7 @@ def test_reordered_and_duplicated_updates_converge(client: Client, table: str) -
         value = {"a": n, "b": f"s{n}", "c": float(n)}[feature]
         updates.append((key, feature, value, base + n))
     expected: dict[int, dict] = {}
-    for key, feature, value, t in updates:  # in event-time order: the truth
+    for key, feature, value, _t in updates:  # in event-time order: the truth
         expected.setdefault(key, {})[feature] = value
     shuffled = updates + rng.sample(updates, 100)  # duplicates
     rng.shuffle(shuffled)
@@ -181,7 +181,12 @@ def test_acknowledged_updates_survive_kill_9(start_node) -> None:
         stop = threading.Event()
         progress = {"acked": 0}
 
-        def produce(address: str = node.address, start: int = acked) -> None:
+        def produce(
+            address: str = node.address,
+            start: int = acked,
+            stop: threading.Event = stop,
+            progress: dict = progress,
+        ) -> None:
             c = Client(address, timeout=5)
             try:
                 with c.update_stream("durable", max_in_flight=4) as stream:
