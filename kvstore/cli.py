@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         command(
             "write",
             "Upsert rows from JSON lines or CSV (a file, or - for stdin). Features left out of "
-            "the input keep their stored values. In CSV, list and embedding values are JSON "
-            "arrays and bytes are base64.",
+            "the input keep their stored values. Bytes values are base64 (as 'get' prints "
+            "them); in CSV, list and embedding values are JSON arrays.",
             'kvstore write user_features rows.jsonl   # {"key": 1, "ctr_7d": 0.1}',
         )
     )
@@ -384,7 +384,11 @@ def _cmd_write(args: argparse.Namespace) -> int:
         schema = client.describe_table(args.table).schema
         stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
         try:
-            reader = _read_csv(stream, schema) if fmt == "csv" else _read_jsonl(stream)
+            reader = (
+                _read_csv(stream, schema, args.key_column)
+                if fmt == "csv"
+                else _read_jsonl(stream, schema)
+            )
             for first_line, rows in _batches(reader, args.batch_size):
                 try:
                     total += client.write(args.table, rows, key_column=args.key_column)
@@ -561,7 +565,9 @@ def _float32(value: float | None) -> float | None:
     return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
 
 
-def _read_jsonl(stream: TextIO) -> Iterator[tuple[int, dict]]:
+def _read_jsonl(stream: TextIO, schema: Any) -> Iterator[tuple[int, dict]]:
+    # bytes features travel as base64 text, as `kvstore get` prints them.
+    binary = [f.name for f in schema.features if f.dtype.name == "bytes"]
     for line_no, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -571,18 +577,34 @@ def _read_jsonl(stream: TextIO) -> Iterator[tuple[int, dict]]:
             raise ValueError(f"line {line_no}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise ValueError(f"line {line_no}: expected a JSON object, got {type(row).__name__}")
+        for name in binary:
+            value = row.get(name)
+            if isinstance(value, str):
+                try:
+                    row[name] = base64.b64decode(value, validate=True)
+                except ValueError:
+                    raise ValueError(
+                        f"line {line_no}, column {name!r} (bytes): {value[:40]!r} is not base64"
+                    ) from None
         yield line_no, row
 
 
-def _read_csv(stream: TextIO, schema: Any) -> Iterator[tuple[int, dict]]:
+def _read_csv(stream: TextIO, schema: Any, key_column: str) -> Iterator[tuple[int, dict]]:
     dtypes = {f.name: f.dtype.name for f in schema.features}
     reader = csv.DictReader(stream)
-    for line_no, raw in enumerate(reader, 2):
+    reader.fieldnames  # noqa: B018 - reads the header, so line_num counts from it
+    while True:
+        line_no = reader.line_num + 1  # where the next record starts in the file
+        try:
+            raw = next(reader)
+        except StopIteration:
+            return
         row: dict[str, Any] = {}
         for name, text in raw.items():
             if name is None:
                 raise ValueError(f"line {line_no}: more fields than header columns")
-            row[name] = _csv_value(text, dtypes.get(name), schema.key_type, name, line_no)
+            dtype = "key" if name == key_column else dtypes.get(name)
+            row[name] = _csv_value(text, dtype, schema.key_type, name, line_no)
         yield line_no, row
 
 
@@ -590,8 +612,10 @@ def _csv_value(text: str | None, dtype: str | None, key_type: str, name: str, li
     if text is None or text == "":
         return None
     try:
-        if dtype is None:  # the key column (or an unknown one, which the client names)
-            return int(text) if key_type == "int64" and name == "key" else text
+        if dtype is None:  # an unknown column: the client names it
+            return text
+        if dtype == "key":
+            return int(text) if key_type == "int64" else text
         if dtype == "bool":
             lowered = text.strip().lower()
             if lowered in ("true", "1", "yes"):

@@ -149,6 +149,10 @@ def from_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float | None) ->
         )
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"node {address} is unavailable: {details}")
+    if code == grpc.StatusCode.CANCELLED:
+        # The client never cancels its own calls, so the node did: it is shutting down
+        # (gRPC cancels calls it received but had not yet handed to a handler).
+        return Unavailable(f"node {address} cancelled the call (shutting down?): {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(
             f"node {address} did not answer within the deadline of {timeout_s} s"

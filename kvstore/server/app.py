@@ -47,8 +47,6 @@ class NodeServer:
 
     async def startup(self) -> None:
         cfg = self.config
-        self.node.open()
-        self.loads.open()
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
@@ -56,9 +54,18 @@ class NodeServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        # Bind before opening any database, so a taken port costs nothing to undo.
+        try:
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError as exc:
+            raise OSError(
+                f"cannot listen on {cfg.host}:{cfg.port}: the address is in use or not "
+                f"available ({exc}); pick another --port or --host"
+            ) from None
         if self.port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (address in use?)")
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: the address is in use")
+        self.node.open()
+        self.loads.open()
         address = cfg.advertise_address or f"{cfg.host}:{self.port}"
         pb_grpc.add_FeatureStoreServicer_to_server(
             FeatureStoreServicer(self.node, self.loads, address), server

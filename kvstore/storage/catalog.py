@@ -77,7 +77,8 @@ class Catalog:
             "tables": {n: e.to_json() for n, e in self.entries.items()},
         }
         with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True)
+            # No sort_keys: the order of a schema's features is the order of its rows.
+            json.dump(payload, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
