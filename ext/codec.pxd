@@ -22,7 +22,7 @@ cdef extern from *:
 cdef enum:
     ROW_FORMAT = 1          # the format byte of format 1
     ROW_HEADER_SIZE = 13    # format u8, schema id u32, event time i64
-    MAX_STR_KEY_SIZE = 1024 # bytes of UTF-8 in a string key
+    MAX_STR_KEY_SIZE = 1024  # bytes of UTF-8 in a string key
 
 
 # Feature kinds, the numbers stored in a schema (the KIND_* module constants).

@@ -1,7 +1,8 @@
 """The row codec: rows of docs/row-format.md to and from column buffers, keys, shards.
 
-Every per-row and per-feature loop is here, in C without the GIL; Python code hands
-over whole columns (numpy arrays, byte buffers) and gets whole columns back.
+Every per-row and per-feature loop is here, in C, without the GIL wherever it makes
+no Python object; Python code hands over whole columns (numpy arrays, byte buffers)
+and gets whole columns back.
 codec.pxd declares the layout struct and the inline row accessors; keys.pxi holds
 the key encoding, sharding and the row list helpers.
 """
@@ -153,6 +154,9 @@ cdef class Layout:
 
     def __init__(self, schema_id, kinds, dims):
         cdef Py_ssize_t f, n, kind, dim, width, offset, j
+        if self._arrays != NULL:
+            # Codec calls read the arrays without the GIL: they must never change.
+            raise TypeError("a Layout is immutable")
         cdef list kind_list = [operator.index(k) for k in kinds]
         cdef list dim_list = [operator.index(d) for d in dims]
         schema_id = operator.index(schema_id)
@@ -177,7 +181,6 @@ cdef class Layout:
         cdef char* block = <char*>PyMem_Calloc(6 * n * sizeof(Py_ssize_t) + n + 1, 1)
         if block == NULL:
             raise MemoryError()
-        PyMem_Free(self._arrays)
         self._arrays = block
         cdef RowLayout* c = &self.c
         c.dims = <Py_ssize_t*>block
@@ -320,9 +323,12 @@ cdef object _byte_buffer(object obj, str what):
     if isinstance(obj, (bytes, bytearray)):
         return obj
     try:
-        return memoryview(obj).cast("B")
+        view = memoryview(obj)
     except TypeError:
         raise TypeError(f"{what} must be a bytes-like object, got {type(obj).__name__}") from None
+    if not view.c_contiguous:
+        raise ValueError(f"{what} must be a contiguous buffer")
+    return view.cast("B")
 
 
 cdef inline const uint8_t* _bytes_ptr(const uint8_t[::1] view) noexcept nogil:
@@ -652,66 +658,91 @@ cdef struct DecColumn:
     uint8_t* valid              # n
 
 
-cdef void _decode_var_sizes(const RowLayout* c, const uint8_t* buf, const int64_t* starts,
-                            const int64_t* lengths, Py_ssize_t n, DecColumn* cols,
-                            Py_ssize_t n_cols) noexcept nogil:
-    cdef Py_ssize_t i, k
-    cdef DecColumn* col
+cdef void _decode_var_sizes(const RowLayout* c, const uint8_t** rows, Py_ssize_t n,
+                            DecColumn* col) noexcept nogil:
+    """The n + 1 offsets of a var column: the sizes of its values, missing and null empty."""
+    cdef Py_ssize_t i
     cdef const uint8_t* row
     cdef int64_t size
-    for k in range(n_cols):
-        if cols[k].width == 0:
-            cols[k].offsets[0] = 0
+    col.offsets[0] = 0
     for i in range(n):
-        row = buf + starts[i] if lengths[i] >= 0 else NULL
-        for k in range(n_cols):
-            col = &cols[k]
-            if col.width:
-                continue
-            size = 0
-            if row != NULL and not is_null(row, col.feature):
-                size = var_end(c, row, col.var_j) - var_start(c, row, col.var_j)
-            col.offsets[i + 1] = col.offsets[i] + size
+        row = rows[i]
+        size = 0
+        if row != NULL and not is_null(row, col.feature):
+            size = var_end(c, row, col.var_j) - var_start(c, row, col.var_j)
+        col.offsets[i + 1] = col.offsets[i] + size
 
 
-cdef void _decode_rows(const RowLayout* c, const uint8_t* buf, const int64_t* starts,
-                       const int64_t* lengths, Py_ssize_t n, DecColumn* cols,
-                       Py_ssize_t n_cols, int64_t* event_times) noexcept nogil:
-    cdef Py_ssize_t i, k, width
-    cdef DecColumn* col
+cdef inline void _decode_fixed_width(const uint8_t** rows, Py_ssize_t n, DecColumn* col,
+                                     Py_ssize_t width) noexcept nogil:
+    # Inlined with a constant width for the common sizes, so that each copy is a
+    # single load and store.
+    cdef Py_ssize_t i, offset = col.offset
+    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
+    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
     cdef const uint8_t* row
-    cdef uint8_t* dst
+    cdef uint8_t* dst = col.values
+    cdef uint8_t* valid = col.valid
+    for i in range(n):
+        row = rows[i]
+        if row != NULL and not (row[null_byte] & null_bit):
+            valid[i] = 1
+            memcpy(dst + i * width, row + offset, width)
+        else:
+            valid[i] = 0
+            memset(dst + i * width, 0, width)
+
+
+cdef void _decode_fixed(const uint8_t** rows, Py_ssize_t n, DecColumn* col) noexcept nogil:
+    """A fixed column: values (zero where missing or null) and its valid mask."""
+    cdef Py_ssize_t i
+    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
+    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
+    cdef const uint8_t* row
+    cdef bint ok
+    if col.kind == FEATURE_BOOL:
+        for i in range(n):
+            row = rows[i]
+            ok = row != NULL and not (row[null_byte] & null_bit)
+            col.valid[i] = ok
+            col.values[i] = ok and row[col.offset] != 0   # numpy bools must be 0 or 1
+    elif col.width == 4:
+        _decode_fixed_width(rows, n, col, 4)
+    elif col.width == 8:
+        _decode_fixed_width(rows, n, col, 8)
+    else:
+        _decode_fixed_width(rows, n, col, col.width)
+
+
+cdef void _decode_var(const RowLayout* c, const uint8_t** rows, Py_ssize_t n,
+                      DecColumn* col) noexcept nogil:
+    """A var column, its offsets already known: the data and the valid mask."""
+    cdef Py_ssize_t i
+    cdef const uint8_t* row
     cdef uint32_t start, end
-    cdef bint null
+    for i in range(n):
+        row = rows[i]
+        if row == NULL or is_null(row, col.feature):
+            col.valid[i] = 0
+            continue
+        col.valid[i] = 1
+        start = var_start(c, row, col.var_j)
+        end = var_end(c, row, col.var_j)
+        if end > start:
+            memcpy(col.values + col.offsets[i], row + c.min_row_size + start, end - start)
+
+
+cdef void _row_pointers(const uint8_t* buf, const int64_t* starts, const int64_t* lengths,
+                        Py_ssize_t n, const uint8_t** rows, int64_t* event_times) noexcept nogil:
+    """Where each row starts (NULL: missing) and its event time (0: missing)."""
+    cdef Py_ssize_t i
     for i in range(n):
         if lengths[i] < 0:
+            rows[i] = NULL
             event_times[i] = 0
-            for k in range(n_cols):
-                col = &cols[k]
-                col.valid[i] = 0
-                if col.width:
-                    zero_fixed(col.values + i * col.width, col.width)
-            continue
-        row = buf + starts[i]
-        event_times[i] = load_i64(row + 5)
-        for k in range(n_cols):
-            col = &cols[k]
-            null = is_null(row, col.feature)
-            col.valid[i] = not null
-            width = col.width
-            if width:
-                dst = col.values + i * width
-                if null:
-                    zero_fixed(dst, width)
-                elif col.kind == FEATURE_BOOL:
-                    dst[0] = row[col.offset] != 0
-                else:
-                    copy_fixed(dst, row + col.offset, width)
-            elif not null:
-                start = var_start(c, row, col.var_j)
-                end = var_end(c, row, col.var_j)
-                if end > start:
-                    memcpy(col.values + col.offsets[i], row + c.min_row_size + start, end - start)
+        else:
+            rows[i] = buf + starts[i]
+            event_times[i] = load_i64(rows[i] + 5)
 
 
 def decode_columns(Layout layout not None, projection, buf, starts, lengths):
@@ -741,21 +772,28 @@ def decode_columns(Layout layout not None, projection, buf, starts, lengths):
     cdef list features = [operator.index(f) for f in projection]
     cdef Py_ssize_t n_cols = len(features)
     cdef Py_ssize_t k, f, width
-    cdef bint any_var = False
+    cdef Py_ssize_t fixed_bytes = 0
     cdef uint8_t[::1] out_view
     cdef int64_t[::1] offsets_view
+    cdef uint8_t* fixed_base
+    cdef uint8_t* valid_base
     cdef DecColumn* col
-    cdef list arrays = [None] * n_cols     # the fixed values or var offsets of each column
-    cdef list valids = [None] * n_cols
-    cdef list datas = [None] * n_cols
+    cdef list positions = [None] * n_cols   # fixed: where the column's values start
+    cdef list var_offsets = [None] * n_cols
+    cdef list var_data = [None] * n_cols
     for k in range(n_cols):
         _check_projection_index(c, features[k])
     times = np.empty(n, dtype=_INT64)
     cdef int64_t[::1] times_view = times
     cdef DecColumn* cols = <DecColumn*>PyMem_Calloc(n_cols + 1, sizeof(DecColumn))
-    if cols == NULL:
+    cdef const uint8_t** rows = <const uint8_t**>PyMem_Malloc((n + 1) * sizeof(uint8_t*))
+    if cols == NULL or rows == NULL:
+        PyMem_Free(cols)
+        PyMem_Free(rows)
         raise MemoryError()
     try:
+        with nogil:
+            _row_pointers(base, starts_ptr, lengths_ptr, n, rows, &times_view[0] if n else NULL)
         for k in range(n_cols):
             f = features[k]
             col = &cols[k]
@@ -765,47 +803,61 @@ def decode_columns(Layout layout not None, projection, buf, starts, lengths):
             col.width = width
             col.offset = c.offsets[f]
             col.var_j = c.var_index[f]
-            valid = np.empty(n, dtype=_UINT8)
-            out_view = valid
-            col.valid = _out_ptr(out_view)
-            valids[k] = valid
             if width:
-                values = np.empty(n * width, dtype=_UINT8)
-                out_view = values
-                col.values = _out_ptr(out_view)
-                arrays[k] = values
+                positions[k] = fixed_bytes
+                fixed_bytes += (n * width + 63) & ~63   # each column 64-byte aligned
             else:
-                any_var = True
                 offsets = np.empty(n + 1, dtype=_INT64)
                 offsets_view = offsets
                 col.offsets = &offsets_view[0]
-                arrays[k] = offsets
-        if any_var:
-            with nogil:
-                _decode_var_sizes(c, base, starts_ptr, lengths_ptr, n, cols, n_cols)
-            for k in range(n_cols):
-                col = &cols[k]
-                if col.width == 0:
-                    values = np.empty(col.offsets[n], dtype=_UINT8)
-                    out_view = values
-                    col.values = _out_ptr(out_view)
-                    datas[k] = values
+                var_offsets[k] = offsets
+        # The valid masks of all columns share one allocation, and so do the fixed
+        # values: two numpy allocations per call rather than two per column, which
+        # dominate a call with many projected features. Each column is a view.
+        valid_block = np.empty(n_cols * n, dtype=_UINT8)
+        out_view = valid_block
+        valid_base = _out_ptr(out_view)
+        fixed_block = np.empty(fixed_bytes, dtype=_UINT8)
+        out_view = fixed_block
+        fixed_base = _out_ptr(out_view)
+        for k in range(n_cols):
+            cols[k].valid = valid_base + k * n if n else NULL
+            if cols[k].width:
+                cols[k].values = fixed_base + <Py_ssize_t>positions[k] if n else NULL
+        for k in range(n_cols):
+            col = &cols[k]
+            if col.width == 0:
+                with nogil:
+                    _decode_var_sizes(c, rows, n, col)
+                data_array = np.empty(col.offsets[n], dtype=_UINT8)
+                out_view = data_array
+                col.values = _out_ptr(out_view)
+                var_data[k] = data_array
+        # Column by column: each loop is short and specialised, and writes one
+        # output sequentially.
         with nogil:
-            _decode_rows(c, base, starts_ptr, lengths_ptr, n, cols, n_cols, &times_view[0]
-                         if n else NULL)
+            for k in range(n_cols):
+                if cols[k].width:
+                    _decode_fixed(rows, n, &cols[k])
+                else:
+                    _decode_var(c, rows, n, &cols[k])
     finally:
         PyMem_Free(cols)
+        PyMem_Free(rows)
 
     cdef list result = [None] * n_cols
+    cdef Py_ssize_t at
     for k in range(n_cols):
         f = features[k]
-        if datas[k] is not None:
-            result[k] = (arrays[k], datas[k], valids[k])
+        valid = valid_block[k * n : (k + 1) * n]
+        if var_data[k] is not None:
+            result[k] = (var_offsets[k], var_data[k], valid)
             continue
-        values = arrays[k].view(_FIXED_DTYPES[c.kinds[f]])
+        at = positions[k]
+        values = fixed_block[at : at + n * c.widths[f]].view(_FIXED_DTYPES[c.kinds[f]])
         if c.kinds[f] == FEATURE_FLOAT32_VECTOR:
             values = values.reshape(n, c.dims[f])
-        result[k] = (values, valids[k])
+        result[k] = (values, valid)
     return result, times
 
 

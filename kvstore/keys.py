@@ -138,6 +138,13 @@ class KeyBatch:
                 or (np.diff(offsets) < 0).any()
             ):
                 raise InvalidArgument(f"table {table!r}: malformed string key offsets")
+            sizes = np.diff(offsets)
+            if len(sizes) and sizes.max() > MAX_STRING_KEY_BYTES:
+                row = int(np.argmax(sizes > MAX_STRING_KEY_BYTES))
+                raise InvalidArgument(
+                    f"table {table!r}, key {row}: {sizes[row]} bytes, at most "
+                    f"{MAX_STRING_KEY_BYTES}"
+                )
             return cls("string", utf8=msg.utf8, offsets=offsets)
         if msg.count:
             raise InvalidArgument(f"table {table!r}: {msg.count} keys announced, none sent")
