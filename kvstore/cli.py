@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--port", type=int, default=None, help="port to listen on, 0 = any free one (default 7070)"
     )
+    p.add_argument(
+        "--fast-port",
+        type=int,
+        default=None,
+        help="port of the fast read path (Get over plain TCP); 0 = any free one (the "
+        "default; clients find it in the cluster map), -1 = off",
+    )
     p.add_argument("--data", type=Path, default=None, help="data directory (default ./var/kvstore)")
     p.add_argument("--demo", action="store_true", help="create the demo_users table on first start")
     p.add_argument(
@@ -294,6 +301,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = NodeConfig.from_env(
         host=args.host,
         port=args.port,
+        fast_port=args.fast_port,
         data_dir=args.data,
         demo=args.demo or None,
         block_cache_bytes=args.block_cache_mb and args.block_cache_mb << 20,

@@ -23,6 +23,9 @@ class NodeConfig:
     host: str = "127.0.0.1"
     #: 0 picks a free port (tests); the bound port is written to ``port_file`` if set.
     port: int = 7070
+    #: Port of the fast read path (Get over plain TCP, docs/fast-path.md): 0 = any free
+    #: one (clients learn it from the cluster map), -1 = off.
+    fast_port: int = 0
     data_dir: Path = Path("var/kvstore")
     #: Where bulk versions (the base) live: written once, then only read, so it can
     #: sit on cheap QLC flash. Default: ``<data_dir>/cold``.
@@ -59,6 +62,7 @@ class NodeConfig:
         env = {
             "KVSTORE_HOST": ("host", str),
             "KVSTORE_PORT": ("port", int),
+            "KVSTORE_FAST_PORT": ("fast_port", int),
             "KVSTORE_DATA": ("data_dir", Path),
             "KVSTORE_COLD_DIR": ("cold_dir", Path),
             "KVSTORE_KEEP_VERSIONS": ("keep_versions", int),

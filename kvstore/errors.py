@@ -132,6 +132,11 @@ _BY_CODE: dict[grpc.StatusCode, type[KvstoreError]] = {
 }
 
 
+def error_from_name(name: str, message: str) -> KvstoreError:
+    """The error of class ``name`` (as sent by a node), KvstoreError if unknown."""
+    return _BY_NAME.get(name, KvstoreError)(message)
+
+
 def from_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float | None) -> KvstoreError:
     """The kvstore error for a failed call to the node at ``address``."""
     code = exc.code()

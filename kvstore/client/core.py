@@ -112,12 +112,19 @@ class ClientCore:
         self.timeout = timeout
         self.schemas: dict[str, TableSchema] = {}
         self.nodes: list[str] = []
+        #: gRPC address → fast read path address, for nodes that serve one.
+        self.fast: dict[str, str] = {}
         self.owners: dict[str, np.ndarray] = {}
 
     # -- cluster map -----------------------------------------------------------------
 
     def apply_cluster_map(self, msg: pb.ClusterMap) -> None:
         self.nodes = [self._dial_address(n.address) for n in msg.nodes]
+        self.fast = {
+            self._dial_address(n.address): self._dial_address(n.fast_address)
+            for n in msg.nodes
+            if n.fast_address
+        }
         self.owners = {t.table: np.asarray(t.owner, dtype=np.int32) for t in msg.tables}
 
     def _dial_address(self, advertised: str) -> str:

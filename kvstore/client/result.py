@@ -58,6 +58,14 @@ class GetResult:
                 return feature, column
         raise KeyError(f"{name!r} is not among the requested features {self.features}")
 
+    def _complete_columns(self) -> list[bool]:
+        """Per column, whether every row is present and non-null (one NumPy pass)."""
+        if not self._columns:
+            return []
+        if len(self._columns) == 1:
+            return [bool(self._columns[0][-1].all())]
+        return np.stack([c[-1] for c in self._columns]).all(axis=1).tolist()
+
     def valid(self, feature: str) -> np.ndarray:
         """Bool array: True where the key was found and ``feature`` is not null."""
         return self._column(feature)[1][-1].astype(bool)
@@ -71,12 +79,13 @@ class GetResult:
         one Python object per value: prefer ``to_arrow()`` for them).
         """
         out: dict[str, np.ndarray] = {}
-        for feature, column in zip(self._features, self._columns, strict=True):
+        complete = self._complete_columns()
+        for feature, column, whole in zip(self._features, self._columns, complete, strict=True):
             kind = feature.dtype.kind
-            valid = column[-1].astype(bool)
+            valid = column[-1].view(np.bool_)
             if kind in (_codec.KIND_FLOAT32, _codec.KIND_FLOAT64, _codec.KIND_FLOAT32_VECTOR):
                 values = column[0]
-                if not valid.all():
+                if not whole:
                     values[~valid] = np.nan
                 out[feature.name] = values
             elif kind <= _codec.KIND_FLOAT64:

@@ -15,6 +15,7 @@ from kvstore.client.core import (
     TableInfo,
     VersionInfo,
 )
+from kvstore.client.fast import FastConnections
 from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
 from kvstore.errors import KvstoreError, from_rpc_error
@@ -28,14 +29,25 @@ class Client:
 
     ``Client("127.0.0.1:7070")``; the address defaults to ``$KVSTORE_ADDRESS``, then
     ``127.0.0.1:7070``. ``timeout`` is the deadline of every call in seconds (default
-    5 s); each call can override it. Connecting is lazy: an unreachable node is
+    5 s); each call can override it. ``transport="auto"`` sends ``get`` over a node's
+    fast read path (plain TCP, docs/fast-path.md) when it has one, everything else
+    over gRPC; ``"grpc"`` uses gRPC only. Connecting is lazy: an unreachable node is
     reported by the first call, as ``kvstore.Unavailable``, within its deadline.
     Thread-safe for concurrent calls.
     """
 
-    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        transport: str = "auto",
+    ) -> None:
+        if transport not in ("auto", "grpc"):
+            raise ValueError(f"transport must be 'auto' or 'grpc', not {transport!r}")
         self._ops = Operations(address, timeout)
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.FeatureStoreStub]] = {}
+        self._fast = FastConnections() if transport == "auto" else None
 
     @property
     def address(self) -> str:
@@ -194,6 +206,13 @@ class Client:
         return entry[1]
 
     def _send(self, calls: list[NodeCall], timeout: float) -> list[Any]:
+        fast = self._ops.fast
+        if (
+            self._fast is not None
+            and calls[0].method == "Get"
+            and all(c.address in fast for c in calls)
+        ):
+            return self._fast.get_many([(fast[c.address], c.request) for c in calls], timeout)
         if len(calls) == 1:
             call = calls[0]
             try:
@@ -233,6 +252,8 @@ class Client:
         for channel, _ in self._channels.values():
             channel.close()
         self._channels.clear()
+        if self._fast is not None:
+            self._fast.close()
 
     def __enter__(self) -> Client:
         return self

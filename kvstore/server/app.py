@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.config import NodeConfig
+from kvstore.server.fast import FastServer
 from kvstore.server.loads import LoadManager
 from kvstore.server.node import Node
 from kvstore.server.servicer import FeatureStoreServicer
@@ -39,6 +40,8 @@ class NodeServer:
         self.node = Node(config)
         self.loads = LoadManager(self.node)
         self._housekeeping: asyncio.Task | None = None
+        self._fast: FastServer | None = None
+        self.fast_port: int | None = None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -67,8 +70,21 @@ class NodeServer:
         self.node.open()
         self.loads.open()
         address = cfg.advertise_address or f"{cfg.host}:{self.port}"
+        fast_address = ""
+        if cfg.fast_port >= 0:
+            try:
+                self._fast = FastServer(self.node)
+                await self._fast.start(cfg.host, cfg.fast_port)
+            except OSError as exc:
+                self.node.close()
+                raise OSError(
+                    f"cannot listen on {cfg.host}:{cfg.fast_port} for the fast read path "
+                    f"({exc}); pick another --fast-port, or -1 to turn it off"
+                ) from None
+            self.fast_port = self._fast.port
+            fast_address = f"{address.rpartition(':')[0]}:{self.fast_port}"
         pb_grpc.add_FeatureStoreServicer_to_server(
-            FeatureStoreServicer(self.node, self.loads, address), server
+            FeatureStoreServicer(self.node, self.loads, address, fast_address), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -85,9 +101,10 @@ class NodeServer:
                 f.write(f"{self.port}\n")
             os.replace(tmp, cfg.port_file)
         logger.info(
-            "kvstore node serving on %s:%d, data in %s (%d tables)",
+            "kvstore node serving on %s:%d (fast read path: %s), data in %s (%d tables)",
             cfg.host,
             self.port,
+            fast_address or "off",
             cfg.data_dir,
             len(self.node.tables),
         )
@@ -108,6 +125,8 @@ class NodeServer:
         await self._health.enter_graceful_shutdown()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self._fast is not None:
+            self._fast.close()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s)
         for load_id in list(self.loads.loads):

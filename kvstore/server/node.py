@@ -27,6 +27,7 @@ from kvstore.errors import (
     RequestTooLarge,
     SchemaChanged,
     TableNotFound,
+    Unavailable,
 )
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
@@ -125,6 +126,7 @@ class Node:
         self.catalog: Catalog | None = None
         self.stats: dict[str, TableStats] = {}
         self.started = time.monotonic()
+        self.closed = False
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -152,6 +154,7 @@ class Node:
         )
 
     def close(self) -> None:
+        self.closed = True
         for table in self.tables.values():
             table.close()
         self.tables.clear()
@@ -167,6 +170,8 @@ class Node:
         try:
             return self.tables[name]
         except KeyError:
+            if self.closed:
+                raise Unavailable("the node is shutting down") from None
             known = ", ".join(sorted(self.tables)) or "(none)"
             raise TableNotFound(f"no table {name!r} on this node; tables: {known}") from None
 

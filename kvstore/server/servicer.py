@@ -27,7 +27,7 @@ from kvstore.wire import schema_from_proto, schema_to_proto
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureStoreServicer"]
+__all__ = ["FeatureStoreServicer", "get_response"]
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -50,6 +50,20 @@ def _translate_errors(method: Handler) -> Handler:
     return wrapper
 
 
+def get_response(node: Node, request: pb.GetRequest) -> pb.GetResponse:
+    """Answer a GetRequest: the one implementation behind gRPC Get and the fast path."""
+    table = node.table(request.table)
+    keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
+    answer = node.get(request.table, keys, list(request.features), request.version)
+    return pb.GetResponse(
+        schema_id=answer.schema_id,
+        version=answer.version,
+        values=answer.values,
+        lengths=answer.lengths.astype("<i4", copy=False).tobytes(),
+        order=b"" if answer.order is None else answer.order.astype("<i4").tobytes(),
+    )
+
+
 def _table_info(table: Table) -> pb.TableInfo:
     return pb.TableInfo(
         schema=schema_to_proto(table.schema),
@@ -60,10 +74,13 @@ def _table_info(table: Table) -> pb.TableInfo:
 
 
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
-    def __init__(self, node: Node, loads: LoadManager, advertise_address: str) -> None:
+    def __init__(
+        self, node: Node, loads: LoadManager, advertise_address: str, fast_address: str = ""
+    ) -> None:
         self.node = node
         self.loads = loads
         self.advertise_address = advertise_address
+        self.fast_address = fast_address
 
     @_translate_errors
     async def CreateTable(self, request: pb.CreateTableRequest, context: Any) -> pb.TableInfo:
@@ -87,16 +104,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @_translate_errors
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
-        table = self.node.table(request.table)
-        keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
-        answer = self.node.get(request.table, keys, list(request.features), request.version)
-        return pb.GetResponse(
-            schema_id=answer.schema_id,
-            version=answer.version,
-            values=answer.values,
-            lengths=answer.lengths.astype("<i4", copy=False).tobytes(),
-            order=b"" if answer.order is None else answer.order.astype("<i4").tobytes(),
-        )
+        return get_response(self.node, request)
 
     def _write(self, request: pb.WriteRequest) -> int:
         table = self.node.table(request.table)
@@ -186,7 +194,11 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     @_translate_errors
     async def GetClusterMap(self, request: pb.GetClusterMapRequest, context: Any) -> pb.ClusterMap:
         # One node owns every shard today; the client is already written against the map.
-        node = pb.NodeInfo(node_id=self.node.config.node_id, address=self.advertise_address)
+        node = pb.NodeInfo(
+            node_id=self.node.config.node_id,
+            address=self.advertise_address,
+            fast_address=self.fast_address,
+        )
         tables = [
             pb.TableShards(table=name, owner=[0] * t.schema.shards)
             for name, t in sorted(self.node.tables.items())

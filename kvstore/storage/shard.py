@@ -54,9 +54,10 @@ class Shard:
         self._db = rocksdict.Rdict(str(path), options, column_families={"default": options})
 
     def multi_get(self, keys: list[bytes]) -> list[bytes | None]:
-        """Values of ``keys`` (None where missing): one batched MultiGet, GIL released."""
-        if len(keys) == 1:
-            return [self._db.get(keys[0])]
+        """Values of ``keys`` (None where missing): one batched MultiGet, GIL released.
+
+        (Measured: point gets in a loop are no faster here for a dozen keys a shard.)
+        """
         return self._db[keys]
 
     def write(

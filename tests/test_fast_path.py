@@ -1,0 +1,107 @@
+"""The fast read path (Get over plain TCP) answers exactly as gRPC Get does."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import numpy as np
+import pytest
+
+import kvstore
+from kvstore import Client
+from kvstore.v1 import feature_store_pb2 as pb
+
+FEATURES = {"x": "float32", "s": "string", "v": "float32[3]", "l": "int64[]"}
+
+
+@pytest.fixture
+def table(client: Client, table_name: str) -> str:
+    client.create_table(table_name, key="int64", features=FEATURES, shards=4)
+    client.write(
+        table_name,
+        {
+            "key": np.arange(50),
+            "x": np.arange(50, dtype=np.float32),
+            "s": [f"s{i}" for i in range(50)],
+            "v": np.ones((50, 3), np.float32),
+            "l": [[i] * (i % 3) for i in range(50)],
+        },
+    )
+    return table_name
+
+
+def test_the_node_offers_a_fast_path_and_the_client_uses_it(client: Client, table: str) -> None:
+    cmap = client.cluster_map()
+    assert cmap["nodes"][0]["address"] in client._ops.fast
+    fast = Client(client.address)
+    grpc_only = Client(client.address, transport="grpc")
+    keys = [3, 99, 3, 0, 49, -5]
+    a = fast.get(table, keys).to_arrow()
+    b = grpc_only.get(table, keys).to_arrow()
+    assert a.equals(b)
+    assert a.column("s").to_pylist() == ["s3", None, "s3", "s0", "s49", None]
+    fast.close()
+    grpc_only.close()
+
+
+def test_node_errors_arrive_with_their_class_over_the_fast_path(client: Client, table: str) -> None:
+    with pytest.raises(kvstore.NotFound, match=f"table '{table}' has no version 7"):
+        client.get(table, [1], version=7)
+    other = Client(client.address)
+    other.get(table, [1])  # caches the schema and the route
+    client.drop_table(table)
+    with pytest.raises(kvstore.TableNotFound, match=f"no table '{table}'"):
+        other.get(table, [1])
+    other.close()
+
+
+def _fast_address(client: Client) -> tuple[str, int]:
+    client.cluster_map()
+    host, _, port = next(iter(client._ops.fast.values())).rpartition(":")
+    return host, int(port)
+
+
+def _read_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+    header = b""
+    while len(header) < 9:
+        header += sock.recv(9 - len(header))
+    length, request_id, status = struct.unpack("<IIB", header)
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return request_id, status, body
+
+
+def test_garbage_and_oversize_frames_get_an_error_and_the_node_serves_on(
+    client: Client, table: str
+) -> None:
+    with socket.create_connection(_fast_address(client), timeout=5) as sock:
+        sock.sendall(struct.pack("<II", 5, 77) + b"\xff\xff\xff\xff\xff")
+        request_id, status, body = _read_frame(sock)
+        assert (request_id, status) == (77, 1)
+        error = pb.FastError.FromString(body)
+        assert error.type == "InvalidArgument" and "not a GetRequest" in error.message
+        # The same connection keeps working after a bad request.
+        good = pb.GetRequest(
+            table=table, keys=pb.Keys(count=1, int64_le=np.array([4], "<i8").tobytes())
+        ).SerializeToString()
+        sock.sendall(struct.pack("<II", len(good), 78) + good)
+        request_id, status, body = _read_frame(sock)
+        assert (request_id, status) == (78, 0)
+        assert np.frombuffer(pb.GetResponse.FromString(body).lengths, "<i4")[0] > 0
+    with socket.create_connection(_fast_address(client), timeout=5) as sock:
+        sock.sendall(struct.pack("<II", 1 << 30, 1))
+        _, status, body = _read_frame(sock)
+        assert status == 1 and pb.FastError.FromString(body).type == "RequestTooLarge"
+        assert sock.recv(1) == b""  # closed
+    assert client.get(table, [4], ["x"]).to_pylist() == [{"key": 4, "x": 4.0}]
+
+
+def test_a_node_without_fast_path_is_read_over_grpc(start_node) -> None:
+    node = start_node("--fast-port", "-1")
+    with Client(node.address) as c:
+        c.create_table("plain", features={"x": "int32"}, shards=2)
+        c.write("plain", {"key": [1], "x": [5]})
+        assert c.get("plain", [1, 2]).to_pylist() == [{"key": 1, "x": 5}, None]
+        assert c._ops.fast == {}
