@@ -1,0 +1,603 @@
+"""The side-by-side benchmark: kvstore against Redis (packed rows and hashes), same run.
+
+    python -m loadtests.bench            # 1M rows, ~10 min on 2 cores
+    python -m loadtests.bench --quick    # 100k rows, fewer samples, ~1-2 min
+
+Starts a kvstore node and two redis-servers (one per Redis layout, so that each
+one's memory is its own) as subprocesses on 127.0.0.1, loads the same synthetic
+table into all three, then measures lookups of random existing keys, alternating
+between the systems round by round so that drift on the shared machine hits all of
+them equally: latency with one client, throughput at several concurrencies. Prints
+the tables and writes ``bench/results.json`` and ``bench/latency.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtests import report
+from loadtests.servers import (
+    KvstoreNode,
+    RedisServer,
+    dir_bytes,
+    machine_busy_seconds,
+    proc_cpu_seconds,
+    proc_rss_bytes,
+)
+from loadtests.systems import (
+    Chunk,
+    KeyPool,
+    KvstoreSystem,
+    RedisHashSystem,
+    RedisPackedSystem,
+    redis_key,
+)
+from loadtests.workers import CellRun, ClientProcesses, ClientThreads
+
+LOAD_CHUNK_ROWS = 20_000
+#: How many rows are checked to be identical in the three systems after the load.
+VERIFY_ROWS = 200
+#: After the load, wait (at most this long, s) for the servers' background work
+#: (RocksDB flushes and compactions) to settle before measuring.
+SETTLE_TIMEOUT_S = 180.0
+#: A server counts as idle below this CPU use, in cores, over SETTLE_SAMPLE_S.
+SETTLE_IDLE_CORES = 0.05
+SETTLE_SAMPLE_S = 1.0
+
+CONCURRENCY_MODELS = {
+    "processes": (
+        "client processes, one connection per system each. The load generator is Python "
+        "too (redis-py parses every reply in Python; gRPC and NumPy hold the GIL part of "
+        "the time): in one process, client threads convoy on the GIL, leave cores idle "
+        "and undercount every server (in a trial, 8 threads gave Redis less throughput "
+        "than 1). Processes let the client side use whatever CPU the server leaves; the "
+        "2 cores are shared by server and load generator, so compare the ratios."
+    ),
+    "threads": (
+        "client threads in this one process, one connection per system each. They share "
+        "one GIL: past a few threads the load generator, not the server, is the limit "
+        "(see the CPU table); use --clients processes for the servers' capacity."
+    ),
+}
+
+
+@dataclass
+class Settings:
+    """What to run. Times in seconds, sizes in rows/keys."""
+
+    rows: int = 1_000_000
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
+    concurrencies: list[int] = field(default_factory=lambda: [1, 8, 32])
+    seed: int = 20261123
+    #: Latency: rounds (each visits every batch size and system once) and, per visit,
+    #: at most ``latency_cell_samples`` lookups or ``latency_cell_s`` seconds.
+    latency_rounds: int = 5
+    latency_cell_samples: int = 2000
+    latency_cell_s: float = 2.0
+    #: Throughput: rounds; per visit, a warm-up then a measured window.
+    throughput_rounds: int = 3
+    throughput_warmup_s: float = 0.5
+    throughput_window_s: float = 2.5
+    #: Warm-up lookups per system and batch size before the latency rounds.
+    warmup_lookups: int = 200
+    warmup_s: float = 2.0
+    #: Random keys drawn per batch size; lookups cycle through them.
+    pool_keys: int = 200_000
+    #: Concurrent load: "processes" or "threads" (see CONCURRENCY_MODELS).
+    clients: str = "processes"
+    out_dir: Path = Path("bench")
+    quick: bool = False
+
+    @classmethod
+    def quick_settings(cls, **overrides: Any) -> Settings:
+        """Small and short: 100k rows, fewer samples (about 1-2 minutes in all)."""
+        s = cls(
+            rows=100_000,
+            latency_rounds=2,
+            latency_cell_samples=500,
+            latency_cell_s=0.4,
+            throughput_rounds=2,
+            throughput_warmup_s=0.2,
+            throughput_window_s=0.5,
+            warmup_lookups=50,
+            warmup_s=0.5,
+            pool_keys=50_000,
+            quick=True,
+        )
+        for key, value in overrides.items():
+            setattr(s, key, value)
+        return s
+
+
+# -- measurement --------------------------------------------------------------------
+
+
+def time_lookups(reader: Any, pool: KeyPool, cursor: int, count: int, seconds: float) -> list[int]:
+    """Lookups one after the other, at most ``count`` or ``seconds`` s; latencies in ns."""
+    samples: list[int] = []
+    deadline = time.perf_counter_ns() + int(seconds * 1e9)
+    n = len(pool)
+    for i in range(count):
+        j = (cursor + i) % n
+        keys, names = pool.ints[j], pool.names[j]
+        t0 = time.perf_counter_ns()
+        reader.lookup(keys, names)
+        t1 = time.perf_counter_ns()
+        samples.append(t1 - t0)
+        if t1 > deadline:
+            break
+    return samples
+
+
+def summarize_latency(samples_ns: list[int]) -> dict:
+    """p50, p99, mean and count of latencies given in ns; the figures in ms."""
+    ms = np.asarray(samples_ns, np.int64) / 1e6
+    return {
+        "count": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "max_ms": float(ms.max()),
+    }
+
+
+# -- phases -------------------------------------------------------------------------
+
+
+def load_all(systems: list[Any], s: Settings) -> dict:
+    """Load the same rows into every system, chunk by chunk, in turn; rows/s of each."""
+    spent = {sys_.name: 0.0 for sys_ in systems}
+    started = time.monotonic()
+    for lo in range(0, s.rows, LOAD_CHUNK_ROWS):
+        chunk = Chunk.generate(s.seed, lo, min(lo + LOAD_CHUNK_ROWS, s.rows))
+        for system in systems:
+            spent[system.name] += system.load(chunk)
+        done = min(lo + LOAD_CHUNK_ROWS, s.rows)
+        if done % (10 * LOAD_CHUNK_ROWS) == 0 or done == s.rows:
+            progress = ", ".join(f"{k} {done / v:,.0f} rows/s" for k, v in spent.items() if v)
+            print(
+                f"  loaded {done:,}/{s.rows:,} rows ({time.monotonic() - started:.0f} s): "
+                f"{progress}",
+                flush=True,
+            )
+    return {name: {"seconds": sec, "rows_per_s": s.rows / sec} for name, sec in spent.items()}
+
+
+def verify(systems: list[Any], s: Settings) -> None:
+    """Check that the three systems answer the same rows (and NaN for missing keys)."""
+    rng = np.random.default_rng(s.seed + 1)
+    keys = np.concatenate([rng.integers(0, s.rows, VERIFY_ROWS), [s.rows, s.rows + 7]])
+    names = [redis_key(k) for k in keys.tolist()]
+    expected = np.full((len(keys), 96), np.nan, np.float32)
+    for i, key in enumerate(keys[:VERIFY_ROWS].tolist()):
+        lo = key - key % LOAD_CHUNK_ROWS
+        chunk = Chunk.generate(s.seed, lo, min(lo + LOAD_CHUNK_ROWS, s.rows))
+        expected[i] = chunk.matrix()[key - lo]
+    for system in systems:
+        reader = system.reader()
+        try:
+            got = reader.as_matrix(reader.lookup(keys, names))
+        finally:
+            reader.close()
+        if not np.array_equal(got, expected, equal_nan=True):
+            bad = np.flatnonzero(~np.all((got == expected) | np.isnan(expected), axis=1))
+            raise AssertionError(f"{system.name} answers other values for keys {keys[bad][:5]}")
+    print(f"  verified: the three systems answer the same {len(keys)} rows", flush=True)
+
+
+def measure_latency(systems: list[Any], pools: dict[int, KeyPool], s: Settings) -> dict:
+    """Latency with one client, rounds alternating systems; per system and batch size.
+
+    Figures in ms; ``other_cpu_cores`` per round is the CPU (in cores) that other work
+    on the machine used meanwhile, beside this process and the servers.
+    """
+    readers = {system.name: system.reader() for system in systems}
+    ours = [os.getpid()] + [system.server_pid for system in systems]
+    other_cpu: list[float] = []
+    samples: dict[str, dict[int, list[int]]] = {n: {b: [] for b in pools} for n in readers}
+    rounds: dict[str, dict[int, list[float]]] = {n: {b: [] for b in pools} for n in readers}
+    cursors = dict.fromkeys(readers, 0)
+    try:
+        for pool in pools.values():  # warm-up: connections, caches, code paths
+            for reader in readers.values():
+                time_lookups(reader, pool, len(pool) // 2, s.warmup_lookups, s.warmup_s)
+        for r in range(s.latency_rounds):
+            cpu0, busy0, wall0 = _cpu_of(ours), machine_busy_seconds(), time.monotonic()
+            for b, pool in pools.items():
+                for name, reader in readers.items():
+                    got = time_lookups(
+                        reader, pool, cursors[name], s.latency_cell_samples, s.latency_cell_s
+                    )
+                    cursors[name] += len(got)
+                    samples[name][b].extend(got)
+                    rounds[name][b].append(float(np.median(got)) / 1e6)
+            wall = time.monotonic() - wall0
+            other = (machine_busy_seconds() - busy0 - (_cpu_of(ours) - cpu0)) / wall
+            other_cpu.append(max(0.0, other))
+            line = ", ".join(
+                f"{n} b={b} {rounds[n][b][-1]:.3f}"
+                for b in (1, 1000)
+                if b in pools
+                for n in readers
+            )
+            print(
+                f"  latency round {r + 1}/{s.latency_rounds} (p50 ms): {line}; "
+                f"other work on the machine: {other_cpu[-1]:.2f} cores",
+                flush=True,
+            )
+    finally:
+        for reader in readers.values():
+            reader.close()
+    out: dict[str, Any] = {
+        name: {
+            str(b): {**summarize_latency(samples[name][b]), "round_p50_ms": rounds[name][b]}
+            for b in pools
+        }
+        for name in readers
+    }
+    out["other_cpu_cores_per_round"] = other_cpu
+    return out
+
+
+def _cpu_of(pids: list[int]) -> float:
+    """CPU time of processes ``pids`` together so far, in seconds."""
+    return sum(proc_cpu_seconds(p) for p in pids)
+
+
+def measure_throughput(systems: list[Any], s: Settings) -> dict:
+    """Throughput per system, concurrency and batch size; rounds alternate the systems.
+
+    Per cell: keys/s and batches/s (all calls / (last end - first start)), call
+    latency p50/p99 under load in ms, CPU of the load generator and the server in
+    cores; the figures are medians of the rounds, each round is kept too.
+    """
+    endpoints = {system.name: system.endpoint for system in systems}
+    pids = {system.name: system.server_pid for system in systems}
+    clients_class = ClientProcesses if s.clients == "processes" else ClientThreads
+    clients = clients_class(
+        max(s.concurrencies),
+        endpoints,
+        s.concurrencies,
+        s.seed,
+        s.rows,
+        s.batch_sizes,
+        s.pool_keys // 4 if s.clients == "processes" else s.pool_keys,
+    )
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in endpoints}
+    with clients:
+        for r in range(s.throughput_rounds):
+            for conc in s.concurrencies:
+                for b in s.batch_sizes:
+                    for name in endpoints:
+                        cell = clients.run(
+                            name, b, conc, s.throughput_warmup_s, s.throughput_window_s, pids[name]
+                        )
+                        runs[name].setdefault(f"{conc}x{b}", []).append(_cell_figures(cell, b))
+                biggest = max(s.batch_sizes)
+                print(
+                    f"  throughput round {r + 1}/{s.throughput_rounds}, concurrency {conc}, "
+                    f"batch {biggest}: "
+                    + ", ".join(
+                        f"{n} {runs[n][f'{conc}x{biggest}'][-1]['keys_per_s']:,.0f} keys/s"
+                        for n in runs
+                    ),
+                    flush=True,
+                )
+    out: dict[str, dict[str, dict]] = {}
+    for name, cells in runs.items():
+        out[name] = {}
+        for key, cell_runs in cells.items():
+            conc, b = (int(x) for x in key.split("x"))
+            med = {f: float(np.median([run[f] for run in cell_runs])) for f in CELL_FIGURES}
+            out[name][key] = {"concurrency": conc, "batch_size": b, **med, "rounds": cell_runs}
+    return out
+
+
+CELL_FIGURES = (
+    "batches_per_s",
+    "keys_per_s",
+    "p50_ms",
+    "p99_ms",
+    "client_cpu_cores",
+    "server_cpu_cores",
+    "other_cpu_cores",
+)
+
+
+def _cell_figures(cell: CellRun, batch_size: int) -> dict:
+    """The figures of one cell run: rates per second, latencies in ms, CPU in cores."""
+    calls = sum(c["calls"] for c in cell.clients)
+    span_s = (
+        max(c["end_ns"] for c in cell.clients) - min(c["start_ns"] for c in cell.clients)
+    ) / 1e9
+    lat_ms = np.concatenate([c["latencies_ns"] for c in cell.clients]) / 1e6
+    return {
+        "clients": len(cell.clients),
+        "calls": calls,
+        "span_s": span_s,
+        "batches_per_s": calls / span_s,
+        "keys_per_s": calls * batch_size / span_s,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "client_cpu_cores": cell.client_cpu_cores,
+        "server_cpu_cores": cell.server_cpu_cores,
+        "machine_cpu_cores": cell.machine_cpu_cores,
+        # what the rest of the machine (other work, the idle servers) used meanwhile
+        "other_cpu_cores": max(
+            0.0, cell.machine_cpu_cores - cell.client_cpu_cores - cell.server_cpu_cores
+        ),
+    }
+
+
+def measure_memory(
+    node: KvstoreNode,
+    redis_servers: dict[str, RedisServer],
+    rows: int,
+    empty: dict | None = None,
+) -> dict:
+    """Memory of each system, bytes, and per row (total, and above the empty server).
+
+    kvstore: the node's resident memory (VmRSS) and the bytes of the files under its
+    data directory. Redis: INFO memory used_memory (and used_memory_rss).
+    """
+    out: dict[str, dict] = {}
+    rss = proc_rss_bytes(node.pid)
+    disk = dir_bytes(node.data_dir)
+    out["kvstore"] = {"rss_bytes": rss, "disk_bytes": disk}
+    for name, server in redis_servers.items():
+        with server.connect() as conn:
+            info = conn.info("memory")
+            encoding = conn.object("encoding", redis_key(0)) if conn.exists(redis_key(0)) else None
+        out[name] = {
+            "used_memory_bytes": int(info["used_memory"]),
+            "used_memory_rss_bytes": int(info["used_memory_rss"]),
+            "encoding": encoding.decode() if isinstance(encoding, bytes) else encoding,
+        }
+    kv = out["kvstore"]
+    kv["rss_per_row"] = rss / rows
+    kv["disk_per_row"] = disk / rows
+    kv["total_per_row"] = (rss + disk) / rows
+    for name in redis_servers:
+        out[name]["used_memory_per_row"] = out[name]["used_memory_bytes"] / rows
+        out[name]["total_per_row"] = out[name]["used_memory_per_row"]
+    if empty is not None:
+        kv["rss_empty_bytes"] = empty["kvstore"]["rss_bytes"]
+        kv["rss_above_empty_per_row"] = (rss - kv["rss_empty_bytes"]) / rows
+        for name in redis_servers:
+            r = out[name]
+            r["used_memory_empty_bytes"] = empty[name]["used_memory_bytes"]
+            r["used_memory_above_empty_per_row"] = (
+                r["used_memory_bytes"] - r["used_memory_empty_bytes"]
+            ) / rows
+    return out
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+def machine_info(redis_version: str) -> dict:
+    """What the numbers were measured on."""
+    cpu_model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout)
+    except (OSError, ValueError):
+        nproc = len(os.sched_getaffinity(0))
+    import grpc
+    import redis
+    import redis.utils
+
+    import kvstore
+
+    source = Path(kvstore.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--", "kvstore", "ext", "ingest"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except OSError:
+        commit, changed = "", ""
+
+    return {
+        "nproc": nproc,
+        "cpu_model": cpu_model,
+        "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "kvstore_source": str(source),
+        "kvstore_commit": commit,
+        "kvstore_uncommitted_changes": bool(changed),
+        "redis_server": redis_version,
+        "redis_py": redis.__version__,
+        "redis_py_hiredis": bool(redis.utils.HIREDIS_AVAILABLE),
+        "grpcio": grpc.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def wait_until_idle(pids: list[int], timeout_s: float) -> float:
+    """Wait until processes ``pids`` use under 0.05 core together for 1 s; seconds waited.
+
+    Gives up (and says so) after ``timeout_s`` s: the run goes on, busier.
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while time.monotonic() < deadline:
+        cpu0 = sum(proc_cpu_seconds(p) for p in pids)
+        t0 = time.monotonic()
+        time.sleep(SETTLE_SAMPLE_S)  # a measuring interval, not a synchronisation
+        cores = (sum(proc_cpu_seconds(p) for p in pids) - cpu0) / (time.monotonic() - t0)
+        if cores < SETTLE_IDLE_CORES:
+            return time.monotonic() - started
+    print(f"  the servers were still busy after {timeout_s:.0f} s; measuring anyway", flush=True)
+    return time.monotonic() - started
+
+
+def run(s: Settings) -> dict:
+    """Start the servers, load, measure, stop the servers; all raw numbers as a dict."""
+    results: dict[str, Any] = {"settings": {**asdict(s), "out_dir": str(s.out_dir)}}
+    results["concurrency_model"] = CONCURRENCY_MODELS[s.clients]
+    results["load_average_start"] = os.getloadavg()
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvbench-")))
+        print(f"starting a kvstore node and two redis-servers (work dir {workdir})", flush=True)
+        node = stack.enter_context(KvstoreNode(workdir))
+        redis_servers = {}
+        for name in ("redis-packed", "redis-hash"):
+            (workdir / name).mkdir()
+            redis_servers[name] = stack.enter_context(RedisServer(workdir / name))
+        results["machine"] = machine_info(redis_servers["redis-packed"].version())
+        kv = KvstoreSystem(node.address, node.pid)
+        stack.callback(kv.close)
+        packed = RedisPackedSystem(redis_servers["redis-packed"])
+        stack.callback(packed.close)
+        hashed = RedisHashSystem(redis_servers["redis-hash"])
+        stack.callback(hashed.close)
+        systems = [kv, packed, hashed]
+        kv.create()
+        empty = measure_memory(node, redis_servers, 1)
+
+        print(f"loading {s.rows:,} rows into each system", flush=True)
+        results["load"] = load_all(systems, s)
+        verify(systems, s)
+        results["memory_after_load"] = measure_memory(node, redis_servers, s.rows, empty)
+        pids = [system.server_pid for system in systems]
+        results["settle_s"] = wait_until_idle(pids, SETTLE_TIMEOUT_S)
+        print(f"  servers idle after {results['settle_s']:.0f} s", flush=True)
+
+        rng = np.random.default_rng(s.seed + 2)
+        pools = {b: KeyPool.draw(rng, s.rows, b, s.pool_keys) for b in s.batch_sizes}
+        gc.collect()
+        gc.freeze()  # the pools are long-lived: keep them out of every GC pass
+        print("latency, one client (rounds alternate the systems)", flush=True)
+        results["latency"] = measure_latency(systems, pools, s)
+        del pools
+        print(f"throughput ({s.clients}; rounds alternate the systems)", flush=True)
+        results["throughput"] = measure_throughput(systems, s)
+        results["memory"] = measure_memory(node, redis_servers, s.rows, empty)
+        results["load_average_end"] = os.getloadavg()
+        print("stopping the servers", flush=True)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Settings from the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.bench",
+        description=(
+            "Benchmark kvstore against Redis (packed rows and hashes) on the same machine, "
+            "in the same run: load rows/s, lookup latency p50/p99 by batch size, throughput "
+            "by concurrency, memory. Writes OUT/results.json and OUT/latency.png."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m loadtests.bench                full run, 1M rows (~10 min on 2 cores)\n"
+            "  python -m loadtests.bench --quick        100k rows, short (~1-2 min)\n"
+            "  python -m loadtests.bench --rows 300000 --batch-sizes 1,100"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="100k rows and fewer, shorter rounds (~1-2 min)"
+    )
+    parser.add_argument("--rows", type=int, default=None, help="rows in the table (default 1M)")
+    parser.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="comma-separated keys per lookup (default 1,10,100,1000)",
+    )
+    parser.add_argument(
+        "--concurrency", default=None, help="comma-separated concurrent clients (default 1,8,32)"
+    )
+    parser.add_argument(
+        "--clients",
+        choices=["processes", "threads"],
+        default="processes",
+        help="concurrent load from client processes (default) or threads of one process",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of the data and the keys")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write results (default bench/, or bench/quick/ with --quick, so that "
+        "a quick run leaves the full run's results alone)",
+    )
+    args = parser.parse_args(argv)
+    out_dir = args.out or (Path("bench/quick") if args.quick else Path("bench"))
+    overrides: dict[str, Any] = {"out_dir": out_dir, "clients": args.clients}
+    if args.rows is not None:
+        if args.rows < 1000:
+            parser.error("--rows must be at least 1000")
+        overrides["rows"] = args.rows
+    if args.batch_sizes:
+        overrides["batch_sizes"] = [int(x) for x in args.batch_sizes.split(",")]
+    if args.concurrency:
+        overrides["concurrencies"] = [int(x) for x in args.concurrency.split(",")]
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.quick:
+        return Settings.quick_settings(**overrides)
+    s = Settings()
+    for key, value in overrides.items():
+        setattr(s, key, value)
+    return s
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the tables; write results.json and latency.png."""
+    s = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the servers on SIGTERM too
+    started = time.monotonic()
+    try:
+        results = run(s)
+    except KeyboardInterrupt:
+        print("interrupted: servers stopped", file=sys.stderr)
+        return 130
+    results["elapsed_s"] = time.monotonic() - started
+    print()
+    print(report.render(results))
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = report.write_json(results, s.out_dir / "results.json")
+    png_path = report.plot(results, s.out_dir / "latency.png")
+    print(f"\nwrote {json_path} and {png_path} ({results['elapsed_s']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

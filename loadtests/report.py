@@ -1,0 +1,230 @@
+"""The benchmark's outputs: Markdown tables on stdout, results.json, latency.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot", "render", "write_json"]
+
+SYSTEMS = ["kvstore", "redis-packed", "redis-hash"]
+REDIS = ["redis-packed", "redis-hash"]
+COLORS = {"kvstore": "tab:blue", "redis-packed": "tab:orange", "redis-hash": "tab:green"}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, columns padded to line up in a terminal."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def _si(x: float) -> str:
+    """A rate with a k/M suffix: 1234567 -> 1.23M."""
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def _bytes(x: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if x >= size:
+            return f"{x / size:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def render(results: dict[str, Any]) -> str:
+    """Every table of a run as text (Markdown tables, ready for the README)."""
+    m = results["machine"]
+    s = results["settings"]
+    parts = [
+        f"machine: {m['nproc']} cores ({m['cpu_model']}), shared by the servers and the "
+        f"load generator; Python {m['python']}, redis-server {m['redis_server']}, "
+        f"redis-py {m['redis_py']} (hiredis: {'yes' if m['redis_py_hiredis'] else 'no'}); "
+        f"{m['date']}",
+        f"table: {s['rows']:,} rows x (32 float32 + float32[64]), int64 keys; "
+        "uniform random existing keys",
+        "",
+        "load (rows/s, client encoding included):",
+        _table(
+            ["system", "rows/s", "seconds"],
+            [
+                [name, f"{v['rows_per_s']:,.0f}", f"{v['seconds']:.1f}"]
+                for name, v in results["load"].items()
+            ],
+        ),
+        "",
+        "latency, one client, ms (p50 = median of all samples; ratio > 1 = kvstore slower); "
+        "other work on the machine meanwhile: "
+        + ", ".join(f"{x:.2f}" for x in results["latency"]["other_cpu_cores_per_round"])
+        + " cores by round:",
+    ]
+    lat = results["latency"]
+    rows = []
+    for b in lat["kvstore"]:
+        kv = lat["kvstore"][b]
+        row = [b]
+        for name in SYSTEMS:
+            row += [_ms(lat[name][b]["p50_ms"]), _ms(lat[name][b]["p99_ms"])]
+        for name in REDIS:
+            row += [
+                _ratio(kv["p50_ms"], lat[name][b]["p50_ms"]),
+                _ratio(kv["p99_ms"], lat[name][b]["p99_ms"]),
+            ]
+        row.append(str(kv["count"]))
+        rows.append(row)
+    header = ["batch"]
+    for name in SYSTEMS:
+        header += [f"{name} p50", "p99"]
+    header += ["kv/packed p50", "p99", "kv/hash p50", "p99", "samples"]
+    parts += [_table(header, rows), ""]
+
+    tp = results["throughput"]
+    parts.append(
+        "throughput, keys/s (batches/s), median of rounds; ratio > 1 = kvstore faster; "
+        f"concurrency = {results['settings']['clients']}:"
+    )
+    rows, cpu_rows = [], []
+    for cell, kv in tp["kvstore"].items():
+        row = [str(kv["concurrency"]), str(kv["batch_size"])]
+        cpu_row = list(row)
+        for name in SYSTEMS:
+            c = tp[name][cell]
+            row.append(f"{_si(c['keys_per_s'])} ({_si(c['batches_per_s'])})")
+            cpu_row.append(
+                f"{c['client_cpu_cores']:.2f} / {c['server_cpu_cores']:.2f} / "
+                f"{c['other_cpu_cores']:.2f} (p99 {_ms(c['p99_ms'])})"
+            )
+        for name in REDIS:
+            row.append(_ratio(kv["keys_per_s"], tp[name][cell]["keys_per_s"]))
+        rows.append(row)
+        cpu_rows.append(cpu_row)
+    parts += [
+        _table(["conc", "batch", *SYSTEMS, "kv/packed", "kv/hash"], rows),
+        "",
+        "CPU under load, cores used by load generator / server / anything else on the "
+        "machine (1.00 = one core busy), and call latency p99 ms:",
+        _table(["conc", "batch", *SYSTEMS], cpu_rows),
+        "",
+    ]
+
+    mem = results["memory"]
+    kv = mem["kvstore"]
+    rows = [
+        [
+            "kvstore",
+            f"RSS {_bytes(kv['rss_bytes'])} + disk {_bytes(kv['disk_bytes'])}",
+            f"{kv['rss_above_empty_per_row']:.0f}",
+            f"{kv['disk_per_row']:.0f}",
+            f"{kv['total_per_row']:.0f}",
+        ]
+    ]
+    for name in REDIS:
+        r = mem[name]
+        rows.append(
+            [
+                f"{name} ({r['encoding']})",
+                f"used_memory {_bytes(r['used_memory_bytes'])}",
+                f"{r['used_memory_above_empty_per_row']:.0f}",
+                "-",
+                f"{r['used_memory_per_row']:.0f}",
+            ]
+        )
+    parts += [
+        "memory at the end, bytes per row (raw data: 8 B key + 384 B values); RAM is "
+        "above the empty server's:",
+        _table(["system", "total", "RAM B/row", "disk B/row", "total B/row (RAM + disk)"], rows),
+    ]
+    return "\n".join(parts)
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    """All raw numbers of the run as JSON at ``path``."""
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return path
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Latency by batch size (log-log, p50 solid, p99 dashed) and throughput by concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(13, 5))
+    lat = results["latency"]
+    for name in SYSTEMS:
+        sizes = [int(b) for b in lat[name]]
+        ax_lat.plot(
+            sizes, [v["p50_ms"] for v in lat[name].values()], "-o", color=COLORS[name], label=name
+        )
+        ax_lat.plot(sizes, [v["p99_ms"] for v in lat[name].values()], "--", color=COLORS[name])
+    ax_lat.set(
+        xscale="log",
+        yscale="log",
+        xticks=sizes,
+        xticklabels=[str(b) for b in sizes],
+        xlabel="keys per lookup",
+        ylabel="latency, ms",
+        title="lookup latency, one client (p50 solid, p99 dashed)",
+    )
+    ax_lat.xaxis.set_minor_formatter(NullFormatter())
+    ax_lat.grid(True, which="both", alpha=0.3)
+    ax_lat.legend()
+
+    tp = results["throughput"]
+    sizes = sorted({c["batch_size"] for c in tp["kvstore"].values()})
+    styles = ["-", "--", "-.", ":"]
+    for name in SYSTEMS:
+        for i, b in enumerate(sizes):
+            cells = sorted(
+                (c for c in tp[name].values() if c["batch_size"] == b),
+                key=lambda c: c["concurrency"],
+            )
+            ax_tp.plot(
+                [c["concurrency"] for c in cells],
+                [c["keys_per_s"] for c in cells],
+                styles[i % len(styles)],
+                marker="o",
+                color=COLORS[name],
+                label=f"{name}, batch {b}",
+            )
+    concurrencies = sorted({c["concurrency"] for c in tp["kvstore"].values()})
+    ax_tp.set(
+        xscale="log",
+        yscale="log",
+        xticks=concurrencies,
+        xticklabels=[str(c) for c in concurrencies],
+        xlabel=f"concurrent clients ({results['settings']['clients']})",
+        ylabel="keys/s",
+        title="throughput by concurrency",
+    )
+    ax_tp.xaxis.set_minor_formatter(NullFormatter())
+    ax_tp.grid(True, which="both", alpha=0.3)
+    ax_tp.legend(fontsize=7, ncol=3)
+    m = results["machine"]
+    fig.suptitle(
+        f"kvstore vs Redis, {results['settings']['rows']:,} rows, "
+        f"{m['nproc']} cores shared by server and client ({m['cpu_model']}), {m['date'][:10]}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,253 @@
+"""The servers a benchmark talks to, as real subprocesses on 127.0.0.1, and /proc readings.
+
+Both servers are context managers: leaving the ``with`` block (normally, on an error
+or on Ctrl-C) stops the process and waits for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from kvstore import Client, KvstoreError
+
+__all__ = [
+    "KvstoreNode",
+    "RedisServer",
+    "dir_bytes",
+    "machine_busy_seconds",
+    "proc_cpu_seconds",
+    "proc_rss_bytes",
+    "wait_until",
+]
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.02
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll ``condition`` every 20 ms until it is truthy; TimeoutError after ``timeout_s`` s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def proc_rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` (VmRSS of /proc/<pid>/status), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3 of stat); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores of the machine spent busy since boot (/proc/stat), in seconds.
+
+    The difference over an interval, minus the CPU of the processes under test, is
+    what other work on the machine took from the benchmark.
+    """
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / CLOCK_TICKS
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the regular files under ``path``, in bytes."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:  # RocksDB removed it (compaction, log rotation)
+                continue
+    return total
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal ``proc`` and wait for it up to 30 s, then kill it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class KvstoreNode:
+    """``python -m kvstore.cli serve`` on 127.0.0.1, a free port, data in ``workdir/data``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "kvstore-node.log"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> KvstoreNode:
+        port_file = self.workdir / "kvstore-node.port"
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvstore.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--data",
+            str(self.data_dir),
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "warning",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: self._alive() and port_file.exists(), START_TIMEOUT_S, "the node")
+            self.port = int(port_file.read_text())
+            wait_until(self._answers, START_TIMEOUT_S, "the node to answer")
+        except BaseException:
+            _stop(self.proc, signal.SIGKILL)
+            raise
+        return self
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            log = self.log_path.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"kvstore node exited with {self.proc.returncode}:\n{log}")
+        return True
+
+    def _answers(self) -> bool:
+        self._alive()
+        try:
+            with Client(self.address, timeout=1.0) as client:
+                client.list_tables()
+        except KvstoreError:
+            return False
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+class RedisServer:
+    """``redis-server`` on 127.0.0.1, a free port, nothing persisted (no RDB, no AOF)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log_path = workdir / "redis.log"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def connect(self) -> redis.Redis:
+        """A new connection (redis-py, one socket, no pool sharing), 30 s socket timeout."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30.0)
+
+    def version(self) -> str:
+        """The server's version string, e.g. ``7.0.15``."""
+        with self.connect() as conn:
+            return str(conn.info("server")["redis_version"])
+
+    def __enter__(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server is not installed: `make bench` installs it (apt-get install "
+                "redis-server), or install it yourself"
+            )
+        for _attempt in range(3):  # the free port can be taken between probe and bind
+            self.port = free_port()
+            cmd = [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--daemonize",
+                "no",
+                "--logfile",
+                str(self.log_path),
+            ]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            try:
+                wait_until(self._answers, START_TIMEOUT_S, "redis-server to answer PING")
+                return self
+            except RuntimeError:
+                continue
+            except BaseException:
+                _stop(self.proc, signal.SIGKILL)
+                raise
+        log = self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+        raise RuntimeError(f"redis-server did not start:\n{log}")
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+        try:
+            with self.connect() as conn:
+                return bool(conn.ping())
+        except redis.ConnectionError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
