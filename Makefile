@@ -24,7 +24,7 @@ $(PY):
 
 $(DEPS): pyproject.toml setup.py | $(PY)
 	$(PIP) install -q $(BUILD_DEPS)
-	$(PIP) install -q --no-build-isolation -e '.[test,dev]'
+	$(PIP) install -q --no-build-isolation -e '.[test,dev,stream]'
 	touch $@
 
 # Regenerates protobuf code and recompiles the Cython extension when their sources change.
@@ -35,7 +35,9 @@ build: $(DEPS)
 run: build
 	$(VENV)/bin/kvstore serve --host $(HOST) --port $(PORT) --data $(DATA) --demo
 
+# The stream-consumer tests run a real nats-server (Debian's package).
 test: build
+	@command -v nats-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server)
 	$(VENV)/bin/pytest -q
 
 # make bench (1M rows, ~10 min) · make bench QUICK=1 (100k rows, ~1-2 min) · ARGS= passes more.

@@ -1,5 +1,9 @@
-"""kvstore.ingest: bulk loaders (Arrow/Parquet → SST → ingest → swap) and stream consumers.
+"""kvstore.ingest: getting data in, in bulk and as streams.
 
-Installed as ``kvstore.ingest`` (a setuptools package-dir mapping); nothing here yet
-beyond the package itself: bulk loads and stream consumers are their own issues.
+* ``kvstore.ingest.bulk``: Arrow / Parquet snapshots → sorted SST files per shard →
+  ingested as a new table version, swapped in atomically (``kvstore load``).
+* ``kvstore.ingest.stream``: stream consumers (NATS JetStream, Kafka) that apply
+  updates in batches and store their position with the data (``kvstore consume``).
+
+Installed as ``kvstore.ingest`` (a setuptools package-dir mapping).
 """

@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--to", type=int, default=0, metavar="VERSION", help="the version to make current"
     )
+
+    from kvstore.ingest.stream import add_consume_parser  # consume nats | kafka
+
+    add_consume_parser(sub)
     return parser
 
 

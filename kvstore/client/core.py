@@ -406,6 +406,13 @@ class Operations(ClientCore):
         def body(schema: TableSchema) -> Flow:
             batch = KeyBatch.from_values(schema.key_type, keys, table)
             if not batch.count:
+                if pos is None:
+                    return 0
+                # A position alone (a consumer's batch that wrote nothing): every node
+                # serving the table stores it.
+                request = pb.DeleteRequest(table=table, keys=batch.to_proto(), position=pos)
+                nodes = sorted(set(self.owners[table].tolist()))
+                yield [NodeCall(self.nodes[i], "Delete", request) for i in nodes]
                 return 0
             responses = yield self.plan_delete(table, schema, batch, event_time or 0, pos)
             return sum(r.keys_deleted for r in responses)

@@ -410,9 +410,12 @@ class Node:
                 present[schema.index_of(feature)] = 1
         encoded = keys.encoded()
         shard_ids = keys.shard_ids(len(table.delta)).tolist()
-        for positions in _rounds(encoded):
+        rounds = _rounds(encoded)
+        for r, positions in enumerate(rounds):
+            # The position goes with the last pass only, so it never runs ahead of the data.
+            pos = position if r == len(rounds) - 1 else None
             if positions is None:
-                self._apply(table, keys, encoded, shard_ids, rows, row_offsets, present, position)
+                self._apply(table, keys, encoded, shard_ids, rows, row_offsets, present, pos)
             else:
                 parts = _codec.split_rows(rows, row_offsets)
                 sub = [parts[i] for i in positions]
@@ -426,7 +429,7 @@ class Node:
                     b"".join(sub),
                     offsets,
                     present,
-                    position,
+                    pos,
                 )
         self.table_stats(name).record_updates(event_times, now_us())
         return n
@@ -537,11 +540,15 @@ class Node:
         table = self.table(name)
         self._check_count(keys.count, name)
         if keys.count == 0:
+            if position is not None:  # a consumer's position alone: every shard stores it
+                self._write_groups(table, [], [], [], position)
             return 0
         encoded = keys.encoded()
         shard_ids = keys.shard_ids(len(table.delta)).tolist()
         when = event_time_us or now_us()
-        for positions in _rounds(encoded):
+        rounds = _rounds(encoded)
+        for r, positions in enumerate(rounds):
+            pos = position if r == len(rounds) - 1 else None
             sub_keys = encoded if positions is None else [encoded[i] for i in positions]
             sub_ids = shard_ids if positions is None else [shard_ids[i] for i in positions]
             groups = self._group(table.delta, sub_ids)
@@ -554,7 +561,7 @@ class Node:
                     f"table {name!r}, shard {sub_ids[exc.index]}: the stored delta value of a "
                     f"deleted key is corrupt ({exc})"
                 ) from None
-            self._write_groups(table, groups, sub_keys, new_rows, position)
+            self._write_groups(table, groups, sub_keys, new_rows, pos)
         self.table_stats(name).keys_deleted += keys.count
         return keys.count
 
