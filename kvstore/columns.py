@@ -76,7 +76,7 @@ def encode_rows(
             raise InvalidArgument(
                 f"table {schema.name!r}, column {name!r}: {len(arr)} values for {n} keys"
             )
-        codec_columns[index] = _codec_column(arr, feature.dtype, schema.name, name)
+        codec_columns[index] = codec_column(arr, feature.dtype, schema.name, name)
     if event_time is None:
         event_times = np.full(n, now_us(), dtype=np.int64)
     elif np.ndim(event_time) == 0:
@@ -220,7 +220,7 @@ def _validity(arr: pa.Array) -> np.ndarray | None:
     return np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=np.uint8)
 
 
-def _codec_column(arr: pa.Array, dtype: DType, table: str, column: str) -> tuple:
+def codec_column(arr: pa.Array, dtype: DType, table: str, column: str) -> tuple:
     """The buffers the codec reads for one Arrow column of ``dtype``."""
     valid = _validity(arr)
     kind = dtype.kind

@@ -23,7 +23,13 @@ from pathlib import Path
 import rocksdict
 
 from kvstore.columns import now_us
-from kvstore.errors import InvalidArgument, KvstoreError, LoadConflict, StorageFull
+from kvstore.errors import (
+    InvalidArgument,
+    KvstoreError,
+    LoadConflict,
+    SchemaChanged,
+    StorageFull,
+)
 from kvstore.server.node import Node
 from kvstore.storage.shard import Shard
 from kvstore.storage.table import VersionMeta
@@ -87,8 +93,13 @@ class LoadManager:
         """The table an open load writes."""
         return self._load(load_id).table
 
-    def begin(self, table: str, label: str, snapshot_time_us: int) -> _Load:
+    def begin(self, table: str, label: str, snapshot_time_us: int, schema_id: int = 0) -> _Load:
         t = self.node.table(table)
+        if schema_id and schema_id != t.schema.schema_id:
+            raise SchemaChanged(
+                f"table {table!r}: the load's rows were encoded with schema id {schema_id}, "
+                f"the table's is {t.schema.schema_id}; load again"
+            )
         for other in self.loads.values():
             if other.table == table:
                 raise LoadConflict(

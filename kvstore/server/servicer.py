@@ -209,7 +209,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @_translate_errors
     async def BeginLoad(self, request: pb.BeginLoadRequest, context: Any) -> pb.BeginLoadResponse:
-        load = self.loads.begin(request.table, request.label, request.snapshot_time_us)
+        load = self.loads.begin(
+            request.table, request.label, request.snapshot_time_us, request.schema_id
+        )
         return pb.BeginLoadResponse(
             load_id=load.load_id, version=load.version, lease_s=self.node.config.load_lease_s
         )
