@@ -237,8 +237,10 @@ def delta_apply(Layout layout not None, list old_rows, new_buf, new_offsets, pre
     header event time is the update's time. ``present[f]`` = 1 when the updates set
     feature f. ``old_rows[i]`` is the stored delta row of the key, or None. Returns
     the new delta rows. Keys must be distinct within one call (apply repeats in a
-    later call). A bad stored row raises CorruptRow/SchemaMismatch naming its index,
-    a bad update ValueError.
+    later call). A key without a delta row is one with no feature and no delete, so an
+    update at INT64_MIN, which is never newer than deleted_at, changes nothing. The row's
+    event time moves to the update's only when the update sets a feature. A bad stored
+    row raises CorruptRow/SchemaMismatch naming its index, a bad update ValueError.
     """
     cdef const RowLayout* c = &layout.c
     cdef Py_ssize_t n = len(old_rows)
@@ -252,6 +254,7 @@ def delta_apply(Layout layout not None, list old_rows, new_buf, new_offsets, pre
     cdef RowCheck check
     cdef Py_ssize_t i, f
     cdef int64_t a, b, t, t_old, deleted_at, event_time
+    cdef bint has_old, newer, took
     cdef list out = [None] * n
     for i in range(n):
         a = offsets[i]
@@ -266,31 +269,37 @@ def delta_apply(Layout layout not None, list old_rows, new_buf, new_offsets, pre
         upd.shift = 0
         t = load_i64(upd.row + 5)
         value = old_rows[i]
-        if value is None:
-            deleted_at = INT64_MIN
-            event_time = t
-            for f in range(c.n_features):
-                scratch.choice[f] = FROM_B if sets[f] else FROM_NONE
-                scratch.times[f] = t
-        else:
+        has_old = value is not None
+        if has_old:
             _view_delta(c, value, i, &old)
             deleted_at = old.deleted_at
-            event_time = old.event_time if old.event_time > t else t
-            for f in range(c.n_features):
-                if _bit(old.present, f):
-                    t_old = _feature_time(&old, f)
-                    # Equal times: the later-applied update wins, so a redelivery is a no-op.
-                    if sets[f] and t > deleted_at and t >= t_old:
-                        scratch.choice[f] = FROM_B
-                        scratch.times[f] = t
-                    else:
-                        scratch.choice[f] = FROM_A
-                        scratch.times[f] = t_old
-                elif sets[f] and t > deleted_at:
+            event_time = old.event_time
+        else:
+            # The same rules as for a stored row with nothing in it, so that the order
+            # in which a key's first updates arrive cannot matter, even at INT64_MIN.
+            deleted_at = INT64_MIN
+            event_time = INT64_MIN
+        newer = t > deleted_at
+        took = False
+        for f in range(c.n_features):
+            if has_old and _bit(old.present, f):
+                t_old = _feature_time(&old, f)
+                # Equal times: the later-applied update wins, so a redelivery is a no-op.
+                if newer and sets[f] and t >= t_old:
                     scratch.choice[f] = FROM_B
                     scratch.times[f] = t
+                    took = True
                 else:
-                    scratch.choice[f] = FROM_NONE
+                    scratch.choice[f] = FROM_A
+                    scratch.times[f] = t_old
+            elif newer and sets[f]:
+                scratch.choice[f] = FROM_B
+                scratch.times[f] = t
+                took = True
+            else:
+                scratch.choice[f] = FROM_NONE
+        if took and t > event_time:
+            event_time = t
         out[i] = _assemble(c, &old, &upd, scratch.choice, True, event_time, deleted_at,
                            scratch.times)
     return out
@@ -328,6 +337,15 @@ def delta_delete(Layout layout not None, list old_rows, times):
     return out
 
 
+cdef inline bint _expired(int64_t t, int64_t now_us, int64_t ttl) noexcept nogil:
+    """Whether a value of event time t is older than now_us - ttl (µs), for ttl > 0.
+
+    When now_us - ttl would be below INT64_MIN, nothing is older than it: checking that
+    first keeps the subtraction from overflowing.
+    """
+    return ttl > 0 and now_us >= INT64_MIN + ttl and t < now_us - ttl
+
+
 cdef object _ttl_array(object ttl_us, Py_ssize_t n_features):
     if ttl_us is None:
         return None
@@ -343,9 +361,13 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
 
     ``base_rows[i]``: the key's format-1 row in the version read (None if absent);
     ``delta_rows[i]``: its delta row (None if absent); ``snapshot_time``: the
-    version's snapshot time in µs (NO_DELETE, i.e. INT64_MIN, without a version); ``ttl_us``: None or an int64
-    array of F TTLs in µs (0 = none), applied against ``now_us``. Returns format-1
-    rows or None (missing); a base row with nothing to change is returned as is.
+    version's snapshot time in µs (NO_DELETE, i.e. INT64_MIN, without a version);
+    ``ttl_us``: None or an int64 array of F TTLs in µs (0 or less = none), applied
+    against ``now_us`` (µs). Returns format-1
+    rows or None (missing); a base row the read changes nothing in (no newer delta
+    feature, nothing expired) is returned as is. A delete hides the base row only when
+    it is newer than ``snapshot_time``: a version holds every delete up to its snapshot
+    time, and compaction drops those (a read must not change when it does).
     Raises CorruptRow/SchemaMismatch naming the key's index.
     """
     cdef const RowLayout* c = &layout.c
@@ -376,7 +398,7 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
                 continue
             expired = False
             for f in range(c.n_features):
-                if ttls[f] > 0 and base.event_time < now_us - ttls[f]:
+                if _expired(base.event_time, now_us, ttls[f]):
                     scratch.choice[f] = FROM_NONE
                     expired = True
                 else:
@@ -388,7 +410,10 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
         base_counts = False
         if b is not None:
             _view_base(c, b, i, &base)
-            base_counts = base.event_time > delta.deleted_at
+            # Only a delete after the snapshot hides the base: the version already holds
+            # the earlier ones, and compaction drops them from the delta.
+            base_counts = (base.event_time > delta.deleted_at
+                           or delta.deleted_at <= snapshot_time)
         tb = base.event_time if base_counts else INT64_MIN
         any_delta = False
         event_time = tb
@@ -407,17 +432,17 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
                 scratch.times[f] = tb
             else:
                 scratch.choice[f] = FROM_NONE
-        if not any_delta:
-            if not base_counts:
-                continue
-            if ttls == NULL:
-                out[i] = b  # the delta holds nothing newer: the base row as stored
-                continue
+        if not any_delta and not base_counts:
+            continue
+        expired = False
         if ttls != NULL:
             for f in range(c.n_features):
-                if (scratch.choice[f] != FROM_NONE and ttls[f] > 0
-                        and scratch.times[f] < now_us - ttls[f]):
+                if scratch.choice[f] != FROM_NONE and _expired(scratch.times[f], now_us, ttls[f]):
                     scratch.choice[f] = FROM_NONE
+                    expired = True
+        if not any_delta and not expired:
+            out[i] = b  # the delta holds nothing newer: the base row as stored
+            continue
         out[i] = _assemble(c, &base, &delta, scratch.choice, False, event_time, 0, NULL)
     return out
 

@@ -7,6 +7,10 @@ import numpy.typing as npt
 
 FORMAT_VERSION: int
 HEADER_SIZE: int
+DELTA_FORMAT_VERSION: int
+NO_DELETE: int
+"""INT64_MIN: the deleted_at of a key never deleted, the snapshot time of a read without a
+version."""
 
 KIND_BOOL: int
 KIND_INT32: int
@@ -66,13 +70,60 @@ def decode_columns(
 def check_rows(
     layout: Layout, buf: Any, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
 ) -> tuple[int, str] | None: ...
-def merge_rows(
+def delta_apply(
     layout: Layout,
     old_rows: list[bytes | None],
-    new_buf: bytes,
+    new_buf: Any,
     new_offsets: npt.NDArray[np.int64],
-    present: npt.NDArray[np.uint8],
-) -> list[bytes]: ...
+    present: npt.NDArray[np.uint8] | npt.NDArray[np.bool_],
+) -> list[bytes]:
+    """Applies updates to the keys' delta rows; per feature the newest event time wins.
+
+    Update i is the format-1 row ``new_buf[new_offsets[i] : new_offsets[i + 1]]`` (byte
+    offsets, n + 1 of them), its event time (µs) the update's; ``present[f]`` is nonzero
+    when the updates set feature f. ``old_rows[i]``: the key's stored delta row or None;
+    keys are distinct within a call. On equal times the later-applied update wins (a
+    redelivery is a no-op); an update no newer than the key's delete is ignored.
+    Returns the new delta rows. Raises CorruptRow/SchemaMismatch for a stored row,
+    ValueError for a bad update.
+    """
+
+def delta_delete(
+    layout: Layout, old_rows: list[bytes | None], times: npt.NDArray[np.int64]
+) -> list[bytes]:
+    """Tombstones: key i deleted at ``times[i]`` (µs since the epoch); every feature no
+    newer than the delete leaves its delta row. Returns the new delta rows."""
+
+def overlay(
+    layout: Layout,
+    base_rows: list[bytes | None],
+    delta_rows: list[bytes | None],
+    snapshot_time: int,
+    now_us: int,
+    ttl_us: npt.NDArray[np.int64] | None = None,
+) -> list[bytes | None]:
+    """What a read returns per key: the delta over the base row of the version read.
+
+    ``snapshot_time``: the version's snapshot time in µs (NO_DELETE without a version);
+    delta features and deletes no newer than it are superseded by the version.
+    ``ttl_us``: None or one TTL per feature in µs (0 = none), against ``now_us`` (µs).
+    Returns format-1 rows, None for a missing key, or the base row object itself when
+    the read changes nothing in it. Raises CorruptRow ("base row: ..." / "delta row:
+    ...") or SchemaMismatch naming the key's index.
+    """
+
+def delta_compact(
+    layout: Layout, rows: list[bytes | None], snapshot_time: int
+) -> list[bytes | None]:
+    """Drops from delta rows what a current version with ``snapshot_time`` (µs) supersedes.
+
+    Per row: the same object when nothing changes, a smaller delta row, or None when
+    nothing is left (the key's delta entry can go). Reads of that version do not change.
+    """
+
+def delta_info(layout: Layout, row: bytes) -> tuple[int, int, dict[int, int]]:
+    """(event time, deleted_at, {feature index: event time}) of a delta row, all in µs."""
+
 def encode_int_keys(keys: npt.NDArray[np.int64]) -> list[bytes]: ...
 def encode_str_keys(buf: Any, offsets: npt.NDArray[np.int64]) -> list[bytes]: ...
 def shard_ids_int(keys: npt.NDArray[np.int64], n_shards: int) -> npt.NDArray[np.int32]: ...

@@ -4,6 +4,12 @@ The Cython codec (ext/codec.pyx) is tested against this module, so it stays slow
 obvious: one ``struct`` call per field, one feature at a time, no numpy. Values are
 Python objects: bool, int, float, str, bytes, list[float] (float32[N]) and list[int]
 (int64[]); None is a null.
+
+Delta rows (format 2) and the operations on them (apply, delete, overlay, compact)
+work on a feature's stored bytes (a "cell": its fixed field or its var data, None for
+a null) rather than on values, because the codec copies those bytes as they are: a
+sloppy row's true bool 0x80 stays 0x80, while the bytes of a null become zero.
+Event times, snapshot times and TTLs are int64 microseconds.
 """
 
 import struct
@@ -112,49 +118,64 @@ def decode_value(kind: int, dim: int, raw: bytes):
     return struct.unpack(SCALAR_FORMATS[kind], raw)[0]
 
 
+def encode_sections(lay: RowLayout, cells: list[bytes | None]) -> tuple[bytes, bytes, bytes]:
+    """(null bitmap, fixed section, var ends + var data) of a row body.
+
+    ``cells[f]`` holds feature f's stored bytes (its fixed field or its var data), None
+    for a null: zero bytes in the fixed section, empty in the var data.
+    """
+    bitmap = bytearray(lay.null_bitmap_size)
+    fixed = b""
+    ends = []
+    var_data = b""
+    for feature, cell in enumerate(cells):
+        if cell is None:
+            bitmap[feature // 8] |= 1 << (feature % 8)
+        if lay.kinds[feature] in VAR_KINDS:
+            if cell is not None:
+                var_data += cell
+            ends.append(len(var_data))
+        else:
+            width = lay.widths[feature]
+            fixed += bytes(width) if cell is None else cell
+    return bytes(bitmap), fixed, struct.pack(f"<{len(ends)}I", *ends) + var_data
+
+
+def encode_cells(lay: RowLayout, schema_id: int, event_time: int, cells: list) -> bytes:
+    """A row from each feature's stored bytes (None = null)."""
+    bitmap, fixed, var = encode_sections(lay, cells)
+    return HEADER.pack(FORMAT, schema_id, event_time) + bitmap + fixed + var
+
+
 def encode_row(
     kinds: list[int], dims: list[int], schema_id: int, event_time: int, values: list
 ) -> bytes:
     """One row: header, null bitmap, fixed section, var ends, var data."""
     lay = layout(kinds, dims)
-    bitmap = bytearray(lay.null_bitmap_size)
-    fixed = b""
-    ends = []
-    var_data = b""
-    for feature, (kind, dim, value) in enumerate(zip(kinds, lay.dims, values, strict=True)):
-        if value is None:
-            bitmap[feature // 8] |= 1 << (feature % 8)
-        if kind in VAR_KINDS:
-            if value is not None:
-                var_data += encode_value(kind, dim, value)
-            ends.append(len(var_data))  # a null var feature is empty
-        else:
-            width = lay.widths[feature]
-            fixed += bytes(width) if value is None else encode_value(kind, dim, value)
-    header = HEADER.pack(FORMAT, schema_id, event_time)
-    var_ends = struct.pack(f"<{len(ends)}I", *ends)
-    return header + bytes(bitmap) + fixed + var_ends + var_data
+    cells = [
+        None if value is None else encode_value(kind, dim, value)
+        for kind, dim, value in zip(kinds, lay.dims, values, strict=True)
+    ]
+    return encode_cells(lay, schema_id, event_time, cells)
 
 
-def check_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> str | None:
-    """Why ``row`` is not a valid row of this schema, or None when it is.
-
-    The order of the checks is part of the contract (the codec reports the same
-    reason): the header first, then the schema id (a row of another schema is laid
-    out by that schema, so its sizes mean nothing here), then the sizes.
-    """
-    lay = layout(kinds, dims)
-    too_short = f"length {len(row)} is shorter than the {lay.min_row_size}-byte minimum"
-    if len(row) < HEADER_SIZE:
+def _fault(
+    lay: RowLayout, schema_id: int, row: bytes, format_byte: int, header_size: int, shift: int
+) -> str | None:
+    """Why ``row`` is not a valid row of its format (format 1: shift 0; a delta row: the
+    ``shift`` bytes of its longer header move the body), or None."""
+    min_size = lay.min_row_size + shift
+    too_short = f"length {len(row)} is shorter than the {min_size}-byte minimum"
+    if len(row) < header_size:
         return too_short
-    format_byte, row_schema_id, _ = HEADER.unpack_from(row)
-    if format_byte != FORMAT:
-        return f"format byte 0x{format_byte:02x}, expected 0x{FORMAT:02x}"
+    row_format, row_schema_id = struct.unpack_from("<BI", row)
+    if row_format != format_byte:
+        return f"format byte 0x{row_format:02x}, expected 0x{format_byte:02x}"
     if row_schema_id != schema_id:
         return f"schema id {row_schema_id}, expected {schema_id}"
-    if len(row) < lay.min_row_size:
+    if len(row) < min_size:
         return too_short
-    ends = struct.unpack_from(f"<{lay.n_var}I", row, lay.ends_start)
+    ends = struct.unpack_from(f"<{lay.n_var}I", row, lay.ends_start + shift)
     previous = 0
     for j, end in enumerate(ends):
         if end < previous:
@@ -164,7 +185,7 @@ def check_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> 
                 f"before the previous end {previous}"
             )
         previous = end
-    var_bytes = len(row) - lay.min_row_size
+    var_bytes = len(row) - min_size
     if previous != var_bytes:
         return (
             f"var data length mismatch: the var ends cover {previous} bytes, "
@@ -173,45 +194,334 @@ def check_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> 
     return None
 
 
-def decode_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> tuple[int, list]:
-    """(event time, values) of a row; ValueError when it is not a valid row of the schema."""
-    fault = check_row(kinds, dims, schema_id, row)
-    if fault is not None:
-        raise ValueError(fault)
-    lay = layout(kinds, dims)
-    _, _, event_time = HEADER.unpack_from(row)
-    ends = struct.unpack_from(f"<{lay.n_var}I", row, lay.ends_start)
-    var_data = row[lay.min_row_size :]
-    values = []
-    for feature, (kind, dim) in enumerate(zip(kinds, lay.dims, strict=True)):
-        if row[HEADER_SIZE + feature // 8] >> (feature % 8) & 1:
-            values.append(None)
+def check_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> str | None:
+    """Why ``row`` is not a valid row of this schema, or None when it is.
+
+    The order of the checks is part of the contract (the codec reports the same
+    reason): the header first, then the schema id (a row of another schema is laid
+    out by that schema, so its sizes mean nothing here), then the sizes.
+    """
+    return _fault(layout(kinds, dims), schema_id, row, FORMAT, HEADER_SIZE, 0)
+
+
+def _cells(lay: RowLayout, row: bytes, shift: int) -> list[bytes | None]:
+    """The stored bytes of every feature of a valid row (None where the null bit is set)."""
+    ends = struct.unpack_from(f"<{lay.n_var}I", row, lay.ends_start + shift)
+    var_data = row[lay.min_row_size + shift :]
+    bitmap_at = HEADER_SIZE if shift == 0 else DELTA_HEADER.size
+    cells: list[bytes | None] = []
+    for feature, kind in enumerate(lay.kinds):
+        if row[bitmap_at + feature // 8] >> (feature % 8) & 1:
+            cells.append(None)
         elif kind in VAR_KINDS:
             j = lay.var_index[feature]
             start = ends[j - 1] if j > 0 else 0
-            values.append(decode_value(kind, dim, var_data[start : ends[j]]))
+            cells.append(var_data[start : ends[j]])
         else:
-            offset = lay.fixed_offsets[feature]
-            values.append(decode_value(kind, dim, row[offset : offset + lay.widths[feature]]))
+            offset = lay.fixed_offsets[feature] + shift
+            cells.append(row[offset : offset + lay.widths[feature]])
+    return cells
+
+
+def row_cells(
+    kinds: list[int], dims: list[int], schema_id: int, row: bytes
+) -> tuple[int, list[bytes | None]]:
+    """(event time, the stored bytes of every feature) of a row; ValueError when invalid."""
+    fault = check_row(kinds, dims, schema_id, row)
+    if fault is not None:
+        raise ValueError(fault)
+    _, _, event_time = HEADER.unpack_from(row)
+    return event_time, _cells(layout(kinds, dims), row, 0)
+
+
+def decode_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> tuple[int, list]:
+    """(event time, values) of a row; ValueError when it is not a valid row of the schema."""
+    event_time, cells = row_cells(kinds, dims, schema_id, row)
+    values = [
+        None if cell is None else decode_value(kind, dim, cell)
+        for kind, dim, cell in zip(kinds, layout(kinds, dims).dims, cells, strict=True)
+    ]
     return event_time, values
 
 
-def merge_row(
+# --------------------------------------------------------------------------------------
+# Delta rows (format 2) and reads of delta over base (docs/row-format.md, "Delta rows")
+
+DELTA_FORMAT = 2
+# format byte, schema id (u32), event time, deleted_at (i64, µs)
+DELTA_HEADER = struct.Struct("<BIqq")
+NO_DELETE = -(2**63)  # deleted_at of a key never deleted; the snapshot time without a version
+
+
+def delta_header_size(lay: RowLayout) -> int:
+    """21 + 2B + 8F: the fixed header, the null and present bitmaps, the feature times."""
+    return DELTA_HEADER.size + 2 * lay.null_bitmap_size + 8 * len(lay.kinds)
+
+
+def delta_shift(lay: RowLayout) -> int:
+    """How much further into a delta row than into a format-1 row its body starts."""
+    return delta_header_size(lay) - HEADER_SIZE - lay.null_bitmap_size
+
+
+@dataclass
+class DeltaRow:
+    """A delta row, decoded. ``times[f]`` is feature f's event time (µs), None when the
+    delta does not hold f (absent); ``cells[f]`` its stored bytes, None when null or absent."""
+
+    event_time: int
+    deleted_at: int
+    times: list[int | None]
+    cells: list[bytes | None]
+
+    @classmethod
+    def empty(cls, n_features: int) -> "DeltaRow":
+        """What a key without a stored delta row has: nothing, and no delete."""
+        return cls(NO_DELETE, NO_DELETE, [None] * n_features, [None] * n_features)
+
+
+def encode_delta(lay: RowLayout, schema_id: int, delta: DeltaRow) -> bytes:
+    """A delta row: an absent feature has no null or present bit, time 0, zero or empty bytes."""
+    present = bytearray(lay.null_bitmap_size)
+    for feature, t in enumerate(delta.times):
+        if t is not None:
+            present[feature // 8] |= 1 << (feature % 8)
+    cells = [None if t is None else cell for t, cell in zip(delta.times, delta.cells, strict=True)]
+    bitmap, fixed, var = encode_sections(lay, cells)
+    # encode_sections marks absent features null: only present ones may have the bit
+    bitmap = bytes(n & p for n, p in zip(bitmap, present, strict=True))
+    times = struct.pack(f"<{len(delta.times)}q", *(0 if t is None else t for t in delta.times))
+    header = DELTA_HEADER.pack(DELTA_FORMAT, schema_id, delta.event_time, delta.deleted_at)
+    return header + bitmap + bytes(present) + times + fixed + var
+
+
+def encode_delta_row(
+    kinds: list[int],
+    dims: list[int],
+    schema_id: int,
+    event_time: int,
+    deleted_at: int,
+    times: list[int | None],
+    values: list,
+) -> bytes:
+    """A delta row from values; ``times[f]`` None = feature f absent (its value ignored)."""
+    lay = layout(kinds, dims)
+    cells = [
+        None if value is None or t is None else encode_value(kind, dim, value)
+        for kind, dim, t, value in zip(kinds, lay.dims, times, values, strict=True)
+    ]
+    return encode_delta(lay, schema_id, DeltaRow(event_time, deleted_at, list(times), cells))
+
+
+def check_delta_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> str | None:
+    """Why ``row`` is not a valid delta row of this schema, or None; the same checks in the
+    same order as format 1 (nothing more: the bitmaps and times can hold anything)."""
+    lay = layout(kinds, dims)
+    return _fault(lay, schema_id, row, DELTA_FORMAT, DELTA_HEADER.size, delta_shift(lay))
+
+
+def delta_cells(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> DeltaRow:
+    """A delta row decoded to stored bytes; what an absent feature's bits and bytes hold is
+    ignored. ValueError when the row is not valid."""
+    fault = check_delta_row(kinds, dims, schema_id, row)
+    if fault is not None:
+        raise ValueError(fault)
+    lay = layout(kinds, dims)
+    _, _, event_time, deleted_at = DELTA_HEADER.unpack_from(row)
+    n = len(kinds)
+    present_at = DELTA_HEADER.size + lay.null_bitmap_size
+    stored_times = struct.unpack_from(f"<{n}q", row, present_at + lay.null_bitmap_size)
+    times = [
+        t if row[present_at + f // 8] >> (f % 8) & 1 else None for f, t in enumerate(stored_times)
+    ]
+    cells = [
+        cell if t is not None else None
+        for t, cell in zip(times, _cells(lay, row, delta_shift(lay)), strict=True)
+    ]
+    return DeltaRow(event_time, deleted_at, times, cells)
+
+
+def decode_delta_row(
+    kinds: list[int], dims: list[int], schema_id: int, row: bytes
+) -> tuple[int, int, list[int | None], list]:
+    """(event time, deleted_at, times, values) of a delta row; absent features are None in
+    both lists. ValueError when the row is not valid."""
+    delta = delta_cells(kinds, dims, schema_id, row)
+    values = [
+        None if cell is None else decode_value(kind, dim, cell)
+        for kind, dim, cell in zip(kinds, layout(kinds, dims).dims, delta.cells, strict=True)
+    ]
+    return delta.event_time, delta.deleted_at, delta.times, values
+
+
+class StoredRowError(ValueError):
+    """A stored row the codec refuses: as CorruptRow with ``reason`` ("base row: ..." or
+    "delta row: ..."), or as SchemaMismatch when ``schema_id`` (the row's) is set."""
+
+    def __init__(self, reason: str, schema_id: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.schema_id = schema_id
+
+
+def _stored(row: bytes, fault: str | None, what: str) -> None:
+    if fault is None:
+        return
+    if fault.startswith("schema id "):
+        raise StoredRowError(f"{what} row: {fault}", struct.unpack_from("<I", row, 1)[0])
+    raise StoredRowError(f"{what} row: {fault}")
+
+
+def stored_base(
+    kinds: list[int], dims: list[int], schema_id: int, row: bytes
+) -> tuple[int, list[bytes | None]]:
+    """row_cells of a stored base row; StoredRowError when it is not valid."""
+    _stored(row, check_row(kinds, dims, schema_id, row), "base")
+    return row_cells(kinds, dims, schema_id, row)
+
+
+def stored_delta(kinds: list[int], dims: list[int], schema_id: int, row: bytes | None) -> DeltaRow:
+    """delta_cells of a stored delta row (DeltaRow.empty for None); StoredRowError when bad."""
+    if row is None:
+        return DeltaRow.empty(len(kinds))
+    _stored(row, check_delta_row(kinds, dims, schema_id, row), "delta")
+    return delta_cells(kinds, dims, schema_id, row)
+
+
+def delta_apply(
     kinds: list[int],
     dims: list[int],
     schema_id: int,
     old: bytes | None,
-    new: bytes,
+    update: bytes,
     present: list[bool],
 ) -> bytes:
-    """A partial write ``new`` over the stored row ``old``: the features the write sets
-    (present) come from new, the others from old; the event time is new's."""
-    if old is None:
-        return new
-    _, old_values = decode_row(kinds, dims, schema_id, old)
-    event_time, new_values = decode_row(kinds, dims, schema_id, new)
-    values = [n if p else o for n, o, p in zip(new_values, old_values, present, strict=True)]
-    return encode_row(kinds, dims, schema_id, event_time, values)
+    """The key's delta row after the update (docs/row-format.md, "Applying an update").
+
+    ``update`` is a format-1 row whose event time t is the update's, ``present[f]`` says
+    whether it sets feature f. A feature takes the update's value when it is absent or
+    t >= its time (equal times: the later-applied wins); nothing changes when
+    t <= deleted_at. A key without a delta row is one with nothing and no delete, so
+    an update at the smallest int64 is always ignored. The row's event time moves to t
+    only when the update sets something.
+    """
+    fault = check_row(kinds, dims, schema_id, update)
+    if fault is not None:
+        raise ValueError(f"update: {fault}")
+    delta = stored_delta(kinds, dims, schema_id, old)
+    t, cells = row_cells(kinds, dims, schema_id, update)
+    changed = False
+    if t > delta.deleted_at:
+        for f, sets in enumerate(present):
+            if sets and (delta.times[f] is None or t >= delta.times[f]):
+                delta.times[f] = t
+                delta.cells[f] = cells[f]
+                changed = True
+    if changed:
+        delta.event_time = max(delta.event_time, t)
+    return encode_delta(layout(kinds, dims), schema_id, delta)
+
+
+def delta_delete(
+    kinds: list[int], dims: list[int], schema_id: int, old: bytes | None, t: int
+) -> bytes:
+    """The key's delta row after a delete at ``t`` (µs): deleted_at = max(deleted_at, t), and
+    every feature no newer than deleted_at goes."""
+    delta = stored_delta(kinds, dims, schema_id, old)
+    delta.deleted_at = max(delta.deleted_at, t)
+    delta.event_time = max(delta.event_time, t)
+    for f, time in enumerate(delta.times):
+        if time is not None and time <= delta.deleted_at:
+            delta.times[f] = None
+            delta.cells[f] = None
+    return encode_delta(layout(kinds, dims), schema_id, delta)
+
+
+def expired(time: int, now: int, ttl: int) -> bool:
+    """Whether a value of event time ``time`` reads as null at ``now`` under ``ttl`` (µs)."""
+    return ttl > 0 and time < now - ttl
+
+
+def overlay(
+    kinds: list[int],
+    dims: list[int],
+    schema_id: int,
+    base: bytes | None,
+    delta: bytes | None,
+    snapshot_time: int,
+    now: int,
+    ttl: list[int] | None = None,
+) -> bytes | None:
+    """What a read of the key returns (docs/row-format.md, "Reading"): a format-1 row,
+    None (missing), or ``base`` itself when the read changes nothing in it.
+
+    ``snapshot_time`` T is the version's (NO_DELETE without one); a delete hides a base
+    row no newer than it only when it is newer than T, since a version holds every
+    delete up to its snapshot time (as compaction assumes when it drops them).
+    """
+    n = len(kinds)
+    ttl = ttl or [0] * n
+    d = stored_delta(kinds, dims, schema_id, delta)
+    base_counts = False
+    if base is not None:
+        tb, base_cells = stored_base(kinds, dims, schema_id, base)
+        base_counts = tb > d.deleted_at or d.deleted_at <= snapshot_time
+    # per feature: (event time, stored bytes) of the part that provides it, or None
+    parts: list[tuple[int, bytes | None] | None] = [None] * n
+    used_times = []
+    if base_counts:
+        parts = [(tb, cell) for cell in base_cells]
+        used_times.append(tb)
+    from_delta = False
+    for f, t in enumerate(d.times):
+        if t is not None and t > snapshot_time and (not base_counts or t > tb):
+            parts[f] = (t, d.cells[f])
+            used_times.append(t)
+            from_delta = True
+    if not used_times:
+        return None
+    live = [
+        None if part is None or expired(part[0], now, ttl[f]) else part
+        for f, part in enumerate(parts)
+    ]
+    if not from_delta and live == parts:
+        return base
+    cells = [None if part is None else part[1] for part in live]
+    return encode_cells(layout(kinds, dims), schema_id, max(used_times), cells)
+
+
+def delta_compact(
+    kinds: list[int], dims: list[int], schema_id: int, row: bytes | None, snapshot_time: int
+) -> bytes | None:
+    """The key's delta row once a version with ``snapshot_time`` (µs) is current: features
+    no newer than it go; None when nothing is left and no delete is newer than it;
+    ``row`` itself when nothing goes. The event time is then the newest left."""
+    if row is None:
+        return None
+    delta = stored_delta(kinds, dims, schema_id, row)
+    kept = [t is not None and t > snapshot_time for t in delta.times]
+    if not any(kept) and delta.deleted_at <= snapshot_time:
+        return None
+    if kept == [t is not None for t in delta.times]:
+        return row
+    times = [t if keep else None for t, keep in zip(delta.times, kept, strict=True)]
+    cells = [c if keep else None for c, keep in zip(delta.cells, kept, strict=True)]
+    event_time = max([delta.deleted_at] + [t for t in times if t is not None])
+    return encode_delta(
+        layout(kinds, dims), schema_id, DeltaRow(event_time, delta.deleted_at, times, cells)
+    )
+
+
+def delta_info(
+    kinds: list[int], dims: list[int], schema_id: int, row: bytes
+) -> tuple[int, int, dict[int, int]]:
+    """(event time, deleted_at, {feature: time} of the present features) of a delta row."""
+    delta = stored_delta(kinds, dims, schema_id, row)
+    times = {f: t for f, t in enumerate(delta.times) if t is not None}
+    return delta.event_time, delta.deleted_at, times
+
+
+# --------------------------------------------------------------------------------------
+# Keys
 
 
 def encode_int_key(key: int) -> bytes:

@@ -215,7 +215,7 @@ def packed(rows: list[bytes | None], gap: bytes = b"") -> tuple[bytes, np.ndarra
 
 def dirty(kinds: list[int], dims: list[int], row: bytes) -> bytes:
     """A row as a sloppy writer might store it, still valid: the fixed bytes of null
-    features are not zero and true bools are not 1. Decoding and merging must not care."""
+    features are not zero and true bools are not 1. Decoding must not care."""
     lay = oracle.layout(kinds, dims)
     out = bytearray(row)
     for f, kind in enumerate(kinds):
@@ -486,7 +486,7 @@ def test_decode_matches_oracle(batch, data):
                 assert column[0][row] == column[0][row + 1]  # and empty
 
 
-def test_decode_and_merge_normalise_sloppy_rows():
+def test_decode_normalises_sloppy_rows():
     kinds, dims = [codec.KIND_BOOL, codec.KIND_INT32, codec.KIND_BOOL], [0, 0, 0]
     layout = codec.Layout(1, kinds, dims)
     row = dirty(kinds, dims, oracle.encode_row(kinds, dims, 1, 9, [True, None, False]))
@@ -497,10 +497,6 @@ def test_decode_and_merge_normalise_sloppy_rows():
     )[0]
     assert flags.view(np.uint8).tolist() == [1] and flag_valid.tolist() == [1]
     assert ints.tolist() == [0] and int_valid.tolist() == [0]
-    present = np.array([0, 0, 1], np.uint8)
-    new = oracle.encode_row(kinds, dims, 1, 10, [None, None, True])
-    (merged,) = codec.merge_rows(layout, [row], new, np.array([0, len(new)]), present)
-    assert merged == oracle.encode_row(kinds, dims, 1, 10, [True, None, True])
 
 
 def test_decode_repeated_projection_gives_separate_arrays():
@@ -560,7 +556,7 @@ def test_decode_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------------------------
-# Corrupt rows: check_rows, decode_columns and merge_rows name the first bad row
+# Corrupt rows: check_rows and decode_columns name the first bad row
 
 # a schema with two var features, so that ends can decrease
 KINDS = [codec.KIND_INT32, codec.KIND_STRING, codec.KIND_FLOAT32_VECTOR, codec.KIND_BYTES]
@@ -618,19 +614,6 @@ def test_corrupt_rows_are_named(case, position):
         assert error.reason == reason
         assert reason in str(error) and f"row {position}" in str(error)
 
-    old_rows = [GOOD, None, GOOD, GOOD]
-    old_rows[position] = bad
-    new_buf = GOOD * 4
-    new_offsets = np.arange(5, dtype=np.int64) * len(GOOD)
-    with pytest.raises((codec.CorruptRow, codec.SchemaMismatch)) as raised:
-        codec.merge_rows(layout, old_rows, new_buf, new_offsets, np.ones(4, np.uint8))
-    assert raised.value.index == position
-    # a bad new row is the caller's input: a plain ValueError
-    new_offsets = np.array([0, len(GOOD), len(GOOD) + len(bad)])
-    with pytest.raises(ValueError, match="new row 1: ") as raised:
-        codec.merge_rows(layout, [None, GOOD], GOOD + bad, new_offsets, np.ones(4, np.uint8))
-    assert type(raised.value) is ValueError
-
 
 def test_good_rows_pass_check_rows():
     layout = codec.Layout(SCHEMA_ID, KINDS, DIMS)
@@ -679,73 +662,6 @@ def test_check_rows_agrees_with_oracle(batch, data):
         with pytest.raises((codec.CorruptRow, codec.SchemaMismatch)) as raised:
             codec.decode_columns(layout, [], buf, starts, lengths)
         assert raised.value.index == first[0]
-
-
-# --------------------------------------------------------------------------------------
-# merge_rows
-
-
-@examples
-@given(batches(max_rows=5), st.data())
-def test_merge_matches_oracle(batch, data):
-    kinds, dims, schema_id, event_times, rows, _ = batch
-    n = len(rows)
-    stored = data.draw(st.lists(st.none() | st.just(1), min_size=n, max_size=n))
-    old_rows = []
-    for i in range(n):
-        if stored[i] is None:
-            old_rows.append(None)
-        else:
-            values = [
-                data.draw(st.none() | value_strategy(k, d))
-                for k, d in zip(kinds, dims, strict=True)
-            ]
-            old = oracle.encode_row(kinds, dims, schema_id, i - 3, values)
-            old_rows.append(dirty(kinds, dims, old) if i % 2 else old)
-    present = data.draw(st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds)))
-    # a partial write: features it does not set are null in its rows
-    new_rows = oracle_rows(
-        kinds,
-        dims,
-        schema_id,
-        event_times,
-        [[v if p else None for v, p in zip(row, present, strict=True)] for row in rows],
-    )
-    new_rows = [dirty(kinds, dims, row) if i % 3 == 1 else row for i, row in enumerate(new_rows)]
-    new_buf = b"".join(new_rows)
-    new_offsets = np.array([0, *np.cumsum([len(r) for r in new_rows])], dtype=np.int64)
-
-    layout = codec.Layout(schema_id, kinds, dims)
-    merged = codec.merge_rows(
-        layout, old_rows, new_buf, new_offsets, np.array(present, dtype=np.uint8)
-    )
-    want = [
-        oracle.merge_row(kinds, dims, schema_id, old, new, present)
-        for old, new in zip(old_rows, new_rows, strict=True)
-    ]
-    assert merged == want
-    assert all(type(row) is bytes for row in merged)
-
-
-def test_merge_example():
-    kinds, dims = [codec.KIND_INT64, codec.KIND_STRING, codec.KIND_INT64_LIST], [0, 0, 0]
-    layout = codec.Layout(2, kinds, dims)
-    old = oracle.encode_row(kinds, dims, 2, 100, [7, "old", [1, 2]])
-    new = oracle.encode_row(kinds, dims, 2, 200, [None, "new text", None])
-    present = np.array([1, 1, 0], dtype=np.uint8)  # the write clears feature 0
-    (merged,) = codec.merge_rows(layout, [old], new, np.array([0, len(new)]), present)
-    assert oracle.decode_row(kinds, dims, 2, merged) == (200, [None, "new text", [1, 2]])
-
-
-def test_merge_rejects_bad_arguments():
-    layout = codec.Layout(2, [codec.KIND_INT64], [0])
-    new = oracle.encode_row([2], [0], 2, 1, [1])
-    with pytest.raises(ValueError, match="present has shape"):
-        codec.merge_rows(layout, [None], new, np.array([0, len(new)]), np.ones(2, np.uint8))
-    with pytest.raises(ValueError, match="new_offsets has 3 entries, expected 2"):
-        codec.merge_rows(layout, [None], new, np.array([0, 1, 2]), np.ones(1, np.uint8))
-    with pytest.raises(TypeError, match="old_rows\\[0\\] must be bytes"):
-        codec.merge_rows(layout, [bytearray(new)], new, np.array([0, len(new)]), np.ones(1, "u1"))
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,703 @@
+"""Delta rows (format 2) and reads of delta over base, checked against the oracle.
+
+The node applies every online write with ``delta_apply``, every delete with
+``delta_delete``, reads with ``overlay`` and compacts the delta with ``delta_compact``
+when a version becomes current (docs/row-format.md, "Delta rows"). Each property draws
+a random schema (every kind), random stored rows, some of them sloppy, and event
+times from a small range so that ties are common, plus the int64 extremes; the codec
+must agree with tests/rowformat_oracle.py byte for byte. The last properties are the
+promises the product makes on top of the format: updates converge whatever their
+order, deletes win over older updates, a version hides what it supersedes, and
+compaction never changes a read.
+"""
+
+import os
+import struct
+
+import numpy as np
+import pytest
+import rowformat_oracle as oracle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_codec import dirty, mutate, mutations, same_value, schemas, value_strategy
+
+from kvstore import _codec as codec
+
+# KVSTORE_CODEC_EXAMPLES=5000 runs a long search, as in test_codec.py.
+examples = settings(
+    max_examples=int(os.environ.get("KVSTORE_CODEC_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# µs; a small range makes equal times (and times equal to T or deleted_at) common
+event_times = st.integers(-3, 12) | st.sampled_from([INT64_MIN, INT64_MIN + 1, -1, 0, INT64_MAX])
+snapshot_times = st.just(codec.NO_DELETE) | event_times
+ttls = st.integers(-1, 15) | st.sampled_from([0, 1, INT64_MAX])
+
+
+# --------------------------------------------------------------------------------------
+# Strategies and helpers
+
+
+def dirty_delta(kinds: list[int], dims: list[int], row: bytes) -> bytes:
+    """A delta row as a sloppy writer might store it, still valid: absent features have a
+    null bit, a time and fixed bytes; null fixed bytes are not zero; true bools are 0x80."""
+    lay = oracle.layout(kinds, dims)
+    shift = oracle.delta_shift(lay)
+    bitmap_at = oracle.DELTA_HEADER.size
+    present_at = bitmap_at + lay.null_bitmap_size
+    times_at = present_at + lay.null_bitmap_size
+    out = bytearray(row)
+    for f, kind in enumerate(kinds):
+        present = row[present_at + f // 8] >> (f % 8) & 1
+        null = row[bitmap_at + f // 8] >> (f % 8) & 1
+        if not present:
+            out[bitmap_at + f // 8] |= 1 << (f % 8)
+            out[times_at + 8 * f : times_at + 8 * f + 8] = struct.pack("<q", 0x5A5A + f)
+        if kind in oracle.VAR_KINDS:
+            continue
+        offset, width = lay.fixed_offsets[f] + shift, lay.widths[f]
+        if not present or null:
+            out[offset : offset + width] = b"\xab" * width
+        elif kind == oracle.BOOL and row[offset]:
+            out[offset] = 0x80
+    _, schema_id = struct.unpack_from("<BI", row)
+    assert oracle.check_delta_row(kinds, dims, schema_id, bytes(out)) is None
+    return bytes(out)
+
+
+@st.composite
+def delta_rows(draw, kinds: list[int], dims: list[int], schema_id: int) -> bytes:
+    """Any valid delta row: features absent or at any time, any deleted_at, and an event
+    time that is usually the newest of them (as the codec writes it) but not always."""
+    times = [draw(st.none() | event_times) for _ in kinds]
+    values = [draw(st.none() | value_strategy(k, d)) for k, d in zip(kinds, dims, strict=True)]
+    deleted_at = draw(st.just(oracle.NO_DELETE) | event_times)
+    newest = max([deleted_at] + [t for t in times if t is not None])
+    event_time = draw(st.just(newest) | event_times)
+    row = oracle.encode_delta_row(kinds, dims, schema_id, event_time, deleted_at, times, values)
+    return dirty_delta(kinds, dims, row) if draw(st.booleans()) else row
+
+
+@st.composite
+def base_rows(draw, kinds: list[int], dims: list[int], schema_id: int) -> bytes:
+    values = [draw(st.none() | value_strategy(k, d)) for k, d in zip(kinds, dims, strict=True)]
+    row = oracle.encode_row(kinds, dims, schema_id, draw(event_times), values)
+    return dirty(kinds, dims, row) if draw(st.booleans()) else row
+
+
+@st.composite
+def updates(draw, kinds: list[int], dims: list[int], schema_id: int, present: list[bool]) -> bytes:
+    """An update: a format-1 row at its event time; what it holds for the features it does
+    not set (``present``) is ignored, so it is anything."""
+    values = [draw(st.none() | value_strategy(k, d)) for k, d in zip(kinds, dims, strict=True)]
+    row = oracle.encode_row(kinds, dims, schema_id, draw(event_times), values)
+    return dirty(kinds, dims, row) if draw(st.booleans()) else row
+
+
+def masks(n: int) -> st.SearchStrategy[list[bool]]:
+    return st.lists(st.booleans(), min_size=n, max_size=n)
+
+
+def ttl_arrays(n: int) -> st.SearchStrategy[list[int] | None]:
+    return st.none() | st.just([0] * n) | st.lists(ttls, min_size=n, max_size=n)
+
+
+def joined(rows: list[bytes]) -> tuple[bytes, np.ndarray]:
+    """Rows in one buffer and their n + 1 offsets, as delta_apply takes updates."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in rows], dtype=np.int64)
+    return b"".join(rows), offsets
+
+
+def ttl_array(ttl: list[int] | None) -> np.ndarray | None:
+    return None if ttl is None else np.array(ttl, dtype=np.int64)
+
+
+def apply_one(layout, row: bytes | None, update: bytes, present: list[bool]) -> bytes:
+    buf, offsets = joined([update])
+    (out,) = codec.delta_apply(layout, [row], buf, offsets, np.array(present, dtype=np.uint8))
+    return out
+
+
+def delete_one(layout, row: bytes | None, t: int) -> bytes:
+    (out,) = codec.delta_delete(layout, [row], np.array([t], dtype=np.int64))
+    return out
+
+
+def read_one(layout, base, delta, snapshot_time, now, ttl) -> bytes | None:
+    (out,) = codec.overlay(layout, [base], [delta], snapshot_time, now, ttl_array(ttl))
+    return out
+
+
+def same_read(got: bytes | None, want: bytes | None, base: bytes | None) -> bool:
+    """Equal rows, and the base row object itself exactly when the oracle passes it on."""
+    return got == want and (base is not None and got is base) == (base is not None and want is base)
+
+
+# --------------------------------------------------------------------------------------
+# The oracle itself
+
+
+@examples
+@given(schemas(max_features=10), st.data())
+def test_oracle_delta_rows_round_trip(schema, data):
+    kinds, dims, schema_id = schema
+    times = [data.draw(st.none() | event_times) for _ in kinds]
+    values = [
+        None if t is None else data.draw(st.none() | value_strategy(k, d))
+        for k, d, t in zip(kinds, dims, times, strict=True)
+    ]
+    event_time, deleted_at = data.draw(event_times), data.draw(event_times)
+    row = oracle.encode_delta_row(kinds, dims, schema_id, event_time, deleted_at, times, values)
+    lay = oracle.layout(kinds, dims)
+    assert oracle.check_delta_row(kinds, dims, schema_id, row) is None
+    assert len(row) >= lay.min_row_size + oracle.delta_shift(lay)
+    got = oracle.decode_delta_row(kinds, dims, schema_id, row)
+    assert got[:3] == (event_time, deleted_at, times)
+    assert all(same_value(k, a, b) for k, a, b in zip(kinds, got[3], values, strict=True))
+    sloppy = oracle.decode_delta_row(kinds, dims, schema_id, dirty_delta(kinds, dims, row))
+    assert sloppy[:3] == got[:3]
+    assert all(same_value(k, a, b) for k, a, b in zip(kinds, sloppy[3], values, strict=True))
+    # The body is format 1's: behind a format-1 header, the present values decode alike.
+    body = row[oracle.delta_header_size(lay) :]
+    bitmap = row[oracle.DELTA_HEADER.size : oracle.DELTA_HEADER.size + lay.null_bitmap_size]
+    as_row = oracle.HEADER.pack(1, schema_id, event_time) + bitmap + body
+    _, as_values = oracle.decode_row(kinds, dims, schema_id, as_row)
+    for kind, value, t, want in zip(kinds, as_values, times, values, strict=True):
+        assert same_value(kind, value if t is not None else None, want)
+
+
+def test_oracle_example_delta_row():
+    # int32, string, bool; the int32 is present at time 5, the string present and null
+    # at time 7, the bool absent; no delete
+    row = oracle.encode_delta_row(
+        [1, 6, 0], [0, 0, 0], 9, 7, codec.NO_DELETE, [5, 7, None], [-2, None, True]
+    )
+    assert row == (
+        b"\x02" + b"\x09\x00\x00\x00" + (7).to_bytes(8, "little")  # format, schema id, event time
+        + b"\x00\x00\x00\x00\x00\x00\x00\x80"  # deleted_at: INT64_MIN
+        + b"\x02"  # null bitmap: feature 1
+        + b"\x03"  # present bitmap: features 0 and 1
+        + struct.pack("<3q", 5, 7, 0)  # feature times, 0 where absent
+        + b"\xfe\xff\xff\xff" + b"\x00"  # fixed section: the int32, the absent bool
+        + b"\x00\x00\x00\x00"  # the null string ends at 0
+    )  # fmt: skip
+    assert len(row) == 21 + 2 * 1 + 8 * 3 + 5 + 4
+
+
+def test_delta_constants():
+    assert codec.DELTA_FORMAT_VERSION == oracle.DELTA_FORMAT == 2
+    assert codec.NO_DELETE == oracle.NO_DELETE == INT64_MIN
+
+
+# --------------------------------------------------------------------------------------
+# Each operation against the oracle
+
+
+@examples
+@given(schemas(max_features=10), st.integers(0, 5), st.data())
+def test_delta_apply_matches_oracle(schema, n, data):
+    kinds, dims, schema_id = schema
+    present = data.draw(masks(len(kinds)))
+    old_rows = [data.draw(st.none() | delta_rows(kinds, dims, schema_id)) for _ in range(n)]
+    new_rows = [data.draw(updates(kinds, dims, schema_id, present)) for _ in range(n)]
+    layout = codec.Layout(schema_id, kinds, dims)
+    buf, offsets = joined(new_rows)
+    got = codec.delta_apply(layout, old_rows, buf, offsets, np.array(present, dtype=np.bool_))
+    want = [
+        oracle.delta_apply(kinds, dims, schema_id, old, new, present)
+        for old, new in zip(old_rows, new_rows, strict=True)
+    ]
+    assert got == want
+    assert all(type(row) is bytes for row in got)
+
+
+@examples
+@given(schemas(max_features=10), st.integers(0, 5), st.data())
+def test_delta_delete_matches_oracle(schema, n, data):
+    kinds, dims, schema_id = schema
+    old_rows = [data.draw(st.none() | delta_rows(kinds, dims, schema_id)) for _ in range(n)]
+    times = data.draw(st.lists(event_times, min_size=n, max_size=n))
+    layout = codec.Layout(schema_id, kinds, dims)
+    got = codec.delta_delete(layout, old_rows, np.array(times, dtype=np.int64))
+    want = [
+        oracle.delta_delete(kinds, dims, schema_id, old, t)
+        for old, t in zip(old_rows, times, strict=True)
+    ]
+    assert got == want
+
+
+@examples
+@given(schemas(max_features=10), st.integers(0, 5), st.data())
+def test_overlay_matches_oracle(schema, n, data):
+    kinds, dims, schema_id = schema
+    base = [data.draw(st.none() | base_rows(kinds, dims, schema_id)) for _ in range(n)]
+    delta = [data.draw(st.none() | delta_rows(kinds, dims, schema_id)) for _ in range(n)]
+    snapshot_time, now = data.draw(snapshot_times), data.draw(event_times)
+    ttl = data.draw(ttl_arrays(len(kinds)))
+    layout = codec.Layout(schema_id, kinds, dims)
+    got = codec.overlay(layout, base, delta, snapshot_time, now, ttl_array(ttl))
+    for i in range(n):
+        want = oracle.overlay(kinds, dims, schema_id, base[i], delta[i], snapshot_time, now, ttl)
+        assert same_read(got[i], want, base[i]), i
+
+
+@examples
+@given(schemas(max_features=10), st.integers(0, 5), snapshot_times, st.data())
+def test_delta_compact_matches_oracle(schema, n, snapshot_time, data):
+    kinds, dims, schema_id = schema
+    rows = [data.draw(st.none() | delta_rows(kinds, dims, schema_id)) for _ in range(n)]
+    layout = codec.Layout(schema_id, kinds, dims)
+    got = codec.delta_compact(layout, rows, snapshot_time)
+    for row, out in zip(rows, got, strict=True):
+        want = oracle.delta_compact(kinds, dims, schema_id, row, snapshot_time)
+        assert out == want
+        assert (out is row) == (want is row)  # unchanged: the same object, nothing to write
+
+
+@examples
+@given(schemas(max_features=10), st.data())
+def test_delta_info_matches_oracle(schema, data):
+    kinds, dims, schema_id = schema
+    row = data.draw(delta_rows(kinds, dims, schema_id))
+    layout = codec.Layout(schema_id, kinds, dims)
+    assert codec.delta_info(layout, row) == oracle.delta_info(kinds, dims, schema_id, row)
+
+
+def test_overlay_example():
+    # int64 a, string b, float32 c; a version with snapshot time 100
+    kinds, dims = [codec.KIND_INT64, codec.KIND_STRING, codec.KIND_FLOAT32], [0, 0, 0]
+    layout = codec.Layout(3, kinds, dims)
+    base = oracle.encode_row(kinds, dims, 3, 90, [1, "base", 1.5])
+    delta = oracle.encode_delta_row(kinds, dims, 3, 120, -1, [80, 120, None], [2, "delta", None])
+    (row,) = codec.overlay(layout, [base], [delta], 100, 200, None)
+    # a's delta value is older than the version: the base's; b's is newer: the delta's
+    assert oracle.decode_row(kinds, dims, 3, row) == (120, [1, "delta", 1.5])
+    # b and c live 100 µs: at now = 200 the base's c (time 90) has expired, the delta's b
+    # (time 120) not
+    ttl = np.array([0, 100, 100], dtype=np.int64)
+    (row,) = codec.overlay(layout, [base], [delta], 100, 200, ttl)
+    assert oracle.decode_row(kinds, dims, 3, row) == (120, [1, "delta", None])
+    # nothing newer in the delta and nothing expired: the stored base row itself
+    (row,) = codec.overlay(layout, [base], [delta], 120, 100, ttl)
+    assert row is base
+    (row,) = codec.overlay(layout, [base], [None], 120, 100, None)
+    assert row is base
+    # a delete after the snapshot hides the base; newer delta features still show
+    deleted = delete_one(layout, delta, 110)
+    (row,) = codec.overlay(layout, [base], [deleted], 100, 200, None)
+    assert oracle.decode_row(kinds, dims, 3, row) == (120, [None, "delta", None])
+    assert codec.overlay(layout, [None, None], [None, deleted], 120, 200, None) == [None, None]
+
+
+def test_apply_and_delete_example():
+    kinds, dims = [codec.KIND_INT64, codec.KIND_INT64_LIST], [0, 0]
+    layout = codec.Layout(8, kinds, dims)
+    first = oracle.encode_row(kinds, dims, 8, 10, [1, [1, 2]])
+    row = apply_one(layout, None, first, [True, True])
+    assert codec.delta_info(layout, row) == (10, codec.NO_DELETE, {0: 10, 1: 10})
+    older = oracle.encode_row(kinds, dims, 8, 5, [2, None])
+    row = apply_one(layout, row, older, [True, True])  # older than both: ignored
+    assert oracle.decode_delta_row(kinds, dims, 8, row)[3] == [1, [1, 2]]
+    same_time = oracle.encode_row(kinds, dims, 8, 10, [3, None])
+    row = apply_one(layout, row, same_time, [True, False])  # equal time: applied later, wins
+    assert oracle.decode_delta_row(kinds, dims, 8, row)[2:] == ([10, 10], [3, [1, 2]])
+    row = delete_one(layout, row, 10)
+    assert codec.delta_info(layout, row) == (10, 10, {})
+    assert codec.delta_compact(layout, [row], 10) == [None]
+    assert codec.delta_compact(layout, [row], 9) == [row]
+
+
+def test_a_version_holds_the_deletes_before_its_snapshot():
+    kinds, dims = [codec.KIND_INT64, codec.KIND_INT64], [0, 0]
+    layout = codec.Layout(1, kinds, dims)
+    base = oracle.encode_row(kinds, dims, 1, 5, [10, 20])
+    tombstone = delete_one(layout, None, 7)
+    # A version with snapshot time 10 was taken after the delete at 7: its row is what the
+    # key reads, before compaction drops the tombstone and after.
+    assert codec.overlay(layout, [base], [tombstone], 10, 0, None)[0] is base
+    assert codec.delta_compact(layout, [tombstone], 10) == [None]
+    # A version taken before the delete (snapshot time 6) is hidden by it.
+    assert codec.overlay(layout, [base], [tombstone], 6, 0, None) == [None]
+    assert codec.delta_compact(layout, [tombstone], 6) == [tombstone]
+
+
+def test_edges_of_the_int64_range():
+    kinds, dims = [codec.KIND_INT64, codec.KIND_INT64], [0, 0]
+    layout = codec.Layout(1, kinds, dims)
+    # An update at INT64_MIN is never newer than "no delete": ignored, row or no row, so
+    # the order of a key's first updates does not matter.
+    at_min = oracle.encode_row(kinds, dims, 1, INT64_MIN, [1, None])
+    at_5 = oracle.encode_row(kinds, dims, 1, 5, [None, 2])
+    first = apply_one(layout, None, at_min, [True, False])
+    assert codec.delta_info(layout, first) == (INT64_MIN, INT64_MIN, {})
+    one_way = apply_one(layout, first, at_5, [False, True])
+    other_way = apply_one(
+        layout, apply_one(layout, None, at_5, [False, True]), at_min, [True, False]
+    )
+    assert one_way == other_way
+    assert codec.delta_info(layout, one_way) == (5, INT64_MIN, {1: 5})
+    # An update that sets nothing leaves the row's event time alone.
+    assert codec.delta_info(layout, apply_one(layout, one_way, at_5, [False, False]))[0] == 5
+    nothing = apply_one(layout, None, at_5, [False, False])
+    assert codec.delta_info(layout, nothing) == (INT64_MIN, INT64_MIN, {})
+    # Near the smallest clock value now - ttl is below INT64_MIN: nothing has expired.
+    base = oracle.encode_row(kinds, dims, 1, INT64_MIN, [1, 2])
+    ttl = np.array([10, INT64_MAX], np.int64)
+    assert codec.overlay(layout, [base], [None], 0, INT64_MIN + 5, ttl)[0] is base
+    assert codec.overlay(layout, [base], [nothing], 0, INT64_MIN + 5, ttl)[0] is base
+    assert codec.overlay(layout, [base], [None], 0, INT64_MIN + 11, ttl)[0] != base
+
+
+# --------------------------------------------------------------------------------------
+# What the product promises
+
+
+@st.composite
+def histories(draw, kinds: list[int], dims: list[int], schema_id: int):
+    """Updates (each with its own feature subset) and deletes of one key, in event-time
+    order; two updates at one time never set the same feature (then the order decides)."""
+    ops = []
+    taken: set[tuple[int, int]] = set()  # (time, feature) some update sets
+    for _ in range(draw(st.integers(1, 7))):
+        if draw(st.integers(0, 3)) == 0:
+            ops.append(("delete", draw(event_times), None, None))
+            continue
+        present = draw(masks(len(kinds)))
+        row = draw(updates(kinds, dims, schema_id, present))
+        t = struct.unpack_from("<q", row, 5)[0]
+        sets = {(t, f) for f, p in enumerate(present) if p}
+        if sets & taken:
+            continue
+        taken |= sets
+        ops.append(("update", t, row, present))
+    return sorted(ops, key=lambda op: op[1])
+
+
+def replay(layout, ops) -> bytes | None:
+    """The key's delta row after the operations, applied in the order given."""
+    row = None
+    for kind, t, update, present in ops:
+        row = (
+            delete_one(layout, row, t)
+            if kind == "delete"
+            else apply_one(layout, row, update, present)
+        )
+    return row
+
+
+@examples
+@given(schemas(max_features=6), st.data())
+def test_updates_converge_in_any_order(schema, data):
+    kinds, dims, schema_id = schema
+    layout = codec.Layout(schema_id, kinds, dims)
+    ops = data.draw(histories(kinds, dims, schema_id))
+    redelivered = data.draw(st.lists(st.sampled_from(ops), max_size=4))
+    shuffled = data.draw(st.permutations(ops + redelivered))
+    in_order = replay(layout, ops)
+    assert replay(layout, shuffled) == in_order
+    want = None
+    for kind, t, update, present in ops:
+        if kind == "delete":
+            want = oracle.delta_delete(kinds, dims, schema_id, want, t)
+        else:
+            want = oracle.delta_apply(kinds, dims, schema_id, want, update, present)
+    assert in_order == want
+
+
+@examples
+@given(schemas(max_features=8), st.integers(0, 4), st.data())
+def test_a_delete_wins_over_older_and_equal_updates(schema, age, data):
+    kinds, dims, schema_id = schema
+    layout = codec.Layout(schema_id, kinds, dims)
+    row = data.draw(st.none() | delta_rows(kinds, dims, schema_id))
+    deleted_at = data.draw(event_times)
+    deleted = delete_one(layout, row, deleted_at)
+    assert codec.delta_info(layout, deleted)[1] >= deleted_at
+    assert all(t > deleted_at for t in codec.delta_info(layout, deleted)[2].values())
+    present = data.draw(masks(len(kinds)))
+    update = data.draw(updates(kinds, dims, schema_id, present))
+    t = max(INT64_MIN, deleted_at - age)
+    update = update[:5] + struct.pack("<q", t) + update[13:]
+    assert apply_one(layout, deleted, update, present) == deleted
+
+
+def without_old_features(kinds, dims, schema_id, row: bytes, snapshot_time: int, how: str):
+    """The delta row with every feature no newer than the snapshot made absent, or null."""
+    delta = oracle.delta_cells(kinds, dims, schema_id, row)
+    for f, t in enumerate(delta.times):
+        if t is not None and t <= snapshot_time:
+            if how == "absent":
+                delta.times[f] = None
+            delta.cells[f] = None
+    return oracle.encode_delta(oracle.layout(kinds, dims), schema_id, delta)
+
+
+@examples
+@given(schemas(max_features=8), snapshot_times, event_times, st.data())
+def test_overlay_never_reads_delta_features_the_version_supersedes(
+    schema, snapshot_time, now, data
+):
+    kinds, dims, schema_id = schema
+    layout = codec.Layout(schema_id, kinds, dims)
+    base = data.draw(st.none() | base_rows(kinds, dims, schema_id))
+    delta = data.draw(delta_rows(kinds, dims, schema_id))
+    ttl = data.draw(ttl_arrays(len(kinds)))
+    read = read_one(layout, base, delta, snapshot_time, now, ttl)
+    for how in ("absent", "null"):
+        other = without_old_features(kinds, dims, schema_id, delta, snapshot_time, how)
+        assert same_read(read_one(layout, base, other, snapshot_time, now, ttl), read, base)
+    if read is not None and read is not base:
+        event_time, _ = oracle.decode_row(kinds, dims, schema_id, read)
+        tb = struct.unpack_from("<q", base, 5)[0] if base is not None else INT64_MIN
+        times = oracle.delta_info(kinds, dims, schema_id, delta)[2].values()
+        assert event_time in {tb, *(t for t in times if t > snapshot_time)}
+
+
+@examples
+@given(schemas(max_features=8), snapshot_times, st.data())
+def test_compaction_never_changes_a_read_of_its_version(schema, snapshot_time, data):
+    kinds, dims, schema_id = schema
+    layout = codec.Layout(schema_id, kinds, dims)
+    base = data.draw(st.none() | base_rows(kinds, dims, schema_id))
+    if data.draw(st.booleans()):
+        delta = data.draw(delta_rows(kinds, dims, schema_id))
+    else:
+        delta = replay(layout, data.draw(histories(kinds, dims, schema_id)))
+    (compacted,) = codec.delta_compact(layout, [delta], snapshot_time)
+    for _ in range(3):  # any read of that version: any clock, any TTLs
+        now, ttl = data.draw(event_times), data.draw(ttl_arrays(len(kinds)))
+        before = read_one(layout, base, delta, snapshot_time, now, ttl)
+        assert same_read(read_one(layout, base, compacted, snapshot_time, now, ttl), before, base)
+    # and compacting again changes nothing
+    if compacted is not None:
+        assert codec.delta_compact(layout, [compacted], snapshot_time)[0] is compacted
+
+
+# --------------------------------------------------------------------------------------
+# Corrupt and foreign rows: CorruptRow / SchemaMismatch name the key's index
+
+KINDS = [codec.KIND_INT32, codec.KIND_STRING, codec.KIND_FLOAT32_VECTOR, codec.KIND_BYTES]
+DIMS = [0, 0, 2, 0]
+SCHEMA_ID = 4
+LAYOUT = oracle.layout(KINDS, DIMS)
+BASE = oracle.encode_row(KINDS, DIMS, SCHEMA_ID, 10, [1, "abc", [1.0, 2.0], b"xy"])
+DELTA = oracle.encode_delta_row(
+    KINDS, DIMS, SCHEMA_ID, 20, 5, [20, 20, None, 15], [2, "de", None, b"f"]
+)
+DELTA_ENDS = LAYOUT.ends_start + oracle.delta_shift(LAYOUT)  # 67: the two u32 var ends
+
+
+def with_u32(row: bytes, offset: int, value: int) -> bytes:
+    return row[:offset] + struct.pack("<I", value) + row[offset + 4 :]
+
+
+DELTA_CORRUPTIONS = {
+    "truncated header": (DELTA[:20], "delta row: length 20 is shorter than the 75-byte minimum"),
+    "truncated times": (DELTA[:50], "delta row: length 50 is shorter than the 75-byte minimum"),
+    "truncated var data": (
+        DELTA[:-1],
+        "delta row: var data length mismatch: the var ends cover 3 bytes, the row holds 2",
+    ),
+    "trailing garbage": (
+        DELTA + b"\x00",
+        "delta row: var data length mismatch: the var ends cover 3 bytes, the row holds 4",
+    ),
+    "a base row": (BASE, "delta row: format byte 0x01, expected 0x02"),
+    "decreasing var ends": (
+        with_u32(DELTA, DELTA_ENDS, 4),
+        "delta row: var ends decrease: feature 3 ends at 3, before the previous end 4",
+    ),
+}
+BASE_CORRUPTIONS = {
+    "truncated": (BASE[:20], "base row: length 20 is shorter than the 34-byte minimum"),
+    "a delta row": (DELTA, "base row: format byte 0x02, expected 0x01"),
+    "trailing garbage": (
+        BASE + b"\x00",
+        "base row: var data length mismatch: the var ends cover 5 bytes, the row holds 6",
+    ),
+}
+
+
+def run(op: str, rows: list, position: int):
+    """One codec call on four keys, ``rows`` as the stored rows the op reads."""
+    layout = codec.Layout(SCHEMA_ID, KINDS, DIMS)
+    if op == "delta_apply":
+        buf, offsets = joined([BASE] * len(rows))
+        return codec.delta_apply(layout, rows, buf, offsets, np.ones(4, np.uint8))
+    if op == "delta_delete":
+        return codec.delta_delete(layout, rows, np.full(len(rows), 30, np.int64))
+    if op == "overlay delta":
+        return codec.overlay(layout, [BASE] * len(rows), rows, 0, 0, None)
+    if op == "overlay base":
+        return codec.overlay(layout, rows, [DELTA, None, None, DELTA], 0, 0, None)
+    if op == "delta_compact":
+        return codec.delta_compact(layout, rows, 0)
+    assert op == "delta_info"
+    return codec.delta_info(layout, rows[position])
+
+
+DELTA_OPS = ["delta_apply", "delta_delete", "overlay delta", "delta_compact", "delta_info"]
+
+
+@pytest.mark.parametrize("case", sorted(DELTA_CORRUPTIONS))
+@pytest.mark.parametrize("op", DELTA_OPS)
+@pytest.mark.parametrize("position", [0, 3])
+def test_corrupt_delta_rows_are_named(case, op, position):
+    bad, reason = DELTA_CORRUPTIONS[case]
+    assert "delta row: " + oracle.check_delta_row(KINDS, DIMS, SCHEMA_ID, bad) == reason
+    rows = [DELTA, None, DELTA, DELTA]
+    rows[position] = bad
+    with pytest.raises(codec.CorruptRow) as raised:
+        run(op, rows, position)
+    assert raised.value.index == (0 if op == "delta_info" else position)
+    assert raised.value.reason == reason
+    assert str(raised.value).endswith(reason)
+
+
+@pytest.mark.parametrize("case", sorted(BASE_CORRUPTIONS))
+@pytest.mark.parametrize("position", [0, 1, 3])  # with a delta row (0, 3) and without (1)
+def test_corrupt_base_rows_are_named(case, position):
+    bad, reason = BASE_CORRUPTIONS[case]
+    assert "base row: " + oracle.check_row(KINDS, DIMS, SCHEMA_ID, bad) == reason
+    rows = [BASE, None, BASE, BASE]
+    rows[position] = bad
+    with pytest.raises(codec.CorruptRow) as raised:
+        run("overlay base", rows, position)
+    assert (raised.value.index, raised.value.reason) == (position, reason)
+
+
+@pytest.mark.parametrize("op", [*DELTA_OPS, "overlay base"])
+def test_rows_of_another_schema_are_a_schema_mismatch(op):
+    foreign = with_u32(BASE if op == "overlay base" else DELTA, 1, 9)
+    rows = [DELTA if op != "overlay base" else BASE] * 4
+    rows[2] = foreign
+    with pytest.raises(codec.SchemaMismatch) as raised:
+        run(op, rows, 2)
+    error = raised.value
+    assert (error.index, error.schema_id, error.expected) == (
+        0 if op == "delta_info" else 2,
+        9,
+        SCHEMA_ID,
+    )
+
+
+def first_error(calls) -> tuple[int, oracle.StoredRowError] | None:
+    """The first key whose oracle call refuses a stored row, as the codec must report it."""
+    for i, call in enumerate(calls):
+        try:
+            call()
+        except oracle.StoredRowError as error:
+            return i, error
+    return None
+
+
+def expect_error(call, expected):
+    with pytest.raises((codec.CorruptRow, codec.SchemaMismatch)) as raised:
+        call()
+    i, error = expected
+    assert raised.value.index == i
+    if error.schema_id is None:
+        assert type(raised.value) is codec.CorruptRow
+        assert raised.value.reason == error.reason
+    else:
+        assert type(raised.value) is codec.SchemaMismatch
+        assert raised.value.schema_id == error.schema_id
+
+
+@examples
+@given(schemas(max_features=8), st.integers(1, 4), snapshot_times, st.data())
+def test_mutated_rows_agree_with_oracle(schema, n, snapshot_time, data):
+    kinds, dims, schema_id = schema
+    base = [data.draw(st.none() | base_rows(kinds, dims, schema_id)) for _ in range(n)]
+    delta = [data.draw(st.none() | delta_rows(kinds, dims, schema_id)) for _ in range(n)]
+    for rows in (base, delta):
+        for i in data.draw(st.lists(st.integers(0, n - 1), max_size=2)):
+            if rows[i] is not None:
+                rows[i] = mutate(rows[i], data.draw(mutations))
+    layout = codec.Layout(schema_id, kinds, dims)
+    mask = [True] * len(kinds)
+    buf, offsets = joined([oracle.encode_row(kinds, dims, schema_id, 1, [None] * len(kinds))] * n)
+    checks = {
+        "overlay": (
+            lambda: codec.overlay(layout, base, delta, snapshot_time, 0, None),
+            [
+                lambda i=i: oracle.overlay(
+                    kinds, dims, schema_id, base[i], delta[i], snapshot_time, 0
+                )
+                for i in range(n)
+            ],
+        ),
+        "delta_apply": (
+            lambda: codec.delta_apply(layout, delta, buf, offsets, np.ones(len(kinds), np.uint8)),
+            [
+                lambda i=i: oracle.delta_apply(
+                    kinds, dims, schema_id, delta[i], buf[offsets[i] : offsets[i + 1]], mask
+                )
+                for i in range(n)
+            ],
+        ),
+        "delta_delete": (
+            lambda: codec.delta_delete(layout, delta, np.zeros(n, np.int64)),
+            [
+                lambda i=i: oracle.delta_delete(kinds, dims, schema_id, delta[i], 0)
+                for i in range(n)
+            ],
+        ),
+        "delta_compact": (
+            lambda: codec.delta_compact(layout, delta, snapshot_time),
+            [
+                lambda i=i: oracle.delta_compact(kinds, dims, schema_id, delta[i], snapshot_time)
+                for i in range(n)
+            ],
+        ),
+    }
+    for call, oracle_calls in checks.values():
+        expected = first_error(oracle_calls)
+        if expected is None:
+            assert call() == [each() for each in oracle_calls]
+        else:
+            expect_error(call, expected)
+
+
+# --------------------------------------------------------------------------------------
+# Bad arguments: the caller's mistakes are ValueError / TypeError, not corrupt rows
+
+
+def test_a_bad_update_is_the_callers_error():
+    layout = codec.Layout(SCHEMA_ID, KINDS, DIMS)
+    mask = np.ones(4, np.uint8)
+    buf, offsets = joined([BASE, BASE[:-1]])
+    with pytest.raises(ValueError, match=r"^update 1: var data length mismatch") as raised:
+        codec.delta_apply(layout, [None, DELTA], buf, offsets, mask)
+    assert type(raised.value) is ValueError
+    buf, offsets = joined([BASE, with_u32(BASE, 1, 9)])
+    with pytest.raises(ValueError, match=r"^update 1: schema id 9, expected 4") as raised:
+        codec.delta_apply(layout, [None, None], buf, offsets, mask)
+    assert type(raised.value) is ValueError
+    with pytest.raises(ValueError, match="update 0: bytes \\[0, 99\\) are not a range"):
+        codec.delta_apply(layout, [None], BASE, np.array([0, 99]), mask)
+    with pytest.raises(ValueError, match="new_offsets has 2 entries, expected 3"):
+        codec.delta_apply(layout, [None, None], BASE, np.array([0, len(BASE)]), mask)
+    with pytest.raises(ValueError, match="present has shape"):
+        codec.delta_apply(layout, [None], BASE, np.array([0, len(BASE)]), np.ones(3, np.uint8))
+
+
+def test_bad_arguments():
+    layout = codec.Layout(SCHEMA_ID, KINDS, DIMS)
+    with pytest.raises(ValueError, match="times has 1 entries, expected 2"):
+        codec.delta_delete(layout, [None, None], np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="1 delta rows for 2 base rows"):
+        codec.overlay(layout, [BASE, BASE], [None], 0, 0, None)
+    with pytest.raises(ValueError, match="ttl_us has 3 entries, expected 4"):
+        codec.overlay(layout, [BASE], [None], 0, 0, np.ones(3, np.int64))
+    with pytest.raises(TypeError, match="row 0 must be bytes or None"):
+        codec.overlay(layout, [bytearray(BASE)], [None], 0, 0, None)
+    with pytest.raises(TypeError, match="delta row 1 must be bytes or None"):
+        codec.delta_compact(layout, [None, bytearray(DELTA)], 0)
+    with pytest.raises(TypeError):
+        codec.delta_info(layout, None)
