@@ -283,6 +283,7 @@ class Node:
                 if puts or deletes:
                     shard.write(puts, deletes, self._write_options)
                     changed += len(puts) + len(deletes)
+            shard.recheck_empty()
         logger.info(
             "table %r: delta compacted against snapshot %d: %d rows changed",
             name,
@@ -334,8 +335,9 @@ class Node:
         values: list[bytes | None] = []
         done = 0
         for s, shard_keys in groups:
-            delta_rows = shards[s].multi_get(shard_keys)
-            base_rows = base[s].multi_get(shard_keys) if base else [None] * len(shard_keys)
+            nones = [None] * len(shard_keys)
+            delta_rows = nones if shards[s].empty else shards[s].multi_get(shard_keys)
+            base_rows = base[s].multi_get(shard_keys) if base and not base[s].empty else nones
             try:
                 values.extend(
                     _codec.overlay(layout, base_rows, delta_rows, snapshot, now, schema.ttl_us)

@@ -43,7 +43,7 @@ def rocksdb_options(cache: rocksdict.Cache, bloom_bits_per_key: float = 10.0) ->
 class Shard:
     """A RocksDB instance holding the rows of one shard."""
 
-    __slots__ = ("_db", "index", "path")
+    __slots__ = ("_db", "empty", "index", "path")
 
     def __init__(self, path: Path, index: int, options: rocksdict.Options) -> None:
         self.path = path
@@ -52,6 +52,16 @@ class Shard:
         # Passing the options per column family is what makes RocksDB use them on
         # reopen; Rdict(path, opts) alone silently falls back to the stored options.
         self._db = rocksdict.Rdict(str(path), options, column_families={"default": options})
+        #: True while the shard surely holds no key: reads then skip it (a bulk-loaded
+        #: table with an empty delta pays for one lookup per key, not two).
+        self.empty = self._first_key() is None
+
+    def _first_key(self) -> bytes | None:
+        return next(iter(self._db.keys()), None)
+
+    def recheck_empty(self) -> None:
+        """Look again whether the shard holds any key (after deletes or compaction)."""
+        self.empty = self._first_key() is None
 
     def multi_get(self, keys: list[bytes]) -> list[bytes | None]:
         """Values of ``keys`` (None where missing): one batched MultiGet, GIL released.
@@ -67,6 +77,7 @@ class Shard:
         options: rocksdict.WriteOptions | None = None,
     ) -> None:
         """Apply puts and deletes atomically: one WriteBatch, through the WAL."""
+        self.empty = False
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in puts:
             batch.put(key, value)
@@ -102,6 +113,7 @@ class Shard:
 
     def ingest(self, paths: list[str], options: rocksdict.IngestExternalFileOptions) -> None:
         """Ingest sorted SST files built by SstFileWriter (moved in, not copied)."""
+        self.empty = False
         self._db.ingest_external_file(paths, options)
 
     def estimate_keys(self) -> int:
