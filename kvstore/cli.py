@@ -78,6 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
         "default; clients find it in the cluster map), -1 = off",
     )
     p.add_argument("--data", type=Path, default=None, help="data directory (default ./var/kvstore)")
+    p.add_argument(
+        "--cold-dir",
+        type=Path,
+        default=None,
+        help="where bulk versions live, written once then only read: put it on cheap "
+        "QLC flash (default <data>/cold)",
+    )
+    p.add_argument(
+        "--keep-versions",
+        type=int,
+        default=None,
+        help="bulk versions kept besides the current one, for rollback (default 2)",
+    )
+    p.add_argument(
+        "--sync-writes",
+        action="store_true",
+        help="fsync the WAL before acknowledging a write (survives power loss; default: "
+        "survives a crash or kill -9)",
+    )
+    p.add_argument(
+        "--max-clock-skew-s",
+        type=float,
+        default=None,
+        help="refuse writes whose event time is further ahead of the node's clock (default 300)",
+    )
     p.add_argument("--demo", action="store_true", help="create the demo_users table on first start")
     p.add_argument(
         "--block-cache-mb",
@@ -307,6 +332,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         fast_port=args.fast_port,
         data_dir=args.data,
+        cold_dir=args.cold_dir,
+        keep_versions=args.keep_versions,
+        sync_writes=args.sync_writes or None,
+        max_clock_skew_s=args.max_clock_skew_s,
         demo=args.demo or None,
         block_cache_bytes=args.block_cache_mb and args.block_cache_mb << 20,
         max_keys_per_request=args.max_keys_per_request,
