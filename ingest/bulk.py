@@ -109,6 +109,12 @@ class LoadSummary:
     input_rows: int = 0
     input_files: int = 0
     duplicates_dropped: int = 0
+    #: Key bytes + encoded row bytes of the rows loaded: the data, before RocksDB.
+    logical_bytes: int = 0
+    #: Bytes the node wrote to its cold path for this version (SSTs + RocksDB files).
+    cold_bytes_written: int = 0
+    #: cold_bytes_written / logical_bytes: the cold tier's write amplification.
+    cold_write_amplification: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The summary as a JSON-ready dict."""
@@ -201,6 +207,11 @@ def load(
         rows_per_s=round(src.rows / seconds, 1),
         mb_per_s=round(src.bytes / seconds / 1e6, 2),
         snapshot_time_us=done["snapshot_time_us"],
+        logical_bytes=done["logical_bytes"],
+        cold_bytes_written=done["cold_bytes_written"],
+        cold_write_amplification=round(
+            done["cold_bytes_written"] / max(1, done["logical_bytes"]), 3
+        ),
         label=label,
         input_rows=src.rows,
         input_files=len(src.files),
@@ -373,6 +384,7 @@ class _Load:
         self.newest_event = None if snapshot_time_us is not None else -(2**63)
         self.ops = IntKeys if schema.key_type == "int64" else StrKeys
         self.layout = schema.layout
+        self.logical_bytes = 0
         # Bytes of a row as the codec writes it, plus its key and seq, for sizing buffers.
         self.row_bytes = self.layout.min_row_size + 32 * self.layout.n_var + 24
         self.budget = budget
@@ -440,6 +452,8 @@ class _Load:
                 "rows": rows,
                 "sst_bytes": sst_bytes,
                 "snapshot_time_us": snapshot,
+                "cold_bytes_written": response.cold_bytes_written,
+                "logical_bytes": self.logical_bytes,
             }
         except BaseException as exc:
             session.abort()
@@ -507,6 +521,12 @@ class _Load:
                 raise LoadError(_in_batch(str(exc), name)) from None
         event_times = self._event_times(batch, n, name)
         rows, offsets = _codec.encode_rows(self.layout, columns, n, event_times)
+        key_arr = batch.column(self.key_column)
+        self.logical_bytes += len(rows) + (
+            8 * n
+            if self.schema.key_type == "int64"
+            else int(pc.sum(pc.binary_length(key_arr)).as_py() or 0)
+        )
         rows_arr = pa.Array.from_buffers(
             pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(rows)]
         )

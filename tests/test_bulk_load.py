@@ -121,6 +121,12 @@ def test_parquet_file_becomes_the_current_version(
     assert rows == [*expected(data), None]
     (info,) = [v for v in client.versions(table_name) if v.current]
     assert (info.version, info.label, info.rows) == (summary.version, "day-1", 200)
+    # The cold tier is written once: the version's files are all it got.
+    assert summary.cold_bytes_written == info.bytes >= summary.sst_bytes
+    assert summary.logical_bytes > 0
+    assert summary.cold_write_amplification == round(
+        summary.cold_bytes_written / summary.logical_bytes, 3
+    )
 
 
 def test_many_files_and_a_hive_partitioned_directory(

@@ -225,13 +225,15 @@ class LoadManager:
             version_dir = table.version_dir(load.version)
             if version_dir.exists():
                 shutil.rmtree(version_dir)
-            size = sum(f.size for files in by_shard for f in files)
             ingested = self._ingest(version_dir, by_shard)
         except BaseException:
             self.abort(load_id)
             shutil.rmtree(table.version_dir(load.version), ignore_errors=True)
             raise
-        meta = VersionMeta(load.version, load.label, load.snapshot_time_us, rows, size, now_us())
+        cold_bytes = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
+        meta = VersionMeta(
+            load.version, load.label, load.snapshot_time_us, rows, cold_bytes, now_us()
+        )
         self.node.install_version(load.table, meta, ingested)
         self.loads.pop(load_id, None)
         shutil.rmtree(load.staging, ignore_errors=True)

@@ -244,7 +244,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             request.load_id, list(request.files_per_shard), request.rows
         )
         return pb.CommitLoadResponse(
-            version=_version_info(meta, self.node.table(table).current), ingest_s=seconds
+            version=_version_info(meta, self.node.table(table).current),
+            ingest_s=seconds,
+            cold_bytes_written=meta.bytes,
         )
 
     @_translate_errors
