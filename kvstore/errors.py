@@ -154,6 +154,10 @@ def from_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float | None) ->
         )
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"node {address} is unavailable: {details}")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return KvstoreError(
+            f"node {address} does not offer this call ({details}); is it an older kvstore?"
+        )
     if code == grpc.StatusCode.CANCELLED:
         # The client never cancels its own calls, so the node did: it is shutting down
         # (gRPC cancels calls it received but had not yet handed to a handler).
