@@ -10,12 +10,13 @@ HOST ?= 127.0.0.1
 PORT ?= 7070
 DATA ?= var/kvstore
 
-.PHONY: run test bench lint format build clean help
+.PHONY: run test bench loadtest lint format build clean help
 
 help:
 	@echo "make run    create .venv, build, start a node on $(HOST):$(PORT) (data in $(DATA), demo table loaded)"
 	@echo "make test   the same set-up, then the whole test suite"
 	@echo "make bench  the benchmarks (results in bench/)"
+	@echo "make loadtest  Locust against a fresh node (WORKLOAD= DIST= BATCH= USERS= TIME= ROWS=; reports in bench/locust/)"
 	@echo "make lint   ruff format --check and ruff check"
 
 $(PY):
@@ -40,10 +41,19 @@ test: build
 	@command -v nats-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server)
 	$(VENV)/bin/pytest -q
 
-# make bench (1M rows, ~10 min) · make bench QUICK=1 (100k rows, ~1-2 min) · ARGS= passes more.
+# make bench (1M rows + a 10M-row bulk load, ~10 min) · make bench QUICK=1 (100k rows, ~1.5 min)
+# · ARGS= passes more (python -m loadtests.bench --help).
 bench: build
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 	$(PY) -m loadtests.bench $(if $(QUICK),--quick) $(ARGS)
+
+# make loadtest WORKLOAD=C|B|A DIST=zipfian|uniform BATCH=1|10|100|1000 USERS=8 RATE= TIME=60s
+# ROWS=100000: a node on 127.0.0.1, a bulk-loaded table, Locust headless; bench/locust/<run>*.
+loadtest: build
+	$(PY) -m loadtests.loadtest $(if $(WORKLOAD),--workload $(WORKLOAD)) \
+		$(if $(DIST),--distribution $(DIST)) $(if $(BATCH),--batch-size $(BATCH)) \
+		$(if $(USERS),--users $(USERS)) $(if $(RATE),--spawn-rate $(RATE)) \
+		$(if $(TIME),--time $(TIME)) $(if $(ROWS),--rows $(ROWS)) $(ARGS)
 
 lint: $(DEPS)
 	$(VENV)/bin/ruff format --check .

@@ -1,14 +1,22 @@
 """The side-by-side benchmark: kvstore against Redis (packed rows and hashes), same run.
 
-    python -m loadtests.bench            # 1M rows, ~10 min on 2 cores
-    python -m loadtests.bench --quick    # 100k rows, fewer samples, ~1-2 min
+    python -m loadtests.bench            # 1M rows (+ a 10M-row bulk load), ~10 min on 2 cores
+    python -m loadtests.bench --quick    # 100k rows, fewer samples, ~1.5 min
 
 Starts a kvstore node and two redis-servers (one per Redis layout, so that each
-one's memory is its own) as subprocesses on 127.0.0.1, loads the same synthetic
-table into all three, then measures lookups of random existing keys, alternating
-between the systems round by round so that drift on the shared machine hits all of
-them equally: latency with one client, throughput at several concurrencies. Prints
-the tables and writes ``bench/results.json`` and ``bench/latency.png``.
+one's memory is its own) as subprocesses on 127.0.0.1 and loads the same synthetic
+table into all three: Redis with pipelined writes, kvstore the way production data
+arrives, from a zstd Parquet file of the same rows through the bulk loader
+(``loadtests/bulkload.py``), so that its reads come from the bulk-loaded base. Then:
+
+1. lookups of random existing keys, alternating between the systems round by round
+   so that drift on the shared machine hits all of them equally: latency with one
+   client, throughput at several concurrencies; memory;
+2. freshness and updates (``loadtests/updates.py``): update → readable latency,
+   update rows/s unary and streaming, read latency while updates run;
+3. bulk loads of more rows (``--load-rows``, 10M in the full run) into other tables.
+
+Prints the tables and writes ``bench/results.json`` and ``bench/latency.png``.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from loadtests import report
+from loadtests.bulkload import ParquetSink, run_loader, write_parquet
 from loadtests.servers import (
     KvstoreNode,
     RedisServer,
@@ -40,6 +49,7 @@ from loadtests.servers import (
     proc_rss_bytes,
 )
 from loadtests.systems import (
+    TABLE,
     Chunk,
     KeyPool,
     KvstoreSystem,
@@ -47,6 +57,7 @@ from loadtests.systems import (
     RedisPackedSystem,
     redis_key,
 )
+from loadtests.updates import UpdateSettings, measure_updates
 from loadtests.workers import CellRun, ClientProcesses, ClientThreads
 
 LOAD_CHUNK_ROWS = 20_000
@@ -100,6 +111,10 @@ class Settings:
     pool_keys: int = 200_000
     #: Concurrent load: "processes" or "threads" (see CONCURRENCY_MODELS).
     clients: str = "processes"
+    #: Freshness and updates section (issue 4).
+    updates: UpdateSettings = field(default_factory=UpdateSettings)
+    #: More bulk-load sizes, each into a table of its own after the other sections.
+    load_rows: list[int] = field(default_factory=lambda: [10_000_000])
     out_dir: Path = Path("bench")
     quick: bool = False
 
@@ -117,6 +132,10 @@ class Settings:
             warmup_lookups=50,
             warmup_s=0.5,
             pool_keys=50_000,
+            updates=UpdateSettings(
+                freshness_updates=100, throughput_window_s=1.5, read_window_s=1.5
+            ),
+            load_rows=[],
             quick=True,
         )
         for key, value in overrides.items():
@@ -159,23 +178,68 @@ def summarize_latency(samples_ns: list[int]) -> dict:
 # -- phases -------------------------------------------------------------------------
 
 
-def load_all(systems: list[Any], s: Settings) -> dict:
-    """Load the same rows into every system, chunk by chunk, in turn; rows/s of each."""
-    spent = {sys_.name: 0.0 for sys_ in systems}
+def load_redis_and_parquet(redis_systems: list[Any], sink: ParquetSink, s: Settings) -> dict:
+    """Load the rows into the Redis systems and write them to ``sink``, chunk by chunk.
+
+    Returns each Redis system's seconds and rows/s (client encoding included).
+    """
+    spent = {sys_.name: 0.0 for sys_ in redis_systems}
     started = time.monotonic()
     for lo in range(0, s.rows, LOAD_CHUNK_ROWS):
         chunk = Chunk.generate(s.seed, lo, min(lo + LOAD_CHUNK_ROWS, s.rows))
-        for system in systems:
+        sink.write(chunk)
+        for system in redis_systems:
             spent[system.name] += system.load(chunk)
         done = min(lo + LOAD_CHUNK_ROWS, s.rows)
         if done % (10 * LOAD_CHUNK_ROWS) == 0 or done == s.rows:
             progress = ", ".join(f"{k} {done / v:,.0f} rows/s" for k, v in spent.items() if v)
             print(
                 f"  loaded {done:,}/{s.rows:,} rows ({time.monotonic() - started:.0f} s): "
-                f"{progress}",
+                f"{progress}; Parquet written in {sink.seconds:.1f} s",
                 flush=True,
             )
     return {name: {"seconds": sec, "rows_per_s": s.rows / sec} for name, sec in spent.items()}
+
+
+def bulk_load(
+    kv: KvstoreSystem, node: KvstoreNode, table: str, parquet: dict, workdir: Path, rows: int
+) -> dict:
+    """Bulk-load ``parquet`` into ``table`` (a child process) and check it is queryable."""
+    probe = np.random.default_rng(rows).integers(0, rows, 1000, dtype=np.int64)
+
+    def check() -> None:
+        found = kv.count_found(probe, table)
+        if found != len(probe):
+            raise AssertionError(f"after the load, {table} holds {found} of {len(probe)} keys")
+
+    out = run_loader(kv.address, node.pid, node.data_dir, table, parquet, workdir, check)
+    print(
+        f"  kvstore bulk load of {rows:,} rows from {parquet['bytes'] / 1e6:,.0f} MB of zstd "
+        f"Parquet: {out['seconds']:.1f} s, {out['rows_per_s']:,.0f} rows/s, "
+        f"{out['parquet_mb_per_s']:.0f} MB/s; loader peak RSS "
+        f"{out['loader_peak_rss_bytes'] / 2**20:,.0f} MiB",
+        flush=True,
+    )
+    return out
+
+
+def extra_bulk_loads(kv: KvstoreSystem, node: KvstoreNode, workdir: Path, s: Settings) -> list:
+    """Bulk loads of ``s.load_rows`` rows, each into a table of its own, dropped afterwards."""
+    out = []
+    for rows in s.load_rows:
+        if rows <= 0 or rows == s.rows:
+            continue
+        table = f"bench_load_{rows}"
+        path = workdir / f"{table}.parquet"
+        print(f"bulk load of {rows:,} rows: writing {path.name}", flush=True)
+        parquet = write_parquet(path, s.seed + 3, rows)
+        kv.create_table(table)
+        try:
+            out.append(bulk_load(kv, node, table, parquet, workdir, rows))
+        finally:
+            kv.drop_table(table)
+            path.unlink()
+    return out
 
 
 def verify(systems: list[Any], s: Settings) -> None:
@@ -488,8 +552,20 @@ def run(s: Settings) -> dict:
         kv.create()
         empty = measure_memory(node, redis_servers, 1)
 
-        print(f"loading {s.rows:,} rows into each system", flush=True)
-        results["load"] = load_all(systems, s)
+        print(
+            f"loading {s.rows:,} rows into each Redis (pipelined) and into a zstd Parquet file",
+            flush=True,
+        )
+        sink = ParquetSink(workdir / "bench_features.parquet")
+        results["load"] = load_redis_and_parquet([packed, hashed], sink, s)
+        parquet = sink.close()
+        print("bulk-loading the Parquet file into kvstore (the loader in a child process)")
+        main_load = bulk_load(kv, node, TABLE, parquet, workdir, s.rows)
+        results["load"] = {
+            "kvstore": {"seconds": main_load["seconds"], "rows_per_s": main_load["rows_per_s"]},
+            **results["load"],
+        }
+        results["bulk_load"] = {"runs": [main_load]}
         verify(systems, s)
         results["memory_after_load"] = measure_memory(node, redis_servers, s.rows, empty)
         pids = [system.server_pid for system in systems]
@@ -506,6 +582,9 @@ def run(s: Settings) -> dict:
         print(f"throughput ({s.clients}; rounds alternate the systems)", flush=True)
         results["throughput"] = measure_throughput(systems, s)
         results["memory"] = measure_memory(node, redis_servers, s.rows, empty)
+        print("freshness and updates (kvstore; updates set 4 features of existing keys)")
+        results["updates"] = measure_updates(kv.address, node.pid, s.rows, s.seed, s.updates)
+        results["bulk_load"]["runs"] += extra_bulk_loads(kv, node, workdir, s)
         results["load_average_end"] = os.getloadavg()
         print("stopping the servers", flush=True)
     return results
@@ -522,7 +601,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         ),
         epilog=(
             "examples:\n"
-            "  python -m loadtests.bench                full run, 1M rows (~10 min on 2 cores)\n"
+            "  python -m loadtests.bench                1M rows + a 10M-row load, ~10 min\n"
             "  python -m loadtests.bench --quick        100k rows, short (~1-2 min)\n"
             "  python -m loadtests.bench --rows 300000 --batch-sizes 1,100"
         ),
@@ -546,6 +625,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default="processes",
         help="concurrent load from client processes (default) or threads of one process",
     )
+    parser.add_argument(
+        "--load-rows",
+        default=None,
+        help="comma-separated row counts of more bulk loads, each from its own Parquet file "
+        "into its own table, after the other sections (default 10000000; none with --quick; "
+        "0 = none)",
+    )
+    parser.add_argument(
+        "--freshness-updates",
+        type=int,
+        default=None,
+        help="updates timed for freshness (default 300; 100 with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of the data and the keys")
     parser.add_argument(
         "--out",
@@ -567,11 +659,16 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         overrides["concurrencies"] = [int(x) for x in args.concurrency.split(",")]
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.load_rows is not None:
+        overrides["load_rows"] = [int(x) for x in args.load_rows.split(",") if int(x) > 0]
     if args.quick:
-        return Settings.quick_settings(**overrides)
-    s = Settings()
-    for key, value in overrides.items():
-        setattr(s, key, value)
+        s = Settings.quick_settings(**overrides)
+    else:
+        s = Settings()
+        for key, value in overrides.items():
+            setattr(s, key, value)
+    if args.freshness_updates is not None:
+        s.updates.freshness_updates = args.freshness_updates
     return s
 
 

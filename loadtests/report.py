@@ -1,4 +1,9 @@
-"""The benchmark's outputs: Markdown tables on stdout, results.json, latency.png."""
+"""The benchmark's outputs: Markdown tables on stdout, results.json, latency.png.
+
+Sections: load, latency, throughput, CPU, memory (side by side with Redis); bulk
+load (issue 3) and freshness and updates (issue 4), kvstore alone, each with its
+targets printed beside the measurements.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ __all__ = ["plot", "render", "write_json"]
 SYSTEMS = ["kvstore", "redis-packed", "redis-hash"]
 REDIS = ["redis-packed", "redis-hash"]
 COLORS = {"kvstore": "tab:blue", "redis-packed": "tab:orange", "redis-hash": "tab:green"}
+#: Targets of issue 3 (bulk load): end-to-end rows/s per core, and times Redis's load rate.
+TARGET_LOAD_ROWS_PER_CORE_S = 1_000_000
+TARGET_LOAD_VS_REDIS = 5.0
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -60,7 +68,8 @@ def render(results: dict[str, Any]) -> str:
         f"table: {s['rows']:,} rows x (32 float32 + float32[64]), int64 keys; "
         "uniform random existing keys",
         "",
-        "load (rows/s, client encoding included):",
+        "load, rows/s (kvstore: bulk load from a zstd Parquet file on disk until queryable; "
+        "Redis: pipelined writes, client encoding included):",
         _table(
             ["system", "rows/s", "seconds"],
             [
@@ -150,7 +159,118 @@ def render(results: dict[str, Any]) -> str:
         "above the empty server's:",
         _table(["system", "total", "RAM B/row", "disk B/row", "total B/row (RAM + disk)"], rows),
     ]
+    if "bulk_load" in results:
+        parts += ["", render_bulk_load(results)]
+    if "updates" in results:
+        parts += ["", render_updates(results["updates"])]
     return "\n".join(parts)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def render_bulk_load(results: dict[str, Any]) -> str:
+    """The bulk-load table (issue 3) and its targets."""
+    bl = results["bulk_load"]
+    redis_rate = results["load"]["redis-packed"]["rows_per_s"]
+    rows = []
+    for r in bl["runs"]:
+        rows.append(
+            [
+                f"{r['rows']:,}",
+                f"{r['parquet']['bytes'] / 1e6:,.0f}",
+                f"{r['seconds']:.1f}",
+                f"{_si(r['rows_per_s'])}",
+                f"{r['parquet_mb_per_s']:.0f}",
+                f"{r['loader_cpu_s']:.1f} + {r['node_cpu_s']:.1f}",
+                f"{_si(r['rows_per_cpu_s'])}",
+                f"{r['rows_per_s'] / redis_rate:.2f}x",
+                f"{r['disk_bytes_per_row']:.0f} / {r['parquet_bytes_per_row']:.0f}",
+                _bytes(r["loader_peak_rss_bytes"]),
+            ]
+        )
+    header = [
+        "rows",
+        "Parquet MB",
+        "seconds",
+        "rows/s",
+        "MB/s",
+        "CPU s loader + node",
+        "rows per CPU-s",
+        "vs redis-packed load",
+        "disk / Parquet B/row",
+        "loader peak RSS",
+    ]
+    main = bl["runs"][0]
+    best_per_core = max(r["rows_per_cpu_s"] for r in bl["runs"])
+    return "\n".join(
+        [
+            "bulk load, Parquet (zstd) on disk -> queryable, kvstore.ingest.bulk.load in a child "
+            f"process, 8 shards; redis-packed loaded {_si(redis_rate)} rows/s in this run:",
+            _table(header, rows),
+            f"targets: >= {_si(TARGET_LOAD_ROWS_PER_CORE_S)} rows/s per core end to end: "
+            f"{_si(best_per_core)} rows per CPU-second at best ({_met(best_per_core >= 1e6)}, "
+            f"{best_per_core / 1e6:.2f}x of it); >= {TARGET_LOAD_VS_REDIS:.0f}x Redis's load rate: "
+            f"{main['rows_per_s'] / redis_rate:.2f}x "
+            f"({_met(main['rows_per_s'] >= TARGET_LOAD_VS_REDIS * redis_rate)})",
+        ]
+    )
+
+
+def render_updates(u: dict[str, Any]) -> str:
+    """The freshness and updates table (issue 4) and its targets."""
+    f, un, st, rd = u["freshness"], u["unary"], u["stream"], u["reads_under_updates"]
+    rows = [
+        [
+            f"freshness (send -> visible to another process), {f['updates']} updates",
+            f"p50 {_ms(f['p50_ms'])}, p99 {_ms(f['p99_ms'])} ms",
+            f"p99 <= {f['target_p99_ms']:.0f} ms",
+            _met(f["p99_ms"] <= f["target_p99_ms"]),
+        ],
+        [
+            "  its parts: write ack (1 row) / one poll (1-key get)",
+            f"p50 {_ms(f['write_ack_p50_ms'])} / {_ms(f['poll_rtt_p50_ms'])} ms",
+            "",
+            "",
+        ],
+        [
+            f"updates, unary (client.write, {u['batch_rows']} rows x {len(u['features'])} "
+            "features per call)",
+            f"{_si(un['rows_per_s'])} rows/s (node {un['node_cpu_cores']:.2f} cores)",
+            "",
+            "",
+        ],
+        [
+            f"updates, streaming (update_stream, {u['batch_rows']}-row batches, "
+            f"max_in_flight {st['max_in_flight']})",
+            f"{_si(st['rows_per_s'])} rows/s (node {st['node_cpu_cores']:.2f} cores)",
+            f">= {_si(st['target_rows_per_s'])} rows/s",
+            _met(st["rows_per_s"] >= st["target_rows_per_s"]),
+        ],
+        [
+            f"{rd['read_batch']}-key get, no updates",
+            f"p50 {_ms(rd['no_updates']['p50_ms'])}, p99 {_ms(rd['no_updates']['p99_ms'])} ms",
+            "",
+            "",
+        ],
+        [
+            f"{rd['read_batch']}-key get, updates streaming at "
+            f"{_si(rd['updates']['rows_per_s'])} rows/s (half the max)",
+            f"p50 {_ms(rd['under_updates']['p50_ms'])}, p99 "
+            f"{_ms(rd['under_updates']['p99_ms'])} ms ({rd['p99_ratio']:.2f}x the p99)",
+            "",
+            "",
+        ],
+    ]
+    return "\n".join(
+        [
+            "freshness and updates (kvstore; updates set "
+            f"{', '.join(u['features'])} of existing keys of the bulk-loaded table, "
+            "event time now):",
+            _table(["measurement", "measured", "target", ""], rows),
+        ]
+    )
 
 
 def write_json(results: dict[str, Any], path: Path) -> Path:

@@ -1,16 +1,19 @@
 """The synthetic feature table and the three systems that serve it in the benchmark.
 
 * ``kvstore``: one table, int64 key, 32 float32 features + a float32[64] embedding,
-  read with ``client.get(table, keys).to_numpy()`` (all features).
+  bulk-loaded from zstd Parquet, read with ``client.get(table, keys).to_numpy()`` (all
+  features; ``Client(address)`` sends ``get`` over the node's fast read path).
 * ``redis-packed``: one string value per key, the 32 + 64 float32 as 384 raw bytes,
   written with pipelined MSET, read with MGET and decoded into one (n, 96) array.
 * ``redis-hash``: one hash per entity, one field per feature (the 32 floats as 4 raw
   bytes each, the embedding as one 256-byte field), written with pipelined HSET,
   read with pipelined HGETALL and decoded into a (n, 32) and a (n, 64) array.
 
-Every system has ``load(chunk)`` (one chunk of rows, returns seconds spent in the
-client call) and ``reader()`` (a new connection with ``lookup(keys, names)``), so the
-benchmark drives all three the same way.
+Every system has ``reader()`` (a new connection with ``lookup(keys, names)``), so the
+benchmark reads all three the same way. The Redis systems have ``load(chunk)`` (one
+chunk of rows, returns seconds spent in the client calls); kvstore is bulk-loaded
+from a Parquet file of the same rows instead (``loadtests/bulkload.py``), the way
+production data arrives.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "EMB_DIM",
     "FLOAT_FEATURES",
     "ROW_FLOATS",
+    "TABLE",
     "Chunk",
     "KeyPool",
     "KvstoreSystem",
@@ -131,18 +135,20 @@ class KvstoreSystem:
 
     def create(self) -> None:
         """Create the benchmark table (``shards`` shards; the default of the client is 8)."""
+        self.create_table(TABLE)
+
+    def create_table(self, name: str) -> None:
+        """Create another table of the benchmark's schema (for the extra bulk-load sizes)."""
         features = dict.fromkeys(FLOAT_FEATURES, "float32")
         features["emb"] = f"float32[{EMB_DIM}]"
-        self._client.create_table(TABLE, key="int64", features=features, shards=self.shards)
+        self._client.create_table(name, key="int64", features=features, shards=self.shards)
 
-    def load(self, chunk: Chunk) -> float:
-        """Write ``chunk`` with one ``client.write`` of NumPy columns; seconds spent."""
-        data = {"key": chunk.keys, "emb": chunk.emb}
-        for i, name in enumerate(FLOAT_FEATURES):
-            data[name] = chunk.floats[i]
-        t0 = time.perf_counter_ns()
-        self._client.write(TABLE, data)
-        return (time.perf_counter_ns() - t0) / 1e9
+    def drop_table(self, name: str) -> None:
+        self._client.drop_table(name, timeout=600.0)
+
+    def count_found(self, keys: np.ndarray, table: str = TABLE) -> int:
+        """How many of ``keys`` the table holds (the check that a load is queryable)."""
+        return int(np.count_nonzero(self._client.get(table, keys, ["f00"]).found))
 
     @property
     def endpoint(self) -> str:

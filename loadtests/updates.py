@@ -1,0 +1,409 @@
+"""Freshness and updates (issue 4): update → readable, update rows/s, reads under updates.
+
+Runs against the bulk-loaded benchmark table, after the read sections, so that the
+updates land in the delta over the bulk base, as a streaming job's would. Every
+update sets a few features (``UPDATE_FEATURES``) of existing keys, event time now.
+
+* **Freshness**: a writer (this process) and a poller (a client process) share the
+  machine's monotonic clock (``time.monotonic_ns``, CLOCK_MONOTONIC, the same in
+  every process). For each update the poller is told the key and the new value,
+  reads the key once (it must not see the value yet), says it is polling, and then
+  calls ``get`` on that key back to back until it sees the value; the writer takes
+  its clock, sends the update (``client.write`` of one row), and the poller's clock
+  reading when the value first showed up, minus the writer's, is the freshness of
+  that update. Its resolution is one poll (a 1-key ``get``), reported beside it.
+* **Update throughput**: one client process sending batches of ``BATCH_ROWS`` rows
+  back to back for a window, unary (``client.write``, one batch per call) and
+  streaming (``update_stream``, ``max_in_flight`` batches awaiting their ack);
+  rows/s = rows acknowledged / (last ack - first send).
+* **Reads under updates**: 100-key ``get`` latency from this process, first with no
+  update running, then while a streaming producer process sends updates at half of
+  the streaming rate just measured (paced per batch).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from loadtests.servers import machine_busy_seconds, proc_cpu_seconds
+from loadtests.systems import TABLE
+
+__all__ = ["UpdateSettings", "measure_updates"]
+
+UPDATE_FEATURES = ["f00", "f01", "f02", "f03"]
+BATCH_ROWS = 1000
+#: Targets of issue 4, printed beside the measurements.
+TARGET_FRESHNESS_P99_MS = 10.0
+TARGET_STREAM_ROWS_PER_S = 100_000
+#: Keys per lookup for the reads-under-updates measurement.
+READ_BATCH = 100
+#: A poller gives up on one update after this long, seconds.
+POLL_TIMEOUT_S = 10.0
+#: Distinct precomputed update batches a producer cycles through.
+PRODUCER_BATCHES = 64
+
+
+@dataclass
+class UpdateSettings:
+    """How long and how much; times in seconds."""
+
+    freshness_updates: int = 300
+    throughput_window_s: float = 5.0
+    read_window_s: float = 6.0
+    max_in_flight: int = 16
+
+
+# -- freshness --------------------------------------------------------------------------
+
+
+def _poller_main(address: str, conn: Any) -> None:
+    """The second client: for each (key, value) received, poll ``get`` until it shows."""
+    from kvstore import Client
+
+    client = Client(address, timeout=30.0)
+    try:
+        while (msg := conn.recv()) is not None:
+            key, value = msg
+            keys = np.array([key], np.int64)
+            first = client.get(TABLE, keys, ["f00"]).to_numpy()["f00"][0]
+            if first == value:
+                conn.send(("error", f"key {key} already holds {value} before the update"))
+                continue
+            conn.send("polling")
+            polls = 0
+            poll_ns = []
+            deadline = time.monotonic_ns() + int(POLL_TIMEOUT_S * 1e9)
+            while True:
+                t0 = time.monotonic_ns()
+                got = client.get(TABLE, keys, ["f00"]).to_numpy()["f00"][0]
+                t1 = time.monotonic_ns()
+                polls += 1
+                poll_ns.append(t1 - t0)
+                if got == value:
+                    # the value was there when the node answered: at most t1
+                    conn.send(("seen", t1, polls, int(np.median(poll_ns))))
+                    break
+                if t1 > deadline:
+                    conn.send(("error", f"key {key}: {value} not visible after {POLL_TIMEOUT_S} s"))
+                    break
+    finally:
+        client.close()
+
+
+def measure_freshness(address: str, rows: int, n: int, seed: int) -> dict:
+    """Send→visible latency of ``n`` one-row updates, each seen by another client process."""
+    from kvstore import Client
+
+    ctx = mp.get_context("forkserver")
+    parent, child = ctx.Pipe()
+    poller = ctx.Process(target=_poller_main, args=(address, child), daemon=True)
+    poller.start()
+    rng = np.random.default_rng([seed, 41])
+    keys = rng.choice(rows, size=n, replace=False).astype(np.int64)
+    fresh_ns: list[int] = []
+    ack_ns: list[int] = []
+    polls: list[int] = []
+    poll_rtt_ns: list[int] = []
+    client = Client(address, timeout=30.0)
+    try:
+        # warm-up: connections and code paths on both sides
+        for i in range(min(20, n)):
+            _one_update(client, parent, int(keys[i]), np.float32(-1000.0 - i))
+        for i in range(n):
+            value = np.float32(1000.0 + i + 0.25)
+            seen, sent, acked, npolls, rtt = _one_update(client, parent, int(keys[i]), value)
+            fresh_ns.append(seen - sent)
+            ack_ns.append(acked - sent)
+            polls.append(npolls)
+            poll_rtt_ns.append(rtt)
+    finally:
+        client.close()
+        parent.send(None)
+        poller.join(10)
+        if poller.is_alive():
+            poller.kill()
+    fresh = np.asarray(fresh_ns) / 1e6
+    ack = np.asarray(ack_ns) / 1e6
+    return {
+        "updates": n,
+        "p50_ms": float(np.percentile(fresh, 50)),
+        "p99_ms": float(np.percentile(fresh, 99)),
+        "max_ms": float(fresh.max()),
+        "mean_ms": float(fresh.mean()),
+        "write_ack_p50_ms": float(np.percentile(ack, 50)),
+        "write_ack_p99_ms": float(np.percentile(ack, 99)),
+        "poll_rtt_p50_ms": float(np.median(poll_rtt_ns)) / 1e6,
+        "polls_p50": float(np.median(polls)),
+        "target_p99_ms": TARGET_FRESHNESS_P99_MS,
+        "samples_ms": fresh.round(4).tolist(),
+    }
+
+
+def _one_update(client: Any, conn: Any, key: int, value: np.float32) -> tuple[int, ...]:
+    conn.send((key, float(value)))
+    msg = conn.recv()
+    if msg != "polling":
+        raise RuntimeError(f"freshness poller: {msg[1]}")
+    sent = time.monotonic_ns()
+    client.write(TABLE, {"key": np.array([key], np.int64), "f00": np.array([value], np.float32)})
+    acked = time.monotonic_ns()
+    reply = conn.recv()
+    if reply[0] != "seen":
+        raise RuntimeError(f"freshness poller: {reply[1]}")
+    return reply[1], sent, acked, reply[2], reply[3]
+
+
+# -- update producers ---------------------------------------------------------------------
+
+
+def _batches(seed: int, rows: int, index: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng([seed, 43, index])
+    out = []
+    for _ in range(PRODUCER_BATCHES):
+        batch = {"key": rng.choice(rows, size=BATCH_ROWS, replace=False).astype(np.int64)}
+        for name in UPDATE_FEATURES:
+            batch[name] = rng.random(BATCH_ROWS, dtype=np.float32)
+        out.append(batch)
+    return out
+
+
+def _producer_main(
+    address: str,
+    mode: str,
+    rows: int,
+    seed: int,
+    rate: float,
+    max_in_flight: int,
+    conn: Any,
+) -> None:
+    """Send update batches until told to stop; ``rate`` rows/s (0 = as fast as possible).
+
+    Protocol: sends "ready" once warmed up, waits for "go", sends "started", runs until
+    "stop" (or 10 min), then reports its figures.
+    """
+    from kvstore import Client
+
+    batches = _batches(seed, rows, 0 if mode == "unary" else 1)
+    client = Client(address, timeout=60.0)
+    stream = client.update_stream(TABLE, max_in_flight=max_in_flight) if mode != "unary" else None
+    try:
+        for b in batches[:4]:  # warm-up
+            if stream is None:
+                client.write(TABLE, b)
+            else:
+                stream.send(b)
+        if stream is not None:
+            stream.flush()
+        acked0 = stream.rows_acked if stream is not None else 0
+        conn.send("ready")
+        conn.recv()  # "go"
+        conn.send("started")
+        cpu0 = time.process_time()
+        start = time.monotonic_ns()
+        sent = 0
+        call_ns: list[int] = []
+        late_ns = 0
+        deadline = start + int(600e9)
+        i = 0
+        while not conn.poll():
+            if rate > 0:
+                due = start + int(sent / rate * 1e9)
+                now = time.monotonic_ns()
+                if due > now:
+                    time.sleep((due - now) / 1e9)
+                else:
+                    late_ns = max(late_ns, now - due)
+            b = batches[i % PRODUCER_BATCHES]
+            i += 1
+            t0 = time.monotonic_ns()
+            if stream is None:
+                client.write(TABLE, b)
+            else:
+                stream.send(b)
+            call_ns.append(time.monotonic_ns() - t0)
+            sent += BATCH_ROWS
+            if t0 > deadline:
+                break
+        send_end = time.monotonic_ns()
+        if stream is not None:
+            stream.flush(timeout=120)
+        end = time.monotonic_ns()
+        acked = stream.rows_acked - acked0 if stream is not None else sent
+        conn.recv()  # "stop"
+        conn.send(
+            {
+                "mode": mode,
+                "rows": acked,
+                "rows_sent": sent,
+                "batches": i,
+                "seconds": (end - start) / 1e9,
+                "flush_s": (end - send_end) / 1e9,
+                "rows_per_s": acked / ((end - start) / 1e9),
+                "call_p50_ms": float(np.percentile(call_ns, 50)) / 1e6 if call_ns else 0.0,
+                "call_p99_ms": float(np.percentile(call_ns, 99)) / 1e6 if call_ns else 0.0,
+                "max_behind_schedule_ms": late_ns / 1e6,
+                "cpu_s": time.process_time() - cpu0,
+                "start_ns": start,
+                "end_ns": end,
+            }
+        )
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send({"error": f"{mode} producer: {exc!r}"})
+    finally:
+        if stream is not None:
+            stream.close()
+        client.close()
+
+
+class Producer:
+    """An update producer process (``_producer_main``), as a context manager."""
+
+    def __init__(self, address: str, mode: str, rows: int, seed: int, rate: float, mif: int):
+        ctx = mp.get_context("forkserver")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_producer_main,
+            args=(address, mode, rows, seed, rate, mif, child),
+            daemon=True,
+            name=f"bench-updates-{mode}",
+        )
+
+    def __enter__(self) -> Producer:
+        self.proc.start()
+        msg = self._recv(120)
+        if msg != "ready":
+            raise RuntimeError(msg["error"] if isinstance(msg, dict) else str(msg))
+        self.conn.send("go")
+        if self._recv(30) != "started":
+            raise RuntimeError("update producer did not start")
+        return self
+
+    def _recv(self, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"update producer {self.proc.name} did not answer")
+        return self.conn.recv()
+
+    def stop(self) -> dict:
+        self.conn.send("stop")
+        result = self._recv(180)
+        if "error" in result:
+            raise RuntimeError(result["error"])
+        return result
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+def measure_update_rate(
+    address: str, node_pid: int, rows: int, seed: int, mode: str, window_s: float, mif: int
+) -> dict:
+    """Update rows/s of one producer process, ``mode`` "unary" or "stream", for ``window_s``."""
+    with Producer(address, mode, rows, seed, 0.0, mif) as producer:
+        node0, machine0, wall0 = (
+            proc_cpu_seconds(node_pid),
+            machine_busy_seconds(),
+            time.monotonic(),
+        )
+        time.sleep(window_s)  # the measuring window: the producer runs meanwhile
+        result = producer.stop()
+        wall = time.monotonic() - wall0
+        result["node_cpu_cores"] = (proc_cpu_seconds(node_pid) - node0) / wall
+        result["machine_cpu_cores"] = (machine_busy_seconds() - machine0) / wall
+        result["client_cpu_cores"] = result["cpu_s"] / result["seconds"]
+    return result
+
+
+def _read_latencies(address: str, rows: int, seed: int, seconds: float) -> dict:
+    from loadtests.systems import KvstoreReader
+
+    rng = np.random.default_rng([seed, 47])
+    pool = rng.integers(0, rows, size=(2000, READ_BATCH), dtype=np.int64)
+    reader = KvstoreReader(address)
+    try:
+        for j in range(50):  # warm-up
+            reader.lookup(pool[j], [])
+        lat = []
+        deadline = time.monotonic_ns() + int(seconds * 1e9)
+        j = 0
+        while True:
+            t0 = time.perf_counter_ns()
+            reader.lookup(pool[j % len(pool)], [])
+            lat.append(time.perf_counter_ns() - t0)
+            j += 1
+            if time.monotonic_ns() > deadline:
+                break
+    finally:
+        reader.close()
+    ms = np.asarray(lat) / 1e6
+    return {
+        "count": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+    }
+
+
+def measure_reads_under_updates(
+    address: str, node_pid: int, rows: int, seed: int, rate: float, window_s: float, mif: int
+) -> dict:
+    """100-key read latency without updates, then with a producer at ``rate`` rows/s."""
+    idle = _read_latencies(address, rows, seed, window_s)
+    with Producer(address, "stream", rows, seed + 1, rate, mif) as producer:
+        node0, wall0 = proc_cpu_seconds(node_pid), time.monotonic()
+        busy = _read_latencies(address, rows, seed + 1, window_s)
+        node_cores = (proc_cpu_seconds(node_pid) - node0) / (time.monotonic() - wall0)
+        updates = producer.stop()
+    return {
+        "read_batch": READ_BATCH,
+        "no_updates": idle,
+        "under_updates": busy,
+        "update_rate_target_rows_per_s": rate,
+        "updates": updates,
+        "node_cpu_cores": node_cores,
+        "p99_ratio": busy["p99_ms"] / idle["p99_ms"],
+    }
+
+
+def measure_updates(address: str, node_pid: int, rows: int, seed: int, u: UpdateSettings) -> dict:
+    """The whole section; prints a line per part."""
+    out: dict[str, Any] = {"features": UPDATE_FEATURES, "batch_rows": BATCH_ROWS}
+    f = measure_freshness(address, rows, u.freshness_updates, seed)
+    out["freshness"] = f
+    print(
+        f"  freshness over {f['updates']} updates: p50 {f['p50_ms']:.2f} ms, p99 "
+        f"{f['p99_ms']:.2f} ms (write ack p50 {f['write_ack_p50_ms']:.2f} ms, one poll "
+        f"{f['poll_rtt_p50_ms']:.2f} ms)",
+        flush=True,
+    )
+    for mode in ("unary", "stream"):
+        r = measure_update_rate(
+            address, node_pid, rows, seed, mode, u.throughput_window_s, u.max_in_flight
+        )
+        out[mode] = r
+        print(
+            f"  {mode} updates: {r['rows_per_s']:,.0f} rows/s over {r['seconds']:.1f} s "
+            f"(node {r['node_cpu_cores']:.2f} cores, producer {r['client_cpu_cores']:.2f})",
+            flush=True,
+        )
+    out["stream"]["max_in_flight"] = u.max_in_flight
+    out["stream"]["target_rows_per_s"] = TARGET_STREAM_ROWS_PER_S
+    rate = out["stream"]["rows_per_s"] / 2
+    r = measure_reads_under_updates(
+        address, node_pid, rows, seed, rate, u.read_window_s, u.max_in_flight
+    )
+    out["reads_under_updates"] = r
+    print(
+        f"  {READ_BATCH}-key reads: p99 {r['no_updates']['p99_ms']:.2f} ms without updates, "
+        f"{r['under_updates']['p99_ms']:.2f} ms with {r['updates']['rows_per_s']:,.0f} "
+        f"update rows/s",
+        flush=True,
+    )
+    return out
