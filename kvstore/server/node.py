@@ -121,6 +121,9 @@ class Node:
         self.tables: dict[str, Table] = {}
         self._cache = rocksdict.Cache(config.block_cache_bytes)
         self._options = rocksdb_options(self._cache, config.bloom_bits_per_key)
+        self._base_options = rocksdb_options(
+            self._cache, config.bloom_bits_per_key, mmap_reads=True
+        )
         self._write_options = rocksdict.WriteOptions()
         self._write_options.sync = config.sync_writes
         self.catalog: Catalog | None = None
@@ -151,6 +154,7 @@ class Node:
             self.config.cold_dir / "tables" / name,
             entry,
             self._options,
+            self._base_options,
         )
 
     def close(self) -> None:
@@ -161,8 +165,8 @@ class Node:
 
     @property
     def shard_options(self) -> rocksdict.Options:
-        """The RocksDB options of every shard (bulk loads ingest with the same ones)."""
-        return self._options
+        """The RocksDB options of the base versions' shards (bulk loads ingest with them)."""
+        return self._base_options
 
     # -- tables ----------------------------------------------------------------------
 

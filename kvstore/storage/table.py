@@ -50,13 +50,19 @@ class Table:
     """Delta shards plus the kept bulk versions of one table."""
 
     def __init__(
-        self, hot_root: Path, cold_root: Path, entry: TableEntry, options: rocksdict.Options
+        self,
+        hot_root: Path,
+        cold_root: Path,
+        entry: TableEntry,
+        options: rocksdict.Options,
+        base_options: rocksdict.Options | None = None,
     ) -> None:
         self.hot_root = hot_root
         self.cold_root = cold_root
         #: The catalog's record of this table: schema, current version, kept versions.
         self.entry = entry
         self._options = options
+        self._base_options = base_options or options
         schema = entry.schema
         self.delta = [
             Shard(hot_root / "delta" / f"shard-{i:04d}", i, options) for i in range(schema.shards)
@@ -85,7 +91,8 @@ class Table:
         if shards is None:
             root = self.version_dir(version)
             shards = [
-                Shard(root / f"shard-{i:04d}", i, self._options) for i in range(self.schema.shards)
+                Shard(root / f"shard-{i:04d}", i, self._base_options)
+                for i in range(self.schema.shards)
             ]
             self._bases[version] = shards
         return shards
