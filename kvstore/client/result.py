@@ -64,7 +64,20 @@ class GetResult:
             return []
         if len(self._columns) == 1:
             return [bool(self._columns[0][-1].all())]
-        return np.stack([c[-1] for c in self._columns]).all(axis=1).tolist()
+        masks = [c[-1] for c in self._columns]
+        block = masks[0].base
+        n = len(masks[0])
+        # The codec puts every valid mask of a decode in one block, in projection order:
+        # one reduction over it, instead of copying the masks together first.
+        if (
+            isinstance(block, np.ndarray)
+            and block.ndim == 1
+            and len(block) == n * len(masks)
+            and all(m.base is block for m in masks)
+            and masks[-1].ctypes.data - masks[0].ctypes.data == n * (len(masks) - 1)
+        ):
+            return block.reshape(len(masks), n).all(axis=1).tolist()
+        return np.stack(masks).all(axis=1).tolist()
 
     def valid(self, feature: str) -> np.ndarray:
         """Bool array: True where the key was found and ``feature`` is not null."""
@@ -82,14 +95,14 @@ class GetResult:
         complete = self._complete_columns()
         for feature, column, whole in zip(self._features, self._columns, complete, strict=True):
             kind = feature.dtype.kind
-            valid = column[-1].view(np.bool_)
             if kind in (_codec.KIND_FLOAT32, _codec.KIND_FLOAT64, _codec.KIND_FLOAT32_VECTOR):
                 values = column[0]
                 if not whole:
-                    values[~valid] = np.nan
+                    values[~column[-1].view(np.bool_)] = np.nan
                 out[feature.name] = values
-            elif kind <= _codec.KIND_FLOAT64:
-                out[feature.name] = np.ma.MaskedArray(column[0], mask=~valid)
+                continue
+            if kind <= _codec.KIND_FLOAT64:
+                out[feature.name] = np.ma.MaskedArray(column[0], mask=~column[-1].view(np.bool_))
             else:
                 out[feature.name] = self._arrow_column(feature, column).to_numpy(
                     zero_copy_only=False
