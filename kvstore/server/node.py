@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -376,7 +377,30 @@ class Node:
         features: list[str],
         position: Position | None = None,
     ) -> int:
+        """``write_steps`` run to the end; returns the rows written."""
+        steps = self.write_steps(name, schema_id, keys, rows, row_offsets, features, position)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def write_steps(
+        self,
+        name: str,
+        schema_id: int,
+        keys: KeyBatch,
+        rows: bytes,
+        row_offsets: np.ndarray,
+        features: list[str],
+        position: Position | None = None,
+    ) -> Generator[None, None, int]:
         """Apply full or partial rows to the delta; per feature the newest event time wins.
+
+        A generator: it yields after each shard's read-modify-write, so the server can
+        answer reads between the shards of a large write (a 1,000-row write held the
+        event loop for ~15 ms in one piece). Each shard's part stays one atomic
+        WriteBatch; it returns the rows written.
 
         ``features`` names the features the rows set (empty = all); the others keep
         their values. Each row's event time is its header's; 0 means the node's clock,
@@ -417,23 +441,19 @@ class Node:
         encoded = keys.encoded()
         shard_ids = keys.shard_ids(len(table.delta)).tolist()
         rounds = _rounds(encoded)
+        parts = _codec.split_rows(rows, row_offsets)
         for r, positions in enumerate(rounds):
             # The position goes with the last pass only, so it never runs ahead of the data.
             pos = position if r == len(rounds) - 1 else None
             if positions is None:
-                self._apply(table, keys, encoded, shard_ids, rows, row_offsets, present, pos)
+                yield from self._apply(table, keys, encoded, shard_ids, parts, present, pos)
             else:
-                parts = _codec.split_rows(rows, row_offsets)
-                sub = [parts[i] for i in positions]
-                offsets = np.zeros(len(sub) + 1, np.int64)
-                np.cumsum([len(p) for p in sub], out=offsets[1:])
-                self._apply(
+                yield from self._apply(
                     table,
                     keys.take(np.asarray(positions)),
                     [encoded[i] for i in positions],
                     [shard_ids[i] for i in positions],
-                    b"".join(sub),
-                    offsets,
+                    [parts[i] for i in positions],
                     present,
                     pos,
                 )
@@ -472,34 +492,51 @@ class Node:
         keys: KeyBatch,
         encoded: list[bytes],
         shard_ids: list[int],
-        rows: bytes,
-        row_offsets: np.ndarray,
+        rows: list[bytes],
         present: np.ndarray,
         position: Position | None,
-    ) -> None:
-        """delta_apply over distinct keys: read the delta rows, merge, write per shard."""
-        groups = self._group(table.delta, shard_ids)
-        old_rows = self._gather(groups, encoded, len(encoded))
-        while True:
-            try:
-                new_rows = _codec.delta_apply(
-                    table.schema.layout, old_rows, rows, row_offsets, present
-                )
-                break
-            except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
-                where = (
-                    f"table {table.schema.name!r}, shard {shard_ids[exc.index]}, key "
-                    f"{keys.describe(exc.index)}"
-                )
-                if not present.all():
-                    raise CorruptValue(
-                        f"{where}: the stored value is corrupt ({exc}); a write of every "
-                        "feature replaces it"
-                    ) from None
-                # A write of every feature needs nothing from the old row: replace it.
-                logger.warning("%s: replacing a corrupt stored value (%s)", where, exc)
-                old_rows[exc.index] = None
-        self._write_groups(table, groups, encoded, new_rows, position)
+    ) -> Generator[None, None, None]:
+        """delta_apply over distinct keys, shard by shard: read the shard's delta rows,
+        merge, write them in one WriteBatch, yield. With a position, every shard of the
+        table records it with its rows (untouched shards at the end)."""
+        name = table.schema.name
+        extra = [] if position is None else [(position.key(), struct.pack("<q", position.offset))]
+        touched = set()
+        for shard, positions in self._group(table.delta, shard_ids):
+            if self.tables.get(name) is not table:
+                raise TableNotFound(f"table {name!r} was dropped during the write")
+            old_rows = shard.multi_get([encoded[i] for i in positions])
+            group_rows = [rows[i] for i in positions]
+            offsets = np.zeros(len(group_rows) + 1, np.int64)
+            np.cumsum([len(r) for r in group_rows], out=offsets[1:])
+            buf = b"".join(group_rows)
+            while True:
+                try:
+                    new_rows = _codec.delta_apply(
+                        table.schema.layout, old_rows, buf, offsets, present
+                    )
+                    break
+                except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+                    where = (
+                        f"table {name!r}, shard {shard.index}, key "
+                        f"{keys.describe(positions[exc.index])}"
+                    )
+                    if not present.all():
+                        raise CorruptValue(
+                            f"{where}: the stored value is corrupt ({exc}); a write of every "
+                            "feature replaces it"
+                        ) from None
+                    # A write of every feature needs nothing from the old row: replace it.
+                    logger.warning("%s: replacing a corrupt stored value (%s)", where, exc)
+                    old_rows[exc.index] = None
+            puts = [(encoded[i], row) for i, row in zip(positions, new_rows, strict=True)]
+            shard.write(puts + extra, (), self._write_options)
+            touched.add(shard.index)
+            yield
+        if extra:
+            for shard in table.delta:
+                if shard.index not in touched:
+                    shard.write(extra, (), self._write_options)
 
     def _write_groups(
         self,

@@ -5,6 +5,7 @@ Errors are mapped to gRPC status codes in exactly one place, ``_translate_errors
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -106,10 +107,10 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         return get_response(self.node, request)
 
-    def _write(self, request: pb.WriteRequest) -> int:
+    async def _write(self, request: pb.WriteRequest) -> int:
         table = self.node.table(request.table)
         keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
-        return self.node.write(
+        steps = self.node.write_steps(
             request.table,
             request.schema_id,
             keys,
@@ -118,10 +119,17 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             list(request.features),
             _position(request),
         )
+        # Let other calls (reads above all) run between the shards of a large write.
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            await asyncio.sleep(0)
 
     @_translate_errors
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
-        return pb.WriteResponse(rows_written=self._write(request))
+        return pb.WriteResponse(rows_written=await self._write(request))
 
     async def UpdateStream(self, request_iterator: Any, context: Any) -> Any:
         """One ack per request, in order, once it is durable; an error ends the stream
@@ -130,7 +138,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         try:
             async for request in request_iterator:
                 seq += 1
-                written = self._write(request)
+                written = await self._write(request)
                 yield pb.WriteAck(seq=seq, rows_written=written)
         except KvstoreError as exc:
             await context.abort(
