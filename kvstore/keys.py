@@ -184,15 +184,6 @@ class KeyBatch:
         raw = self.utf8[self.offsets[i] : self.offsets[i + 1]]  # type: ignore[index]
         return repr(raw.decode("utf-8", "replace"))
 
-    def values(self) -> list:
-        """The keys as Python values (for display; not used on the hot path)."""
-        if self.ints is not None:
-            return self.ints.tolist()
-        return [
-            self.utf8[a:b].decode("utf-8", "replace")  # type: ignore[index]
-            for a, b in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist(), strict=True)  # type: ignore[index]
-        ]
-
     def __len__(self) -> int:
         return self.count
 

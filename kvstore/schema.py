@@ -67,11 +67,6 @@ class DType:
         )
 
     @property
-    def is_fixed(self) -> bool:
-        """True for dtypes with a fixed width in the row (numbers, bools, embeddings)."""
-        return self.kind <= _codec.KIND_FLOAT32_VECTOR
-
-    @property
     def arrow_type(self) -> pa.DataType:
         if self.kind == _codec.KIND_FLOAT32_VECTOR:
             return pa.list_(pa.float32(), self.dim)
@@ -207,14 +202,6 @@ class TableSchema:
             self.schema_id,
             [f.dtype.kind for f in self.features],
             [f.dtype.dim for f in self.features],
-        )
-
-    @property
-    def arrow_schema(self) -> pa.Schema:
-        key = pa.int64() if self.key_type == "int64" else pa.string()
-        return pa.schema(
-            [pa.field("key", key, nullable=False)]
-            + [pa.field(f.name, f.dtype.arrow_type) for f in self.features]
         )
 
     def to_json(self) -> dict:

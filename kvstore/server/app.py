@@ -46,7 +46,6 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._should_exit = asyncio.Event()
-        self._force_exit = False
 
     async def startup(self) -> None:
         cfg = self.config
@@ -136,7 +135,6 @@ class NodeServer:
 
     def handle_exit(self, sig: int) -> None:
         if self._should_exit.is_set() and sig == signal.SIGINT:
-            self._force_exit = True
             logger.warning("second interrupt: exiting now")
             os._exit(1)
         self._should_exit.set()

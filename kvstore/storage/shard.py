@@ -7,7 +7,6 @@ batched get, batched write of puts and deletes, size estimates, close.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -134,9 +133,3 @@ class Shard:
     def close(self) -> None:
         self._db.close()
         self._db = None
-
-    def destroy(self) -> None:
-        """Close and delete the files."""
-        if self._db is not None:
-            self.close()
-        shutil.rmtree(self.path, ignore_errors=True)
