@@ -95,6 +95,16 @@ def test_event_time_too_far_ahead_is_refused(client: Client, table: str) -> None
     assert client.get(table, [1, 2], ["a"]).to_pylist() == [{"key": 1, "a": 1}, None]
 
 
+def test_a_delete_too_far_ahead_is_refused_and_hides_nothing(client: Client, table: str) -> None:
+    client.write(table, {"key": [1], "a": [1]})
+    future = now_us() + 3600 * 10**6
+    with pytest.raises(kvstore.InvalidArgument, match=r"key 1\).*ahead of the node's clock"):
+        client.delete(table, [1], event_time=future)
+    assert client.get(table, [1], ["a"]).to_pylist() == [{"key": 1, "a": 1}]
+    client.write(table, {"key": [1], "a": [2]})  # a later write still lands
+    assert client.get(table, [1], ["a"]).to_pylist() == [{"key": 1, "a": 2}]
+
+
 def test_update_stream_acknowledges_every_batch(client: Client, table: str) -> None:
     with client.update_stream(table, max_in_flight=2) as stream:
         for batch in range(50):

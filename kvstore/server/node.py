@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -378,12 +378,9 @@ class Node:
         position: Position | None = None,
     ) -> int:
         """``write_steps`` run to the end; returns the rows written."""
-        steps = self.write_steps(name, schema_id, keys, rows, row_offsets, features, position)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_steps(
+            self.write_steps(name, schema_id, keys, rows, row_offsets, features, position)
+        )
 
     def write_steps(
         self,
@@ -438,25 +435,31 @@ class Node:
             present[:] = 0
             for feature in features:
                 present[schema.index_of(feature)] = 1
-        encoded = keys.encoded()
-        shard_ids = keys.shard_ids(len(table.delta)).tolist()
-        rounds = _rounds(encoded)
         parts = _codec.split_rows(rows, row_offsets)
-        for r, positions in enumerate(rounds):
-            # The position goes with the last pass only, so it never runs ahead of the data.
-            pos = position if r == len(rounds) - 1 else None
-            if positions is None:
-                yield from self._apply(table, keys, encoded, shard_ids, parts, present, pos)
-            else:
-                yield from self._apply(
-                    table,
-                    keys.take(np.asarray(positions)),
-                    [encoded[i] for i in positions],
-                    [shard_ids[i] for i in positions],
-                    [parts[i] for i in positions],
-                    present,
-                    pos,
-                )
+        layout = schema.layout
+
+        def merge(shard: int, positions: list[int], old_rows: list) -> list[bytes]:
+            group_rows = [parts[i] for i in positions]
+            offsets = np.zeros(len(group_rows) + 1, np.int64)
+            np.cumsum([len(r) for r in group_rows], out=offsets[1:])
+            buf = b"".join(group_rows)
+            while True:
+                try:
+                    return _codec.delta_apply(layout, old_rows, buf, offsets, present)
+                except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+                    where = (
+                        f"table {name!r}, shard {shard}, key {keys.describe(positions[exc.index])}"
+                    )
+                    if not present.all():
+                        raise CorruptValue(
+                            f"{where}: the stored value is corrupt ({exc}); a write of every "
+                            "feature replaces it"
+                        ) from None
+                    # A write of every feature needs nothing from the old row: replace it.
+                    logger.warning("%s: replacing a corrupt stored value (%s)", where, exc)
+                    old_rows[exc.index] = None
+
+        yield from self._update_steps(table, keys, merge, position)
         self.table_stats(name).record_updates(event_times, now_us())
         return n
 
@@ -475,6 +478,11 @@ class Node:
             view[at[missing]] = np.frombuffer(np.int64(now).astype("<i8").tobytes(), np.uint8)
             rows = bytes(fixed)
             times[missing] = now
+        self._check_not_ahead(name, keys, times, now)
+        return rows, times
+
+    def _check_not_ahead(self, name: str, keys: KeyBatch, times: np.ndarray, now: int) -> None:
+        """Refuse event times further ahead of the node's clock than max_clock_skew_s."""
         limit = now + int(self.config.max_clock_skew_s * 1e6)
         ahead = np.flatnonzero(times > limit)
         if len(ahead):
@@ -484,80 +492,52 @@ class Node:
                 f"is {(times[i] - now) / 1e6:.0f} s ahead of the node's clock; the limit is "
                 f"{self.config.max_clock_skew_s:.0f} s (max_clock_skew_s)"
             )
-        return rows, times
 
-    def _apply(
+    def _update_steps(
         self,
         table: Table,
         keys: KeyBatch,
-        encoded: list[bytes],
-        shard_ids: list[int],
-        rows: list[bytes],
-        present: np.ndarray,
+        merge: Callable[[int, list[int], list], list[bytes]],
         position: Position | None,
     ) -> Generator[None, None, None]:
-        """delta_apply over distinct keys, shard by shard: read the shard's delta rows,
-        merge, write them in one WriteBatch, yield. With a position, every shard of the
-        table records it with its rows (untouched shards at the end)."""
-        name = table.schema.name
-        extra = [] if position is None else [(position.key(), struct.pack("<q", position.offset))]
-        touched = set()
-        for shard, positions in self._group(table.delta, shard_ids):
-            if self.tables.get(name) is not table:
-                raise TableNotFound(f"table {name!r} was dropped during the write")
-            old_rows = shard.multi_get([encoded[i] for i in positions])
-            group_rows = [rows[i] for i in positions]
-            offsets = np.zeros(len(group_rows) + 1, np.int64)
-            np.cumsum([len(r) for r in group_rows], out=offsets[1:])
-            buf = b"".join(group_rows)
-            while True:
-                try:
-                    new_rows = _codec.delta_apply(
-                        table.schema.layout, old_rows, buf, offsets, present
-                    )
-                    break
-                except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
-                    where = (
-                        f"table {name!r}, shard {shard.index}, key "
-                        f"{keys.describe(positions[exc.index])}"
-                    )
-                    if not present.all():
-                        raise CorruptValue(
-                            f"{where}: the stored value is corrupt ({exc}); a write of every "
-                            "feature replaces it"
-                        ) from None
-                    # A write of every feature needs nothing from the old row: replace it.
-                    logger.warning("%s: replacing a corrupt stored value (%s)", where, exc)
-                    old_rows[exc.index] = None
-            puts = [(encoded[i], row) for i, row in zip(positions, new_rows, strict=True)]
-            shard.write(puts + extra, (), self._write_options)
-            touched.add(shard.index)
-            yield
-        if extra:
-            for shard in table.delta:
-                if shard.index not in touched:
-                    shard.write(extra, (), self._write_options)
+        """The one read-modify-write of the delta, behind writes and deletes.
 
-    def _write_groups(
-        self,
-        table: Table,
-        groups: list[tuple[Shard, list[int]]],
-        encoded: list[bytes],
-        new_rows: list[bytes],
-        position: Position | None,
-    ) -> None:
-        """One WriteBatch per shard; with a position, every shard of the table records it."""
-        extra = [] if position is None else [(position.key(), struct.pack("<q", position.offset))]
-        touched = set()
-        for shard, positions in groups:
-            shard.write(
-                [(encoded[i], new_rows[i]) for i in positions] + extra, (), self._write_options
-            )
-            touched.add(shard.index)
-        if extra:
-            for shard in table.delta:
-                if shard.index not in touched:
-                    shard.write(extra, (), self._write_options)
+        Shard by shard: read the keys' delta rows, ``merge(shard, positions, old_rows)``
+        them into new rows, write those (and the position, if any) in one WriteBatch,
+        yield. Repeated keys go in later passes (``_rounds``), the position with the
+        last one only, so it never runs ahead of the data; shards without keys record
+        it at the end.
+        """
+        name = table.schema.name
+        encoded = keys.encoded()
+        shard_ids = keys.shard_ids(len(table.delta))
+        rounds = _rounds(encoded)
+        touched: set[int] = set()
+        for r, positions in enumerate(rounds):
+            pos = position if r == len(rounds) - 1 else None
+            extra = [] if pos is None else [(pos.key(), struct.pack("<q", pos.offset))]
+            index = np.arange(len(encoded)) if positions is None else np.asarray(positions)
+            ids = shard_ids[index]
+            order = np.argsort(ids, kind="stable")
+            for group in np.split(index[order], np.flatnonzero(np.diff(ids[order])) + 1):
+                if not len(group):
+                    continue
+                if self.tables.get(name) is not table:
+                    raise TableNotFound(f"table {name!r} was dropped during the write")
+                s = int(shard_ids[group[0]])
+                group_positions = group.tolist()
+                shard = table.delta[s]
+                old_rows = shard.multi_get([encoded[i] for i in group_positions])
+                new_rows = merge(s, group_positions, old_rows)
+                puts = [(encoded[i], row) for i, row in zip(group_positions, new_rows, strict=True)]
+                shard.write(puts + extra, (), self._write_options)
+                if extra:
+                    touched.add(s)
+                yield
+            if extra:
+                for shard in table.delta:
+                    if shard.index not in touched:
+                        shard.write(extra, (), self._write_options)
 
     def consumer_positions(self, name: str, consumer: str, source: str) -> dict[int, int]:
         """Partition → the offset every shard of the table has applied (the minimum)."""
@@ -574,58 +554,47 @@ class Node:
         return {p: min(found.get(p, -1) for found in per_shard) for p in sorted(partitions)}
 
     def delete(
-        self, name: str, keys: KeyBatch, event_time_us: int = 0, position: Position | None = None
+        self,
+        name: str,
+        keys: KeyBatch,
+        event_time_us: int = 0,
+        position: Position | None = None,
     ) -> int:
-        """Tombstone ``keys`` at ``event_time_us`` (default now); returns how many were named.
+        """``delete_steps`` run to the end; returns how many keys were named."""
+        return run_steps(self.delete_steps(name, keys, event_time_us, position))
 
-        The delete hides every value older than it, in the delta and in the base.
+    def delete_steps(
+        self,
+        name: str,
+        keys: KeyBatch,
+        event_time_us: int = 0,
+        position: Position | None = None,
+    ) -> Generator[None, None, int]:
+        """Tombstone ``keys`` at ``event_time_us`` (default now), shard by shard.
+
+        The delete hides every older value of the key in the delta, and the base row
+        when the delete is newer than the version's snapshot. No keys and a position:
+        every shard records the position (a consumer's batch that wrote nothing).
         """
         table = self.table(name)
         self._check_count(keys.count, name)
-        if keys.count == 0:
-            if position is not None:  # a consumer's position alone: every shard stores it
-                self._write_groups(table, [], [], [], position)
-            return 0
-        encoded = keys.encoded()
-        shard_ids = keys.shard_ids(len(table.delta)).tolist()
-        when = event_time_us or now_us()
-        rounds = _rounds(encoded)
-        for r, positions in enumerate(rounds):
-            pos = position if r == len(rounds) - 1 else None
-            sub_keys = encoded if positions is None else [encoded[i] for i in positions]
-            sub_ids = shard_ids if positions is None else [shard_ids[i] for i in positions]
-            groups = self._group(table.delta, sub_ids)
-            old_rows = self._gather(groups, sub_keys, len(sub_keys))
-            times = np.full(len(sub_keys), when, np.int64)
+        now = now_us()
+        when = event_time_us or now
+        self._check_not_ahead(name, keys, np.full(keys.count, when, np.int64), now)
+        layout = table.schema.layout
+
+        def merge(shard: int, positions: list[int], old_rows: list) -> list[bytes]:
             try:
-                new_rows = _codec.delta_delete(table.schema.layout, old_rows, times)
+                return _codec.delta_delete(layout, old_rows, np.full(len(old_rows), when, np.int64))
             except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
                 raise CorruptValue(
-                    f"table {name!r}, shard {sub_ids[exc.index]}: the stored delta value of a "
-                    f"deleted key is corrupt ({exc})"
+                    f"table {name!r}, shard {shard}, key {keys.describe(positions[exc.index])}: "
+                    f"the stored delta value is corrupt ({exc})"
                 ) from None
-            self._write_groups(table, groups, sub_keys, new_rows, pos)
+
+        yield from self._update_steps(table, keys, merge, position)
         self.table_stats(name).keys_deleted += keys.count
         return keys.count
-
-    @staticmethod
-    def _group(shards: list[Shard], shard_ids: list[int]) -> list[tuple[Shard, list[int]]]:
-        """Request positions grouped by shard, for the shards that have any."""
-        groups: list[list[int]] = [[] for _ in shards]
-        for i, s in enumerate(shard_ids):
-            groups[s].append(i)
-        return [(shards[s], g) for s, g in enumerate(groups) if g]
-
-    @staticmethod
-    def _gather(groups: list[tuple[Shard, list[int]]], encoded: list[bytes], n: int) -> list:
-        """The delta rows of ``encoded`` in request order, one multi-get per shard."""
-        out: list[bytes | None] = [None] * n
-        for shard, positions in groups:
-            for i, value in zip(
-                positions, shard.multi_get([encoded[i] for i in positions]), strict=True
-            ):
-                out[i] = value
-        return out
 
     def _load_demo(self) -> None:
         """A small deterministic table so a newcomer has something to query."""
@@ -660,6 +629,15 @@ class Node:
             DEMO_TABLE, table.schema.schema_id, encoded.keys, encoded.rows, encoded.offsets, []
         )
         logger.info("loaded the demo table %r with %d rows", DEMO_TABLE, DEMO_ROWS)
+
+
+def run_steps(steps: Generator[None, None, int]) -> int:
+    """Run a write or delete generator to its end without yielding control; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _rounds(encoded: list[bytes]) -> list[list[int] | None]:

@@ -9,7 +9,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import grpc
@@ -119,13 +119,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             list(request.features),
             _position(request),
         )
-        # Let other calls (reads above all) run between the shards of a large write.
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-            await asyncio.sleep(0)
+        return await _drive(steps)
 
     @_translate_errors
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
@@ -154,8 +148,10 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
         table = self.node.table(request.table)
         keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
-        deleted = self.node.delete(request.table, keys, request.event_time_us, _position(request))
-        return pb.DeleteResponse(keys_deleted=deleted)
+        steps = self.node.delete_steps(
+            request.table, keys, request.event_time_us, _position(request)
+        )
+        return pb.DeleteResponse(keys_deleted=await _drive(steps))
 
     @_translate_errors
     async def GetConsumerPositions(
@@ -275,6 +271,16 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.VersionInfo:
         meta = self.node.rollback(request.table, request.to_version)
         return _version_info(meta, self.node.table(request.table).current)
+
+
+async def _drive(steps: Generator[None, None, int]) -> int:
+    """Run a write or delete, letting other calls (reads above all) run between its shards."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        await asyncio.sleep(0)
 
 
 def _position(request: pb.WriteRequest | pb.DeleteRequest) -> Position | None:
