@@ -421,6 +421,36 @@ def test_a_full_temporary_disk_is_a_clear_error(
         subprocess.run(["umount", str(tiny)], check=False)
 
 
+def test_a_full_disk_on_the_node_is_a_clear_error_and_the_old_version_serves(
+    start_node, tmp_path: Path
+) -> None:
+    cold = tmp_path / "cold"
+    cold.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cold)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        node = start_node("--cold-dir", str(cold))
+        with Client(node.address) as c:
+            c.create_table("full", key="int64", features=FEATURES, shards=2)
+            pq.write_table(snapshot(list(range(50))), tmp_path / "small.parquet")
+            first = load(node.address, "full", str(tmp_path / "small.parquet"), progress=False)
+            before = read_all(c, "full", list(range(50)))
+            pq.write_table(snapshot(list(range(40_000)), salt=1), tmp_path / "big.parquet")
+            # Depending on where the space runs out: staging the upload, or the ingest.
+            with pytest.raises(StorageFull, match=r"the node's disk is full at "):
+                load(node.address, "full", str(tmp_path / "big.parquet"), progress=False)
+            assert read_all(c, "full", list(range(50))) == before
+            assert [v.version for v in c.versions("full") if v.current] == [first.version]
+            assert os.listdir(cold / "staging") == []
+    finally:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop()
+        subprocess.run(["umount", str(cold)], check=False)
+
+
 def test_a_missing_table_needs_create(client: Client, table_name: str, tmp_path: Path) -> None:
     pq.write_table(snapshot([1]), tmp_path / "x.parquet")
     with pytest.raises(TableNotFound, match="create=True"):

@@ -255,6 +255,11 @@ class LoadManager:
                 shard.close()
             if isinstance(exc, KvstoreError):
                 raise
+            if "No space left on device" in str(exc):
+                raise StorageFull(
+                    f"the node's disk is full at {version_dir} while ingesting the load; "
+                    "the current version is unchanged"
+                ) from None
             raise InvalidArgument(f"RocksDB refused the uploaded SST files: {exc}") from exc
         return shards
 
