@@ -246,7 +246,9 @@ class LoadManager:
         shards: list[Shard] = []
         try:
             for index, files in enumerate(by_shard):
-                shard = Shard(version_dir / f"shard-{index:04d}", index, options)
+                shard = Shard(
+                    version_dir / f"shard-{index:04d}", index, options, self.node.base_read_options
+                )
                 shards.append(shard)
                 if files:
                     shard.ingest([str(f.path) for f in files], ingest_options)

@@ -56,6 +56,7 @@ class Table:
         entry: TableEntry,
         options: rocksdict.Options,
         base_options: rocksdict.Options | None = None,
+        base_read_options: rocksdict.ReadOptions | None = None,
     ) -> None:
         self.hot_root = hot_root
         self.cold_root = cold_root
@@ -63,6 +64,7 @@ class Table:
         self.entry = entry
         self._options = options
         self._base_options = base_options or options
+        self._base_read_options = base_read_options
         schema = entry.schema
         self.delta = [
             Shard(hot_root / "delta" / f"shard-{i:04d}", i, options) for i in range(schema.shards)
@@ -91,7 +93,7 @@ class Table:
         if shards is None:
             root = self.version_dir(version)
             shards = [
-                Shard(root / f"shard-{i:04d}", i, self._base_options)
+                Shard(root / f"shard-{i:04d}", i, self._base_options, self._base_read_options)
                 for i in range(self.schema.shards)
             ]
             self._bases[version] = shards
