@@ -46,7 +46,7 @@ from loadtests.servers import (
     dir_bytes,
     machine_busy_seconds,
     proc_cpu_seconds,
-    proc_rss_bytes,
+    proc_memory_bytes,
 )
 from loadtests.systems import (
     TABLE,
@@ -416,13 +416,20 @@ def measure_memory(
 ) -> dict:
     """Memory of each system, bytes, and per row (total, and above the empty server).
 
-    kvstore: the node's resident memory (VmRSS) and the bytes of the files under its
-    data directory. Redis: INFO memory used_memory (and used_memory_rss).
+    kvstore: the node's resident memory (VmRSS, split into its private memory, RssAnon,
+    and the mapped file pages, RssFile) and the bytes of the files under its data
+    directory. Redis: INFO memory used_memory (and used_memory_rss).
     """
     out: dict[str, dict] = {}
-    rss = proc_rss_bytes(node.pid)
+    mem = proc_memory_bytes(node.pid)
+    rss = mem["rss"]
     disk = dir_bytes(node.data_dir)
-    out["kvstore"] = {"rss_bytes": rss, "disk_bytes": disk}
+    out["kvstore"] = {
+        "rss_bytes": rss,
+        "rss_anon_bytes": mem["anon"],
+        "rss_file_bytes": mem["file"],
+        "disk_bytes": disk,
+    }
     for name, server in redis_servers.items():
         with server.connect() as conn:
             info = conn.info("memory")
@@ -442,6 +449,10 @@ def measure_memory(
     if empty is not None:
         kv["rss_empty_bytes"] = empty["kvstore"]["rss_bytes"]
         kv["rss_above_empty_per_row"] = (rss - kv["rss_empty_bytes"]) / rows
+        for part in ("anon", "file"):
+            empty_part = empty["kvstore"][f"rss_{part}_bytes"]
+            kv[f"rss_{part}_empty_bytes"] = empty_part
+            kv[f"rss_{part}_above_empty_per_row"] = (kv[f"rss_{part}_bytes"] - empty_part) / rows
         for name in redis_servers:
             r = out[name]
             r["used_memory_empty_bytes"] = empty[name]["used_memory_bytes"]

@@ -138,7 +138,9 @@ def render(results: dict[str, Any]) -> str:
         [
             "kvstore",
             f"RSS {_bytes(kv['rss_bytes'])} + disk {_bytes(kv['disk_bytes'])}",
-            f"{kv['rss_above_empty_per_row']:.0f}",
+            f"{kv['rss_above_empty_per_row']:.0f} (private "
+            f"{kv.get('rss_anon_above_empty_per_row', float('nan')):.0f} + mapped files "
+            f"{kv.get('rss_file_above_empty_per_row', float('nan')):.0f})",
             f"{kv['disk_per_row']:.0f}",
             f"{kv['total_per_row']:.0f}",
         ]
@@ -156,7 +158,9 @@ def render(results: dict[str, Any]) -> str:
         )
     parts += [
         "memory at the end, bytes per row (raw data: 8 B key + 384 B values); RAM is "
-        "above the empty server's:",
+        "above the empty server's; kvstore's RSS is its private memory (RssAnon: heap, "
+        "block cache, memtables) plus the pages of the memory-mapped base files its reads "
+        "touched (RssFile: page cache the kernel can drop):",
         _table(["system", "total", "RAM B/row", "disk B/row", "total B/row (RAM + disk)"], rows),
     ]
     if "bulk_load" in results:

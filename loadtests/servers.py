@@ -27,7 +27,7 @@ __all__ = [
     "dir_bytes",
     "machine_busy_seconds",
     "proc_cpu_seconds",
-    "proc_rss_bytes",
+    "proc_memory_bytes",
     "wait_until",
 ]
 
@@ -49,13 +49,21 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any
         time.sleep(POLL_INTERVAL_S)
 
 
-def proc_rss_bytes(pid: int) -> int:
-    """Resident set size of process ``pid`` (VmRSS of /proc/<pid>/status), in bytes."""
+def proc_memory_bytes(pid: int) -> dict[str, int]:
+    """Resident memory of process ``pid`` from /proc/<pid>/status, in bytes: ``rss``
+    (VmRSS), ``anon`` (RssAnon: its private heap) and ``file`` (RssFile: mapped file
+    pages it touched, i.e. page cache and shared libraries, which the kernel can drop
+    and read again)."""
+    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+            name = line.split(None, 1)[0]
+            if name in fields:
+                out[fields[name]] = int(line.split()[1]) * 1024
+    if len(out) != len(fields):
+        raise RuntimeError(f"no VmRSS/RssAnon/RssFile for pid {pid}")
+    return out
 
 
 def proc_cpu_seconds(pid: int) -> float:
