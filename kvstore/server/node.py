@@ -364,7 +364,14 @@ class Node:
                     pos += count
         values: list[bytes | None] = []
         done = 0
-        fetched = self._fetch(groups, shards, base, n)
+        try:
+            fetched = self._fetch(groups, shards, base, n)
+        except Exception as exc:
+            if not str(exc).startswith("Corruption"):
+                raise
+            message = f"table {name!r}: RocksDB found a damaged block ({exc})"
+            logger.error("%s", message)
+            raise CorruptValue(message) from None
         for (s, shard_keys), (delta_rows, base_rows) in zip(groups, fetched, strict=True):
             try:
                 values.extend(
