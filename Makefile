@@ -39,13 +39,17 @@ run: build
 # The stream-consumer tests run a real nats-server (Debian's package).
 test: build
 	@command -v nats-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server)
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 	$(VENV)/bin/pytest -q
 
-# make bench (1M rows + a 10M-row bulk load, ~10 min) · make bench QUICK=1 (100k rows, ~1.5 min)
+# make bench (1M rows + a 10M-row bulk load + the RAM-capped run, ~12 min) · make bench QUICK=1
+# (100k rows, ~2 min)
 # · ARGS= passes more (python -m loadtests.bench --help).
 bench: build
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 	$(PY) -m loadtests.bench $(if $(QUICK),--quick) $(ARGS)
+	@# RAM capped at a third of Redis's (a memory cgroup: root only; exit status 2 = skipped)
+	$(PY) -m loadtests.memcap $(if $(QUICK),--rows 100000 --rounds 2 --out bench/quick) || test $$? -eq 2
 
 # make loadtest WORKLOAD=C|B|A DIST=zipfian|uniform BATCH=1|10|100|1000 USERS=8 RATE= TIME=60s
 # ROWS=100000: a node on 127.0.0.1, a bulk-loaded table, Locust headless; bench/locust/<run>*.

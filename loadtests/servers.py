@@ -119,8 +119,10 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 class KvstoreNode:
     """``python -m kvstore.cli serve`` on 127.0.0.1, a free port, data in ``workdir/data``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, cgroup_procs: Path | None = None) -> None:
         self.workdir = workdir
+        #: A cgroup's ``cgroup.procs``: the node joins it before it starts (memcap.py).
+        self.cgroup_procs = cgroup_procs
         self.data_dir = workdir / "data"
         self.log_path = workdir / "kvstore-node.log"
         self.proc: subprocess.Popen | None = None
@@ -137,6 +139,7 @@ class KvstoreNode:
 
     def __enter__(self) -> KvstoreNode:
         port_file = self.workdir / "kvstore-node.port"
+        port_file.unlink(missing_ok=True)  # a node started here before left its port
         cmd = [
             sys.executable,
             "-m",
@@ -154,7 +157,9 @@ class KvstoreNode:
             "warning",
         ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._join_cgroup
+            )
         try:
             wait_until(lambda: self._alive() and port_file.exists(), START_TIMEOUT_S, "the node")
             self.port = int(port_file.read_text())
@@ -163,6 +168,13 @@ class KvstoreNode:
             _stop(self.proc, signal.SIGKILL)
             raise
         return self
+
+    def _join_cgroup(self) -> None:
+        """In the child, before exec: move into ``cgroup_procs`` so that every page the
+        node touches, from the interpreter on, is charged to that cgroup."""
+        if self.cgroup_procs is not None:
+            with open(self.cgroup_procs, "w") as f:
+                f.write(str(os.getpid()))
 
     def _alive(self) -> bool:
         assert self.proc is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -132,3 +133,25 @@ def test_settings_are_checked() -> None:
         loadtest.Settings(time="1 minute").check()
     assert loadtest.parse_duration("1h2m3s") == 3723
     assert loadtest.parse_duration("90") == 90
+
+
+def test_the_ram_capped_run_stays_under_its_cap_and_reads_from_disk(tmp_path: Path) -> None:
+    """loadtests/memcap.py: the node's memory cgroup holds it to the cap, so lookups of
+    a table larger than the cap fault pages in from disk (needs root and cgroups)."""
+    from loadtests import memcap
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make bench installs it)")
+    try:
+        res = memcap.measure(rows=20_000, batch_sizes=[100], rounds=1, samples=30, seed=1)
+    except memcap.CgroupUnavailable as exc:
+        pytest.skip(str(exc))
+    capped = res["kvstore_capped_memory"]
+    # The rows get a third of what Redis spends on them: less than their files' size.
+    allowance = res["cap_bytes"] - res["kvstore_started_bytes"]
+    assert 0 < allowance < res["kvstore_file_bytes"]
+    assert capped["cgroup_max_usage_bytes"] <= res["cap_bytes"]
+    latency = res["latency"]
+    assert latency["kvstore capped"]["100"]["major_faults_per_lookup"] > 1
+    assert latency["kvstore"]["100"]["count"] == latency["kvstore capped"]["100"]["count"] == 30
+    assert "| 100 |" in memcap.render(res)
