@@ -161,3 +161,102 @@ def split_rows(buf, offsets):
     for i in range(n):
         out[i] = PyBytes_FromStringAndSize(base + view[i], view[i + 1] - view[i])
     return out
+
+
+def group_by_shard(shard_ids, n_shards):
+    """A stable counting sort of keys by shard: (order, counts).
+
+    ``order`` (int32) lists the key positions shard by shard, in request order within a
+    shard; ``counts`` (a list of n_shards ints) says how many keys each shard got. It is
+    ``argsort(shard_ids, kind="stable")`` and ``bincount`` in one pass, without NumPy's
+    per-call overhead, which dominated small batches.
+    """
+    cdef int32_t shards = _shard_count(n_shards)
+    ids_array = np.ascontiguousarray(shard_ids, dtype=_INT32)
+    cdef const int32_t[::1] ids = ids_array
+    cdef Py_ssize_t i, n = ids.shape[0]
+    cdef int32_t s
+    cdef int64_t* start = <int64_t*>PyMem_Calloc(shards + 1, sizeof(int64_t))
+    if start == NULL:
+        raise MemoryError()
+    order = np.empty(n, dtype=_INT32)
+    cdef int32_t[::1] out = order
+    cdef Py_ssize_t bad = -1
+    try:
+        with nogil:
+            for i in range(n):
+                s = ids[i]
+                if s < 0 or s >= shards:
+                    bad = i
+                    break
+                start[s + 1] += 1
+            if bad < 0:
+                for s in range(shards):
+                    start[s + 1] += start[s]
+                for i in range(n):
+                    s = ids[i]
+                    out[start[s]] = <int32_t>i
+                    start[s] += 1
+        if bad >= 0:
+            raise ValueError(f"shard_ids[{bad}] is {ids[bad]}, not in [0, {shards})")
+        # start[s] is now the end of shard s: counts are the differences.
+        counts = [start[0]] + [start[s] - start[s - 1] for s in range(1, shards)]
+    finally:
+        PyMem_Free(start)
+    return order, counts
+
+
+def response_layout(Py_ssize_t n, list parts):
+    """Where each of n requested keys' row is in the joined response blocks.
+
+    ``parts``: one (lengths, order, positions) per node response, in the order their
+    blocks are joined: ``lengths`` the response's int32 little-endian row lengths (-1 =
+    missing) as bytes, ``order`` its int32 little-endian permutation (empty: rows in
+    the order sent), ``positions`` the request positions of the keys sent to that node
+    (an int64 array, or None for all of them in order). Returns (starts, lengths), both
+    int64 of length n: a row's offset in the joined block and its length (-1 = missing;
+    a position no part answers stays -1).
+    """
+    starts = np.zeros(n, dtype=_INT64)
+    lengths = np.full(n, -1, dtype=_INT64)
+    cdef int64_t[::1] st = starts
+    cdef int64_t[::1] ln = lengths
+    cdef int64_t base = 0
+    cdef Py_ssize_t i, m, j, at
+    cdef int32_t length
+    cdef const uint8_t[::1] lens_view
+    cdef const uint8_t[::1] order_view
+    cdef const int64_t[::1] pos_view
+    cdef const uint8_t* lens
+    cdef const uint8_t* order
+    cdef const int64_t* pos
+    for k, part in enumerate(parts):
+        part_lengths, part_order, positions = part
+        lens_view = _byte_buffer(part_lengths, "lengths")
+        order_view = _byte_buffer(part_order, "order")
+        m = lens_view.shape[0] // 4
+        if lens_view.shape[0] != 4 * m:
+            raise ValueError(f"part {k}: lengths is {lens_view.shape[0]} bytes, not int32s")
+        if order_view.shape[0] not in (0, 4 * m):
+            raise ValueError(f"part {k}: order has {order_view.shape[0] // 4} entries, expected {m}")
+        pos = NULL
+        if positions is not None:
+            pos_view = _int64_array(positions, m, f"part {k}: positions")
+            pos = &pos_view[0] if m else NULL
+        elif m > n:
+            raise ValueError(f"part {k}: {m} rows for {n} keys")
+        lens = _bytes_ptr(lens_view)
+        order = _bytes_ptr(order_view) if order_view.shape[0] else NULL
+        for i in range(m):
+            j = <int32_t>load_u32(order + 4 * i) if order != NULL else i
+            if j < 0 or j >= m:
+                raise ValueError(f"part {k}: order[{i}] is {j}, not in [0, {m})")
+            at = pos[j] if pos != NULL else j
+            if at < 0 or at >= n:
+                raise ValueError(f"part {k}: position {at} is not in [0, {n})")
+            length = <int32_t>load_u32(lens + 4 * i)
+            st[at] = base
+            ln[at] = length
+            if length > 0:
+                base += length
+    return starts, lengths

@@ -814,3 +814,79 @@ def test_large_batch_round_trip():
     assert np.array_equal(decoded[32][0], vectors)
     assert np.array_equal(decoded[33][0], name_offsets)
     assert decoded[33][1].tobytes() == buf
+
+
+@given(st.lists(st.integers(0, 6), max_size=60), st.integers(7, 9))
+def test_group_by_shard_is_a_stable_counting_sort(ids, n_shards):
+    shard_ids = np.asarray(ids, np.int32)
+    order, counts = codec.group_by_shard(shard_ids, n_shards)
+    assert order.dtype == np.int32
+    assert order.tolist() == np.argsort(shard_ids, kind="stable").tolist()
+    assert counts == np.bincount(shard_ids, minlength=n_shards).tolist()
+
+
+def test_group_by_shard_rejects_a_shard_out_of_range():
+    with pytest.raises(ValueError, match=r"shard_ids\[1\] is 8, not in \[0, 8\)"):
+        codec.group_by_shard(np.array([0, 8], np.int32), 8)
+    with pytest.raises(ValueError, match="n_shards"):
+        codec.group_by_shard(np.array([0], np.int32), 0)
+
+
+def _layout_oracle(n, parts):
+    """finish_get's former NumPy merge of node responses, kept as the oracle."""
+    starts = np.zeros(n, np.int64)
+    lengths = np.full(n, -1, np.int64)
+    base = 0
+    for part_lengths, order, positions in parts:
+        lens = np.frombuffer(part_lengths, "<i4").astype(np.int64)
+        part_starts = np.zeros(len(lens), np.int64)
+        if len(lens) > 1:
+            np.cumsum(np.maximum(lens[:-1], 0), out=part_starts[1:])
+        part_starts += base
+        at = np.frombuffer(order, "<i4") if order else np.arange(len(lens))
+        if positions is not None:
+            at = positions[at]
+        starts[at] = part_starts
+        lengths[at] = lens
+        base += int(np.maximum(lens, 0).sum())
+    return starts, lengths
+
+
+@given(st.data())
+def test_response_layout_matches_the_numpy_merge(data):
+    n = data.draw(st.integers(0, 30))
+    nodes = data.draw(st.integers(1, 3))
+    owner = np.asarray(data.draw(st.lists(st.integers(0, nodes - 1), min_size=n, max_size=n)))
+    parts = []
+    for node in range(nodes):
+        positions = np.flatnonzero(owner == node).astype(np.int64)
+        m = len(positions)
+        lens = data.draw(st.lists(st.integers(-1, 50), min_size=m, max_size=m))
+        order = data.draw(st.permutations(range(m))) if data.draw(st.booleans()) else None
+        parts.append(
+            (
+                np.asarray(lens, "<i4").tobytes(),
+                b"" if order is None else np.asarray(order, "<i4").tobytes(),
+                None if nodes == 1 else positions,
+            )
+        )
+    starts, lengths = codec.response_layout(n, parts)
+    want_starts, want_lengths = _layout_oracle(n, parts)
+    assert lengths.tolist() == want_lengths.tolist()
+    found = want_lengths >= 0
+    assert starts[found].tolist() == want_starts[found].tolist()
+
+
+@pytest.mark.parametrize(
+    ("n", "part", "message"),
+    [
+        (2, (b"\x01\x00\x00", b"", None), "not int32s"),
+        (2, (np.ones(2, "<i4").tobytes(), np.zeros(1, "<i4").tobytes(), None), "order has 1"),
+        (2, (np.ones(2, "<i4").tobytes(), np.asarray([0, 5], "<i4").tobytes(), None), "order"),
+        (1, (np.ones(2, "<i4").tobytes(), b"", None), "2 rows for 1 keys"),
+        (2, (np.ones(1, "<i4").tobytes(), b"", np.asarray([7])), "position 7"),
+    ],
+)
+def test_response_layout_rejects_a_malformed_response(n, part, message):
+    with pytest.raises(ValueError, match=message):
+        codec.response_layout(n, [part])

@@ -190,31 +190,22 @@ class ClientCore:
         """
         from kvstore.client.result import GetResult
 
-        n = keys.count
-        starts = np.zeros(n, np.int64)
-        lengths = np.full(n, -1, np.int64)
-        blocks = []
-        base = 0
         version = 0
-        for call, response in zip(calls, responses, strict=True):
-            part_lengths = np.frombuffer(response.lengths, dtype="<i4").astype(np.int64)
-            part_starts = np.zeros(len(part_lengths), np.int64)
-            if len(part_lengths) > 1:
-                np.cumsum(np.maximum(part_lengths[:-1], 0), out=part_starts[1:])
-            part_starts += base
-            if response.order:
-                positions = np.frombuffer(response.order, dtype="<i4")
-                if call.positions is not None:
-                    positions = call.positions[positions]
-            else:
-                positions = call.positions if call.positions is not None else slice(None)
-            starts[positions] = part_starts
-            lengths[positions] = part_lengths
-            blocks.append(response.values)
-            base += len(response.values)
+        for response in responses:
             version = max(version, response.version)
             if response.schema_id != schema.schema_id:
                 raise _codec.SchemaMismatch(0, response.schema_id)
+        try:
+            starts, lengths = _codec.response_layout(
+                keys.count,
+                [(r.lengths, r.order, c.positions) for c, r in zip(calls, responses, strict=True)],
+            )
+        except ValueError as exc:
+            nodes = ", ".join(c.address for c in calls)
+            raise KvstoreError(
+                f"table {table!r}: a malformed Get response from {nodes}: {exc}"
+            ) from None
+        blocks = [r.values for r in responses]
         buf = blocks[0] if len(blocks) == 1 else b"".join(blocks)
         try:
             columns, event_times = _codec.decode_columns(

@@ -352,9 +352,7 @@ class Node:
             order = None
             groups = [(0, keys.encoded())]
         else:
-            shard_ids = keys.shard_ids(len(shards))
-            order = np.argsort(shard_ids, kind="stable").astype(np.int32)
-            counts = np.bincount(shard_ids, minlength=len(shards)).tolist()
+            order, counts = _codec.group_by_shard(keys.shard_ids(len(shards)), len(shards))
             encoded = keys.encoded(order)
             groups = []
             pos = 0
