@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared RocksDB block cache, MiB (default 256)",
     )
     p.add_argument(
+        "--row-cache-mb",
+        type=int,
+        default=None,
+        help="RocksDB row cache for hot rows of the bulk versions, MiB (default 0 = off; "
+        "worth it when a few keys get most lookups)",
+    )
+    p.add_argument(
         "--verify-base-checksums",
         action="store_true",
         help="verify RocksDB's block checksum on every read of a bulk version (~15%% more CPU "
@@ -357,6 +364,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_clock_skew_s=args.max_clock_skew_s,
         demo=args.demo or None,
         block_cache_bytes=args.block_cache_mb and args.block_cache_mb << 20,
+        row_cache_bytes=None if args.row_cache_mb is None else args.row_cache_mb << 20,
         verify_base_checksums=args.verify_base_checksums or None,
         read_threads=args.read_threads,
         parallel_read_keys=args.parallel_read_keys,
@@ -513,6 +521,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=1))
         return 0
     print(f"node {client.address}: serving, up {stats['uptime_s']:.0f} s")
+    mib = 2**20
+    row_cache = (
+        f"{stats['row_cache_bytes'] / mib:.1f} of {stats['row_cache_capacity_bytes'] / mib:.0f} MiB"
+        if stats["row_cache_capacity_bytes"]
+        else "off"
+    )
+    print(f"block cache {stats['block_cache_bytes'] / mib:.1f} MiB in use; row cache {row_cache}")
     rows = [
         ("TABLE", "VERSION", "UPDATED", "DELETED", "READ", "NEWEST EVENT AGE", "LAG P50", "LAG P99")
     ]

@@ -452,6 +452,9 @@ def stats_json(response: pb.StatsResponse) -> dict:
     return {
         "uptime_s": response.uptime_s,
         "now_us": response.now_us,
+        "block_cache_bytes": response.block_cache_bytes,
+        "row_cache_bytes": response.row_cache_bytes,
+        "row_cache_capacity_bytes": response.row_cache_capacity_bytes,
         "tables": {
             t.table: {
                 "version": t.version,

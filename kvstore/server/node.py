@@ -136,8 +136,12 @@ class Node:
         self.tables: dict[str, Table] = {}
         self._cache = rocksdict.Cache(config.block_cache_bytes)
         self._options = rocksdb_options(self._cache, config.bloom_bits_per_key)
+        #: Hot rows of the base versions (RocksDB's row cache, shared by every base shard).
+        self.row_cache = (
+            rocksdict.Cache(config.row_cache_bytes) if config.row_cache_bytes > 0 else None
+        )
         self._base_options = rocksdb_options(
-            self._cache, config.bloom_bits_per_key, mmap_reads=True
+            self._cache, config.bloom_bits_per_key, mmap_reads=True, row_cache=self.row_cache
         )
         #: Read options of every base shard (see ``base_read_options``).
         self.base_read_options = base_read_options(config.verify_base_checksums)
@@ -419,6 +423,14 @@ class Node:
         for future in futures:
             out.extend(future.result())
         return out
+
+    def cache_usage(self) -> dict[str, int]:
+        """Bytes in the block cache and the row cache, and the row cache's capacity."""
+        return {
+            "block_cache_bytes": self._cache.get_usage(),
+            "row_cache_bytes": self.row_cache.get_usage() if self.row_cache else 0,
+            "row_cache_capacity_bytes": self.config.row_cache_bytes if self.row_cache else 0,
+        }
 
     def table_stats(self, name: str) -> TableStats:
         stats = self.stats.get(name)

@@ -192,7 +192,10 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
                 )
             )
         return pb.StatsResponse(
-            uptime_s=time.monotonic() - self.node.started, tables=tables, now_us=now
+            uptime_s=time.monotonic() - self.node.started,
+            tables=tables,
+            now_us=now,
+            **self.node.cache_usage(),
         )
 
     @_translate_errors

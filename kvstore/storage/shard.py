@@ -24,7 +24,10 @@ __all__ = ["SYSTEM_PREFIX", "Shard", "base_read_options", "rocksdb_options"]
 
 
 def rocksdb_options(
-    cache: rocksdict.Cache, bloom_bits_per_key: float = 10.0, mmap_reads: bool = False
+    cache: rocksdict.Cache,
+    bloom_bits_per_key: float = 10.0,
+    mmap_reads: bool = False,
+    row_cache: rocksdict.Cache | None = None,
 ) -> rocksdict.Options:
     """Options for a point-lookup shard: bloom filter, the node's shared block cache, LZ4.
 
@@ -45,6 +48,8 @@ def rocksdb_options(
     opts.set_keep_log_file_num(2)
     if mmap_reads:
         opts.set_allow_mmap_reads(True)
+    if row_cache is not None:
+        opts.set_row_cache(row_cache)
     return opts
 
 
