@@ -172,16 +172,19 @@ def group_by_shard(shard_ids, n_shards):
     per-call overhead, which dominated small batches.
     """
     cdef int32_t shards = _shard_count(n_shards)
-    ids_array = np.ascontiguousarray(shard_ids, dtype=_INT32)
+    if not isinstance(shard_ids, np.ndarray) or shard_ids.dtype != _INT32:
+        raise TypeError(f"shard_ids must be an int32 ndarray, got {type(shard_ids).__name__}"
+                        f"{'' if not isinstance(shard_ids, np.ndarray) else ' of ' + str(shard_ids.dtype)}")
+    ids_array = np.ascontiguousarray(shard_ids)
     cdef const int32_t[::1] ids = ids_array
     cdef Py_ssize_t i, n = ids.shape[0]
     cdef int32_t s
-    cdef int64_t* start = <int64_t*>PyMem_Calloc(shards + 1, sizeof(int64_t))
-    if start == NULL:
-        raise MemoryError()
     order = np.empty(n, dtype=_INT32)
     cdef int32_t[::1] out = order
     cdef Py_ssize_t bad = -1
+    cdef int64_t* start = <int64_t*>PyMem_Calloc(shards + 1, sizeof(int64_t))
+    if start == NULL:
+        raise MemoryError()
     try:
         with nogil:
             for i in range(n):
@@ -209,19 +212,26 @@ def group_by_shard(shard_ids, n_shards):
 def response_layout(Py_ssize_t n, list parts):
     """Where each of n requested keys' row is in the joined response blocks.
 
-    ``parts``: one (lengths, order, positions) per node response, in the order their
-    blocks are joined: ``lengths`` the response's int32 little-endian row lengths (-1 =
-    missing) as bytes, ``order`` its int32 little-endian permutation (empty: rows in
-    the order sent), ``positions`` the request positions of the keys sent to that node
-    (an int64 array, or None for all of them in order). Returns (starts, lengths), both
-    int64 of length n: a row's offset in the joined block and its length (-1 = missing;
-    a position no part answers stays -1).
+    ``parts``: one (lengths, order, positions, values_size) per node response, in the
+    order their blocks are joined: ``lengths`` the response's int32 little-endian row
+    lengths (-1 = missing) as bytes, ``order`` its int32 little-endian permutation
+    (empty: rows in the order sent), ``positions`` the request positions of the keys
+    sent to that node (an int64 array, or None when that node got all n keys in order),
+    ``values_size`` the bytes of its values block. Returns (starts, lengths), both int64
+    of length n: a row's offset in the joined block and its length (-1 = missing).
+
+    A response that does not fit its request raises ValueError naming the part: too
+    many or too few rows, an order that is not a permutation, a position answered
+    twice, or lengths that do not add up to the values block.
     """
     starts = np.zeros(n, dtype=_INT64)
     lengths = np.full(n, -1, dtype=_INT64)
+    seen_array = np.zeros(n, dtype=_UINT8)
     cdef int64_t[::1] st = starts
     cdef int64_t[::1] ln = lengths
+    cdef uint8_t[::1] seen = seen_array
     cdef int64_t base = 0
+    cdef int64_t part_bytes, size
     cdef Py_ssize_t i, m, j, at
     cdef int32_t length
     cdef const uint8_t[::1] lens_view
@@ -231,7 +241,8 @@ def response_layout(Py_ssize_t n, list parts):
     cdef const uint8_t* order
     cdef const int64_t* pos
     for k, part in enumerate(parts):
-        part_lengths, part_order, positions = part
+        part_lengths, part_order, positions, values_size = part
+        size = values_size
         lens_view = _byte_buffer(part_lengths, "lengths")
         order_view = _byte_buffer(part_order, "order")
         m = lens_view.shape[0] // 4
@@ -243,10 +254,11 @@ def response_layout(Py_ssize_t n, list parts):
         if positions is not None:
             pos_view = _int64_array(positions, m, f"part {k}: positions")
             pos = &pos_view[0] if m else NULL
-        elif m > n:
+        elif m != n:
             raise ValueError(f"part {k}: {m} rows for {n} keys")
         lens = _bytes_ptr(lens_view)
         order = _bytes_ptr(order_view) if order_view.shape[0] else NULL
+        part_bytes = 0
         for i in range(m):
             j = <int32_t>load_u32(order + 4 * i) if order != NULL else i
             if j < 0 or j >= m:
@@ -254,9 +266,18 @@ def response_layout(Py_ssize_t n, list parts):
             at = pos[j] if pos != NULL else j
             if at < 0 or at >= n:
                 raise ValueError(f"part {k}: position {at} is not in [0, {n})")
+            if seen[at]:
+                raise ValueError(f"part {k}: key position {at} is answered twice")
+            seen[at] = 1
             length = <int32_t>load_u32(lens + 4 * i)
-            st[at] = base
+            st[at] = base + part_bytes
             ln[at] = length
             if length > 0:
-                base += length
+                part_bytes += length
+        if part_bytes != size:
+            raise ValueError(
+                f"part {k}: its row lengths add up to {part_bytes} bytes, its values block "
+                f"holds {size}"
+            )
+        base += part_bytes
     return starts, lengths

@@ -38,12 +38,12 @@ class NodeConfig:
     #: -18% with 64 MiB on 1M rows) but every miss pays an insert and an eviction, which
     #: made uniform keys 24% slower (docs/operations.md). 0 = off.
     row_cache_bytes: int = 0
-    #: Verify RocksDB's block checksum on every read of a base version (~15% more CPU
+    #: Verify RocksDB's block checksum on every read of a base version (~18% more CPU
     #: per lookup; the files are checked with crc32 when they are uploaded).
     verify_base_checksums: bool = False
     #: Threads besides the event loop's that read part of a large Get's shards (the
     #: MultiGets release the GIL); default: one fewer than the CPUs, at most 3.
-    read_threads: int = max(0, min(3, (os.cpu_count() or 1) - 1))
+    read_threads: int = max(0, min(3, len(os.sched_getaffinity(0)) - 1))
     #: A Get of at least this many keys is read on several threads.
     parallel_read_keys: int = 256
     #: A Get, Write or Delete naming more keys than this is refused with RequestTooLarge.
@@ -108,5 +108,7 @@ class NodeConfig:
             raise ValueError("row_cache_bytes must be at least 0")
         if self.read_threads < 0:
             raise ValueError("read_threads must be at least 0")
+        if self.parallel_read_keys < 1:
+            raise ValueError("parallel_read_keys must be at least 1")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")

@@ -69,6 +69,9 @@ def memory_cgroup(name: str) -> Iterator[Path]:
         path.mkdir(exist_ok=True)
     except OSError as exc:
         raise CgroupUnavailable(f"cannot create the memory cgroup {path}: {exc}") from None
+    if not any((path / f).exists() for f in ("memory.limit_in_bytes", "memory.max")):
+        path.rmdir()  # v2 with the controller not enabled for children (subtree_control)
+        raise CgroupUnavailable(f"the cgroup {path} has no memory limit file")
     try:
         yield path / "cgroup.procs"
     finally:
@@ -80,11 +83,18 @@ def memory_cgroup(name: str) -> Iterator[Path]:
                 time.sleep(0.1)
 
 
-def set_limit(procs: Path, limit_bytes: int) -> None:
-    """Limit the cgroup's memory, page cache included (the kernel reclaims down to it)."""
+def set_limit(procs: Path, limit_bytes: int) -> bool:
+    """Limit the cgroup's memory, page cache included (the kernel reclaims down to it),
+    and restart its peak figure; returns whether the peak could be restarted (else it
+    counts from the cgroup's creation)."""
     d = procs.parent
-    name = "memory.limit_in_bytes" if (d / "memory.limit_in_bytes").exists() else "memory.max"
-    (d / name).write_text(str(limit_bytes))
+    v1 = (d / "memory.limit_in_bytes").exists()
+    (d / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit_bytes))
+    try:
+        (d / ("memory.max_usage_in_bytes" if v1 else "memory.peak")).write_text("0")
+    except OSError:
+        return False
+    return True
 
 
 def cgroup_memory(procs: Path) -> dict[str, int]:
@@ -164,7 +174,7 @@ def measure(rows: int, batch_sizes: list[int], rounds: int, samples: int, seed: 
                 # third of what the rows cost Redis.
                 base = cgroup_memory(procs)["usage_bytes"]
                 cap = base + (redis_used - redis_empty) // 3
-                set_limit(procs, cap)
+                out["peak_counts_from_cap"] = set_limit(procs, cap)
                 out["kvstore_started_bytes"] = base
                 out["cap_bytes"] = cap
                 print(

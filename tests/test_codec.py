@@ -825,6 +825,19 @@ def test_group_by_shard_is_a_stable_counting_sort(ids, n_shards):
     assert counts == np.bincount(shard_ids, minlength=n_shards).tolist()
 
 
+def test_response_layout_rejects_two_parts_answering_one_key():
+    part = (np.ones(1, "<i4").tobytes(), b"", np.asarray([0]), 1)
+    with pytest.raises(ValueError, match="part 1: key position 0 is answered twice"):
+        codec.response_layout(2, [part, part])
+
+
+def test_group_by_shard_takes_int32_ids_only():
+    with pytest.raises(TypeError, match="int32 ndarray, got ndarray of int64"):
+        codec.group_by_shard(np.array([1, 2**32 + 1]), 8)
+    with pytest.raises(TypeError, match="got list"):
+        codec.group_by_shard([0, 1], 8)
+
+
 def test_group_by_shard_rejects_a_shard_out_of_range():
     with pytest.raises(ValueError, match=r"shard_ids\[1\] is 8, not in \[0, 8\)"):
         codec.group_by_shard(np.array([0, 8], np.int32), 8)
@@ -837,7 +850,7 @@ def _layout_oracle(n, parts):
     starts = np.zeros(n, np.int64)
     lengths = np.full(n, -1, np.int64)
     base = 0
-    for part_lengths, order, positions in parts:
+    for part_lengths, order, positions, _size in parts:
         lens = np.frombuffer(part_lengths, "<i4").astype(np.int64)
         part_starts = np.zeros(len(lens), np.int64)
         if len(lens) > 1:
@@ -868,6 +881,7 @@ def test_response_layout_matches_the_numpy_merge(data):
                 np.asarray(lens, "<i4").tobytes(),
                 b"" if order is None else np.asarray(order, "<i4").tobytes(),
                 None if nodes == 1 else positions,
+                sum(x for x in lens if x > 0),
             )
         )
     starts, lengths = codec.response_layout(n, parts)
@@ -877,14 +891,20 @@ def test_response_layout_matches_the_numpy_merge(data):
     assert starts[found].tolist() == want_starts[found].tolist()
 
 
+_ONES = np.ones(2, "<i4").tobytes()
+
+
 @pytest.mark.parametrize(
     ("n", "part", "message"),
     [
-        (2, (b"\x01\x00\x00", b"", None), "not int32s"),
-        (2, (np.ones(2, "<i4").tobytes(), np.zeros(1, "<i4").tobytes(), None), "order has 1"),
-        (2, (np.ones(2, "<i4").tobytes(), np.asarray([0, 5], "<i4").tobytes(), None), "order"),
-        (1, (np.ones(2, "<i4").tobytes(), b"", None), "2 rows for 1 keys"),
-        (2, (np.ones(1, "<i4").tobytes(), b"", np.asarray([7])), "position 7"),
+        (2, (b"\x01\x00\x00", b"", None, 0), "not int32s"),
+        (2, (_ONES, np.zeros(1, "<i4").tobytes(), None, 2), "order has 1 entries"),
+        (2, (_ONES, np.asarray([0, 5], "<i4").tobytes(), None, 2), r"order\[1\] is 5"),
+        (2, (_ONES, np.asarray([1, 1], "<i4").tobytes(), None, 2), "answered twice"),
+        (1, (_ONES, b"", None, 2), "2 rows for 1 keys"),
+        (3, (_ONES, b"", None, 2), "2 rows for 3 keys"),
+        (2, (np.ones(1, "<i4").tobytes(), b"", np.asarray([7]), 1), "position 7"),
+        (2, (_ONES, b"", None, 3), "add up to 2 bytes, its values block holds 3"),
     ],
 )
 def test_response_layout_rejects_a_malformed_response(n, part, message):

@@ -3,14 +3,21 @@ one the event loop's thread alone gives: same rows, same order, delta over base.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from test_bulk_load import FEATURES, expected, snapshot
 
-from kvstore import Client
+from kvstore import Client, _codec
+from kvstore.columns import encode_rows
+from kvstore.config import NodeConfig
 from kvstore.ingest.bulk import load
+from kvstore.keys import KeyBatch
+from kvstore.schema import TableSchema
+from kvstore.server.node import Node
 
 
 def test_a_batch_read_on_several_threads_answers_like_one_thread(
@@ -44,3 +51,66 @@ def test_a_batch_read_on_several_threads_answers_like_one_thread(
             assert row == {**base[key], "ctr": -1.0}
         else:
             assert row == base[key]
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    config = NodeConfig(data_dir=tmp_path / "data", read_threads=1, parallel_read_keys=2)
+    config.load()
+    node = Node(config)
+    node.open()
+    node.create_table(TableSchema.build("t", "int64", {"x": "int64"}, shards=8))
+    keys = np.arange(800, dtype=np.int64)
+    rows = encode_rows(node.table("t").schema, {"key": keys, "x": keys * 10})
+    schema_id = node.table("t").schema.schema_id
+    node.write("t", schema_id, rows.keys, rows.rows, rows.offsets, rows.features)
+    yield node
+    node.close()
+
+
+def _spy_on_pool(node: Node, delay_s: float = 0.0) -> list:
+    """Record what the node hands its read thread: (keys in the chunk, future); the
+    thread starts its part ``delay_s`` late."""
+    handed: list = []
+    submit = node._read_pool.submit
+
+    def late(fn, *args):
+        time.sleep(delay_s)
+        return fn(*args)
+
+    def spy(fn, chunk, *args):
+        future = submit(late, fn, chunk, *args)
+        handed.append((sum(len(k) for _, k in chunk), future))
+        return future
+
+    node._read_pool.submit = spy
+    return handed
+
+
+def test_the_read_thread_gets_about_half_of_a_large_batch(node: Node) -> None:
+    handed = _spy_on_pool(node)
+    keys = np.arange(800, dtype=np.int64)
+    answer = node.get("t", KeyBatch("int64", ints=keys), [])
+    assert (answer.lengths > 0).all()
+    ((helper_keys, _),) = handed
+    assert 300 <= helper_keys <= 500  # 8 shards of ~100 keys: the cut nearest to 400
+    node.get("t", KeyBatch("int64", ints=keys[:1]), [])  # under parallel_read_keys
+    assert len(handed) == 1
+
+
+def test_a_failed_read_waits_for_the_read_thread_before_raising(node: Node) -> None:
+    # The loop's own part fails at once; the read thread is still busy with its part.
+    # Returning then would let the loop close shards under the thread.
+    handed = _spy_on_pool(node, delay_s=0.3)
+    delta = node.table("t").delta
+    keys = KeyBatch("int64", ints=np.arange(800, dtype=np.int64))
+    order, counts = _codec.group_by_shard(keys.shard_ids(8), 8)
+    encoded = keys.encoded(order)
+    bounds = np.cumsum([0, *counts]).tolist()
+    groups = [(s, encoded[bounds[s] : bounds[s + 1]]) for s in range(8)]
+    for shard in delta:
+        shard.close()  # every read now fails
+    node.tables.clear()  # nothing left for node.close() to close
+    with pytest.raises(TypeError):
+        node._fetch(groups, delta, None, 800)
+    assert handed and all(future.done() for _, future in handed)

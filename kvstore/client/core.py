@@ -195,15 +195,16 @@ class ClientCore:
             version = max(version, response.version)
             if response.schema_id != schema.schema_id:
                 raise _codec.SchemaMismatch(0, response.schema_id)
+        parts = [
+            (r.lengths, r.order, c.positions, len(r.values))
+            for c, r in zip(calls, responses, strict=True)
+        ]
         try:
-            starts, lengths = _codec.response_layout(
-                keys.count,
-                [(r.lengths, r.order, c.positions) for c, r in zip(calls, responses, strict=True)],
-            )
+            starts, lengths = _codec.response_layout(keys.count, parts)
         except ValueError as exc:
-            nodes = ", ".join(c.address for c in calls)
+            nodes = ", ".join(f"part {k} from {c.address}" for k, c in enumerate(calls))
             raise KvstoreError(
-                f"table {table!r}: a malformed Get response from {nodes}: {exc}"
+                f"table {table!r}: a malformed Get response ({nodes}): {exc}"
             ) from None
         blocks = [r.values for r in responses]
         buf = blocks[0] if len(blocks) == 1 else b"".join(blocks)

@@ -12,8 +12,9 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 import rocksdict
@@ -126,6 +127,25 @@ def _fetch_groups(
         base_rows = base[s].multi_get(shard_keys) if base and not base[s].empty else nones
         out.append((delta_rows, base_rows))
     return out
+
+
+def _split_groups(
+    groups: list[tuple[int, list[bytes]]], parts: int
+) -> list[list[tuple[int, list[bytes]]]]:
+    """Consecutive runs of ``groups`` with about equal key counts, at most ``parts``, none
+    empty; each cut falls at the group boundary nearest to an equal share."""
+    ends = np.cumsum([len(keys) for _, keys in groups])
+    total = int(ends[-1])
+    cuts = []
+    for i in range(1, parts):
+        share = total * i / parts
+        k = int(np.searchsorted(ends, share))  # ends[k] is the first end >= share
+        before = int(ends[k - 1]) if k else 0
+        if k < len(groups) and ends[k] - share <= share - before:
+            k += 1
+        cuts.append(min(max(k, 1), len(groups)))
+    bounds = [0, *cuts, len(groups)]
+    return [groups[a:b] for a, b in pairwise(bounds) if b > a]
 
 
 class Node:
@@ -411,17 +431,15 @@ class Node:
         pool = self._read_pool
         if pool is None or n < self.config.parallel_read_keys or len(groups) < 2:
             return _fetch_groups(groups, delta, base)
-        parts = self.config.read_threads + 1
-        bounds = np.searchsorted(
-            np.cumsum([len(k) for _, k in groups]), [n * i / parts for i in range(1, parts)]
-        ).tolist()
-        chunks = [
-            groups[lo:hi] for lo, hi in zip([0, *bounds], [*bounds, len(groups)], strict=True)
-        ]
-        futures = [pool.submit(_fetch_groups, c, delta, base) for c in chunks[1:] if c]
-        out = _fetch_groups(chunks[0], delta, base)
-        for future in futures:
-            out.extend(future.result())
+        chunks = _split_groups(groups, self.config.read_threads + 1)
+        futures = [pool.submit(_fetch_groups, c, delta, base) for c in chunks[1:]]
+        try:
+            out = _fetch_groups(chunks[0], delta, base)
+            for future in futures:
+                out.extend(future.result())
+        finally:
+            # Never leave with a helper still reading: the loop could then close its shard.
+            wait(futures)
         return out
 
     def cache_usage(self) -> dict[str, int]:
@@ -588,15 +606,16 @@ class Node:
             pos = position if r == len(rounds) - 1 else None
             extra = [] if pos is None else [(pos.key(), struct.pack("<q", pos.offset))]
             index = np.arange(len(encoded)) if positions is None else np.asarray(positions)
-            ids = shard_ids[index]
-            order = np.argsort(ids, kind="stable")
-            for group in np.split(index[order], np.flatnonzero(np.diff(ids[order])) + 1):
-                if not len(group):
+            order, counts = _codec.group_by_shard(shard_ids[index], len(table.delta))
+            grouped = index[order].tolist()
+            end = 0
+            for s, count in enumerate(counts):
+                if not count:
                     continue
+                group_positions = grouped[end : end + count]
+                end += count
                 if self.tables.get(name) is not table:
                     raise TableNotFound(f"table {name!r} was dropped during the write")
-                s = int(shard_ids[group[0]])
-                group_positions = group.tolist()
                 shard = table.delta[s]
                 old_rows = shard.multi_get([encoded[i] for i in group_positions])
                 new_rows = merge(s, group_positions, old_rows)
