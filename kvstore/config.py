@@ -35,8 +35,8 @@ class NodeConfig:
     bloom_bits_per_key: float = 10.0
     #: RocksDB's row cache in front of the base versions: hot rows are answered without
     #: an index or block seek. Off by default: it paid off for zipfian keys (100-key p50
-    #: -18% with 64 MiB on 1M rows) but every miss pays an insert and an eviction, which
-    #: made uniform keys 24% slower (docs/operations.md). 0 = off.
+    #: 8-18% lower with 64 MiB on 1M rows) but every miss pays an insert and an
+    #: eviction, which made uniform keys 24-29% slower (docs/operations.md). 0 = off.
     row_cache_bytes: int = 0
     #: Verify RocksDB's block checksum on every read of a base version (~18% more CPU
     #: per lookup; the files are checked with crc32 when they are uploaded).

@@ -119,10 +119,17 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 class KvstoreNode:
     """``python -m kvstore.cli serve`` on 127.0.0.1, a free port, data in ``workdir/data``."""
 
-    def __init__(self, workdir: Path, cgroup_procs: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        cgroup_procs: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         #: A cgroup's ``cgroup.procs``: the node joins it before it starts (memcap.py).
         self.cgroup_procs = cgroup_procs
+        #: Environment variables set for the node (``KVSTORE_*`` settings, ab.py).
+        self.env = env or {}
         self.data_dir = workdir / "data"
         self.log_path = workdir / "kvstore-node.log"
         self.proc: subprocess.Popen | None = None
@@ -158,7 +165,11 @@ class KvstoreNode:
         ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._join_cgroup
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                preexec_fn=self._join_cgroup,
             )
         try:
             wait_until(lambda: self._alive() and port_file.exists(), START_TIMEOUT_S, "the node")

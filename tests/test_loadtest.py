@@ -157,3 +157,35 @@ def test_the_ram_capped_run_stays_under_its_cap_and_reads_from_disk(tmp_path: Pa
     assert latency["kvstore capped"]["100"]["major_faults_per_lookup"] > 1
     assert latency["kvstore"]["100"]["count"] == latency["kvstore capped"]["100"]["count"] == 30
     assert "| 100 |" in memcap.render(res)
+
+
+def test_ab_settings_are_parsed_and_named() -> None:
+    from loadtests.ab import parse_env
+
+    assert parse_env("") == {}
+    assert parse_env("KVSTORE_READ_THREADS=0, KVSTORE_ROW_CACHE_BYTES=4") == {
+        "KVSTORE_READ_THREADS": "0",
+        "KVSTORE_ROW_CACHE_BYTES": "4",
+    }
+    with pytest.raises(ValueError, match="'ROW_CACHE=4' is not KVSTORE_NAME=VALUE"):
+        parse_env("ROW_CACHE=4")
+
+
+def test_ab_runs_two_nodes_each_with_its_own_settings() -> None:
+    from loadtests.ab import run
+
+    res = run(
+        rows=3000,
+        batch_sizes=[10],
+        env_a={},
+        env_b={"KVSTORE_ROW_CACHE_BYTES": str(4 << 20)},
+        rounds=2,
+        samples=20,
+    )
+    assert res["caches"]["a"]["row_cache_capacity_bytes"] == 0
+    assert res["caches"]["b"]["row_cache_capacity_bytes"] == 4 << 20
+    assert res["caches"]["b"]["row_cache_bytes"] > 0  # B's reads went through its cache
+    for node in ("a", "b"):
+        cell = res["latency"]["10"][node]
+        assert cell["count"] == 40 and len(cell["round_p50_ms"]) == 2
+        assert 0 < cell["p50_ms"] <= cell["p99_ms"]

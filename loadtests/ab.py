@@ -1,0 +1,211 @@
+"""A/B of two node settings: two kvstore nodes on copies of one bulk-loaded table.
+
+    python -m loadtests.ab --b KVSTORE_ROW_CACHE_BYTES=67108864 --dist zipfian
+    python -m loadtests.ab --batch-sizes 100,1000 --b KVSTORE_PARALLEL_READ_KEYS=1000000
+    python -m loadtests.ab --rows 200000 --throughput 8,32 --b KVSTORE_READ_THREADS=0
+
+On a shared machine, two runs minutes apart differ by more than most changes do, so a
+setting is judged by running both variants at once: the benchmark's table (int64 keys,
+32 float32 features and a float32[64] embedding) is written to a Parquet file and bulk
+loaded into node A, A's data directory is copied for node B, and the two nodes start
+with their own ``KVSTORE_*`` environment (``--a`` and ``--b``: comma-separated
+``NAME=VALUE``; see docs/operations.md for the settings). One client then alternates
+between them round by round: p50 of each round and over all of them, per batch size.
+``--throughput`` adds closed-loop client processes at those concurrencies, alternating
+A and B by round (uniform keys). Results go to ``bench/ab.json``.
+
+Key pools hold ``--pool-keys`` keys (default: as many as the table has rows), so a
+cache cannot hold a whole pool when the table does not fit it either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from kvstore import Client
+from loadtests.bench import Settings, bulk_load, measure_throughput, time_lookups
+from loadtests.bulkload import ParquetSink
+from loadtests.loadtest import DISTRIBUTIONS, KeyChooser
+from loadtests.servers import KvstoreNode
+from loadtests.systems import TABLE, Chunk, KeyPool, KvstoreSystem
+
+__all__ = ["main", "parse_env", "run"]
+
+LOAD_CHUNK_ROWS = 100_000
+
+
+def parse_env(spec: str) -> dict[str, str]:
+    """``"A=1,B=2"`` as a dict; names must be ``KVSTORE_*`` settings."""
+    out = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("KVSTORE_"):
+            raise ValueError(f"{item!r} is not KVSTORE_NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def _pool(rows: int, batch: int, keys: int, dist: str, seed: int) -> KeyPool:
+    pool = KeyPool.draw(np.random.default_rng(seed), rows, batch, keys)
+    if dist == "zipfian":
+        chooser = KeyChooser(rows, "zipfian", seed=seed)
+        pool.ints = chooser.draw(np.random.default_rng(seed + 1), pool.ints.size).reshape(
+            pool.ints.shape
+        )
+    return pool
+
+
+def run(
+    rows: int,
+    batch_sizes: list[int],
+    env_a: dict[str, str],
+    env_b: dict[str, str],
+    dist: str = "uniform",
+    pool_keys: int = 0,
+    rounds: int = 5,
+    samples: int = 1500,
+    throughput: list[int] | None = None,
+    seed: int = 20261123,
+) -> dict:
+    """Load, copy, start both nodes, measure; the raw figures as a dict (ms, keys/s)."""
+    out: dict = {"rows": rows, "dist": dist, "a": env_a, "b": env_b, "latency": {}}
+    with tempfile.TemporaryDirectory(prefix="kvab-") as tmp:
+        work = Path(tmp)
+        dir_a, dir_b = work / "a", work / "b"
+        dir_a.mkdir()
+        dir_b.mkdir()
+        sink = ParquetSink(work / "features.parquet")
+        for lo in range(0, rows, LOAD_CHUNK_ROWS):
+            sink.write(Chunk.generate(seed, lo, min(lo + LOAD_CHUNK_ROWS, rows)))
+        parquet = sink.close()
+        with KvstoreNode(dir_a) as node:
+            kv = KvstoreSystem(node.address, node.pid)
+            kv.create()
+            bulk_load(kv, node, TABLE, parquet, work, rows)
+            kv.close()
+        shutil.copytree(dir_a / "data", dir_b / "data")
+        with KvstoreNode(dir_a, env=env_a) as node_a, KvstoreNode(dir_b, env=env_b) as node_b:
+            nodes = {"a": node_a, "b": node_b}
+            keys = pool_keys or rows
+            for b in batch_sizes:
+                pool = _pool(rows, b, keys, dist, seed + b)
+                readers = {n: KvstoreSystem(v.address, v.pid).reader() for n, v in nodes.items()}
+                try:
+                    for reader in readers.values():
+                        time_lookups(reader, pool, 0, 200, 2.0)
+                    got: dict = {n: {"ns": [], "round_p50_ms": []} for n in readers}
+                    cursor = 200
+                    for _ in range(rounds):
+                        for n, reader in readers.items():
+                            ns = time_lookups(reader, pool, cursor, samples, 5.0)
+                            got[n]["ns"].extend(ns)
+                            got[n]["round_p50_ms"].append(float(np.median(ns)) / 1e6)
+                        cursor += samples
+                finally:
+                    for reader in readers.values():
+                        reader.close()
+                out["latency"][str(b)] = {
+                    n: {
+                        "p50_ms": float(np.percentile(np.asarray(g["ns"]) / 1e6, 50)),
+                        "p99_ms": float(np.percentile(np.asarray(g["ns"]) / 1e6, 99)),
+                        "round_p50_ms": g["round_p50_ms"],
+                        "count": len(g["ns"]),
+                    }
+                    for n, g in got.items()
+                }
+                print(_latency_line(b, out["latency"][str(b)]), flush=True)
+            if throughput:
+                out["throughput"] = _throughput(nodes, rows, batch_sizes, throughput, seed)
+            out["caches"] = {n: _caches(v.address) for n, v in nodes.items()}
+    return out
+
+
+def _caches(address: str) -> dict:
+    """The node's cache figures from Stats: the proof that its settings took."""
+    with Client(address) as client:
+        stats = client.stats()
+    return {k: v for k, v in stats.items() if k.endswith("_bytes")}
+
+
+def _throughput(nodes: dict, rows: int, batch_sizes: list[int], concs: list[int], seed: int):
+    s = replace(
+        Settings(rows=rows, seed=seed),
+        batch_sizes=batch_sizes,
+        concurrencies=concs,
+        throughput_rounds=1,
+        throughput_window_s=2.0,
+    )
+    got: dict = {n: {} for n in nodes}
+    for _ in range(3):
+        for n, node in nodes.items():
+            cells = measure_throughput([KvstoreSystem(node.address, node.pid)], s)["kvstore"]
+            for key, cell in cells.items():
+                got[n].setdefault(key, []).append(cell["keys_per_s"])
+    return {
+        key: {n: {"keys_per_s": float(np.median(got[n][key])), "rounds": got[n][key]} for n in got}
+        for key in got["a"]
+    }
+
+
+def _latency_line(batch: int, cell: dict) -> str:
+    a, b = cell["a"], cell["b"]
+    return (
+        f"{batch} keys: p50 A {a['p50_ms'] * 1e3:.0f} us, B {b['p50_ms'] * 1e3:.0f} us "
+        f"(B/A {b['p50_ms'] / a['p50_ms']:.2f}); p99 A {a['p99_ms'] * 1e3:.0f}, "
+        f"B {b['p99_ms'] * 1e3:.0f} us; round p50s A "
+        f"{[round(x * 1e3) for x in a['round_p50_ms']]}, B "
+        f"{[round(x * 1e3) for x in b['round_p50_ms']]}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.ab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--a", default="", help="node A's KVSTORE_* settings (default: none)")
+    p.add_argument("--b", default="", help="node B's KVSTORE_* settings")
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows in the table (default 1M)")
+    p.add_argument("--batch-sizes", default="100", help="keys per lookup (default 100)")
+    p.add_argument("--dist", choices=DISTRIBUTIONS, default="uniform", help="key popularity")
+    p.add_argument("--pool-keys", type=int, default=0, help="keys per pool (default: --rows)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds alternating A and B")
+    p.add_argument("--samples", type=int, default=1500, help="lookups per node and round")
+    p.add_argument("--throughput", default="", help="concurrencies, e.g. 8,32 (default none)")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="where ab.json goes")
+    args = p.parse_args(argv)
+    try:
+        env_a, env_b = parse_env(args.a), parse_env(args.b)
+    except ValueError as exc:
+        p.error(str(exc))
+    res = run(
+        args.rows,
+        [int(x) for x in args.batch_sizes.split(",")],
+        env_a,
+        env_b,
+        args.dist,
+        args.pool_keys,
+        args.rounds,
+        args.samples,
+        [int(x) for x in args.throughput.split(",") if x],
+    )
+    for key, cell in res.get("throughput", {}).items():
+        a, b = cell["a"]["keys_per_s"], cell["b"]["keys_per_s"]
+        print(f"throughput {key}: A {a:,.0f} keys/s, B {b:,.0f} keys/s (B/A {b / a:.2f})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ab.json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out / 'ab.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
