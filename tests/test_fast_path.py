@@ -45,6 +45,22 @@ def test_the_node_offers_a_fast_path_and_the_client_uses_it(client: Client, tabl
     grpc_only.close()
 
 
+@pytest.mark.parametrize("rows", [1, 600, 3000])
+def test_answers_smaller_and_larger_than_the_receive_buffer(
+    client: Client, table_name: str, rows: int
+) -> None:
+    # 300 B a row: 600 rows fit the client's 64 KiB receive buffer, 3000 do not.
+    client.create_table(table_name, key="int64", features={"e": "float32[72]"}, shards=4)
+    emb = np.random.default_rng(rows).random((rows, 72), dtype=np.float32)
+    client.write(table_name, {"key": np.arange(rows), "e": emb})
+    keys = np.r_[np.arange(rows), -1]
+    with Client(client.address) as fast, Client(client.address, transport="grpc") as slow:
+        for _ in range(2):  # the buffer is reused from one answer to the next
+            got = fast.get(table_name, keys).to_numpy()["e"]
+            assert np.array_equal(got[:-1], emb) and np.isnan(got[-1]).all()
+        assert fast.get(table_name, keys).to_arrow().equals(slow.get(table_name, keys).to_arrow())
+
+
 def test_node_errors_arrive_with_their_class_over_the_fast_path(client: Client, table: str) -> None:
     with pytest.raises(kvstore.NotFound, match=f"table '{table}' has no version 7"):
         client.get(table, [1], version=7)
