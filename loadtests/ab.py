@@ -31,15 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from kvstore import Client
-from loadtests.bench import Settings, bulk_load, measure_throughput, time_lookups
-from loadtests.bulkload import ParquetSink
+from loadtests.bench import Settings, loaded_data_dir, measure_throughput, time_lookups
+from loadtests.bulkload import write_parquet
 from loadtests.loadtest import DISTRIBUTIONS, KeyChooser
 from loadtests.servers import KvstoreNode
-from loadtests.systems import TABLE, Chunk, KeyPool, KvstoreSystem
+from loadtests.systems import KeyPool, KvstoreSystem
 
 __all__ = ["main", "parse_env", "run"]
-
-LOAD_CHUNK_ROWS = 100_000
 
 
 def parse_env(spec: str) -> dict[str, str]:
@@ -82,16 +80,8 @@ def run(
         dir_a, dir_b = work / "a", work / "b"
         dir_a.mkdir()
         dir_b.mkdir()
-        sink = ParquetSink(work / "features.parquet")
-        for lo in range(0, rows, LOAD_CHUNK_ROWS):
-            sink.write(Chunk.generate(seed, lo, min(lo + LOAD_CHUNK_ROWS, rows)))
-        parquet = sink.close()
-        with KvstoreNode(dir_a) as node:
-            kv = KvstoreSystem(node.address, node.pid)
-            kv.create()
-            bulk_load(kv, node, TABLE, parquet, work, rows)
-            kv.close()
-        shutil.copytree(dir_a / "data", dir_b / "data")
+        parquet = write_parquet(work / "features.parquet", seed, rows)
+        shutil.copytree(loaded_data_dir(dir_a, parquet, rows, work), dir_b / "data")
         with KvstoreNode(dir_a, env=env_a) as node_a, KvstoreNode(dir_b, env=env_b) as node_b:
             nodes = {"a": node_a, "b": node_b}
             keys = pool_keys or rows

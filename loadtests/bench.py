@@ -223,6 +223,20 @@ def bulk_load(
     return out
 
 
+def loaded_data_dir(workdir: Path, parquet: dict, rows: int, tmp: Path) -> Path:
+    """Start a node in ``workdir``, create the benchmark table, bulk-load ``parquet`` into
+    it and stop the node: the returned ``workdir / "data"`` then holds the loaded table,
+    for nodes started on it or on copies of it (memcap.py, ab.py)."""
+    with KvstoreNode(workdir) as node:
+        kv = KvstoreSystem(node.address, node.pid)
+        try:
+            kv.create()
+            bulk_load(kv, node, TABLE, parquet, tmp, rows)
+        finally:
+            kv.close()
+    return node.data_dir
+
+
 def extra_bulk_loads(kv: KvstoreSystem, node: KvstoreNode, workdir: Path, s: Settings) -> list:
     """Bulk loads of ``s.load_rows`` rows, each into a table of its own, dropped afterwards."""
     out = []

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests.bench import Settings, bulk_load, load_redis_and_parquet, time_lookups
+from loadtests.bench import Settings, load_redis_and_parquet, loaded_data_dir, time_lookups
 from loadtests.bulkload import ParquetSink
 from loadtests.servers import KvstoreNode, RedisServer, proc_memory_bytes
-from loadtests.systems import TABLE, KeyPool, KvstoreSystem, RedisPackedSystem
+from loadtests.systems import KeyPool, KvstoreSystem, RedisPackedSystem
 
 __all__ = ["main", "memory_cgroup"]
 
@@ -156,12 +156,8 @@ def measure(rows: int, batch_sizes: list[int], rounds: int, samples: int, seed: 
             out["redis_used_memory_bytes"] = redis_used
             out["redis_empty_used_memory_bytes"] = redis_empty
             print("bulk-loading it into kvstore", flush=True)
-            with KvstoreNode(capped_dir) as node:
-                kv = KvstoreSystem(node.address, node.pid)
-                kv.create()
-                bulk_load(kv, node, TABLE, parquet, work, rows)
-                kv.close()
-            shutil.copytree(capped_dir / "data", free_dir / "data")
+            data = loaded_data_dir(capped_dir, parquet, rows, work)
+            shutil.copytree(data, free_dir / "data")
             out["kvstore_file_bytes"] = evict_page_cache(capped_dir / "data")
             with (
                 memory_cgroup(f"kvbench-memcap-{os.getpid()}") as procs,
