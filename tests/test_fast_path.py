@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import numpy as np
 import pytest
 
 import kvstore
 from kvstore import Client
+from kvstore.client.core import NodeCall, Operations
+from kvstore.client.fast import FastConnections
+from kvstore.keys import KeyBatch
+from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
 
 FEATURES = {"x": "float32", "s": "string", "v": "float32[3]", "l": "int64[]"}
@@ -121,3 +126,44 @@ def test_a_node_without_fast_path_is_read_over_grpc(start_node) -> None:
         c.write("plain", {"key": [1], "x": [5]})
         assert c.get("plain", [1, 2]).to_pylist() == [{"key": 1, "x": 5}, None]
         assert c._ops.fast == {}
+
+
+def _peer_answering(frame: bytes) -> tuple[socket.socket, str]:
+    """A listening socket whose first connection gets ``frame`` once a request arrived:
+    a node that breaks the protocol, which a real one cannot be made to do."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(frame)
+            conn.recv(1)  # hold the connection until the client closes it
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, f"127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_bytes_after_an_answer_are_refused_naming_the_node() -> None:
+    body = pb.GetResponse(schema_id=1).SerializeToString()
+    frame = struct.pack("<IIB", len(body), 1, 0) + body
+    server, address = _peer_answering(frame + b"junk")
+    conns = FastConnections()
+    with server, pytest.raises(kvstore.Unavailable, match=f"{address}.*4 bytes after an answer"):
+        conns.get_many([(address, pb.GetRequest(table="t"))], timeout=5)
+    conns.close()
+
+
+def test_an_answer_that_does_not_fit_the_request_names_the_node() -> None:
+    schema = TableSchema.build("t", "int64", {"x": "int64"})
+    keys = KeyBatch("int64", ints=np.arange(3, dtype=np.int64))
+    ops = Operations("127.0.0.1:1", timeout=5)
+    call = NodeCall("10.0.0.7:7070", "Get", pb.GetRequest(table="t"))
+    lengths = np.full(3, 20, "<i4").tobytes()
+    short = pb.GetResponse(schema_id=schema.schema_id, lengths=lengths, values=b"x" * 40)
+    with pytest.raises(
+        kvstore.KvstoreError,
+        match=r"table 't': a malformed Get response \(part 0 from 10.0.0.7:7070\): part 0: "
+        r"its row lengths add up to 60 bytes, its values block holds 40",
+    ):
+        ops.finish_get("t", schema, keys, [0], [call], [short])

@@ -157,6 +157,34 @@ def test_a_port_already_in_use_fails_with_a_clear_message(tmp_path: Path) -> Non
     assert f"127.0.0.1:{port}" in line and "in use" in line, line
 
 
+SERVE = [sys.executable, "-m", "kvstore.cli", "serve", "--port", "0"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--read-threads", "-1", "read_threads must be at least 0"),
+        ("--parallel-read-keys", "0", "parallel_read_keys must be at least 1"),
+        ("--row-cache-mb", "-1", "row_cache_bytes must be at least 0"),
+        ("--keep-versions", "-1", "keep_versions must be at least 0"),
+        ("--max-keys-per-request", "0", "max_keys_per_request must be at least 1"),
+    ],
+)
+def test_a_bad_setting_is_refused_before_the_node_starts(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    proc = subprocess.run(
+        [*SERVE, "--data", str(tmp_path / "data"), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr  # the CLI's status for a refused command
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"kvstore serve: error: {message}" in proc.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
 # -- the demo table ------------------------------------------------------------------
 
 
