@@ -18,11 +18,13 @@ The steps (docs/bulk-load.md):
    temporary directory only when the input does not fit ``memory_budget_bytes``.
 3. **Begin, write, upload.** Only once the whole input has been read and found good
    does the node hear of the load (``BeginLoad``). Each shard's rows, merged in key
-   order with duplicates rejected or dropped, become SST files (``ingest/bulk_sst.py``)
-   that a thread per node uploads while the next ones are written
+   order with duplicates rejected or dropped, become that shard's RocksDB database of
+   the version, in the table format the node named (``ingest/bulk_sst.py``), whose
+   files a thread per node uploads while the next shard is written
    (``ingest/bulk_upload.py``).
-4. **Commit.** ``CommitLoad`` ingests the files into a fresh RocksDB instance per
-   shard and makes the version current on every shard at once. Any failure aborts the
+4. **Commit.** ``CommitLoad``: the node moves each shard's database into the new
+   version, checks it holds the rows the loader wrote, and makes the version current
+   on every shard at once. Any failure aborts the
    load; the current version keeps serving, and the temporary files are removed.
 """
 
@@ -56,6 +58,7 @@ from kvstore.errors import (
     TableNotFound,
 )
 from kvstore.schema import MAX_STRING_KEY_BYTES, TableSchema
+from kvstore.storage.shard import build_options
 
 from .arrow_types import (
     MAX_EXAMPLES,
@@ -71,7 +74,7 @@ from .arrow_types import (
 )
 from .bulk_input import BulkInput, InputFile, LoadError
 from .bulk_sort import Chunk, DuplicateKeys, IntKeys, ShardSorter, StrKeys, release_memory
-from .bulk_sst import ShardSstWriter, sst_options
+from .bulk_sst import ShardDbWriter
 from .bulk_upload import LoadSession, dial_address
 
 __all__ = ["LoadError", "LoadSummary", "load"]
@@ -385,6 +388,8 @@ class _Load:
         self.ops = IntKeys if schema.key_type == "int64" else StrKeys
         self.layout = schema.layout
         self.logical_bytes = 0
+        #: Rows written to each shard's database (``write``).
+        self.rows_per_shard: list[int] = []
         # Bytes of a row as the codec writes it, plus its key and seq, for sizing buffers.
         self.row_bytes = self.layout.min_row_size + 32 * self.layout.n_var + 24
         self.budget = budget
@@ -421,7 +426,9 @@ class _Load:
                     f"{current.schema_id}); load again"
                 )
             session.begin(label, snapshot, owners, nodes, self.schema.schema_id)
-            rows, sst_bytes = self.write(sorter, tmp, session.upload, session.check, show)
+            rows, sst_bytes = self.write(
+                sorter, tmp, session.upload, session.check, show, session.base_format
+            )
             write_s = time.monotonic() - started - read_s
             pending = sst_bytes - session.bytes_sent
             with _progress_bar(
@@ -431,7 +438,7 @@ class _Load:
                 session.finish_uploads(lambda sent: bar.update(sent - base - bar.n))
                 bar.update(session.bytes_sent - base - bar.n)
             upload_s = time.monotonic() - started - read_s - write_s
-            response = session.commit(rows)
+            response = session.commit(rows, self.rows_per_shard)
             version = response.version.version or session.version
             logger.info(
                 "table %r version %d committed: %d rows, %d SST bytes, %d spilled runs; "
@@ -606,11 +613,14 @@ class _Load:
         on_file: Callable[[int, str, str, int], None],
         check: Callable[[], None],
         show: bool,
+        table_format: str,
     ) -> tuple[int, int]:
-        """Each shard's sorted rows as SST files under ``tmp``; ``on_file(shard, name,
-        path, size)`` as each is finished, ``check()`` between chunks (raises to stop).
-        Returns (rows written, bytes of SST files)."""
-        options = sst_options()
+        """Each shard's sorted rows as a RocksDB database in ``table_format`` under
+        ``tmp``; ``on_file(shard, name, path, size)`` for each of its files once it is
+        closed, ``check()`` between chunks (raises to stop). Returns (rows written,
+        bytes of the databases' files); ``rows_per_shard`` holds each shard's rows."""
+        options = build_options(table_format)
+        self.rows_per_shard = [0] * self.schema.shards
         rows = 0
         sst_bytes = 0
 
@@ -624,13 +634,14 @@ class _Load:
                 for shard in range(self.schema.shards):
                     directory = os.path.join(tmp, f"shard-{shard:04d}")
                     os.mkdir(directory)
-                    writer = ShardSstWriter(shard, directory, self.ops, options, finished)
+                    writer = ShardDbWriter(shard, directory, self.ops, options, finished)
                     for chunk in sorter.sorted_chunks(shard, self.write_rows):
                         writer.add(chunk)
                         bar.update(len(chunk))
                         check()
                     writer.close()
                     rows += writer.rows
+                    self.rows_per_shard[shard] = writer.rows
                     release_memory()
             except DuplicateKeys as exc:
                 raise LoadError(self._duplicates_message(exc)) from None

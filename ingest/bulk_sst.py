@@ -1,10 +1,14 @@
-"""Sorted rows of one shard → SST files (rocksdict.SstFileWriter), ready to ingest.
+"""Sorted rows of one shard → that shard's RocksDB database of the new version.
 
-The files are written with the node's own shard options
-(``kvstore.storage.shard.rocksdb_options``: raw mode, LZ4, 10-bit bloom filter), so
-an ingested file is laid out exactly like one the node's own flushes would write.
-Keys are the node's stored form (``_codec.encode_int_keys`` / ``encode_str_keys``),
-values the encoded rows, byte for byte.
+The loader builds each shard of a version as a complete database, in the table format
+the node named when the load began (``kvstore.storage.shard.build_options``: the
+node's own options, plus a large memtable), and uploads its files; the node moves the
+directory in and opens it (kvstore/server/loads.py). RocksDB cannot ingest PlainTable
+SST files (they carry no comparator name), hence whole databases rather than SST files
+to ingest. Rows go in through WriteBatches without a WAL, in key order, and the
+memtable is flushed into table files of about BUILD_FILE_BYTES. Keys are the node's
+stored form (``_codec.encode_int_keys`` / ``encode_str_keys``), values the encoded
+rows, byte for byte.
 """
 
 from __future__ import annotations
@@ -17,19 +21,10 @@ import pyarrow as pa
 import rocksdict
 
 from kvstore import _codec
-from kvstore.storage.shard import rocksdb_options
 
 from .bulk_sort import Chunk, IntKeys, KeyOps
 
-__all__ = ["SST_TARGET_BYTES", "ShardSstWriter", "sst_options", "stored_keys", "stored_rows"]
-
-#: An SST file is closed once it reaches this size (bytes); a shard may have many.
-SST_TARGET_BYTES = 256 << 20
-
-
-def sst_options() -> rocksdict.Options:
-    """The shard options of the node; the block cache only matters for reads, so it is tiny."""
-    return rocksdb_options(rocksdict.Cache(1 << 20))
+__all__ = ["ShardDbWriter", "shipped_files", "stored_keys", "stored_rows"]
 
 
 def _binary_parts(arr: pa.Array) -> tuple[object, np.ndarray]:
@@ -54,17 +49,31 @@ def stored_rows(rows: pa.Array) -> list[bytes]:
     return _codec.split_rows(data, offsets)
 
 
-# Rows reach the SST writer as one bytes object each, this many bytes of them at a
+# Rows reach the database as one bytes object each, this many bytes of them at a
 # time: with lists of more than about an allocator arena (1 MiB), CPython maps and
 # unmaps an arena for every list, and each first touch of a page is a page fault,
 # which cost more than the writing itself on the machines measured.
 _PUT_BYTES = 128 << 10
 
 
-class ShardSstWriter:
-    """Writes the sorted, unique rows of one shard into ``000001.sst``, ``000002.sst`` …
+def shipped_files(directory: str) -> list[str]:
+    """The files of a closed database that make it up, in name order: table files,
+    MANIFEST, CURRENT, OPTIONS, IDENTITY (not its lock, info logs or empty WAL)."""
+    return sorted(
+        name
+        for name in os.listdir(directory)
+        if name.endswith(".sst")
+        or name.startswith(("MANIFEST-", "OPTIONS-"))
+        or name in ("CURRENT", "IDENTITY")
+    )
 
-    ``on_file(shard, name, path, size)`` is called as each file is finished.
+
+class ShardDbWriter:
+    """Writes the sorted, unique rows of one shard into a RocksDB database in
+    ``directory`` (``options``: ``build_options`` of the node's table format).
+
+    ``on_file(shard, name, path, size)`` is called for each of the database's files
+    once it is closed (``close``); a shard that got no row has no database and no file.
     """
 
     def __init__(
@@ -74,30 +83,27 @@ class ShardSstWriter:
         ops: KeyOps,
         options: rocksdict.Options,
         on_file: Callable[[int, str, str, int], None],
-        target_bytes: int = SST_TARGET_BYTES,
     ) -> None:
         self.shard = shard
         self.directory = directory
         self.ops = ops
         self.options = options
         self.on_file = on_file
-        self.target_bytes = target_bytes
-        self.files = 0
         self.rows = 0
-        self._writer: rocksdict.SstFileWriter | None = None
-        self._path = ""
+        self._db: rocksdict.Rdict | None = None
+        self._write_options = rocksdict.WriteOptions()
+        # A crash of the loader loses the load anyway: the memtable is flushed at close.
+        self._write_options.disable_wal = True
 
     def add(self, chunk: Chunk) -> None:
         """Append rows whose keys are all greater than every key added before."""
         if not len(chunk):
             return
-        if self._writer is None:
-            self.files += 1
-            name = f"{self.files:06d}.sst"
-            self._path = os.path.join(self.directory, name)
-            self._writer = rocksdict.SstFileWriter(self.options)
-            self._writer.open(self._path)
-        writer = self._writer
+        if self._db is None:
+            self._db = rocksdict.Rdict(
+                self.directory, self.options, column_families={"default": self.options}
+            )
+        db = self._db
         data, offsets = _binary_parts(chunk.rows)
         n = len(chunk)
         step = max(16, _PUT_BYTES * n // max(1, int(offsets[-1] - offsets[0])))
@@ -105,21 +111,19 @@ class ShardSstWriter:
             stop = min(n, start + step)
             keys = stored_keys(self.ops, chunk.keys[start:stop])
             rows = _codec.split_rows(data, offsets[start : stop + 1])
+            batch = rocksdict.WriteBatch(raw_mode=True)
             for key, row in zip(keys, rows, strict=True):
-                writer[key] = row
+                batch.put(key, row)
+            db.write(batch, self._write_options)
         self.rows += n
-        if writer.file_size() >= self.target_bytes:
-            self._finish_file()
 
     def close(self) -> None:
-        """Finish the last file."""
-        if self._writer is not None:
-            self._finish_file()
-
-    def _finish_file(self) -> None:
-        assert self._writer is not None
-        self._writer.finish()
-        self._writer = None
-        self.on_file(
-            self.shard, os.path.basename(self._path), self._path, os.path.getsize(self._path)
-        )
+        """Flush and close the database, then hand over its files."""
+        if self._db is None:
+            return
+        self._db.flush()
+        self._db.close()
+        self._db = None
+        for name in shipped_files(self.directory):
+            path = os.path.join(self.directory, name)
+            self.on_file(self.shard, name, path, os.path.getsize(path))

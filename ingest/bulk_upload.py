@@ -1,11 +1,12 @@
 """The node side of a bulk load, seen from the loader: begin, upload, commit or abort.
 
-``BeginLoad`` (on the seed node) opens the load and names the version it will
-become; each finished SST file is streamed with ``UploadSst`` to the node that owns
-its shard, in chunks of ``CHUNK_BYTES`` with the file's crc32 in the last chunk, by
-a few uploader threads per node, while the loader goes on writing the next files;
-``CommitLoad`` makes the version current on every shard at once. Any failure
-aborts the load (``AbortLoad``), so the node drops what it staged.
+``BeginLoad`` (on the seed node) opens the load, names the version it will become
+and the table format to build; each file of a finished shard database is streamed
+with ``UploadSst`` to the node that owns its shard, in chunks of ``CHUNK_BYTES`` with
+the file's crc32 in the last chunk, by a few uploader threads per node, while the
+loader goes on writing the next shard; ``CommitLoad`` makes the version current on
+every shard at once. Any failure aborts the load (``AbortLoad``), so the node drops
+what it staged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CHUNK_BYTES", "LoadSession"]
 
-#: Bytes of SST file per UploadSst message.
+#: Bytes of a file per UploadSst message.
 CHUNK_BYTES = 1 << 20
 #: Files waiting for upload per node before the loader waits (bounds the temp disk used).
 MAX_QUEUED_FILES = 8
@@ -57,6 +58,8 @@ class LoadSession:
         self.load_id = ""
         self.version = 0
         self.lease_s = 0.0
+        #: The table format the node wants each shard's database built in.
+        self.base_format = ""
         self._channels: dict[str, grpc.Channel] = {}
         self._uploaders: dict[str, _Uploader] = {}
         self._owner_of: list[str] = []
@@ -101,6 +104,7 @@ class LoadSession:
         self.load_id = response.load_id
         self.version = response.version
         self.lease_s = response.lease_s
+        self.base_format = response.base_format
         self._owner_of = [nodes[i] for i in owners]
         self.files_per_shard = [0] * len(owners)
         logger.info(
@@ -112,7 +116,8 @@ class LoadSession:
         )
 
     def upload(self, shard: int, name: str, path: str, size: int) -> None:
-        """Queue one finished SST file for upload to its shard's node (deleted once sent)."""
+        """Queue one file of a finished shard database for upload to the shard's node
+        (deleted once sent)."""
         address = self._owner_of[shard]
         uploader = self._uploaders.get(address)
         if uploader is None:
@@ -129,7 +134,7 @@ class LoadSession:
 
     @property
     def bytes_sent(self) -> int:
-        """Bytes of SST files the nodes have confirmed so far."""
+        """Bytes of files the nodes have confirmed so far."""
         return sum(u.bytes_sent for u in self._uploaders.values())
 
     def finish_uploads(self, on_progress: Callable[[int], None] | None = None) -> int:
@@ -146,12 +151,15 @@ class LoadSession:
         self.check()
         return self.bytes_sent
 
-    def commit(self, rows: int) -> pb.CommitLoadResponse:
+    def commit(self, rows: int, rows_per_shard: list[int]) -> pb.CommitLoadResponse:
         return self._call(
             self.seed,
             "CommitLoad",
             pb.CommitLoadRequest(
-                load_id=self.load_id, files_per_shard=self.files_per_shard, rows=rows
+                load_id=self.load_id,
+                files_per_shard=self.files_per_shard,
+                rows=rows,
+                rows_per_shard=rows_per_shard,
             ),
         )
 
@@ -180,7 +188,7 @@ class LoadSession:
 
 
 class _Uploader:
-    """Threads streaming one node's SST files, one UploadSst call per file.
+    """Threads streaming files to one node, one UploadSst call per file.
 
     ``STREAMS_PER_NODE`` calls run at once: one stream alone moved ~200 MB/s over
     loopback, four ~650 MB/s (the node ingests files by name, whatever their order).
@@ -240,20 +248,29 @@ class _Uploader:
             try:
                 response = stub.UploadSst(self._chunks(shard, name, path, size), timeout=timeout)
             except grpc.RpcError as exc:
-                self.error = from_rpc_error(exc, self.address, timeout)
+                self._fail(from_rpc_error(exc, self.address, timeout))
                 continue
             except Exception as exc:  # reading the local file
-                self.error = KvstoreError(f"uploading {path} to node {self.address}: {exc}")
+                self._fail(KvstoreError(f"uploading {path} to node {self.address}: {exc}"))
                 continue
             if response.bytes != size:
-                self.error = KvstoreError(
-                    f"node {self.address} received {response.bytes} bytes of {name} for shard "
-                    f"{shard}, {size} were sent"
+                self._fail(
+                    KvstoreError(
+                        f"node {self.address} received {response.bytes} bytes of {name} for "
+                        f"shard {shard}, {size} were sent"
+                    )
                 )
                 continue
             with self._lock:
                 self.bytes_sent += size
             os.unlink(path)
+
+    def _fail(self, error: KvstoreError) -> None:
+        """Keep the first error: it is the cause (a full disk aborts the load on the
+        node, and the calls streaming beside it then fail for want of a load)."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
 
     def _chunks(self, shard: int, name: str, path: str, size: int) -> Iterator[pb.SstChunk]:
         load_id = self.session.load_id

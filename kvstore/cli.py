@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from kvstore.client.core import resolve_address
-from kvstore.config import DEFAULT_ADDRESS, NodeConfig
+from kvstore.config import BASE_FORMATS, DEFAULT_ADDRESS, NodeConfig
 from kvstore.errors import KvstoreError
 
 __all__ = ["main"]
@@ -118,10 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
         "worth it when a few keys get most lookups)",
     )
     p.add_argument(
+        "--base-format",
+        choices=BASE_FORMATS,
+        default=None,
+        help="table format of new bulk versions: plain = RocksDB PlainTable, hashed keys, "
+        "uncompressed, the fastest lookups (the default); block = LZ4-compressed blocks "
+        "with checksums, smaller on disk when rows compress, slower lookups. Kept versions "
+        "keep the format they were loaded with",
+    )
+    p.add_argument(
         "--verify-base-checksums",
         action="store_true",
-        help="verify RocksDB's block checksum on every read of a bulk version (~18%% more CPU "
-        "a lookup; default: the files are checked with crc32 when they are uploaded)",
+        help="verify RocksDB's block checksum on every read of a block-format bulk version "
+        "(~18%% more CPU a lookup; default: the files are checked with crc32 when they are "
+        "uploaded; plain-format files have no block checksums)",
     )
     p.add_argument(
         "--read-threads",
@@ -366,6 +376,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         block_cache_bytes=args.block_cache_mb and args.block_cache_mb << 20,
         row_cache_bytes=None if args.row_cache_mb is None else args.row_cache_mb << 20,
         verify_base_checksums=args.verify_base_checksums or None,
+        base_format=args.base_format,
         read_threads=args.read_threads,
         parallel_read_keys=args.parallel_read_keys,
         max_keys_per_request=args.max_keys_per_request,
@@ -558,7 +569,7 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     if not versions:
         print(f"table {args.table!r} has no bulk version yet (only online writes)")
         return 0
-    rows = [("", "VERSION", "LABEL", "ROWS", "SIZE", "SNAPSHOT (UTC)", "CREATED (UTC)")]
+    rows = [("", "VERSION", "LABEL", "ROWS", "SIZE", "FORMAT", "SNAPSHOT (UTC)", "CREATED (UTC)")]
     for v in versions:
         rows.append(
             (
@@ -567,6 +578,7 @@ def _cmd_versions(args: argparse.Namespace) -> int:
                 v.label or "-",
                 str(v.rows),
                 _size(v.bytes),
+                v.format,
                 _utc(v.snapshot_time_us),
                 _utc(v.created_at_us),
             )

@@ -7,10 +7,13 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_ADDRESS", "NodeConfig"]
+__all__ = ["BASE_FORMATS", "DEFAULT_ADDRESS", "NodeConfig"]
 
 DEFAULT_ADDRESS = "127.0.0.1:7070"
 MiB = 1 << 20
+
+#: Table formats of a bulk version's base shards (kvstore.storage.shard.base_options).
+BASE_FORMATS = ("plain", "block")
 
 
 @dataclass
@@ -38,6 +41,10 @@ class NodeConfig:
     #: 8-18% lower with 64 MiB on 1M rows) but every miss pays an insert and an
     #: eviction, which made uniform keys 24-29% slower (docs/operations.md). 0 = off.
     row_cache_bytes: int = 0
+    #: Table format of new bulk versions' base shards: "plain" (RocksDB PlainTable:
+    #: hashed keys, mmap, uncompressed; the faster lookups) or "block" (LZ4 blocks
+    #: with checksums; smaller when rows compress). Kept versions keep their format.
+    base_format: str = "plain"
     #: Verify RocksDB's block checksum on every read of a base version (~18% more CPU
     #: per lookup; the files are checked with crc32 when they are uploaded).
     verify_base_checksums: bool = False
@@ -81,6 +88,7 @@ class NodeConfig:
             "KVSTORE_KEEP_VERSIONS": ("keep_versions", int),
             "KVSTORE_BLOCK_CACHE_BYTES": ("block_cache_bytes", int),
             "KVSTORE_ROW_CACHE_BYTES": ("row_cache_bytes", int),
+            "KVSTORE_BASE_FORMAT": ("base_format", str),
             "KVSTORE_MAX_KEYS_PER_REQUEST": ("max_keys_per_request", int),
             "KVSTORE_READ_THREADS": ("read_threads", int),
             "KVSTORE_PARALLEL_READ_KEYS": ("parallel_read_keys", int),
@@ -104,6 +112,10 @@ class NodeConfig:
             raise ValueError("max_keys_per_request must be at least 1")
         if self.keep_versions < 0:
             raise ValueError("keep_versions must be at least 0")
+        if self.base_format not in BASE_FORMATS:
+            raise ValueError(
+                f"base_format {self.base_format!r} is not one of {', '.join(BASE_FORMATS)}"
+            )
         if self.row_cache_bytes < 0:
             raise ValueError("row_cache_bytes must be at least 0")
         if self.read_threads < 0:

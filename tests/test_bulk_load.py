@@ -21,13 +21,14 @@ import rocksdict
 
 from kvstore import Client, InvalidArgument, KvstoreError, TableNotFound
 from kvstore import columns as kv_columns
+from kvstore.config import BASE_FORMATS
 from kvstore.errors import StorageFull
 from kvstore.ingest import bulk, bulk_upload
 from kvstore.ingest.bulk import LoadError, LoadSummary, load
 from kvstore.ingest.bulk_input import BulkInput
 from kvstore.ingest.bulk_sort import IntKeys, ShardSorter, StrKeys
-from kvstore.ingest.bulk_sst import sst_options
 from kvstore.schema import TableSchema
+from kvstore.storage.shard import Shard, base_options
 
 FEATURES = {
     "flag": "bool",
@@ -530,13 +531,14 @@ def test_two_loads_of_one_table_do_not_interleave(
     assert rows == expected(snapshot(list(range(10)), salt=1))
 
 
-# -- unit level: the SST files themselves ----------------------------------------------
+# -- unit level: the shard databases themselves ----------------------------------------
 
 
+@pytest.mark.parametrize("table_format", BASE_FORMATS)
 @pytest.mark.parametrize("key_type", ["int64", "string"])
 @pytest.mark.parametrize("run_bytes", [1 << 30, 20_000], ids=["in-memory", "spilled-runs"])
-def test_sst_files_ingest_into_rocksdb_byte_identical(
-    tmp_path: Path, key_type: str, run_bytes: int
+def test_shard_databases_hold_the_rows_byte_identical(
+    tmp_path: Path, key_type: str, run_bytes: int, table_format: str
 ) -> None:
     n = 3000
     rng = np.random.default_rng(7)
@@ -566,9 +568,14 @@ def test_sst_files_ingest_into_rocksdb_byte_identical(
     assert (sorter.spilled_runs > 1) == (run_bytes < 1 << 20)
     files: list[tuple[int, str]] = []
     rows, _ = job.write(
-        sorter, str(tmp_path), lambda s, _n, p, _z: files.append((s, p)), lambda: None, False
+        sorter,
+        str(tmp_path),
+        lambda s, _n, p, _z: files.append((s, p)),
+        lambda: None,
+        False,
+        table_format,
     )
-    assert rows == n and sorter.dropped == 1
+    assert rows == n and sorter.dropped == 1 and sum(job.rows_per_shard) == n
 
     last = data.slice(0, n).to_pylist()
     last[5] = data.slice(n).to_pylist()[0]
@@ -581,16 +588,19 @@ def test_sst_files_ingest_into_rocksdb_byte_identical(
         zip(want.keys.encoded(), kv_columns._codec.split_rows(want.rows, want.offsets), strict=True)
     )
     want_shard = dict(zip(want.keys.encoded(), want.keys.shard_ids(3).tolist(), strict=True))
+    options = base_options(table_format, rocksdict.Cache(1 << 20))
     got: dict[bytes, bytes] = {}
     for shard in range(3):
-        paths = [p for s, p in files if s == shard]
-        db = rocksdict.Rdict(str(tmp_path / f"db{shard}"), sst_options())
-        db.ingest_external_file(paths)
-        items = list(db.items())
-        db.close()
-        assert all(want_shard[k] == shard for k, _ in items)
-        assert [k for k, _ in items] == sorted(k for k, _ in items)
-        got.update(items)
+        # What the node does at commit: the shipped files alone, in a directory, opened.
+        db_dir = tmp_path / f"db{shard}"
+        db_dir.mkdir()
+        for _, path in (f for f in files if f[0] == shard):
+            os.rename(path, db_dir / os.path.basename(path))
+        opened = Shard(db_dir, shard, options, base=True)
+        keys = [k for k, s in want_shard.items() if s == shard]
+        assert opened.estimate_keys() == len(keys) == job.rows_per_shard[shard]
+        got.update(zip(keys, opened.multi_get(keys), strict=True))
+        opened.close()
     assert got == want_rows
     assert job.snapshot_time() == int(data["event_time"].to_numpy().max())
 

@@ -77,6 +77,8 @@ class VersionInfo:
     bytes: int
     created_at_us: int
     current: bool
+    #: Table format of the version's base shards: "plain" or "block".
+    format: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.VersionInfo) -> VersionInfo:
@@ -88,6 +90,7 @@ class VersionInfo:
             msg.bytes,
             msg.created_at_us,
             msg.current,
+            msg.format,
         )
 
     def to_json(self) -> dict:

@@ -1,9 +1,13 @@
-"""Bulk loads on the node: staging uploaded SST files, ingesting them, the swap.
+"""Bulk loads on the node: staging the uploaded shard databases, checking them, the swap.
 
-A load is ``begin`` (reserve the next version; one load per table at a time),
-``upload`` (chunks of each shard's sorted SST files, checked by size and crc32),
-``commit`` (ingest every shard's files into a fresh RocksDB instance of the new
-version, then Node.install_version swaps it in with one catalog write) or ``abort``.
+A load is ``begin`` (reserve the next version; one load per table at a time; tell the
+loader the table format to build, ``NodeConfig.base_format``), ``upload`` (chunks of the
+files of each shard's RocksDB database, which the loader built from the sorted rows,
+checked by size and crc32), ``commit`` (move each shard's directory into the new
+version, open it and check it holds the rows the loader wrote, then
+Node.install_version swaps it in with one catalog write) or ``abort``.
+Staging is under the cold directory, so moving a shard in is a rename: the cold tier
+is written once.
 Nothing of a load is visible before the swap; a failed or abandoned load (no upload
 for ``load_lease_s``) leaves no file behind, and the staging area is emptied at start.
 """
@@ -19,8 +23,6 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import rocksdict
 
 from kvstore.columns import now_us
 from kvstore.errors import (
@@ -57,6 +59,8 @@ class _Load:
     version: int
     label: str
     snapshot_time_us: int
+    #: The table format the loader builds (the node's base_format when the load began).
+    table_format: str
     staging: Path
     started: float
     last_activity: float
@@ -71,6 +75,9 @@ class LoadManager:
         assert node.config.cold_dir is not None
         self.staging_root = node.config.cold_dir / "staging"
         self.loads: dict[str, _Load] = {}
+        #: Why recent loads were aborted by the node itself (e.g. a full disk): the
+        #: loader's other calls still streaming then get that cause, not "no such load".
+        self._causes: dict[str, KvstoreError] = {}
 
     def open(self) -> None:
         """Remove what loads interrupted by a crash or kill left behind."""
@@ -82,6 +89,9 @@ class LoadManager:
     def _load(self, load_id: str) -> _Load:
         load = self.loads.get(load_id)
         if load is None:
+            cause = self._causes.get(load_id)
+            if cause is not None:
+                raise type(cause)(str(cause))
             raise LoadConflict(
                 f"no bulk load {load_id!r} is open on this node (it was committed, aborted, "
                 f"or expired after {self.node.config.load_lease_s:.0f} s without uploads); "
@@ -119,6 +129,7 @@ class LoadManager:
             version,
             label,
             snapshot_time_us or now_us(),
+            self.node.config.base_format,
             self.staging_root / load_id,
             time.time(),
             now,
@@ -170,10 +181,14 @@ class LoadManager:
         except OSError as exc:
             self.abort(load_id)
             if exc.errno == errno.ENOSPC:
-                raise StorageFull(
+                full = StorageFull(
                     f"load {load_id} of table {load.table!r} aborted: the node's disk is full "
                     f"at {self.staging_root}; the current version is unchanged"
-                ) from None
+                )
+                self._causes[load_id] = full
+                while len(self._causes) > 64:
+                    del self._causes[next(iter(self._causes))]
+                raise full from None
             raise
         f.size += len(data)
         f.crc = zlib.crc32(data, f.crc)
@@ -190,9 +205,9 @@ class LoadManager:
         return f.size
 
     def commit(
-        self, load_id: str, files_per_shard: list[int], rows: int
+        self, load_id: str, files_per_shard: list[int], rows: int, rows_per_shard: list[int]
     ) -> tuple[VersionMeta, float]:
-        """Ingest and swap in the load's version; returns it and the ingest seconds."""
+        """Move in, check and swap in the load's version; returns it and the seconds."""
         load = self._load(load_id)
         table = self.node.table(load.table)
         started = time.perf_counter()
@@ -222,36 +237,65 @@ class LoadManager:
                     )
             if rows <= 0 or not any(files_per_shard):
                 raise InvalidArgument(f"load {load_id}: no rows; an empty load makes no version")
+            if len(rows_per_shard) != shards or sum(rows_per_shard) != rows:
+                raise InvalidArgument(
+                    f"load {load_id}: rows_per_shard {rows_per_shard} does not give {rows} "
+                    f"rows over the table's {shards} shards"
+                )
             version_dir = table.version_dir(load.version)
             if version_dir.exists():
                 shutil.rmtree(version_dir)
-            ingested = self._ingest(version_dir, by_shard)
+            opened = self._open_shards(load, version_dir, rows_per_shard)
         except BaseException:
             self.abort(load_id)
             shutil.rmtree(table.version_dir(load.version), ignore_errors=True)
             raise
         cold_bytes = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
         meta = VersionMeta(
-            load.version, load.label, load.snapshot_time_us, rows, cold_bytes, now_us()
+            load.version,
+            load.label,
+            load.snapshot_time_us,
+            rows,
+            cold_bytes,
+            now_us(),
+            load.table_format,
         )
-        self.node.install_version(load.table, meta, ingested)
+        self.node.install_version(load.table, meta, opened)
         self.loads.pop(load_id, None)
         shutil.rmtree(load.staging, ignore_errors=True)
         return meta, time.perf_counter() - started
 
-    def _ingest(self, version_dir: Path, by_shard: list[list[_File]]) -> list[Shard]:
-        options = self.node.shard_options
-        ingest_options = rocksdict.IngestExternalFileOptions()
-        ingest_options.set_move_files(True)  # a rename: the cold tier is written once
+    def _open_shards(
+        self, load: _Load, version_dir: Path, rows_per_shard: list[int]
+    ) -> list[Shard]:
+        """Each shard's uploaded database moved into ``version_dir`` (a rename), opened
+        and checked to hold the rows the loader wrote; a shard that received no file
+        is an empty database."""
+        options = self.node.base_options(load.table_format)
+        version_dir.mkdir(parents=True)
         shards: list[Shard] = []
         try:
-            for index, files in enumerate(by_shard):
-                shard = Shard(
-                    version_dir / f"shard-{index:04d}", index, options, self.node.base_read_options
-                )
+            for index, expected in enumerate(rows_per_shard):
+                name = f"shard-{index:04d}"
+                path = version_dir / name
+                if (load.staging / name).exists():
+                    os.rename(load.staging / name, path)
+                try:
+                    shard = Shard(path, index, options, self.node.base_read_options, base=True)
+                except Exception as exc:
+                    if "No space left on device" in str(exc):
+                        raise
+                    raise InvalidArgument(
+                        f"load {load.load_id}: shard {index}: RocksDB could not open the "
+                        f"uploaded {load.table_format}-format database: {exc}"
+                    ) from None
                 shards.append(shard)
-                if files:
-                    shard.ingest([str(f.path) for f in files], ingest_options)
+                held = shard.estimate_keys()
+                if held != expected:
+                    raise InvalidArgument(
+                        f"load {load.load_id}: shard {index}: the uploaded database holds "
+                        f"{held} rows, the loader wrote {expected}"
+                    )
         except Exception as exc:
             for shard in shards:
                 shard.close()
@@ -259,10 +303,10 @@ class LoadManager:
                 raise
             if "No space left on device" in str(exc):
                 raise StorageFull(
-                    f"the node's disk is full at {version_dir} while ingesting the load; "
-                    "the current version is unchanged"
+                    f"the node's disk is full at {version_dir} while opening the load's "
+                    "shards; the current version is unchanged"
                 ) from None
-            raise InvalidArgument(f"RocksDB refused the uploaded SST files: {exc}") from exc
+            raise
         return shards
 
     def abort(self, load_id: str) -> None:

@@ -35,7 +35,13 @@ from kvstore.errors import (
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.storage.catalog import Catalog
-from kvstore.storage.shard import SYSTEM_PREFIX, Shard, base_read_options, rocksdb_options
+from kvstore.storage.shard import (
+    SYSTEM_PREFIX,
+    Shard,
+    base_options,
+    base_read_options,
+    rocksdb_options,
+)
 from kvstore.storage.table import Table, VersionMeta
 
 logger = logging.getLogger(__name__)
@@ -160,9 +166,7 @@ class Node:
         self.row_cache = (
             rocksdict.Cache(config.row_cache_bytes) if config.row_cache_bytes > 0 else None
         )
-        self._base_options = rocksdb_options(
-            self._cache, config.bloom_bits_per_key, mmap_reads=True, row_cache=self.row_cache
-        )
+        self._base_options: dict[str, rocksdict.Options] = {}
         #: Read options of every base shard (see ``base_read_options``).
         self.base_read_options = base_read_options(config.verify_base_checksums)
         self._write_options = rocksdict.WriteOptions()
@@ -201,7 +205,7 @@ class Node:
             self.config.cold_dir / "tables" / name,
             entry,
             self._options,
-            self._base_options,
+            self.base_options,
             self.base_read_options,
         )
 
@@ -213,10 +217,15 @@ class Node:
             table.close()
         self.tables.clear()
 
-    @property
-    def shard_options(self) -> rocksdict.Options:
-        """The RocksDB options of the base versions' shards (bulk loads ingest with them)."""
-        return self._base_options
+    def base_options(self, table_format: str) -> rocksdict.Options:
+        """The RocksDB options of base shards in ``table_format`` (one object per format,
+        sharing the node's block and row caches)."""
+        options = self._base_options.get(table_format)
+        if options is None:
+            options = self._base_options[table_format] = base_options(
+                table_format, self._cache, self.config.bloom_bits_per_key, self.row_cache
+            )
+        return options
 
     # -- tables ----------------------------------------------------------------------
 

@@ -220,7 +220,10 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             request.table, request.label, request.snapshot_time_us, request.schema_id
         )
         return pb.BeginLoadResponse(
-            load_id=load.load_id, version=load.version, lease_s=self.node.config.load_lease_s
+            load_id=load.load_id,
+            version=load.version,
+            lease_s=self.node.config.load_lease_s,
+            base_format=load.table_format,
         )
 
     @_translate_errors
@@ -248,7 +251,10 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     ) -> pb.CommitLoadResponse:
         table = self.loads.table_of(request.load_id)
         meta, seconds = self.loads.commit(
-            request.load_id, list(request.files_per_shard), request.rows
+            request.load_id,
+            list(request.files_per_shard),
+            request.rows,
+            list(request.rows_per_shard),
         )
         return pb.CommitLoadResponse(
             version=_version_info(meta, self.node.table(table).current),
@@ -302,4 +308,5 @@ def _version_info(meta: VersionMeta, current: int) -> pb.VersionInfo:
         bytes=meta.bytes,
         created_at_us=meta.created_at_us,
         current=meta.version == current,
+        format=meta.format,
     )

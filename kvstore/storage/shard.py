@@ -12,11 +12,20 @@ from pathlib import Path
 
 import rocksdict
 
+from kvstore.config import BASE_FORMATS
+
 logger = logging.getLogger(__name__)
 
 SYSTEM_PREFIX = b"\xff\xfe"
 
-__all__ = ["SYSTEM_PREFIX", "Shard", "base_read_options", "rocksdb_options"]
+__all__ = [
+    "SYSTEM_PREFIX",
+    "Shard",
+    "base_options",
+    "base_read_options",
+    "build_options",
+    "rocksdb_options",
+]
 
 #: Keys the node keeps for itself (consumer positions) start with these two bytes:
 #: 0xFF never occurs in UTF-8, and they are longer than the 8 bytes of an int64 key,
@@ -53,6 +62,76 @@ def rocksdb_options(
     return opts
 
 
+# Table formats of a bulk version's base shards (BASE_FORMATS, NodeConfig.base_format):
+#:
+# * ``plain``: RocksDB's PlainTable, made for point lookups in memory-mapped files: a
+#   hash of each key's first 8 bytes (all of an int64 key) to its offset, a bloom
+#   filter, rows stored uncompressed. Measured against ``block`` on the benchmark's
+#   1M-row table (docs/architecture.md): 100-key Gets 441 -> 312 us p50, 1000-key
+#   2.23 -> 1.11 ms. No compression and no block checksums.
+# * ``block``: RocksDB's block-based table: LZ4-compressed 4 KiB blocks with checksums
+#   (``--verify-base-checksums``) and a binary-searched index. Smaller on disk when
+#   the rows compress; slower lookups. Versions loaded before formats existed are this.
+
+#: A base shard's memtable is flushed into a file of about this size while it is
+#: built (PlainTable files address rows with 32-bit offsets: they must stay < 2 GiB).
+BUILD_FILE_BYTES = 256 << 20
+
+
+def base_options(
+    table_format: str,
+    cache: rocksdict.Cache,
+    bloom_bits_per_key: float = 10.0,
+    row_cache: rocksdict.Cache | None = None,
+) -> rocksdict.Options:
+    """Options of a bulk version's base shard in ``table_format`` (see BASE_FORMATS).
+
+    A base is written once, by the loader (``build_options``), and only read after
+    that: read through mmap, never compacted. ``cache`` (block format only) is the
+    node's block cache; ``row_cache`` the node's optional row cache.
+    """
+    if table_format == "block":
+        opts = rocksdb_options(cache, bloom_bits_per_key, mmap_reads=True, row_cache=row_cache)
+    elif table_format == "plain":
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        plain = rocksdict.PlainTableFactoryOptions()
+        plain.user_key_length = 0  # variable: string keys
+        plain.bloom_bits_per_key = int(bloom_bits_per_key)
+        plain.hash_table_ratio = 0.75
+        plain.index_sparseness = 1  # an index entry per key: no scan within a bucket
+        # The hash index and bloom filter are written into the file when it is built
+        # and mapped when it is opened, rather than rebuilt from every key at open
+        # (125k rows: 23 -> 4 ms), which would stall the swap and the first read.
+        plain.store_index_in_file = True
+        opts.set_plain_table_factory(plain)
+        # The hash is of the first 8 bytes: all of an int64 key's stored form.
+        opts.set_prefix_extractor(rocksdict.SliceTransform.create_max_len_prefix(8))
+        opts.set_allow_mmap_reads(True)  # PlainTable reads rows in place
+        opts.set_compression_type(rocksdict.DBCompressionType.none())
+        opts.set_keep_log_file_num(2)
+        if row_cache is not None:
+            opts.set_row_cache(row_cache)
+    else:
+        raise ValueError(
+            f"unknown base table format {table_format!r}; one of {', '.join(BASE_FORMATS)}"
+        )
+    # Immutable: a compaction would rewrite the cold tier (and stall nothing, as
+    # nothing writes), so none ever runs, whatever the number of files.
+    opts.set_disable_auto_compactions(True)
+    opts.set_level_zero_slowdown_writes_trigger(1 << 30)
+    opts.set_level_zero_stop_writes_trigger(1 << 30)
+    return opts
+
+
+def build_options(table_format: str) -> rocksdict.Options:
+    """Options the loader writes a base shard with: ``base_options`` plus a large
+    memtable (flushed at BUILD_FILE_BYTES) and no need for a block cache."""
+    opts = base_options(table_format, rocksdict.Cache(1 << 20))
+    opts.set_write_buffer_size(BUILD_FILE_BYTES)
+    return opts
+
+
 def base_read_options(verify_checksums: bool) -> rocksdict.ReadOptions:
     """Read options of the base versions' shards.
 
@@ -82,7 +161,12 @@ class Shard:
         index: int,
         options: rocksdict.Options,
         read_options: rocksdict.ReadOptions | None = None,
+        base: bool = False,
     ) -> None:
+        """Open (or create) the shard at ``path``. ``base``: a bulk version's immutable
+        shard, whose key count is exact (its files' entries), so emptiness is read
+        from that rather than by iterating (PlainTable's hash index has no total order).
+        """
         self.path = path
         self.index = index
         path.mkdir(parents=True, exist_ok=True)
@@ -93,7 +177,7 @@ class Shard:
             self._db.set_read_options(read_options)
         #: True while the shard surely holds no key: reads then skip it (a bulk-loaded
         #: table with an empty delta pays for one lookup per key, not two).
-        self.empty = self._first_key() is None
+        self.empty = self.estimate_keys() == 0 if base else self._first_key() is None
 
     def _first_key(self) -> bytes | None:
         return next(iter(self._db.keys()), None)
@@ -149,11 +233,6 @@ class Shard:
             if not key.startswith(prefix):
                 break
             yield key, value
-
-    def ingest(self, paths: list[str], options: rocksdict.IngestExternalFileOptions) -> None:
-        """Ingest sorted SST files built by SstFileWriter (moved in, not copied)."""
-        self.empty = False
-        self._db.ingest_external_file(paths, options)
 
     def estimate_keys(self) -> int:
         return self._db.property_int_value("rocksdb.estimate-num-keys") or 0

@@ -5,7 +5,9 @@ Two tiers per shard (docs/architecture.md, "Base and delta"):
 * the **delta**, one RocksDB per shard under the hot data directory: every online
   write, update and delete, with per-feature event times (format-2 rows);
 * the **base**, one immutable RocksDB per shard per bulk version under the cold
-  directory, written once by a bulk load (SST ingest) and then only read.
+  directory, built by the loader, moved in by a bulk load and then only read; its
+  table format (``VersionMeta.format``, see ``kvstore.storage.shard.BASE_FORMATS``)
+  is recorded per version.
 
 A read overlays the delta on the base of the current (or a pinned) version.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +44,9 @@ class VersionMeta:
     rows: int
     bytes: int
     created_at_us: int
+    #: The base shards' table format; versions loaded before formats existed are
+    #: block-based (SST ingest).
+    format: str = "block"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -55,15 +61,16 @@ class Table:
         cold_root: Path,
         entry: TableEntry,
         options: rocksdict.Options,
-        base_options: rocksdict.Options | None = None,
+        base_options: Callable[[str], rocksdict.Options],
         base_read_options: rocksdict.ReadOptions | None = None,
     ) -> None:
+        """``base_options(format)``: the RocksDB options of a base shard in that format."""
         self.hot_root = hot_root
         self.cold_root = cold_root
         #: The catalog's record of this table: schema, current version, kept versions.
         self.entry = entry
         self._options = options
-        self._base_options = base_options or options
+        self._base_options = base_options
         self._base_read_options = base_read_options
         schema = entry.schema
         self.delta = [
@@ -92,8 +99,9 @@ class Table:
         shards = self._bases.get(version)
         if shards is None:
             root = self.version_dir(version)
+            options = self._base_options(self.versions[version].format)
             shards = [
-                Shard(root / f"shard-{i:04d}", i, self._base_options, self._base_read_options)
+                Shard(root / f"shard-{i:04d}", i, options, self._base_read_options, base=True)
                 for i in range(self.schema.shards)
             ]
             self._bases[version] = shards

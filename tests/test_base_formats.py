@@ -1,0 +1,177 @@
+"""Table formats of the bulk versions (``--base-format plain|block``).
+
+The loader builds each shard of a version as a RocksDB database in the format the node
+names; the node moves it in, opens it and checks it before the swap. Versions keep the
+format they were loaded with, so one table can hold both, and versions loaded before
+formats existed (no ``format`` in the catalog) open as block-based.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kvstore import Client, InvalidArgument
+from kvstore.ingest import bulk_sst, bulk_upload
+from kvstore.ingest.bulk import load
+
+ROWS = 3000
+
+
+def _snapshot(salt: int, n: int = ROWS) -> pa.Table:
+    keys = np.arange(n, dtype=np.int64) * 7 - 1000  # negative keys too
+    return pa.table(
+        {
+            "key": keys,
+            "x": (keys * 2 + salt).astype(np.float32),
+            "tag": [f"t{k}-{salt}" for k in keys.tolist()],
+        }
+    )
+
+
+def _load(address: str, tmp_path: Path, table: str, data: pa.Table, name: str) -> int:
+    pq.write_table(data, tmp_path / f"{name}.parquet")
+    return load(address, table, str(tmp_path / f"{name}.parquet"), progress=False).version
+
+
+def _read(client: Client, table: str, keys, version: int = 0) -> list[dict]:
+    return client.get(table, keys, version=version).to_pylist()
+
+
+def _expected(data: pa.Table) -> list[dict]:
+    return data.to_pylist()
+
+
+def test_both_formats_serve_side_by_side_and_an_old_catalog_opens_as_block(
+    start_node, tmp_path: Path
+) -> None:
+    node = start_node("--base-format", "block")
+    v1_data, v2_data = _snapshot(1), _snapshot(2)
+    keys = v1_data["key"].to_numpy()
+    with Client(node.address, timeout=10) as c:
+        c.create_table("t", key="int64", features={"x": "float32", "tag": "string"}, shards=4)
+        v1 = _load(node.address, tmp_path, "t", v1_data, "v1")
+        assert [v.format for v in c.versions("t")] == ["block"]
+    node.stop()
+
+    # A catalog written before versions had a format: its versions are block-based.
+    catalog_path = node.data_dir / "catalog.json"
+    catalog = json.loads(catalog_path.read_text())
+    for entry in catalog["tables"].values():
+        for meta in entry["versions"].values():
+            del meta["format"]
+    catalog_path.write_text(json.dumps(catalog))
+
+    node = start_node(data_dir=node.data_dir)  # the default format: plain
+    with Client(node.address, timeout=10) as c:
+        assert _read(c, "t", keys) == _expected(v1_data)
+        v2 = _load(node.address, tmp_path, "t", v2_data, "v2")
+        formats = {v.version: (v.format, v.current) for v in c.versions("t")}
+        assert formats == {v1: ("block", False), v2: ("plain", True)}
+        assert _read(c, "t", keys) == _expected(v2_data)
+        assert _read(c, "t", keys, version=v1) == _expected(v1_data)  # pinned: block
+        # Keys between, below and above the loaded ones are missing in both formats.
+        absent = np.array([-1001, -999, 2, 5, 7 * ROWS, 2**62], np.int64)
+        assert not c.get("t", absent).found.any()
+        assert not c.get("t", absent, version=v1).found.any()
+        c.rollback("t", v1)
+        assert _read(c, "t", keys) == _expected(v1_data)
+    node.stop()
+
+    node = start_node(data_dir=node.data_dir)
+    with Client(node.address, timeout=10) as c:
+        assert _read(c, "t", keys) == _expected(v1_data)
+        assert _read(c, "t", keys, version=v2) == _expected(v2_data)
+
+
+@pytest.mark.parametrize("table_format", ["plain", "block"])
+def test_string_keys_sharing_long_prefixes_are_told_apart(
+    start_node, tmp_path: Path, table_format: str
+) -> None:
+    # PlainTable hashes a key's first 8 bytes: keys that share them, keys shorter than
+    # that, and absent keys with a loaded key's prefix must still be exact.
+    node = start_node("--base-format", table_format)
+    keys = [f"user_000000{i:05d}" for i in range(0, 4000, 2)] + ["", "a", "ab", "é", "user_0"]
+    data = pa.table({"key": keys, "n": np.arange(len(keys), dtype=np.int64)})
+    with Client(node.address, timeout=10) as c:
+        c.create_table("s", key="string", features={"n": "int64"}, shards=3)
+        _load(node.address, tmp_path, "s", data, "s")
+        res = c.get("s", keys)
+        assert res.found.all()
+        assert res.to_numpy()["n"].tolist() == list(range(len(keys)))
+        absent = [f"user_000000{i:05d}" for i in range(1, 4000, 2)] + ["user_", "user_00", "b"]
+        assert not c.get("s", absent).found.any()
+        assert [v.format for v in c.versions("s")] == [table_format]
+
+
+def test_a_shard_database_missing_a_file_is_refused_and_the_current_version_serves(
+    start_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = start_node()
+    with Client(node.address, timeout=10) as c:
+        c.create_table("t", key="int64", features={"x": "float32", "tag": "string"}, shards=4)
+        v1 = _load(node.address, tmp_path, "t", _snapshot(1), "v1")
+        keys = _snapshot(1)["key"].to_numpy()
+
+        shipped = bulk_sst.shipped_files
+
+        def without_current(directory: str) -> list[str]:
+            names = shipped(directory)
+            return [n for n in names if n != "CURRENT"] if directory.endswith("2") else names
+
+        monkeypatch.setattr(bulk_sst, "shipped_files", without_current)
+        with pytest.raises(InvalidArgument, match=r"shard 2: the uploaded database holds 0 rows"):
+            _load(node.address, tmp_path, "t", _snapshot(2), "v2")
+
+        assert [(v.version, v.current) for v in c.versions("t")] == [(v1, True)]
+        assert _read(c, "t", keys) == _expected(_snapshot(1))
+        staging = node.data_dir / "cold" / "staging"
+        assert os.listdir(staging) == []
+        tables = node.data_dir / "cold" / "tables"
+        assert [p.name for p in tables.glob("*/v*")] == [f"v{v1:06d}"]
+
+
+def test_a_database_in_another_format_than_the_node_asked_for_is_refused(
+    start_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = start_node()  # asks for plain
+    begin = bulk_upload.LoadSession.begin
+
+    def build_block(self, *args) -> None:
+        begin(self, *args)
+        assert self.base_format == "plain"
+        self.base_format = "block"
+
+    monkeypatch.setattr(bulk_upload.LoadSession, "begin", build_block)
+    with Client(node.address, timeout=10) as c:
+        c.create_table("t", key="int64", features={"x": "float32", "tag": "string"}, shards=2)
+        with pytest.raises(
+            InvalidArgument, match=r"RocksDB could not open the uploaded plain-format database"
+        ):
+            _load(node.address, tmp_path, "t", _snapshot(1), "v1")
+        assert c.versions("t") == []
+        assert not c.get("t", [-1000]).found.any()
+
+
+def test_an_unknown_format_in_the_environment_is_refused_before_the_node_starts(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvstore.cli", "serve", "--port", "0", "--data", f"{tmp_path}/d"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KVSTORE_BASE_FORMAT": "cuckoo"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "kvstore serve: error: base_format 'cuckoo' is not one of plain, block" in proc.stderr
+    assert not (tmp_path / "d").exists()
