@@ -1,7 +1,7 @@
 """kvstore.ingest: getting data in, in bulk and as streams.
 
-* ``kvstore.ingest.bulk``: Arrow / Parquet snapshots → sorted SST files per shard →
-  ingested as a new table version, swapped in atomically (``kvstore load``).
+* ``kvstore.ingest.bulk``: Arrow / Parquet snapshots → a sorted RocksDB database per
+  shard → a new table version, swapped in atomically (``kvstore load``).
 * ``kvstore.ingest.stream``: stream consumers (NATS JetStream, Kafka) that apply
   updates in batches and store their position with the data (``kvstore consume``).
 

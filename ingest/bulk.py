@@ -1,4 +1,4 @@
-"""Bulk loads: Parquet / Arrow IPC files → sorted SST files per shard → a new table version.
+"""Bulk loads: Parquet / Arrow IPC files → a sorted RocksDB database per shard → a new version.
 
     from kvstore.ingest.bulk import load
     summary = load("127.0.0.1:7070", "user_features", "snapshots/2026-11-23/",
@@ -89,6 +89,10 @@ MIN_MEMORY_BUDGET = 64 << 20
 RUN_SHARE = 0.5
 WRITE_CHUNK_BYTES = 8 << 20
 MERGE_SHARE = 0.25
+# A shard's database is written through a memtable of budget / 16 (RocksDB holds up to
+# two while one flushes), within the rest; each flush is one table file.
+MEMTABLE_SHARE = 1 / 16
+MIN_MEMTABLE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,7 @@ class LoadSummary:
     duplicates_dropped: int = 0
     #: Key bytes + encoded row bytes of the rows loaded: the data, before RocksDB.
     logical_bytes: int = 0
-    #: Bytes the node wrote to its cold path for this version (SSTs + RocksDB files).
+    #: Bytes the node wrote to its cold path for this version (the shards' databases).
     cold_bytes_written: int = 0
     #: cold_bytes_written / logical_bytes: the cold tier's write amplification.
     cold_write_amplification: float = 0.0
@@ -366,7 +370,8 @@ def _check_files(
 
 
 class _Load:
-    """One load: read + encode + partition, then begin, write SSTs, upload, commit."""
+    """One load: read + encode + partition, then begin, write shard databases, upload,
+    commit."""
 
     def __init__(
         self,
@@ -441,8 +446,8 @@ class _Load:
             response = session.commit(rows, self.rows_per_shard)
             version = response.version.version or session.version
             logger.info(
-                "table %r version %d committed: %d rows, %d SST bytes, %d spilled runs; "
-                "read %.2f s, write %.2f s, upload wait %.2f s, commit %.2f s (ingest %.2f s)",
+                "table %r version %d committed: %d rows, %d bytes of files, %d spilled runs; "
+                "read %.2f s, write %.2f s, upload wait %.2f s, commit %.2f s (node %.2f s)",
                 self.schema.name,
                 version,
                 rows,
@@ -604,7 +609,7 @@ class _Load:
         self.snapshot = self.newest_event if self.newest_event > -(2**63) else now_us()
         return self.snapshot
 
-    # -- phase 3: sorted shards → SST files → uploads -----------------------------------
+    # -- phase 3: sorted shards → shard databases → uploads ------------------------------
 
     def write(
         self,
@@ -619,7 +624,9 @@ class _Load:
         ``tmp``; ``on_file(shard, name, path, size)`` for each of its files once it is
         closed, ``check()`` between chunks (raises to stop). Returns (rows written,
         bytes of the databases' files); ``rows_per_shard`` holds each shard's rows."""
-        options = build_options(table_format)
+        options = build_options(
+            table_format, max(MIN_MEMTABLE_BYTES, int(self.budget * MEMTABLE_SHARE))
+        )
         self.rows_per_shard = [0] * self.schema.shards
         rows = 0
         sst_bytes = 0
@@ -635,10 +642,14 @@ class _Load:
                     directory = os.path.join(tmp, f"shard-{shard:04d}")
                     os.mkdir(directory)
                     writer = ShardDbWriter(shard, directory, self.ops, options, finished)
-                    for chunk in sorter.sorted_chunks(shard, self.write_rows):
-                        writer.add(chunk)
-                        bar.update(len(chunk))
-                        check()
+                    try:
+                        for chunk in sorter.sorted_chunks(shard, self.write_rows):
+                            writer.add(chunk)
+                            bar.update(len(chunk))
+                            check()
+                    except BaseException:
+                        writer.abandon()
+                        raise
                     writer.close()
                     rows += writer.rows
                     self.rows_per_shard[shard] = writer.rows

@@ -9,7 +9,7 @@ An external merge sort, per shard:
    input order; duplicate keys are rejected or dropped right there.
 3. **Runs.** If the input ends before the buffer is full (the common case), nothing
    touches the disk: each shard's rows are gathered from the buffered batches a chunk
-   at a time, in key order, as the SST files are written. Otherwise each full buffer
+   at a time, in key order, as the shard databases are written. Otherwise each full buffer
    becomes a *run*: one Arrow IPC file (columns key, seq, row; record batches of about
    1 MiB, grouped by shard, with an index of each shard's batches).
 4. **Merge.** With runs, a shard's sorted stream is the merge of its part of every

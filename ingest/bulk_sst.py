@@ -91,6 +91,7 @@ class ShardDbWriter:
         self.on_file = on_file
         self.rows = 0
         self._db: rocksdict.Rdict | None = None
+        self._last_key: bytes | None = None
         self._write_options = rocksdict.WriteOptions()
         # A crash of the loader loses the load anyway: the memtable is flushed at close.
         self._write_options.disable_wal = True
@@ -110,12 +111,26 @@ class ShardDbWriter:
         for start in range(0, n, step):
             stop = min(n, start + step)
             keys = stored_keys(self.ops, chunk.keys[start:stop])
+            # The sorter hands over unique keys in order; a memtable would silently keep
+            # the last of two equal keys, so check that each piece follows the last.
+            if self._last_key is not None and keys[0] <= self._last_key:
+                raise AssertionError(
+                    f"shard {self.shard}: key {keys[0]!r} follows {self._last_key!r}: the "
+                    "rows are not sorted and unique"
+                )
+            self._last_key = keys[-1]
             rows = _codec.split_rows(data, offsets[start : stop + 1])
             batch = rocksdict.WriteBatch(raw_mode=True)
             for key, row in zip(keys, rows, strict=True):
                 batch.put(key, row)
             db.write(batch, self._write_options)
         self.rows += n
+
+    def abandon(self) -> None:
+        """Close the database without handing over its files (the load failed)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def close(self) -> None:
         """Flush and close the database, then hand over its files."""

@@ -33,7 +33,8 @@ __all__ = ["CHUNK_BYTES", "LoadSession"]
 
 #: Bytes of a file per UploadSst message.
 CHUNK_BYTES = 1 << 20
-#: Files waiting for upload per node before the loader waits (bounds the temp disk used).
+#: Files waiting for upload per node before the loader waits. A shard's database is
+#: uploaded once it is closed, so the temporary disk holds at least one whole shard.
 MAX_QUEUED_FILES = 8
 #: UploadSst calls in flight per node.
 STREAMS_PER_NODE = 4
@@ -105,6 +106,11 @@ class LoadSession:
         self.version = response.version
         self.lease_s = response.lease_s
         self.base_format = response.base_format
+        if not self.base_format:
+            raise KvstoreError(
+                f"node {self.seed} did not name a table format for the load: it is older than "
+                "this loader; upgrade kvstore on the node"
+            )
         self._owner_of = [nodes[i] for i in owners]
         self.files_per_shard = [0] * len(owners)
         logger.info(
@@ -191,7 +197,7 @@ class _Uploader:
     """Threads streaming files to one node, one UploadSst call per file.
 
     ``STREAMS_PER_NODE`` calls run at once: one stream alone moved ~200 MB/s over
-    loopback, four ~650 MB/s (the node ingests files by name, whatever their order).
+    loopback, four ~650 MB/s (the node places files by name, whatever their order).
     """
 
     def __init__(self, session: LoadSession, address: str) -> None:

@@ -116,6 +116,12 @@ class NodeConfig:
             raise ValueError(
                 f"base_format {self.base_format!r} is not one of {', '.join(BASE_FORMATS)}"
             )
+        if self.verify_base_checksums and self.base_format != "block":
+            raise ValueError(
+                "verify_base_checksums checks the block checksums of block-format versions; "
+                f"new versions would be in the {self.base_format!r} format, which has none: "
+                "add --base-format block (KVSTORE_BASE_FORMAT=block)"
+            )
         if self.row_cache_bytes < 0:
             raise ValueError("row_cache_bytes must be at least 0")
         if self.read_threads < 0:

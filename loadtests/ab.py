@@ -3,16 +3,19 @@
     python -m loadtests.ab --b KVSTORE_ROW_CACHE_BYTES=67108864 --dist zipfian
     python -m loadtests.ab --batch-sizes 100,1000 --b KVSTORE_PARALLEL_READ_KEYS=1000000
     python -m loadtests.ab --rows 200000 --throughput 8,32 --b KVSTORE_READ_THREADS=0
+    python -m loadtests.ab --a KVSTORE_BASE_FORMAT=block --b KVSTORE_BASE_FORMAT=plain
 
 On a shared machine, two runs minutes apart differ by more than most changes do, so a
 setting is judged by running both variants at once: the benchmark's table (int64 keys,
 32 float32 features and a float32[64] embedding) is written to a Parquet file and bulk
-loaded into node A, A's data directory is copied for node B, and the two nodes start
-with their own ``KVSTORE_*`` environment (``--a`` and ``--b``: comma-separated
-``NAME=VALUE``; see docs/operations.md for the settings). One client then alternates
-between them round by round: p50 of each round and over all of them, per batch size.
-``--throughput`` adds closed-loop client processes at those concurrencies, alternating
-A and B by round (uniform keys). Results go to ``bench/ab.json``.
+loaded into node A, A's data directory is copied for node B (or, when the two differ
+in a setting that shapes what a load writes, KVSTORE_BASE_FORMAT, the file is loaded
+into B too), and the two nodes start with their own ``KVSTORE_*`` environment
+(``--a`` and ``--b``: comma-separated ``NAME=VALUE``; see docs/operations.md for the
+settings). One client then alternates between them round by round: p50 of each round
+and over all of them, per batch size. ``--throughput`` adds closed-loop client
+processes at those concurrencies, alternating A and B by round (uniform keys).
+Results go to ``bench/ab.json``.
 
 Key pools hold ``--pool-keys`` keys (default: as many as the table has rows), so a
 cache cannot hold a whole pool when the table does not fit it either.
@@ -38,6 +41,9 @@ from loadtests.servers import KvstoreNode
 from loadtests.systems import KeyPool, KvstoreSystem
 
 __all__ = ["main", "parse_env", "run"]
+
+#: Settings that decide what a bulk load writes: sides that differ in one load apart.
+LOAD_SETTINGS = ("KVSTORE_BASE_FORMAT",)
 
 
 def parse_env(spec: str) -> dict[str, str]:
@@ -81,7 +87,11 @@ def run(
         dir_a.mkdir()
         dir_b.mkdir()
         parquet = write_parquet(work / "features.parquet", seed, rows)
-        shutil.copytree(loaded_data_dir(dir_a, parquet, rows, work), dir_b / "data")
+        data_a = loaded_data_dir(dir_a, parquet, rows, work, env_a)
+        if any(env_a.get(k) != env_b.get(k) for k in LOAD_SETTINGS):
+            loaded_data_dir(dir_b, parquet, rows, work, env_b)
+        else:
+            shutil.copytree(data_a, dir_b / "data")
         with KvstoreNode(dir_a, env=env_a) as node_a, KvstoreNode(dir_b, env=env_b) as node_b:
             nodes = {"a": node_a, "b": node_b}
             keys = pool_keys or rows

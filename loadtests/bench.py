@@ -223,11 +223,14 @@ def bulk_load(
     return out
 
 
-def loaded_data_dir(workdir: Path, parquet: dict, rows: int, tmp: Path) -> Path:
-    """Start a node in ``workdir``, create the benchmark table, bulk-load ``parquet`` into
-    it and stop the node: the returned ``workdir / "data"`` then holds the loaded table,
-    for nodes started on it or on copies of it (memcap.py, ab.py)."""
-    with KvstoreNode(workdir) as node:
+def loaded_data_dir(
+    workdir: Path, parquet: dict, rows: int, tmp: Path, env: dict[str, str] | None = None
+) -> Path:
+    """Start a node in ``workdir`` (``env``: its ``KVSTORE_*`` settings), create the
+    benchmark table, bulk-load ``parquet`` into it and stop the node: the returned
+    ``workdir / "data"`` then holds the loaded table, for nodes started on it or on
+    copies of it (memcap.py, ab.py)."""
+    with KvstoreNode(workdir, env=env) as node:
         kv = KvstoreSystem(node.address, node.pid)
         try:
             kv.create()

@@ -440,7 +440,7 @@ def test_a_full_disk_on_the_node_is_a_clear_error_and_the_old_version_serves(
             first = load(node.address, "full", str(tmp_path / "small.parquet"), progress=False)
             before = read_all(c, "full", list(range(50)))
             pq.write_table(snapshot(list(range(40_000)), salt=1), tmp_path / "big.parquet")
-            # Depending on where the space runs out: staging the upload, or the ingest.
+            # Depending on where the space runs out: staging the upload, or opening it.
             with pytest.raises(StorageFull, match=r"the node's disk is full at "):
                 load(node.address, "full", str(tmp_path / "big.parquet"), progress=False)
             assert read_all(c, "full", list(range(50))) == before

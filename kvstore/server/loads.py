@@ -33,12 +33,16 @@ from kvstore.errors import (
     StorageFull,
 )
 from kvstore.server.node import Node
-from kvstore.storage.shard import Shard
+from kvstore.storage.shard import Shard, create_empty_base
 from kvstore.storage.table import VersionMeta
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoadManager"]
+
+#: How RocksDB's messages begin when the files it was given are at fault (a missing
+#: CURRENT, a damaged or foreign table file); other failures are the node's own.
+_REFUSALS = ("Corruption", "Invalid argument", "Not implemented", "IO error: No such file")
 
 _FILE_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -80,11 +84,23 @@ class LoadManager:
         self._causes: dict[str, KvstoreError] = {}
 
     def open(self) -> None:
-        """Remove what loads interrupted by a crash or kill left behind."""
+        """Remove what loads interrupted by a crash or kill left behind: the staging
+        area, and version directories the catalog does not list (a crash between
+        moving a version in and the catalog write that makes it one)."""
         if self.staging_root.exists():
             shutil.rmtree(self.staging_root)
             logger.info("removed the staging files of interrupted loads")
         self.staging_root.mkdir(parents=True, exist_ok=True)
+        for table in self.node.tables.values():
+            if not table.cold_root.exists():
+                continue
+            for path in table.cold_root.glob("v*"):
+                number = path.name[1:]
+                if number.isdigit() and int(number) not in table.versions:
+                    shutil.rmtree(path, ignore_errors=True)
+                    logger.info(
+                        "table %r: removed %s of an interrupted load", table.schema.name, path
+                    )
 
     def _load(self, load_id: str) -> _Load:
         load = self.loads.get(load_id)
@@ -237,6 +253,11 @@ class LoadManager:
                     )
             if rows <= 0 or not any(files_per_shard):
                 raise InvalidArgument(f"load {load_id}: no rows; an empty load makes no version")
+            if not rows_per_shard:
+                raise InvalidArgument(
+                    f"load {load_id}: the loader sent no rows_per_shard: it is older than "
+                    "this node; upgrade kvstore where the load runs"
+                )
             if len(rows_per_shard) != shards or sum(rows_per_shard) != rows:
                 raise InvalidArgument(
                     f"load {load_id}: rows_per_shard {rows_per_shard} does not give {rows} "
@@ -272,29 +293,42 @@ class LoadManager:
         and checked to hold the rows the loader wrote; a shard that received no file
         is an empty database."""
         options = self.node.base_options(load.table_format)
-        version_dir.mkdir(parents=True)
+        where = f"load {load.load_id} of table {load.table!r}"
         shards: list[Shard] = []
         try:
-            for index, expected in enumerate(rows_per_shard):
+            version_dir.mkdir(parents=True)
+            for index in range(len(rows_per_shard)):
                 name = f"shard-{index:04d}"
-                path = version_dir / name
                 if (load.staging / name).exists():
-                    os.rename(load.staging / name, path)
+                    os.rename(load.staging / name, version_dir / name)
+                else:
+                    create_empty_base(version_dir / name, options)
+            # The files were fsynced as they arrived; make the renames durable before
+            # the catalog names the version.
+            _fsync_dir(version_dir)
+            _fsync_dir(version_dir.parent)
+            for index, expected in enumerate(rows_per_shard):
                 try:
-                    shard = Shard(path, index, options, self.node.base_read_options, base=True)
+                    shard = Shard(
+                        version_dir / f"shard-{index:04d}",
+                        index,
+                        options,
+                        self.node.base_read_options,
+                        base=True,
+                    )
                 except Exception as exc:
-                    if "No space left on device" in str(exc):
+                    if not str(exc).startswith(_REFUSALS):
                         raise
                     raise InvalidArgument(
-                        f"load {load.load_id}: shard {index}: RocksDB could not open the "
-                        f"uploaded {load.table_format}-format database: {exc}"
+                        f"{where}: shard {index}: RocksDB could not open the uploaded "
+                        f"{load.table_format}-format database: {exc}"
                     ) from None
                 shards.append(shard)
                 held = shard.estimate_keys()
                 if held != expected:
                     raise InvalidArgument(
-                        f"load {load.load_id}: shard {index}: the uploaded database holds "
-                        f"{held} rows, the loader wrote {expected}"
+                        f"{where}: shard {index}: the uploaded database holds {held} rows, "
+                        f"the loader wrote {expected}"
                     )
         except Exception as exc:
             for shard in shards:
@@ -328,3 +362,11 @@ class LoadManager:
                     lease,
                 )
                 self.abort(load.load_id)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

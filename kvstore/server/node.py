@@ -278,7 +278,7 @@ class Node:
         return version
 
     def install_version(self, name: str, meta: VersionMeta, shards: list[Shard]) -> None:
-        """Make a freshly ingested version current: one catalog write, then the swap.
+        """Make a freshly loaded version current: one catalog write, then the swap.
 
         Runs without awaiting, so no read sees part of the old and part of the new
         version. Versions beyond ``keep_versions`` are deleted; the delta is

@@ -24,6 +24,7 @@ __all__ = [
     "base_options",
     "base_read_options",
     "build_options",
+    "create_empty_base",
     "rocksdb_options",
 ]
 
@@ -37,12 +38,15 @@ def rocksdb_options(
     bloom_bits_per_key: float = 10.0,
     mmap_reads: bool = False,
     row_cache: rocksdict.Cache | None = None,
+    pin_l0: bool = True,
 ) -> rocksdict.Options:
     """Options for a point-lookup shard: bloom filter, the node's shared block cache, LZ4.
 
     ``mmap_reads`` suits the immutable base versions: their files are never rewritten,
     and reading them through the mapping instead of pread was ~17% faster a lookup
     here (125k rows of 420 B, multi-gets of 125 keys: 2.06 -> 1.69 us a key).
+    ``pin_l0``: keep level-0 files' index and filter blocks pinned in the block cache
+    (the delta's few young files; a base's files all sit in level 0, for good).
     """
     opts = rocksdict.Options(raw_mode=True)
     opts.create_if_missing(True)
@@ -50,7 +54,7 @@ def rocksdb_options(
     table.set_block_cache(cache)
     table.set_bloom_filter(bloom_bits_per_key, False)
     table.set_cache_index_and_filter_blocks(True)
-    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(pin_l0)
     opts.set_block_based_table_factory(table)
     opts.set_compression_type(rocksdict.DBCompressionType.lz4())
     opts.set_max_background_jobs(2)
@@ -62,8 +66,10 @@ def rocksdb_options(
     return opts
 
 
-# Table formats of a bulk version's base shards (BASE_FORMATS, NodeConfig.base_format):
-#:
+# Table formats of a bulk version's base shards (BASE_FORMATS, NodeConfig.base_format).
+# A format name stands for its options below for good: files carry them (PlainTable
+# files refuse to open under another prefix extractor), and the catalog records only
+# the name, so a change of them is a new format name, not an edit.
 # * ``plain``: RocksDB's PlainTable, made for point lookups in memory-mapped files: a
 #   hash of each key's first 8 bytes (all of an int64 key) to its offset, a bloom
 #   filter, rows stored uncompressed. Measured against ``block`` on the benchmark's
@@ -91,7 +97,9 @@ def base_options(
     node's block cache; ``row_cache`` the node's optional row cache.
     """
     if table_format == "block":
-        opts = rocksdb_options(cache, bloom_bits_per_key, mmap_reads=True, row_cache=row_cache)
+        opts = rocksdb_options(
+            cache, bloom_bits_per_key, mmap_reads=True, row_cache=row_cache, pin_l0=False
+        )
     elif table_format == "plain":
         opts = rocksdict.Options(raw_mode=True)
         opts.create_if_missing(True)
@@ -124,12 +132,19 @@ def base_options(
     return opts
 
 
-def build_options(table_format: str) -> rocksdict.Options:
-    """Options the loader writes a base shard with: ``base_options`` plus a large
-    memtable (flushed at BUILD_FILE_BYTES) and no need for a block cache."""
+def build_options(table_format: str, memtable_bytes: int = BUILD_FILE_BYTES) -> rocksdict.Options:
+    """Options the loader writes a base shard with: ``base_options`` plus a memtable of
+    ``memtable_bytes`` (at most BUILD_FILE_BYTES; each flush is one file) and no need
+    for a block cache."""
     opts = base_options(table_format, rocksdict.Cache(1 << 20))
-    opts.set_write_buffer_size(BUILD_FILE_BYTES)
+    opts.set_write_buffer_size(min(memtable_bytes, BUILD_FILE_BYTES))
     return opts
+
+
+def create_empty_base(path: Path, options: rocksdict.Options) -> None:
+    """An empty database at ``path`` (a base shard that got no row), for read-only use."""
+    path.mkdir(parents=True, exist_ok=True)
+    rocksdict.Rdict(str(path), options, column_families={"default": options}).close()
 
 
 def base_read_options(verify_checksums: bool) -> rocksdict.ReadOptions:
@@ -163,16 +178,28 @@ class Shard:
         read_options: rocksdict.ReadOptions | None = None,
         base: bool = False,
     ) -> None:
-        """Open (or create) the shard at ``path``. ``base``: a bulk version's immutable
-        shard, whose key count is exact (its files' entries), so emptiness is read
-        from that rather than by iterating (PlainTable's hash index has no total order).
+        """Open (or create) the shard at ``path``.
+
+        ``base``: a bulk version's immutable shard, opened read-only: it must exist (a
+        lost directory or file is an error, never an empty shard), and opening it
+        writes nothing to the cold tier. Its key count is exact (its files' entries),
+        so emptiness is read from that rather than by iterating (PlainTable's hash
+        index has no total order).
         """
         self.path = path
         self.index = index
-        path.mkdir(parents=True, exist_ok=True)
+        if not base:
+            path.mkdir(parents=True, exist_ok=True)
         # Passing the options per column family is what makes RocksDB use them on
         # reopen; Rdict(path, opts) alone silently falls back to the stored options.
-        self._db = rocksdict.Rdict(str(path), options, column_families={"default": options})
+        self._db = rocksdict.Rdict(
+            str(path),
+            options,
+            column_families={"default": options},
+            access_type=(
+                rocksdict.AccessType.read_only() if base else rocksdict.AccessType.read_write()
+            ),
+        )
         if read_options is not None:
             self._db.set_read_options(read_options)
         #: True while the shard surely holds no key: reads then skip it (a bulk-loaded

@@ -45,7 +45,7 @@ class VersionMeta:
     bytes: int
     created_at_us: int
     #: The base shards' table format; versions loaded before formats existed are
-    #: block-based (SST ingest).
+    #: block-based (they were SST files ingested by the node).
     format: str = "block"
 
     def to_json(self) -> dict:
@@ -108,7 +108,7 @@ class Table:
         return shards
 
     def adopt_base(self, version: int, shards: list[Shard]) -> None:
-        """Take over the shards a bulk load ingested for ``version``."""
+        """Take over the shards a bulk load opened for ``version``."""
         self._bases[version] = shards
 
     def drop_version(self, version: int) -> None:
