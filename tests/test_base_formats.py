@@ -101,10 +101,13 @@ def test_both_formats_serve_side_by_side_and_an_old_catalog_opens_as_block(
 def test_string_keys_sharing_long_prefixes_are_told_apart(
     start_node, tmp_path: Path, table_format: str
 ) -> None:
-    # PlainTable hashes a key's first 8 bytes: keys that share them, keys shorter than
-    # that, and absent keys with a loaded key's prefix must still be exact.
+    # PlainTable hashes a key's first 128 bytes: keys that share a long prefix, keys
+    # longer than 128 bytes that differ only after it, short keys, and absent keys with
+    # a loaded key's prefix must all still be exact.
     node = start_node("--base-format", table_format)
+    long = "x" * 128
     keys = [f"user_000000{i:05d}" for i in range(0, 4000, 2)] + ["", "a", "ab", "é", "user_0"]
+    keys += [f"{long}{i}" for i in range(0, 100, 2)]
     data = pa.table({"key": keys, "n": np.arange(len(keys), dtype=np.int64)})
     with Client(node.address, timeout=10) as c:
         c.create_table("s", key="string", features={"n": "int64"}, shards=3)
@@ -113,6 +116,7 @@ def test_string_keys_sharing_long_prefixes_are_told_apart(
         assert res.found.all()
         assert res.to_numpy()["n"].tolist() == list(range(len(keys)))
         absent = [f"user_000000{i:05d}" for i in range(1, 4000, 2)] + ["user_", "user_00", "b"]
+        absent += [f"{long}{i}" for i in range(1, 100, 2)] + [long, long + "00"]
         assert not c.get("s", absent).found.any()
         assert [v.format for v in c.versions("s")] == [table_format]
 
