@@ -58,7 +58,7 @@ from kvstore.errors import (
     TableNotFound,
 )
 from kvstore.schema import MAX_STRING_KEY_BYTES, TableSchema
-from kvstore.storage.shard import build_options
+from kvstore.storage.shard import BUILD_FILE_BYTES, build_options
 
 from .arrow_types import (
     MAX_EXAMPLES,
@@ -89,8 +89,8 @@ MIN_MEMORY_BUDGET = 64 << 20
 RUN_SHARE = 0.5
 WRITE_CHUNK_BYTES = 8 << 20
 MERGE_SHARE = 0.25
-# A shard's database is written through a memtable of budget / 16 (RocksDB holds up to
-# two while one flushes), within the rest; each flush is one table file.
+# A shard's database is written through a memtable of budget / 16, within the rest;
+# each flush is one table file, uploaded while the next is written.
 MEMTABLE_SHARE = 1 / 16
 MIN_MEMTABLE_BYTES = 4 << 20
 
@@ -624,9 +624,10 @@ class _Load:
         ``tmp``; ``on_file(shard, name, path, size)`` for each of its files once it is
         closed, ``check()`` between chunks (raises to stop). Returns (rows written,
         bytes of the databases' files); ``rows_per_shard`` holds each shard's rows."""
-        options = build_options(
-            table_format, max(MIN_MEMTABLE_BYTES, int(self.budget * MEMTABLE_SHARE))
+        memtable_bytes = min(
+            BUILD_FILE_BYTES, max(MIN_MEMTABLE_BYTES, int(self.budget * MEMTABLE_SHARE))
         )
+        options = build_options(table_format, memtable_bytes)
         self.rows_per_shard = [0] * self.schema.shards
         rows = 0
         sst_bytes = 0
@@ -641,16 +642,18 @@ class _Load:
                 for shard in range(self.schema.shards):
                     directory = os.path.join(tmp, f"shard-{shard:04d}")
                     os.mkdir(directory)
-                    writer = ShardDbWriter(shard, directory, self.ops, options, finished)
+                    writer = ShardDbWriter(
+                        shard, directory, self.ops, options, finished, memtable_bytes
+                    )
                     try:
                         for chunk in sorter.sorted_chunks(shard, self.write_rows):
                             writer.add(chunk)
                             bar.update(len(chunk))
                             check()
+                        writer.close()
                     except BaseException:
                         writer.abandon()
                         raise
-                    writer.close()
                     rows += writer.rows
                     self.rows_per_shard[shard] = writer.rows
                     release_memory()

@@ -5,8 +5,11 @@ the node named when the load began (``kvstore.storage.shard.build_options``: the
 node's own options, plus a large memtable), and uploads its files; the node moves the
 directory in and opens it (kvstore/server/loads.py). RocksDB cannot ingest PlainTable
 SST files (they carry no comparator name), hence whole databases rather than SST files
-to ingest. Rows go in through WriteBatches without a WAL, in key order, and the
-memtable is flushed into table files of about BUILD_FILE_BYTES. Keys are the node's
+to ingest. Rows go in through WriteBatches without a WAL, in key order; each time
+about ``memtable_bytes`` of rows are in, the memtable is flushed into a table file,
+which is handed over for upload at once (it never changes again): the node hears
+from the load at least that often, and the temporary disk holds a few files, not a
+shard. The rest of the database (MANIFEST, CURRENT, OPTIONS) follows at close. Keys are the node's
 stored form (``_codec.encode_int_keys`` / ``encode_str_keys``), values the encoded
 rows, byte for byte.
 """
@@ -70,10 +73,13 @@ def shipped_files(directory: str) -> list[str]:
 
 class ShardDbWriter:
     """Writes the sorted, unique rows of one shard into a RocksDB database in
-    ``directory`` (``options``: ``build_options`` of the node's table format).
+    ``directory`` (``options``: ``build_options(format, memtable_bytes)`` of the node's
+    table format).
 
-    ``on_file(shard, name, path, size)`` is called for each of the database's files
-    once it is closed (``close``); a shard that got no row has no database and no file.
+    ``on_file(shard, name, path, size)`` is called for each table file as it is
+    flushed (about every ``memtable_bytes`` of rows) and for the database's other
+    files once it is closed (``close``); the receiver may delete each file once it
+    has it. A shard that got no row has no database and no file.
     """
 
     def __init__(
@@ -83,15 +89,19 @@ class ShardDbWriter:
         ops: KeyOps,
         options: rocksdict.Options,
         on_file: Callable[[int, str, str, int], None],
+        memtable_bytes: int,
     ) -> None:
         self.shard = shard
         self.directory = directory
         self.ops = ops
         self.options = options
         self.on_file = on_file
+        self.memtable_bytes = memtable_bytes
         self.rows = 0
         self._db: rocksdict.Rdict | None = None
         self._last_key: bytes | None = None
+        self._unflushed = 0  # bytes of keys and rows written since the last flush
+        self._handed: set[str] = set()
         self._write_options = rocksdict.WriteOptions()
         # A crash of the loader loses the load anyway: the memtable is flushed at close.
         self._write_options.disable_wal = True
@@ -124,7 +134,24 @@ class ShardDbWriter:
             for key, row in zip(keys, rows, strict=True):
                 batch.put(key, row)
             db.write(batch, self._write_options)
+            self._unflushed += int(offsets[stop] - offsets[start]) + 8 * (stop - start)
+            if self._unflushed >= self.memtable_bytes:
+                self._flush()
         self.rows += n
+
+    def _flush(self) -> None:
+        """Flush the memtable (waiting for it) and hand over the new table files."""
+        assert self._db is not None
+        self._db.flush(True)
+        self._unflushed = 0
+        for name in shipped_files(self.directory):
+            if name.endswith(".sst") and name not in self._handed:
+                self._hand_over(name)
+
+    def _hand_over(self, name: str) -> None:
+        self._handed.add(name)
+        path = os.path.join(self.directory, name)
+        self.on_file(self.shard, name, path, os.path.getsize(path))
 
     def abandon(self) -> None:
         """Close the database without handing over its files (the load failed)."""
@@ -133,12 +160,12 @@ class ShardDbWriter:
             self._db = None
 
     def close(self) -> None:
-        """Flush and close the database, then hand over its files."""
+        """Flush and close the database, then hand over the files not handed yet."""
         if self._db is None:
             return
-        self._db.flush()
+        self._flush()
         self._db.close()
         self._db = None
         for name in shipped_files(self.directory):
-            path = os.path.join(self.directory, name)
-            self.on_file(self.shard, name, path, os.path.getsize(path))
+            if name not in self._handed:
+                self._hand_over(name)

@@ -22,6 +22,8 @@ import pytest
 from kvstore import Client, InvalidArgument
 from kvstore.ingest import bulk, bulk_sst, bulk_upload
 from kvstore.ingest.bulk import load
+from kvstore.ingest.bulk_sort import Chunk, IntKeys
+from kvstore.storage.shard import build_options
 
 ROWS = 3000
 
@@ -86,12 +88,14 @@ def test_both_formats_serve_side_by_side_and_an_old_catalog_opens_as_block(
         assert _read(c, "t", keys) == _expected(v1_data)
     node.stop()
     # A version directory the catalog does not name (a crash between moving a load's
-    # shards in and the catalog write) is removed at start.
+    # shards in and the catalog write) is moved aside at start, not deleted.
     [table_dir] = (node.data_dir / "cold" / "tables").glob("t-*")
     (table_dir / "v000099" / "shard-0000").mkdir(parents=True)
 
     node = start_node(data_dir=node.data_dir)
     assert sorted(p.name for p in table_dir.glob("v*")) == [f"v{v1:06d}", f"v{v2:06d}"]
+    [moved] = (node.data_dir / "cold" / "orphans").iterdir()
+    assert moved.name.startswith(f"{table_dir.name}-v000099-") and (moved / "shard-0000").is_dir()
     with Client(node.address, timeout=10) as c:
         assert _read(c, "t", keys) == _expected(v1_data)
         assert _read(c, "t", keys, version=v2) == _expected(v2_data)
@@ -232,3 +236,52 @@ def test_a_format_setting_that_cannot_work_is_refused_before_the_node_starts(
     assert "Traceback" not in proc.stderr, proc.stderr
     assert f"kvstore serve: error: {message}" in proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_table_files_are_handed_over_as_they_are_flushed(tmp_path: Path) -> None:
+    # The node hears from a load with every flushed table file (its lease), and the
+    # loader's temporary disk holds files, not whole shards: a table file goes out as
+    # soon as it is flushed, the rest of the database when it is closed.
+    handed: list[str] = []
+    writer = bulk_sst.ShardDbWriter(
+        0,
+        str(tmp_path / "db"),
+        IntKeys,
+        build_options("plain", 64 << 10),
+        lambda _shard, name, _path, _size: handed.append(name),
+        64 << 10,
+    )
+    n = 2000
+    rows = pa.array([bytes([i % 251]) * 100 for i in range(n)], pa.large_binary())
+    writer.add(Chunk(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), rows))
+    before_close = list(handed)
+    assert len(before_close) >= 2 and all(name.endswith(".sst") for name in before_close)
+    writer.close()
+    assert handed[: len(before_close)] == before_close  # each file handed over once
+    assert "CURRENT" in handed and any(name.startswith("MANIFEST-") for name in handed)
+    assert len(handed) == len(set(handed))
+    assert writer.rows == n
+
+
+def test_a_shard_holding_other_rows_than_the_loader_wrote_is_refused(
+    start_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = bulk_upload.LoadSession.commit
+
+    def miscounted(self, rows: int, rows_per_shard: list[int]):
+        # The total still adds up; one shard is said to hold one row more.
+        moved = list(rows_per_shard)
+        moved[0] += 1
+        moved[1] -= 1
+        return commit(self, rows, moved)
+
+    monkeypatch.setattr(bulk_upload.LoadSession, "commit", miscounted)
+    node = start_node()
+    with Client(node.address, timeout=10) as c:
+        c.create_table("t", key="int64", features={"x": "float32", "tag": "string"}, shards=2)
+        with pytest.raises(
+            InvalidArgument, match=r"shard 0: the uploaded database holds \d+ rows, the loader"
+        ):
+            _load(node.address, tmp_path, "t", _snapshot(1), "v1")
+        assert c.versions("t") == []
+    assert os.listdir(node.data_dir / "cold" / "staging") == []

@@ -86,7 +86,11 @@ class LoadManager:
     def open(self) -> None:
         """Remove what loads interrupted by a crash or kill left behind: the staging
         area, and version directories the catalog does not list (a crash between
-        moving a version in and the catalog write that makes it one)."""
+        moving a version in and the catalog write that makes it one, or after the
+        write that forgot an old version). Those are moved aside to
+        ``<cold>/orphans/``, not deleted: when the catalog and the cold directory
+        disagree for another reason (an older catalog restored), the files are kept
+        and the log says where."""
         if self.staging_root.exists():
             shutil.rmtree(self.staging_root)
             logger.info("removed the staging files of interrupted loads")
@@ -97,9 +101,16 @@ class LoadManager:
             for path in table.cold_root.glob("v*"):
                 number = path.name[1:]
                 if number.isdigit() and int(number) not in table.versions:
-                    shutil.rmtree(path, ignore_errors=True)
-                    logger.info(
-                        "table %r: removed %s of an interrupted load", table.schema.name, path
+                    orphans = self.staging_root.parent / "orphans"
+                    orphans.mkdir(exist_ok=True)
+                    target = orphans / f"{table.cold_root.name}-{path.name}-{uuid.uuid4().hex[:8]}"
+                    os.rename(path, target)
+                    logger.warning(
+                        "table %r: %s is not a version in the catalog (an interrupted load or "
+                        "deletion); moved to %s: delete it if nothing is missing",
+                        table.schema.name,
+                        path,
+                        target,
                     )
 
     def _load(self, load_id: str) -> _Load:
@@ -179,9 +190,9 @@ class LoadManager:
             raise InvalidArgument(f"load {load_id}: file name {file_name!r} is not allowed")
         f = load.files.get((shard, file_name))
         if f is None:
-            path = load.staging / f"shard-{shard:04d}" / file_name
-            path.parent.mkdir(exist_ok=True)
-            f = load.files[(shard, file_name)] = _File(path)
+            f = load.files[(shard, file_name)] = _File(
+                load.staging / f"shard-{shard:04d}" / file_name
+            )
         if f.complete:
             raise InvalidArgument(
                 f"load {load_id}: shard {shard} file {file_name} was already complete"
@@ -192,8 +203,12 @@ class LoadManager:
                 f"expected {f.size}"
             )
         try:
+            f.path.parent.mkdir(exist_ok=True)
             with open(f.path, "ab") as out:
                 out.write(data)
+                if last:
+                    out.flush()
+                    os.fsync(out.fileno())
         except OSError as exc:
             self.abort(load_id)
             if exc.errno == errno.ENOSPC:
@@ -215,8 +230,6 @@ class LoadManager:
                     f"{f.size} bytes crc32 {f.crc:08x}, the loader sent {file_size} bytes "
                     f"crc32 {crc32:08x}"
                 )
-            with open(f.path, "rb+") as out:
-                os.fsync(out.fileno())
             f.complete = True
         return f.size
 
@@ -281,7 +294,20 @@ class LoadManager:
             now_us(),
             load.table_format,
         )
-        self.node.install_version(load.table, meta, opened)
+        try:
+            self.node.install_version(load.table, meta, opened)
+        except BaseException as exc:
+            for shard in opened:
+                shard.close()
+            self.abort(load_id)
+            shutil.rmtree(version_dir, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise StorageFull(
+                    f"table {load.table!r}: the node's disk is full at "
+                    f"{self.node.config.data_dir} (the catalog); version {load.version} was "
+                    "not made current, the current version is unchanged"
+                ) from None
+            raise
         self.loads.pop(load_id, None)
         shutil.rmtree(load.staging, ignore_errors=True)
         return meta, time.perf_counter() - started
@@ -296,6 +322,7 @@ class LoadManager:
         where = f"load {load.load_id} of table {load.table!r}"
         shards: list[Shard] = []
         try:
+            new_root = not version_dir.parent.exists()  # the table's first version
             version_dir.mkdir(parents=True)
             for index in range(len(rows_per_shard)):
                 name = f"shard-{index:04d}"
@@ -303,10 +330,14 @@ class LoadManager:
                     os.rename(load.staging / name, version_dir / name)
                 else:
                     create_empty_base(version_dir / name, options)
-            # The files were fsynced as they arrived; make the renames durable before
-            # the catalog names the version.
+            # The files were fsynced as they arrived; make their directory entries and
+            # the renames durable before the catalog names the version.
+            for index in range(len(rows_per_shard)):
+                _fsync_dir(version_dir / f"shard-{index:04d}")
             _fsync_dir(version_dir)
             _fsync_dir(version_dir.parent)
+            if new_root:
+                _fsync_dir(version_dir.parent.parent)
             for index, expected in enumerate(rows_per_shard):
                 try:
                     shard = Shard(

@@ -281,22 +281,33 @@ class Node:
         """Make a freshly loaded version current: one catalog write, then the swap.
 
         Runs without awaiting, so no read sees part of the old and part of the new
-        version. Versions beyond ``keep_versions`` are deleted; the delta is
-        compacted against the new snapshot time.
+        version. The same catalog write forgets the versions beyond
+        ``keep_versions``, whose files are deleted only after it (a crash in between
+        leaves files the next start removes, never a catalog naming lost files). If
+        the write fails, the catalog in memory is as before and the error is raised
+        (the caller still owns ``shards``). The delta is then compacted against the
+        new snapshot time.
         """
         table = self.table(name)
         assert self.catalog is not None
         entry = table.entry
-        entry.versions[meta.version] = meta
+        before = (dict(entry.versions), entry.current, entry.next_version)
         previous = entry.current
+        older = sorted(v for v in entry.versions if v < meta.version)
+        dropped = older[: max(0, len(older) - self.config.keep_versions)]
+        entry.versions[meta.version] = meta
+        for version in dropped:
+            del entry.versions[version]
         entry.current = meta.version
         entry.next_version = max(entry.next_version, meta.version + 1)
-        self.catalog.save()
+        try:
+            self.catalog.save()
+        except BaseException:
+            entry.versions, entry.current, entry.next_version = before
+            raise
         table.adopt_base(meta.version, shards)
-        older = sorted(v for v in entry.versions if v < meta.version)
-        for version in older[: max(0, len(older) - self.config.keep_versions)]:
+        for version in dropped:
             table.drop_version(version)
-        self.catalog.save()
         logger.info(
             "table %r: version %d is current (was %d), %d rows",
             name,
@@ -304,7 +315,10 @@ class Node:
             previous,
             meta.rows,
         )
-        self.compact_delta(name)
+        try:
+            self.compact_delta(name)
+        except Exception:  # the version is in; the delta is compacted on the next one
+            logger.exception("table %r: compacting the delta after version %d", name, meta.version)
 
     def rollback(self, name: str, to_version: int = 0) -> VersionMeta:
         """Make a kept version current again: ``to_version``, or the one before current."""

@@ -23,6 +23,7 @@ __all__ = [
     "Shard",
     "base_options",
     "base_read_options",
+    "BUILD_FILE_BYTES",
     "build_options",
     "create_empty_base",
     "rocksdb_options",
@@ -137,11 +138,13 @@ def base_options(
 
 
 def build_options(table_format: str, memtable_bytes: int = BUILD_FILE_BYTES) -> rocksdict.Options:
-    """Options the loader writes a base shard with: ``base_options`` plus a memtable of
-    ``memtable_bytes`` (at most BUILD_FILE_BYTES; each flush is one file) and no need
-    for a block cache."""
+    """Options the loader writes a base shard with: ``base_options``, no need for a
+    block cache, and room for a memtable of ``memtable_bytes`` (at most
+    BUILD_FILE_BYTES) of rows: the loader flushes it itself at that size (each flush
+    is one table file), so RocksDB's own limit is twice that (entries take more
+    than their bytes) and is never what triggers a flush."""
     opts = base_options(table_format, rocksdict.Cache(1 << 20))
-    opts.set_write_buffer_size(min(memtable_bytes, BUILD_FILE_BYTES))
+    opts.set_write_buffer_size(2 * min(memtable_bytes, BUILD_FILE_BYTES))
     return opts
 
 
@@ -186,7 +189,9 @@ class Shard:
 
         ``base``: a bulk version's immutable shard, opened read-only: it must exist (a
         lost directory or file is an error, never an empty shard), and opening it
-        writes nothing to the cold tier. Its key count is exact (its files' entries),
+        writes no RocksDB file (only rocksdict's small ``rocksdict-config.json``, which
+        rocksdict rewrites at every open: the cold directory cannot be mounted
+        read-only). Its key count is exact (its files' entries),
         so emptiness is read from that rather than by iterating (PlainTable's hash
         index has no total order).
         """
