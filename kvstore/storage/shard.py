@@ -19,11 +19,11 @@ logger = logging.getLogger(__name__)
 SYSTEM_PREFIX = b"\xff\xfe"
 
 __all__ = [
+    "BUILD_FILE_BYTES",
     "SYSTEM_PREFIX",
     "Shard",
     "base_options",
     "base_read_options",
-    "BUILD_FILE_BYTES",
     "build_options",
     "create_empty_base",
     "rocksdb_options",
