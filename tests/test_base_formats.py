@@ -52,6 +52,18 @@ def _expected(data: pa.Table) -> list[dict]:
     return data.to_pylist()
 
 
+def _assert_first_load_refused(node, tmp_path: Path, match: str) -> None:
+    """The first load of a new two-shard table is refused (InvalidArgument matching
+    ``match``): no version appears, nothing is served, the staging area is empty."""
+    with Client(node.address, timeout=10) as c:
+        c.create_table("t", key="int64", features={"x": "float32", "tag": "string"}, shards=2)
+        with pytest.raises(InvalidArgument, match=match):
+            _load(node.address, tmp_path, "t", _snapshot(1), "v1")
+        assert c.versions("t") == []
+        assert not c.get("t", [-1000]).found.any()
+    assert os.listdir(node.data_dir / "cold" / "staging") == []
+
+
 def test_both_formats_serve_side_by_side_and_an_old_catalog_opens_as_block(
     start_node, tmp_path: Path
 ) -> None:
@@ -164,14 +176,9 @@ def test_a_database_in_another_format_than_the_node_asked_for_is_refused(
         self.base_format = "block"
 
     monkeypatch.setattr(bulk_upload.LoadSession, "begin", build_block)
-    with Client(node.address, timeout=10) as c:
-        c.create_table("t", key="int64", features={"x": "float32", "tag": "string"}, shards=2)
-        with pytest.raises(
-            InvalidArgument, match=r"RocksDB could not open the uploaded plain-format database"
-        ):
-            _load(node.address, tmp_path, "t", _snapshot(1), "v1")
-        assert c.versions("t") == []
-        assert not c.get("t", [-1000]).found.any()
+    _assert_first_load_refused(
+        node, tmp_path, r"RocksDB could not open the uploaded plain-format database"
+    )
 
 
 @pytest.mark.parametrize("table_format", ["plain", "block"])
@@ -276,12 +283,6 @@ def test_a_shard_holding_other_rows_than_the_loader_wrote_is_refused(
         return commit(self, rows, moved)
 
     monkeypatch.setattr(bulk_upload.LoadSession, "commit", miscounted)
-    node = start_node()
-    with Client(node.address, timeout=10) as c:
-        c.create_table("t", key="int64", features={"x": "float32", "tag": "string"}, shards=2)
-        with pytest.raises(
-            InvalidArgument, match=r"shard 0: the uploaded database holds \d+ rows, the loader"
-        ):
-            _load(node.address, tmp_path, "t", _snapshot(1), "v1")
-        assert c.versions("t") == []
-    assert os.listdir(node.data_dir / "cold" / "staging") == []
+    _assert_first_load_refused(
+        start_node(), tmp_path, r"shard 0: the uploaded database holds \d+ rows, the loader"
+    )
