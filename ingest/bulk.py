@@ -31,7 +31,6 @@ The steps (docs/bulk-load.md):
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -56,6 +55,7 @@ from kvstore.errors import (
     SchemaChanged,
     StorageFull,
     TableNotFound,
+    is_disk_full,
 )
 from kvstore.schema import MAX_STRING_KEY_BYTES, TableSchema
 from kvstore.storage.shard import BUILD_FILE_BYTES, build_options
@@ -393,8 +393,6 @@ class _Load:
         self.ops = IntKeys if schema.key_type == "int64" else StrKeys
         self.layout = schema.layout
         self.logical_bytes = 0
-        #: Rows written to each shard's database (``write``).
-        self.rows_per_shard: list[int] = []
         # Bytes of a row as the codec writes it, plus its key and seq, for sizing buffers.
         self.row_bytes = self.layout.min_row_size + 32 * self.layout.n_var + 24
         self.budget = budget
@@ -431,9 +429,10 @@ class _Load:
                     f"{current.schema_id}); load again"
                 )
             session.begin(label, snapshot, owners, nodes, self.schema.schema_id)
-            rows, sst_bytes = self.write(
+            rows_per_shard, sst_bytes = self.write(
                 sorter, tmp, session.upload, session.check, show, session.base_format
             )
+            rows = sum(rows_per_shard)
             write_s = time.monotonic() - started - read_s
             pending = sst_bytes - session.bytes_sent
             with _progress_bar(
@@ -443,7 +442,7 @@ class _Load:
                 session.finish_uploads(lambda sent: bar.update(sent - base - bar.n))
                 bar.update(session.bytes_sent - base - bar.n)
             upload_s = time.monotonic() - started - read_s - write_s
-            response = session.commit(rows, self.rows_per_shard)
+            response = session.commit(rows_per_shard)
             version = response.version.version or session.version
             logger.info(
                 "table %r version %d committed: %d rows, %d bytes of files, %d spilled runs; "
@@ -469,7 +468,7 @@ class _Load:
             }
         except BaseException as exc:
             session.abort()
-            if _disk_full(exc):
+            if is_disk_full(exc):
                 raise StorageFull(
                     f"table {self.schema.name!r}: the loader's temporary directory {tmp} is "
                     f"full ({exc}); the load was aborted and the current version is unchanged. "
@@ -619,17 +618,16 @@ class _Load:
         check: Callable[[], None],
         show: bool,
         table_format: str,
-    ) -> tuple[int, int]:
+    ) -> tuple[list[int], int]:
         """Each shard's sorted rows as a RocksDB database in ``table_format`` under
-        ``tmp``; ``on_file(shard, name, path, size)`` for each of its files once it is
-        closed, ``check()`` between chunks (raises to stop). Returns (rows written,
-        bytes of the databases' files); ``rows_per_shard`` holds each shard's rows."""
+        ``tmp``; ``on_file(shard, name, path, size)`` for each of its files as it is
+        finished (``ShardDbWriter``), ``check()`` between chunks (raises to stop).
+        Returns (rows written to each shard, bytes of the databases' files)."""
         memtable_bytes = min(
             BUILD_FILE_BYTES, max(MIN_MEMTABLE_BYTES, int(self.budget * MEMTABLE_SHARE))
         )
         options = build_options(table_format, memtable_bytes)
-        self.rows_per_shard = [0] * self.schema.shards
-        rows = 0
+        rows_per_shard = [0] * self.schema.shards
         sst_bytes = 0
 
         def finished(shard: int, name: str, path: str, size: int) -> None:
@@ -654,13 +652,12 @@ class _Load:
                     except BaseException:
                         writer.abandon()
                         raise
-                    rows += writer.rows
-                    self.rows_per_shard[shard] = writer.rows
+                    rows_per_shard[shard] = writer.rows
                     release_memory()
             except DuplicateKeys as exc:
                 raise LoadError(self._duplicates_message(exc)) from None
             bar.update(sorter.dropped)
-        return rows, sst_bytes
+        return rows_per_shard, sst_bytes
 
     def _duplicates_message(self, exc: DuplicateKeys) -> str:
         shown = "; ".join(
@@ -711,13 +708,6 @@ def _progress_bar(desc: str, total: int, show: bool, unit: str = "row") -> Any:
         dynamic_ncols=True,
         mininterval=0.25,
     )
-
-
-def _disk_full(exc: BaseException) -> bool:
-    # pyarrow raises OSError(ENOSPC); rocksdict a plain Exception naming the IO error.
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    return type(exc) is Exception and "No space left on device" in str(exc)
 
 
 def _in_batch(message: str, name) -> str:

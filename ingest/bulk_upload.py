@@ -157,14 +157,14 @@ class LoadSession:
         self.check()
         return self.bytes_sent
 
-    def commit(self, rows: int, rows_per_shard: list[int]) -> pb.CommitLoadResponse:
+    def commit(self, rows_per_shard: list[int]) -> pb.CommitLoadResponse:
         return self._call(
             self.seed,
             "CommitLoad",
             pb.CommitLoadRequest(
                 load_id=self.load_id,
                 files_per_shard=self.files_per_shard,
-                rows=rows,
+                rows=sum(rows_per_shard),
                 rows_per_shard=rows_per_shard,
             ),
         )

@@ -9,6 +9,8 @@ the check ran in the client or in the node.
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "TableNotFound",
     "Unavailable",
     "UnknownFeature",
+    "is_disk_full",
 ]
 
 # The trailing-metadata key carrying the exact error class across the wire.
@@ -81,6 +84,14 @@ class StorageFull(KvstoreError):
     """The node's disk is full; nothing was changed."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk: an OSError(ENOSPC) (Python, pyarrow) or the plain
+    Exception rocksdict raises with RocksDB's IO error message."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return type(exc) is Exception and "No space left on device" in str(exc)
 
 
 class CorruptValue(KvstoreError):

@@ -8,10 +8,12 @@ formats existed (no ``format`` in the catalog) open as block-based.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from kvstore import Client, InvalidArgument
+from kvstore.config import NodeConfig
+from kvstore.errors import LoadConflict, StorageFull
 from kvstore.ingest import bulk, bulk_sst, bulk_upload
 from kvstore.ingest.bulk import load
 from kvstore.ingest.bulk_sort import Chunk, IntKeys
+from kvstore.schema import TableSchema
+from kvstore.server.loads import LoadManager
+from kvstore.server.node import Node
 from kvstore.storage.shard import build_options
 
 ROWS = 3000
@@ -275,14 +282,62 @@ def test_a_shard_holding_other_rows_than_the_loader_wrote_is_refused(
 ) -> None:
     commit = bulk_upload.LoadSession.commit
 
-    def miscounted(self, rows: int, rows_per_shard: list[int]):
+    def miscounted(self, rows_per_shard: list[int]):
         # The total still adds up; one shard is said to hold one row more.
         moved = list(rows_per_shard)
         moved[0] += 1
         moved[1] -= 1
-        return commit(self, rows, moved)
+        return commit(self, moved)
 
     monkeypatch.setattr(bulk_upload.LoadSession, "commit", miscounted)
     _assert_first_load_refused(
         start_node(), tmp_path, r"shard 0: the uploaded database holds \d+ rows, the loader"
     )
+
+
+def test_a_catalog_write_that_fails_leaves_no_version_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In process, at the level of the load manager: every file arrives, then the catalog
+    # write that would make the version current hits a full disk. The load is refused as
+    # StorageFull, the catalog in memory is as before, and nothing of it stays on disk.
+    config = NodeConfig(data_dir=tmp_path / "data")
+    config.load()
+    node = Node(config)
+    node.open()
+    loads = LoadManager(node)
+    loads.open()
+    try:
+        schema = node.create_table(TableSchema.build("t", "int64", {"x": "bytes"}, shards=1)).schema
+        files: list[tuple[str, str, int]] = []
+        writer = bulk_sst.ShardDbWriter(
+            0,
+            str(tmp_path / "db"),
+            IntKeys,
+            build_options("plain"),
+            lambda _shard, name, path, size: files.append((name, path, size)),
+            1 << 20,
+        )
+        n = 100
+        rows = pa.array([b"row"] * n, pa.large_binary())
+        writer.add(Chunk(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), rows))
+        writer.close()
+        load_id = loads.begin("t", "v", 0, schema.schema_id).load_id
+        for name, path, size in files:
+            data = Path(path).read_bytes()
+            loads.upload(load_id, 0, name, 0, data, True, size, zlib.crc32(data))
+
+        def full(*_args) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(config.data_dir))
+
+        monkeypatch.setattr(node.catalog, "save", full)
+        with pytest.raises(StorageFull, match=r"the node's disk is full at .*unchanged"):
+            loads.commit(load_id, [len(files)], n, [n])
+        entry = node.table("t").entry
+        assert (entry.current, entry.versions) == (0, {})
+        assert list(node.table("t").cold_root.glob("v*")) == []
+        assert os.listdir(loads.staging_root) == []
+        with pytest.raises(LoadConflict):  # the load is gone, not half-committed
+            loads.commit(load_id, [len(files)], n, [n])
+    finally:
+        node.close()

@@ -7,9 +7,11 @@ current still serving the same rows, no new version, and no temporary file left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -400,17 +402,26 @@ def test_bad_input_is_rejected_and_the_current_version_keeps_serving(
     assert os.listdir(temp_dir) == []
 
 
-def test_a_full_temporary_disk_is_a_clear_error(
-    client: Client, table: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tiny = tmp_path / "tiny"
-    tiny.mkdir()
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "256k") mounted at ``path`` for the block; skips the
+    test where mounting needs root."""
+    path.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_temporary_disk_is_a_clear_error(
+    client: Client, table: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _small_tmpfs(tmp_path / "tiny", "256k") as tiny:
         monkeypatch.setattr(tempfile, "tempdir", str(tiny))
         pq.write_table(snapshot(list(range(20_000))), tmp_path / "big.parquet")
         before = read_all(client, table, list(range(50)))
@@ -418,38 +429,28 @@ def test_a_full_temporary_disk_is_a_clear_error(
             load(client.address, table, str(tmp_path / "big.parquet"), progress=False)
         assert read_all(client, table, list(range(50))) == before
         assert os.listdir(tiny) == []
-    finally:
-        subprocess.run(["umount", str(tiny)], check=False)
 
 
 def test_a_full_disk_on_the_node_is_a_clear_error_and_the_old_version_serves(
     start_node, tmp_path: Path
 ) -> None:
-    cold = tmp_path / "cold"
-    cold.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cold)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
+    with _small_tmpfs(tmp_path / "cold", "2m") as cold:
         node = start_node("--cold-dir", str(cold))
-        with Client(node.address) as c:
-            c.create_table("full", key="int64", features=FEATURES, shards=2)
-            pq.write_table(snapshot(list(range(50))), tmp_path / "small.parquet")
-            first = load(node.address, "full", str(tmp_path / "small.parquet"), progress=False)
-            before = read_all(c, "full", list(range(50)))
-            pq.write_table(snapshot(list(range(40_000)), salt=1), tmp_path / "big.parquet")
-            # Depending on where the space runs out: staging the upload, or opening it.
-            with pytest.raises(StorageFull, match=r"the node's disk is full at "):
-                load(node.address, "full", str(tmp_path / "big.parquet"), progress=False)
-            assert read_all(c, "full", list(range(50))) == before
-            assert [v.version for v in c.versions("full") if v.current] == [first.version]
-            assert os.listdir(cold / "staging") == []
-    finally:
-        if node.proc is not None and node.proc.poll() is None:
-            node.stop()
-        subprocess.run(["umount", str(cold)], check=False)
+        try:
+            with Client(node.address) as c:
+                c.create_table("full", key="int64", features=FEATURES, shards=2)
+                pq.write_table(snapshot(list(range(50))), tmp_path / "small.parquet")
+                first = load(node.address, "full", str(tmp_path / "small.parquet"), progress=False)
+                before = read_all(c, "full", list(range(50)))
+                pq.write_table(snapshot(list(range(40_000)), salt=1), tmp_path / "big.parquet")
+                # Depending on where the space runs out: staging the upload, or opening it.
+                with pytest.raises(StorageFull, match=r"the node's disk is full at "):
+                    load(node.address, "full", str(tmp_path / "big.parquet"), progress=False)
+                assert read_all(c, "full", list(range(50))) == before
+                assert [v.version for v in c.versions("full") if v.current] == [first.version]
+                assert os.listdir(cold / "staging") == []
+        finally:
+            node.stop()  # before the unmount: the node holds files there
 
 
 def test_a_missing_table_needs_create(client: Client, table_name: str, tmp_path: Path) -> None:
@@ -567,7 +568,7 @@ def test_shard_databases_hold_the_rows_byte_identical(
     job.read(sorter, show=False)
     assert (sorter.spilled_runs > 1) == (run_bytes < 1 << 20)
     files: list[tuple[int, str]] = []
-    rows, _ = job.write(
+    rows_per_shard, _ = job.write(
         sorter,
         str(tmp_path),
         lambda s, _n, p, _z: files.append((s, p)),
@@ -575,7 +576,7 @@ def test_shard_databases_hold_the_rows_byte_identical(
         False,
         table_format,
     )
-    assert rows == n and sorter.dropped == 1 and sum(job.rows_per_shard) == n
+    assert sum(rows_per_shard) == n and sorter.dropped == 1
 
     last = data.slice(0, n).to_pylist()
     last[5] = data.slice(n).to_pylist()[0]
@@ -598,7 +599,7 @@ def test_shard_databases_hold_the_rows_byte_identical(
             os.rename(path, db_dir / os.path.basename(path))
         opened = Shard(db_dir, shard, options, base=True)
         keys = [k for k, s in want_shard.items() if s == shard]
-        assert opened.estimate_keys() == len(keys) == job.rows_per_shard[shard]
+        assert opened.estimate_keys() == len(keys) == rows_per_shard[shard]
         got.update(zip(keys, opened.multi_get(keys), strict=True))
         opened.close()
     assert got == want_rows

@@ -17,7 +17,7 @@ from kvstore.config import NodeConfig
 from kvstore.ingest.bulk import load
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
-from kvstore.server.node import Node
+from kvstore.server.node import Node, run_steps
 
 
 def test_a_batch_read_on_several_threads_answers_like_one_thread(
@@ -63,7 +63,7 @@ def node(tmp_path: Path):
     keys = np.arange(800, dtype=np.int64)
     rows = encode_rows(node.table("t").schema, {"key": keys, "x": keys * 10})
     schema_id = node.table("t").schema.schema_id
-    node.write("t", schema_id, rows.keys, rows.rows, rows.offsets, rows.features)
+    run_steps(node.write_steps("t", schema_id, rows.keys, rows.rows, rows.offsets, rows.features))
     yield node
     node.close()
 

@@ -14,13 +14,13 @@ for ``load_lease_s``) leaves no file behind, and the staging area is emptied at 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
 import time
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,9 @@ from kvstore.errors import (
     LoadConflict,
     SchemaChanged,
     StorageFull,
+    is_disk_full,
 )
+from kvstore.schema import TableSchema
 from kvstore.server.node import Node
 from kvstore.storage.shard import Shard, create_empty_base
 from kvstore.storage.table import VersionMeta
@@ -211,7 +213,7 @@ class LoadManager:
                     os.fsync(out.fileno())
         except OSError as exc:
             self.abort(load_id)
-            if exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
                 full = StorageFull(
                     f"load {load_id} of table {load.table!r} aborted: the node's disk is full "
                     f"at {self.staging_root}; the current version is unchanged"
@@ -236,117 +238,113 @@ class LoadManager:
     def commit(
         self, load_id: str, files_per_shard: list[int], rows: int, rows_per_shard: list[int]
     ) -> tuple[VersionMeta, float]:
-        """Move in, check and swap in the load's version; returns it and the seconds."""
+        """Move in, check and swap in the load's version; returns it and the seconds.
+
+        Any failure before the swap aborts the load and removes what it moved in: the
+        current version keeps serving.
+        """
         load = self._load(load_id)
         table = self.node.table(load.table)
         started = time.perf_counter()
+        version_dir = table.version_dir(load.version)
+        opened: list[Shard] = []
         try:
-            if table.schema.schema_id != load.schema_id:
-                raise LoadConflict(
-                    f"table {load.table!r} was dropped and recreated during the load"
-                )
-            shards = table.schema.shards
-            if len(files_per_shard) != shards:
-                raise InvalidArgument(
-                    f"load {load_id}: files_per_shard has {len(files_per_shard)} entries, the "
-                    f"table has {shards} shards"
-                )
-            by_shard: list[list[_File]] = [[] for _ in range(shards)]
-            for (shard, name), f in sorted(load.files.items()):
-                if not f.complete:
-                    raise InvalidArgument(
-                        f"load {load_id}: shard {shard} file {name} was not uploaded completely"
-                    )
-                by_shard[shard].append(f)
-            for shard, expected in enumerate(files_per_shard):
-                if len(by_shard[shard]) != expected:
-                    raise InvalidArgument(
-                        f"load {load_id}: shard {shard} received {len(by_shard[shard])} files, "
-                        f"the loader sent {expected}"
-                    )
-            if rows <= 0 or not any(files_per_shard):
-                raise InvalidArgument(f"load {load_id}: no rows; an empty load makes no version")
-            if not rows_per_shard:
-                raise InvalidArgument(
-                    f"load {load_id}: the loader sent no rows_per_shard: it is older than "
-                    "this node; upgrade kvstore where the load runs"
-                )
-            if len(rows_per_shard) != shards or sum(rows_per_shard) != rows:
-                raise InvalidArgument(
-                    f"load {load_id}: rows_per_shard {rows_per_shard} does not give {rows} "
-                    f"rows over the table's {shards} shards"
-                )
-            version_dir = table.version_dir(load.version)
+            self._check_commit(load, table.schema, files_per_shard, rows, rows_per_shard)
             if version_dir.exists():
                 shutil.rmtree(version_dir)
             opened = self._open_shards(load, version_dir, rows_per_shard)
-        except BaseException:
-            self.abort(load_id)
-            shutil.rmtree(table.version_dir(load.version), ignore_errors=True)
-            raise
-        cold_bytes = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
-        meta = VersionMeta(
-            load.version,
-            load.label,
-            load.snapshot_time_us,
-            rows,
-            cold_bytes,
-            now_us(),
-            load.table_format,
-        )
-        try:
+            cold_bytes = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
+            meta = VersionMeta(
+                load.version,
+                load.label,
+                load.snapshot_time_us,
+                rows,
+                cold_bytes,
+                now_us(),
+                load.table_format,
+            )
             self.node.install_version(load.table, meta, opened)
         except BaseException as exc:
             for shard in opened:
                 shard.close()
             self.abort(load_id)
             shutil.rmtree(version_dir, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
+                where = getattr(exc, "filename", None) or version_dir
                 raise StorageFull(
-                    f"table {load.table!r}: the node's disk is full at "
-                    f"{self.node.config.data_dir} (the catalog); version {load.version} was "
-                    "not made current, the current version is unchanged"
+                    f"load {load_id} of table {load.table!r} aborted: the node's disk is full "
+                    f"at {where}; the current version is unchanged"
                 ) from None
             raise
         self.loads.pop(load_id, None)
         shutil.rmtree(load.staging, ignore_errors=True)
         return meta, time.perf_counter() - started
 
+    @staticmethod
+    def _check_commit(
+        load: _Load,
+        schema: TableSchema,
+        files_per_shard: list[int],
+        rows: int,
+        rows_per_shard: list[int],
+    ) -> None:
+        """What the loader says it sent against what arrived and what the table is."""
+        load_id = load.load_id
+        if schema.schema_id != load.schema_id:
+            raise LoadConflict(f"table {load.table!r} was dropped and recreated during the load")
+        shards = schema.shards
+        if len(files_per_shard) != shards:
+            raise InvalidArgument(
+                f"load {load_id}: files_per_shard has {len(files_per_shard)} entries, the "
+                f"table has {shards} shards"
+            )
+        received = Counter(shard for shard, _ in load.files)
+        for (shard, name), f in sorted(load.files.items()):
+            if not f.complete:
+                raise InvalidArgument(
+                    f"load {load_id}: shard {shard} file {name} was not uploaded completely"
+                )
+        for shard, expected in enumerate(files_per_shard):
+            if received[shard] != expected:
+                raise InvalidArgument(
+                    f"load {load_id}: shard {shard} received {received[shard]} files, "
+                    f"the loader sent {expected}"
+                )
+        if rows <= 0 or not any(files_per_shard):
+            raise InvalidArgument(f"load {load_id}: no rows; an empty load makes no version")
+        if not rows_per_shard:
+            raise InvalidArgument(
+                f"load {load_id}: the loader sent no rows_per_shard: it is older than "
+                "this node; upgrade kvstore where the load runs"
+            )
+        if len(rows_per_shard) != shards or sum(rows_per_shard) != rows:
+            raise InvalidArgument(
+                f"load {load_id}: rows_per_shard {rows_per_shard} does not give {rows} "
+                f"rows over the table's {shards} shards"
+            )
+
     def _open_shards(
         self, load: _Load, version_dir: Path, rows_per_shard: list[int]
     ) -> list[Shard]:
-        """Each shard's uploaded database moved into ``version_dir`` (a rename), opened
-        and checked to hold the rows the loader wrote; a shard that received no file
-        is an empty database."""
+        """Each shard's uploaded database moved into ``version_dir`` (a rename; a shard
+        that received no file is an empty database), opened and checked to hold the
+        rows the loader wrote. On failure the shards opened so far are closed."""
         options = self.node.base_options(load.table_format)
         where = f"load {load.load_id} of table {load.table!r}"
+        new_root = not version_dir.parent.exists()  # the table's first version
+        version_dir.mkdir(parents=True)
         shards: list[Shard] = []
         try:
-            new_root = not version_dir.parent.exists()  # the table's first version
-            version_dir.mkdir(parents=True)
-            for index in range(len(rows_per_shard)):
-                name = f"shard-{index:04d}"
-                if (load.staging / name).exists():
-                    os.rename(load.staging / name, version_dir / name)
-                else:
-                    create_empty_base(version_dir / name, options)
-            # The files were fsynced as they arrived; make their directory entries and
-            # the renames durable before the catalog names the version.
-            for index in range(len(rows_per_shard)):
-                _fsync_dir(version_dir / f"shard-{index:04d}")
-            _fsync_dir(version_dir)
-            _fsync_dir(version_dir.parent)
-            if new_root:
-                _fsync_dir(version_dir.parent.parent)
             for index, expected in enumerate(rows_per_shard):
+                path = version_dir / f"shard-{index:04d}"
+                if (load.staging / path.name).exists():
+                    os.rename(load.staging / path.name, path)
+                else:
+                    create_empty_base(path, options)
+                # The files were fsynced as they arrived; their entries here must last.
+                _fsync_dir(path)
                 try:
-                    shard = Shard(
-                        version_dir / f"shard-{index:04d}",
-                        index,
-                        options,
-                        self.node.base_read_options,
-                        base=True,
-                    )
+                    shard = Shard(path, index, options, self.node.base_read_options, base=True)
                 except Exception as exc:
                     if not str(exc).startswith(_REFUSALS):
                         raise
@@ -361,16 +359,14 @@ class LoadManager:
                         f"{where}: shard {index}: the uploaded database holds {held} rows, "
                         f"the loader wrote {expected}"
                     )
-        except Exception as exc:
+            # The renames must last before the catalog names the version.
+            _fsync_dir(version_dir)
+            _fsync_dir(version_dir.parent)
+            if new_root:
+                _fsync_dir(version_dir.parent.parent)
+        except BaseException:
             for shard in shards:
                 shard.close()
-            if isinstance(exc, KvstoreError):
-                raise
-            if "No space left on device" in str(exc):
-                raise StorageFull(
-                    f"the node's disk is full at {version_dir} while opening the load's "
-                    "shards; the current version is unchanged"
-                ) from None
             raise
         return shards
 

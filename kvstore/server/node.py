@@ -283,10 +283,10 @@ class Node:
         Runs without awaiting, so no read sees part of the old and part of the new
         version. The same catalog write forgets the versions beyond
         ``keep_versions``, whose files are deleted only after it (a crash in between
-        leaves files the next start removes, never a catalog naming lost files). If
-        the write fails, the catalog in memory is as before and the error is raised
-        (the caller still owns ``shards``). The delta is then compacted against the
-        new snapshot time.
+        leaves files the next start moves aside, never a catalog naming lost files).
+        It raises only if that write fails, with the catalog in memory as before (the
+        caller still owns ``shards``); what follows the swap (deleting old versions,
+        compacting the delta against the new snapshot time) is logged if it fails.
         """
         table = self.table(name)
         assert self.catalog is not None
@@ -306,8 +306,6 @@ class Node:
             entry.versions, entry.current, entry.next_version = before
             raise
         table.adopt_base(meta.version, shards)
-        for version in dropped:
-            table.drop_version(version)
         logger.info(
             "table %r: version %d is current (was %d), %d rows",
             name,
@@ -316,9 +314,11 @@ class Node:
             meta.rows,
         )
         try:
+            for version in dropped:
+                table.drop_version(version)
             self.compact_delta(name)
-        except Exception:  # the version is in; the delta is compacted on the next one
-            logger.exception("table %r: compacting the delta after version %d", name, meta.version)
+        except Exception:  # the version is in; the next start or load tidies up
+            logger.exception("table %r: tidying up after version %d", name, meta.version)
 
     def rollback(self, name: str, to_version: int = 0) -> VersionMeta:
         """Make a kept version current again: ``to_version``, or the one before current."""
@@ -478,21 +478,6 @@ class Node:
         if stats is None:
             stats = self.stats[name] = TableStats()
         return stats
-
-    def write(
-        self,
-        name: str,
-        schema_id: int,
-        keys: KeyBatch,
-        rows: bytes,
-        row_offsets: np.ndarray,
-        features: list[str],
-        position: Position | None = None,
-    ) -> int:
-        """``write_steps`` run to the end; returns the rows written."""
-        return run_steps(
-            self.write_steps(name, schema_id, keys, rows, row_offsets, features, position)
-        )
 
     def write_steps(
         self,
@@ -666,16 +651,6 @@ class Node:
         partitions = set().union(*per_shard) if per_shard else set()
         return {p: min(found.get(p, -1) for found in per_shard) for p in sorted(partitions)}
 
-    def delete(
-        self,
-        name: str,
-        keys: KeyBatch,
-        event_time_us: int = 0,
-        position: Position | None = None,
-    ) -> int:
-        """``delete_steps`` run to the end; returns how many keys were named."""
-        return run_steps(self.delete_steps(name, keys, event_time_us, position))
-
     def delete_steps(
         self,
         name: str,
@@ -738,14 +713,17 @@ class Node:
             "recent_items": [list(range(k % 4)) for k in range(DEMO_ROWS)],
         }
         encoded = encode_rows(table.schema, data)
-        self.write(
-            DEMO_TABLE, table.schema.schema_id, encoded.keys, encoded.rows, encoded.offsets, []
+        run_steps(
+            self.write_steps(
+                DEMO_TABLE, table.schema.schema_id, encoded.keys, encoded.rows, encoded.offsets, []
+            )
         )
         logger.info("loaded the demo table %r with %d rows", DEMO_TABLE, DEMO_ROWS)
 
 
 def run_steps(steps: Generator[None, None, int]) -> int:
-    """Run a write or delete generator to its end without yielding control; its result."""
+    """Run ``Node.write_steps`` or ``delete_steps`` to the end without yielding control
+    (the servicer's ``_drive`` lets other calls run between the steps); its result."""
     while True:
         try:
             next(steps)
