@@ -15,7 +15,8 @@ import numpy as np
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.math cimport NAN
+from libc.string cimport memchr, memcpy, memset
 
 from codec cimport (
     FEATURE_BOOL,
@@ -745,16 +746,154 @@ cdef void _row_pointers(const uint8_t* buf, const int64_t* starts, const int64_t
             event_times[i] = load_i64(rows[i] + 5)
 
 
-def decode_columns(Layout layout not None, projection, buf, starts, lengths):
-    """Decodes the projected features of n rows into columns.
+cdef void _fill_nan(DecColumn* col, Py_ssize_t n, Py_ssize_t dim) noexcept nogil:
+    """NaN in every value of a float column's rows that are missing or null."""
+    cdef Py_ssize_t i, j
+    cdef float* f32
+    cdef double* f64
+    for i in range(n):
+        if col.valid[i]:
+            continue
+        if col.kind == FEATURE_FLOAT64:
+            f64 = <double*>(col.values + 8 * i)
+            f64[0] = NAN
+        else:
+            f32 = <float*>(col.values + 4 * i * dim)
+            for j in range(dim):
+                f32[j] = NAN
+
+
+cdef class Projection:
+    """The features a decode fills, in order (``projection``: feature indices of ``layout``).
+
+    Checked once and kept by callers that decode the same projection again and again
+    (the client keeps one per table, feature list and version). Repeats are allowed:
+    each is its own column.
+    """
+
+    cdef readonly Layout layout
+    #: The projected feature indices.
+    cdef readonly tuple features
+    #: Column positions whose to_numpy form is not the values array itself: bool and
+    #: int kinds (masked), var kinds (built from offsets and data).
+    cdef readonly tuple masked_columns
+    cdef readonly tuple var_columns
+    cdef DecColumn* cols            # the per-column constants; values/valid/offsets unset
+    cdef Py_ssize_t n_cols
+    cdef list dtypes                # numpy dtype of a fixed column's values, None for var
+    cdef list dims                  # N of a float32[N] column, 0 for the others
+
+    def __cinit__(self, Layout layout not None, projection):
+        cdef const RowLayout* c = &layout.c
+        cdef Py_ssize_t k, f
+        cdef list masked = []
+        cdef list var = []
+        self.layout = layout
+        self.features = tuple([operator.index(f) for f in projection])
+        self.n_cols = len(self.features)
+        for f in self.features:
+            _check_projection_index(c, f)
+        self.cols = <DecColumn*>PyMem_Calloc(self.n_cols + 1, sizeof(DecColumn))
+        if self.cols == NULL:
+            raise MemoryError()
+        self.dtypes = [None] * self.n_cols
+        self.dims = [0] * self.n_cols
+        for k in range(self.n_cols):
+            f = self.features[k]
+            self.cols[k].feature = f
+            self.cols[k].kind = c.kinds[f]
+            self.cols[k].width = c.widths[f]
+            self.cols[k].offset = c.offsets[f]
+            self.cols[k].var_j = c.var_index[f]
+            if c.widths[f]:
+                self.dtypes[k] = _FIXED_DTYPES[c.kinds[f]]
+                if c.kinds[f] == FEATURE_FLOAT32_VECTOR:
+                    self.dims[k] = c.dims[f]
+                elif c.kinds[f] not in (FEATURE_FLOAT32, FEATURE_FLOAT64):
+                    masked.append(k)
+            else:
+                var.append(k)
+        self.masked_columns = tuple(masked)
+        self.var_columns = tuple(var)
+
+    def __dealloc__(self):
+        PyMem_Free(self.cols)
+
+    def __len__(self):
+        return self.n_cols
+
+
+cdef class Decoded:
+    """n rows decoded into columns by ``decode``: one block of fixed values and one of
+    valid masks for all columns, and each var column's offsets and data.
+
+    ``found`` (bool) and ``event_times`` (int64, µs; 0 where missing) have one entry
+    per row; ``complete[k]`` is True when column k is valid in every row. Columns are
+    read out as numpy views of the blocks, so a caller pays for the ones it asks for.
+    """
+
+    cdef readonly Projection projection
+    cdef readonly Py_ssize_t n
+    cdef readonly object found
+    cdef readonly object event_times
+    cdef readonly list complete
+    cdef object fixed               # uint8 ndarray, every fixed column 64-byte aligned
+    cdef object valid_block         # uint8 ndarray (columns, n)
+    cdef list positions             # a fixed column's byte offset in fixed, None for var
+    cdef list var                   # a var column's (offsets, data), None for fixed
+
+    def values(self, Py_ssize_t k):
+        """Fixed column k's values: float kinds NaN, the others zero where not valid."""
+        dtype = self.projection.dtypes[k]
+        if dtype is None:
+            raise ValueError(f"column {k} is a var column: see column()")
+        dim = self.projection.dims[k]
+        if dim:
+            return _NDARRAY((self.n, dim), dtype, self.fixed, self.positions[k])
+        return _NDARRAY((self.n,), dtype, self.fixed, self.positions[k])
+
+    def valid(self, Py_ssize_t k):
+        """Column k's valid mask (uint8): 1 where the key was found and the value is not null."""
+        return self.valid_block[k]
+
+    def column(self, Py_ssize_t k):
+        """Column k as (values, valid), or (offsets, data, valid) for var kinds (byte offsets)."""
+        if self.var[k] is not None:
+            offsets, data = self.var[k]
+            return offsets, data, self.valid_block[k]
+        return self.values(k), self.valid_block[k]
+
+    def values_dict(self, names):
+        """{names[k]: values(k)} in column order; None for var columns (see column())."""
+        cdef dict out = {}
+        cdef Py_ssize_t k, dim
+        cdef Projection p = self.projection
+        if len(names) != p.n_cols:
+            raise ValueError(f"{len(names)} names for {p.n_cols} columns")
+        cdef tuple scalar = (self.n,)
+        for k in range(p.n_cols):
+            dtype = p.dtypes[k]
+            if dtype is None:
+                out[names[k]] = None
+                continue
+            dim = p.dims[k]
+            shape = (self.n, dim) if dim else scalar
+            out[names[k]] = _NDARRAY(shape, dtype, self.fixed, self.positions[k])
+        return out
+
+
+_NDARRAY = np.ndarray
+
+
+def decode(Projection projection not None, buf, starts, lengths):
+    """Decodes the projected features of n rows into a ``Decoded``.
 
     Row i is ``buf[starts[i] : starts[i] + lengths[i]]`` (bytes); a negative length
     is a missing key: every feature invalid, event time 0. Every present row is
-    checked first (CorruptRow, SchemaMismatch name the first bad one). Returns one
-    column per projected feature, (values, valid) or (offsets, data, valid) with
-    byte offsets, and the event times (µs since the epoch, int64).
+    checked first (CorruptRow, SchemaMismatch name the first bad one).
     """
-    cdef const RowLayout* c = &layout.c
+    cdef Projection p = projection
+    cdef const RowLayout* c = &p.layout.c
     cdef const uint8_t[::1] data = _byte_buffer(buf, "buf")
     cdef const int64_t[::1] st = _int64_array(starts, -1, "starts")
     cdef Py_ssize_t n = st.shape[0]
@@ -769,61 +908,62 @@ def decode_columns(Layout layout not None, projection, buf, starts, lengths):
     if bad:
         _raise_fault(c, &check)
 
-    cdef list features = [operator.index(f) for f in projection]
-    cdef Py_ssize_t n_cols = len(features)
-    cdef Py_ssize_t k, f, width
+    cdef Py_ssize_t n_cols = p.n_cols
+    cdef Py_ssize_t k, i
     cdef Py_ssize_t fixed_bytes = 0
     cdef uint8_t[::1] out_view
     cdef int64_t[::1] offsets_view
     cdef uint8_t* fixed_base
     cdef uint8_t* valid_base
+    cdef uint8_t* found_ptr
     cdef DecColumn* col
-    cdef list positions = [None] * n_cols   # fixed: where the column's values start
-    cdef list var_offsets = [None] * n_cols
-    cdef list var_data = [None] * n_cols
-    for k in range(n_cols):
-        _check_projection_index(c, features[k])
-    times = np.empty(n, dtype=_INT64)
-    cdef int64_t[::1] times_view = times
-    cdef DecColumn* cols = <DecColumn*>PyMem_Calloc(n_cols + 1, sizeof(DecColumn))
+    cdef Decoded d = Decoded.__new__(Decoded)
+    d.projection = p
+    d.n = n
+    d.positions = [None] * n_cols
+    d.var = [None] * n_cols
+    d.event_times = np.empty(n, dtype=_INT64)
+    cdef int64_t[::1] times_view = d.event_times
+    found = np.empty(n, dtype=_UINT8)
+    out_view = found
+    found_ptr = _out_ptr(out_view)
+    d.found = found.view(_FIXED_DTYPES[0])
+    # The column structs of this call: the projection's constants plus this call's buffers.
+    cdef DecColumn* cols = <DecColumn*>PyMem_Malloc((n_cols + 1) * sizeof(DecColumn))
     cdef const uint8_t** rows = <const uint8_t**>PyMem_Malloc((n + 1) * sizeof(uint8_t*))
     if cols == NULL or rows == NULL:
         PyMem_Free(cols)
         PyMem_Free(rows)
         raise MemoryError()
     try:
+        memcpy(cols, p.cols, n_cols * sizeof(DecColumn))
         with nogil:
             _row_pointers(base, starts_ptr, lengths_ptr, n, rows, &times_view[0] if n else NULL)
+            for i in range(n):
+                found_ptr[i] = rows[i] != NULL
         for k in range(n_cols):
-            f = features[k]
             col = &cols[k]
-            col.feature = f
-            col.kind = c.kinds[f]
-            width = c.widths[f]
-            col.width = width
-            col.offset = c.offsets[f]
-            col.var_j = c.var_index[f]
-            if width:
-                positions[k] = fixed_bytes
-                fixed_bytes += (n * width + 63) & ~63   # each column 64-byte aligned
+            if col.width:
+                d.positions[k] = fixed_bytes
+                fixed_bytes += (n * col.width + 63) & ~63   # each column 64-byte aligned
             else:
                 offsets = np.empty(n + 1, dtype=_INT64)
                 offsets_view = offsets
                 col.offsets = &offsets_view[0]
-                var_offsets[k] = offsets
+                d.var[k] = offsets
         # The valid masks of all columns share one allocation, and so do the fixed
         # values: two numpy allocations per call rather than two per column, which
         # dominate a call with many projected features. Each column is a view.
-        valid_block = np.empty(n_cols * n, dtype=_UINT8)
-        out_view = valid_block
+        d.valid_block = np.empty((n_cols, n), dtype=_UINT8)
+        out_view = d.valid_block.reshape(-1)
         valid_base = _out_ptr(out_view)
-        fixed_block = np.empty(fixed_bytes, dtype=_UINT8)
-        out_view = fixed_block
+        d.fixed = np.empty(fixed_bytes, dtype=_UINT8)
+        out_view = d.fixed
         fixed_base = _out_ptr(out_view)
         for k in range(n_cols):
             cols[k].valid = valid_base + k * n if n else NULL
             if cols[k].width:
-                cols[k].values = fixed_base + <Py_ssize_t>positions[k] if n else NULL
+                cols[k].values = fixed_base + <Py_ssize_t>d.positions[k] if n else NULL
         for k in range(n_cols):
             col = &cols[k]
             if col.width == 0:
@@ -832,7 +972,7 @@ def decode_columns(Layout layout not None, projection, buf, starts, lengths):
                 data_array = np.empty(col.offsets[n], dtype=_UINT8)
                 out_view = data_array
                 col.values = _out_ptr(out_view)
-                var_data[k] = data_array
+                d.var[k] = (d.var[k], data_array)
         # Column by column: each loop is short and specialised, and writes one
         # output sequentially.
         with nogil:
@@ -841,24 +981,30 @@ def decode_columns(Layout layout not None, projection, buf, starts, lengths):
                     _decode_fixed(rows, n, &cols[k])
                 else:
                     _decode_var(c, rows, n, &cols[k])
+        d.complete = [None] * n_cols
+        for k in range(n_cols):
+            col = &cols[k]
+            whole = n == 0 or memchr(col.valid, 0, n) == NULL
+            d.complete[k] = whole
+            if not whole and col.kind in (FEATURE_FLOAT32, FEATURE_FLOAT64,
+                                          FEATURE_FLOAT32_VECTOR):
+                _fill_nan(col, n, c.dims[col.feature] if col.kind == FEATURE_FLOAT32_VECTOR
+                          else 1)
     finally:
         PyMem_Free(cols)
         PyMem_Free(rows)
+    return d
 
-    cdef list result = [None] * n_cols
-    cdef Py_ssize_t at
-    for k in range(n_cols):
-        f = features[k]
-        valid = valid_block[k * n : (k + 1) * n]
-        if var_data[k] is not None:
-            result[k] = (var_offsets[k], var_data[k], valid)
-            continue
-        at = positions[k]
-        values = fixed_block[at : at + n * c.widths[f]].view(_FIXED_DTYPES[c.kinds[f]])
-        if c.kinds[f] == FEATURE_FLOAT32_VECTOR:
-            values = values.reshape(n, c.dims[f])
-        result[k] = (values, valid)
-    return result, times
+
+def decode_columns(Layout layout not None, projection, buf, starts, lengths):
+    """Decodes the projected features of n rows into columns (see ``decode``).
+
+    Returns one column per projected feature, (values, valid) or (offsets, data,
+    valid) with byte offsets, and the event times (µs since the epoch, int64).
+    Values of float kinds are NaN where missing or null, other fixed kinds zero.
+    """
+    cdef Decoded d = decode(Projection(layout, projection), buf, starts, lengths)
+    return [d.column(k) for k in range(d.projection.n_cols)], d.event_times
 
 
 include "keys.pxi"

@@ -60,6 +60,38 @@ def encode_rows(
     n_rows: int,
     event_times: npt.NDArray[np.int64],
 ) -> tuple[bytes, npt.NDArray[np.int64]]: ...
+
+class Projection:
+    """The features a decode fills, in order, checked once (repeats allowed)."""
+
+    layout: Layout
+    features: tuple[int, ...]
+    masked_columns: tuple[int, ...]
+    var_columns: tuple[int, ...]
+
+    def __init__(self, layout: Layout, projection: list[int]) -> None: ...
+    def __len__(self) -> int: ...
+
+class Decoded:
+    """n rows decoded into column blocks; columns are views read out on demand."""
+
+    projection: Projection
+    n: int
+    found: npt.NDArray[np.bool_]
+    event_times: npt.NDArray[np.int64]
+    complete: list[bool]
+
+    def values(self, k: int) -> npt.NDArray[Any]: ...
+    def valid(self, k: int) -> npt.NDArray[np.uint8]: ...
+    def column(self, k: int) -> FixedColumn | VarColumn: ...
+    def values_dict(self, names: list[str]) -> dict[str, npt.NDArray[Any] | None]: ...
+
+def decode(
+    projection: Projection,
+    buf: Any,
+    starts: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+) -> Decoded: ...
 def decode_columns(
     layout: Layout,
     projection: list[int],

@@ -480,8 +480,10 @@ def test_decode_matches_oracle(batch, data):
             want = None if i is None else rows[i][f]
             assert valid[row] == (want is not None)
             assert same_value(kind, decoded_value(kind, dim, column, row), want)
-            if want is None and kind not in oracle.VAR_KINDS:
-                assert not column[0][row].any()  # null and missing entries are zero
+            if want is None and kind in (oracle.FLOAT32, oracle.FLOAT64, oracle.FLOAT32_VECTOR):
+                assert np.isnan(column[0][row]).all()  # null and missing floats are NaN
+            elif want is None and kind not in oracle.VAR_KINDS:
+                assert not column[0][row].any()  # other null and missing entries are zero
             if want is None and kind in oracle.VAR_KINDS:
                 assert column[0][row] == column[0][row + 1]  # and empty
 
@@ -515,7 +517,7 @@ def test_decode_missing_rows_and_empty_inputs():
     buf, starts, lengths = packed([None, None])
     columns, times = codec.decode_columns(layout, [0, 1], buf, starts, lengths)
     (vectors, vector_valid), (offsets, data, bytes_valid) = columns
-    assert vectors.shape == (2, 3) and not vectors.any()
+    assert vectors.shape == (2, 3) and np.isnan(vectors).all()
     assert vector_valid.tolist() == bytes_valid.tolist() == [0, 0]
     assert offsets.tolist() == [0, 0, 0] and data.size == 0
     assert times.tolist() == [0, 0]
@@ -524,6 +526,37 @@ def test_decode_missing_rows_and_empty_inputs():
     assert columns[0][0].shape == (0, 3) and columns[1][0].tolist() == [0]
     columns, times = codec.decode_columns(layout, [], buf, starts, lengths)
     assert columns == [] and times.tolist() == [0, 0]
+
+
+def test_decode_reports_found_complete_and_column_kinds():
+    kinds = [codec.KIND_FLOAT32, codec.KIND_INT32, codec.KIND_STRING, codec.KIND_FLOAT32_VECTOR]
+    layout = codec.Layout(1, kinds, [0, 0, 0, 2])
+    full = oracle.encode_row(kinds, [0, 0, 0, 2], 1, 7, [1.5, 3, "ab", [1.0, 2.0]])
+    nulls = oracle.encode_row(kinds, [0, 0, 0, 2], 1, 8, [2.5, None, None, None])
+    buf, starts, lengths = packed([full, None, nulls])
+    projection = codec.Projection(layout, [0, 1, 2, 3])
+    assert len(projection) == 4 and projection.features == (0, 1, 2, 3)
+    assert projection.masked_columns == (1,) and projection.var_columns == (2,)
+    decoded = codec.decode(projection, buf, starts, lengths)
+    assert decoded.n == 3 and decoded.found.tolist() == [True, False, True]
+    assert decoded.event_times.tolist() == [7, 0, 8]
+    assert decoded.complete == [False, False, False, False]
+    values = decoded.values_dict(["a", "b", "c", "d"])
+    assert list(values) == ["a", "b", "c", "d"] and values["c"] is None
+    assert values["a"].tolist()[0::2] == [1.5, 2.5] and np.isnan(values["a"][1])
+    assert values["b"].tolist() == [3, 0, 0] and decoded.valid(1).tolist() == [1, 0, 0]
+    assert values["d"].shape == (3, 2) and np.isnan(values["d"][1:]).all()
+    offsets, data, valid = decoded.column(2)
+    assert offsets.tolist() == [0, 2, 2, 2] and data.tobytes() == b"ab"
+    assert valid.tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match="column 2 is a var column"):
+        decoded.values(2)
+    with pytest.raises(ValueError, match="3 names for 4 columns"):
+        decoded.values_dict(["a", "b", "c"])
+    only_full = codec.decode(codec.Projection(layout, [0, 0]), *packed([full]))
+    assert only_full.complete == [True, True]
+    with pytest.raises(ValueError, match="projection names feature 4"):
+        codec.Projection(layout, [4])
 
 
 def test_decode_accepts_any_buffer():

@@ -166,4 +166,4 @@ def test_an_answer_that_does_not_fit_the_request_names_the_node() -> None:
         match=r"table 't': a malformed Get response \(part 0 from 10.0.0.7:7070\): part 0: "
         r"its row lengths add up to 60 bytes, its values block holds 40",
     ):
-        ops.finish_get("t", schema, keys, [0], [call], [short])
+        ops.finish_get("t", ops.get_plan(schema, None), keys, [call], [short])

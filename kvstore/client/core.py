@@ -24,12 +24,13 @@ from kvstore.errors import (
     TableNotFound,
 )
 from kvstore.keys import KeyBatch
-from kvstore.schema import TableSchema
+from kvstore.schema import Feature, TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.wire import schema_from_proto, schema_to_proto
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "GetPlan",
     "NodeCall",
     "Operations",
     "TableInfo",
@@ -98,6 +99,24 @@ class VersionInfo:
 
 
 @dataclass(slots=True)
+class GetPlan:
+    """What every ``get`` of one table and feature list shares, kept per schema."""
+
+    schema: TableSchema
+    #: The feature names sent to the node ([] = all).
+    names: list[str]
+    #: The projected features and their names, in result order.
+    features: list[Feature]
+    feature_names: list[str]
+    #: The codec's decode plan of the projected features.
+    projection: _codec.Projection
+
+
+#: Get plans a client keeps (distinct tables and feature lists); beyond, it starts over.
+MAX_GET_PLANS = 256
+
+
+@dataclass(slots=True)
 class NodeCall:
     """One RPC of a batch: the node, the method, the request, its keys' request positions."""
 
@@ -118,6 +137,9 @@ class ClientCore:
         #: gRPC address → fast read path address, for nodes that serve one.
         self.fast: dict[str, str] = {}
         self.owners: dict[str, np.ndarray] = {}
+        #: table → the one node that owns every shard, for tables served by one node.
+        self.sole_owner: dict[str, str] = {}
+        self.get_plans: dict[tuple, GetPlan] = {}
 
     # -- cluster map -----------------------------------------------------------------
 
@@ -129,6 +151,11 @@ class ClientCore:
             if n.fast_address
         }
         self.owners = {t.table: np.asarray(t.owner, dtype=np.int32) for t in msg.tables}
+        self.sole_owner = {
+            table: self.nodes[owners[0]]
+            for table, owners in self.owners.items()
+            if len(owners) and (owners == owners[0]).all()
+        }
 
     def _dial_address(self, advertised: str) -> str:
         # A node bound to a wildcard address advertises it; reach it the way we reached the seed.
@@ -146,6 +173,7 @@ class ClientCore:
     def forget(self, table: str) -> None:
         self.schemas.pop(table, None)
         self.owners.pop(table, None)
+        self.sole_owner.pop(table, None)
 
     def _split(
         self, table: str, schema: TableSchema, keys: KeyBatch
@@ -154,9 +182,9 @@ class ClientCore:
         owners = self.owners.get(table)
         if owners is None or len(owners) != schema.shards:
             raise KvstoreError(f"no route for table {table!r} in the cluster map")
-        first = owners[0]
-        if (owners == first).all():  # one node owns every shard: no hashing needed here
-            return [(self.nodes[first], None)]
+        sole = self.sole_owner.get(table)
+        if sole is not None:  # one node owns every shard: no hashing needed here
+            return [(sole, None)]
         node_of_key = owners[keys.shard_ids(schema.shards)]
         out = []
         for node in np.unique(node_of_key).tolist():
@@ -164,6 +192,35 @@ class ClientCore:
         return out
 
     # -- get -------------------------------------------------------------------------
+
+    def get_plan(self, schema: TableSchema, features: Any) -> GetPlan:
+        """The plan of gets of ``features`` (None = all) from ``schema``'s table, cached.
+
+        UnknownFeature or InvalidArgument name a bad feature list.
+        """
+        if isinstance(features, str):
+            raise InvalidArgument(f"table {schema.name!r}: features must be a list of names")
+        key = (schema.name, tuple(features) if features else ())
+        try:
+            plan = self.get_plans.get(key)
+        except TypeError:  # unhashable names: checked (and refused) below
+            plan, key = None, None
+        if plan is not None and plan.schema is schema:
+            return plan
+        names, projection = check_features(schema, features)
+        chosen = [schema.features[i] for i in projection]
+        plan = GetPlan(
+            schema,
+            names,
+            chosen,
+            [f.name for f in chosen],
+            _codec.Projection(schema.layout, projection),
+        )
+        if key is not None:
+            if len(self.get_plans) >= MAX_GET_PLANS:
+                self.get_plans.clear()
+            self.get_plans[key] = plan
+        return plan
 
     def plan_get(
         self, table: str, schema: TableSchema, keys: KeyBatch, features: list[str], version: int = 0
@@ -180,28 +237,37 @@ class ClientCore:
     def finish_get(
         self,
         table: str,
-        schema: TableSchema,
+        plan: GetPlan,
         keys: KeyBatch,
-        projection: list[int],
         calls: list[NodeCall],
         responses: list[pb.GetResponse],
     ):
         """Merge the node responses into request order and decode them in one pass.
 
-        Raises ``_codec.SchemaMismatch`` when a row has another schema than ``schema``
+        Raises ``_codec.SchemaMismatch`` when a row has another schema than the plan's
         (the caller refreshes the schema and retries once).
         """
         from kvstore.client.result import GetResult
 
-        version = 0
-        for response in responses:
-            version = max(version, response.version)
-            if response.schema_id != schema.schema_id:
+        schema_id = plan.schema.schema_id
+        if len(responses) == 1:
+            (response,) = responses
+            version = response.version
+            if response.schema_id != schema_id:
                 raise _codec.SchemaMismatch(0, response.schema_id)
-        parts = [
-            (r.lengths, r.order, c.positions, len(r.values))
-            for c, r in zip(calls, responses, strict=True)
-        ]
+            parts = [(response.lengths, response.order, calls[0].positions, len(response.values))]
+            buf = response.values
+        else:
+            version = 0
+            for response in responses:
+                version = max(version, response.version)
+                if response.schema_id != schema_id:
+                    raise _codec.SchemaMismatch(0, response.schema_id)
+            parts = [
+                (r.lengths, r.order, c.positions, len(r.values))
+                for c, r in zip(calls, responses, strict=True)
+            ]
+            buf = b"".join([r.values for r in responses])
         try:
             starts, lengths = _codec.response_layout(keys.count, parts)
         except ValueError as exc:
@@ -209,19 +275,14 @@ class ClientCore:
             raise KvstoreError(
                 f"table {table!r}: a malformed Get response ({nodes}): {exc}"
             ) from None
-        blocks = [r.values for r in responses]
-        buf = blocks[0] if len(blocks) == 1 else b"".join(blocks)
         try:
-            columns, event_times = _codec.decode_columns(
-                schema.layout, projection, buf, starts, lengths
-            )
+            decoded = _codec.decode(plan.projection, buf, starts, lengths)
         except _codec.CorruptRow as exc:
             raise CorruptValue(
                 f"table {table!r}, key {keys.describe(exc.index)}: the value the node sent "
                 f"is corrupt ({exc.reason})"
             ) from None
-        features = [schema.features[i] for i in projection]
-        return GetResult(keys, features, columns, lengths >= 0, event_times, version)
+        return GetResult(keys, plan.features, decoded, version, plan.feature_names)
 
     # -- write / delete --------------------------------------------------------------
 
@@ -359,18 +420,17 @@ class Operations(ClientCore):
 
     def get_flow(self, table: str, keys: Any, features: list[str] | None, version: int = 0) -> Flow:
         def body(schema: TableSchema) -> Flow:
-            names, projection = check_features(schema, features)
+            plan = self.get_plan(schema, features)
             batch = KeyBatch.from_values(schema.key_type, keys, table)
-            calls = self.plan_get(table, schema, batch, names, version) if batch.count else []
-            responses = (yield calls) if calls else []
-            if not calls:
-                empty = np.empty(0, np.int64)
-                cols, times = _codec.decode_columns(schema.layout, projection, b"", empty, empty)
+            if not batch.count:
                 from kvstore.client.result import GetResult
 
-                feats = [schema.features[i] for i in projection]
-                return GetResult(batch, feats, cols, np.empty(0, bool), times, 0)
-            return self.finish_get(table, schema, batch, projection, calls, responses)
+                empty = np.empty(0, np.int64)
+                decoded = _codec.decode(plan.projection, b"", empty, empty)
+                return GetResult(batch, plan.features, decoded, 0, plan.feature_names)
+            calls = self.plan_get(table, schema, batch, plan.names, version)
+            responses = yield calls
+            return self.finish_get(table, plan, batch, calls, responses)
 
         return (yield from self._with_schema(table, body))
 

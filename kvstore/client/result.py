@@ -24,23 +24,23 @@ class GetResult:
     * ``to_numpy()``, ``to_arrow()``, ``to_pylist()``: the features, see each.
     """
 
-    __slots__ = ("_columns", "_features", "_keys", "event_times", "features", "found", "version")
+    __slots__ = ("_decoded", "_features", "_keys", "event_times", "features", "found", "version")
 
     def __init__(
         self,
         keys: KeyBatch,
         features: list[Feature],
-        columns: list[tuple],
-        found: np.ndarray,
-        event_times: np.ndarray,
+        decoded: _codec.Decoded,
         version: int,
+        names: list[str] | None = None,
     ) -> None:
         self._keys = keys
         self._features = features
-        self._columns = columns
-        self.features = [f.name for f in features]
-        self.found = found
-        self.event_times = event_times
+        self._decoded = decoded
+        #: The features' names (``names``, copied, when the caller has them at hand).
+        self.features = [f.name for f in features] if names is None else list(names)
+        self.found = decoded.found
+        self.event_times = decoded.event_times
         self.version = version
 
     def __len__(self) -> int:
@@ -52,36 +52,17 @@ class GetResult:
             f"features={self.features}, version={self.version})"
         )
 
-    def _column(self, name: str) -> tuple[Feature, tuple]:
-        for feature, column in zip(self._features, self._columns, strict=True):
-            if feature.name == name:
-                return feature, column
-        raise KeyError(f"{name!r} is not among the requested features {self.features}")
-
-    def _complete_columns(self) -> list[bool]:
-        """Per column, whether every row is present and non-null (one NumPy pass)."""
-        if not self._columns:
-            return []
-        if len(self._columns) == 1:
-            return [bool(self._columns[0][-1].all())]
-        masks = [c[-1] for c in self._columns]
-        block = masks[0].base
-        n = len(masks[0])
-        # The codec puts every valid mask of a decode in one block, in projection order:
-        # one reduction over it, instead of copying the masks together first.
-        if (
-            isinstance(block, np.ndarray)
-            and block.ndim == 1
-            and len(block) == n * len(masks)
-            and all(m.base is block for m in masks)
-            and masks[-1].ctypes.data - masks[0].ctypes.data == n * (len(masks) - 1)
-        ):
-            return block.reshape(len(masks), n).all(axis=1).tolist()
-        return np.stack(masks).all(axis=1).tolist()
+    def _index(self, name: str) -> int:
+        try:
+            return self.features.index(name)
+        except ValueError:
+            raise KeyError(
+                f"{name!r} is not among the requested features {self.features}"
+            ) from None
 
     def valid(self, feature: str) -> np.ndarray:
         """Bool array: True where the key was found and ``feature`` is not null."""
-        return self._column(feature)[1][-1].astype(bool)
+        return self._decoded.valid(self._index(feature)).astype(bool)
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """The features as NumPy arrays, one row per requested key.
@@ -90,31 +71,27 @@ class GetResult:
         hold NaN; int32, int64 and bool are ``numpy.ma.MaskedArray`` with those rows
         masked; string, bytes and int64[] are object arrays holding None (these build
         one Python object per value: prefer ``to_arrow()`` for them).
+
+        Float columns are views of the decoded block (no copy): two calls return the
+        same arrays.
         """
-        out: dict[str, np.ndarray] = {}
-        complete = self._complete_columns()
-        for feature, column, whole in zip(self._features, self._columns, complete, strict=True):
-            kind = feature.dtype.kind
-            if kind in (_codec.KIND_FLOAT32, _codec.KIND_FLOAT64, _codec.KIND_FLOAT32_VECTOR):
-                values = column[0]
-                if not whole:
-                    values[~column[-1].view(np.bool_)] = np.nan
-                out[feature.name] = values
-                continue
-            if kind <= _codec.KIND_FLOAT64:
-                out[feature.name] = np.ma.MaskedArray(column[0], mask=~column[-1].view(np.bool_))
-            else:
-                out[feature.name] = self._arrow_column(feature, column).to_numpy(
-                    zero_copy_only=False
-                )
+        decoded = self._decoded
+        out = decoded.values_dict(self.features)  # float kinds are final: NaN where invalid
+        projection = decoded.projection
+        for k in projection.masked_columns:
+            name = self.features[k]
+            out[name] = np.ma.MaskedArray(out[name], mask=~decoded.valid(k).view(np.bool_))
+        for k in projection.var_columns:
+            column = self._arrow_column(self._features[k], decoded.column(k))
+            out[self.features[k]] = column.to_numpy(zero_copy_only=False)
         return out
 
     def to_arrow(self) -> pa.Table:
         """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing."""
         arrays = [self._keys_arrow()]
         names = ["key"]
-        for feature, column in zip(self._features, self._columns, strict=True):
-            arrays.append(self._arrow_column(feature, column))
+        for k, feature in enumerate(self._features):
+            arrays.append(self._arrow_column(feature, self._decoded.column(k)))
             names.append(feature.name)
         return pa.Table.from_arrays(arrays, names=names)
 
