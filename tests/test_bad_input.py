@@ -104,6 +104,17 @@ def test_null_key(client: Client, table: str) -> None:
     _unchanged(client, table)
 
 
+def test_keys_that_are_not_int64_are_named(client: Client, table: str) -> None:
+    # A list of plain ints is packed by NumPy; anything else in it goes through Arrow.
+    with pytest.raises(kvstore.InvalidArgument, match=r"row 1: key 9223372036854775808 \(int\)"):
+        client.get(table, [1, 2**63])
+    with pytest.raises(kvstore.InvalidArgument, match=r"row 1: key True \(bool\)"):
+        client.get(table, [1, True])
+    with pytest.raises(kvstore.InvalidArgument, match=r"row 0: key 'x' \(str\)"):
+        client.get(table, ["x", 1])
+    assert client.get(table, [-(2**63), 2**63 - 1]).found.tolist() == [False, False]
+
+
 def test_value_of_the_wrong_dtype_names_row_and_column(client: Client, table: str) -> None:
     with pytest.raises(
         kvstore.InvalidArgument, match=r"column 'age' \(int32\), row 2: 'x' \(str\)"

@@ -255,19 +255,20 @@ class ClientCore:
             version = response.version
             if response.schema_id != schema_id:
                 raise _codec.SchemaMismatch(0, response.schema_id)
-            parts = [(response.lengths, response.order, calls[0].positions, len(response.values))]
-            buf = response.values
+            buf = response.values  # each read of a bytes field copies it: read it once
+            parts = [(response.lengths, response.order, calls[0].positions, len(buf))]
         else:
             version = 0
             for response in responses:
                 version = max(version, response.version)
                 if response.schema_id != schema_id:
                     raise _codec.SchemaMismatch(0, response.schema_id)
+            blocks = [r.values for r in responses]
             parts = [
-                (r.lengths, r.order, c.positions, len(r.values))
-                for c, r in zip(calls, responses, strict=True)
+                (r.lengths, r.order, c.positions, len(block))
+                for c, r, block in zip(calls, responses, blocks, strict=True)
             ]
-            buf = b"".join([r.values for r in responses])
+            buf = b"".join(blocks)
         try:
             starts, lengths = _codec.response_layout(keys.count, parts)
         except ValueError as exc:
