@@ -767,8 +767,8 @@ cdef class Projection:
     """The features a decode fills, in order (``projection``: feature indices of ``layout``).
 
     Checked once and kept by callers that decode the same projection again and again
-    (the client keeps one per table, feature list and version). Repeats are allowed:
-    each is its own column.
+    (the client keeps one per table and feature list, with the schema it was made
+    from). Repeats are allowed: each is its own column.
     """
 
     cdef readonly Layout layout
@@ -822,6 +822,10 @@ cdef class Projection:
     def __len__(self):
         return self.n_cols
 
+    def __reduce__(self):
+        # A GetResult holds one (through its Decoded): results pickle and deep-copy.
+        return (Projection, (self.layout, self.features))
+
 
 cdef class Decoded:
     """n rows decoded into columns by ``decode``: one block of fixed values and one of
@@ -842,8 +846,13 @@ cdef class Decoded:
     cdef list positions             # a fixed column's byte offset in fixed, None for var
     cdef list var                   # a var column's (offsets, data), None for fixed
 
+    def _check(self):
+        if self.projection is None:
+            raise TypeError("a Decoded comes from kvstore._codec.decode()")
+
     def values(self, Py_ssize_t k):
         """Fixed column k's values: float kinds NaN, the others zero where not valid."""
+        self._check()
         dtype = self.projection.dtypes[k]
         if dtype is None:
             raise ValueError(f"column {k} is a var column: see column()")
@@ -854,10 +863,12 @@ cdef class Decoded:
 
     def valid(self, Py_ssize_t k):
         """Column k's valid mask (uint8): 1 where the key was found and the value is not null."""
+        self._check()
         return self.valid_block[k]
 
     def column(self, Py_ssize_t k):
         """Column k as (values, valid), or (offsets, data, valid) for var kinds (byte offsets)."""
+        self._check()
         if self.var[k] is not None:
             offsets, data = self.var[k]
             return offsets, data, self.valid_block[k]
@@ -867,6 +878,7 @@ cdef class Decoded:
         """{names[k]: values(k)} in column order; None for var columns (see column())."""
         cdef dict out = {}
         cdef Py_ssize_t k, dim
+        self._check()
         cdef Projection p = self.projection
         if len(names) != p.n_cols:
             raise ValueError(f"{len(names)} names for {p.n_cols} columns")
@@ -997,7 +1009,8 @@ def decode(Projection projection not None, buf, starts, lengths):
 
 
 def decode_columns(Layout layout not None, projection, buf, starts, lengths):
-    """Decodes the projected features of n rows into columns (see ``decode``).
+    """Decodes the projected features of n rows into columns (see ``decode``), every
+    column at once: the form the codec's tests compare with their oracle.
 
     Returns one column per projected feature, (values, valid) or (offsets, data,
     valid) with byte offsets, and the event times (µs since the epoch, int64).

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import kvstore
 from kvstore import AsyncClient, Client
 
 FEATURES = {
@@ -76,6 +77,35 @@ def test_projection_and_arrow(client: Client, table: str) -> None:
     assert arrow.schema.field("emb").type == pa.list_(pa.float32(), 4)
     assert arrow.column("key").to_pylist() == [2, 5]
     assert arrow.column("age").to_pylist() == [22, 25]
+
+
+def test_feature_lists_of_any_shape_and_the_plans_kept_for_them(client: Client, table: str) -> None:
+    import pickle
+
+    from kvstore.client import core
+
+    # A generator is read once: its names are the ones requested, now and next time.
+    res = client.get(table, [2, 99], features=(f for f in ["score", "age"]))
+    assert res.features == ["score", "age"]
+    assert client.get(table, [2], features=("score", "age")).features == ["score", "age"]
+    assert client.get(table, [2], features=["age"]).features == ["age"]
+    with pytest.raises(kvstore.InvalidArgument, match=r"feature names are strings, not \['age'\]"):
+        client.get(table, [2], features=[["age"]])
+    # A result holds its decode plan, and travels between processes with it.
+    back = pickle.loads(pickle.dumps(res))
+    assert back.features == ["score", "age"] and back.found.tolist() == [True, False]
+    cols = back.to_numpy()
+    assert cols["score"][0] == pytest.approx(2 / 3) and np.isnan(cols["score"][1])
+    assert cols["age"].mask.tolist() == [False, True]
+    # Editing the public list of names changes nothing the result reads.
+    res.features[0] = "nope"
+    assert list(res.to_numpy()) == ["score", "age"]
+    # The client keeps at most MAX_GET_PLANS plans, and answers right past the limit.
+    plans = client._ops.get_plans
+    for i in range(core.MAX_GET_PLANS + 3):
+        names = list(FEATURES)[: 1 + i % len(FEATURES)] + ["age"] * (1 + i // len(FEATURES))
+        assert client.get(table, [4], features=names).to_numpy()["age"][0] == 24
+    assert 0 < len(plans) <= core.MAX_GET_PLANS
 
 
 def test_duplicates_answered_at_each_position_in_request_order(client: Client, table: str) -> None:

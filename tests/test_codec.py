@@ -553,10 +553,27 @@ def test_decode_reports_found_complete_and_column_kinds():
         decoded.values(2)
     with pytest.raises(ValueError, match="3 names for 4 columns"):
         decoded.values_dict(["a", "b", "c"])
+    with pytest.raises(TypeError, match=r"comes from kvstore\._codec\.decode"):
+        codec.Decoded().values_dict([])
     only_full = codec.decode(codec.Projection(layout, [0, 0]), *packed([full]))
     assert only_full.complete == [True, True]
     with pytest.raises(ValueError, match="projection names feature 4"):
         codec.Projection(layout, [4])
+
+
+def test_decode_fills_nan_in_every_float_kind_of_a_repeated_projection():
+    kinds = [codec.KIND_FLOAT64, codec.KIND_FLOAT32_VECTOR, codec.KIND_BOOL]
+    layout = codec.Layout(1, kinds, [0, 3, 0])
+    row = oracle.encode_row(kinds, [0, 3, 0], 1, 5, [None, [1.0, 2.0, 3.0], True])
+    decoded = codec.decode(codec.Projection(layout, [0, 1, 0, 1, 2]), *packed([None, row]))
+    assert decoded.complete == [False] * 5
+    for k in (0, 2):
+        assert decoded.values(k).dtype == np.float64 and np.isnan(decoded.values(k)).all()
+    for k in (1, 3):
+        assert np.isnan(decoded.values(k)[0]).all()
+        assert decoded.values(k)[1].tolist() == [1.0, 2.0, 3.0]
+    assert decoded.values(1) is not decoded.values(3)
+    assert decoded.values(4).tolist() == [False, True]  # bools stay False where missing
 
 
 def test_decode_accepts_any_buffer():

@@ -137,8 +137,10 @@ class ClientCore:
         #: gRPC address → fast read path address, for nodes that serve one.
         self.fast: dict[str, str] = {}
         self.owners: dict[str, np.ndarray] = {}
-        #: table → the one node that owns every shard, for tables served by one node.
-        self.sole_owner: dict[str, str] = {}
+        #: table → (its owners array, the one node that owns every shard), for tables
+        #: served by one node; used only while ``owners`` still holds that same array,
+        #: so a thread never pairs a new map's owners with an old map's node.
+        self.sole_owner: dict[str, tuple[np.ndarray, str]] = {}
         self.get_plans: dict[tuple, GetPlan] = {}
 
     # -- cluster map -----------------------------------------------------------------
@@ -152,7 +154,7 @@ class ClientCore:
         }
         self.owners = {t.table: np.asarray(t.owner, dtype=np.int32) for t in msg.tables}
         self.sole_owner = {
-            table: self.nodes[owners[0]]
+            table: (owners, self.nodes[owners[0]])
             for table, owners in self.owners.items()
             if len(owners) and (owners == owners[0]).all()
         }
@@ -183,8 +185,8 @@ class ClientCore:
         if owners is None or len(owners) != schema.shards:
             raise KvstoreError(f"no route for table {table!r} in the cluster map")
         sole = self.sole_owner.get(table)
-        if sole is not None:  # one node owns every shard: no hashing needed here
-            return [(sole, None)]
+        if sole is not None and sole[0] is owners:  # one node owns every shard: no hashing
+            return [(sole[1], None)]
         node_of_key = owners[keys.shard_ids(schema.shards)]
         out = []
         for node in np.unique(node_of_key).tolist():
@@ -200,14 +202,15 @@ class ClientCore:
         """
         if isinstance(features, str):
             raise InvalidArgument(f"table {schema.name!r}: features must be a list of names")
-        key = (schema.name, tuple(features) if features else ())
+        wanted = tuple(features) if features else ()  # any iterable, read once
+        key: tuple | None = (schema.name, wanted)
         try:
             plan = self.get_plans.get(key)
-        except TypeError:  # unhashable names: checked (and refused) below
+        except TypeError:  # unhashable names: check_features refuses them below
             plan, key = None, None
         if plan is not None and plan.schema is schema:
             return plan
-        names, projection = check_features(schema, features)
+        names, projection = check_features(schema, list(wanted))
         chosen = [schema.features[i] for i in projection]
         plan = GetPlan(
             schema,
@@ -250,7 +253,7 @@ class ClientCore:
         from kvstore.client.result import GetResult
 
         schema_id = plan.schema.schema_id
-        if len(responses) == 1:
+        if len(responses) == 1 and len(calls) == 1:
             (response,) = responses
             version = response.version
             if response.schema_id != schema_id:
@@ -340,6 +343,12 @@ def check_features(schema: TableSchema, features: list[str] | None) -> tuple[lis
     if isinstance(features, str):
         raise InvalidArgument(f"table {schema.name!r}: features must be a list of names")
     names = list(features) if features else []
+    for name in names:
+        if not isinstance(name, str):
+            raise InvalidArgument(
+                f"table {schema.name!r}: feature names are strings, not {name!r} "
+                f"({type(name).__name__})"
+            )
     return names, schema.projection(names)
 
 

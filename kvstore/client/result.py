@@ -24,7 +24,16 @@ class GetResult:
     * ``to_numpy()``, ``to_arrow()``, ``to_pylist()``: the features, see each.
     """
 
-    __slots__ = ("_decoded", "_features", "_keys", "event_times", "features", "found", "version")
+    __slots__ = (
+        "_decoded",
+        "_features",
+        "_keys",
+        "_names",
+        "event_times",
+        "features",
+        "found",
+        "version",
+    )
 
     def __init__(
         self,
@@ -37,8 +46,10 @@ class GetResult:
         self._keys = keys
         self._features = features
         self._decoded = decoded
-        #: The features' names (``names``, copied, when the caller has them at hand).
-        self.features = [f.name for f in features] if names is None else list(names)
+        #: The features' names (``names`` when the caller has them at hand; never
+        #: changed). ``features`` is the caller's copy.
+        self._names = [f.name for f in features] if names is None else names
+        self.features = list(self._names)
         self.found = decoded.found
         self.event_times = decoded.event_times
         self.version = version
@@ -54,11 +65,9 @@ class GetResult:
 
     def _index(self, name: str) -> int:
         try:
-            return self.features.index(name)
+            return self._names.index(name)
         except ValueError:
-            raise KeyError(
-                f"{name!r} is not among the requested features {self.features}"
-            ) from None
+            raise KeyError(f"{name!r} is not among the requested features {self._names}") from None
 
     def valid(self, feature: str) -> np.ndarray:
         """Bool array: True where the key was found and ``feature`` is not null."""
@@ -72,18 +81,21 @@ class GetResult:
         masked; string, bytes and int64[] are object arrays holding None (these build
         one Python object per value: prefer ``to_arrow()`` for them).
 
-        Float columns are views of the decoded block (no copy): two calls return the
-        same arrays.
+        Fixed-width columns are views of the result's decoded block, not copies: each
+        call returns new array objects over the same memory, so changing one in place
+        changes what later calls (and ``to_arrow``) see.
         """
         decoded = self._decoded
-        out = decoded.values_dict(self.features)  # float kinds are final: NaN where invalid
+        names = self._names
+        out = decoded.values_dict(names)  # float kinds are final: NaN where invalid
         projection = decoded.projection
         for k in projection.masked_columns:
-            name = self.features[k]
-            out[name] = np.ma.MaskedArray(out[name], mask=~decoded.valid(k).view(np.bool_))
+            out[names[k]] = np.ma.MaskedArray(
+                decoded.values(k), mask=~decoded.valid(k).view(np.bool_)
+            )
         for k in projection.var_columns:
             column = self._arrow_column(self._features[k], decoded.column(k))
-            out[self.features[k]] = column.to_numpy(zero_copy_only=False)
+            out[names[k]] = column.to_numpy(zero_copy_only=False)
         return out
 
     def to_arrow(self) -> pa.Table:
