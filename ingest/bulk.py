@@ -19,8 +19,9 @@ The steps (docs/bulk-load.md):
 3. **Begin, write, upload.** Only once the whole input has been read and found good
    does the node hear of the load (``BeginLoad``). Each shard's rows, merged in key
    order with duplicates rejected or dropped, become that shard's RocksDB database of
-   the version, in the table format the node named (``ingest/bulk_sst.py``), whose
-   files a thread per node uploads while the next shard is written
+   the version, in the table format the node named (``ingest/bulk_sst.py``); each
+   table file is uploaded to the shard's node as soon as it is flushed, the rest of
+   the database when it is closed, while the loader writes on
    (``ingest/bulk_upload.py``).
 4. **Commit.** ``CommitLoad``: the node moves each shard's database into the new
    version, checks it holds the rows the loader wrote, and makes the version current

@@ -1,10 +1,11 @@
 """The node side of a bulk load, seen from the loader: begin, upload, commit or abort.
 
 ``BeginLoad`` (on the seed node) opens the load, names the version it will become
-and the table format to build; each file of a finished shard database is streamed
-with ``UploadSst`` to the node that owns its shard, in chunks of ``CHUNK_BYTES`` with
-the file's crc32 in the last chunk, by a few uploader threads per node, while the
-loader goes on writing the next shard; ``CommitLoad`` makes the version current on
+and the table format to build; each file of a shard's database is streamed with
+``UploadSst`` to the node that owns its shard, in chunks of ``CHUNK_BYTES`` with the
+file's crc32 in the last chunk, by a few uploader threads per node, while the loader
+goes on writing: a table file as soon as it is flushed (it never changes again), the
+database's other files when it is closed; ``CommitLoad`` makes the version current on
 every shard at once. Any failure aborts the load (``AbortLoad``), so the node drops
 what it staged.
 """
@@ -33,8 +34,8 @@ __all__ = ["CHUNK_BYTES", "LoadSession"]
 
 #: Bytes of a file per UploadSst message.
 CHUNK_BYTES = 1 << 20
-#: Files waiting for upload per node before the loader waits. A shard's database is
-#: uploaded once it is closed, so the temporary disk holds at least one whole shard.
+#: Files waiting for upload per node before the loader waits: the loader's temporary
+#: disk holds about this many table files per node, not whole shards.
 MAX_QUEUED_FILES = 8
 #: UploadSst calls in flight per node.
 STREAMS_PER_NODE = 4
@@ -122,8 +123,8 @@ class LoadSession:
         )
 
     def upload(self, shard: int, name: str, path: str, size: int) -> None:
-        """Queue one file of a finished shard database for upload to the shard's node
-        (deleted once sent)."""
+        """Queue one file of a shard's database (a flushed table file, or one of the
+        files written at close) for upload to the shard's node; deleted once sent."""
         address = self._owner_of[shard]
         uploader = self._uploaders.get(address)
         if uploader is None:

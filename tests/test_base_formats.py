@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from kvstore.schema import TableSchema
 from kvstore.server.loads import LoadManager
 from kvstore.server.node import Node
 from kvstore.storage.shard import build_options
+from kvstore.v1 import feature_store_pb2 as pb
 
 ROWS = 3000
 
@@ -223,35 +222,6 @@ def test_shards_of_several_files_and_of_none_serve_across_a_restart(
         assert [v.rows for v in c.versions("one")] == [1]
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "message"),
-    [
-        ((), {"KVSTORE_BASE_FORMAT": "cuckoo"}, "base_format 'cuckoo' is not one of plain, block"),
-        (
-            ("--verify-base-checksums",),
-            {},
-            "verify_base_checksums checks the block checksums of block-format versions; new "
-            "versions would be in the 'plain' format, which has none: add --base-format block",
-        ),
-    ],
-)
-def test_a_format_setting_that_cannot_work_is_refused_before_the_node_starts(
-    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], message: str
-) -> None:
-    serve = [sys.executable, "-m", "kvstore.cli", "serve", "--port", "0"]
-    proc = subprocess.run(
-        [*serve, "--data", str(tmp_path / "d"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **env},
-    )
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert f"kvstore serve: error: {message}" in proc.stderr
-    assert not (tmp_path / "d").exists()
-
-
 def test_table_files_are_handed_over_as_they_are_flushed(tmp_path: Path) -> None:
     # The node hears from a load with every flushed table file (its lease), and the
     # loader's temporary disk holds files, not whole shards: a table file goes out as
@@ -277,22 +247,64 @@ def test_table_files_are_handed_over_as_they_are_flushed(tmp_path: Path) -> None
     assert writer.rows == n
 
 
-def test_a_shard_holding_other_rows_than_the_loader_wrote_is_refused(
-    start_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    commit = bulk_upload.LoadSession.commit
+@pytest.mark.parametrize("row_bytes", [4, 200])
+def test_the_loader_alone_decides_when_a_table_file_ends(tmp_path: Path, row_bytes: int) -> None:
+    # Tiny rows cost RocksDB far more memtable than their bytes: had the loader counted
+    # row bytes, RocksDB would flush first, into more and smaller files than flushes.
+    writer = bulk_sst.ShardDbWriter(
+        0, str(tmp_path / "db"), IntKeys, build_options("plain", 4 << 20), _ignore, 4 << 20
+    )
+    flushes = 0
+    flush = writer._flush
 
-    def miscounted(self, rows_per_shard: list[int]):
+    def counted() -> None:
+        nonlocal flushes
+        flushes += 1
+        flush()
+
+    writer._flush = counted  # type: ignore[method-assign]
+    n = 300_000 if row_bytes == 4 else 60_000
+    rows = pa.array([bytes([i % 251]) * row_bytes for i in range(n)], pa.large_binary())
+    writer.add(Chunk(np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), rows))
+    during = flushes
+    writer.close()
+    files = [f for f in os.listdir(tmp_path / "db") if f.endswith(".sst")]
+    # (the flush at close makes no file when the last one emptied the memtable)
+    assert during >= 2 and during <= len(files) <= flushes
+
+
+def _ignore(*_args: object) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("told", "match"),
+    [
         # The total still adds up; one shard is said to hold one row more.
-        moved = list(rows_per_shard)
-        moved[0] += 1
-        moved[1] -= 1
-        return commit(self, moved)
+        ("moved", r"shard 0: the uploaded database holds \d+ rows, the loader"),
+        # What a loader from before rows_per_shard sends.
+        ("none", "the loader sent no rows_per_shard: it is older than this node"),
+        ("short", r"rows_per_shard \[\d+\] does not give \d+ rows over the table's 2 shards"),
+    ],
+)
+def test_a_commit_whose_row_counts_do_not_fit_is_refused(
+    start_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, told: str, match: str
+) -> None:
+    def miscounted(self, rows_per_shard: list[int]):
+        counts = list(rows_per_shard)
+        if told == "moved":
+            counts[0] += 1
+            counts[1] -= 1
+        request = pb.CommitLoadRequest(
+            load_id=self.load_id,
+            files_per_shard=self.files_per_shard,
+            rows=sum(rows_per_shard),  # the true total, whatever the shards are said to hold
+            rows_per_shard={"moved": counts, "none": [], "short": counts[:1]}[told],
+        )
+        return self._call(self.seed, "CommitLoad", request)
 
     monkeypatch.setattr(bulk_upload.LoadSession, "commit", miscounted)
-    _assert_first_load_refused(
-        start_node(), tmp_path, r"shard 0: the uploaded database holds \d+ rows, the loader"
-    )
+    _assert_first_load_refused(start_node(), tmp_path, match)
 
 
 def test_a_catalog_write_that_fails_leaves_no_version_behind(

@@ -5,6 +5,7 @@ Every node here is a real ``kvstore serve`` process on 127.0.0.1 port 0.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -161,23 +162,31 @@ SERVE = [sys.executable, "-m", "kvstore.cli", "serve", "--port", "0"]
 
 
 @pytest.mark.parametrize(
-    ("flag", "value", "message"),
+    ("args", "env", "message"),
     [
-        ("--read-threads", "-1", "read_threads must be at least 0"),
-        ("--parallel-read-keys", "0", "parallel_read_keys must be at least 1"),
-        ("--row-cache-mb", "-1", "row_cache_bytes must be at least 0"),
-        ("--keep-versions", "-1", "keep_versions must be at least 0"),
-        ("--max-keys-per-request", "0", "max_keys_per_request must be at least 1"),
+        (("--read-threads", "-1"), {}, "read_threads must be at least 0"),
+        (("--parallel-read-keys", "0"), {}, "parallel_read_keys must be at least 1"),
+        (("--row-cache-mb", "-1"), {}, "row_cache_bytes must be at least 0"),
+        (("--keep-versions", "-1"), {}, "keep_versions must be at least 0"),
+        (("--max-keys-per-request", "0"), {}, "max_keys_per_request must be at least 1"),
+        ((), {"KVSTORE_BASE_FORMAT": "cuckoo"}, "base_format 'cuckoo' is not one of plain, block"),
+        (
+            ("--verify-base-checksums",),
+            {},
+            "verify_base_checksums checks the block checksums of block-format versions; new "
+            "versions would be in the 'plain' format, which has none: add --base-format block",
+        ),
     ],
 )
 def test_a_bad_setting_is_refused_before_the_node_starts(
-    tmp_path: Path, flag: str, value: str, message: str
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], message: str
 ) -> None:
     proc = subprocess.run(
-        [*SERVE, "--data", str(tmp_path / "data"), flag, value],
+        [*SERVE, "--data", str(tmp_path / "data"), *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **env},
     )
     assert proc.returncode == 1, proc.stderr  # the CLI's status for a refused command
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -35,6 +35,7 @@ from kvstore.errors import (
 )
 from kvstore.schema import TableSchema
 from kvstore.server.node import Node
+from kvstore.storage.catalog import fsync_dir
 from kvstore.storage.shard import Shard, create_empty_base
 from kvstore.storage.table import VersionMeta
 
@@ -342,7 +343,7 @@ class LoadManager:
                 else:
                     create_empty_base(path, options)
                 # The files were fsynced as they arrived; their entries here must last.
-                _fsync_dir(path)
+                fsync_dir(path)
                 try:
                     shard = Shard(path, index, options, self.node.base_read_options, base=True)
                 except Exception as exc:
@@ -360,10 +361,10 @@ class LoadManager:
                         f"the loader wrote {expected}"
                     )
             # The renames must last before the catalog names the version.
-            _fsync_dir(version_dir)
-            _fsync_dir(version_dir.parent)
+            fsync_dir(version_dir)
+            fsync_dir(version_dir.parent)
             if new_root:
-                _fsync_dir(version_dir.parent.parent)
+                fsync_dir(version_dir.parent.parent)
         except BaseException:
             for shard in shards:
                 shard.close()
@@ -389,11 +390,3 @@ class LoadManager:
                     lease,
                 )
                 self.abort(load.load_id)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

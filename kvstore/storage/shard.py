@@ -140,9 +140,9 @@ def base_options(
 def build_options(table_format: str, memtable_bytes: int = BUILD_FILE_BYTES) -> rocksdict.Options:
     """Options the loader writes a base shard with: ``base_options``, no need for a
     block cache, and room for a memtable of ``memtable_bytes`` (at most
-    BUILD_FILE_BYTES) of rows: the loader flushes it itself at that size (each flush
-    is one table file), so RocksDB's own limit is twice that (entries take more
-    than their bytes) and is never what triggers a flush."""
+    BUILD_FILE_BYTES): the loader flushes it itself when RocksDB's own measure of it
+    reaches that size (each flush is one table file), and RocksDB's limit is twice
+    that, so it is never what triggers a flush."""
     opts = base_options(table_format, rocksdict.Cache(1 << 20))
     opts.set_write_buffer_size(2 * min(memtable_bytes, BUILD_FILE_BYTES))
     return opts
