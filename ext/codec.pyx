@@ -934,6 +934,7 @@ def decode(Projection projection not None, buf, starts, lengths):
     d.n = n
     d.positions = [None] * n_cols
     d.var = [None] * n_cols
+    cdef list var_offsets = [None] * n_cols
     d.event_times = np.empty(n, dtype=_INT64)
     cdef int64_t[::1] times_view = d.event_times
     found = np.empty(n, dtype=_UINT8)
@@ -962,7 +963,7 @@ def decode(Projection projection not None, buf, starts, lengths):
                 offsets = np.empty(n + 1, dtype=_INT64)
                 offsets_view = offsets
                 col.offsets = &offsets_view[0]
-                d.var[k] = offsets
+                var_offsets[k] = offsets
         # The valid masks of all columns share one allocation, and so do the fixed
         # values: two numpy allocations per call rather than two per column, which
         # dominate a call with many projected features. Each column is a view.
@@ -984,7 +985,7 @@ def decode(Projection projection not None, buf, starts, lengths):
                 data_array = np.empty(col.offsets[n], dtype=_UINT8)
                 out_view = data_array
                 col.values = _out_ptr(out_view)
-                d.var[k] = (d.var[k], data_array)
+                d.var[k] = (var_offsets[k], data_array)
         # Column by column: each loop is short and specialised, and writes one
         # output sequentially.
         with nogil:

@@ -7,13 +7,31 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BASE_FORMATS", "DEFAULT_ADDRESS", "NodeConfig"]
+__all__ = ["BASE_FORMATS", "DEFAULT_ADDRESS", "ENV_SETTINGS", "NodeConfig"]
 
 DEFAULT_ADDRESS = "127.0.0.1:7070"
 MiB = 1 << 20
 
 #: Table formats of a bulk version's base shards (kvstore.storage.shard.base_options).
 BASE_FORMATS = ("plain", "block")
+
+
+#: The node's settings in the environment: variable → (NodeConfig field, type).
+ENV_SETTINGS: dict[str, tuple[str, type]] = {
+    "KVSTORE_HOST": ("host", str),
+    "KVSTORE_PORT": ("port", int),
+    "KVSTORE_FAST_PORT": ("fast_port", int),
+    "KVSTORE_DATA": ("data_dir", Path),
+    "KVSTORE_COLD_DIR": ("cold_dir", Path),
+    "KVSTORE_KEEP_VERSIONS": ("keep_versions", int),
+    "KVSTORE_BLOCK_CACHE_BYTES": ("block_cache_bytes", int),
+    "KVSTORE_ROW_CACHE_BYTES": ("row_cache_bytes", int),
+    "KVSTORE_BASE_FORMAT": ("base_format", str),
+    "KVSTORE_MAX_KEYS_PER_REQUEST": ("max_keys_per_request", int),
+    "KVSTORE_READ_THREADS": ("read_threads", int),
+    "KVSTORE_PARALLEL_READ_KEYS": ("parallel_read_keys", int),
+    "KVSTORE_MAX_REQUEST_BYTES": ("max_request_bytes", int),
+}
 
 
 @dataclass
@@ -79,22 +97,7 @@ class NodeConfig:
     def from_env(cls, **overrides: object) -> NodeConfig:
         """Defaults, then ``KVSTORE_*`` environment variables, then ``overrides`` (not None)."""
         cfg = cls()
-        env = {
-            "KVSTORE_HOST": ("host", str),
-            "KVSTORE_PORT": ("port", int),
-            "KVSTORE_FAST_PORT": ("fast_port", int),
-            "KVSTORE_DATA": ("data_dir", Path),
-            "KVSTORE_COLD_DIR": ("cold_dir", Path),
-            "KVSTORE_KEEP_VERSIONS": ("keep_versions", int),
-            "KVSTORE_BLOCK_CACHE_BYTES": ("block_cache_bytes", int),
-            "KVSTORE_ROW_CACHE_BYTES": ("row_cache_bytes", int),
-            "KVSTORE_BASE_FORMAT": ("base_format", str),
-            "KVSTORE_MAX_KEYS_PER_REQUEST": ("max_keys_per_request", int),
-            "KVSTORE_READ_THREADS": ("read_threads", int),
-            "KVSTORE_PARALLEL_READ_KEYS": ("parallel_read_keys", int),
-            "KVSTORE_MAX_REQUEST_BYTES": ("max_request_bytes", int),
-        }
-        for var, (attr, conv) in env.items():
+        for var, (attr, conv) in ENV_SETTINGS.items():
             if var in os.environ:
                 setattr(cfg, attr, conv(os.environ[var]))
         for attr, value in overrides.items():

@@ -28,17 +28,23 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from kvstore import Client
-from loadtests.bench import Settings, loaded_data_dir, measure_throughput, time_lookups
+from kvstore.config import ENV_SETTINGS
+from loadtests.bench import (
+    Settings,
+    loaded_data_dir,
+    measure_throughput,
+    summarize_latency,
+    time_lookups,
+)
 from loadtests.bulkload import write_parquet
 from loadtests.loadtest import DISTRIBUTIONS, KeyChooser
 from loadtests.servers import KvstoreNode
-from loadtests.systems import KeyPool, KvstoreSystem
+from loadtests.systems import TABLE, KeyPool, KvstoreReader, KvstoreSystem
 
 __all__ = ["main", "parse_env", "run"]
 
@@ -47,24 +53,27 @@ LOAD_SETTINGS = ("KVSTORE_BASE_FORMAT",)
 
 
 def parse_env(spec: str) -> dict[str, str]:
-    """``"A=1,B=2"`` as a dict; names must be ``KVSTORE_*`` settings."""
+    """``"A=1,B=2"`` as a dict; names must be the node's settings (``ENV_SETTINGS``): a
+    misspelt one would leave the two nodes alike and the A/B measuring nothing."""
     out = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, value = item.partition("=")
         if not sep or not name.startswith("KVSTORE_"):
             raise ValueError(f"{item!r} is not KVSTORE_NAME=VALUE")
+        if name not in ENV_SETTINGS:
+            raise ValueError(
+                f"{name} is not a node setting; the settings are: {', '.join(ENV_SETTINGS)}"
+            )
         out[name] = value
     return out
 
 
 def _pool(rows: int, batch: int, keys: int, dist: str, seed: int) -> KeyPool:
-    pool = KeyPool.draw(np.random.default_rng(seed), rows, batch, keys)
-    if dist == "zipfian":
-        chooser = KeyChooser(rows, "zipfian", seed=seed)
-        pool.ints = chooser.draw(np.random.default_rng(seed + 1), pool.ints.size).reshape(
-            pool.ints.shape
-        )
-    return pool
+    """``keys`` keys of ``dist`` popularity in batches of ``batch`` (at least 64 batches),
+    without the Redis key names only the benchmark's Redis readers use."""
+    batches = max(64, keys // batch)
+    ints = KeyChooser(rows, dist, seed=seed).draw(np.random.default_rng(seed), batches * batch)
+    return KeyPool(batch, ints.reshape(batches, batch), [[]] * batches)
 
 
 def run(
@@ -97,7 +106,7 @@ def run(
             keys = pool_keys or rows
             for b in batch_sizes:
                 pool = _pool(rows, b, keys, dist, seed + b)
-                readers = {n: KvstoreSystem(v.address, v.pid).reader() for n, v in nodes.items()}
+                readers = {n: KvstoreReader(v.address) for n, v in nodes.items()}
                 try:
                     for reader in readers.values():
                         time_lookups(reader, pool, 0, 200, 2.0)
@@ -113,18 +122,14 @@ def run(
                     for reader in readers.values():
                         reader.close()
                 out["latency"][str(b)] = {
-                    n: {
-                        "p50_ms": float(np.percentile(np.asarray(g["ns"]) / 1e6, 50)),
-                        "p99_ms": float(np.percentile(np.asarray(g["ns"]) / 1e6, 99)),
-                        "round_p50_ms": g["round_p50_ms"],
-                        "count": len(g["ns"]),
-                    }
+                    n: {**summarize_latency(g["ns"]), "round_p50_ms": g["round_p50_ms"]}
                     for n, g in got.items()
                 }
                 print(_latency_line(b, out["latency"][str(b)]), flush=True)
             if throughput:
                 out["throughput"] = _throughput(nodes, rows, batch_sizes, throughput, seed)
             out["caches"] = {n: _caches(v.address) for n, v in nodes.items()}
+            out["base_formats"] = {n: _base_format(v.address) for n, v in nodes.items()}
     return out
 
 
@@ -135,20 +140,31 @@ def _caches(address: str) -> dict:
     return {k: v for k, v in stats.items() if k.endswith("_bytes")}
 
 
+def _base_format(address: str) -> str:
+    """The table format of the node's current version: the proof that a load setting took."""
+    with Client(address) as client:
+        return next(v.format for v in client.versions(TABLE) if v.current)
+
+
 def _throughput(nodes: dict, rows: int, batch_sizes: list[int], concs: list[int], seed: int):
-    s = replace(
-        Settings(rows=rows, seed=seed),
+    s = Settings(
+        rows=rows,
+        seed=seed,
         batch_sizes=batch_sizes,
         concurrencies=concs,
         throughput_rounds=1,
         throughput_window_s=2.0,
     )
+    systems = {n: KvstoreSystem(node.address, node.pid) for n, node in nodes.items()}
     got: dict = {n: {} for n in nodes}
-    for _ in range(3):
-        for n, node in nodes.items():
-            cells = measure_throughput([KvstoreSystem(node.address, node.pid)], s)["kvstore"]
-            for key, cell in cells.items():
-                got[n].setdefault(key, []).append(cell["keys_per_s"])
+    try:
+        for _ in range(3):
+            for n, system in systems.items():
+                for key, cell in measure_throughput([system], s)["kvstore"].items():
+                    got[n].setdefault(key, []).append(cell["keys_per_s"])
+    finally:
+        for system in systems.values():
+            system.close()
     return {
         key: {n: {"keys_per_s": float(np.median(got[n][key])), "rounds": got[n][key]} for n in got}
         for key in got["a"]

@@ -33,7 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests.bench import Settings, load_redis_and_parquet, loaded_data_dir, time_lookups
+from loadtests.bench import (
+    Settings,
+    load_redis_and_parquet,
+    loaded_data_dir,
+    summarize_latency,
+    time_lookups,
+)
 from loadtests.bulkload import ParquetSink
 from loadtests.servers import KvstoreNode, RedisServer, proc_memory_bytes
 from loadtests.systems import KeyPool, KvstoreSystem, RedisPackedSystem
@@ -230,13 +236,11 @@ def _latency(systems: dict, batch_sizes: list[int], rounds: int, samples: int, s
     for name, cells in got.items():
         out[name] = {}
         for b, cell in cells.items():
-            ms = np.asarray(cell["ns"]) / 1e6
+            summary = summarize_latency(cell["ns"])
             out[name][str(b)] = {
-                "count": len(ms),
-                "p50_ms": float(np.percentile(ms, 50)),
-                "p99_ms": float(np.percentile(ms, 99)),
+                **summary,
                 "round_p50_ms": cell["round_p50_ms"],
-                "major_faults_per_lookup": cell["faults"] / len(ms),
+                "major_faults_per_lookup": cell["faults"] / summary["count"],
             }
     return out
 

@@ -12,7 +12,7 @@ import pytest
 import kvstore
 from kvstore import Client
 from kvstore.client.core import NodeCall, Operations
-from kvstore.client.fast import FastConnections
+from kvstore.client.fast import RECEIVE_BUFFER, RESPONSE_HEADER, FastConnections
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
@@ -50,11 +50,12 @@ def test_the_node_offers_a_fast_path_and_the_client_uses_it(client: Client, tabl
     grpc_only.close()
 
 
-@pytest.mark.parametrize("rows", [1, 600, 3000])
+@pytest.mark.parametrize("rows", [1, 150, 3000])
 def test_answers_smaller_and_larger_than_the_receive_buffer(
     client: Client, table_name: str, rows: int
 ) -> None:
-    # 300 B a row: 600 rows fit the client's 64 KiB receive buffer, 3000 do not.
+    # ~310 B a row in the answer: 1 and 150 rows fit the client's 64 KiB receive
+    # buffer, 3000 do not (checked below on the answer's frame).
     client.create_table(table_name, key="int64", features={"e": "float32[72]"}, shards=4)
     emb = np.random.default_rng(rows).random((rows, 72), dtype=np.float32)
     client.write(table_name, {"key": np.arange(rows), "e": emb})
@@ -64,6 +65,11 @@ def test_answers_smaller_and_larger_than_the_receive_buffer(
             got = fast.get(table_name, keys).to_numpy()["e"]
             assert np.array_equal(got[:-1], emb) and np.isnan(got[-1]).all()
         assert fast.get(table_name, keys).to_arrow().equals(slow.get(table_name, keys).to_arrow())
+        (address,) = fast._ops.fast.values()
+        request = pb.GetRequest(table=table_name, keys=KeyBatch("int64", ints=keys).to_proto())
+        (answer,) = fast._fast.get_many([(address, request)], timeout=5)
+        frame = RESPONSE_HEADER.size + answer.ByteSize()
+        assert (frame <= RECEIVE_BUFFER) == (rows < 3000)
 
 
 def test_node_errors_arrive_with_their_class_over_the_fast_path(client: Client, table: str) -> None:

@@ -169,6 +169,8 @@ def test_ab_settings_are_parsed_and_named() -> None:
     }
     with pytest.raises(ValueError, match="'ROW_CACHE=4' is not KVSTORE_NAME=VALUE"):
         parse_env("ROW_CACHE=4")
+    with pytest.raises(ValueError, match="KVSTORE_ROW_CACH_BYTES is not a node setting"):
+        parse_env("KVSTORE_ROW_CACH_BYTES=4")
 
 
 def test_ab_runs_two_nodes_each_with_its_own_settings() -> None:
@@ -177,11 +179,13 @@ def test_ab_runs_two_nodes_each_with_its_own_settings() -> None:
     res = run(
         rows=3000,
         batch_sizes=[10],
-        env_a={},
+        env_a={"KVSTORE_BASE_FORMAT": "block"},
         env_b={"KVSTORE_ROW_CACHE_BYTES": str(4 << 20)},
         rounds=2,
         samples=20,
     )
+    # A's format differs from B's (the default, plain): each side loaded the file itself.
+    assert res["base_formats"] == {"a": "block", "b": "plain"}
     assert res["caches"]["a"]["row_cache_capacity_bytes"] == 0
     assert res["caches"]["b"]["row_cache_capacity_bytes"] == 4 << 20
     assert res["caches"]["b"]["row_cache_bytes"] > 0  # B's reads went through its cache

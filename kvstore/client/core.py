@@ -286,7 +286,7 @@ class ClientCore:
                 f"table {table!r}, key {keys.describe(exc.index)}: the value the node sent "
                 f"is corrupt ({exc.reason})"
             ) from None
-        return GetResult(keys, plan.features, decoded, version, plan.feature_names)
+        return GetResult(keys, plan, decoded, version)
 
     # -- write / delete --------------------------------------------------------------
 
@@ -437,7 +437,7 @@ class Operations(ClientCore):
 
                 empty = np.empty(0, np.int64)
                 decoded = _codec.decode(plan.projection, b"", empty, empty)
-                return GetResult(batch, plan.features, decoded, 0, plan.feature_names)
+                return GetResult(batch, plan, decoded, 0)
             calls = self.plan_get(table, schema, batch, plan.names, version)
             responses = yield calls
             return self.finish_get(table, plan, batch, calls, responses)

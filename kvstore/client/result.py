@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +10,9 @@ import pyarrow as pa
 from kvstore import _codec
 from kvstore.keys import KeyBatch
 from kvstore.schema import Feature
+
+if TYPE_CHECKING:
+    from kvstore.client.core import GetPlan
 
 __all__ = ["GetResult"]
 
@@ -35,20 +38,12 @@ class GetResult:
         "version",
     )
 
-    def __init__(
-        self,
-        keys: KeyBatch,
-        features: list[Feature],
-        decoded: _codec.Decoded,
-        version: int,
-        names: list[str] | None = None,
-    ) -> None:
+    def __init__(self, keys: KeyBatch, plan: GetPlan, decoded: _codec.Decoded, version: int):
         self._keys = keys
-        self._features = features
+        self._features = plan.features
         self._decoded = decoded
-        #: The features' names (``names`` when the caller has them at hand; never
-        #: changed). ``features`` is the caller's copy.
-        self._names = [f.name for f in features] if names is None else names
+        #: The plan's feature names, never changed; ``features`` is the caller's copy.
+        self._names = plan.feature_names
         self.features = list(self._names)
         self.found = decoded.found
         self.event_times = decoded.event_times
@@ -94,7 +89,7 @@ class GetResult:
                 decoded.values(k), mask=~decoded.valid(k).view(np.bool_)
             )
         for k in projection.var_columns:
-            column = self._arrow_column(self._features[k], decoded.column(k))
+            column = self._arrow_column(self._features[k], decoded.column(k), decoded.complete[k])
             out[names[k]] = column.to_numpy(zero_copy_only=False)
         return out
 
@@ -102,8 +97,9 @@ class GetResult:
         """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing."""
         arrays = [self._keys_arrow()]
         names = ["key"]
+        decoded = self._decoded
         for k, feature in enumerate(self._features):
-            arrays.append(self._arrow_column(feature, self._decoded.column(k)))
+            arrays.append(self._arrow_column(feature, decoded.column(k), decoded.complete[k]))
             names.append(feature.name)
         return pa.Table.from_arrays(arrays, names=names)
 
@@ -123,10 +119,10 @@ class GetResult:
         ).cast(pa.string())
 
     @staticmethod
-    def _arrow_column(feature: Feature, column: tuple) -> pa.Array:
+    def _arrow_column(feature: Feature, column: tuple, complete: bool) -> pa.Array:
         kind = feature.dtype.kind
         valid = column[-1].astype(bool)
-        mask = None if valid.all() else pa.array(~valid)
+        mask = None if complete else pa.array(~valid)
         if kind <= _codec.KIND_FLOAT64:
             return pa.array(
                 column[0], type=feature.dtype.arrow_type, mask=None if mask is None else ~valid
