@@ -8,6 +8,7 @@ HTML annotation next to the sources.
 import os
 from pathlib import Path
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Command, Extension, setup
 from setuptools.command.build_py import build_py
@@ -66,7 +67,12 @@ extensions = [
     Extension(
         "kvstore._codec",
         ["ext/codec.pyx"],
-        include_dirs=[str(ROOT / "ext"), str(ROOT / "ext" / "vendor" / "xxhash")],
+        include_dirs=[
+            str(ROOT / "ext"),
+            str(ROOT / "ext" / "vendor" / "xxhash"),
+            numpy.get_include(),  # the codec makes its result arrays with NumPy's C API
+        ],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     )
 ]

@@ -85,7 +85,7 @@ def shard_ids_int(keys, n_shards):
     cdef int32_t shards = _shard_count(n_shards)
     cdef const int64_t[::1] view = _int64_array(keys, -1, "keys")
     cdef Py_ssize_t i, n = view.shape[0]
-    out = np.empty(n, dtype=_INT32)
+    out = _empty(n, cnp.NPY_INT32)
     cdef int32_t[::1] ids = out
     cdef uint8_t key[8]
     with nogil:
@@ -93,6 +93,54 @@ def shard_ids_int(keys, n_shards):
             _int_key(key, view[i])
             ids[i] = <int32_t>(XXH3_64bits(key, 8) % <uint64_t>shards)
     return out
+
+
+def group_int_keys(keys, n_shards):
+    """int64 keys grouped by shard, in one pass: (order, groups).
+
+    ``groups``: one (shard, [stored key bytes]) per shard that has keys, in shard order;
+    ``order``: the int32 request positions of the keys in that order (the stable sort
+    by shard, as ``group_by_shard(shard_ids_int(keys, n), n)`` gives).
+    """
+    cdef int32_t shards = _shard_count(n_shards)
+    cdef const int64_t[::1] view = _int64_array(keys, -1, "keys")
+    cdef Py_ssize_t i, k, n = view.shape[0]
+    cdef int32_t s
+    order = _empty(n, cnp.NPY_INT32)
+    cdef int32_t[::1] out = order
+    cdef uint8_t key[8]
+    cdef int32_t* ids = <int32_t*>PyMem_Malloc((n + 1) * sizeof(int32_t))
+    cdef Py_ssize_t* start = <Py_ssize_t*>PyMem_Calloc(<size_t>shards + 1, sizeof(Py_ssize_t))
+    cdef list groups = []
+    cdef list group
+    try:
+        if ids == NULL or start == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(n):
+                _int_key(key, view[i])
+                ids[i] = <int32_t>(XXH3_64bits(key, 8) % <uint64_t>shards)
+                start[ids[i] + 1] += 1
+            for s in range(shards):
+                start[s + 1] += start[s]
+            for i in range(n):
+                out[start[ids[i]]] = <int32_t>i
+                start[ids[i]] += 1
+        # start[s] is now the end of shard s's run in order.
+        i = 0
+        for s in range(shards):
+            if start[s] == i:
+                continue
+            group = [None] * (start[s] - i)
+            for k in range(start[s] - i):
+                _int_key(key, view[out[i + k]])
+                group[k] = PyBytes_FromStringAndSize(<char*>key, 8)
+            groups.append((s, group))
+            i = start[s]
+    finally:
+        PyMem_Free(ids)
+        PyMem_Free(start)
+    return order, groups
 
 
 def shard_ids_str(buf, offsets, n_shards):
@@ -104,7 +152,7 @@ def shard_ids_str(buf, offsets, n_shards):
     cdef const int64_t[::1] view = offsets
     cdef const uint8_t* base = _bytes_ptr(data)
     cdef Py_ssize_t i, n = view.shape[0] - 1
-    out = np.empty(n, dtype=_INT32)
+    out = _empty(n, cnp.NPY_INT32)
     cdef int32_t[::1] ids = out
     with nogil:
         for i in range(n):
@@ -179,7 +227,7 @@ def group_by_shard(shard_ids, n_shards):
     cdef const int32_t[::1] ids = ids_array
     cdef Py_ssize_t i, n = ids.shape[0]
     cdef int32_t s
-    order = np.empty(n, dtype=_INT32)
+    order = _empty(n, cnp.NPY_INT32)
     cdef int32_t[::1] out = order
     cdef Py_ssize_t bad = -1
     cdef int64_t* start = <int64_t*>PyMem_Calloc(shards + 1, sizeof(int64_t))
@@ -224,15 +272,17 @@ def response_layout(Py_ssize_t n, list parts):
     many or too few rows, an order that is not a permutation, a position answered
     twice, or lengths that do not add up to the values block.
     """
-    starts = np.zeros(n, dtype=_INT64)
-    lengths = np.full(n, -1, dtype=_INT64)
-    seen_array = np.zeros(n, dtype=_UINT8)
+    starts = _zeros(n, cnp.NPY_INT64)
+    lengths = _empty(n, cnp.NPY_INT64)
+    seen_array = _zeros(n, cnp.NPY_UINT8)
     cdef int64_t[::1] st = starts
     cdef int64_t[::1] ln = lengths
     cdef uint8_t[::1] seen = seen_array
     cdef int64_t base = 0
     cdef int64_t part_bytes, size
     cdef Py_ssize_t i, m, j, at
+    for i in range(n):
+        ln[i] = -1
     cdef int32_t length
     cdef const uint8_t[::1] lens_view
     cdef const uint8_t[::1] order_view

@@ -165,6 +165,22 @@ class KeyBatch:
             return _codec.shard_ids_int(self.ints, shards)
         return _codec.shard_ids_str(self.utf8, self.offsets, shards)
 
+    def shard_groups(self, shards: int) -> tuple[np.ndarray, list[tuple[int, list[bytes]]]]:
+        """(order, groups): the keys' stored bytes grouped by shard, one (shard, keys)
+        per shard that has keys, in shard order; ``order`` their positions in the batch
+        (int32), the stable sort by shard."""
+        if self.ints is not None:
+            return _codec.group_int_keys(self.ints, shards)
+        order, counts = _codec.group_by_shard(self.shard_ids(shards), shards)
+        encoded = self.encoded(order)
+        groups = []
+        pos = 0
+        for s, count in enumerate(counts):
+            if count:
+                groups.append((s, encoded[pos : pos + count]))
+                pos += count
+        return order, groups
+
     def encoded(self, positions: np.ndarray | None = None) -> list[bytes]:
         """The RocksDB key bytes of all keys, or of those at ``positions``."""
         if self.ints is not None:

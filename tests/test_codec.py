@@ -875,6 +875,22 @@ def test_group_by_shard_is_a_stable_counting_sort(ids, n_shards):
     assert counts == np.bincount(shard_ids, minlength=n_shards).tolist()
 
 
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=60), st.integers(1, 9))
+def test_group_int_keys_matches_shard_ids_then_group_by_shard(ints, n_shards):
+    keys = np.asarray(ints, np.int64)
+    order, groups = codec.group_int_keys(keys, n_shards)
+    want_order, counts = codec.group_by_shard(codec.shard_ids_int(keys, n_shards), n_shards)
+    assert order.dtype == np.int32
+    assert order.tolist() == want_order.tolist()
+    encoded = codec.encode_int_keys(keys[want_order])
+    want, pos = [], 0
+    for s, count in enumerate(counts):
+        if count:
+            want.append((s, encoded[pos : pos + count]))
+            pos += count
+    assert groups == want
+
+
 def test_response_layout_rejects_two_parts_answering_one_key():
     part = (np.ones(1, "<i4").tobytes(), b"", np.asarray([0]), 1)
     with pytest.raises(ValueError, match="part 1: key position 0 is answered twice"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -132,6 +134,46 @@ def test_a_node_without_fast_path_is_read_over_grpc(start_node) -> None:
         c.write("plain", {"key": [1], "x": [5]})
         assert c.get("plain", [1, 2]).to_pylist() == [{"key": 1, "x": 5}, None]
         assert c._ops.fast == {}
+
+
+def test_a_paused_node_fails_the_call_at_its_deadline_and_serves_once_resumed(
+    start_node,
+) -> None:
+    """The fast path's deadline is the kernel's socket timeout, armed once for calls with
+    one timeout and re-armed when a call needs less; a wait armed shorter than a call's
+    deadline (after a call with a short timeout) must not end that call early."""
+    node = start_node()
+    with Client(node.address) as c:
+        c.create_table("paused", features={"x": "int32"}, shards=2)
+        c.write("paused", {"key": [1], "x": [5]})
+        assert c.get("paused", [1], timeout=0.2).to_pylist() == [{"key": 1, "x": 5}]
+        assert c._fast is not None and c._ops.fast  # the fast path answered
+
+        node.proc.send_signal(signal.SIGSTOP)  # the node stops answering, sockets open
+        resume = threading.Timer(0.6, node.proc.send_signal, (signal.SIGCONT,))
+        resume.start()
+        try:
+            started = time.monotonic()
+            # Armed for 0.2 s calls; this one may wait 5 s and is answered at ~0.6 s.
+            assert c.get("paused", [1], timeout=5).to_pylist() == [{"key": 1, "x": 5}]
+            assert 0.5 < time.monotonic() - started < 4
+        finally:
+            resume.join()
+            node.proc.send_signal(signal.SIGCONT)
+
+        node.proc.send_signal(signal.SIGSTOP)
+        try:
+            for timeout in (0.3, 1.0):  # a short deadline after a long one, and back
+                started = time.monotonic()
+                with pytest.raises(
+                    kvstore.DeadlineExceeded, match=f"within the deadline of {timeout} s"
+                ):
+                    c.get("paused", [1], timeout=timeout)
+                waited = time.monotonic() - started
+                assert timeout <= waited < timeout + 0.5, waited
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+        assert c.get("paused", [1, 2]).to_pylist() == [{"key": 1, "x": 5}, None]
 
 
 def _peer_answering(frame: bytes) -> tuple[socket.socket, str]:

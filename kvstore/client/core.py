@@ -30,6 +30,7 @@ from kvstore.wire import schema_from_proto, schema_to_proto
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "STALE_SCHEMA",
     "GetPlan",
     "NodeCall",
     "Operations",
@@ -46,6 +47,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.keepalive_time_ms", 30_000),
 ]
+
+#: What a call raises when the client's cached schema of the table is out of date:
+#: describe the table again and retry.
+STALE_SCHEMA = (_codec.SchemaMismatch, SchemaChanged)
 
 
 def resolve_address(address: str | None) -> str:
@@ -225,6 +230,16 @@ class ClientCore:
             self.get_plans[key] = plan
         return plan
 
+    def start_get(
+        self, table: str, schema: TableSchema, keys: Any, features: Any, version: int
+    ) -> tuple[GetPlan, KeyBatch, list[NodeCall]]:
+        """The plan, the checked keys and the node calls of a get (none for no keys)."""
+        plan = self.get_plan(schema, features)
+        batch = KeyBatch.from_values(schema.key_type, keys, table)
+        if not batch.count:
+            return plan, batch, []
+        return plan, batch, self.plan_get(table, schema, batch, plan.names, version)
+
     def plan_get(
         self, table: str, schema: TableSchema, keys: KeyBatch, features: list[str], version: int = 0
     ) -> list[NodeCall]:
@@ -253,6 +268,9 @@ class ClientCore:
         from kvstore.client.result import GetResult
 
         schema_id = plan.schema.schema_id
+        if not calls:  # no keys
+            empty = np.empty(0, np.int64)
+            return GetResult(keys, plan, _codec.decode(plan.projection, b"", empty, empty), 0)
         if len(responses) == 1 and len(calls) == 1:
             (response,) = responses
             version = response.version
@@ -377,14 +395,16 @@ class Operations(ClientCore):
             self.apply_cluster_map(cmap)
         return self.schemas[table]
 
-    def _with_schema(self, table: str, body) -> Flow:
-        """Run ``body(schema)``; on a stale schema, describe the table again and retry once."""
-        schema = yield from self.schema_flow(table)
+    def _with_schema(self, table: str, body, refresh: bool = False) -> Flow:
+        """Run ``body(schema)``; on a stale schema, describe the table again and retry once.
+        ``refresh``: describe it first (the caller found the cached schema stale)."""
         try:
-            return (yield from body(schema))
-        except (_codec.SchemaMismatch, SchemaChanged):
-            schema = yield from self.schema_flow(table, refresh=True)
-            return (yield from body(schema))
+            schema = yield from self.schema_flow(table, refresh)
+            try:
+                return (yield from body(schema))
+            except STALE_SCHEMA:
+                schema = yield from self.schema_flow(table, refresh=True)
+                return (yield from body(schema))
         except TableNotFound:
             self.forget(table)
             raise
@@ -428,21 +448,20 @@ class Operations(ClientCore):
             "tables": {t.table: list(t.owner) for t in cmap.tables},
         }
 
-    def get_flow(self, table: str, keys: Any, features: list[str] | None, version: int = 0) -> Flow:
+    def get_flow(
+        self,
+        table: str,
+        keys: Any,
+        features: list[str] | None,
+        version: int = 0,
+        refresh: bool = False,
+    ) -> Flow:
         def body(schema: TableSchema) -> Flow:
-            plan = self.get_plan(schema, features)
-            batch = KeyBatch.from_values(schema.key_type, keys, table)
-            if not batch.count:
-                from kvstore.client.result import GetResult
-
-                empty = np.empty(0, np.int64)
-                decoded = _codec.decode(plan.projection, b"", empty, empty)
-                return GetResult(batch, plan, decoded, 0)
-            calls = self.plan_get(table, schema, batch, plan.names, version)
-            responses = yield calls
+            plan, batch, calls = self.start_get(table, schema, keys, features, version)
+            responses = (yield calls) if calls else []
             return self.finish_get(table, plan, batch, calls, responses)
 
-        return (yield from self._with_schema(table, body))
+        return (yield from self._with_schema(table, body, refresh))
 
     def write_flow(
         self,

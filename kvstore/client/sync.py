@@ -10,6 +10,7 @@ import numpy as np
 from kvstore.client.core import (
     CHANNEL_OPTIONS,
     DEFAULT_TIMEOUT_S,
+    STALE_SCHEMA,
     NodeCall,
     Operations,
     TableInfo,
@@ -18,7 +19,7 @@ from kvstore.client.core import (
 from kvstore.client.fast import FastConnections
 from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
-from kvstore.errors import KvstoreError, from_rpc_error
+from kvstore.errors import KvstoreError, TableNotFound, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 
 __all__ = ["Client"]
@@ -107,7 +108,20 @@ class Client:
         ``version`` pins a kept bulk version (default: the current one); the
         result's ``version`` says which answered.
         """
-        return self._run(self._ops.get_flow(table, keys, features, version), timeout)
+        ops = self._ops
+        timeout = ops.timeout if timeout is None else timeout
+        refresh = False
+        schema = ops.schemas.get(table)
+        if schema is not None and self._fast is not None and ops.knows_route(table):
+            # Schema and route are known: the calls need no flow (the common case, and
+            # the cheapest; the flow below is what runs when anything must be fetched).
+            plan, batch, calls = ops.start_get(table, schema, keys, features, version)
+            try:
+                responses = self._send(calls, timeout) if calls else []
+                return ops.finish_get(table, plan, batch, calls, responses)
+            except (*STALE_SCHEMA, TableNotFound):
+                refresh = True  # the flow describes the table again, then reads
+        return self._run(ops.get_flow(table, keys, features, version, refresh), timeout)
 
     def write(
         self,
@@ -206,13 +220,14 @@ class Client:
         return entry[1]
 
     def _send(self, calls: list[NodeCall], timeout: float) -> list[Any]:
-        fast = self._ops.fast
-        if (
-            self._fast is not None
-            and calls[0].method == "Get"
-            and all(c.address in fast for c in calls)
-        ):
-            return self._fast.get_many([(fast[c.address], c.request) for c in calls], timeout)
+        if self._fast is not None and calls[0].method == "Get":
+            fast = self._ops.fast
+            try:
+                pairs = [(fast[c.address], c.request) for c in calls]
+            except KeyError:
+                pass  # a node without a fast path: gRPC
+            else:
+                return self._fast.get_many(pairs, timeout)
         if len(calls) == 1:
             call = calls[0]
             try:

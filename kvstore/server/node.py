@@ -399,14 +399,7 @@ class Node:
             order = None
             groups = [(0, keys.encoded())]
         else:
-            order, counts = _codec.group_by_shard(keys.shard_ids(len(shards)), len(shards))
-            encoded = keys.encoded(order)
-            groups = []
-            pos = 0
-            for s, count in enumerate(counts):
-                if count:
-                    groups.append((s, encoded[pos : pos + count]))
-                    pos += count
+            order, groups = keys.shard_groups(len(shards))
         values: list[bytes | None] = []
         done = 0
         try:
