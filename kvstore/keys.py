@@ -122,16 +122,17 @@ class KeyBatch:
     @classmethod
     def from_proto(cls, msg: pb.Keys, key_type: str, table: str) -> KeyBatch:
         """Unpack the keys of a request for ``table``; InvalidArgument if they do not fit it."""
-        if msg.int64_le:
+        packed = msg.int64_le  # each read of a bytes field copies it: read it once
+        if packed:
             if key_type != "int64":
                 raise InvalidArgument(
                     f"table {table!r} has string keys; the request sent int64 keys"
                 )
-            if len(msg.int64_le) != 8 * msg.count:
+            if len(packed) != 8 * msg.count:
                 raise InvalidArgument(
-                    f"table {table!r}: {len(msg.int64_le)} bytes of int64 keys for {msg.count} keys"
+                    f"table {table!r}: {len(packed)} bytes of int64 keys for {msg.count} keys"
                 )
-            return cls("int64", ints=np.frombuffer(msg.int64_le, dtype="<i8"))
+            return cls("int64", ints=np.frombuffer(packed, dtype="<i8"))
         if msg.utf8_offsets:
             if key_type != "string":
                 raise InvalidArgument(

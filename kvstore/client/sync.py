@@ -112,7 +112,7 @@ class Client:
         timeout = ops.timeout if timeout is None else timeout
         refresh = False
         schema = ops.schemas.get(table)
-        if schema is not None and self._fast is not None and ops.knows_route(table):
+        if schema is not None and ops.knows_route(table):
             # Schema and route are known: the calls need no flow (the common case, and
             # the cheapest; the flow below is what runs when anything must be fetched).
             plan, batch, calls = ops.start_get(table, schema, keys, features, version)

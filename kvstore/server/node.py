@@ -384,7 +384,8 @@ class Node:
         decodes)."""
         table = self.table(name)
         schema = table.schema
-        schema.projection(features)
+        if features:
+            schema.projection(features)  # raises UnknownFeature
         n = keys.count
         self._check_count(n, name)
         version = self._version(table, version)

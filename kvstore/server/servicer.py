@@ -61,7 +61,7 @@ def get_response(node: Node, request: pb.GetRequest) -> pb.GetResponse:
         version=answer.version,
         values=answer.values,
         lengths=answer.lengths.astype("<i4", copy=False).tobytes(),
-        order=b"" if answer.order is None else answer.order.astype("<i4").tobytes(),
+        order=b"" if answer.order is None else answer.order.astype("<i4", copy=False).tobytes(),
     )
 
 
