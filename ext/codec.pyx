@@ -910,7 +910,7 @@ cdef class Decoded:
     def values_dict(self, names):
         """{names[k]: values(k)} in column order; None for var columns (see column())."""
         cdef dict out = {}
-        cdef Py_ssize_t k, dim
+        cdef Py_ssize_t k
         self._check()
         cdef Projection p = self.projection
         if len(names) != p.n_cols:
@@ -922,9 +922,6 @@ cdef class Decoded:
                 continue
             out[names[k]] = self._view(dtype, p.dims[k], self.positions[k])
         return out
-
-
-_NDARRAY = np.ndarray
 
 
 def decode(Projection projection not None, buf, starts, lengths):

@@ -206,6 +206,19 @@ def test_drop_and_recreate_with_another_schema_reads_the_new_one(
     other.close()
 
 
+def test_keys_and_features_given_as_generators_survive_a_schema_refresh(
+    client: Client, table: str, shared_node
+) -> None:
+    other = Client(shared_node.address)
+    assert other.get(table, [1], ["age"]).found.tolist() == [True]  # caches the schema
+    client.drop_table(table)
+    client.create_table(table, key="int64", features={"age": "string", "x": "int32"}, shards=2)
+    client.write(table, {"key": [1, 2], "age": ["a", "b"], "x": [1, 2]})
+    result = other.get(table, (k for k in [2, 1]), features=(f for f in ["age"]))
+    assert result.to_pylist() == [{"key": 2, "age": "b"}, {"key": 1, "age": "a"}]
+    other.close()
+
+
 def test_cluster_map_names_this_node_for_every_shard(
     client: Client, table: str, shared_node
 ) -> None:

@@ -891,6 +891,23 @@ def test_group_int_keys_matches_shard_ids_then_group_by_shard(ints, n_shards):
     assert groups == want
 
 
+@given(st.lists(st.text(max_size=6), max_size=40), st.integers(1, 9))
+def test_shard_groups_of_string_keys_match_their_shard_ids(names, n_shards):
+    from kvstore.keys import KeyBatch
+
+    keys = KeyBatch.from_values("string", names, "t")
+    order, groups = keys.shard_groups(n_shards)
+    ids = keys.shard_ids(n_shards)
+    assert order.tolist() == np.argsort(ids, kind="stable").tolist()
+    assert [s for s, _ in groups] == sorted(set(ids.tolist()))
+    flat = [k for _, group in groups for k in group]
+    assert flat == [names[i].encode() for i in order.tolist()]
+    pos = 0
+    for s, group in groups:
+        assert group and all(ids[i] == s for i in order[pos : pos + len(group)].tolist())
+        pos += len(group)
+
+
 def test_response_layout_rejects_two_parts_answering_one_key():
     part = (np.ones(1, "<i4").tobytes(), b"", np.asarray([0]), 1)
     with pytest.raises(ValueError, match="part 1: key position 0 is answered twice"):

@@ -140,14 +140,16 @@ def test_a_paused_node_fails_the_call_at_its_deadline_and_serves_once_resumed(
     start_node,
 ) -> None:
     """The fast path's deadline is the kernel's socket timeout, armed once for calls with
-    one timeout and re-armed when a call needs less; a wait armed shorter than a call's
-    deadline (after a call with a short timeout) must not end that call early."""
+    one timeout and armed again when a call needs less; a wait armed shorter than a
+    call's deadline (after a call with a short timeout) must not end that call early,
+    and one armed longer (after a long call) must not let a short call run over."""
     node = start_node()
     with Client(node.address) as c:
         c.create_table("paused", features={"x": "int32"}, shards=2)
         c.write("paused", {"key": [1], "x": [5]})
         assert c.get("paused", [1], timeout=0.2).to_pylist() == [{"key": 1, "x": 5}]
         assert c._fast is not None and c._ops.fast  # the fast path answered
+        conn = next(iter(c._fast._local.conns.values()))
 
         node.proc.send_signal(signal.SIGSTOP)  # the node stops answering, sockets open
         resume = threading.Timer(0.6, node.proc.send_signal, (signal.SIGCONT,))
@@ -160,20 +162,49 @@ def test_a_paused_node_fails_the_call_at_its_deadline_and_serves_once_resumed(
         finally:
             resume.join()
             node.proc.send_signal(signal.SIGCONT)
+        assert next(iter(c._fast._local.conns.values())) is conn  # the same connection
 
         node.proc.send_signal(signal.SIGSTOP)
         try:
-            for timeout in (0.3, 1.0):  # a short deadline after a long one, and back
-                started = time.monotonic()
-                with pytest.raises(
-                    kvstore.DeadlineExceeded, match=f"within the deadline of {timeout} s"
-                ):
-                    c.get("paused", [1], timeout=timeout)
-                waited = time.monotonic() - started
-                assert timeout <= waited < timeout + 0.5, waited
+            started = time.monotonic()  # the same connection, armed for the 5 s call
+            with pytest.raises(kvstore.DeadlineExceeded, match=r"within the deadline of 0\.3 s"):
+                c.get("paused", [1], timeout=0.3)
+            assert 0.3 <= time.monotonic() - started < 0.8
         finally:
             node.proc.send_signal(signal.SIGCONT)
         assert c.get("paused", [1, 2]).to_pylist() == [{"key": 1, "x": 5}, None]
+
+
+def test_a_send_that_blocks_is_bounded_by_the_deadline_too(start_node) -> None:
+    """A request larger than the socket buffers to a paused node blocks in send: the call
+    fails at its deadline, not at an earlier short call's armed wait, nor later."""
+    node = start_node()
+    with Client(node.address) as c:
+        c.create_table("big", features={"x": "int32"}, shards=2)
+        c.get("big", [1], timeout=0.01)  # arms a ~8 ms wait
+        keys = np.arange(3_000_000, dtype=np.int64)  # a 24 MB request
+        node.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(kvstore.DeadlineExceeded, match=r"within the deadline of 1\.5 s"):
+                c.get("big", keys, timeout=1.5)
+            assert 1.5 <= time.monotonic() - started < 2.5
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+        assert c.get("big", [1]).found.tolist() == [False]  # a new connection serves
+
+
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+def test_timeouts_that_are_not_a_positive_number_are_refused(shared_node, transport) -> None:
+    with Client(shared_node.address, transport=transport) as c:
+        c.create_table("timeouts", features={"x": "int32"}, shards=2)
+        c.get("timeouts", [1])
+        for bad in (0, -1, float("inf"), float("nan"), "5", True):
+            with pytest.raises(kvstore.InvalidArgument, match="timeout must be a finite"):
+                c.get("timeouts", [1], timeout=bad)
+        assert c.get("timeouts", [1]).found.tolist() == [False]  # still served
+    with pytest.raises(kvstore.InvalidArgument, match="not -2"):
+        Client(shared_node.address, timeout=-2)
 
 
 def _peer_answering(frame: bytes) -> tuple[socket.socket, str]:

@@ -163,7 +163,7 @@ class AsyncClient:
             raise from_rpc_error(exc, call.address, timeout) from None
 
     async def _run(self, flow: Any, timeout: float | None) -> Any:
-        timeout = self._ops.timeout if timeout is None else timeout
+        timeout = self._ops.call_timeout(timeout)
         try:
             calls = next(flow)
             while True:

@@ -7,7 +7,10 @@ decoded in one pass by the Cython codec).
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,20 @@ CHANNEL_OPTIONS = [
 #: What a call raises when the client's cached schema of the table is out of date:
 #: describe the table again and retry.
 STALE_SCHEMA = (_codec.SchemaMismatch, SchemaChanged)
+
+
+def check_timeout(timeout: Any) -> float:
+    """A call's deadline in seconds: a finite number > 0, else InvalidArgument."""
+    real = isinstance(timeout, numbers.Real) and not isinstance(timeout, bool)
+    seconds = float(timeout) if real else math.nan
+    if not 0 < seconds < math.inf:
+        raise InvalidArgument(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
+    return seconds
+
+
+def read_once(values: Any) -> Any:
+    """An iterator (a generator, say) as a list, so that a retry sees it whole again."""
+    return list(values) if isinstance(values, Iterator) else values
 
 
 def resolve_address(address: str | None) -> str:
@@ -136,7 +153,7 @@ class ClientCore:
 
     def __init__(self, address: str | None, timeout: float) -> None:
         self.seed = resolve_address(address)
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.schemas: dict[str, TableSchema] = {}
         self.nodes: list[str] = []
         #: gRPC address → fast read path address, for nodes that serve one.
@@ -170,6 +187,10 @@ class ClientCore:
         if host in ("", "0.0.0.0", "[::]", "::"):
             return f"{self.seed.rpartition(':')[0]}:{port}"
         return advertised
+
+    def call_timeout(self, timeout: float | None) -> float:
+        """The deadline of one call: ``timeout``, or the client's when None."""
+        return self.timeout if timeout is None else check_timeout(timeout)
 
     def knows_route(self, table: str) -> bool:
         """True when the cached map routes every shard of the cached schema."""
@@ -400,7 +421,8 @@ class Operations(ClientCore):
 
     def _with_schema(self, table: str, body, refresh: bool = False) -> Flow:
         """Run ``body(schema)``; on a stale schema, describe the table again and retry once.
-        ``refresh``: describe it first (the caller found the cached schema stale)."""
+        ``refresh``: describe it first (the caller found the cached schema stale: after
+        Client.get's own read, a get so reads at most three times)."""
         try:
             schema = yield from self.schema_flow(table, refresh)
             try:
@@ -459,6 +481,8 @@ class Operations(ClientCore):
         version: int = 0,
         refresh: bool = False,
     ) -> Flow:
+        keys, features = read_once(keys), read_once(features)
+
         def body(schema: TableSchema) -> Flow:
             plan, batch, calls = self.start_get(table, schema, keys, features, version)
             responses = (yield calls) if calls else []

@@ -24,10 +24,12 @@ RESPONSE_HEADER = struct.Struct("<IIB")
 #: table (~42 KB) fits.
 RECEIVE_BUFFER = 64 * 1024
 TIMEVAL = struct.Struct("@ll")
-#: A connection's armed wait is ARM_SHARE of the time a call has left, and is armed
-#: again when it exceeds ARM_LIMIT of it (so calls with one timeout arm it once).
+#: A connection's armed wait is ARM_SHARE of the time a call has left, at most
+#: MAX_ARM, and is armed again when it exceeds ARM_LIMIT of what is left (so calls
+#: with one timeout arm it once).
 ARM_SHARE = 0.8
 ARM_LIMIT = 0.9
+MAX_ARM = 0.1
 
 
 def _timeval(seconds: float) -> bytes:
@@ -39,12 +41,16 @@ def _timeval(seconds: float) -> bytes:
 class _Connection:
     """One blocking socket to one node's fast path.
 
-    The deadline is the kernel's: SO_RCVTIMEO / SO_SNDTIMEO, set only when a call needs
-    a shorter wait than the one armed. A Python socket timeout would instead cost two
-    system calls a read or a write (setting the mode, then poll before each), ~4 µs a
-    call, doubled under contention. The kernel's timer may fire up to ~1/8 late, so
-    the armed wait is ``ARM_SHARE`` of what remains; a wait that ends early is
-    re-armed with the rest, so a call waits at most a few ms past its deadline.
+    The deadline is the kernel's: SO_RCVTIMEO / SO_SNDTIMEO bound each blocking send and
+    receive. A Python socket timeout would instead cost two more system calls per send
+    or receive (setting the mode, then poll before each), ~4 µs a call, doubled under
+    contention. The wait is set only when a call needs a shorter one than the one
+    armed, so calls with one timeout set it once. The kernel's timer may fire up to
+    ~1/8 late, so the armed wait is ``ARM_SHARE`` of the time left (at most
+    ``MAX_ARM``), and a wait that ends before the deadline is armed again with the
+    rest: a call fails a few ms at most after its deadline, never before it. (A signal
+    handler interrupts a wait and Python restarts it whole: a process that gets signals
+    more often than every ``MAX_ARM`` s can wait past a dead node's deadline.)
     """
 
     __slots__ = ("address", "armed", "buffer", "next_id", "sock", "view")
@@ -61,26 +67,40 @@ class _Connection:
             ) from None
         except OSError as exc:
             raise Unavailable(f"fast read path of node {address} is unavailable: {exc}") from None
-        self.sock.settimeout(None)  # blocking; the deadline is armed below
+        self.sock.settimeout(None)  # blocking: each call's deadline is armed (see arm)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        #: The kernel's wait for one read or write, s (0: not armed yet).
+        #: The kernel's wait for one send or receive, s (0: not armed yet).
         self.armed = 0.0
         #: Where a response lands: the header and, up to its size, the body arrive in
         #: one recv (one system call instead of two for most answers).
         self.buffer = bytearray(RECEIVE_BUFFER)
         self.view = memoryview(self.buffer)
 
-    def arm(self, remaining: float) -> None:
-        """Make one blocking read or write wait at most about ``remaining`` seconds."""
-        if self.armed > remaining * ARM_LIMIT or not self.armed:
-            self.armed = remaining * ARM_SHARE
+    def arm(self, deadline: float, woke_early: bool = False) -> None:
+        """Bound the next blocking send or receive by ``deadline`` (time.monotonic);
+        TimeoutError if it has passed. ``woke_early``: the armed wait ended first."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        if woke_early or not self.armed or self.armed > remaining * ARM_LIMIT:
+            self.armed = min(remaining * ARM_SHARE, MAX_ARM)
             tv = _timeval(self.armed)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
-    def send(self, body: bytes) -> int:
+    def send(self, body: bytes, deadline: float) -> int:
+        """Send a request frame; its id. TimeoutError past ``deadline``."""
         self.next_id = (self.next_id + 1) & 0xFFFFFFFF
-        self.sock.sendall(REQUEST_HEADER.pack(len(body), self.next_id) + body)
+        frame = memoryview(REQUEST_HEADER.pack(len(body), self.next_id) + body)
+        sent = 0
+        woke_early = False
+        while sent < len(frame):
+            self.arm(deadline, woke_early)
+            try:
+                sent += self.sock.send(frame[sent:] if sent else frame)
+                woke_early = False
+            except BlockingIOError:  # the armed wait ended with the buffers full
+                woke_early = True
         return self.next_id
 
     def receive(self, request_id: int, deadline: float) -> tuple[int, bytes]:
@@ -114,19 +134,18 @@ class _Connection:
         """Receive into ``view`` from ``got`` until at least ``need`` bytes are there
         (never past the view's end); returns how many are."""
         recv_into = self.sock.recv_into
+        woke_early = False
         while got < need:
+            self.arm(deadline, woke_early)
             try:
                 k = recv_into(view[got:] if got else view)
-            except BlockingIOError:  # the armed wait ended: re-arm with what is left
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError from None
-                self.armed = 0.0
-                self.arm(remaining)
+            except BlockingIOError:  # the armed wait ended: arm what is left
+                woke_early = True
                 continue
             if not k:
                 raise ConnectionError("the node closed the connection")
             got += k
+            woke_early = False
         return got
 
     def close(self) -> None:
@@ -154,39 +173,48 @@ class FastConnections:
         return conn
 
     def _drop(self, conn: _Connection) -> None:
-        self._local.conns.pop(conn.address, None)
+        conns = self._local.conns
+        if conns.get(conn.address) is conn:
+            del conns[conn.address]
         conn.close()
 
     def get_many(self, calls: list[tuple[str, pb.GetRequest]], timeout: float) -> list[Any]:
         """GetResponses for (fast address, request) pairs; errors as KvstoreError."""
         deadline = time.monotonic() + timeout
-        sent = []
-        for address, request in calls:
-            conn = self._connection(address, timeout)
-            try:
-                conn.arm(deadline - time.monotonic() if sent else timeout)
-                sent.append((conn, conn.send(request.SerializeToString())))
-            except BlockingIOError:
-                self._drop(conn)
-                raise self._late(conn, timeout) from None
-            except OSError as exc:
-                self._drop(conn)
-                raise Unavailable(f"fast read path of node {address}: {exc}") from None
-        out = []
-        for conn, request_id in sent:
-            try:
-                status, body = conn.receive(request_id, deadline)
-            except TimeoutError:
-                self._drop(conn)
-                raise self._late(conn, timeout) from None
-            except (OSError, KvstoreError) as exc:
-                self._drop(conn)
-                raise Unavailable(f"fast read path of node {conn.address}: {exc}") from None
-            if status:
-                error = pb.FastError.FromString(body)
-                raise error_from_name(error.type, error.message)
-            out.append(pb.GetResponse.FromString(body))
-        return out
+        sent: list[tuple[_Connection, int]] = []
+        try:
+            for address, request in calls:
+                conn = self._connection(address, timeout)
+                try:
+                    sent.append((conn, conn.send(request.SerializeToString(), deadline)))
+                except TimeoutError:
+                    self._drop(conn)
+                    raise self._late(conn, timeout) from None
+                except OSError as exc:
+                    self._drop(conn)
+                    raise Unavailable(f"fast read path of node {address}: {exc}") from None
+            out = []
+            for k, (conn, request_id) in enumerate(sent):
+                try:
+                    status, body = conn.receive(request_id, deadline)
+                except TimeoutError:
+                    self._drop(conn)
+                    raise self._late(conn, timeout) from None
+                except (OSError, KvstoreError) as exc:
+                    self._drop(conn)
+                    raise Unavailable(f"fast read path of node {conn.address}: {exc}") from None
+                sent[k] = (conn, -1)  # answered
+                if status:
+                    error = pb.FastError.FromString(body)
+                    raise error_from_name(error.type, error.message)
+                out.append(pb.GetResponse.FromString(body))
+            return out
+        except KvstoreError:
+            # A connection whose answer was not read would hand it to the next call.
+            for conn, request_id in sent:
+                if request_id >= 0:
+                    self._drop(conn)
+            raise
 
     @staticmethod
     def _late(conn: _Connection, timeout: float) -> DeadlineExceeded:

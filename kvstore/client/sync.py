@@ -15,6 +15,7 @@ from kvstore.client.core import (
     Operations,
     TableInfo,
     VersionInfo,
+    read_once,
 )
 from kvstore.client.fast import FastConnections
 from kvstore.client.result import GetResult
@@ -109,7 +110,8 @@ class Client:
         result's ``version`` says which answered.
         """
         ops = self._ops
-        timeout = ops.timeout if timeout is None else timeout
+        timeout = ops.call_timeout(timeout)
+        keys, features = read_once(keys), read_once(features)
         refresh = False
         schema = ops.schemas.get(table)
         if schema is not None and ops.knows_route(table):
@@ -249,7 +251,7 @@ class Client:
         return responses
 
     def _run(self, flow: Any, timeout: float | None) -> Any:
-        timeout = self._ops.timeout if timeout is None else timeout
+        timeout = self._ops.call_timeout(timeout)
         try:
             calls = next(flow)
             while True:
