@@ -80,18 +80,42 @@ def encode_str_keys(buf, offsets):
     return out
 
 
+cdef void _int_shard_ids(const int64_t* keys, Py_ssize_t n, int32_t shards,
+                         int32_t* ids) noexcept nogil:
+    """ids[i] = the shard of int64 key i: xxh3_64(its 8-byte stored form) % shards."""
+    cdef Py_ssize_t i
+    cdef uint8_t key[8]
+    for i in range(n):
+        _int_key(key, keys[i])
+        ids[i] = <int32_t>(XXH3_64bits(key, 8) % <uint64_t>shards)
+
+
+cdef void _sort_by_shard(const int32_t* ids, Py_ssize_t n, int32_t shards, int32_t* order,
+                         int64_t* start) noexcept nogil:
+    """A stable counting sort of positions 0..n-1 by ids[i] (each in [0, shards)) into
+    ``order``. ``start`` (shards + 1 zeros) ends holding each shard's end in ``order``."""
+    cdef Py_ssize_t i
+    cdef int32_t s
+    for i in range(n):
+        start[ids[i] + 1] += 1
+    for s in range(shards):
+        start[s + 1] += start[s]
+    for i in range(n):
+        s = ids[i]
+        order[start[s]] = <int32_t>i
+        start[s] += 1
+
+
 def shard_ids_int(keys, n_shards):
     """The shard of each int64 key: xxh3_64(its 8-byte stored form) % n_shards (int32)."""
     cdef int32_t shards = _shard_count(n_shards)
     cdef const int64_t[::1] view = _int64_array(keys, -1, "keys")
-    cdef Py_ssize_t i, n = view.shape[0]
+    cdef Py_ssize_t n = view.shape[0]
     out = _empty(n, cnp.NPY_INT32)
     cdef int32_t[::1] ids = out
-    cdef uint8_t key[8]
-    with nogil:
-        for i in range(n):
-            _int_key(key, view[i])
-            ids[i] = <int32_t>(XXH3_64bits(key, 8) % <uint64_t>shards)
+    if n:
+        with nogil:
+            _int_shard_ids(&view[0], n, shards, &ids[0])
     return out
 
 
@@ -110,24 +134,17 @@ def group_int_keys(keys, n_shards):
     cdef int32_t[::1] out = order
     cdef uint8_t key[8]
     cdef int32_t* ids = <int32_t*>PyMem_Malloc((n + 1) * sizeof(int32_t))
-    cdef Py_ssize_t* start = <Py_ssize_t*>PyMem_Calloc(<size_t>shards + 1, sizeof(Py_ssize_t))
+    cdef int64_t* start = <int64_t*>PyMem_Calloc(<size_t>shards + 1, sizeof(int64_t))
     cdef list groups = []
     cdef list group
     try:
         if ids == NULL or start == NULL:
             raise MemoryError()
-        with nogil:
-            for i in range(n):
-                _int_key(key, view[i])
-                ids[i] = <int32_t>(XXH3_64bits(key, 8) % <uint64_t>shards)
-                start[ids[i] + 1] += 1
-            for s in range(shards):
-                start[s + 1] += start[s]
-            for i in range(n):
-                out[start[ids[i]]] = <int32_t>i
-                start[ids[i]] += 1
-        # start[s] is now the end of shard s's run in order.
-        i = 0
+        if n:
+            with nogil:
+                _int_shard_ids(&view[0], n, shards, ids)
+                _sort_by_shard(ids, n, shards, &out[0], start)
+        i = 0  # start[s] is now the end of shard s's run in order
         for s in range(shards):
             if start[s] == i:
                 continue
@@ -173,7 +190,7 @@ def join_values(list values):
     """Concatenates byte strings into one bytes object; a None has length -1 (int32 lengths)."""
     cdef Py_ssize_t i, size, n = len(values)
     cdef Py_ssize_t total = 0
-    lengths = np.empty(n, dtype=_INT32)
+    lengths = _empty(n, cnp.NPY_INT32)
     cdef int32_t[::1] lengths_view = lengths
     for i in range(n):
         value = values[i]
@@ -240,14 +257,8 @@ def group_by_shard(shard_ids, n_shards):
                 if s < 0 or s >= shards:
                     bad = i
                     break
-                start[s + 1] += 1
-            if bad < 0:
-                for s in range(shards):
-                    start[s + 1] += start[s]
-                for i in range(n):
-                    s = ids[i]
-                    out[start[s]] = <int32_t>i
-                    start[s] += 1
+            if bad < 0 and n:
+                _sort_by_shard(&ids[0], n, shards, &out[0], start)
         if bad >= 0:
             raise ValueError(f"shard_ids[{bad}] is {ids[bad]}, not in [0, {shards})")
         # start[s] is now the end of shard s: counts are the differences.

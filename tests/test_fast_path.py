@@ -82,6 +82,7 @@ def test_node_errors_arrive_with_their_class_over_the_fast_path(client: Client, 
     client.drop_table(table)
     with pytest.raises(kvstore.TableNotFound, match=f"no table '{table}'"):
         other.get(table, [1])
+    assert table not in other._ops.schemas  # forgotten: a new table of that name is read
     other.close()
 
 

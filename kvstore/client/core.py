@@ -288,29 +288,21 @@ class ClientCore:
         """
         from kvstore.client.result import GetResult
 
-        schema_id = plan.schema.schema_id
         if not calls:  # no keys
             empty = np.empty(0, np.int64)
             return GetResult(keys, plan, _codec.decode(plan.projection, b"", empty, empty), 0)
-        if len(responses) == 1 and len(calls) == 1:
-            (response,) = responses
-            version = response.version
+        schema_id = plan.schema.schema_id
+        version = 0
+        blocks = []
+        parts = []
+        for call, response in zip(calls, responses, strict=True):
             if response.schema_id != schema_id:
                 raise _codec.SchemaMismatch(0, response.schema_id)
-            buf = response.values  # each read of a bytes field copies it: read it once
-            parts = [(response.lengths, response.order, calls[0].positions, len(buf))]
-        else:
-            version = 0
-            for response in responses:
-                version = max(version, response.version)
-                if response.schema_id != schema_id:
-                    raise _codec.SchemaMismatch(0, response.schema_id)
-            blocks = [r.values for r in responses]
-            parts = [
-                (r.lengths, r.order, c.positions, len(block))
-                for c, r, block in zip(calls, responses, blocks, strict=True)
-            ]
-            buf = b"".join(blocks)
+            version = max(version, response.version)
+            block = response.values  # each read of a bytes field copies it: read it once
+            blocks.append(block)
+            parts.append((response.lengths, response.order, call.positions, len(block)))
+        buf = blocks[0] if len(blocks) == 1 else b"".join(blocks)
         try:
             starts, lengths = _codec.response_layout(keys.count, parts)
         except ValueError as exc:
@@ -377,11 +369,9 @@ class ClientCore:
         return calls
 
 
-def check_features(schema: TableSchema, features: list[str] | None) -> tuple[list[str], list[int]]:
-    """The feature names to request and their positions; UnknownFeature names a bad one."""
-    if isinstance(features, str):
-        raise InvalidArgument(f"table {schema.name!r}: features must be a list of names")
-    names = list(features) if features else []
+def check_features(schema: TableSchema, names: list[Any]) -> tuple[list[str], list[int]]:
+    """The feature names to request and their positions; UnknownFeature or
+    InvalidArgument names a bad one."""
     for name in names:
         if not isinstance(name, str):
             raise InvalidArgument(
