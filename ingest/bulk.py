@@ -59,7 +59,6 @@ from kvstore.errors import (
     is_disk_full,
 )
 from kvstore.schema import MAX_STRING_KEY_BYTES, TableSchema
-from kvstore.storage.shard import BUILD_FILE_BYTES, build_options
 
 from .arrow_types import (
     MAX_EXAMPLES,
@@ -624,10 +623,7 @@ class _Load:
         ``tmp``; ``on_file(shard, name, path, size)`` for each of its files as it is
         finished (``ShardDbWriter``), ``check()`` between chunks (raises to stop).
         Returns (rows written to each shard, bytes of the databases' files)."""
-        memtable_bytes = min(
-            BUILD_FILE_BYTES, max(MIN_MEMTABLE_BYTES, int(self.budget * MEMTABLE_SHARE))
-        )
-        options = build_options(table_format, memtable_bytes)
+        memtable_bytes = max(MIN_MEMTABLE_BYTES, int(self.budget * MEMTABLE_SHARE))
         rows_per_shard = [0] * self.schema.shards
         sst_bytes = 0
 
@@ -642,7 +638,7 @@ class _Load:
                     directory = os.path.join(tmp, f"shard-{shard:04d}")
                     os.mkdir(directory)
                     writer = ShardDbWriter(
-                        shard, directory, self.ops, options, finished, memtable_bytes
+                        shard, directory, self.ops, table_format, finished, memtable_bytes
                     )
                     try:
                         for chunk in sorter.sorted_chunks(shard, self.write_rows):

@@ -6,8 +6,9 @@ node's own options, plus a large memtable), and uploads its files; the node move
 directory in and opens it (kvstore/server/loads.py). RocksDB cannot ingest PlainTable
 SST files (they carry no comparator name), hence whole databases rather than SST files
 to ingest. Rows go in through WriteBatches without a WAL, in key order; each time
-about ``memtable_bytes`` of rows are in, the memtable is flushed into a table file,
-which is handed over for upload at once (it never changes again): the node hears
+RocksDB's memtable holds ``memtable_bytes`` by its own measure (several times fewer row
+bytes for small rows), it is flushed into a table file, which is handed over for upload
+at once (it never changes again): the node hears
 from the load at least that often, and the temporary disk holds a few files, not a
 shard. The rest of the database (MANIFEST, CURRENT, OPTIONS) follows at close. Keys are the node's
 stored form (``_codec.encode_int_keys`` / ``encode_str_keys``), values the encoded
@@ -24,6 +25,7 @@ import pyarrow as pa
 import rocksdict
 
 from kvstore import _codec
+from kvstore.storage.shard import BUILD_FILE_BYTES, build_options
 
 from .bulk_sort import Chunk, IntKeys, KeyOps
 
@@ -75,11 +77,11 @@ def shipped_files(directory: str) -> list[str]:
 
 class ShardDbWriter:
     """Writes the sorted, unique rows of one shard into a RocksDB database in
-    ``directory`` (``options``: ``build_options(format, memtable_bytes)`` of the node's
-    table format).
+    ``table_format`` (the node's) in ``directory``, with ``build_options``.
 
     ``on_file(shard, name, path, size)`` is called for each table file as it is
-    flushed (about every ``memtable_bytes`` of rows) and for the database's other
+    flushed (each time the memtable holds ``memtable_bytes``, at most
+    ``BUILD_FILE_BYTES``) and for the database's other
     files once it is closed (``close``); the receiver may delete each file once it
     has it. A shard that got no row has no database and no file.
     """
@@ -89,16 +91,17 @@ class ShardDbWriter:
         shard: int,
         directory: str,
         ops: KeyOps,
-        options: rocksdict.Options,
+        table_format: str,
         on_file: Callable[[int, str, str, int], None],
         memtable_bytes: int,
     ) -> None:
         self.shard = shard
         self.directory = directory
         self.ops = ops
-        self.options = options
+        #: When the loader flushes; the options give RocksDB's memtable room for twice.
+        self.memtable_bytes = min(memtable_bytes, BUILD_FILE_BYTES)
+        self.options = build_options(table_format, self.memtable_bytes)
         self.on_file = on_file
-        self.memtable_bytes = memtable_bytes
         self.rows = 0
         self._db: rocksdict.Rdict | None = None
         self._last_key: bytes | None = None

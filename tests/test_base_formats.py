@@ -28,7 +28,6 @@ from kvstore.ingest.bulk_sort import Chunk, IntKeys
 from kvstore.schema import TableSchema
 from kvstore.server.loads import LoadManager
 from kvstore.server.node import Node
-from kvstore.storage.shard import build_options
 from kvstore.v1 import feature_store_pb2 as pb
 
 ROWS = 3000
@@ -231,7 +230,7 @@ def test_table_files_are_handed_over_as_they_are_flushed(tmp_path: Path) -> None
         0,
         str(tmp_path / "db"),
         IntKeys,
-        build_options("plain", 64 << 10),
+        "plain",
         lambda _shard, name, _path, _size: handed.append(name),
         64 << 10,
     )
@@ -251,9 +250,7 @@ def test_table_files_are_handed_over_as_they_are_flushed(tmp_path: Path) -> None
 def test_the_loader_alone_decides_when_a_table_file_ends(tmp_path: Path, row_bytes: int) -> None:
     # Tiny rows cost RocksDB far more memtable than their bytes: had the loader counted
     # row bytes, RocksDB would flush first, into more and smaller files than flushes.
-    writer = bulk_sst.ShardDbWriter(
-        0, str(tmp_path / "db"), IntKeys, build_options("plain", 4 << 20), _ignore, 4 << 20
-    )
+    writer = bulk_sst.ShardDbWriter(0, str(tmp_path / "db"), IntKeys, "plain", _ignore, 4 << 20)
     flushes = 0
     flush = writer._flush
 
@@ -326,7 +323,7 @@ def test_a_catalog_write_that_fails_leaves_no_version_behind(
             0,
             str(tmp_path / "db"),
             IntKeys,
-            build_options("plain"),
+            "plain",
             lambda _shard, name, path, size: files.append((name, path, size)),
             1 << 20,
         )

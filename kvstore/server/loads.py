@@ -206,7 +206,8 @@ class LoadManager:
                 f"expected {f.size}"
             )
         try:
-            f.path.parent.mkdir(exist_ok=True)
+            if not f.size:  # the file's first chunk
+                f.path.parent.mkdir(exist_ok=True)
             with open(f.path, "ab") as out:
                 out.write(data)
                 if last:
@@ -248,11 +249,12 @@ class LoadManager:
         table = self.node.table(load.table)
         started = time.perf_counter()
         version_dir = table.version_dir(load.version)
+        # Version numbers are not reused and the start moves unnamed version directories
+        # aside, so one already there is a fault: mkdir refuses it and it is left alone.
+        existed = version_dir.exists()
         opened: list[Shard] = []
         try:
             self._check_commit(load, table.schema, files_per_shard, rows, rows_per_shard)
-            if version_dir.exists():
-                shutil.rmtree(version_dir)
             opened = self._open_shards(load, version_dir, rows_per_shard)
             cold_bytes = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
             meta = VersionMeta(
@@ -269,7 +271,8 @@ class LoadManager:
             for shard in opened:
                 shard.close()
             self.abort(load_id)
-            shutil.rmtree(version_dir, ignore_errors=True)
+            if not existed:
+                shutil.rmtree(version_dir, ignore_errors=True)
             if is_disk_full(exc):
                 where = getattr(exc, "filename", None) or version_dir
                 raise StorageFull(

@@ -138,13 +138,13 @@ def base_options(
 
 
 def build_options(table_format: str, memtable_bytes: int = BUILD_FILE_BYTES) -> rocksdict.Options:
-    """Options the loader writes a base shard with: ``base_options``, no need for a
-    block cache, and room for a memtable of ``memtable_bytes`` (at most
-    BUILD_FILE_BYTES): the loader flushes it itself when RocksDB's own measure of it
-    reaches that size (each flush is one table file), and RocksDB's limit is twice
-    that, so it is never what triggers a flush."""
+    """Options the loader writes a base shard with (``ingest.bulk_sst.ShardDbWriter``):
+    ``base_options``, no need for a block cache, and room for a memtable of twice
+    ``memtable_bytes``: the writer flushes it itself when RocksDB's own measure of it
+    reaches ``memtable_bytes`` (each flush is one table file), with room to spare
+    before RocksDB's limit."""
     opts = base_options(table_format, rocksdict.Cache(1 << 20))
-    opts.set_write_buffer_size(2 * min(memtable_bytes, BUILD_FILE_BYTES))
+    opts.set_write_buffer_size(2 * memtable_bytes)
     return opts
 
 
