@@ -109,13 +109,18 @@ class KeyBatch:
         return cls("string", utf8=utf8, offsets=np.ascontiguousarray(offsets))
 
     def to_proto(self) -> pb.Keys:
+        msg = pb.Keys()
+        self.fill_proto(msg)
+        return msg
+
+    def fill_proto(self, msg: pb.Keys) -> None:
+        """Set the fields of an empty ``Keys`` message (one inside another, say)."""
+        msg.count = self.count
         if self.ints is not None:
-            return pb.Keys(count=self.count, int64_le=self.ints.astype("<i8", copy=False).tobytes())
-        return pb.Keys(
-            count=self.count,
-            utf8=self.utf8,
-            utf8_offsets=self.offsets.astype("<i8", copy=False).tobytes(),  # type: ignore[union-attr]
-        )
+            msg.int64_le = self.ints.astype("<i8", copy=False).tobytes()
+        else:
+            msg.utf8 = self.utf8  # type: ignore[assignment]
+            msg.utf8_offsets = self.offsets.astype("<i8", copy=False).tobytes()  # type: ignore[union-attr]
 
     # -- reading (node side) ---------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kvstore import _codec
+from kvstore.client.result import GetResult
 from kvstore.columns import EncodedRows, encode_rows
 from kvstore.config import DEFAULT_ADDRESS
 from kvstore.errors import (
@@ -132,6 +133,15 @@ class GetPlan:
     feature_names: list[str]
     #: The codec's decode plan of the projected features.
     projection: _codec.Projection
+    #: A GetRequest of the table and ``names``, serialized: a get's request is this
+    #: plus its keys' and version's (protobuf merges concatenated messages).
+    prefix: bytes
+
+    def request(self, keys: KeyBatch, version: int) -> bytes:
+        """The serialized GetRequest of ``keys`` at ``version``."""
+        rest = pb.GetRequest(version=version)
+        keys.fill_proto(rest.keys)  # in place: a Keys message passed in would be copied
+        return self.prefix + rest.SerializeToString()
 
 
 #: Get plans a client keeps (distinct tables and feature lists); beyond, it starts over.
@@ -198,6 +208,16 @@ class ClientCore:
         schema = self.schemas.get(table)
         return owners is not None and schema is not None and len(owners) == schema.shards
 
+    def sole_fast_address(self, table: str, schema: TableSchema) -> str | None:
+        """The fast read path of the one node that serves every shard of ``schema``'s
+        table in the cached map; None if several nodes do, the map does not fit the
+        schema, or that node has no fast path."""
+        owners = self.owners.get(table)
+        sole = self.sole_owner.get(table)
+        if sole is None or sole[0] is not owners or len(owners) != schema.shards:
+            return None
+        return self.fast.get(sole[1])
+
     def forget(self, table: str) -> None:
         self.schemas.pop(table, None)
         self.owners.pop(table, None)
@@ -244,6 +264,7 @@ class ClientCore:
             chosen,
             [f.name for f in chosen],
             _codec.Projection(schema.layout, projection),
+            pb.GetRequest(table=schema.name, features=names).SerializeToString(),
         )
         if key is not None:
             if len(self.get_plans) >= MAX_GET_PLANS:
@@ -280,14 +301,12 @@ class ClientCore:
         keys: KeyBatch,
         calls: list[NodeCall],
         responses: list[pb.GetResponse],
-    ):
+    ) -> GetResult:
         """Merge the node responses into request order and decode them in one pass.
 
         Raises ``_codec.SchemaMismatch`` when a row has another schema than the plan's
         (the caller refreshes the schema and retries once).
         """
-        from kvstore.client.result import GetResult
-
         if not calls:  # no keys
             empty = np.empty(0, np.int64)
             return GetResult(keys, plan, _codec.decode(plan.projection, b"", empty, empty), 0)
@@ -303,10 +322,35 @@ class ClientCore:
             blocks.append(block)
             parts.append((response.lengths, response.order, call.positions, len(block)))
         buf = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        return self._decode_get(table, plan, keys, buf, parts, version, calls)
+
+    def finish_one(
+        self, table: str, plan: GetPlan, keys: KeyBatch, address: str, response: pb.GetResponse
+    ) -> GetResult:
+        """``finish_get`` of a get that one node answered whole (its keys in order)."""
+        if response.schema_id != plan.schema.schema_id:
+            raise _codec.SchemaMismatch(0, response.schema_id)
+        block = response.values
+        parts = [(response.lengths, response.order, None, len(block))]
+        return self._decode_get(table, plan, keys, block, parts, response.version, address)
+
+    def _decode_get(
+        self,
+        table: str,
+        plan: GetPlan,
+        keys: KeyBatch,
+        buf: bytes,
+        parts: list[tuple],
+        version: int,
+        sources: list[NodeCall] | str,
+    ) -> GetResult:
         try:
             starts, lengths = _codec.response_layout(keys.count, parts)
         except ValueError as exc:
-            nodes = ", ".join(f"part {k} from {c.address}" for k, c in enumerate(calls))
+            if isinstance(sources, str):
+                nodes = f"part 0 from {sources}"
+            else:
+                nodes = ", ".join(f"part {k} from {c.address}" for k, c in enumerate(sources))
             raise KvstoreError(
                 f"table {table!r}: a malformed Get response ({nodes}): {exc}"
             ) from None

@@ -90,24 +90,40 @@ class _Connection:
 
     def send(self, body: bytes, deadline: float) -> int:
         """Send a request frame; its id. TimeoutError past ``deadline``."""
-        self.next_id = (self.next_id + 1) & 0xFFFFFFFF
-        frame = memoryview(REQUEST_HEADER.pack(len(body), self.next_id) + body)
-        sent = 0
-        woke_early = False
+        self.next_id = request_id = (self.next_id + 1) & 0xFFFFFFFF
+        frame = REQUEST_HEADER.pack(len(body), request_id) + body
+        self.arm(deadline)
+        try:
+            sent = self.sock.send(frame)
+        except BlockingIOError:  # the armed wait ended with the buffers full
+            sent = -1
+        if sent != len(frame):  # most frames go whole; the rest, piece by piece
+            self._send_rest(memoryview(frame), max(sent, 0), sent < 0, deadline)
+        return request_id
+
+    def _send_rest(self, frame: memoryview, sent: int, woke_early: bool, deadline: float) -> None:
         while sent < len(frame):
             self.arm(deadline, woke_early)
             try:
-                sent += self.sock.send(frame[sent:] if sent else frame)
+                sent += self.sock.send(frame[sent:])
                 woke_early = False
-            except BlockingIOError:  # the armed wait ended with the buffers full
+            except BlockingIOError:
                 woke_early = True
-        return self.next_id
 
     def receive(self, request_id: int, deadline: float) -> tuple[int, bytes]:
         """The status and body of the answer to ``request_id``; TimeoutError past
         ``deadline`` (time.monotonic)."""
         view = self.view
-        got = self._fill(view, 0, RESPONSE_HEADER.size, deadline)
+        self.arm(deadline)
+        try:  # most answers come whole, in one recv
+            got = self.sock.recv_into(view)
+        except BlockingIOError:
+            got = self._fill(view, 0, RESPONSE_HEADER.size, deadline, True)
+        else:
+            if not got:
+                raise ConnectionError("the node closed the connection")
+            if got < RESPONSE_HEADER.size:
+                got = self._fill(view, got, RESPONSE_HEADER.size, deadline)
         length, answered, status = RESPONSE_HEADER.unpack_from(view)
         end = RESPONSE_HEADER.size + length
         if got > end:
@@ -130,11 +146,13 @@ class _Connection:
             )
         return status, body
 
-    def _fill(self, view: memoryview, got: int, need: int, deadline: float) -> int:
+    def _fill(
+        self, view: memoryview, got: int, need: int, deadline: float, woke_early: bool = False
+    ) -> int:
         """Receive into ``view`` from ``got`` until at least ``need`` bytes are there
-        (never past the view's end); returns how many are."""
+        (never past the view's end); returns how many are. ``woke_early``: the last
+        armed wait ended before the deadline."""
         recv_into = self.sock.recv_into
-        woke_early = False
         while got < need:
             self.arm(deadline, woke_early)
             try:
@@ -178,36 +196,29 @@ class FastConnections:
             del conns[conn.address]
         conn.close()
 
+    def get(self, address: str, body: bytes, timeout: float) -> Any:
+        """The GetResponse to one serialized GetRequest sent to ``address``; errors as
+        KvstoreError."""
+        deadline = time.monotonic() + timeout
+        conn = self._connection(address, timeout)
+        request_id = self._send(conn, body, deadline, timeout)
+        return self._answer(*self._receive(conn, request_id, deadline, timeout))
+
     def get_many(self, calls: list[tuple[str, pb.GetRequest]], timeout: float) -> list[Any]:
-        """GetResponses for (fast address, request) pairs; errors as KvstoreError."""
+        """GetResponses for (fast address, request) pairs; errors as KvstoreError. Every
+        request is sent before any answer is read, so the nodes work in parallel."""
         deadline = time.monotonic() + timeout
         sent: list[tuple[_Connection, int]] = []
         try:
             for address, request in calls:
                 conn = self._connection(address, timeout)
-                try:
-                    sent.append((conn, conn.send(request.SerializeToString(), deadline)))
-                except TimeoutError:
-                    self._drop(conn)
-                    raise self._late(conn, timeout) from None
-                except OSError as exc:
-                    self._drop(conn)
-                    raise Unavailable(f"fast read path of node {address}: {exc}") from None
+                body = request.SerializeToString()
+                sent.append((conn, self._send(conn, body, deadline, timeout)))
             out = []
             for k, (conn, request_id) in enumerate(sent):
-                try:
-                    status, body = conn.receive(request_id, deadline)
-                except TimeoutError:
-                    self._drop(conn)
-                    raise self._late(conn, timeout) from None
-                except (OSError, KvstoreError) as exc:
-                    self._drop(conn)
-                    raise Unavailable(f"fast read path of node {conn.address}: {exc}") from None
+                answer = self._receive(conn, request_id, deadline, timeout)
                 sent[k] = (conn, -1)  # answered
-                if status:
-                    error = pb.FastError.FromString(body)
-                    raise error_from_name(error.type, error.message)
-                out.append(pb.GetResponse.FromString(body))
+                out.append(self._answer(*answer))
             return out
         except KvstoreError:
             # A connection whose answer was not read would hand it to the next call.
@@ -215,6 +226,35 @@ class FastConnections:
                 if request_id >= 0:
                     self._drop(conn)
             raise
+
+    def _send(self, conn: _Connection, body: bytes, deadline: float, timeout: float) -> int:
+        try:
+            return conn.send(body, deadline)
+        except TimeoutError:
+            self._drop(conn)
+            raise self._late(conn, timeout) from None
+        except OSError as exc:
+            self._drop(conn)
+            raise Unavailable(f"fast read path of node {conn.address}: {exc}") from None
+
+    def _receive(
+        self, conn: _Connection, request_id: int, deadline: float, timeout: float
+    ) -> tuple[int, bytes]:
+        try:
+            return conn.receive(request_id, deadline)
+        except TimeoutError:
+            self._drop(conn)
+            raise self._late(conn, timeout) from None
+        except (OSError, KvstoreError) as exc:
+            self._drop(conn)
+            raise Unavailable(f"fast read path of node {conn.address}: {exc}") from None
+
+    @staticmethod
+    def _answer(status: int, body: bytes) -> Any:
+        if status:
+            error = pb.FastError.FromString(body)
+            raise error_from_name(error.type, error.message)
+        return pb.GetResponse.FromString(body)
 
     @staticmethod
     def _late(conn: _Connection, timeout: float) -> DeadlineExceeded:

@@ -21,6 +21,7 @@ from kvstore.client.fast import FastConnections
 from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
 from kvstore.errors import KvstoreError, TableNotFound, from_rpc_error
+from kvstore.keys import KeyBatch
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 
 __all__ = ["Client"]
@@ -117,8 +118,15 @@ class Client:
         if schema is not None and ops.knows_route(table):
             # Schema and route are known: the calls need no flow (the common case, and
             # the cheapest; the flow below is what runs when anything must be fetched).
-            plan, batch, calls = ops.start_get(table, schema, keys, features, version)
             try:
+                fast = self._fast and ops.sole_fast_address(table, schema)
+                if fast:  # one node serves the table: one request, nothing to split
+                    plan = ops.get_plan(schema, features)
+                    batch = KeyBatch.from_values(schema.key_type, keys, table)
+                    if batch.count:
+                        response = self._fast.get(fast, plan.request(batch, version), timeout)
+                        return ops.finish_one(table, plan, batch, fast, response)
+                plan, batch, calls = ops.start_get(table, schema, keys, features, version)
                 responses = self._send(calls, timeout) if calls else []
                 return ops.finish_get(table, plan, batch, calls, responses)
             except (*STALE_SCHEMA, TableNotFound):
