@@ -13,7 +13,12 @@ import sys
 import numpy as np
 cimport numpy as cnp
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.math cimport NAN
@@ -355,6 +360,19 @@ cdef object _byte_buffer(object obj, str what):
     if not view.c_contiguous:
         raise ValueError(f"{what} must be a contiguous buffer")
     return view.cast("B")
+
+
+cdef inline bytes _as_bytes(object obj, str what):
+    """obj as bytes: itself when it is bytes (what protobuf fields and sockets give:
+    read in place, with no typed memoryview to take, ~70 ns each), else a copy."""
+    if PyBytes_CheckExact(obj):
+        return <bytes>obj
+    return bytes(_byte_buffer(obj, what))
+
+
+cdef inline int64_t* _int64_data(object array) noexcept:
+    """The data of an int64 ndarray from ``_int64_array``, ``_empty`` or ``_zeros``."""
+    return <int64_t*>cnp.PyArray_DATA(<cnp.ndarray>array)
 
 
 cdef inline const uint8_t* _bytes_ptr(const uint8_t[::1] view) noexcept nogil:
@@ -807,6 +825,7 @@ cdef class Projection:
     cdef Py_ssize_t n_cols
     cdef list dtypes                # numpy dtype of a fixed column's values, None for var
     cdef list dims                  # N of a float32[N] column, 0 for the others
+    cdef Py_ssize_t* cdims          # the same, for C
 
     def __cinit__(self, Layout layout not None, projection):
         cdef const RowLayout* c = &layout.c
@@ -821,6 +840,9 @@ cdef class Projection:
         self.cols = <DecColumn*>PyMem_Calloc(self.n_cols + 1, sizeof(DecColumn))
         if self.cols == NULL:
             raise MemoryError()
+        self.cdims = <Py_ssize_t*>PyMem_Calloc(self.n_cols + 1, sizeof(Py_ssize_t))
+        if self.cdims == NULL:
+            raise MemoryError()
         self.dtypes = [None] * self.n_cols
         self.dims = [0] * self.n_cols
         for k in range(self.n_cols):
@@ -834,6 +856,7 @@ cdef class Projection:
                 self.dtypes[k] = _FIXED_DTYPES[c.kinds[f]]
                 if c.kinds[f] == FEATURE_FLOAT32_VECTOR:
                     self.dims[k] = c.dims[f]
+                    self.cdims[k] = c.dims[f]
                 elif c.kinds[f] not in (FEATURE_FLOAT32, FEATURE_FLOAT64):
                     masked.append(k)
             else:
@@ -843,6 +866,7 @@ cdef class Projection:
 
     def __dealloc__(self):
         PyMem_Free(self.cols)
+        PyMem_Free(self.cdims)
 
     def __len__(self):
         return self.n_cols
@@ -868,7 +892,7 @@ cdef class Decoded:
     cdef readonly list complete
     cdef object fixed               # uint8 ndarray, every fixed column 64-byte aligned
     cdef object valid_block         # uint8 ndarray (columns, n)
-    cdef list positions             # a fixed column's byte offset in fixed, None for var
+    cdef object positions           # int64 ndarray: a fixed column's byte offset in fixed (-1: var)
     cdef list var                   # a var column's (offsets, data), None for fixed
 
     def _check(self):
@@ -878,7 +902,7 @@ cdef class Decoded:
     def values(self, Py_ssize_t k):
         """Fixed column k's values: float kinds NaN, the others zero where not valid."""
         self._check()
-        dtype = self.projection.dtypes[k]
+        dtype = self.projection.dtypes[k]  # IndexError when there is no column k
         if dtype is None:
             raise ValueError(f"column {k} is a var column: see column()")
         return self._view(dtype, self.projection.dims[k], self.positions[k])
@@ -913,14 +937,15 @@ cdef class Decoded:
         cdef Py_ssize_t k
         self._check()
         cdef Projection p = self.projection
-        if len(names) != p.n_cols:
-            raise ValueError(f"{len(names)} names for {p.n_cols} columns")
+        cdef list keys = names if type(names) is list else list(names)
+        cdef const int64_t* positions = _int64_data(self.positions)
+        if len(keys) != p.n_cols:
+            raise ValueError(f"{len(keys)} names for {p.n_cols} columns")
         for k in range(p.n_cols):
-            dtype = p.dtypes[k]
-            if dtype is None:
-                out[names[k]] = None
-                continue
-            out[names[k]] = self._view(dtype, p.dims[k], self.positions[k])
+            if p.cols[k].width == 0:
+                out[keys[k]] = None
+            else:
+                out[keys[k]] = self._view(<cnp.dtype>p.dtypes[k], p.cdims[k], positions[k])
         return out
 
 
@@ -933,25 +958,24 @@ def decode(Projection projection not None, buf, starts, lengths):
     """
     cdef Projection p = projection
     cdef const RowLayout* c = &p.layout.c
-    cdef const uint8_t[::1] data = _byte_buffer(buf, "buf")
-    cdef const int64_t[::1] st = _int64_array(starts, -1, "starts")
-    cdef Py_ssize_t n = st.shape[0]
-    cdef const int64_t[::1] ln = _int64_array(lengths, n, "lengths")
-    cdef const uint8_t* base = _bytes_ptr(data)
-    cdef const int64_t* starts_ptr = _int64_ptr(st)
-    cdef const int64_t* lengths_ptr = _int64_ptr(ln)
+    cdef bytes data = _as_bytes(buf, "buf")
+    starts = _int64_array(starts, -1, "starts")
+    cdef Py_ssize_t n = cnp.PyArray_DIMS(<cnp.ndarray>starts)[0]
+    lengths = _int64_array(lengths, n, "lengths")
+    cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
+    cdef const int64_t* starts_ptr = _int64_data(starts)
+    cdef const int64_t* lengths_ptr = _int64_data(lengths)
+    cdef Py_ssize_t data_size = PyBytes_GET_SIZE(data)
     cdef RowCheck check
     cdef bint bad
     with nogil:
-        bad = _check_batch(c, base, data.shape[0], starts_ptr, lengths_ptr, n, &check)
+        bad = _check_batch(c, base, data_size, starts_ptr, lengths_ptr, n, &check)
     if bad:
         _raise_fault(c, &check)
 
     cdef Py_ssize_t n_cols = p.n_cols
     cdef Py_ssize_t k, i
     cdef Py_ssize_t fixed_bytes = 0
-    cdef uint8_t[::1] out_view
-    cdef int64_t[::1] offsets_view
     cdef uint8_t* fixed_base
     cdef uint8_t* valid_base
     cdef uint8_t* found_ptr
@@ -960,11 +984,12 @@ def decode(Projection projection not None, buf, starts, lengths):
     cdef Decoded d = Decoded.__new__(Decoded)
     d.projection = p
     d.n = n
-    d.positions = [None] * n_cols
+    d.positions = _empty(n_cols, cnp.NPY_INT64)
+    cdef int64_t* positions = _int64_data(d.positions)
     d.var = [None] * n_cols
     cdef list var_offsets = [None] * n_cols
     d.event_times = _empty(n, cnp.NPY_INT64)
-    cdef int64_t[::1] times_view = d.event_times
+    cdef int64_t* times = _int64_data(d.event_times)
     d.found = _empty(n, cnp.NPY_BOOL)
     found_ptr = <uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>d.found)
     # The column structs of this call: the projection's constants plus this call's buffers.
@@ -977,18 +1002,18 @@ def decode(Projection projection not None, buf, starts, lengths):
     try:
         memcpy(cols, p.cols, n_cols * sizeof(DecColumn))
         with nogil:
-            _row_pointers(base, starts_ptr, lengths_ptr, n, rows, &times_view[0] if n else NULL)
+            _row_pointers(base, starts_ptr, lengths_ptr, n, rows, times if n else NULL)
             for i in range(n):
                 found_ptr[i] = rows[i] != NULL
         for k in range(n_cols):
             col = &cols[k]
             if col.width:
-                d.positions[k] = fixed_bytes
+                positions[k] = fixed_bytes
                 fixed_bytes += (n * col.width + 63) & ~63   # each column 64-byte aligned
             else:
+                positions[k] = -1
                 offsets = _empty(n + 1, cnp.NPY_INT64)
-                offsets_view = offsets
-                col.offsets = &offsets_view[0]
+                col.offsets = _int64_data(offsets)
                 var_offsets[k] = offsets
         # The valid masks of all columns share one allocation, and so do the fixed
         # values: two numpy allocations per call rather than two per column, which
@@ -998,20 +1023,18 @@ def decode(Projection projection not None, buf, starts, lengths):
         d.valid_block = cnp.PyArray_EMPTY(2, shape, cnp.NPY_UINT8, 0)
         valid_base = <uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>d.valid_block) if n else NULL
         d.fixed = _empty(fixed_bytes, cnp.NPY_UINT8)
-        out_view = d.fixed
-        fixed_base = _out_ptr(out_view)
+        fixed_base = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>d.fixed)
         for k in range(n_cols):
             cols[k].valid = valid_base + k * n if n else NULL
             if cols[k].width:
-                cols[k].values = fixed_base + <Py_ssize_t>d.positions[k] if n else NULL
+                cols[k].values = fixed_base + positions[k] if n else NULL
         for k in range(n_cols):
             col = &cols[k]
             if col.width == 0:
                 with nogil:
                     _decode_var_sizes(c, rows, n, col)
                 data_array = _empty(col.offsets[n], cnp.NPY_UINT8)
-                out_view = data_array
-                col.values = _out_ptr(out_view)
+                col.values = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>data_array)
                 d.var[k] = (var_offsets[k], data_array)
         # Column by column: each loop is short and specialised, and writes one
         # output sequentially.

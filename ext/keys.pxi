@@ -286,39 +286,38 @@ def response_layout(Py_ssize_t n, list parts):
     starts = _zeros(n, cnp.NPY_INT64)
     lengths = _empty(n, cnp.NPY_INT64)
     seen_array = _zeros(n, cnp.NPY_UINT8)
-    cdef int64_t[::1] st = starts
-    cdef int64_t[::1] ln = lengths
-    cdef uint8_t[::1] seen = seen_array
+    cdef int64_t* st = _int64_data(starts)
+    cdef int64_t* ln = _int64_data(lengths)
+    cdef uint8_t* seen = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>seen_array)
     cdef int64_t base = 0
     cdef int64_t part_bytes, size
-    cdef Py_ssize_t i, m, j, at
+    cdef Py_ssize_t i, m, j, at, order_size
     for i in range(n):
         ln[i] = -1
     cdef int32_t length
-    cdef const uint8_t[::1] lens_view
-    cdef const uint8_t[::1] order_view
-    cdef const int64_t[::1] pos_view
+    cdef bytes lens_bytes, order_bytes
     cdef const uint8_t* lens
     cdef const uint8_t* order
     cdef const int64_t* pos
     for k, part in enumerate(parts):
         part_lengths, part_order, positions, values_size = part
         size = values_size
-        lens_view = _byte_buffer(part_lengths, "lengths")
-        order_view = _byte_buffer(part_order, "order")
-        m = lens_view.shape[0] // 4
-        if lens_view.shape[0] != 4 * m:
-            raise ValueError(f"part {k}: lengths is {lens_view.shape[0]} bytes, not int32s")
-        if order_view.shape[0] not in (0, 4 * m):
-            raise ValueError(f"part {k}: order has {order_view.shape[0] // 4} entries, expected {m}")
+        lens_bytes = _as_bytes(part_lengths, "lengths")
+        order_bytes = _as_bytes(part_order, "order")
+        m = PyBytes_GET_SIZE(lens_bytes) // 4
+        if PyBytes_GET_SIZE(lens_bytes) != 4 * m:
+            raise ValueError(f"part {k}: lengths is {len(lens_bytes)} bytes, not int32s")
+        order_size = PyBytes_GET_SIZE(order_bytes)
+        if order_size not in (0, 4 * m):
+            raise ValueError(f"part {k}: order has {order_size // 4} entries, expected {m}")
         pos = NULL
         if positions is not None:
-            pos_view = _int64_array(positions, m, f"part {k}: positions")
-            pos = &pos_view[0] if m else NULL
+            positions = _int64_array(positions, m, f"part {k}: positions")
+            pos = _int64_data(positions)
         elif m != n:
             raise ValueError(f"part {k}: {m} rows for {n} keys")
-        lens = _bytes_ptr(lens_view)
-        order = _bytes_ptr(order_view) if order_view.shape[0] else NULL
+        lens = <const uint8_t*>PyBytes_AS_STRING(lens_bytes)
+        order = <const uint8_t*>PyBytes_AS_STRING(order_bytes) if order_size else NULL
         part_bytes = 0
         for i in range(m):
             j = <int32_t>load_u32(order + 4 * i) if order != NULL else i
