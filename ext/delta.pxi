@@ -375,12 +375,11 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
     if len(delta_rows) != n:
         raise ValueError(f"{len(delta_rows)} delta rows for {n} base rows")
     ttl = _ttl_array(ttl_us, c.n_features)
-    cdef const int64_t[::1] ttl_view
     cdef const int64_t* ttls = NULL
     if ttl is not None:
-        ttl_view = ttl
-        ttls = &ttl_view[0]
-    cdef _Scratch scratch = _Scratch(c.n_features)
+        ttls = _int64_data(ttl)
+    # Only rows the delta or a TTL changes need scratch space: made for the first one.
+    cdef _Scratch scratch = None
     cdef RowView base, delta
     cdef Py_ssize_t i, f
     cdef bint base_counts, any_delta, expired
@@ -396,6 +395,8 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
             if ttls == NULL:
                 out[i] = b
                 continue
+            if scratch is None:
+                scratch = _Scratch(c.n_features)
             expired = False
             for f in range(c.n_features):
                 if _expired(base.event_time, now_us, ttls[f]):
@@ -407,6 +408,8 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
                                0, NULL) if expired else b
             continue
         _view_delta(c, d, i, &delta)
+        if scratch is None:
+            scratch = _Scratch(c.n_features)
         base_counts = False
         if b is not None:
             _view_base(c, b, i, &base)

@@ -109,13 +109,14 @@ cdef void _sort_by_shard(const int32_t* ids, Py_ssize_t n, int32_t shards, int32
 def shard_ids_int(keys, n_shards):
     """The shard of each int64 key: xxh3_64(its 8-byte stored form) % n_shards (int32)."""
     cdef int32_t shards = _shard_count(n_shards)
-    cdef const int64_t[::1] view = _int64_array(keys, -1, "keys")
-    cdef Py_ssize_t n = view.shape[0]
+    keys = _int64_array(keys, -1, "keys")
+    cdef Py_ssize_t n = cnp.PyArray_DIMS(<cnp.ndarray>keys)[0]
+    cdef const int64_t* view = _int64_data(keys)
     out = _empty(n, cnp.NPY_INT32)
-    cdef int32_t[::1] ids = out
+    cdef int32_t* ids = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>out)
     if n:
         with nogil:
-            _int_shard_ids(&view[0], n, shards, &ids[0])
+            _int_shard_ids(view, n, shards, ids)
     return out
 
 
@@ -127,11 +128,12 @@ def group_int_keys(keys, n_shards):
     by shard, as ``group_by_shard(shard_ids_int(keys, n), n)`` gives).
     """
     cdef int32_t shards = _shard_count(n_shards)
-    cdef const int64_t[::1] view = _int64_array(keys, -1, "keys")
-    cdef Py_ssize_t i, k, n = view.shape[0]
+    keys = _int64_array(keys, -1, "keys")
+    cdef const int64_t* view = _int64_data(keys)
+    cdef Py_ssize_t i, k, n = cnp.PyArray_DIMS(<cnp.ndarray>keys)[0]
     cdef int32_t s
     order = _empty(n, cnp.NPY_INT32)
-    cdef int32_t[::1] out = order
+    cdef int32_t* out = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>order)
     cdef uint8_t key[8]
     cdef int32_t* ids = <int32_t*>PyMem_Malloc((n + 1) * sizeof(int32_t))
     cdef int64_t* start = <int64_t*>PyMem_Calloc(<size_t>shards + 1, sizeof(int64_t))
@@ -142,8 +144,8 @@ def group_int_keys(keys, n_shards):
             raise MemoryError()
         if n:
             with nogil:
-                _int_shard_ids(&view[0], n, shards, ids)
-                _sort_by_shard(ids, n, shards, &out[0], start)
+                _int_shard_ids(view, n, shards, ids)
+                _sort_by_shard(ids, n, shards, out, start)
         i = 0  # start[s] is now the end of shard s's run in order
         for s in range(shards):
             if start[s] == i:
@@ -191,7 +193,7 @@ def join_values(list values):
     cdef Py_ssize_t i, size, n = len(values)
     cdef Py_ssize_t total = 0
     lengths = _empty(n, cnp.NPY_INT32)
-    cdef int32_t[::1] lengths_view = lengths
+    cdef int32_t* lengths_view = <int32_t*>cnp.PyArray_DATA(<cnp.ndarray>lengths)
     for i in range(n):
         value = values[i]
         if value is None:
