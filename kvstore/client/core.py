@@ -431,8 +431,10 @@ def check_features(schema: TableSchema, names: list[Any]) -> tuple[list[str], li
 # list of NodeCall, sent in parallel) and receives their responses, or a KvstoreError
 # thrown in. Client drives it with blocking calls, AsyncClient with coroutines.
 # Client.get alone skips the generator when the schema and route are cached: it runs
-# the same start_get / finish_get directly (~2 µs a call, doubled under contention),
-# and falls back to get_flow for anything that must be fetched or refreshed.
+# start_get / finish_get directly, or, when one node serves the table, get_plan,
+# GetPlan.request and finish_one (the flow costs ~2 µs a call, and a µs of client
+# work costs five or more with 32 client processes on two cores); it falls back to
+# get_flow for anything that must be fetched or refreshed.
 
 Flow = Any  # Generator[list[NodeCall], list[Any], T]
 
