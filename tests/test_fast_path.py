@@ -208,16 +208,22 @@ def test_timeouts_that_are_not_a_positive_number_are_refused(shared_node, transp
         Client(shared_node.address, timeout=-2)
 
 
-def _peer_answering(frame: bytes) -> tuple[socket.socket, str]:
+def _peer_answering(frame: bytes, pieces: tuple[int, ...] = ()) -> tuple[socket.socket, str]:
     """A listening socket whose first connection gets ``frame`` once a request arrived:
-    a node that breaks the protocol, which a real one cannot be made to do."""
+    a node that breaks the protocol, which a real one cannot be made to do. ``pieces``:
+    send the frame cut after these byte counts, 50 ms apart."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
         conn, _ = server.accept()
         with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.recv(65536)
-            conn.sendall(frame)
+            at = 0
+            for end in (*pieces, len(frame)):
+                conn.sendall(frame[at:end])
+                at = end
+                time.sleep(0.05)
             conn.recv(1)  # hold the connection until the client closes it
 
     threading.Thread(target=serve, daemon=True).start()
@@ -247,3 +253,69 @@ def test_an_answer_that_does_not_fit_the_request_names_the_node() -> None:
         r"its row lengths add up to 60 bytes, its values block holds 40",
     ):
         ops.finish_get("t", ops.get_plan(schema, None), keys, [call], [short])
+
+
+@pytest.mark.parametrize("pieces", [(1,), (5, 9), (9,), (12,)], ids=str)
+def test_an_answer_that_arrives_in_pieces_is_read_whole(pieces) -> None:
+    # The header cut short, cut whole, and the body cut: each takes the slow path
+    # after the one-recv fast path of _Connection.receive.
+    body = pb.GetResponse(schema_id=7, version=3, values=b"v" * 40).SerializeToString()
+    server, address = _peer_answering(struct.pack("<IIB", len(body), 1, 0) + body, pieces)
+    conns = FastConnections()
+    request = pb.GetRequest(table="t").SerializeToString()
+    with server:
+        answer = conns.get(address, request, timeout=5)
+    conns.close()
+    assert (answer.schema_id, answer.version, answer.values) == (7, 3, b"v" * 40)
+
+
+def test_a_node_that_closes_mid_answer_is_unavailable() -> None:
+    body = pb.GetResponse(schema_id=7, values=b"v" * 40).SerializeToString()
+    frame = struct.pack("<IIB", len(body), 1, 0) + body
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(frame[:20])  # and close
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    conns = FastConnections()
+    with server, pytest.raises(kvstore.Unavailable, match=f"{address}.*closed the connection"):
+        conns.get(address, pb.GetRequest(table="t").SerializeToString(), timeout=5)
+    conns.close()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        KeyBatch("int64", ints=np.array([5, -1, 2**40], np.int64)),
+        KeyBatch.from_values("string", ["a", "ü", ""], "t"),
+    ],
+    ids=["int64", "string"],
+)
+@pytest.mark.parametrize("features", [None, ["x", "v"]], ids=["all", "two"])
+@pytest.mark.parametrize("version", [0, 12])
+def test_a_plans_request_is_the_get_request_a_node_parses(keys, features, version) -> None:
+    # GetPlan.request appends the keys' and version's message to the plan's serialized
+    # (table, features) prefix; the node must read the GetRequest built in one piece.
+    schema = TableSchema.build("t", keys.key_type, {"x": "float32", "v": "float32[3]"})
+    plan = Operations("127.0.0.1:1", timeout=5).get_plan(schema, features)
+    whole = pb.GetRequest(table="t", keys=keys.to_proto(), features=plan.names, version=version)
+    assert pb.GetRequest.FromString(plan.request(keys, version)) == whole
+
+
+def test_a_malformed_answer_on_the_one_node_path_names_the_node() -> None:
+    schema = TableSchema.build("t", "int64", {"x": "int64"})
+    keys = KeyBatch("int64", ints=np.arange(3, dtype=np.int64))
+    ops = Operations("127.0.0.1:1", timeout=5)
+    lengths = np.full(3, 20, "<i4").tobytes()
+    short = pb.GetResponse(schema_id=schema.schema_id, lengths=lengths, values=b"x" * 40)
+    with pytest.raises(
+        kvstore.KvstoreError,
+        match=r"a malformed Get response \(part 0 from 10.0.0.7:7071\): part 0: its row "
+        r"lengths add up to 60 bytes",
+    ):
+        ops.finish_one("t", ops.get_plan(schema, None), keys, "10.0.0.7:7071", short)
