@@ -240,11 +240,12 @@ def test_bytes_after_an_answer_are_refused_naming_the_node() -> None:
     conns.close()
 
 
-def test_an_answer_that_does_not_fit_the_request_names_the_node() -> None:
+@pytest.mark.parametrize("path", ["several nodes", "one node"])
+def test_an_answer_that_does_not_fit_the_request_names_the_node(path: str) -> None:
     schema = TableSchema.build("t", "int64", {"x": "int64"})
     keys = KeyBatch("int64", ints=np.arange(3, dtype=np.int64))
     ops = Operations("127.0.0.1:1", timeout=5)
-    call = NodeCall("10.0.0.7:7070", "Get", pb.GetRequest(table="t"))
+    plan = ops.get_plan(schema, None)
     lengths = np.full(3, 20, "<i4").tobytes()
     short = pb.GetResponse(schema_id=schema.schema_id, lengths=lengths, values=b"x" * 40)
     with pytest.raises(
@@ -252,7 +253,11 @@ def test_an_answer_that_does_not_fit_the_request_names_the_node() -> None:
         match=r"table 't': a malformed Get response \(part 0 from 10.0.0.7:7070\): part 0: "
         r"its row lengths add up to 60 bytes, its values block holds 40",
     ):
-        ops.finish_get("t", ops.get_plan(schema, None), keys, [call], [short])
+        if path == "one node":
+            ops.finish_one("t", plan, keys, "10.0.0.7:7070", short)
+        else:
+            call = NodeCall("10.0.0.7:7070", "Get", pb.GetRequest(table="t"))
+            ops.finish_get("t", plan, keys, [call], [short])
 
 
 @pytest.mark.parametrize("pieces", [(1,), (5, 9), (9,), (12,)], ids=str)
@@ -305,17 +310,3 @@ def test_a_plans_request_is_the_get_request_a_node_parses(keys, features, versio
     plan = Operations("127.0.0.1:1", timeout=5).get_plan(schema, features)
     whole = pb.GetRequest(table="t", keys=keys.to_proto(), features=plan.names, version=version)
     assert pb.GetRequest.FromString(plan.request(keys, version)) == whole
-
-
-def test_a_malformed_answer_on_the_one_node_path_names_the_node() -> None:
-    schema = TableSchema.build("t", "int64", {"x": "int64"})
-    keys = KeyBatch("int64", ints=np.arange(3, dtype=np.int64))
-    ops = Operations("127.0.0.1:1", timeout=5)
-    lengths = np.full(3, 20, "<i4").tobytes()
-    short = pb.GetResponse(schema_id=schema.schema_id, lengths=lengths, values=b"x" * 40)
-    with pytest.raises(
-        kvstore.KvstoreError,
-        match=r"a malformed Get response \(part 0 from 10.0.0.7:7071\): part 0: its row "
-        r"lengths add up to 60 bytes",
-    ):
-        ops.finish_one("t", ops.get_plan(schema, None), keys, "10.0.0.7:7071", short)
