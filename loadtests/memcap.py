@@ -1,7 +1,7 @@
 """kvstore with its RAM capped at a third of Redis's, against Redis: what the cap costs.
 
-    python -m loadtests.memcap                  # 1M rows, ~2 min; needs root (cgroups)
-    python -m loadtests.memcap --rows 200000
+    python -m loadtests.memcap                  # 1M rows, ~3 min; needs root (cgroups)
+    python -m loadtests.memcap --rows 200000 --dist zipfian
 
 Issue 5 asks for resident memory per row at most a third of Redis's. A kvstore node's
 resident set is mostly the pages of the memory-mapped bulk version that reads touched:
@@ -12,6 +12,14 @@ cgroup whose limit (which counts the page cache it uses) is a third of what Redi
 from the page cache before the node starts. Every read the cgroup cannot cache goes to
 the disk. Lookups alternate between the capped node, an uncapped node on a copy of the
 same files, and Redis, round by round.
+
+Keys are drawn uniformly (every row as likely: the cap's worst case) and then by
+zipfian popularity (theta 0.99, as YCSB and ``make loadtest``; hot keys scattered over
+the table), the skew of real feature traffic, where a node caches the pages of the hot
+rows. Each popularity starts untimed: the capped node first serves ``--warm-keys`` keys
+of it (default: as many as the table has rows, at most a minute), then every system one
+round, so that what is measured is a node that has been serving that traffic, with its
+caches in their steady state, not one changing from the other. No key batch repeats.
 
 Prints a table and writes ``bench/memcap.json``. Needs root and a cgroup memory
 controller (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``); without them it says
@@ -33,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtests.ab import parse_env
 from loadtests.bench import (
     Settings,
     load_redis_and_parquet,
@@ -41,10 +50,23 @@ from loadtests.bench import (
     time_lookups,
 )
 from loadtests.bulkload import ParquetSink
+from loadtests.loadtest import DISTRIBUTIONS, KeyChooser
 from loadtests.servers import KvstoreNode, RedisServer, proc_memory_bytes
 from loadtests.systems import KeyPool, KvstoreSystem, RedisPackedSystem
 
 __all__ = ["main", "memory_cgroup"]
+
+#: Settings of the capped node unless ``--capped-env`` gives others. A node whose base
+#: does not fit in its RAM waits on the disk more than on its CPU, so it reads a batch's
+#: shards on as many threads as the table has shards (the event loop's and 7 more), from
+#: 2 keys up, and the disk reads overlap; and it keeps hot rows in RocksDB's row cache,
+#: ``ROW_CACHE_SHARE`` of the memory the cap leaves for rows, which holds a row in about
+#: 500 B where the page cache holds the row's whole 4 KiB page (docs/operations.md).
+COLD_ENV = {"KVSTORE_READ_THREADS": "7", "KVSTORE_PARALLEL_READ_KEYS": "2"}
+ROW_CACHE_SHARE = 1 / 2
+
+#: The longest the capped node is warmed for, in seconds, whatever ``warm_keys`` says.
+WARM_SECONDS = 60.0
 
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")
@@ -143,9 +165,28 @@ def _used_memory(server: RedisServer) -> int:
         return int(conn.info("memory")["used_memory"])
 
 
-def measure(rows: int, batch_sizes: list[int], rounds: int, samples: int, seed: int) -> dict:
+def measure(
+    rows: int,
+    batch_sizes: list[int],
+    rounds: int,
+    samples: int,
+    seed: int,
+    dists: tuple[str, ...] = DISTRIBUTIONS[::-1],
+    capped_env: dict[str, str] | None = None,
+    warm_keys: int | None = None,
+) -> dict:
+    """Load ``rows`` rows into Redis and two kvstore nodes, cap one, and time lookups
+    of each of ``batch_sizes`` keys drawn by each popularity in ``dists``. The capped
+    node runs with ``capped_env``'s ``KVSTORE_*`` settings on top of the node's defaults
+    (None: ``COLD_ENV`` and a row cache of ``ROW_CACHE_SHARE`` of its allowance), and
+    serves ``warm_keys`` keys (default ``rows``) of each popularity before it is timed."""
     s = Settings(rows=rows, seed=seed)
-    out: dict = {"rows": rows, "batch_sizes": batch_sizes}
+    out: dict = {
+        "rows": rows,
+        "batch_sizes": batch_sizes,
+        "dists": list(dists),
+        "warm_keys": rows if warm_keys is None else warm_keys,
+    }
     with tempfile.TemporaryDirectory(prefix="kvmemcap-") as tmp:
         work = Path(tmp)
         capped_dir, free_dir = work / "capped", work / "uncapped"
@@ -165,9 +206,13 @@ def measure(rows: int, batch_sizes: list[int], rounds: int, samples: int, seed: 
             data = loaded_data_dir(capped_dir, parquet, rows, work)
             shutil.copytree(data, free_dir / "data")
             out["kvstore_file_bytes"] = evict_page_cache(capped_dir / "data")
+            if capped_env is None:
+                row_cache = int((redis_used - redis_empty) // 3 * ROW_CACHE_SHARE)
+                capped_env = {**COLD_ENV, "KVSTORE_ROW_CACHE_BYTES": str(row_cache)}
+            out["capped_env"] = capped_env
             with (
                 memory_cgroup(f"kvbench-memcap-{os.getpid()}") as procs,
-                KvstoreNode(capped_dir, cgroup_procs=procs) as capped,
+                KvstoreNode(capped_dir, cgroup_procs=procs, env=capped_env) as capped,
                 KvstoreNode(free_dir) as free,
             ):
                 # The cap, like the per-row RAM of the main benchmark, is counted above
@@ -192,7 +237,10 @@ def measure(rows: int, batch_sizes: list[int], rounds: int, samples: int, seed: 
                     "kvstore": (KvstoreSystem(free.address, free.pid), free.pid),
                     "redis-packed": (packed, redis_server.pid),
                 }
-                out["latency"] = _latency(systems, batch_sizes, rounds, samples, s)
+                out["latency"] = {
+                    dist: _latency(systems, batch_sizes, rounds, samples, s, dist, out["warm_keys"])
+                    for dist in dists
+                }
                 out["kvstore_capped_memory"] = {
                     **proc_memory_bytes(capped.pid),
                     **{f"cgroup_{k}": v for k, v in cgroup_memory(procs).items()},
@@ -205,17 +253,54 @@ def measure(rows: int, batch_sizes: list[int], rounds: int, samples: int, seed: 
     return out
 
 
-def _latency(systems: dict, batch_sizes: list[int], rounds: int, samples: int, s) -> dict:
+def _pool(chooser: KeyChooser, rng: np.random.Generator, batch: int, batches: int) -> KeyPool:
+    return KeyPool.of(chooser.draw(rng, batches * batch).reshape(batches, batch))
+
+
+def _warm(reader, chooser: KeyChooser, rng: np.random.Generator, keys: int, batch: int) -> dict:
+    """``keys`` keys drawn by ``chooser`` read through ``reader`` in ``batch``-key
+    batches, for at most ``WARM_SECONDS``: what was read, and in how long."""
+    t0, done = time.perf_counter(), 0
+    while done < keys and time.perf_counter() - t0 < WARM_SECONDS:
+        n = min(batch, keys - done)
+        reader.lookup(chooser.draw(rng, n), [])
+        done += n
+    return {"keys": done, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _latency(
+    systems: dict,
+    batch_sizes: list[int],
+    rounds: int,
+    samples: int,
+    s: Settings,
+    dist: str,
+    warm_keys: int,
+) -> dict:
+    """p50 / p99 and disk reads per lookup of each system, by batch size: the capped
+    node warmed with ``warm_keys`` keys, an untimed round, then ``rounds`` rounds, each
+    system in turn, ``samples`` lookups (or 3 s) a cell; the pools hold as many batches
+    as that, so that none repeats. ``capped_warmed``: keys and seconds of the warming."""
     rng = np.random.default_rng(s.seed + 2)
-    pools = {b: KeyPool.draw(rng, s.rows, b, 50_000) for b in batch_sizes}
+    chooser = KeyChooser(s.rows, dist, seed=s.seed)
+    pools = {b: _pool(chooser, rng, b, samples * (rounds + 1)) for b in batch_sizes}
     readers = {name: system.reader() for name, (system, _) in systems.items()}
     got: dict = {
         name: {b: {"ns": [], "round_p50_ms": [], "faults": 0} for b in pools} for name in readers
     }
-    cursor = 0
     try:
-        for reader in readers.values():  # connections and code paths: a few lookups
-            time_lookups(reader, pools[batch_sizes[0]], 0, 20, 1.0)
+        # in batches no larger than the timed ones: a larger answer could need more
+        # memory than the cap leaves
+        warm = _warm(readers["kvstore capped"], chooser, rng, warm_keys, max(batch_sizes))
+        print(
+            f" {dist} keys: the capped node warmed with {warm['keys']:,} of them "
+            f"in {warm['seconds']} s",
+            flush=True,
+        )
+        for pool in pools.values():  # the untimed round: connections, code, caches
+            for reader in readers.values():
+                time_lookups(reader, pool, 0, samples, 3.0)
+        cursor = samples
         for r in range(rounds):
             for b, pool in pools.items():
                 for name, reader in readers.items():
@@ -232,7 +317,7 @@ def _latency(systems: dict, batch_sizes: list[int], rounds: int, samples: int, s
     finally:
         for reader in readers.values():
             reader.close()
-    out: dict = {}
+    out: dict = {"capped_warmed": warm}
     for name, cells in got.items():
         out[name] = {}
         for b, cell in cells.items():
@@ -260,19 +345,25 @@ def render(res: dict) -> str:
         f"capped node at the end: RSS {cap['rss'] / mib:,.0f} MiB (private {cap['anon'] / mib:,.0f}"
         f" + mapped {cap['file'] / mib:,.0f}); cgroup charge {cap['cgroup_usage_bytes'] / mib:,.0f}"
         f" MiB, peak {cap.get('cgroup_max_usage_bytes', 0) / mib:,.0f} MiB",
-        "",
-        "| keys per lookup | kvstore capped p50 | p99 | disk reads per lookup "
-        "| kvstore uncapped p50 | p99 | redis-packed p50 | p99 | capped / redis p50 |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    lat = res["latency"]
-    for b in res["batch_sizes"]:
-        c, u, r = (lat[n][str(b)] for n in ("kvstore capped", "kvstore", "redis-packed"))
-        lines.append(
-            f"| {b} | {c['p50_ms']:.3f} | {c['p99_ms']:.3f} | {c['major_faults_per_lookup']:.1f} "
-            f"| {u['p50_ms']:.3f} | {u['p99_ms']:.3f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} "
-            f"| {c['p50_ms'] / r['p50_ms']:.1f}x |"
+        "capped node warmed before it was timed: "
+        + "; ".join(
+            f"{dist} keys, {lat['capped_warmed']['keys']:,} in {lat['capped_warmed']['seconds']} s"
+            for dist, lat in res["latency"].items()
         )
+        + (f"; its settings: {res['capped_env']}" if res["capped_env"] else ""),
+        "",
+        "| keys | keys per lookup | kvstore capped p50 | p99 | disk reads per lookup "
+        "| kvstore uncapped p50 | p99 | redis-packed p50 | p99 | capped / redis p50 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for dist, lat in res["latency"].items():
+        for b in res["batch_sizes"]:
+            c, u, r = (lat[n][str(b)] for n in ("kvstore capped", "kvstore", "redis-packed"))
+            lines.append(
+                f"| {dist} | {b} | {c['p50_ms']:.3f} | {c['p99_ms']:.3f} "
+                f"| {c['major_faults_per_lookup']:.1f} | {u['p50_ms']:.3f} | {u['p99_ms']:.3f} "
+                f"| {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {c['p50_ms'] / r['p50_ms']:.1f}x |"
+            )
     return "\n".join(lines)
 
 
@@ -288,9 +379,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=3, help="rounds alternating the systems")
     p.add_argument("--samples", type=int, default=400, help="lookups per system, size and round")
+    p.add_argument(
+        "--dist",
+        default=",".join(DISTRIBUTIONS[::-1]),
+        help="key popularities, in turn (default uniform,zipfian)",
+    )
+    p.add_argument(
+        "--capped-env",
+        metavar="KVSTORE_NAME=VALUE,...",
+        help="settings of the capped node (docs/operations.md); default: "
+        + ",".join(f"{k}={v}" for k, v in COLD_ENV.items())
+        + f" and KVSTORE_ROW_CACHE_BYTES at {ROW_CACHE_SHARE * 100:.0f}%% of the cap's allowance "
+        "for rows; '' for the node's own defaults",
+    )
+    p.add_argument(
+        "--warm-keys",
+        type=int,
+        help="keys the capped node serves of each popularity before it is timed "
+        f"(default: as many as the table has rows; at most {WARM_SECONDS:.0f} s)",
+    )
     p.add_argument("--seed", type=int, default=20261123)
     p.add_argument("--out", type=Path, default=Path("bench"), help="where memcap.json goes")
     args = p.parse_args(argv)
+    dists = tuple(args.dist.split(","))
+    if not dists or any(d not in DISTRIBUTIONS for d in dists):
+        p.error(f"--dist takes {' and/or '.join(DISTRIBUTIONS)}, comma-separated: {args.dist!r}")
+    try:
+        capped_env = None if args.capped_env is None else parse_env(args.capped_env)
+    except ValueError as exc:
+        p.error(f"--capped-env: {exc}")
     try:
         res = measure(
             args.rows,
@@ -298,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds,
             args.samples,
             args.seed,
+            dists,
+            capped_env,
+            args.warm_keys,
         )
     except CgroupUnavailable as exc:
         print(f"memcap: {exc} (run as root on a machine with cgroups)", file=sys.stderr)

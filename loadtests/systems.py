@@ -102,9 +102,13 @@ class KeyPool:
     def draw(cls, rng: np.random.Generator, rows: int, batch_size: int, keys: int) -> KeyPool:
         """Uniform random keys in ``0..rows-1``: ``keys`` keys, at least 64 batches."""
         batches = max(64, keys // batch_size)
-        ints = rng.integers(0, rows, size=(batches, batch_size), dtype=np.int64)
+        return cls.of(rng.integers(0, rows, size=(batches, batch_size), dtype=np.int64))
+
+    @classmethod
+    def of(cls, ints: np.ndarray) -> KeyPool:
+        """The batches of ``ints`` (batches, batch_size), with their Redis key names."""
         names = [[redis_key(k) for k in row] for row in ints.tolist()]
-        return cls(batch_size, ints, names)
+        return cls(ints.shape[1], ints, names)
 
     def __len__(self) -> int:
         return len(self.names)
