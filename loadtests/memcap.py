@@ -11,11 +11,13 @@ cgroup whose limit (which counts the page cache it uses) is a third of what Redi
 (packed rows) reports as ``used_memory`` for the same rows; the base files are evicted
 from the page cache before the node starts. Every read the cgroup cannot cache goes to
 the disk. Lookups alternate between the capped node, an uncapped node on a copy of the
-same files, and Redis, round by round.
+same files, and Redis, round by round. Each node runs with the settings that suit it:
+the capped one those for a base larger than RAM (``COLD_ENV`` and a row cache; see
+``--capped-env``), the uncapped one the node's defaults, which suit a base in memory.
 
 Keys are drawn uniformly (every row as likely: the cap's worst case) and then by
 zipfian popularity (theta 0.99, as YCSB and ``make loadtest``; hot keys scattered over
-the table), the skew of real feature traffic, where a node caches the pages of the hot
+the table), the skew of real feature traffic, where the capped node can keep the hot
 rows. Each popularity starts untimed: the capped node first serves ``--warm-keys`` keys
 of it (default: as many as the table has rows, at most a minute), then every system one
 round, so that what is measured is a node that has been serving that traffic, with its
@@ -300,9 +302,10 @@ def _latency(
         for pool in pools.values():  # the untimed round: connections, code, caches
             for reader in readers.values():
                 time_lookups(reader, pool, 0, samples, 3.0)
-        cursor = samples
         for r in range(rounds):
+            cursor = samples * (r + 1)  # round r's batches: read by no other round
             for b, pool in pools.items():
+                assert cursor + samples <= len(pool), "a key batch would be read again"
                 for name, reader in readers.items():
                     pid = systems[name][1]
                     faults = major_faults(pid)
@@ -311,7 +314,6 @@ def _latency(
                     cell["faults"] += major_faults(pid) - faults
                     cell["ns"].extend(ns)
                     cell["round_p50_ms"].append(float(np.median(ns)) / 1e6)
-                cursor += samples
             line = ", ".join(f"{n} {got[n][b]['round_p50_ms'][-1]:.3f}" for b in pools for n in got)
             print(f"  round {r + 1}/{rounds}, p50 ms by batch {batch_sizes}: {line}", flush=True)
     finally:
@@ -350,7 +352,7 @@ def render(res: dict) -> str:
             f"{dist} keys, {lat['capped_warmed']['keys']:,} in {lat['capped_warmed']['seconds']} s"
             for dist, lat in res["latency"].items()
         )
-        + (f"; its settings: {res['capped_env']}" if res["capped_env"] else ""),
+        + f"; its settings: {res['capped_env'] or 'the node defaults'}",
         "",
         "| keys | keys per lookup | kvstore capped p50 | p99 | disk reads per lookup "
         "| kvstore uncapped p50 | p99 | redis-packed p50 | p99 | capped / redis p50 |",
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         help="settings of the capped node (docs/operations.md); default: "
         + ",".join(f"{k}={v}" for k, v in COLD_ENV.items())
         + f" and KVSTORE_ROW_CACHE_BYTES at {ROW_CACHE_SHARE * 100:.0f}%% of the cap's allowance "
-        "for rows; '' for the node's own defaults",
+        "for rows; given, these are replaced, not added to ('' for the node's own defaults)",
     )
     p.add_argument(
         "--warm-keys",
@@ -401,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=20261123)
     p.add_argument("--out", type=Path, default=Path("bench"), help="where memcap.json goes")
     args = p.parse_args(argv)
-    dists = tuple(args.dist.split(","))
-    if not dists or any(d not in DISTRIBUTIONS for d in dists):
+    dists = tuple(dict.fromkeys(args.dist.split(",")))
+    if any(d not in DISTRIBUTIONS for d in dists):
         p.error(f"--dist takes {' and/or '.join(DISTRIBUTIONS)}, comma-separated: {args.dist!r}")
     try:
         capped_env = None if args.capped_env is None else parse_env(args.capped_env)
