@@ -42,7 +42,7 @@ test: build
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 	$(VENV)/bin/pytest -q
 
-# make bench (1M rows + a 10M-row bulk load + the RAM-capped run, ~13 min) · make bench QUICK=1
+# make bench (1M rows + a 10M-row bulk load + the RAM-capped run, ~12 min) · make bench QUICK=1
 # (100k rows, ~2 min)
 # · ARGS= passes more (python -m loadtests.bench --help).
 bench: build
