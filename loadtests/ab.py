@@ -71,9 +71,9 @@ def parse_env(spec: str) -> dict[str, str]:
 def _pool(rows: int, batch: int, keys: int, dist: str, seed: int) -> KeyPool:
     """``keys`` keys of ``dist`` popularity in batches of ``batch`` (at least 64 batches),
     without the Redis key names only the benchmark's Redis readers use."""
-    batches = max(64, keys // batch)
-    ints = KeyChooser(rows, dist, seed=seed).draw(np.random.default_rng(seed), batches * batch)
-    return KeyPool(batch, ints.reshape(batches, batch), [[]] * batches)
+    chooser = KeyChooser(rows, dist, seed=seed)
+    rng = np.random.default_rng(seed)
+    return KeyPool.chosen(chooser, rng, batch, max(64, keys // batch), names=False)
 
 
 def run(

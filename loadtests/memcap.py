@@ -255,10 +255,6 @@ def measure(
     return out
 
 
-def _pool(chooser: KeyChooser, rng: np.random.Generator, batch: int, batches: int) -> KeyPool:
-    return KeyPool.of(chooser.draw(rng, batches * batch).reshape(batches, batch))
-
-
 def _warm(reader, chooser: KeyChooser, rng: np.random.Generator, keys: int, batch: int) -> dict:
     """``keys`` keys drawn by ``chooser`` read through ``reader`` in ``batch``-key
     batches, for at most ``WARM_SECONDS``: what was read, and in how long."""
@@ -285,7 +281,7 @@ def _latency(
     as that, so that none repeats. ``capped_warmed``: keys and seconds of the warming."""
     rng = np.random.default_rng(s.seed + 2)
     chooser = KeyChooser(s.rows, dist, seed=s.seed)
-    pools = {b: _pool(chooser, rng, b, samples * (rounds + 1)) for b in batch_sizes}
+    pools = {b: KeyPool.chosen(chooser, rng, b, samples * (rounds + 1)) for b in batch_sizes}
     readers = {name: system.reader() for name, (system, _) in systems.items()}
     got: dict = {
         name: {b: {"ns": [], "round_p50_ms": [], "faults": 0} for b in pools} for name in readers

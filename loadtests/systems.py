@@ -105,6 +105,21 @@ class KeyPool:
         return cls.of(rng.integers(0, rows, size=(batches, batch_size), dtype=np.int64))
 
     @classmethod
+    def chosen(
+        cls,
+        chooser: Any,
+        rng: np.random.Generator,
+        batch_size: int,
+        batches: int,
+        names: bool = True,
+    ) -> KeyPool:
+        """``batches`` batches of ``batch_size`` keys drawn by ``chooser`` (anything with
+        ``draw(rng, n)``: ``loadtest.KeyChooser``); ``names=False`` leaves out the Redis
+        key names, which only the Redis readers use."""
+        ints = chooser.draw(rng, batches * batch_size).reshape(batches, batch_size)
+        return cls.of(ints) if names else cls(batch_size, ints, [[]] * batches)
+
+    @classmethod
     def of(cls, ints: np.ndarray) -> KeyPool:
         """The batches of ``ints`` (batches, batch_size), with their Redis key names."""
         names = [[redis_key(k) for k in row] for row in ints.tolist()]
