@@ -399,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=20261123)
     p.add_argument("--out", type=Path, default=Path("bench"), help="where memcap.json goes")
     args = p.parse_args(argv)
+    if args.warm_keys is not None and args.warm_keys < 0:
+        p.error(f"--warm-keys must be at least 0, not {args.warm_keys}")
     dists = tuple(dict.fromkeys(args.dist.split(",")))
     if any(d not in DISTRIBUTIONS for d in dists):
         p.error(f"--dist takes {' and/or '.join(DISTRIBUTIONS)}, comma-separated: {args.dist!r}")

@@ -153,12 +153,36 @@ def test_the_ram_capped_run_stays_under_its_cap_and_reads_from_disk(tmp_path: Pa
     assert capped["cgroup_usage_bytes"] <= res["cap_bytes"]
     if res["peak_counts_from_cap"]:
         assert capped["cgroup_max_usage_bytes"] <= res["cap_bytes"]
+    # By default the capped node runs the settings for a base larger than RAM, its row
+    # cache half of what the cap leaves for rows, and is warmed with every row's worth.
+    env = res["capped_env"]
+    assert {k: env[k] for k in memcap.COLD_ENV} == memcap.COLD_ENV
+    assert int(env["KVSTORE_ROW_CACHE_BYTES"]) == int(allowance * memcap.ROW_CACHE_SHARE)
     uniform, zipfian = res["latency"]["uniform"], res["latency"]["zipfian"]
     assert uniform["kvstore capped"]["100"]["major_faults_per_lookup"] > 1
     for lat in (uniform, zipfian):
+        assert lat["capped_warmed"]["keys"] == 20_000
         assert lat["kvstore"]["100"]["count"] == lat["kvstore capped"]["100"]["count"] == 40
     text = memcap.render(res)
     assert "| uniform | 100 |" in text and "| zipfian | 100 |" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dist", "zipf"], "--dist takes zipfian and/or uniform"),
+        (["--capped-env", "KVSTORE_READ_THREAD=7"], "KVSTORE_READ_THREAD is not a node setting"),
+        (["--capped-env", "READ_THREADS=7"], "'READ_THREADS=7' is not KVSTORE_NAME=VALUE"),
+        (["--warm-keys", "-1"], "--warm-keys must be at least 0"),
+    ],
+)
+def test_the_ram_capped_run_refuses_bad_options_before_loading(argv, message, capsys) -> None:
+    from loadtests import memcap
+
+    with pytest.raises(SystemExit) as exc:
+        memcap.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_ab_settings_are_parsed_and_named() -> None:
