@@ -4,6 +4,8 @@
     python -m loadtests.ab --batch-sizes 100,1000 --b KVSTORE_PARALLEL_READ_KEYS=1000000
     python -m loadtests.ab --rows 200000 --throughput 8,32 --b KVSTORE_READ_THREADS=0
     python -m loadtests.ab --a KVSTORE_BASE_FORMAT=block --b KVSTORE_BASE_FORMAT=plain
+    python -m loadtests.ab --rows 200000 --batch-sizes 1 --throughput 32 \\
+        --b PYTHONPATH=/tmp/uvloop-0.23     # after pip install --target /tmp/uvloop-0.23 ...
 
 On a shared machine, two runs minutes apart differ by more than most changes do, so a
 setting is judged by running both variants at once: the benchmark's table (int64 keys,
@@ -54,12 +56,17 @@ LOAD_SETTINGS = ("KVSTORE_BASE_FORMAT",)
 
 def parse_env(spec: str) -> dict[str, str]:
     """``"A=1,B=2"`` as a dict; names must be the node's settings (``ENV_SETTINGS``): a
-    misspelt one would leave the two nodes alike and the A/B measuring nothing."""
+    misspelt one would leave the two nodes alike and the A/B measuring nothing. Also
+    ``PYTHONPATH``, to run one node with other versions of its packages (a directory
+    filled by ``pip install --target``)."""
     out = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, value = item.partition("=")
+        if sep and name == "PYTHONPATH":
+            out[name] = value
+            continue
         if not sep or not name.startswith("KVSTORE_"):
-            raise ValueError(f"{item!r} is not KVSTORE_NAME=VALUE")
+            raise ValueError(f"{item!r} is not KVSTORE_NAME=VALUE (or PYTHONPATH=DIR)")
         if name not in ENV_SETTINGS:
             raise ValueError(
                 f"{name} is not a node setting; the settings are: {', '.join(ENV_SETTINGS)}"
@@ -189,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--a", default="", help="node A's KVSTORE_* settings (default: none)")
-    p.add_argument("--b", default="", help="node B's KVSTORE_* settings")
+    p.add_argument(
+        "--b", default="", help="node B's KVSTORE_* settings (and PYTHONPATH=DIR: other packages)"
+    )
     p.add_argument("--rows", type=int, default=1_000_000, help="rows in the table (default 1M)")
     p.add_argument("--batch-sizes", default="100", help="keys per lookup (default 100)")
     p.add_argument("--dist", choices=DISTRIBUTIONS, default="uniform", help="key popularity")

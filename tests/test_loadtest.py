@@ -189,6 +189,10 @@ def test_ab_settings_are_parsed_and_named() -> None:
     from loadtests.ab import parse_env
 
     assert parse_env("") == {}
+    assert parse_env("PYTHONPATH=/tmp/pkgs,KVSTORE_READ_THREADS=0") == {
+        "PYTHONPATH": "/tmp/pkgs",
+        "KVSTORE_READ_THREADS": "0",
+    }
     assert parse_env("KVSTORE_READ_THREADS=0, KVSTORE_ROW_CACHE_BYTES=4") == {
         "KVSTORE_READ_THREADS": "0",
         "KVSTORE_ROW_CACHE_BYTES": "4",
