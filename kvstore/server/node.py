@@ -403,14 +403,7 @@ class Node:
             order, groups = keys.shard_groups(len(shards))
         values: list[bytes | None] = []
         done = 0
-        try:
-            fetched = self._fetch(groups, shards, base, n)
-        except Exception as exc:
-            if not str(exc).startswith("Corruption"):
-                raise
-            message = f"table {name!r}: RocksDB found a damaged block ({exc})"
-            logger.error("%s", message)
-            raise CorruptValue(message) from None
+        fetched = self._fetch(groups, shards, base, n)  # damaged blocks: CorruptValue
         for (s, shard_keys), (delta_rows, base_rows) in zip(groups, fetched, strict=True):
             try:
                 values.extend(

@@ -74,7 +74,8 @@ class Table:
         self._base_read_options = base_read_options
         schema = entry.schema
         self.delta = [
-            Shard(hot_root / "delta" / f"shard-{i:04d}", i, options) for i in range(schema.shards)
+            Shard(hot_root / "delta" / f"shard-{i:04d}", i, options, table=schema.name)
+            for i in range(schema.shards)
         ]
         self._bases: dict[int, list[Shard]] = {}
 
@@ -101,7 +102,14 @@ class Table:
             root = self.version_dir(version)
             options = self._base_options(self.versions[version].format)
             shards = [
-                Shard(root / f"shard-{i:04d}", i, options, self._base_read_options, base=True)
+                Shard(
+                    root / f"shard-{i:04d}",
+                    i,
+                    options,
+                    self._base_read_options,
+                    base=True,
+                    table=self.schema.name,
+                )
                 for i in range(self.schema.shards)
             ]
             self._bases[version] = shards
