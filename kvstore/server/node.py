@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 import numpy as np
-import rocksdict
 
 from kvstore import _codec
 from kvstore.columns import encode_rows, now_us
@@ -26,7 +25,6 @@ from kvstore.errors import (
     AlreadyExists,
     CorruptValue,
     InvalidArgument,
-    NotFound,
     RequestTooLarge,
     SchemaChanged,
     TableNotFound,
@@ -35,14 +33,10 @@ from kvstore.errors import (
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.storage.catalog import Catalog
-from kvstore.storage.shard import (
-    SYSTEM_PREFIX,
-    Shard,
-    base_options,
-    base_read_options,
-    rocksdb_options,
-)
-from kvstore.storage.table import Table, VersionMeta
+from kvstore.storage.engine import Engine
+from kvstore.storage.shard import SYSTEM_PREFIX, Shard
+from kvstore.storage.table import Table
+from kvstore.storage.versions import TableEntry, VersionMeta
 
 logger = logging.getLogger(__name__)
 
@@ -160,17 +154,9 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.tables: dict[str, Table] = {}
-        self._cache = rocksdict.Cache(config.block_cache_bytes)
-        self._options = rocksdb_options(self._cache, config.bloom_bits_per_key)
-        #: Hot rows of the base versions (RocksDB's row cache, shared by every base shard).
-        self.row_cache = (
-            rocksdict.Cache(config.row_cache_bytes) if config.row_cache_bytes > 0 else None
-        )
-        self._base_options: dict[str, rocksdict.Options] = {}
-        #: Read options of every base shard (see ``base_read_options``).
-        self.base_read_options = base_read_options(config.verify_base_checksums)
-        self._write_options = rocksdict.WriteOptions()
-        self._write_options.sync = config.sync_writes
+        #: Caches and options of every shard.
+        self.engine = Engine(config)
+        self._write_options = self.engine.write_options
         self.catalog: Catalog | None = None
         #: Threads that read part of a large batch's shards (see ``_fetch``).
         self._read_pool = (
@@ -197,16 +183,14 @@ class Node:
         if cfg.demo and DEMO_TABLE not in self.tables:
             self._load_demo()
 
-    def _open_table(self, entry) -> Table:
+    def _open_table(self, entry: TableEntry) -> Table:
         name = f"{entry.schema.name}-{entry.schema.schema_id}"
         assert self.config.cold_dir is not None
         return Table(
             self.config.data_dir / "tables" / name,
             self.config.cold_dir / "tables" / name,
             entry,
-            self._options,
-            self.base_options,
-            self.base_read_options,
+            self.engine,
         )
 
     def close(self) -> None:
@@ -217,15 +201,15 @@ class Node:
             table.close()
         self.tables.clear()
 
-    def base_options(self, table_format: str) -> rocksdict.Options:
-        """The RocksDB options of base shards in ``table_format`` (one object per format,
-        sharing the node's block and row caches)."""
-        options = self._base_options.get(table_format)
-        if options is None:
-            options = self._base_options[table_format] = base_options(
-                table_format, self._cache, self.config.bloom_bits_per_key, self.row_cache
-            )
-        return options
+    # RocksDB's own types, unnamed here: they are the engine's business.
+    @property
+    def base_read_options(self):
+        """Read options of every base shard (for the shards a bulk load opens)."""
+        return self.engine.base_read_options
+
+    def base_options(self, table_format: str):
+        """The RocksDB options of base shards in ``table_format`` (``Engine.base_options``)."""
+        return self.engine.base_options(table_format)
 
     # -- tables ----------------------------------------------------------------------
 
@@ -266,17 +250,6 @@ class Node:
 
     # -- versions --------------------------------------------------------------------
 
-    def _version(self, table: Table, version: int) -> int:
-        """The version a read uses: ``version`` if kept, else the current one (0 = none)."""
-        if not version:
-            return table.current
-        if version not in table.versions:
-            kept = ", ".join(str(v) for v in sorted(table.versions)) or "none"
-            raise NotFound(
-                f"table {table.schema.name!r} has no version {version}; kept versions: {kept}"
-            )
-        return version
-
     def install_version(self, name: str, meta: VersionMeta, shards: list[Shard]) -> None:
         """Make a freshly loaded version current: one catalog write, then the swap.
 
@@ -290,21 +263,8 @@ class Node:
         """
         table = self.table(name)
         assert self.catalog is not None
-        entry = table.entry
-        before = (dict(entry.versions), entry.current, entry.next_version)
-        previous = entry.current
-        older = sorted(v for v in entry.versions if v < meta.version)
-        dropped = older[: max(0, len(older) - self.config.keep_versions)]
-        entry.versions[meta.version] = meta
-        for version in dropped:
-            del entry.versions[version]
-        entry.current = meta.version
-        entry.next_version = max(entry.next_version, meta.version + 1)
-        try:
-            self.catalog.save()
-        except BaseException:
-            entry.versions, entry.current, entry.next_version = before
-            raise
+        previous = table.current
+        dropped = self.catalog.install(table.entry, meta, self.config.keep_versions)
         table.adopt_base(meta.version, shards)
         logger.info(
             "table %r: version %d is current (was %d), %d rows",
@@ -323,21 +283,10 @@ class Node:
     def rollback(self, name: str, to_version: int = 0) -> VersionMeta:
         """Make a kept version current again: ``to_version``, or the one before current."""
         table = self.table(name)
-        entry = table.entry
-        if to_version:
-            target = self._version(table, to_version)
-        else:
-            older = sorted(v for v in entry.versions if v < entry.current)
-            if not older:
-                raise NotFound(
-                    f"table {name!r}: no version before {entry.current} is kept to roll back to"
-                )
-            target = older[-1]
         assert self.catalog is not None
-        entry.current = target
-        self.catalog.save()
-        logger.info("table %r: rolled back to version %d", name, target)
-        return entry.versions[target]
+        meta = self.catalog.rollback(table.entry, to_version)
+        logger.info("table %r: rolled back to version %d", name, meta.version)
+        return meta
 
     def compact_delta(self, name: str, chunk: int = 4096) -> int:
         """Drop delta entries the current version's snapshot makes obsolete; returns how many
@@ -388,7 +337,7 @@ class Node:
             schema.projection(features)  # raises UnknownFeature
         n = keys.count
         self._check_count(n, name)
-        version = self._version(table, version)
+        version = table.entry.resolve(version)
         if n == 0:
             return GetAnswer(schema.schema_id, version, b"", np.empty(0, np.int32), None)
         base = table.base(version) if version else None
@@ -454,11 +403,7 @@ class Node:
 
     def cache_usage(self) -> dict[str, int]:
         """Bytes in the block cache and the row cache, and the row cache's capacity."""
-        return {
-            "block_cache_bytes": self._cache.get_usage(),
-            "row_cache_bytes": self.row_cache.get_usage() if self.row_cache else 0,
-            "row_cache_capacity_bytes": self.config.row_cache_bytes if self.row_cache else 0,
-        }
+        return self.engine.cache_usage()
 
     def table_stats(self, name: str) -> TableStats:
         stats = self.stats.get(name)
