@@ -72,7 +72,7 @@ def _spy_on_pool(node: Node, delay_s: float = 0.0) -> list:
     """Record what the node hands its read thread: (keys in the chunk, future); the
     thread starts its part ``delay_s`` late."""
     handed: list = []
-    submit = node._read_pool.submit
+    submit = node.reads.pool.submit
 
     def late(fn, *args):
         time.sleep(delay_s)
@@ -83,7 +83,7 @@ def _spy_on_pool(node: Node, delay_s: float = 0.0) -> list:
         handed.append((sum(len(k) for _, k in chunk), future))
         return future
 
-    node._read_pool.submit = spy
+    node.reads.pool.submit = spy
     return handed
 
 
@@ -112,5 +112,5 @@ def test_a_failed_read_waits_for_the_read_thread_before_raising(node: Node) -> N
         shard.close()  # every read now fails
     node.tables.clear()  # nothing left for node.close() to close
     with pytest.raises(TypeError):
-        node._fetch(groups, delta, None, 800)
+        node.reads.fetch(groups, delta, None, 800)
     assert handed and all(future.done() for _, future in handed)

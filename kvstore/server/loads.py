@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kvstore.columns import now_us
 from kvstore.errors import (
+    CorruptValue,
     InvalidArgument,
     KvstoreError,
     LoadConflict,
@@ -42,10 +43,6 @@ from kvstore.storage.table import VersionMeta
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoadManager"]
-
-#: How RocksDB's messages begin when the files it was given are at fault (a missing
-#: CURRENT, a damaged or foreign table file); other failures are the node's own.
-_REFUSALS = ("Corruption", "Invalid argument", "Not implemented", "IO error: No such file")
 
 _FILE_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -349,9 +346,7 @@ class LoadManager:
                 fsync_dir(path)
                 try:
                     shard = Shard(path, index, options, self.node.base_read_options, base=True)
-                except Exception as exc:
-                    if not str(exc).startswith(_REFUSALS):
-                        raise
+                except CorruptValue as exc:  # the uploaded files are at fault
                     raise InvalidArgument(
                         f"{where}: shard {index}: RocksDB could not open the uploaded "
                         f"{load.table_format}-format database: {exc}"

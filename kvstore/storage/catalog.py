@@ -9,40 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.schema import TableSchema
-from kvstore.storage.table import VersionMeta
+from kvstore.storage.versions import TableEntry, VersionMeta
 
-__all__ = ["Catalog", "TableEntry"]
+__all__ = ["Catalog", "fsync_dir"]
 
 CATALOG_FILE = "catalog.json"
-
-
-@dataclass
-class TableEntry:
-    schema: TableSchema
-    current: int = 0
-    next_version: int = 1
-    versions: dict[int, VersionMeta] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {
-            "schema": self.schema.to_json(),
-            "current": self.current,
-            "next_version": self.next_version,
-            "versions": {str(v): m.to_json() for v, m in sorted(self.versions.items())},
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> TableEntry:
-        return cls(
-            TableSchema.from_json(data["schema"]),
-            data.get("current", 0),
-            data.get("next_version", 1),
-            {int(v): VersionMeta(**m) for v, m in data.get("versions", {}).items()},
-        )
 
 
 class Catalog:
@@ -69,6 +43,30 @@ class Catalog:
     def remove(self, name: str) -> None:
         del self.entries[name]
         self.save()
+
+    def install(self, entry: TableEntry, meta: VersionMeta, keep_versions: int) -> list[int]:
+        """Make ``meta`` the current version of ``entry``'s table in one catalog write;
+        returns the versions it forgot (``TableEntry.install``), whose files may go
+        only now. If the write fails, ``entry`` is as before and the error raised."""
+        before = (dict(entry.versions), entry.current, entry.next_version)
+        dropped = entry.install(meta, keep_versions)
+        try:
+            self.save()
+        except BaseException:
+            entry.versions, entry.current, entry.next_version = before
+            raise
+        return dropped
+
+    def rollback(self, entry: TableEntry, to_version: int = 0) -> VersionMeta:
+        """Make a kept version current again (``TableEntry.rollback_target``), persisted."""
+        target = entry.rollback_target(to_version)
+        previous, entry.current = entry.current, target
+        try:
+            self.save()
+        except BaseException:
+            entry.current = previous
+            raise
+        return entry.versions[target]
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")

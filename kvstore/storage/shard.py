@@ -2,6 +2,12 @@
 
 The partition interface is small on purpose (after Venice's AbstractStoragePartition):
 batched get, batched write of puts and deletes, size estimates, close.
+
+It is also where RocksDB's errors become kvstore's, in one place
+(``_raise_for_status``, after plyvel's ``raise_for_status``): rocksdict raises a plain
+``Exception`` carrying RocksDB's status text, which nothing above the shard reads.
+Damaged data is a ``CorruptValue`` naming table and shard; any other failure is the
+node's own and goes up unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pathlib import Path
 import rocksdict
 
 from kvstore.config import BASE_FORMATS
+from kvstore.errors import CorruptValue
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +39,13 @@ __all__ = [
 #: Keys the node keeps for itself (consumer positions) start with these two bytes:
 #: 0xFF never occurs in UTF-8, and they are longer than the 8 bytes of an int64 key,
 #: so no row key can be one.
+
+#: How RocksDB's status text begins when data it read is damaged (a checksum
+#: mismatch, a truncated block or file).
+_DAMAGED = ("Corruption",)
+#: ... and when the files of a base shard cannot be opened as a base at all: damaged,
+#: missing (no CURRENT, a lost table file), or not of the format's options.
+_UNUSABLE = ("Corruption", "Invalid argument", "Not implemented", "IO error: No such file")
 
 
 def rocksdb_options(
@@ -172,10 +186,21 @@ def base_read_options(verify_checksums: bool) -> rocksdict.ReadOptions:
     return read
 
 
+def _raise_for_status(exc: Exception, shard: Shard, doing: str, kinds: tuple[str, ...]) -> None:
+    """Raise the kvstore error for RocksDB's failure ``exc`` while ``doing`` (e.g. "read")
+    on ``shard``, if its status is one of ``kinds``; else return (the caller re-raises)."""
+    if type(exc) is not Exception or not str(exc).startswith(kinds):
+        return
+    where = f"table {shard.table!r}, shard {shard.index}" if shard.table else f"shard {shard.index}"
+    message = f"{where} ({shard.path}): RocksDB could not {doing} it ({exc})"
+    logger.error("%s", message)
+    raise CorruptValue(message) from exc
+
+
 class Shard:
     """A RocksDB instance holding the rows of one shard."""
 
-    __slots__ = ("_db", "empty", "index", "path")
+    __slots__ = ("_db", "empty", "index", "path", "table")
 
     def __init__(
         self,
@@ -184,8 +209,9 @@ class Shard:
         options: rocksdict.Options,
         read_options: rocksdict.ReadOptions | None = None,
         base: bool = False,
+        table: str = "",
     ) -> None:
-        """Open (or create) the shard at ``path``.
+        """Open (or create) the shard at ``path``; ``table`` names it in errors.
 
         ``base``: a bulk version's immutable shard, opened read-only: it must exist (a
         lost directory or file is an error, never an empty shard), and opening it
@@ -193,22 +219,28 @@ class Shard:
         rocksdict rewrites at every open: the cold directory cannot be mounted
         read-only). Its key count is exact (its files' entries),
         so emptiness is read from that rather than by iterating (PlainTable's hash
-        index has no total order).
+        index has no total order). Files RocksDB cannot open as a base (damaged,
+        missing, another format) raise CorruptValue.
         """
         self.path = path
         self.index = index
+        self.table = table
         if not base:
             path.mkdir(parents=True, exist_ok=True)
-        # Passing the options per column family is what makes RocksDB use them on
-        # reopen; Rdict(path, opts) alone silently falls back to the stored options.
-        self._db = rocksdict.Rdict(
-            str(path),
-            options,
-            column_families={"default": options},
-            access_type=(
-                rocksdict.AccessType.read_only() if base else rocksdict.AccessType.read_write()
-            ),
-        )
+        try:
+            # Passing the options per column family is what makes RocksDB use them on
+            # reopen; Rdict(path, opts) alone silently falls back to the stored options.
+            self._db = rocksdict.Rdict(
+                str(path),
+                options,
+                column_families={"default": options},
+                access_type=(
+                    rocksdict.AccessType.read_only() if base else rocksdict.AccessType.read_write()
+                ),
+            )
+        except Exception as exc:
+            _raise_for_status(exc, self, "open", _UNUSABLE if base else _DAMAGED)
+            raise
         if read_options is not None:
             self._db.set_read_options(read_options)
         #: True while the shard surely holds no key: reads then skip it (a bulk-loaded
@@ -216,7 +248,28 @@ class Shard:
         self.empty = self.estimate_keys() == 0 if base else self._first_key() is None
 
     def _first_key(self) -> bytes | None:
-        return next(iter(self._db.keys()), None)
+        return next((key for key, _ in self._items()), None)
+
+    def _items(self, from_key: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Keys and values in key order from ``from_key`` (None = the first).
+
+        Not ``Rdict.items()``: that ends quietly where RocksDB's iterator meets an
+        error, so a damaged block would read as the end of the shard (measured: a
+        scan of 2,000 rows stopped at 954). The iterator's status says which it was.
+        """
+        it = self._db.iter()
+        try:
+            if from_key is None:
+                it.seek_to_first()
+            else:
+                it.seek(from_key)
+            while it.valid():
+                yield it.key(), it.value()
+                it.next()
+            it.status()
+        except Exception as exc:
+            _raise_for_status(exc, self, "scan", _DAMAGED)
+            raise
 
     def recheck_empty(self) -> None:
         """Look again whether the shard holds any key (after deletes or compaction)."""
@@ -227,7 +280,11 @@ class Shard:
 
         (Measured: point gets in a loop are no faster here for a dozen keys a shard.)
         """
-        return self._db[keys]
+        try:  # free unless it raises (zero-cost try since Python 3.11)
+            return self._db[keys]
+        except Exception as exc:
+            _raise_for_status(exc, self, "read", _DAMAGED)
+            raise
 
     def write(
         self,
@@ -242,17 +299,21 @@ class Shard:
             batch.put(key, value)
         for key in deletes:
             batch.delete(key)
-        if options is None:
-            self._db.write(batch)
-        else:
-            self._db.write(batch, options)
+        try:
+            if options is None:
+                self._db.write(batch)
+            else:
+                self._db.write(batch, options)
+        except Exception as exc:
+            _raise_for_status(exc, self, "write", _DAMAGED)
+            raise
 
     def scan(self, chunk: int = 4096) -> Iterator[tuple[list[bytes], list[bytes]]]:
         """Every row key and value in key order, ``chunk`` at a time (not the
         node's own bookkeeping keys, see SYSTEM_PREFIX)."""
         keys: list[bytes] = []
         values: list[bytes] = []
-        for key, value in self._db.items():
+        for key, value in self._items():
             if key.startswith(SYSTEM_PREFIX) and len(key) != 8:
                 continue
             keys.append(key)
@@ -265,7 +326,7 @@ class Shard:
 
     def prefix_items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Keys starting with ``prefix`` and their values, in key order."""
-        for key, value in self._db.items(from_key=prefix):
+        for key, value in self._items(prefix):
             if not key.startswith(prefix):
                 break
             yield key, value

@@ -16,40 +16,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import rocksdict
 
 from kvstore.schema import TableSchema
+from kvstore.storage.engine import Engine
 from kvstore.storage.shard import Shard
-
-if TYPE_CHECKING:
-    from kvstore.storage.catalog import TableEntry
+from kvstore.storage.versions import TableEntry, VersionMeta
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Table", "VersionMeta"]
-
-
-@dataclass
-class VersionMeta:
-    """One bulk version. Times in µs since the epoch, sizes in bytes."""
-
-    version: int
-    label: str
-    snapshot_time_us: int
-    rows: int
-    bytes: int
-    created_at_us: int
-    #: The base shards' table format; versions loaded before formats existed are
-    #: block-based (they were SST files ingested by the node).
-    format: str = "block"
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 class Table:
@@ -60,21 +36,24 @@ class Table:
         hot_root: Path,
         cold_root: Path,
         entry: TableEntry,
-        options: rocksdict.Options,
-        base_options: Callable[[str], rocksdict.Options],
-        base_read_options: rocksdict.ReadOptions | None = None,
+        engine: Engine,
     ) -> None:
-        """``base_options(format)``: the RocksDB options of a base shard in that format."""
+        """Open the delta shards (base shards open on first use), with ``engine``'s
+        options and caches."""
         self.hot_root = hot_root
         self.cold_root = cold_root
         #: The catalog's record of this table: schema, current version, kept versions.
         self.entry = entry
-        self._options = options
-        self._base_options = base_options
-        self._base_read_options = base_read_options
+        self._engine = engine
         schema = entry.schema
         self.delta = [
-            Shard(hot_root / "delta" / f"shard-{i:04d}", i, options) for i in range(schema.shards)
+            Shard(
+                hot_root / "delta" / f"shard-{i:04d}",
+                i,
+                engine.delta_options,
+                table=schema.name,
+            )
+            for i in range(schema.shards)
         ]
         self._bases: dict[int, list[Shard]] = {}
 
@@ -99,9 +78,17 @@ class Table:
         shards = self._bases.get(version)
         if shards is None:
             root = self.version_dir(version)
-            options = self._base_options(self.versions[version].format)
+            options = self._engine.base_options(self.versions[version].format)
+            read_options = self._engine.base_read_options
             shards = [
-                Shard(root / f"shard-{i:04d}", i, options, self._base_read_options, base=True)
+                Shard(
+                    root / f"shard-{i:04d}",
+                    i,
+                    options,
+                    read_options,
+                    base=True,
+                    table=self.schema.name,
+                )
                 for i in range(self.schema.shards)
             ]
             self._bases[version] = shards

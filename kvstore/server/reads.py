@@ -1,0 +1,172 @@
+"""Reads of a node's tables: a batch of keys grouped by shard, the delta overlaid on
+the base of the version read, large batches read on several threads.
+
+RocksDB's errors reach here already translated by the shards; the codec's are
+translated here, with the table, shard and key they are about.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+
+from kvstore import _codec
+from kvstore.columns import now_us
+from kvstore.config import NodeConfig
+from kvstore.errors import CorruptValue, RequestTooLarge
+from kvstore.keys import KeyBatch
+from kvstore.server.stats import StatsByTable
+from kvstore.storage.shard import Shard
+from kvstore.storage.table import Table
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GetAnswer", "Reads", "check_key_count"]
+
+
+@dataclass(slots=True)
+class GetAnswer:
+    """Rows for a batch of keys, in shard order; ``order[i]`` is row i's request position."""
+
+    schema_id: int
+    version: int
+    values: bytes
+    lengths: np.ndarray  # int32, -1 = missing
+    order: np.ndarray | None  # int32, None = request order
+
+
+def check_key_count(n: int, table: str, limit: int) -> None:
+    """Refuse a request of ``n`` keys over the node's ``limit`` (max_keys_per_request)."""
+    if n > limit:
+        raise RequestTooLarge(
+            f"table {table!r}: the request has {n} keys; the node's limit is {limit} "
+            "keys per request (max_keys_per_request); split the batch"
+        )
+
+
+def _fetch_groups(
+    groups: list[tuple[int, list[bytes]]], delta: list[Shard], base: list[Shard] | None
+) -> list[tuple[list, list]]:
+    """(delta rows, base rows) of each (shard, keys) group; None where a shard lacks a key."""
+    out = []
+    for s, shard_keys in groups:
+        nones = [None] * len(shard_keys)
+        delta_rows = nones if delta[s].empty else delta[s].multi_get(shard_keys)
+        base_rows = base[s].multi_get(shard_keys) if base and not base[s].empty else nones
+        out.append((delta_rows, base_rows))
+    return out
+
+
+def _split_groups(
+    groups: list[tuple[int, list[bytes]]], parts: int
+) -> list[list[tuple[int, list[bytes]]]]:
+    """Consecutive runs of ``groups`` with about equal key counts, at most ``parts``, none
+    empty; each cut falls at the group boundary nearest to an equal share."""
+    ends = np.cumsum([len(keys) for _, keys in groups])
+    total = int(ends[-1])
+    cuts = []
+    for i in range(1, parts):
+        share = total * i / parts
+        k = int(np.searchsorted(ends, share))  # ends[k] is the first end >= share
+        before = int(ends[k - 1]) if k else 0
+        if k < len(groups) and ends[k] - share <= share - before:
+            k += 1
+        cuts.append(min(max(k, 1), len(groups)))
+    bounds = [0, *cuts, len(groups)]
+    return [groups[a:b] for a, b in pairwise(bounds) if b > a]
+
+
+class Reads:
+    """The node's read path, and the threads that read part of a large batch."""
+
+    def __init__(self, config: NodeConfig, stats: StatsByTable) -> None:
+        self._config = config
+        self._stats = stats
+        #: Threads that read part of a large batch's shards (see ``fetch``).
+        self.pool = (
+            ThreadPoolExecutor(config.read_threads, thread_name_prefix="kvstore-read")
+            if config.read_threads > 0
+            else None
+        )
+
+    def close(self) -> None:
+        """Stop the read threads (after their reads)."""
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def get(self, table: Table, keys: KeyBatch, features: list[str], version: int) -> GetAnswer:
+        """The rows of ``keys`` in ``table``, delta over the base of ``version`` (0 =
+        current); ``features`` are only checked (the client decodes)."""
+        schema = table.schema
+        name = schema.name
+        if features:
+            schema.projection(features)  # raises UnknownFeature
+        n = keys.count
+        check_key_count(n, name, self._config.max_keys_per_request)
+        version = table.entry.resolve(version)
+        if n == 0:
+            return GetAnswer(schema.schema_id, version, b"", np.empty(0, np.int32), None)
+        base = table.base(version) if version else None
+        snapshot = table.versions[version].snapshot_time_us if version else _codec.NO_DELETE
+        layout = schema.layout
+        now = now_us()
+        shards = table.delta
+        if len(shards) == 1:
+            order = None
+            groups = [(0, keys.encoded())]
+        else:
+            order, groups = keys.shard_groups(len(shards))
+        values: list[bytes | None] = []
+        done = 0
+        fetched = self.fetch(groups, shards, base, n)
+        for (s, shard_keys), (delta_rows, base_rows) in zip(groups, fetched, strict=True):
+            try:
+                values.extend(
+                    _codec.overlay(layout, base_rows, delta_rows, snapshot, now, schema.ttl_us)
+                )
+            except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+                position = done + exc.index
+                position = int(order[position]) if order is not None else position
+                message = (
+                    f"table {name!r}, shard {s}, key {keys.describe(position)}: "
+                    f"the stored value is corrupt ({exc})"
+                )
+                logger.error("%s", message)
+                raise CorruptValue(message) from None
+            done += len(shard_keys)
+        block, lengths = _codec.join_values(values)
+        self._stats[name].keys_read += n
+        return GetAnswer(schema.schema_id, version, block, lengths, order)
+
+    def fetch(
+        self,
+        groups: list[tuple[int, list[bytes]]],
+        delta: list[Shard],
+        base: list[Shard] | None,
+        n: int,
+    ) -> list[tuple[list, list]]:
+        """Each group's (delta rows, base rows), from RocksDB.
+
+        A large batch is split between this thread and the read threads: the
+        MultiGets release the GIL, so the shards are read in parallel (1,000 keys:
+        2.5 -> 1.3 ms in-process on 2 cores). This thread waits for the others, so
+        nothing else runs meanwhile and no version can change under the reads.
+        Small batches stay on this thread: the hand-off costs ~50 us.
+        """
+        pool = self.pool
+        if pool is None or n < self._config.parallel_read_keys or len(groups) < 2:
+            return _fetch_groups(groups, delta, base)
+        chunks = _split_groups(groups, self._config.read_threads + 1)
+        futures = [pool.submit(_fetch_groups, c, delta, base) for c in chunks[1:]]
+        try:
+            out = _fetch_groups(chunks[0], delta, base)
+            for future in futures:
+                out.extend(future.result())
+        finally:
+            # Never leave with a helper still reading: the loop could then close its shard.
+            wait(futures)
+        return out
