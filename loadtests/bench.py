@@ -33,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -288,7 +289,7 @@ def verify(systems: list[Any], s: Settings) -> None:
 
 
 def measure_latency(
-    systems: list[Any], pools: dict[int, KeyPool], s: Settings, floors: list[Any] = ()
+    systems: list[Any], pools: dict[int, KeyPool], s: Settings, floors: Sequence[Any] = ()
 ) -> dict:
     """Latency with one client, rounds alternating systems; per system and batch size.
 
@@ -356,11 +357,12 @@ def measure_latency(
         if name not in floor_rounds
     }
     out["floors"] = {
-        name: {
-            **summarize_latency([x for b in pools for x in samples[name][b]]),
-            "round_p50_ms": floor_rounds[name],
+        f.name: {
+            "what": f.what,
+            **summarize_latency([x for b in pools for x in samples[f.name][b]]),
+            "round_p50_ms": floor_rounds[f.name],
         }
-        for name in floor_names
+        for f in floors
     }
     out["floor_ratios"] = floor_ratios(out)
     out["other_cpu_cores_per_round"] = other_cpu

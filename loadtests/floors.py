@@ -162,6 +162,11 @@ class EchoFloor:
         self.port = server.port
         self.server_pid = server.pid
         self.frame_bytes = frame_bytes
+        #: What one round trip is, for the results and the tables.
+        self.what = (
+            f"a {frame_bytes}-byte frame echoed by a bare uvloop server ({server.loop}), "
+            "blocking socket as kvstore's fast client (kvstore's floor)"
+        )
 
     def reader(self) -> EchoReader:
         return EchoReader(self.port, self.frame_bytes)
@@ -218,6 +223,7 @@ class PingFloor:
     """Redis ``PING`` through redis-py on hiredis (``redis-ping``)."""
 
     name = "redis-ping"
+    what = "PING, redis-py on hiredis (Redis's floor)"
 
     def __init__(self, server: Any) -> None:
         self.port = server.port

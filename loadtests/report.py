@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loadtests.floors import FLOOR_OF, FRAME_BYTES
+from loadtests.floors import FLOOR_OF
 from loadtests.machine import versions_line
 
 __all__ = ["plot", "render", "write_json"]
@@ -176,20 +176,13 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-FLOOR_WHAT = {
-    "uvloop-echo": f"a {FRAME_BYTES}-byte frame echoed by a bare uvloop server, blocking "
-    "socket as kvstore's fast client (kvstore's floor)",
-    "redis-ping": "PING, redis-py on hiredis (Redis's floor)",
-}
-
-
 def render_floors(lat: dict[str, Any]) -> str:
     """The floors measured in the latency rounds, and each system's latency over its floor."""
     floors = lat["floors"]
     rows = [
         [
             name,
-            FLOOR_WHAT.get(name, ""),
+            f.get("what", ""),
             _ms(f["p50_ms"]),
             _ms(f["p99_ms"]),
             ", ".join(_ms(x) for x in f["round_p50_ms"]),

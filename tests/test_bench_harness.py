@@ -199,6 +199,7 @@ def test_latency_rounds_measure_the_floors_beside_redis(redis_server, echo_serve
         # every batch size's cell of every round: 2 x 3 x 30 samples at most, each round
         assert 0 < f["count"] <= 2 * 3 * 30
         assert len(f["round_p50_ms"]) == 3
+        assert f["what"]
         assert 0 < f["p50_ms"] <= f["p99_ms"] <= f["max_ms"]
     for b, cell in lat["redis-packed"].items():
         assert len(cell["round_p50_ms"]) == 3
