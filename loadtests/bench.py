@@ -11,26 +11,29 @@ arrives, from a zstd Parquet file of the same rows through the bulk loader
 
 1. lookups of random existing keys, alternating between the systems round by round
    so that drift on the shared machine hits all of them equally: latency with one
-   client, throughput at several concurrencies; memory;
+   client, beside the floors measured in the same rounds (``loadtests/floors.py``: a
+   bare uvloop echo round trip, kvstore's floor, and a Redis PING, Redis's);
+   throughput at several concurrencies; memory;
 2. freshness and updates (``loadtests/updates.py``): update → readable latency,
    update rows/s unary and streaming, read latency while updates run;
 3. bulk loads of more rows (``--load-rows``, 10M in the full run) into other tables.
 
-Prints the tables and writes ``bench/results.json`` and ``bench/latency.png``.
+Redis is read as its docs advise, with redis-py on the hiredis reply parser, both
+pinned; the run stops at once if redis-py would parse in Python
+(``loadtests/redis_client.py``). Prints the tables and the versions, and writes
+``bench/results.json`` and ``bench/latency.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import os
-import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +43,9 @@ import numpy as np
 
 from loadtests import report
 from loadtests.bulkload import ParquetSink, run_loader, write_parquet
+from loadtests.floors import EchoFloor, EchoServer, PingFloor, floor_ratios
+from loadtests.machine import machine_info
+from loadtests.redis_client import HiredisMissing, connect, require_hiredis
 from loadtests.servers import (
     KvstoreNode,
     RedisServer,
@@ -73,10 +79,11 @@ SETTLE_SAMPLE_S = 1.0
 CONCURRENCY_MODELS = {
     "processes": (
         "client processes, one connection per system each. The load generator is Python "
-        "too (redis-py parses every reply in Python; gRPC and NumPy hold the GIL part of "
-        "the time): in one process, client threads convoy on the GIL, leave cores idle "
-        "and undercount every server (in a trial, 8 threads gave Redis less throughput "
-        "than 1). Processes let the client side use whatever CPU the server leaves; the "
+        "too (redis-py builds commands and runs its pool in Python, hiredis parses the "
+        "replies; gRPC and NumPy hold the GIL part of the time): in one process, client "
+        "threads convoy on the GIL, leave cores idle and undercount every server (in a "
+        "trial, with redis-py's Python parser, 8 threads gave Redis less throughput than "
+        "1). Processes let the client side use whatever CPU the server leaves; the "
         "2 cores are shared by server and load generator, so compare the ratios."
     ),
     "threads": (
@@ -281,17 +288,25 @@ def verify(systems: list[Any], s: Settings) -> None:
     print(f"  verified: the three systems answer the same {len(keys)} rows", flush=True)
 
 
-def measure_latency(systems: list[Any], pools: dict[int, KeyPool], s: Settings) -> dict:
+def measure_latency(
+    systems: list[Any], pools: dict[int, KeyPool], s: Settings, floors: Sequence[Any] = ()
+) -> dict:
     """Latency with one client, rounds alternating systems; per system and batch size.
 
+    ``floors`` (``loadtests/floors.py``) take their turn before the systems at every
+    batch size of every round, so that each floor is measured beside the lookups it
+    bounds; their samples are pooled under ``"floors"`` (a floor has no batch size).
     Figures in ms; ``other_cpu_cores`` per round is the CPU (in cores) that other work
     on the machine used meanwhile, beside this process and the servers.
     """
-    readers = {system.name: system.reader() for system in systems}
-    ours = [os.getpid()] + [system.server_pid for system in systems]
+    readers = {f.name: f.reader() for f in floors}
+    readers.update((system.name, system.reader()) for system in systems)
+    floor_names = [f.name for f in floors]
+    ours = [os.getpid(), *{x.server_pid for x in [*floors, *systems]}]
     other_cpu: list[float] = []
     samples: dict[str, dict[int, list[int]]] = {n: {b: [] for b in pools} for n in readers}
     rounds: dict[str, dict[int, list[float]]] = {n: {b: [] for b in pools} for n in readers}
+    floor_rounds: dict[str, list[float]] = {n: [] for n in floor_names}
     cursors = dict.fromkeys(readers, 0)
     try:
         for pool in pools.values():  # warm-up: connections, caches, code paths
@@ -299,6 +314,7 @@ def measure_latency(systems: list[Any], pools: dict[int, KeyPool], s: Settings) 
                 time_lookups(reader, pool, len(pool) // 2, s.warmup_lookups, s.warmup_s)
         for r in range(s.latency_rounds):
             cpu0, busy0, wall0 = _cpu_of(ours), machine_busy_seconds(), time.monotonic()
+            this_round: dict[str, list[int]] = {n: [] for n in floor_names}
             for b, pool in pools.items():
                 for name, reader in readers.items():
                     got = time_lookups(
@@ -307,14 +323,22 @@ def measure_latency(systems: list[Any], pools: dict[int, KeyPool], s: Settings) 
                     cursors[name] += len(got)
                     samples[name][b].extend(got)
                     rounds[name][b].append(float(np.median(got)) / 1e6)
+                    if name in this_round:
+                        this_round[name].extend(got)
+            for name, got in this_round.items():
+                floor_rounds[name].append(float(np.median(got)) / 1e6)
             wall = time.monotonic() - wall0
             other = (machine_busy_seconds() - busy0 - (_cpu_of(ours) - cpu0)) / wall
             other_cpu.append(max(0.0, other))
             line = ", ".join(
-                f"{n} b={b} {rounds[n][b][-1]:.3f}"
-                for b in (1, 1000)
-                if b in pools
-                for n in readers
+                [f"{n} {floor_rounds[n][-1]:.3f}" for n in floor_names]
+                + [
+                    f"{n} b={b} {rounds[n][b][-1]:.3f}"
+                    for b in (1, 1000)
+                    if b in pools
+                    for n in readers
+                    if n not in floor_rounds
+                ]
             )
             print(
                 f"  latency round {r + 1}/{s.latency_rounds} (p50 ms): {line}; "
@@ -330,7 +354,17 @@ def measure_latency(systems: list[Any], pools: dict[int, KeyPool], s: Settings) 
             for b in pools
         }
         for name in readers
+        if name not in floor_rounds
     }
+    out["floors"] = {
+        f.name: {
+            "what": f.what,
+            **summarize_latency([x for b in pools for x in samples[f.name][b]]),
+            "round_p50_ms": floor_rounds[f.name],
+        }
+        for f in floors
+    }
+    out["floor_ratios"] = floor_ratios(out)
     out["other_cpu_cores_per_round"] = other_cpu
     return out
 
@@ -482,62 +516,6 @@ def measure_memory(
 # -- the run ------------------------------------------------------------------------
 
 
-def machine_info(redis_version: str) -> dict:
-    """What the numbers were measured on."""
-    cpu_model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout)
-    except (OSError, ValueError):
-        nproc = len(os.sched_getaffinity(0))
-    import grpc
-    import redis
-    import redis.utils
-
-    import kvstore
-
-    source = Path(kvstore.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "-C", str(source), "status", "--porcelain", "--", "kvstore", "ext", "ingest"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except OSError:
-        commit, changed = "", ""
-
-    return {
-        "nproc": nproc,
-        "cpu_model": cpu_model,
-        "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "kvstore_source": str(source),
-        "kvstore_commit": commit,
-        "kvstore_uncommitted_changes": bool(changed),
-        "redis_server": redis_version,
-        "redis_py": redis.__version__,
-        "redis_py_hiredis": bool(redis.utils.HIREDIS_AVAILABLE),
-        "grpcio": grpc.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def wait_until_idle(pids: list[int], timeout_s: float) -> float:
     """Wait until processes ``pids`` use under 0.05 core together for 1 s; seconds waited.
 
@@ -561,6 +539,7 @@ def run(s: Settings) -> dict:
     results: dict[str, Any] = {"settings": {**asdict(s), "out_dir": str(s.out_dir)}}
     results["concurrency_model"] = CONCURRENCY_MODELS[s.clients]
     results["load_average_start"] = os.getloadavg()
+    require_hiredis()  # before anything starts: never measure a handicapped Redis
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvbench-")))
         print(f"starting a kvstore node and two redis-servers (work dir {workdir})", flush=True)
@@ -569,7 +548,11 @@ def run(s: Settings) -> dict:
         for name in ("redis-packed", "redis-hash"):
             (workdir / name).mkdir()
             redis_servers[name] = stack.enter_context(RedisServer(workdir / name))
-        results["machine"] = machine_info(redis_servers["redis-packed"].version())
+        echo = stack.enter_context(EchoServer(workdir))
+        floors = [EchoFloor(echo), PingFloor(redis_servers["redis-packed"])]
+        with connect(redis_servers["redis-packed"].port) as probe:
+            results["machine"] = machine_info(redis_servers["redis-packed"].version(), probe)
+        results["machine"]["echo_server_loop"] = echo.loop
         kv = KvstoreSystem(node.address, node.pid)
         stack.callback(kv.close)
         packed = RedisPackedSystem(redis_servers["redis-packed"])
@@ -604,8 +587,12 @@ def run(s: Settings) -> dict:
         pools = {b: KeyPool.draw(rng, s.rows, b, s.pool_keys) for b in s.batch_sizes}
         gc.collect()
         gc.freeze()  # the pools are long-lived: keep them out of every GC pass
-        print("latency, one client (rounds alternate the systems)", flush=True)
-        results["latency"] = measure_latency(systems, pools, s)
+        print(
+            "latency, one client (rounds alternate the systems and the floors: "
+            f"{', '.join(f.name for f in floors)})",
+            flush=True,
+        )
+        results["latency"] = measure_latency(systems, pools, s, floors)
         del pools
         print(f"throughput ({s.clients}; rounds alternate the systems)", flush=True)
         results["throughput"] = measure_throughput(systems, s)
@@ -711,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         results = run(s)
+    except HiredisMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: servers stopped", file=sys.stderr)
         return 130

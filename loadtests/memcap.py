@@ -53,6 +53,7 @@ from loadtests.bench import (
 )
 from loadtests.bulkload import ParquetSink
 from loadtests.loadtest import DISTRIBUTIONS, KeyChooser
+from loadtests.redis_client import HiredisMissing, client_versions
 from loadtests.servers import KvstoreNode, RedisServer, proc_memory_bytes
 from loadtests.systems import KeyPool, KvstoreSystem, RedisPackedSystem
 
@@ -196,6 +197,7 @@ def measure(
             d.mkdir()
         with RedisServer(work / "redis") as redis_server:
             packed = RedisPackedSystem(redis_server)
+            out["redis_client"] = client_versions(packed._conn)
             redis_empty = _used_memory(redis_server)
             print(f"loading {rows:,} rows into Redis and a Parquet file", flush=True)
             sink = ParquetSink(work / "features.parquet")
@@ -328,6 +330,9 @@ def _latency(
     return out
 
 
+_UNKNOWN_CLIENT = dict.fromkeys(("redis_py", "redis_py_parser", "hiredis"), "?")
+
+
 def render(res: dict) -> str:
     mib = 2**20
     cap = res["kvstore_capped_memory"]
@@ -340,6 +345,8 @@ def render(res: dict) -> str:
         f"{res['cap_bytes'] / mib:,.0f} MiB, page cache included: "
         f"{res['kvstore_started_bytes'] / mib:,.0f} MiB started + {above / mib:,.0f} MiB "
         f"({above / res['rows']:.0f} B/row); its files {res['kvstore_file_bytes'] / mib:,.0f} MiB",
+        "Redis read with redis-py {redis_py}, reply parser {redis_py_parser} (hiredis "
+        "{hiredis})".format(**res.get("redis_client", {}) or _UNKNOWN_CLIENT),
         f"capped node at the end: RSS {cap['rss'] / mib:,.0f} MiB (private {cap['anon'] / mib:,.0f}"
         f" + mapped {cap['file'] / mib:,.0f}); cgroup charge {cap['cgroup_usage_bytes'] / mib:,.0f}"
         f" MiB, peak {cap.get('cgroup_max_usage_bytes', 0) / mib:,.0f} MiB",
@@ -422,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     except CgroupUnavailable as exc:
         print(f"memcap: {exc} (run as root on a machine with cgroups)", file=sys.stderr)
         return 2
+    except HiredisMissing as exc:  # not 2: `make bench` reads 2 as "skipped"
+        print(f"memcap: error: {exc}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memcap.json").write_text(json.dumps(res, indent=1))
     print(render(res))

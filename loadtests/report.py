@@ -1,8 +1,10 @@
 """The benchmark's outputs: Markdown tables on stdout, results.json, latency.png.
 
-Sections: load, latency, throughput, CPU, memory (side by side with Redis); bulk
-load (issue 3) and freshness and updates (issue 4), kvstore alone, each with its
-targets printed beside the measurements.
+Sections: load, latency and its floors (each system over the round trip that bounds
+it), throughput, CPU, memory (side by side with Redis); bulk load (issue 3) and
+freshness and updates (issue 4), kvstore alone, each with its targets printed beside
+the measurements. The first line names the versions measured (redis-py, hiredis,
+redis-server, uvloop, grpcio).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from loadtests.floors import FLOOR_OF
+from loadtests.machine import versions_line
 
 __all__ = ["plot", "render", "write_json"]
 
@@ -62,9 +67,8 @@ def render(results: dict[str, Any]) -> str:
     s = results["settings"]
     parts = [
         f"machine: {m['nproc']} cores ({m['cpu_model']}), shared by the servers and the "
-        f"load generator; Python {m['python']}, redis-server {m['redis_server']}, "
-        f"redis-py {m['redis_py']} (hiredis: {'yes' if m['redis_py_hiredis'] else 'no'}); "
-        f"{m['date']}",
+        f"load generator; {m['date']}",
+        f"versions: {versions_line(m)}",
         f"table: {s['rows']:,} rows x (32 float32 + float32[64]), int64 keys; "
         "uniform random existing keys",
         "",
@@ -102,6 +106,8 @@ def render(results: dict[str, Any]) -> str:
         header += [f"{name} p50", "p99"]
     header += ["kv/packed p50", "p99", "kv/hash p50", "p99", "samples"]
     parts += [_table(header, rows), ""]
+    if lat.get("floors"):
+        parts += [render_floors(lat), ""]
 
     tp = results["throughput"]
     parts.append(
@@ -167,6 +173,58 @@ def render(results: dict[str, Any]) -> str:
         parts += ["", render_bulk_load(results)]
     if "updates" in results:
         parts += ["", render_updates(results["updates"])]
+    return "\n".join(parts)
+
+
+def render_floors(lat: dict[str, Any]) -> str:
+    """The floors measured in the latency rounds, and each system's latency over its floor."""
+    floors = lat["floors"]
+    rows = [
+        [
+            name,
+            f.get("what", ""),
+            _ms(f["p50_ms"]),
+            _ms(f["p99_ms"]),
+            ", ".join(_ms(x) for x in f["round_p50_ms"]),
+            str(f["count"]),
+        ]
+        for name, f in floors.items()
+    ]
+    parts = [
+        "floors, one client, ms (measured in the same rounds, before the systems at each "
+        "batch size; all batch sizes pooled):",
+        _table(["floor", "what", "p50", "p99", "p50 by round", "samples"], rows),
+        "",
+    ]
+    ratios = lat.get("floor_ratios", {})
+    systems = [name for name in FLOOR_OF if name in ratios]
+    header, rows = ["batch"], []
+    for name in systems:
+        header += [f"{name} p50", f"/ {FLOOR_OF[name]}", "p99", f"/ {FLOOR_OF[name]}"]
+    for b in lat[systems[0]] if systems else []:
+        row = [b]
+        for name in systems:
+            cell, ratio = lat[name][b], ratios[name][b]
+            row += [
+                _ms(cell["p50_ms"]),
+                f"{ratio['p50']:.2f}x",
+                _ms(cell["p99_ms"]),
+                f"{ratio['p99']:.2f}x",
+            ]
+        rows.append(row)
+    parts += [
+        "latency over its floor (p50 / the floor's p50, p99 / its p99; 1.00x = at the floor):",
+        _table(header, rows),
+    ]
+    if {"uvloop-echo", "redis-ping"} <= floors.keys() and "1" in lat.get("redis-packed", {}):
+        echo, ping = floors["uvloop-echo"]["p50_ms"], floors["redis-ping"]["p50_ms"]
+        if "1" in lat.get("kvstore", {}):
+            kv1, redis1 = lat["kvstore"]["1"]["p50_ms"], lat["redis-packed"]["1"]["p50_ms"]
+            parts.append(
+                f"1 key, p50: kvstore / redis-packed {kv1 / redis1:.2f}x; the floors' ratio, "
+                f"echo / PING, {echo / ping:.2f}x (what kvstore / Redis would be if each "
+                "answered at its floor)"
+            )
     return "\n".join(parts)
 
 
@@ -299,6 +357,10 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             sizes, [v["p50_ms"] for v in lat[name].values()], "-o", color=COLORS[name], label=name
         )
         ax_lat.plot(sizes, [v["p99_ms"] for v in lat[name].values()], "--", color=COLORS[name])
+    floor_styles = {"uvloop-echo": ("tab:gray", ":"), "redis-ping": ("tab:red", ":")}
+    for name, f in lat.get("floors", {}).items():
+        color, style = floor_styles.get(name, ("black", ":"))
+        ax_lat.axhline(f["p50_ms"], color=color, linestyle=style, label=f"{name} p50 (floor)")
     ax_lat.set(
         xscale="log",
         yscale="log",

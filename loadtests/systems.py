@@ -4,10 +4,15 @@
   bulk-loaded from zstd Parquet, read with ``client.get(table, keys).to_numpy()`` (all
   features; ``Client(address)`` sends ``get`` over the node's fast read path).
 * ``redis-packed``: one string value per key, the 32 + 64 float32 as 384 raw bytes,
-  written with pipelined MSET, read with MGET and decoded into one (n, 96) array.
+  written with pipelined MSET, read with MGET (GET for one key, as a user reads one
+  row) and decoded into one (n, 96) array.
 * ``redis-hash``: one hash per entity, one field per feature (the 32 floats as 4 raw
   bytes each, the embedding as one 256-byte field), written with pipelined HSET,
   read with pipelined HGETALL and decoded into a (n, 32) and a (n, 64) array.
+
+Redis is read with redis-py on the hiredis reply parser, the client Redis's docs
+advise for performance: every connection comes from ``redis_client.connect``, which
+refuses to hand out one that would parse in Python.
 
 Every system has ``reader()`` (a new connection with ``lookup(keys, names)``), so the
 benchmark reads all three the same way. The Redis systems have ``load(chunk)`` (one
@@ -26,6 +31,7 @@ import numpy as np
 import redis
 
 from kvstore import Client
+from loadtests.redis_client import connect
 
 __all__ = [
     "EMB_DIM",
@@ -133,7 +139,7 @@ def open_reader(system: str, endpoint: str) -> Any:
     """A new reader of ``system`` at ``endpoint`` (kvstore HOST:PORT, or a Redis port)."""
     if system == "kvstore":
         return KvstoreReader(endpoint)
-    conn = redis.Redis(host="127.0.0.1", port=int(endpoint), socket_timeout=60.0)
+    conn = connect(int(endpoint))
     if system == "redis-packed":
         return RedisPackedReader(conn)
     if system == "redis-hash":
@@ -211,7 +217,7 @@ class RedisPackedSystem:
     def __init__(self, server) -> None:
         self.server = server
         self.server_pid = server.pid
-        self._conn = server.connect()
+        self._conn = connect(server.port)
 
     def load(self, chunk: Chunk) -> float:
         """Pipelined MSET of 1000 keys per command; seconds spent (encoding included)."""
@@ -230,7 +236,7 @@ class RedisPackedSystem:
         return str(self.server.port)
 
     def reader(self) -> RedisPackedReader:
-        return RedisPackedReader(self.server.connect())
+        return RedisPackedReader(connect(self.server.port))
 
     def close(self) -> None:
         self._conn.close()
@@ -245,8 +251,9 @@ class RedisPackedReader:
         self._conn = conn
 
     def lookup(self, keys: np.ndarray, names: list[bytes]) -> np.ndarray:
-        """MGET ``names``; the rows as one (n, 96) float32 array, NaN rows where missing."""
-        values = self._conn.mget(names)
+        """MGET ``names`` (GET if one); the rows as one (n, 96) float32 array, NaN rows
+        where missing."""
+        values = self._conn.mget(names) if len(names) != 1 else [self._conn.get(names[0])]
         if None in values:
             values = [_NAN_ROW if v is None else v for v in values]
         return np.frombuffer(b"".join(values), np.float32).reshape(len(values), ROW_FLOATS)
@@ -267,7 +274,7 @@ class RedisHashSystem:
     def __init__(self, server) -> None:
         self.server = server
         self.server_pid = server.pid
-        self._conn = server.connect()
+        self._conn = connect(server.port)
 
     def load(self, chunk: Chunk) -> float:
         """Pipelined HSET, one per entity, 1000 per round trip; seconds spent (encoding too)."""
@@ -294,7 +301,7 @@ class RedisHashSystem:
         return str(self.server.port)
 
     def reader(self) -> RedisHashReader:
-        return RedisHashReader(self.server.connect())
+        return RedisHashReader(connect(self.server.port))
 
     def close(self) -> None:
         self._conn.close()

@@ -7,10 +7,11 @@ up batches back to back for the window; each reports its calls, its call latenci
 and its first start and last end, so the cell's throughput is all calls divided by
 (last end - first start).
 
-Processes are the default: the load generator is Python too (redis-py parses every
-reply in Python, gRPC and NumPy hold the GIL part of the time), so client threads
-in one process convoy on the GIL and undercount what the servers can do. Threads
-stay available (``--clients threads``) to show that effect.
+Processes are the default: the load generator is Python too (redis-py builds every
+command in Python even with hiredis parsing the replies, gRPC and NumPy hold the GIL
+part of the time), so client threads in one process convoy on the GIL and undercount
+what the servers can do. Threads stay available (``--clients threads``) to show that
+effect.
 """
 
 from __future__ import annotations
