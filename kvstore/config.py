@@ -73,7 +73,8 @@ class NodeSetting:
         try:
             return self.type(text)
         except ValueError:
-            raise ValueError(f"{text!r} is not a {self.type.__name__}") from None
+            what = {int: "an integer", float: "a number"}.get(self.type, self.type.__name__)
+            raise ValueError(f"{text!r} is not {what}") from None
 
 
 def _setting(
