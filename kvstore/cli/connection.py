@@ -14,29 +14,37 @@ if TYPE_CHECKING:
 
 __all__ = ["ADDRESS_HELP", "node_options", "open_client"]
 
-ADDRESS_HELP = f"node to talk to, HOST:PORT (default: $KVSTORE_ADDRESS or {DEFAULT_ADDRESS})"
+ADDRESS_HELP = "node to talk to, HOST:PORT"
 
 F = TypeVar("F", bound=Callable)
 
 
 def node_options(timeout_default_s: float = 5.0) -> Callable[[F], F]:
-    """Add ``--address/-a`` and ``--timeout`` (seconds) to a command."""
+    """Add ``--address/-a`` (or $KVSTORE_ADDRESS, as the Client reads it) and ``--timeout``."""
 
     def add(command: F) -> F:
-        # No click default: the client resolves $KVSTORE_ADDRESS itself, as the API does.
         command = click.option(
             "--timeout",
             type=float,
-            default=None,
-            help=f"deadline per call, seconds (default {timeout_default_s:g})",
+            default=timeout_default_s,
+            show_default=True,
+            help="deadline per call, seconds",
         )(command)
-        return click.option("--address", "-a", default=None, help=ADDRESS_HELP)(command)
+        return click.option(
+            "--address",
+            "-a",
+            default=DEFAULT_ADDRESS,
+            show_default=True,
+            envvar="KVSTORE_ADDRESS",
+            show_envvar=True,
+            help=ADDRESS_HELP,
+        )(command)
 
     return add
 
 
-def open_client(address: str | None, timeout: float | None) -> Client:
-    """A Client of ``address`` (None: $KVSTORE_ADDRESS, then the default), ``timeout`` s."""
+def open_client(address: str, timeout: float) -> Client:
+    """A Client of ``address`` (HOST:PORT) with a deadline of ``timeout`` s per call."""
     from kvstore.client import DEFAULT_TIMEOUT_S, Client
 
     return Client(address, timeout=timeout or DEFAULT_TIMEOUT_S)

@@ -62,8 +62,8 @@ def get(
     table: str,
     keys: tuple[str, ...],
     features: str | None,
-    address: str | None,
-    timeout: float | None,
+    address: str,
+    timeout: float,
 ) -> None:
     """Look up keys; prints one JSON object per key (found: false for a missing key)."""
     names = [f.strip() for f in features.split(",")] if features else None
@@ -102,8 +102,8 @@ def write(
     fmt: str | None,
     key_column: str,
     batch_size: int,
-    address: str | None,
-    timeout: float | None,
+    address: str,
+    timeout: float,
 ) -> None:
     """Upsert rows from JSON lines or CSV (FILE, or - for stdin, the default).
 
@@ -142,7 +142,7 @@ def write(
 @click.argument("table")
 @click.argument("keys", nargs=-1, required=True, metavar="KEY...")
 @node_options()
-def delete(table: str, keys: tuple[str, ...], address: str | None, timeout: float | None) -> None:
+def delete(table: str, keys: tuple[str, ...], address: str, timeout: float) -> None:
     """Delete keys (missing keys are fine)."""
     with open_client(address, timeout) as client:
         info = client.describe_table(table)

@@ -8,7 +8,6 @@ import click
 
 from kvstore.cli.connection import node_options, open_client
 from kvstore.cli.output import examples, print_table, size, utc
-from kvstore.client.core import resolve_address
 
 __all__ = ["load", "rollback", "versions"]
 
@@ -77,8 +76,8 @@ def load(
     fmt: str | None,
     no_progress: bool,
     memory_mb: int,
-    address: str | None,
-    timeout: float | None,
+    address: str,
+    timeout: float,
 ) -> None:
     """Bulk-load Parquet or Arrow IPC files as a new version of a table.
 
@@ -89,7 +88,7 @@ def load(
     from kvstore.ingest.bulk import load as bulk_load
 
     summary = bulk_load(
-        address or resolve_address(None),
+        address,
         table,
         source if len(source) > 1 else source[0],
         key_column=key_column,
@@ -115,7 +114,7 @@ def load(
 @click.argument("table")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @node_options()
-def versions(table: str, as_json: bool, address: str | None, timeout: float | None) -> None:
+def versions(table: str, as_json: bool, address: str, timeout: float) -> None:
     """List the kept bulk versions of a table (* marks the current one)."""
     with open_client(address, timeout) as client:
         kept = client.versions(table)
@@ -157,7 +156,7 @@ def versions(table: str, as_json: bool, address: str | None, timeout: float | No
     help="the version to make current (default: the one before the current)",
 )
 @node_options()
-def rollback(table: str, to_version: int, address: str | None, timeout: float | None) -> None:
+def rollback(table: str, to_version: int, address: str, timeout: float) -> None:
     """Make a kept version current again (the one before the current by default)."""
     with open_client(address, timeout) as client:
         version = client.rollback(table, to_version)

@@ -21,7 +21,7 @@ MiB = 1 << 20
 )
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @node_options()
-def status(as_json: bool, address: str | None, timeout: float | None) -> None:
+def status(as_json: bool, address: str, timeout: float) -> None:
     """Node health and per-table activity and freshness: rows updated, the age of the
     newest applied event, update lag p50/p99 (event time to readable)."""
     with open_client(address, timeout) as client:

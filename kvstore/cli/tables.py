@@ -15,7 +15,7 @@ __all__ = ["create_table", "describe", "drop", "tables"]
 @click.command("tables", short_help="List the tables on a node.", epilog=examples("kvstore tables"))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @node_options()
-def tables(as_json: bool, address: str | None, timeout: float | None) -> None:
+def tables(as_json: bool, address: str, timeout: float) -> None:
     """List the tables on a node."""
     with open_client(address, timeout) as client:
         infos = client.list_tables()
@@ -48,7 +48,7 @@ def tables(as_json: bool, address: str | None, timeout: float | None) -> None:
 )
 @click.argument("table")
 @node_options()
-def describe(table: str, address: str | None, timeout: float | None) -> None:
+def describe(table: str, address: str, timeout: float) -> None:
     """Show a table's schema, version and size as JSON."""
     with open_client(address, timeout) as client:
         click.echo(json.dumps(info_json(client.describe_table(table)), indent=1))
@@ -94,8 +94,8 @@ def create_table(
     shards: int,
     feature_specs: tuple[str, ...],
     ttl_specs: tuple[str, ...],
-    address: str | None,
-    timeout: float | None,
+    address: str,
+    timeout: float,
 ) -> None:
     """Create a table. Creating the same definition again is a no-op."""
     features: dict[str, str] = {}
@@ -126,7 +126,7 @@ def create_table(
 )
 @click.argument("table")
 @node_options()
-def drop(table: str, address: str | None, timeout: float | None) -> None:
+def drop(table: str, address: str, timeout: float) -> None:
     """Delete a table and all its data."""
     with open_client(address, timeout) as client:
         client.drop_table(table)
