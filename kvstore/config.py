@@ -1,37 +1,108 @@
-"""The one configuration object of a storage node. The CLI and environment only fill it."""
+"""The one configuration object of a storage node, each setting declared once.
+
+A ``NodeConfig`` field carries its default, its doc and, where they differ from what
+its name gives, its flag and ``KVSTORE_*`` variable. ``kvstore serve`` builds its
+options from these declarations (``node_settings()``) and ``NodeConfig.from_env()``
+reads the same variables with the same parser, so a flag, its variable and its doc
+cannot drift apart. The CLI and the environment only fill the object.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Any
 
-__all__ = ["BASE_FORMATS", "DEFAULT_ADDRESS", "ENV_SETTINGS", "NodeConfig"]
+__all__ = [
+    "BASE_FORMATS",
+    "DEFAULT_ADDRESS",
+    "ENV_PREFIX",
+    "ENV_SETTINGS",
+    "NodeConfig",
+    "NodeSetting",
+    "node_settings",
+]
 
 DEFAULT_ADDRESS = "127.0.0.1:7070"
 MiB = 1 << 20
+ENV_PREFIX = "KVSTORE_"
 
 #: Table formats of a bulk version's base shards (kvstore.storage.shard.base_options).
 BASE_FORMATS = ("plain", "block")
 
-
-#: The node's settings in the environment: variable → (NodeConfig field, type).
-ENV_SETTINGS: dict[str, tuple[str, type]] = {
-    "KVSTORE_HOST": ("host", str),
-    "KVSTORE_PORT": ("port", int),
-    "KVSTORE_FAST_PORT": ("fast_port", int),
-    "KVSTORE_DATA": ("data_dir", Path),
-    "KVSTORE_COLD_DIR": ("cold_dir", Path),
-    "KVSTORE_KEEP_VERSIONS": ("keep_versions", int),
-    "KVSTORE_BLOCK_CACHE_BYTES": ("block_cache_bytes", int),
-    "KVSTORE_ROW_CACHE_BYTES": ("row_cache_bytes", int),
-    "KVSTORE_BASE_FORMAT": ("base_format", str),
-    "KVSTORE_MAX_KEYS_PER_REQUEST": ("max_keys_per_request", int),
-    "KVSTORE_READ_THREADS": ("read_threads", int),
-    "KVSTORE_PARALLEL_READ_KEYS": ("parallel_read_keys", int),
-    "KVSTORE_MAX_REQUEST_BYTES": ("max_request_bytes", int),
+# The spellings click's BOOL accepts, so a variable means the same to both readers.
+_BOOLS = {
+    **dict.fromkeys(("1", "true", "t", "yes", "y", "on"), True),
+    **dict.fromkeys(("0", "false", "f", "no", "n", "off"), False),
 }
+
+
+@dataclass(frozen=True)
+class NodeSetting:
+    """How one NodeConfig field is set from outside: flag, variable, type, doc, default."""
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    #: The command-line flag, e.g. ``--data``.
+    flag: str
+    #: The environment variable, e.g. ``KVSTORE_DATA``; its value is in the field's unit.
+    env: str
+    #: The flag's value times this is the field's value (MiB for ``--block-cache-mb``).
+    flag_unit: int = 1
+    #: The flag's unit as help names it, e.g. "MiB".
+    flag_unit_name: str = ""
+    #: The values the flag accepts (the variable's are checked by ``NodeConfig.load``).
+    choices: tuple[str, ...] = ()
+    #: The default as help shows it, when it is computed or derived.
+    shown_default: str | None = None
+
+    def parse(self, text: str) -> Any:
+        """The value of the variable's text, in the field's type and unit."""
+        if self.type is bool:
+            try:
+                return _BOOLS[text.strip().lower()]
+            except KeyError:
+                raise ValueError(f"{text!r} is not true or false") from None
+        try:
+            return self.type(text)
+        except ValueError:
+            what = {int: "an integer", float: "a number"}.get(self.type, self.type.__name__)
+            raise ValueError(f"{text!r} is not {what}") from None
+
+
+def _setting(
+    default: Any,
+    doc: str,
+    *,
+    flag: str | None = None,
+    env: str | None = None,
+    flag_unit: int = 1,
+    flag_unit_name: str = "",
+    choices: tuple[str, ...] = (),
+    shown_default: str | None = None,
+) -> Any:
+    """A field's default plus its declaration; ``flag``/``env`` only where the name's differ."""
+    return field(
+        default=default,
+        metadata={
+            "setting": dict(
+                doc=doc,
+                flag=flag,
+                env=env,
+                flag_unit=flag_unit,
+                flag_unit_name=flag_unit_name,
+                choices=choices,
+                shown_default=shown_default,
+            )
+        },
+    )
 
 
 @dataclass
@@ -41,65 +112,120 @@ class NodeConfig:
     Sizes are in bytes, times in seconds.
     """
 
-    host: str = "127.0.0.1"
-    #: 0 picks a free port (tests); the bound port is written to ``port_file`` if set.
-    port: int = 7070
-    #: Port of the fast read path (Get over plain TCP, docs/fast-path.md): 0 = any free
-    #: one (clients learn it from the cluster map), -1 = off.
-    fast_port: int = 0
-    data_dir: Path = Path("var/kvstore")
-    #: Where bulk versions (the base) live: written once, then only read, so it can
-    #: sit on cheap QLC flash. Default: ``<data_dir>/cold``.
-    cold_dir: Path | None = None
-    #: One LRU block cache shared by every shard of every table on the node.
-    block_cache_bytes: int = 256 * MiB
-    bloom_bits_per_key: float = 10.0
-    #: RocksDB's row cache in front of the base versions: hot rows are answered without
-    #: an index or block seek. Off by default: it paid off for zipfian keys (100-key p50
-    #: 8-18% lower with 64 MiB on 1M rows) but every miss pays an insert and an
-    #: eviction, which made uniform keys 24-29% slower (docs/operations.md). 0 = off.
-    row_cache_bytes: int = 0
-    #: Table format of new bulk versions' base shards: "plain" (RocksDB PlainTable:
-    #: hashed keys, mmap, uncompressed; the faster lookups) or "block" (LZ4 blocks
-    #: with checksums; smaller when rows compress). Kept versions keep their format.
-    base_format: str = "plain"
-    #: Verify RocksDB's block checksum on every read of a base version (~18% more CPU
-    #: per lookup; the files are checked with crc32 when they are uploaded).
-    verify_base_checksums: bool = False
-    #: Threads besides the event loop's that read part of a large Get's shards (the
-    #: MultiGets release the GIL); default: one fewer than the CPUs, at most 3.
-    read_threads: int = max(0, min(3, len(os.sched_getaffinity(0)) - 1))
-    #: A Get of at least this many keys is read on several threads.
-    parallel_read_keys: int = 256
-    #: A Get, Write or Delete naming more keys than this is refused with RequestTooLarge.
-    max_keys_per_request: int = 100_000
-    #: gRPC's limit on one incoming message; larger ones are refused before parsing.
-    max_request_bytes: int = 64 * MiB
-    #: Bulk versions kept besides the current one, for rollback and pinned reads.
-    keep_versions: int = 2
-    #: A bulk load with no upload for this long (seconds) is aborted and its files removed.
-    load_lease_s: float = 60.0
-    #: Writes with an event time further ahead of the node's clock are refused (seconds).
-    max_clock_skew_s: float = 300.0
-    #: fsync the WAL before acknowledging a write (survives power loss, not only a crash).
-    sync_writes: bool = False
-    #: Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled.
-    shutdown_grace_s: float = 5.0
-    #: The address clients dial for this node (defaults to host:port as bound).
-    advertise_address: str | None = None
-    node_id: str = ""
-    #: Create and fill the ``demo_users`` table on first start.
-    demo: bool = False
-    #: Write the bound port here once serving (lets a parent process find port 0).
-    port_file: Path | None = None
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(
+        7070, "gRPC port; 0 picks a free one (tests; the bound port goes to --port-file)"
+    )
+    fast_port: int = _setting(
+        0,
+        "port of the fast read path (Get over plain TCP, docs/fast-path.md); 0 = any free "
+        "one (clients find it in the cluster map), -1 = off",
+    )
+    data_dir: Path = _setting(  # noqa: RUF009 - it returns a dataclasses.field
+        Path("var/kvstore"),
+        "data directory: the catalog and the delta shards (hot path)",
+        flag="--data",
+        env="KVSTORE_DATA",
+    )
+    cold_dir: Path | None = _setting(  # noqa: RUF009 - it returns a dataclasses.field
+        None,
+        "where bulk versions (the base) live, written once then only read: put it on "
+        "cheap QLC flash",
+        shown_default="<data>/cold",
+    )
+    block_cache_bytes: int = _setting(
+        256 * MiB,
+        "one RocksDB LRU block cache shared by every shard of every table",
+        flag="--block-cache-mb",
+        flag_unit=MiB,
+        flag_unit_name="MiB",
+    )
+    bloom_bits_per_key: float = _setting(10.0, "bloom filter bits per key of every shard")
+    # Off by default: it paid off for zipfian keys (100-key p50 8-18% lower with 64 MiB on
+    # 1M rows) but every miss pays an insert and an eviction, which made uniform keys
+    # 24-29% slower (docs/operations.md).
+    row_cache_bytes: int = _setting(
+        0,
+        "RocksDB row cache in front of the bulk versions, 0 = off; worth it when a few "
+        "keys get most lookups",
+        flag="--row-cache-mb",
+        flag_unit=MiB,
+        flag_unit_name="MiB",
+    )
+    base_format: str = _setting(
+        "plain",
+        "table format of new bulk versions: plain = RocksDB PlainTable, hashed keys, "
+        "uncompressed, the fastest lookups; block = LZ4-compressed blocks with checksums, "
+        "smaller on disk when rows compress, slower lookups. Kept versions keep theirs",
+        choices=BASE_FORMATS,
+    )
+    verify_base_checksums: bool = _setting(
+        False,
+        "verify RocksDB's block checksum on every read of a block-format bulk version "
+        "(~18% more CPU a lookup; the files are checked with crc32 when uploaded, and "
+        "plain-format files have no block checksums)",
+    )
+    read_threads: int = _setting(
+        max(0, min(3, len(os.sched_getaffinity(0)) - 1)),
+        "threads besides the event loop's that read part of a large Get's shards (the "
+        "MultiGets release the GIL); 0 = none",
+        shown_default="CPUs - 1, at most 3",
+    )
+    parallel_read_keys: int = _setting(
+        256, "a Get of at least this many keys is read on several threads"
+    )
+    max_keys_per_request: int = _setting(
+        100_000, "a Get, Write or Delete naming more keys is refused (RequestTooLarge)"
+    )
+    max_request_bytes: int = _setting(
+        64 * MiB,
+        "gRPC's limit on one incoming message; larger ones are refused before parsing",
+        flag="--max-request-mb",
+        flag_unit=MiB,
+        flag_unit_name="MiB",
+    )
+    keep_versions: int = _setting(
+        2, "bulk versions kept besides the current one, for rollback and pinned reads"
+    )
+    load_lease_s: float = _setting(
+        60.0, "a bulk load with no upload for this long (seconds) is aborted, its files removed"
+    )
+    max_clock_skew_s: float = _setting(
+        300.0, "writes whose event time is further ahead of the node's clock are refused (s)"
+    )
+    sync_writes: bool = _setting(
+        False,
+        "fsync the WAL before acknowledging a write (survives power loss; without it a "
+        "write survives a crash or kill -9)",
+    )
+    shutdown_grace_s: float = _setting(
+        5.0, "seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled"
+    )
+    advertise_address: str | None = _setting(
+        None, "the address clients dial for this node", shown_default="HOST:PORT as bound"
+    )
+    node_id: str = _setting(
+        "", "this node's name in the cluster", shown_default="HOSTNAME:DATA_DIR"
+    )
+    demo: bool = _setting(False, "create and fill the demo_users table on first start")
+    port_file: Path | None = _setting(  # noqa: RUF009 - it returns a dataclasses.field
+        None, "write the bound port to this file once serving (finds port 0 from a parent)"
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeConfig:
-        """Defaults, then ``KVSTORE_*`` environment variables, then ``overrides`` (not None)."""
+        """Defaults, then ``KVSTORE_*`` environment variables, then ``overrides`` (not None).
+
+        An empty variable counts as unset, as it does for ``kvstore serve``.
+        """
         cfg = cls()
-        for var, (attr, conv) in ENV_SETTINGS.items():
-            if var in os.environ:
-                setattr(cfg, attr, conv(os.environ[var]))
+        for setting in node_settings():
+            text = os.environ.get(setting.env)
+            if text:
+                try:
+                    setattr(cfg, setting.name, setting.parse(text))
+                except ValueError as exc:
+                    raise ValueError(f"{setting.env}: {exc}") from None
         for attr, value in overrides.items():
             if value is not None:
                 setattr(cfg, attr, value)
@@ -133,3 +259,33 @@ class NodeConfig:
             raise ValueError("parallel_read_keys must be at least 1")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
+
+
+@cache
+def node_settings() -> tuple[NodeSetting, ...]:
+    """Every NodeConfig field's declaration, in field order, flag and variable derived."""
+    hints = typing.get_type_hints(NodeConfig)
+    out = []
+    for f in dataclasses.fields(NodeConfig):
+        declared = dict(f.metadata["setting"])
+        out.append(
+            NodeSetting(
+                name=f.name,
+                type=_base_type(hints[f.name]),
+                default=f.default,
+                flag=declared.pop("flag") or "--" + f.name.replace("_", "-"),
+                env=declared.pop("env") or ENV_PREFIX + f.name.upper(),
+                **declared,
+            )
+        )
+    return tuple(out)
+
+
+def _base_type(hint: Any) -> type:
+    """``Path | None`` → ``Path``: None only ever means "derive it"."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+#: The node's settings in the environment: variable → (NodeConfig field, type).
+ENV_SETTINGS: dict[str, tuple[str, type]] = {s.env: (s.name, s.type) for s in node_settings()}

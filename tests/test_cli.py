@@ -18,8 +18,23 @@ from pathlib import Path
 import pytest
 
 from kvstore import Client
+from kvstore.config import NodeConfig, node_settings
 
-COMMANDS = ["serve", "tables", "describe", "create-table", "get", "write", "delete", "drop"]
+COMMANDS = [
+    "serve",
+    "status",
+    "tables",
+    "describe",
+    "create-table",
+    "drop",
+    "get",
+    "write",
+    "delete",
+    "load",
+    "versions",
+    "rollback",
+    "consume",
+]
 
 # One feature of every dtype, as ``--feature NAME:DTYPE`` takes them.
 FEATURES = {
@@ -127,6 +142,114 @@ def test_help_exits_0_and_shows_an_example(command: str | None) -> None:
         assert any(line.split()[1] == command for line in example_lines), (
             f"no 'kvstore {command} …' example in:\n{out}"
         )
+
+
+def _option_entries(help_text: str) -> dict[str, str]:
+    """``--flag`` → its help entry with whitespace collapsed (click wraps entries)."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in help_text.splitlines():
+        stripped = line.strip()
+        if line.startswith("  -") and not line.startswith("   "):
+            flag = stripped.split()[0].rstrip(",")
+            if flag == "-h":
+                flag = "--help"
+            entries[flag] = stripped
+        elif flag and stripped:
+            entries[flag] += " " + stripped
+        elif not stripped:
+            flag = None
+    return entries
+
+
+def test_serve_help_lists_every_setting_with_its_variable() -> None:
+    entries = _option_entries(ok(kvstore("serve", "--help", address=None)))
+    for setting in node_settings():
+        assert setting.flag in entries, f"{setting.flag} ({setting.name}) missing from help"
+        assert f"env var: {setting.env}" in entries[setting.flag], entries[setting.flag]
+    assert "env var: KVSTORE_LOG_LEVEL" in entries["--log-level"]
+    assert set(entries) == {s.flag for s in node_settings()} | {"--log-level", "--help"}
+
+
+# The spellings scripts, the Makefile and the docs use; and one setting that had none.
+@pytest.mark.parametrize(
+    ("name", "flag", "env"),
+    [
+        ("data_dir", "--data", "KVSTORE_DATA"),
+        ("port", "--port", "KVSTORE_PORT"),
+        ("block_cache_bytes", "--block-cache-mb", "KVSTORE_BLOCK_CACHE_BYTES"),
+        ("row_cache_bytes", "--row-cache-mb", "KVSTORE_ROW_CACHE_BYTES"),
+        ("max_request_bytes", "--max-request-mb", "KVSTORE_MAX_REQUEST_BYTES"),
+        ("base_format", "--base-format", "KVSTORE_BASE_FORMAT"),
+        ("advertise_address", "--advertise-address", "KVSTORE_ADVERTISE_ADDRESS"),
+    ],
+)
+def test_settings_keep_their_flag_and_variable(name: str, flag: str, env: str) -> None:
+    (setting,) = [s for s in node_settings() if s.name == name]
+    assert (setting.flag, setting.env) == (flag, env)
+
+
+def test_every_field_is_a_setting_with_its_own_flag_and_variable() -> None:
+    settings = node_settings()
+    assert [s.name for s in settings] == list(NodeConfig.__dataclass_fields__)
+    assert len({s.flag for s in settings}) == len({s.env for s in settings}) == len(settings)
+    assert all(s.doc and s.env.startswith("KVSTORE_") for s in settings)
+
+
+_SAMPLES = {int: ("7", 7), float: ("2.5", 2.5), bool: ("yes", True), str: ("abc", "abc")}
+
+
+@pytest.mark.parametrize("setting", node_settings(), ids=lambda s: s.env)
+def test_from_env_reads_each_variable(setting, monkeypatch: pytest.MonkeyPatch) -> None:
+    text, value = _SAMPLES.get(setting.type, ("/srv/x", Path("/srv/x")))
+    monkeypatch.setenv(setting.env, text)
+    assert getattr(NodeConfig.from_env(), setting.name) == value
+    # An override that is not None wins over the variable.
+    assert getattr(NodeConfig.from_env(**{setting.name: "over"}), setting.name) == "over"
+
+
+def test_from_env_names_a_variable_it_cannot_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSTORE_PORT", "seventy")
+    with pytest.raises(ValueError, match=r"^KVSTORE_PORT: 'seventy' is not an integer$"):
+        NodeConfig.from_env()
+    monkeypatch.setenv("KVSTORE_PORT", "")  # empty is unset, as for kvstore serve
+    assert NodeConfig.from_env().port == NodeConfig().port
+
+
+def _status(address: str) -> dict:
+    return json.loads(ok(kvstore("status", "--json", address=address)))
+
+
+def test_serve_takes_settings_from_variables_and_flags_win(
+    start_node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The row cache's capacity shows in status: bytes in the variable, MiB in the flag.
+    monkeypatch.setenv("KVSTORE_ROW_CACHE_BYTES", str(2 << 20))
+    from_variable = start_node()
+    from_flag = start_node("--row-cache-mb", "3")
+    assert _status(from_variable.address)["row_cache_capacity_bytes"] == 2 << 20
+    assert _status(from_flag.address)["row_cache_capacity_bytes"] == 3 << 20
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("serve", "--port", "abc"), {}, "Invalid value for '--port'"),
+        (("serve",), {"KVSTORE_PORT": "abc"}, "'abc' is not an integer"),
+        (("serve", "--base-format", "cuckoo"), {}, "'cuckoo' is not one of plain, block"),
+        (("serve", "--no-such-flag"), {}, "No such option '--no-such-flag'"),
+        (("get", "t"), {}, "Missing argument 'KEY...'"),
+        (("no-such-command",), {}, "No such command 'no-such-command'"),
+    ],
+)
+def test_a_usage_error_exits_2_with_a_message(
+    args: tuple[str, ...], env: dict[str, str], message: str, tmp_path: Path
+) -> None:
+    proc = kvstore(*args, address=None, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert not (tmp_path / "var").exists()  # no node started
 
 
 # -- tables --------------------------------------------------------------------------
@@ -298,6 +421,18 @@ def test_get_on_a_string_key_table(run, client: Client, table_name: str) -> None
         ]
     finally:
         client.drop_table(table_name)
+
+
+def test_negative_keys_are_keys_not_options(run, table: str, client: Client) -> None:
+    client.write(table, {"key": [-5, 5], "age": [50, 5]})
+    got = json_lines(ok(run("get", table, "-5", "--features", "age", "5", "-6")))
+    assert got == [
+        {"key": -5, "found": True, "age": 50},
+        {"key": 5, "found": True, "age": 5},
+        {"key": -6, "found": False},
+    ]
+    assert json.loads(ok(run("delete", table, "-5")))["keys_deleted"] == 1
+    assert json_lines(ok(run("get", table, "-5")))[0]["found"] is False
 
 
 def test_delete_removes_the_keys_and_only_them(run, table: str, client: Client) -> None:
