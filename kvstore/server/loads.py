@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvstore.columns import now_us
+from kvstore.clock import now_us
 from kvstore.errors import (
     InvalidArgument,
     KvstoreError,
@@ -41,7 +41,7 @@ from kvstore.storage.table import VersionMeta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadManager"]
+__all__ = ["LoadStaging", "StagedLoad"]
 
 #: How RocksDB's messages begin when the files it was given are at fault (a missing
 #: CURRENT, a damaged or foreign table file); other failures are the node's own.
@@ -51,7 +51,7 @@ _FILE_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456
 
 
 @dataclass
-class _File:
+class _StagedFile:
     path: Path
     size: int = 0
     crc: int = 0
@@ -59,7 +59,9 @@ class _File:
 
 
 @dataclass
-class _Load:
+class StagedLoad:
+    """One bulk load in progress on the node: what it will become, its staged files."""
+
     load_id: str
     table: str
     schema_id: int
@@ -71,17 +73,17 @@ class _Load:
     staging: Path
     started: float
     last_activity: float
-    files: dict[tuple[int, str], _File] = field(default_factory=dict)
+    files: dict[tuple[int, str], _StagedFile] = field(default_factory=dict)
 
 
-class LoadManager:
-    """The bulk loads in progress on one node."""
+class LoadStaging:
+    """The bulk loads in progress on one node and their staging area under the cold directory."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         assert node.config.cold_dir is not None
         self.staging_root = node.config.cold_dir / "staging"
-        self.loads: dict[str, _Load] = {}
+        self.loads: dict[str, StagedLoad] = {}
         #: Why recent loads were aborted by the node itself (e.g. a full disk): the
         #: loader's other calls still streaming then get that cause, not "no such load".
         self._causes: dict[str, KvstoreError] = {}
@@ -116,7 +118,7 @@ class LoadManager:
                         target,
                     )
 
-    def _load(self, load_id: str) -> _Load:
+    def _load(self, load_id: str) -> StagedLoad:
         load = self.loads.get(load_id)
         if load is None:
             cause = self._causes.get(load_id)
@@ -133,7 +135,9 @@ class LoadManager:
         """The table an open load writes."""
         return self._load(load_id).table
 
-    def begin(self, table: str, label: str, snapshot_time_us: int, schema_id: int = 0) -> _Load:
+    def begin(
+        self, table: str, label: str, snapshot_time_us: int, schema_id: int = 0
+    ) -> StagedLoad:
         t = self.node.table(table)
         if schema_id and schema_id != t.schema.schema_id:
             raise SchemaChanged(
@@ -152,7 +156,7 @@ class LoadManager:
         entry.next_version = version + 1  # a failed load's number is not reused
         load_id = uuid.uuid4().hex
         now = time.monotonic()
-        load = _Load(
+        load = StagedLoad(
             load_id,
             table,
             t.schema.schema_id,
@@ -193,7 +197,7 @@ class LoadManager:
             raise InvalidArgument(f"load {load_id}: file name {file_name!r} is not allowed")
         f = load.files.get((shard, file_name))
         if f is None:
-            f = load.files[(shard, file_name)] = _File(
+            f = load.files[(shard, file_name)] = _StagedFile(
                 load.staging / f"shard-{shard:04d}" / file_name
             )
         if f.complete:
@@ -286,7 +290,7 @@ class LoadManager:
 
     @staticmethod
     def _check_commit(
-        load: _Load,
+        load: StagedLoad,
         schema: TableSchema,
         files_per_shard: list[int],
         rows: int,
@@ -328,7 +332,7 @@ class LoadManager:
             )
 
     def _open_shards(
-        self, load: _Load, version_dir: Path, rows_per_shard: list[int]
+        self, load: StagedLoad, version_dir: Path, rows_per_shard: list[int]
     ) -> list[Shard]:
         """Each shard's uploaded database moved into ``version_dir`` (a rename; a shard
         that received no file is an empty database), opened and checked to hold the

@@ -20,7 +20,8 @@ import numpy as np
 import rocksdict
 
 from kvstore import _codec
-from kvstore.columns import encode_rows, now_us
+from kvstore.clock import now_us
+from kvstore.columns import encode_rows
 from kvstore.config import NodeConfig
 from kvstore.errors import (
     AlreadyExists,
