@@ -136,7 +136,7 @@ class AsyncClient:
 
     async def load(self, table: str, source: str | list[str], **options: Any) -> Any:
         """See ``Client.load`` (runs the loader in a worker thread)."""
-        from kvstore.ingest.bulk import load
+        from kvstore.ingest.bulk import load  # lazily, as Client.load does
 
         options.setdefault("timeout", max(self._ops.timeout, 600.0))
         return await asyncio.to_thread(load, self.address, table, source, **options)

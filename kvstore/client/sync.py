@@ -213,6 +213,9 @@ class Client:
 
         Returns its LoadSummary (rows, bytes, seconds, version).
         """
+        # Imported here, not at the top: the loader brings pyarrow.parquet and rocksdict,
+        # which a client that only reads should not pay for. (The loader does not import
+        # the client: it reaches the nodes through kvstore.wire.)
         from kvstore.ingest.bulk import load
 
         options.setdefault("timeout", max(self._ops.timeout, 600.0))
