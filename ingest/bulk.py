@@ -19,7 +19,7 @@ The steps (docs/bulk-load.md):
 3. **Begin, write, upload.** Only once the whole input has been read and found good
    does the node hear of the load (``BeginLoad``). Each shard's rows, merged in key
    order with duplicates rejected or dropped, become that shard's RocksDB database of
-   the version, in the table format the node named (``ingest/bulk_sst.py``); each
+   the version, in the table format the node named (``ingest/bulk_shard_db.py``); each
    table file is uploaded to the shard's node as soon as it is flushed, the rest of
    the database when it is closed, while the loader writes on
    (``ingest/bulk_upload.py``).
@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kvstore import _codec
-from kvstore.client import Client
-from kvstore.columns import codec_column, now_us, to_arrow_column
+from kvstore.clock import now_us
+from kvstore.columns import codec_column, to_arrow_column
 from kvstore.errors import (
     InvalidArgument,
     KvstoreError,
@@ -59,6 +59,7 @@ from kvstore.errors import (
     is_disk_full,
 )
 from kvstore.schema import MAX_STRING_KEY_BYTES, TableSchema
+from kvstore.wire.dial import dial_address
 
 from .arrow_types import (
     MAX_EXAMPLES,
@@ -73,9 +74,9 @@ from .arrow_types import (
     out_of_range,
 )
 from .bulk_input import BulkInput, InputFile, LoadError
+from .bulk_shard_db import ShardDbWriter
 from .bulk_sort import Chunk, DuplicateKeys, IntKeys, ShardSorter, StrKeys, release_memory
-from .bulk_sst import ShardDbWriter
-from .bulk_upload import LoadSession, dial_address
+from .bulk_upload import LoadSession, SeedNode
 
 __all__ = ["LoadError", "LoadSummary", "load"]
 
@@ -107,7 +108,7 @@ class LoadSummary:
     version: int
     rows: int
     input_bytes: int
-    sst_bytes: int
+    shard_db_bytes: int
     seconds: float
     rows_per_s: float
     mb_per_s: float
@@ -184,7 +185,7 @@ def load(
             "empty version, so nothing was loaded"
         )
     show = sys.stderr.isatty() if progress is None else progress
-    with Client(address, timeout=timeout) as client:
+    with SeedNode(address, timeout) as client:
         schema, created, event_column = _table_for(
             client, table, src, key_column, event_time_column, create, shards
         )
@@ -194,7 +195,7 @@ def load(
             if owners is None or len(owners) != schema.shards:
                 raise KvstoreError(f"the cluster map has no route for every shard of {table!r}")
             nodes = [dial_address(n["address"], client.address) for n in cluster["nodes"]]
-            job = _Load(
+            job = _LoadJob(
                 src, schema, key_column, event_column, dedupe, snapshot_time_us, memory_budget_bytes
             )
             done = job.run(client, label, owners, nodes, timeout, show)
@@ -209,7 +210,7 @@ def load(
         version=done["version"],
         rows=done["rows"],
         input_bytes=src.bytes,
-        sst_bytes=done["sst_bytes"],
+        shard_db_bytes=done["shard_db_bytes"],
         seconds=round(seconds, 3),
         rows_per_s=round(src.rows / seconds, 1),
         mb_per_s=round(src.bytes / seconds / 1e6, 2),
@@ -241,7 +242,7 @@ def _event_column(src: BulkInput, requested: str | None, features: set[str]) -> 
 
 
 def _table_for(
-    client: Client,
+    client: SeedNode,
     table: str,
     src: BulkInput,
     key_column: str,
@@ -369,7 +370,7 @@ def _check_files(
 # -- the load itself -------------------------------------------------------------------
 
 
-class _Load:
+class _LoadJob:
     """One load: read + encode + partition, then begin, write shard databases, upload,
     commit."""
 
@@ -404,7 +405,7 @@ class _Load:
 
     def run(
         self,
-        client: Client,
+        client: SeedNode,
         label: str,
         owners: list[int],
         nodes: list[str],
@@ -429,12 +430,12 @@ class _Load:
                     f"{current.schema_id}); load again"
                 )
             session.begin(label, snapshot, owners, nodes, self.schema.schema_id)
-            rows_per_shard, sst_bytes = self.write(
+            rows_per_shard, shard_db_bytes = self.write(
                 sorter, tmp, session.upload, session.check, show, session.base_format
             )
             rows = sum(rows_per_shard)
             write_s = time.monotonic() - started - read_s
-            pending = sst_bytes - session.bytes_sent
+            pending = shard_db_bytes - session.bytes_sent
             with _progress_bar(
                 f"{self.schema.name}: upload", pending, show and pending > 0, unit="B"
             ) as bar:
@@ -450,7 +451,7 @@ class _Load:
                 self.schema.name,
                 version,
                 rows,
-                sst_bytes,
+                shard_db_bytes,
                 sorter.spilled_runs,
                 read_s,
                 write_s,
@@ -461,7 +462,7 @@ class _Load:
             return {
                 "version": version,
                 "rows": rows,
-                "sst_bytes": sst_bytes,
+                "shard_db_bytes": shard_db_bytes,
                 "snapshot_time_us": snapshot,
                 "cold_bytes_written": response.cold_bytes_written,
                 "logical_bytes": self.logical_bytes,
@@ -625,11 +626,11 @@ class _Load:
         Returns (rows written to each shard, bytes of the databases' files)."""
         memtable_bytes = max(MIN_MEMTABLE_BYTES, int(self.budget * MEMTABLE_SHARE))
         rows_per_shard = [0] * self.schema.shards
-        sst_bytes = 0
+        shard_db_bytes = 0
 
         def finished(shard: int, name: str, path: str, size: int) -> None:
-            nonlocal sst_bytes
-            sst_bytes += size
+            nonlocal shard_db_bytes
+            shard_db_bytes += size
             on_file(shard, name, path, size)
 
         with _progress_bar(f"{self.schema.name}: write", self.src.rows, show) as bar:
@@ -654,7 +655,7 @@ class _Load:
             except DuplicateKeys as exc:
                 raise LoadError(self._duplicates_message(exc)) from None
             bar.update(sorter.dropped)
-        return rows_per_shard, sst_bytes
+        return rows_per_shard, shard_db_bytes
 
     def _duplicates_message(self, exc: DuplicateKeys) -> str:
         shown = "; ".join(

@@ -1,13 +1,19 @@
-"""The node side of a bulk load, seen from the loader: begin, upload, commit or abort.
+"""The node side of a bulk load, seen from the loader: the table, begin, upload, commit.
 
-``BeginLoad`` (on the seed node) opens the load, names the version it will become
-and the table format to build; each file of a shard's database is streamed with
-``UploadSst`` to the node that owns its shard, in chunks of ``CHUNK_BYTES`` with the
+``SeedNode`` is the node the loader was pointed at: it describes (or creates, or
+drops) the table and says which node owns each shard. ``BeginLoad`` (on the seed
+node) opens the load, names the version it will become and the table format to
+build; each file of a shard's database is streamed with ``UploadShardFile`` to the
+node that owns its shard, in chunks of ``CHUNK_BYTES`` with the
 file's crc32 in the last chunk, by a few uploader threads per node, while the loader
 goes on writing: a table file as soon as it is flushed (it never changes again), the
 database's other files when it is closed; ``CommitLoad`` makes the version current on
 every shard at once. Any failure aborts the load (``AbortLoad``), so the node drops
 what it staged.
+
+The loader speaks to the nodes through the wire layer (``kvstore.wire``), not through
+``kvstore.Client``: ``Client.load`` runs the loader, so the loader importing the
+client would make the two depend on each other.
 """
 
 from __future__ import annotations
@@ -23,31 +29,94 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from kvstore.client.core import CHANNEL_OPTIONS
 from kvstore.errors import KvstoreError, from_rpc_error
+from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_channel, resolve_address
+from kvstore.wire.messages import TableInfo, cluster_map_json, schema_to_proto
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHUNK_BYTES", "LoadSession"]
+__all__ = ["CHUNK_BYTES", "LoadSession", "SeedNode"]
 
-#: Bytes of a file per UploadSst message.
+#: Bytes of a file per ShardFileChunk message.
 CHUNK_BYTES = 1 << 20
 #: Files waiting for upload per node before the loader waits: the loader's temporary
 #: disk holds about this many table files per node, not whole shards.
 MAX_QUEUED_FILES = 8
-#: UploadSst calls in flight per node.
+#: UploadShardFile calls in flight per node.
 STREAMS_PER_NODE = 4
 _ABORT_TIMEOUT_S = 10.0
 
 
-def dial_address(advertised: str, seed: str) -> str:
-    """How to reach a node the cluster map lists: a wildcard host means the seed's host."""
-    host, _, port = advertised.rpartition(":")
-    if host in ("", "0.0.0.0", "[::]", "::"):
-        return f"{seed.rpartition(':')[0]}:{port}"
-    return advertised
+class _Nodes:
+    """Blocking gRPC channels to nodes by address; a failed call raises its KvstoreError."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def stub(self, address: str) -> pb_grpc.FeatureStoreStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = open_channel(address)
+        return pb_grpc.FeatureStoreStub(channel)
+
+    def call(self, address: str, method: str, request, timeout: float | None = None):
+        """``method``'s response to ``request`` from ``address``; ``timeout`` in s
+        (default the loader's)."""
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            return getattr(self.stub(address), method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address, timeout) from None
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+
+class SeedNode:
+    """The node a load was pointed at: the table's description, creation or removal,
+    and the cluster map. The same calls and results as ``kvstore.Client``'s, blocking,
+    each with the deadline ``timeout`` (s)."""
+
+    def __init__(self, address: str | None, timeout: float) -> None:
+        self.address = resolve_address(address)
+        self._nodes = _Nodes(timeout)
+
+    def describe_table(self, name: str) -> TableInfo:
+        """The table's schema, current version and size; TableNotFound if there is none."""
+        request = pb.DescribeTableRequest(table=name)
+        return TableInfo.from_proto(self._nodes.call(self.address, "DescribeTable", request))
+
+    def create_table(
+        self, name: str, *, key: str, features: dict[str, str], shards: int
+    ) -> TableInfo:
+        """Create the table (``features``: name → dtype); its TableInfo."""
+        schema = TableSchema.build(name, key, features, shards)
+        request = pb.CreateTableRequest(schema=schema_to_proto(schema))
+        return TableInfo.from_proto(self._nodes.call(self.address, "CreateTable", request))
+
+    def drop_table(self, name: str) -> None:
+        """Delete the table and its data."""
+        self._nodes.call(self.address, "DropTable", pb.DropTableRequest(table=name))
+
+    def cluster_map(self) -> dict:
+        """Epoch, nodes (as advertised) and each table's owner per shard."""
+        cmap = self._nodes.call(self.address, "GetClusterMap", pb.GetClusterMapRequest())
+        return cluster_map_json(cmap)
+
+    def close(self) -> None:
+        self._nodes.close()
+
+    def __enter__(self) -> SeedNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class LoadSession:
@@ -62,24 +131,16 @@ class LoadSession:
         self.lease_s = 0.0
         #: The table format the node wants each shard's database built in.
         self.base_format = ""
-        self._channels: dict[str, grpc.Channel] = {}
+        self._nodes = _Nodes(timeout)
         self._uploaders: dict[str, _Uploader] = {}
         self._owner_of: list[str] = []
         self.files_per_shard: list[int] = []
 
     def stub(self, address: str) -> pb_grpc.FeatureStoreStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
-        return pb_grpc.FeatureStoreStub(channel)
+        return self._nodes.stub(address)
 
     def _call(self, address: str, method: str, request, timeout: float | None = None):
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            return getattr(self.stub(address), method)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, address, timeout) from None
+        return self._nodes.call(address, method, request, timeout)
 
     def begin(
         self,
@@ -189,13 +250,11 @@ class LoadSession:
     def close(self) -> None:
         for uploader in self._uploaders.values():
             uploader.cancel()
-        for channel in self._channels.values():
-            channel.close()
-        self._channels.clear()
+        self._nodes.close()
 
 
 class _Uploader:
-    """Threads streaming files to one node, one UploadSst call per file.
+    """Threads streaming files to one node, one UploadShardFile call per file.
 
     ``STREAMS_PER_NODE`` calls run at once: one stream alone moved ~200 MB/s over
     loopback, four ~650 MB/s (the node places files by name, whatever their order).
@@ -253,7 +312,9 @@ class _Uploader:
             shard, name, path, size = item
             timeout = self.session.timeout
             try:
-                response = stub.UploadSst(self._chunks(shard, name, path, size), timeout=timeout)
+                response = stub.UploadShardFile(
+                    self._chunks(shard, name, path, size), timeout=timeout
+                )
             except grpc.RpcError as exc:
                 self._fail(from_rpc_error(exc, self.address, timeout))
                 continue
@@ -279,7 +340,7 @@ class _Uploader:
             if self.error is None:
                 self.error = error
 
-    def _chunks(self, shard: int, name: str, path: str, size: int) -> Iterator[pb.SstChunk]:
+    def _chunks(self, shard: int, name: str, path: str, size: int) -> Iterator[pb.ShardFileChunk]:
         load_id = self.session.load_id
         crc = 0
         offset = 0
@@ -290,7 +351,7 @@ class _Uploader:
                 data = f.read(CHUNK_BYTES)
                 crc = zlib.crc32(data, crc)
                 last = offset + len(data) >= size
-                yield pb.SstChunk(
+                yield pb.ShardFileChunk(
                     load_id=load_id,
                     shard=shard,
                     file_name=name,

@@ -7,7 +7,6 @@ bad row, so a user reads "table 'users', column 'age' (int32), row 3: 'abc' (str
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -15,16 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kvstore import _codec
+from kvstore.clock import now_us
 from kvstore.errors import InvalidArgument, UnknownFeature
 from kvstore.keys import KeyBatch
 from kvstore.schema import DType, TableSchema
 
-__all__ = ["EncodedRows", "encode_rows", "now_us"]
-
-
-def now_us() -> int:
-    """The wall clock in microseconds since the Unix epoch."""
-    return time.time_ns() // 1000
+__all__ = ["EncodedRows", "encode_rows"]
 
 
 class EncodedRows:

@@ -200,7 +200,7 @@ def run_loader(
         "parquet_bytes_per_row": parquet["bytes"] / rows,
         "disk_bytes": disk,
         "disk_bytes_per_row": disk / rows,
-        "sst_bytes_per_row": summary["sst_bytes"] / rows,
+        "shard_db_bytes_per_row": summary["shard_db_bytes"] / rows,
     }
 
 

@@ -22,11 +22,11 @@ import pytest
 from kvstore import Client, InvalidArgument
 from kvstore.config import NodeConfig
 from kvstore.errors import LoadConflict, StorageFull
-from kvstore.ingest import bulk, bulk_sst, bulk_upload
+from kvstore.ingest import bulk, bulk_shard_db, bulk_upload
 from kvstore.ingest.bulk import load
 from kvstore.ingest.bulk_sort import Chunk, IntKeys
 from kvstore.schema import TableSchema
-from kvstore.server.loads import LoadManager
+from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node
 from kvstore.v1 import feature_store_pb2 as pb
 
@@ -151,13 +151,13 @@ def test_a_shard_database_missing_a_file_is_refused_and_the_current_version_serv
         v1 = _load(node.address, tmp_path, "t", _snapshot(1), "v1")
         keys = _snapshot(1)["key"].to_numpy()
 
-        shipped = bulk_sst.shipped_files
+        shipped = bulk_shard_db.shipped_files
 
         def without_current(directory: str) -> list[str]:
             names = shipped(directory)
             return [n for n in names if n != "CURRENT"] if directory.endswith("2") else names
 
-        monkeypatch.setattr(bulk_sst, "shipped_files", without_current)
+        monkeypatch.setattr(bulk_shard_db, "shipped_files", without_current)
         with pytest.raises(InvalidArgument, match=r"table 't': shard 2: RocksDB could not open"):
             _load(node.address, tmp_path, "t", _snapshot(2), "v2")
 
@@ -226,7 +226,7 @@ def test_table_files_are_handed_over_as_they_are_flushed(tmp_path: Path) -> None
     # loader's temporary disk holds files, not whole shards: a table file goes out as
     # soon as it is flushed, the rest of the database when it is closed.
     handed: list[str] = []
-    writer = bulk_sst.ShardDbWriter(
+    writer = bulk_shard_db.ShardDbWriter(
         0,
         str(tmp_path / "db"),
         IntKeys,
@@ -250,7 +250,9 @@ def test_table_files_are_handed_over_as_they_are_flushed(tmp_path: Path) -> None
 def test_the_loader_alone_decides_when_a_table_file_ends(tmp_path: Path, row_bytes: int) -> None:
     # Tiny rows cost RocksDB far more memtable than their bytes: had the loader counted
     # row bytes, RocksDB would flush first, into more and smaller files than flushes.
-    writer = bulk_sst.ShardDbWriter(0, str(tmp_path / "db"), IntKeys, "plain", _ignore, 4 << 20)
+    writer = bulk_shard_db.ShardDbWriter(
+        0, str(tmp_path / "db"), IntKeys, "plain", _ignore, 4 << 20
+    )
     flushes = 0
     flush = writer._flush
 
@@ -314,12 +316,12 @@ def test_a_catalog_write_that_fails_leaves_no_version_behind(
     config.load()
     node = Node(config)
     node.open()
-    loads = LoadManager(node)
+    loads = LoadStaging(node)
     loads.open()
     try:
         schema = node.create_table(TableSchema.build("t", "int64", {"x": "bytes"}, shards=1)).schema
         files: list[tuple[str, str, int]] = []
-        writer = bulk_sst.ShardDbWriter(
+        writer = bulk_shard_db.ShardDbWriter(
             0,
             str(tmp_path / "db"),
             IntKeys,

@@ -117,7 +117,7 @@ def test_parquet_file_becomes_the_current_version(
         200,
         "day-1",
     )
-    assert summary.sst_bytes > 0 and summary.input_bytes > 0 and summary.seconds > 0
+    assert summary.shard_db_bytes > 0 and summary.input_bytes > 0 and summary.seconds > 0
     assert summary.to_json()["version"] == summary.version
     rows, version = read_all(client, table_name, [*range(-20, 180), 999])
     assert version == summary.version == client.describe_table(table_name).version
@@ -125,7 +125,7 @@ def test_parquet_file_becomes_the_current_version(
     (info,) = [v for v in client.versions(table_name) if v.current]
     assert (info.version, info.label, info.rows) == (summary.version, "day-1", 200)
     # The cold tier is written once: the version's files are all it got.
-    assert summary.cold_bytes_written == info.bytes >= summary.sst_bytes
+    assert summary.cold_bytes_written == info.bytes >= summary.shard_db_bytes
     assert summary.logical_bytes > 0
     assert summary.cold_write_amplification == round(
         summary.cold_bytes_written / summary.logical_bytes, 3
@@ -553,7 +553,7 @@ def test_shard_databases_hold_the_rows_byte_identical(
     pq.write_table(data, tmp_path / "in.parquet", row_group_size=700)
     schema = TableSchema.build("t", key_type, FEATURES, shards=3, schema_id=42)
 
-    job = bulk._Load(
+    job = bulk._LoadJob(
         BulkInput(str(tmp_path / "in.parquet"), None),
         schema,
         "key",

@@ -14,10 +14,11 @@ import pytest
 import kvstore
 from kvstore import Client
 from kvstore.client.core import NodeCall, Operations
-from kvstore.client.fast import RECEIVE_BUFFER, RESPONSE_HEADER, FastConnections
+from kvstore.client.fast import RECEIVE_BUFFER, FastConnections
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.wire.frames import RESPONSE_HEADER
 
 FEATURES = {"x": "float32", "s": "string", "v": "float32[3]", "l": "int64[]"}
 

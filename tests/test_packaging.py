@@ -100,9 +100,12 @@ def test_the_installed_package_imports_from_outside_the_repo(
     installed: Path, tmp_path: Path
 ) -> None:
     code = (
+        "import sys\n"
         "import kvstore, kvstore.ingest, kvstore._codec, kvstore.v1.feature_store_pb2_grpc\n"
-        "for m in (kvstore, kvstore.ingest, kvstore._codec):\n"
-        "    print(m.__file__)\n"
+        "import kvstore.ingest.bulk, kvstore.server.app\n"
+        "for name, m in sorted(sys.modules.items()):\n"
+        "    if name.split('.')[0] == 'kvstore' and getattr(m, '__file__', None):\n"
+        "        print(m.__file__)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(installed)}
     proc = subprocess.run(

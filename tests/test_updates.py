@@ -15,7 +15,7 @@ import pytest
 
 import kvstore
 from kvstore import AsyncClient, Client
-from kvstore.columns import now_us
+from kvstore.clock import now_us
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 

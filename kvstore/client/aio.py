@@ -8,18 +8,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import (
-    CHANNEL_OPTIONS,
-    DEFAULT_TIMEOUT_S,
-    NodeCall,
-    Operations,
-    TableInfo,
-    VersionInfo,
-)
+from kvstore.client.core import DEFAULT_TIMEOUT_S, NodeCall, Operations
 from kvstore.client.result import GetResult
 from kvstore.client.stream import AsyncUpdateStream
 from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_aio_channel
+from kvstore.wire.messages import TableInfo, VersionInfo
 
 __all__ = ["AsyncClient"]
 
@@ -141,7 +136,7 @@ class AsyncClient:
 
     async def load(self, table: str, source: str | list[str], **options: Any) -> Any:
         """See ``Client.load`` (runs the loader in a worker thread)."""
-        from kvstore.ingest.bulk import load
+        from kvstore.ingest.bulk import load  # lazily, as Client.load does
 
         options.setdefault("timeout", max(self._ops.timeout, 600.0))
         return await asyncio.to_thread(load, self.address, table, source, **options)
@@ -149,7 +144,7 @@ class AsyncClient:
     def _stub(self, address: str) -> pb_grpc.FeatureStoreStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_aio_channel(address)
             entry = (channel, pb_grpc.FeatureStoreStub(channel))
             self._channels[address] = entry
         return entry[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,6 @@ import numpy as np
 from kvstore import _codec
 from kvstore.client.result import GetResult
 from kvstore.columns import EncodedRows, encode_rows
-from kvstore.config import DEFAULT_ADDRESS
 from kvstore.errors import (
     CorruptValue,
     InvalidArgument,
@@ -30,7 +28,16 @@ from kvstore.errors import (
 from kvstore.keys import KeyBatch
 from kvstore.schema import Feature, TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
-from kvstore.wire import schema_from_proto, schema_to_proto
+from kvstore.wire.dial import dial_address, resolve_address
+from kvstore.wire.messages import (
+    TableInfo,
+    VersionInfo,
+    cluster_map_json,
+    position_proto,
+    schema_from_proto,
+    schema_to_proto,
+    stats_json,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -38,19 +45,11 @@ __all__ = [
     "GetPlan",
     "NodeCall",
     "Operations",
-    "TableInfo",
-    "VersionInfo",
-    "resolve_address",
+    "resolve_address",  # kvstore.wire.dial's, for the CLI
 ]
 
 #: Deadline of every call unless the client or the call says otherwise, in seconds.
 DEFAULT_TIMEOUT_S = 5.0
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
-    ("grpc.keepalive_time_ms", 30_000),
-]
 
 #: What a call raises when the client's cached schema of the table is out of date:
 #: describe the table again and retry.
@@ -69,56 +68,6 @@ def check_timeout(timeout: Any) -> float:
 def read_once(values: Any) -> Any:
     """An iterator (a generator, say) as a list, so that a retry sees it whole again."""
     return list(values) if isinstance(values, Iterator) else values
-
-
-def resolve_address(address: str | None) -> str:
-    """``address``, else $KVSTORE_ADDRESS, else 127.0.0.1:7070."""
-    return address or os.environ.get("KVSTORE_ADDRESS") or DEFAULT_ADDRESS
-
-
-@dataclass(frozen=True, slots=True)
-class TableInfo:
-    """A table as the node describes it. ``disk_bytes`` in bytes."""
-
-    schema: TableSchema
-    version: int
-    rows_estimate: int
-    disk_bytes: int
-
-    @classmethod
-    def from_proto(cls, msg: pb.TableInfo) -> TableInfo:
-        return cls(schema_from_proto(msg.schema), msg.version, msg.rows_estimate, msg.disk_bytes)
-
-
-@dataclass(frozen=True, slots=True)
-class VersionInfo:
-    """A bulk version of a table. Times in µs since the epoch, sizes in bytes."""
-
-    version: int
-    label: str
-    snapshot_time_us: int
-    rows: int
-    bytes: int
-    created_at_us: int
-    current: bool
-    #: Table format of the version's base shards: "plain" or "block".
-    format: str = ""
-
-    @classmethod
-    def from_proto(cls, msg: pb.VersionInfo) -> VersionInfo:
-        return cls(
-            msg.version,
-            msg.label,
-            msg.snapshot_time_us,
-            msg.rows,
-            msg.bytes,
-            msg.created_at_us,
-            msg.current,
-            msg.format,
-        )
-
-    def to_json(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(slots=True)
@@ -178,9 +127,10 @@ class ClientCore:
     # -- cluster map -----------------------------------------------------------------
 
     def apply_cluster_map(self, msg: pb.ClusterMap) -> None:
-        self.nodes = [self._dial_address(n.address) for n in msg.nodes]
+        seed = self.seed
+        self.nodes = [dial_address(n.address, seed) for n in msg.nodes]
         self.fast = {
-            self._dial_address(n.address): self._dial_address(n.fast_address)
+            dial_address(n.address, seed): dial_address(n.fast_address, seed)
             for n in msg.nodes
             if n.fast_address
         }
@@ -190,13 +140,6 @@ class ClientCore:
             for table, owners in self.owners.items()
             if len(owners) and (owners == owners[0]).all()
         }
-
-    def _dial_address(self, advertised: str) -> str:
-        # A node bound to a wildcard address advertises it; reach it the way we reached the seed.
-        host, _, port = advertised.rpartition(":")
-        if host in ("", "0.0.0.0", "[::]", "::"):
-            return f"{self.seed.rpartition(':')[0]}:{port}"
-        return advertised
 
     def call_timeout(self, timeout: float | None) -> float:
         """The deadline of one call: ``timeout``, or the client's when None."""
@@ -503,11 +446,7 @@ class Operations(ClientCore):
     def cluster_map_flow(self) -> Flow:
         cmap = yield from self._one("GetClusterMap", pb.GetClusterMapRequest())
         self.apply_cluster_map(cmap)
-        return {
-            "epoch": cmap.epoch,
-            "nodes": [{"node_id": n.node_id, "address": n.address} for n in cmap.nodes],
-            "tables": {t.table: list(t.owner) for t in cmap.tables},
-        }
+        return cluster_map_json(cmap)
 
     def get_flow(
         self,
@@ -582,48 +521,3 @@ class Operations(ClientCore):
     def rollback_flow(self, table: str, to_version: int) -> Flow:
         request = pb.RollbackRequest(table=table, to_version=to_version)
         return VersionInfo.from_proto((yield from self._one("Rollback", request)))
-
-
-def position_proto(position: Any) -> pb.ConsumerPosition | None:
-    """A stream consumer's position as the wire carries it.
-
-    ``position``: None, a ``(consumer, source, partition, offset)`` tuple, or a
-    ``ConsumerPosition`` message.
-    """
-    if position is None or isinstance(position, pb.ConsumerPosition):
-        return position
-    try:
-        consumer, source, partition, offset = position
-    except (TypeError, ValueError):
-        raise InvalidArgument(
-            f"position must be (consumer, source, partition, offset), not {position!r}"
-        ) from None
-    return pb.ConsumerPosition(
-        consumer=str(consumer), source=str(source), partition=int(partition), offset=int(offset)
-    )
-
-
-def stats_json(response: pb.StatsResponse) -> dict:
-    """The Stats response as plain values (times in µs)."""
-    return {
-        "uptime_s": response.uptime_s,
-        "now_us": response.now_us,
-        "block_cache_bytes": response.block_cache_bytes,
-        "row_cache_bytes": response.row_cache_bytes,
-        "row_cache_capacity_bytes": response.row_cache_capacity_bytes,
-        "tables": {
-            t.table: {
-                "version": t.version,
-                "rows_updated": t.rows_updated,
-                "keys_deleted": t.keys_deleted,
-                "keys_read": t.keys_read,
-                "newest_event_time_us": t.newest_event_time_us,
-                "newest_event_age_us": t.newest_event_age_us,
-                "lag_p50_us": t.lag_p50_us,
-                "lag_p99_us": t.lag_p99_us,
-                "lag_samples": t.lag_samples,
-                "delta_keys_estimate": t.delta_keys_estimate,
-            }
-            for t in response.tables
-        },
-    }

@@ -13,13 +13,12 @@ import threading
 import time
 from typing import Any
 
-from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable, error_from_name
+from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
 from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
 
 __all__ = ["FastConnections"]
 
-REQUEST_HEADER = struct.Struct("<II")
-RESPONSE_HEADER = struct.Struct("<IIB")
 #: Bytes of the per-connection receive buffer: a 100-key answer of the benchmark's
 #: table (~42 KB) fits.
 RECEIVE_BUFFER = 64 * 1024
@@ -202,7 +201,7 @@ class FastConnections:
         deadline = time.monotonic() + timeout
         conn = self._connection(address, timeout)
         request_id = self._send(conn, body, deadline, timeout)
-        return self._answer(*self._receive(conn, request_id, deadline, timeout))
+        return read_answer(*self._receive(conn, request_id, deadline, timeout))
 
     def get_many(self, calls: list[tuple[str, pb.GetRequest]], timeout: float) -> list[Any]:
         """GetResponses for (fast address, request) pairs; errors as KvstoreError. Every
@@ -218,7 +217,7 @@ class FastConnections:
             for k, (conn, request_id) in enumerate(sent):
                 answer = self._receive(conn, request_id, deadline, timeout)
                 sent[k] = (conn, -1)  # answered
-                out.append(self._answer(*answer))
+                out.append(read_answer(*answer))
             return out
         except KvstoreError:
             # A connection whose answer was not read would hand it to the next call.
@@ -248,13 +247,6 @@ class FastConnections:
         except (OSError, KvstoreError) as exc:
             self._drop(conn)
             raise Unavailable(f"fast read path of node {conn.address}: {exc}") from None
-
-    @staticmethod
-    def _answer(status: int, body: bytes) -> Any:
-        if status:
-            error = pb.FastError.FromString(body)
-            raise error_from_name(error.type, error.message)
-        return pb.GetResponse.FromString(body)
 
     @staticmethod
     def _late(conn: _Connection, timeout: float) -> DeadlineExceeded:

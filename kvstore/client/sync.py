@@ -8,13 +8,10 @@ import grpc
 import numpy as np
 
 from kvstore.client.core import (
-    CHANNEL_OPTIONS,
     DEFAULT_TIMEOUT_S,
     STALE_SCHEMA,
     NodeCall,
     Operations,
-    TableInfo,
-    VersionInfo,
     read_once,
 )
 from kvstore.client.fast import FastConnections
@@ -23,6 +20,8 @@ from kvstore.client.stream import UpdateStream
 from kvstore.errors import KvstoreError, TableNotFound, from_rpc_error
 from kvstore.keys import KeyBatch
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_channel
+from kvstore.wire.messages import TableInfo, VersionInfo
 
 __all__ = ["Client"]
 
@@ -214,6 +213,9 @@ class Client:
 
         Returns its LoadSummary (rows, bytes, seconds, version).
         """
+        # Imported here, not at the top: the loader brings pyarrow.parquet and rocksdict,
+        # which a client that only reads should not pay for. (The loader does not import
+        # the client: it reaches the nodes through kvstore.wire.)
         from kvstore.ingest.bulk import load
 
         options.setdefault("timeout", max(self._ops.timeout, 600.0))
@@ -224,7 +226,7 @@ class Client:
     def _stub(self, address: str) -> pb_grpc.FeatureStoreStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address)
             entry = (channel, pb_grpc.FeatureStoreStub(channel))
             self._channels[address] = entry
         return entry[1]

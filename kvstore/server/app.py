@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore.config import NodeConfig
 from kvstore.server.fast import FastServer
-from kvstore.server.loads import LoadManager
+from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node
 from kvstore.server.servicer import FeatureStoreServicer
 from kvstore.v1 import feature_store_pb2 as pb
@@ -38,7 +38,7 @@ class NodeServer:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.node = Node(config)
-        self.loads = LoadManager(self.node)
+        self.loads = LoadStaging(self.node)
         self._housekeeping: asyncio.Task | None = None
         self._fast: FastServer | None = None
         self.fast_port: int | None = None

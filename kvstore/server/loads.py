@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvstore.columns import now_us
+from kvstore.clock import now_us
 from kvstore.errors import (
     CorruptValue,
     InvalidArgument,
@@ -42,13 +42,13 @@ from kvstore.storage.table import VersionMeta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadManager"]
+__all__ = ["LoadStaging", "StagedLoad"]
 
 _FILE_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 @dataclass
-class _File:
+class _StagedFile:
     path: Path
     size: int = 0
     crc: int = 0
@@ -56,7 +56,9 @@ class _File:
 
 
 @dataclass
-class _Load:
+class StagedLoad:
+    """One bulk load in progress on the node: what it will become, its staged files."""
+
     load_id: str
     table: str
     schema_id: int
@@ -68,17 +70,17 @@ class _Load:
     staging: Path
     started: float
     last_activity: float
-    files: dict[tuple[int, str], _File] = field(default_factory=dict)
+    files: dict[tuple[int, str], _StagedFile] = field(default_factory=dict)
 
 
-class LoadManager:
-    """The bulk loads in progress on one node."""
+class LoadStaging:
+    """The bulk loads in progress on one node and their staging area under the cold directory."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         assert node.config.cold_dir is not None
         self.staging_root = node.config.cold_dir / "staging"
-        self.loads: dict[str, _Load] = {}
+        self.loads: dict[str, StagedLoad] = {}
         #: Why recent loads were aborted by the node itself (e.g. a full disk): the
         #: loader's other calls still streaming then get that cause, not "no such load".
         self._causes: dict[str, KvstoreError] = {}
@@ -113,7 +115,7 @@ class LoadManager:
                         target,
                     )
 
-    def _load(self, load_id: str) -> _Load:
+    def _load(self, load_id: str) -> StagedLoad:
         load = self.loads.get(load_id)
         if load is None:
             cause = self._causes.get(load_id)
@@ -130,7 +132,9 @@ class LoadManager:
         """The table an open load writes."""
         return self._load(load_id).table
 
-    def begin(self, table: str, label: str, snapshot_time_us: int, schema_id: int = 0) -> _Load:
+    def begin(
+        self, table: str, label: str, snapshot_time_us: int, schema_id: int = 0
+    ) -> StagedLoad:
         t = self.node.table(table)
         if schema_id and schema_id != t.schema.schema_id:
             raise SchemaChanged(
@@ -149,7 +153,7 @@ class LoadManager:
         entry.next_version = version + 1  # a failed load's number is not reused
         load_id = uuid.uuid4().hex
         now = time.monotonic()
-        load = _Load(
+        load = StagedLoad(
             load_id,
             table,
             t.schema.schema_id,
@@ -190,7 +194,7 @@ class LoadManager:
             raise InvalidArgument(f"load {load_id}: file name {file_name!r} is not allowed")
         f = load.files.get((shard, file_name))
         if f is None:
-            f = load.files[(shard, file_name)] = _File(
+            f = load.files[(shard, file_name)] = _StagedFile(
                 load.staging / f"shard-{shard:04d}" / file_name
             )
         if f.complete:
@@ -283,7 +287,7 @@ class LoadManager:
 
     @staticmethod
     def _check_commit(
-        load: _Load,
+        load: StagedLoad,
         schema: TableSchema,
         files_per_shard: list[int],
         rows: int,
@@ -325,7 +329,7 @@ class LoadManager:
             )
 
     def _open_shards(
-        self, load: _Load, version_dir: Path, rows_per_shard: list[int]
+        self, load: StagedLoad, version_dir: Path, rows_per_shard: list[int]
     ) -> list[Shard]:
         """Each shard's uploaded database moved into ``version_dir`` (a rename; a shard
         that received no file is an empty database), opened and checked to hold the

@@ -15,7 +15,7 @@ from itertools import pairwise
 import numpy as np
 
 from kvstore import _codec
-from kvstore.columns import now_us
+from kvstore.clock import now_us
 from kvstore.config import NodeConfig
 from kvstore.errors import CorruptValue, RequestTooLarge
 from kvstore.keys import KeyBatch

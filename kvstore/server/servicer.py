@@ -16,15 +16,15 @@ import grpc
 import numpy as np
 
 from kvstore import _codec
-from kvstore.columns import now_us
+from kvstore.clock import now_us
 from kvstore.errors import ERROR_TYPE_KEY, KvstoreError
 from kvstore.keys import KeyBatch
-from kvstore.server.loads import LoadManager
+from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node, Position
 from kvstore.storage.table import Table, VersionMeta
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
-from kvstore.wire import schema_from_proto, schema_to_proto
+from kvstore.wire.messages import schema_from_proto, schema_to_proto
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _table_info(table: Table) -> pb.TableInfo:
 
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     def __init__(
-        self, node: Node, loads: LoadManager, advertise_address: str, fast_address: str = ""
+        self, node: Node, loads: LoadStaging, advertise_address: str, fast_address: str = ""
     ) -> None:
         self.node = node
         self.loads = loads
@@ -227,7 +227,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         )
 
     @_translate_errors
-    async def UploadSst(self, request_iterator: Any, context: Any) -> pb.UploadSstResponse:
+    async def UploadShardFile(
+        self, request_iterator: Any, context: Any
+    ) -> pb.UploadShardFileResponse:
         files: set[tuple[int, str]] = set()
         total = 0
         async for chunk in request_iterator:
@@ -243,7 +245,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             )
             files.add((chunk.shard, chunk.file_name))
             total += len(chunk.data)
-        return pb.UploadSstResponse(files=len(files), bytes=total)
+        return pb.UploadShardFileResponse(files=len(files), bytes=total)
 
     @_translate_errors
     async def CommitLoad(

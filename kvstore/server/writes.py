@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstore import _codec
-from kvstore.columns import now_us
+from kvstore.clock import now_us
 from kvstore.config import NodeConfig
 from kvstore.errors import CorruptValue, InvalidArgument, SchemaChanged, TableNotFound
 from kvstore.keys import KeyBatch

@@ -152,7 +152,7 @@ def base_options(
 
 
 def build_options(table_format: str, memtable_bytes: int = BUILD_FILE_BYTES) -> rocksdict.Options:
-    """Options the loader writes a base shard with (``ingest.bulk_sst.ShardDbWriter``):
+    """Options the loader writes a base shard with (``ingest.bulk_shard_db.ShardDbWriter``):
     ``base_options``, no need for a block cache, and room for a memtable of twice
     ``memtable_bytes``: the writer flushes it itself when RocksDB's own measure of it
     reaches ``memtable_bytes`` (each flush is one table file), with room to spare
