@@ -611,12 +611,13 @@ def test_the_broker_going_down_and_coming_back(
             "the first 100 messages",
         )
         server.stop()
+        resuming = re.compile(r"; resuming from the stored position in (\d+\.\d+) s")
         wait_for(
-            lambda: consumer.running() and "cannot connect" in consumer.output(),
+            lambda: consumer.running() and len(resuming.findall(consumer.output())) >= 4,
             WAIT_S,
-            "the consumer to retry while the broker is gone",
+            "the consumer to retry 4 times while the broker is gone",
         )
-        assert "resuming from the stored position" in consumer.output()
+        assert "cannot connect" in consumer.output()
         server.start()  # same port, same store: the stream and its messages are back
         server.publish(subject, [update(i) for i in range(101, 201)])
         wait_for(
@@ -631,10 +632,45 @@ def test_the_broker_going_down_and_coming_back(
             {"key": 1, "n": 191},
             {"key": 9, "n": 199},
         ]
-        consumer.proc.send_signal(signal.SIGTERM)
+
+        # A second outage backs off from 0.1 s again: batches were applied since the first.
+        first_outage = len(resuming.findall(consumer.output()))
+        server.stop()
+        wait_for(
+            lambda: consumer.running() and len(resuming.findall(consumer.output())) > first_outage,
+            WAIT_S,
+            "the consumer to retry in the second outage",
+        )
+        delays = [float(d) for d in resuming.findall(consumer.output())]
+        assert delays[3] >= 0.4 and delays[first_outage] <= 0.1, delays  # 0.1 s · 2^n · 0.5-1
+        consumer.proc.send_signal(signal.SIGTERM)  # while it waits to retry
         assert consumer.wait() == 0, consumer.output()
     finally:
         server.stop()
+
+
+def test_an_unreachable_node_is_retried_with_backoff_until_stopped(
+    nats_server: NatsServer, consumers, table_name: str
+) -> None:
+    stream, subject = table_name.upper(), f"{table_name}.in"
+    nats_server.add_stream(stream, [subject])
+    nobody = f"127.0.0.1:{free_port()}"
+    consumer = consumers(*nats_args(nats_server, nobody, table_name, subject)).start()
+    retries = re.compile(r"; retrying in (\d+\.\d+) s")
+    wait_for(
+        lambda: consumer.running() and len(retries.findall(consumer.output())) >= 7,
+        WAIT_S,
+        "7 retries",
+    )
+    consumer.proc.send_signal(signal.SIGTERM)  # during a backoff: no further attempt
+    assert consumer.wait() == 1
+    log = consumer.output()
+    assert "stopped before the consumer could start" in log, log
+    # 0.1 s doubling up to 5 s, each times 0.5 to 1 (jitter); 2 decimals in the log.
+    for n, delay in enumerate(float(d) for d in retries.findall(log)[:7]):
+        bound = min(5.0, 0.1 * 2**n)
+        assert bound / 2 - 0.005 <= delay <= bound + 0.005, (n, delay, log)
+    assert nobody in log, log
 
 
 def test_the_node_restarting_mid_stream(
