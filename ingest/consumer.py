@@ -1,7 +1,7 @@
 """The stream consumer: read update messages from a broker and apply them to a table.
 
 Brokers plug in as a ``Source`` (``nats_source``, ``kafka_source``); the command
-line is ``kvstore.ingest.stream``. A consumer reads messages in batches,
+line is ``kvstore.ingest.consume``. A consumer reads messages in batches,
 turns them into writes (``kvstore.ingest.messages``) and stores its position — the
 offset of the last message of the batch in each partition — in the same atomic
 RocksDB write as the data (``WriteRequest.position``). On start, and after any

@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", type=int, default=0, metavar="VERSION", help="the version to make current"
     )
 
-    from kvstore.ingest.stream import add_consume_parser  # consume nats | kafka
+    from kvstore.ingest.consume import add_consume_parser  # consume nats | kafka
 
     add_consume_parser(sub)
     return parser
