@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import uvloop
@@ -24,7 +24,7 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 
 
 @pytest.fixture
-def previous() -> list[int]:
+def previous() -> Iterator[list[int]]:
     """A Python handler on SIGINT and SIGTERM for the test, recording what reaches it."""
     seen: list[int] = []
     saved = {sig: signal.signal(sig, lambda sig, _frame: seen.append(sig)) for sig in SIGNALS}
