@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm import tqdm
 
 from kvstore import _codec
 from kvstore.clock import now_us
@@ -670,33 +671,9 @@ class _LoadJob:
         )
 
 
-class _NoBar:
-    """What the loader calls on a progress bar, doing nothing."""
-
-    n = 0
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
-        pass
-
-
-def _progress_bar(desc: str, total: int, show: bool, unit: str = "row") -> Any:
-    """A tqdm bar of rows (or bytes) on stderr, rate and ETA from ``total``; or a no-op."""
-    if not show:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # an optional extra: no bar rather than no load
-        logger.warning("no progress bar: the tqdm package is not installed")
-        return _NoBar()
+def _progress_bar(desc: str, total: int, show: bool, unit: str = "row") -> tqdm:
+    """A tqdm bar of rows (or bytes) on stderr, rate and ETA from ``total``; silent unless
+    ``show`` (a disabled tqdm takes the same calls and draws nothing)."""
     return tqdm(
         total=total,
         unit=unit,
@@ -705,6 +682,7 @@ def _progress_bar(desc: str, total: int, show: bool, unit: str = "row") -> Any:
         file=sys.stderr,
         dynamic_ncols=True,
         mininterval=0.25,
+        disable=not show,
     )
 
 

@@ -1,7 +1,7 @@
 """The stream consumer: read update messages from a broker and apply them to a table.
 
 Brokers plug in as a ``Source`` (``nats_source``, ``kafka_source``); the command
-line is ``kvstore.ingest.stream``. A consumer reads messages in batches,
+line is ``kvstore.ingest.consume``. A consumer reads messages in batches,
 turns them into writes (``kvstore.ingest.messages``) and stores its position — the
 offset of the last message of the batch in each partition — in the same atomic
 RocksDB write as the data (``WriteRequest.position``). On start, and after any
@@ -24,10 +24,12 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from kvstore.client.aio import AsyncClient
 from kvstore.errors import (
@@ -49,6 +51,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Longest text of a reason in a dead letter's header.
 MAX_REASON_CHARS = 2000
@@ -122,21 +126,15 @@ class ConsumeStats:
     retries: int = 0
 
 
-class Backoff:
-    """Exponential backoff with jitter: initial · 2^n, capped, times 0.5 to 1."""
+class _Stopped(Exception):
+    """``stop()`` cut a backoff sleep short: no further attempt."""
 
-    def __init__(self, initial_s: float, max_s: float) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.attempt = 0
 
-    def next(self) -> float:
-        delay = min(self.max_s, self.initial_s * 2**self.attempt)
-        self.attempt += 1
-        return delay * (0.5 + random.random() / 2)
-
-    def reset(self) -> None:
-        self.attempt = 0
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: the broker or the node away, not a bad table, stream or request."""
+    return isinstance(exc, (BrokerUnavailable, KvstoreError)) and not isinstance(
+        exc, (ConsumeError, NotFound, InvalidArgument)
+    )
 
 
 class StreamConsumer:
@@ -152,7 +150,8 @@ class StreamConsumer:
         self.stats = ConsumeStats()
         self.schema: TableSchema | None = None
         self._stop = asyncio.Event()
-        self._backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
+        #: Failed attempts since the last applied batch: the exponent of the backoff.
+        self._failures = 0
         self._started = time.monotonic()
         self._logged = (self._started, 0)
 
@@ -164,24 +163,11 @@ class StreamConsumer:
         """Consume until ``stop()`` (or, with ``stop_at_end``, until caught up)."""
         try:
             await self._prepare()
-            while not self._stop.is_set():
+            if not self._stop.is_set():
                 # A new client per session: after a node restart, no channel in backoff.
-                client = self._client()
-                try:
-                    if await self._session(client):
-                        break
-                except (BrokerUnavailable, KvstoreError) as exc:
-                    if isinstance(exc, (ConsumeError, NotFound, InvalidArgument)):
-                        raise
-                    self.stats.retries += 1
-                    delay = self._backoff.next()
-                    logger.warning(
-                        "%s; resuming from the stored position in %.2f s", _reason(exc), delay
-                    )
-                    await self.source.close()
-                    await self._sleep(delay)
-                finally:
-                    await client.close()
+                await self._retrying(self._retry_session)(self._with_client, self._session)
+        except _Stopped:
+            pass
         finally:
             await self.source.close()
             self._log_progress(final=True)
@@ -193,36 +179,77 @@ class StreamConsumer:
 
     async def _prepare(self) -> None:
         """The table's schema and the broker's stream or topic, retried while unreachable."""
-        table = self.config.table
-        while True:
-            client = self._client()
-            try:
-                if self.schema is None:
-                    self.schema = (await client.describe_table(table)).schema
-                    Batch(self.schema, self.config.format, self.config.key_column)
-                await self.source.connect()
-                return
-            except TableNotFound:
-                raise ConsumeError(
-                    f"table {table!r} does not exist on node {client.address}; create it first "
-                    "(kvstore create-table)"
-                ) from None
-            except InvalidArgument as exc:
-                raise ConsumeError(str(exc)) from None
-            except (BrokerUnavailable, KvstoreError) as exc:
-                if isinstance(exc, (ConsumeError, NotFound)):
-                    raise
-                delay = self._backoff.next()
-                logger.warning("%s; retrying in %.2f s", _reason(exc), delay)
-                await self.source.close()
-                await self._sleep(delay)
-                if self._stop.is_set():
-                    raise ConsumeError("stopped before the consumer could start") from None
-            finally:
-                await client.close()
+        try:
+            await self._retrying(self._retry_prepare)(self._with_client, self._reach)
+        except _Stopped:
+            raise ConsumeError("stopped before the consumer could start") from None
 
-    async def _session(self, client: AsyncClient) -> bool:
-        """Consume from the stored positions; True when done (stopped or caught up)."""
+    async def _reach(self, client: AsyncClient) -> None:
+        table = self.config.table
+        try:
+            if self.schema is None:
+                self.schema = (await client.describe_table(table)).schema
+                Batch(self.schema, self.config.format, self.config.key_column)
+            await self.source.connect()
+        except TableNotFound:
+            raise ConsumeError(
+                f"table {table!r} does not exist on node {client.address}; create it first "
+                "(kvstore create-table)"
+            ) from None
+        except InvalidArgument as exc:
+            raise ConsumeError(str(exc)) from None
+
+    async def _with_client(self, attempt: Callable[[AsyncClient], Awaitable[T]]) -> T:
+        client = self._client()
+        try:
+            return await attempt(client)
+        finally:
+            await client.close()
+
+    # -- retries: the broker or the node away ----------------------------------------
+
+    def _retrying(self, before_sleep: Callable[[RetryCallState], Awaitable[None]]) -> AsyncRetrying:
+        """Retry transient failures for ever, with backoff, until ``stop()``."""
+        return AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            wait=self._backoff,
+            sleep=self._backoff_sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    def _backoff(self, state: RetryCallState) -> float:
+        """The wait before the next attempt, s: initial · 2^n, capped, times 0.5 to 1.
+
+        n counts the failures since the last applied batch, not tenacity's attempts:
+        a session that applied batches before failing starts a new outage.
+        """
+        cfg = self.config
+        delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2**self._failures)
+        self._failures += 1
+        return delay * (0.5 + random.random() / 2)
+
+    async def _backoff_sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        if self._stop.is_set():
+            raise _Stopped
+
+    async def _retry_prepare(self, state: RetryCallState) -> None:
+        logger.warning("%s; retrying in %.2f s", _failure(state), state.upcoming_sleep)
+        await self.source.close()
+
+    async def _retry_session(self, state: RetryCallState) -> None:
+        self.stats.retries += 1
+        logger.warning(
+            "%s; resuming from the stored position in %.2f s",
+            _failure(state),
+            state.upcoming_sleep,
+        )
+        await self.source.close()
+
+    async def _session(self, client: AsyncClient) -> None:
+        """Consume from the stored positions; returns when stopped or caught up."""
         cfg = self.config
         await self.source.connect()
         positions = await client.consumer_positions(cfg.table, cfg.consumer, self.source.name)
@@ -240,12 +267,12 @@ class StreamConsumer:
             while True:
                 if cfg.stop_at_end and pending is None and self.source.at_end():
                     logger.info("caught up with %s", self.source.name)
-                    return True
+                    return
                 if pending is None:
                     pending = asyncio.ensure_future(self.source.fetch(cfg.batch))
                 messages = await self._unless_stopped(pending)
                 if messages is None:
-                    return True
+                    return
                 pending = None
                 if not messages:
                     continue
@@ -254,10 +281,10 @@ class StreamConsumer:
                 if not (cfg.stop_at_end and self.source.at_end()):
                     pending = asyncio.ensure_future(self.source.fetch(cfg.batch))
                 await self._apply(client, messages)
-                self._backoff.reset()
+                self._failures = 0
                 self._log_progress()
                 if self._stop.is_set():
-                    return True
+                    return
         finally:
             if pending is not None:
                 pending.cancel()
@@ -272,10 +299,6 @@ class StreamConsumer:
         if task.done():
             return task.result()
         return None
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
 
     # -- a batch ---------------------------------------------------------------------
 
@@ -294,6 +317,14 @@ class StreamConsumer:
         """Apply one partition's messages; the last write stores the position."""
         cfg = self.config
         assert self.schema is not None
+        logger.debug(
+            "applying %d messages of %s partition %d, offsets %d to %d",
+            len(messages),
+            self.source.name,
+            partition,
+            messages[0].offset,
+            messages[-1].offset,
+        )
         batch = Batch(self.schema, cfg.format, cfg.key_column)
         bad: list[tuple[Message, str]] = []
         for message in messages:
@@ -414,5 +445,8 @@ def _header_text(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
 
-def _reason(exc: BaseException) -> str:
+def _failure(state: RetryCallState) -> str:
+    """What made an attempt fail, as the log says it."""
+    assert state.outcome is not None
+    exc = state.outcome.exception()
     return str(exc) or type(exc).__name__

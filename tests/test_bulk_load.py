@@ -286,13 +286,18 @@ def test_duplicate_keys_are_rejected_with_examples_or_deduped(
     assert [r["ctr"] for r in rows] == [0.25, 0.5, 0.75, 1.0, 101.25]
 
 
-def test_progress_bar_goes_to_stderr_when_asked(
+def test_progress_bar_goes_to_stderr_when_asked_and_only_then(
     client: Client, table: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     pq.write_table(snapshot(list(range(10))), tmp_path / "p.parquet")
     load(client.address, table, str(tmp_path / "p.parquet"), progress=True)
     err = capsys.readouterr().err
     assert f"{table}: read" in err and "row" in err
+    # Not asked, or by default when stderr is not a terminal (captured here): no bar.
+    for progress in (False, None):
+        load(client.address, table, str(tmp_path / "p.parquet"), progress=progress)
+        err = capsys.readouterr().err
+        assert f"{table}: read" not in err and f"{table}: write" not in err, err
 
 
 # -- bad input: the current version keeps serving, nothing half-built, no temp file --

@@ -5,6 +5,7 @@ Every node here is a real ``kvstore serve`` process on 127.0.0.1 port 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kvstore import Client, Unavailable
+from kvstore import Client, KvstoreError, Unavailable
 
 SERVICE = "kvstore.v1.FeatureStore"
 GRACE_S = 5.0  # NodeConfig.shutdown_grace_s, the default `kvstore serve` runs with
@@ -125,6 +126,45 @@ def test_signal_stops_cleanly_and_a_restart_serves_the_data(start_node, sig: int
     with Client(again.address, timeout=10) as client:
         assert [t.schema.name for t in client.list_tables()] == ["kept"]
         assert _check_rows(client, "kept", np.array([0, 299, 150, 300, 7]), stored=300) == []
+
+
+def test_a_second_signal_cuts_the_grace_period_short_but_still_closes_the_databases(
+    start_node,
+) -> None:
+    node = start_node()
+    keys = np.arange(200, dtype=np.int64)
+    with Client(node.address, timeout=10) as client:
+        client.create_table("hurried", key="int64", features=FEATURES, shards=4)
+        _write_rows(client, "hurried", keys[:100])
+        # An update stream left open is a call in flight: the node's drain waits for it
+        # until the grace period ends, unless a second signal cuts the wait short.
+        stream = client.update_stream("hurried")
+        stream.send({"key": keys[100:], "v": keys[100:] * 7, "name": [f"n{k}" for k in keys[100:]]})
+        stream.send({"key": keys[100:], "ctr": keys[100:] / 4})
+        stream.flush()  # acknowledged: durable
+
+        node.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "draining in-flight calls" in node.output(), 10, "the graceful stop")
+        assert node.proc.poll() is None, node.output()  # held by the stream in flight
+        # Only now the second: two SIGINTs pending at once would be delivered as one.
+        signalled = time.monotonic()
+        node.proc.send_signal(signal.SIGINT)
+        returncode = node.proc.wait(STOP_TIMEOUT_S)
+        stopped_after = time.monotonic() - signalled
+        with contextlib.suppress(KvstoreError):  # the node cancelled the stream
+            stream.close()
+
+    log = node.output()
+    assert stopped_after < GRACE_S - 1, f"the node took {stopped_after:.1f} s to stop:\n{log}"
+    assert returncode == 1, log  # a stop cut short
+    assert "second signal (SIGINT)" in log and "databases closed" in log, log
+    assert "Traceback" not in log, log
+
+    again = start_node(data_dir=node.data_dir)
+    with Client(again.address, timeout=10) as client:
+        assert _check_rows(client, "hurried", np.array([0, 99, 100, 199, 200]), stored=200) == []
+        ctr = client.get("hurried", keys[98:102], ["ctr"]).to_numpy()["ctr"]
+        assert ctr.tolist() == (keys[98:102] / 4).tolist()
 
 
 def test_a_port_already_in_use_fails_with_a_clear_message(tmp_path: Path) -> None:

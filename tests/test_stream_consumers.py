@@ -3,7 +3,7 @@
 NATS JetStream (a real ``nats-server``, installed from Debian's packages when it is
 missing) and Kafka (librdkafka's mock cluster, which speaks the Kafka protocol on
 127.0.0.1, driven through its C API with ctypes). The consumers run as real
-processes (``python -m kvstore.ingest.stream``) against a real node; they are
+processes (``python -m kvstore.ingest.consume``) against a real node; they are
 killed, the broker and the node are stopped under them, and the tables must end
 up exactly as the messages say, with the stored positions at the last message.
 """
@@ -234,7 +234,7 @@ def kafka() -> Iterator[MockKafka]:
 
 
 class ConsumerProcess:
-    """``python -m kvstore.ingest.stream ARGS``, its output in a log file."""
+    """``python -m kvstore.ingest.consume ARGS``, its output in a log file."""
 
     def __init__(self, log_dir: Path, *args: str) -> None:
         self.args = list(args)
@@ -247,7 +247,7 @@ class ConsumerProcess:
         self.log_path = self.log_dir / f"consumer-{os.getpid()}-{id(self)}-{self.runs}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvstore.ingest.stream", *self.args],
+                [sys.executable, "-m", "kvstore.ingest.consume", *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -611,12 +611,13 @@ def test_the_broker_going_down_and_coming_back(
             "the first 100 messages",
         )
         server.stop()
+        resuming = re.compile(r"; resuming from the stored position in (\d+\.\d+) s")
         wait_for(
-            lambda: consumer.running() and "cannot connect" in consumer.output(),
+            lambda: consumer.running() and len(resuming.findall(consumer.output())) >= 4,
             WAIT_S,
-            "the consumer to retry while the broker is gone",
+            "the consumer to retry 4 times while the broker is gone",
         )
-        assert "resuming from the stored position" in consumer.output()
+        assert "cannot connect" in consumer.output()
         server.start()  # same port, same store: the stream and its messages are back
         server.publish(subject, [update(i) for i in range(101, 201)])
         wait_for(
@@ -631,10 +632,45 @@ def test_the_broker_going_down_and_coming_back(
             {"key": 1, "n": 191},
             {"key": 9, "n": 199},
         ]
-        consumer.proc.send_signal(signal.SIGTERM)
+
+        # A second outage backs off from 0.1 s again: batches were applied since the first.
+        first_outage = len(resuming.findall(consumer.output()))
+        server.stop()
+        wait_for(
+            lambda: consumer.running() and len(resuming.findall(consumer.output())) > first_outage,
+            WAIT_S,
+            "the consumer to retry in the second outage",
+        )
+        delays = [float(d) for d in resuming.findall(consumer.output())]
+        assert delays[3] >= 0.4 and delays[first_outage] <= 0.1, delays  # 0.1 s · 2^n · 0.5-1
+        consumer.proc.send_signal(signal.SIGTERM)  # while it waits to retry
         assert consumer.wait() == 0, consumer.output()
     finally:
         server.stop()
+
+
+def test_an_unreachable_node_is_retried_with_backoff_until_stopped(
+    nats_server: NatsServer, consumers, table_name: str
+) -> None:
+    stream, subject = table_name.upper(), f"{table_name}.in"
+    nats_server.add_stream(stream, [subject])
+    nobody = f"127.0.0.1:{free_port()}"
+    consumer = consumers(*nats_args(nats_server, nobody, table_name, subject)).start()
+    retries = re.compile(r"; retrying in (\d+\.\d+) s")
+    wait_for(
+        lambda: consumer.running() and len(retries.findall(consumer.output())) >= 7,
+        WAIT_S,
+        "7 retries",
+    )
+    consumer.proc.send_signal(signal.SIGTERM)  # during a backoff: no further attempt
+    assert consumer.wait() == 1
+    log = consumer.output()
+    assert "stopped before the consumer could start" in log, log
+    # 0.1 s doubling up to 5 s, each times 0.5 to 1 (jitter); 2 decimals in the log.
+    for n, delay in enumerate(float(d) for d in retries.findall(log)[:7]):
+        bound = min(5.0, 0.1 * 2**n)
+        assert bound / 2 - 0.005 <= delay <= bound + 0.005, (n, delay, log)
+    assert nobody in log, log
 
 
 def test_the_node_restarting_mid_stream(
@@ -671,6 +707,60 @@ def test_the_node_restarting_mid_stream(
     with Client(node.address, timeout=10) as c:
         got = c.get(table_name, list(range(50)), ["n"]).to_numpy()["n"]
     assert got.tolist() == [950 + k if k else 1000 for k in range(50)]
+
+
+def test_a_second_signal_abandons_the_batch_in_hand_and_a_restart_applies_it(
+    nats_server: NatsServer, start_node, consumers, table_name: str
+) -> None:
+    node = start_node()
+    with Client(node.address, timeout=10) as c:
+        c.create_table(table_name, key="int64", features={"n": "int64"}, shards=2)
+    stream, subject = table_name.upper(), f"{table_name}.in"
+    nats_server.add_stream(stream, [subject])
+    update = lambda i: j({"key": i % 10, "event_time": i, "features": {"n": i}})  # noqa: E731
+    nats_server.publish(subject, [update(i) for i in range(1, 101)])
+    args = nats_args(nats_server, node.address, table_name, subject)
+    consumer = consumers(*args, "--timeout", "60", "--log-level", "debug").start()
+
+    def position() -> dict[int, int]:
+        with Client(node.address, timeout=10) as c:
+            return positions(c, table_name, subject, stream)
+
+    wait_for(lambda: consumer.running() and position() == {0: 100}, WAIT_S, "100 messages")
+    node.proc.send_signal(signal.SIGSTOP)  # the node stops answering: the next write hangs
+    try:
+        nats_server.publish(subject, [update(i) for i in range(101, 201)])
+        wait_for(
+            lambda: consumer.running() and "offsets 101 to" in consumer.output(),
+            WAIT_S,
+            "the consumer to write the next batch",
+        )
+        consumer.proc.send_signal(signal.SIGTERM)
+        wait_for(
+            lambda: "stopping after the current batch" in consumer.output(),
+            WAIT_S,
+            "the consumer to take the first signal",
+        )
+        assert consumer.proc.poll() is None, consumer.output()  # the batch in hand holds it
+        signalled = time.monotonic()
+        consumer.proc.send_signal(signal.SIGTERM)
+        assert consumer.wait() == 128 + signal.SIGTERM, consumer.output()
+        stopped_after = time.monotonic() - signalled
+    finally:
+        node.proc.send_signal(signal.SIGCONT)
+    log = consumer.output()
+    assert stopped_after < 10, f"the consumer took {stopped_after:.1f} s to stop:\n{log}"
+    assert "second signal (SIGTERM)" in log and "Traceback" not in log, log
+    assert "consumed 100 messages" in log, log  # it closed down, no os._exit
+
+    # Whether or not the abandoned write reached the node, the restart resumes from the
+    # position stored with the data and applies the rest.
+    consumer = consumers(*args, "--stop-at-end")
+    consumer.run()
+    assert position() == {0: 200}
+    with Client(node.address, timeout=10) as c:
+        got = c.get(table_name, list(range(10)), ["n"]).to_numpy()["n"]
+    assert got.tolist() == [200, *range(191, 200)]
 
 
 def test_kill_9_of_the_consumer_loses_nothing_and_applies_nothing_twice(

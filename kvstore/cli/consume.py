@@ -1,7 +1,7 @@
 """``kvstore consume nats|kafka``: the stream consumer's own command line, mounted here.
 
-The options of ``consume`` are declared once, in ``kvstore.ingest.stream`` (which also
-runs alone as ``python -m kvstore.ingest.stream``); this command hands its arguments,
+The options of ``consume`` are declared once, in ``kvstore.ingest.consume`` (which also
+runs alone as ``python -m kvstore.ingest.consume``); this command hands its arguments,
 ``--help`` included, to that parser unchanged.
 """
 
@@ -23,7 +23,7 @@ __all__ = ["consume"]
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def consume(args: tuple[str, ...]) -> int:
     """Apply update messages from NATS JetStream or Kafka to a table, continuously."""
-    from kvstore.ingest.stream import add_consume_parser
+    from kvstore.ingest.consume import add_consume_parser
 
     parser = argparse.ArgumentParser(prog="kvstore")
     add_consume_parser(parser.add_subparsers(dest="command", required=True))

@@ -1,7 +1,9 @@
-"""Serving a node: startup, main loop, graceful shutdown, signals (after uvicorn's server.py).
+"""Serving a node: startup, main loop, graceful shutdown (after uvicorn's server.py).
 
 SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused, in-flight calls get
-``shutdown_grace_s`` to finish, then the databases close. A second Ctrl-C exits at once.
+``shutdown_grace_s`` to finish, then the databases close. A second signal cancels the
+calls still in flight instead of waiting out the grace period; the databases are closed
+(flushed) all the same (``kvstore.shutdown``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 import grpc
@@ -22,6 +23,7 @@ from kvstore.server.fast import FastServer
 from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node
 from kvstore.server.servicer import FeatureStoreServicer
+from kvstore.shutdown import Shutdown
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 
@@ -45,7 +47,10 @@ class NodeServer:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._should_exit = asyncio.Event()
+        # shutdown() says it in its own words, with the grace period.
+        self.stopping = Shutdown(
+            graceful=None, hurry="cancelling the calls in flight, then closing the databases"
+        )
 
     async def startup(self) -> None:
         cfg = self.config
@@ -115,7 +120,7 @@ class NodeServer:
             self.loads.expire()
 
     async def main_loop(self) -> None:
-        await self._should_exit.wait()
+        await self.stopping.requested.wait()
 
     async def shutdown(self) -> None:
         logger.info(
@@ -127,37 +132,35 @@ class NodeServer:
         if self._fast is not None:
             self._fast.close()
         if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace_s)
+            draining = asyncio.ensure_future(self._server.stop(self.config.shutdown_grace_s))
+            if not await self.stopping.finished_unhurried(draining):
+                # grpc.aio: a stop without grace, while one is waiting, cancels every call.
+                await self._server.stop(None)
+            await draining
         for load_id in list(self.loads.loads):
             self.loads.abort(load_id)
         self.node.close()
         logger.info("stopped; databases closed")
 
-    def handle_exit(self, sig: int) -> None:
-        if self._should_exit.is_set() and sig == signal.SIGINT:
-            logger.warning("second interrupt: exiting now")
-            os._exit(1)
-        self._should_exit.set()
-
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
-        for sig in signals:
-            loop.add_signal_handler(sig, self.handle_exit, sig)
-        try:
+        with self.stopping.capture():
             await self.startup()
             await self.main_loop()
             await self.shutdown()
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
 
 
 def serve(config: NodeConfig) -> None:
-    """Run a node until SIGTERM/SIGINT, on uvloop."""
+    """Run a node until SIGTERM/SIGINT, on uvloop.
+
+    Raises SystemExit(1) when a second signal cut the stop short (calls in flight were
+    cancelled; the databases were closed all the same).
+    """
     config.load()
+    server = NodeServer(config)
     if sys.version_info >= (3, 12):  # pragma: no cover - uvloop.run is the modern spelling
-        uvloop.run(NodeServer(config).run())
+        uvloop.run(server.run())
     else:
         uvloop.install()
-        asyncio.run(NodeServer(config).run())
+        asyncio.run(server.run())
+    if server.stopping.hurried.is_set():
+        raise SystemExit(1)

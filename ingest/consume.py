@@ -1,10 +1,11 @@
-"""``kvstore consume nats|kafka``: run a stream consumer from the command line.
+"""``kvstore consume nats|kafka``: the command that runs a stream consumer.
 
-Also ``python -m kvstore.ingest.stream nats|kafka ...``. ``add_consume_parser``
+Also ``python -m kvstore.ingest.consume nats|kafka ...``. ``add_consume_parser``
 adds the command to an argparse CLI; its handler (``run_consume``) runs a
 ``kvstore.ingest.consumer.StreamConsumer`` until SIGTERM / SIGINT (the batch in
-hand is finished first; a second signal exits at once) or, with
-``--stop-at-end``, until every message the broker holds is applied.
+hand is finished first; a second signal abandons it, and a restart resumes from the
+stored position) or, with ``--stop-at-end``, until every message the broker holds
+is applied.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import argparse
 import asyncio
 import importlib
 import logging
-import os
-import signal
 import sys
 
 from kvstore.config import DEFAULT_ADDRESS
 from kvstore.errors import KvstoreError
 from kvstore.ingest.consumer import ConsumeConfig, ConsumeError, Source, StreamConsumer
 from kvstore.ingest.messages import FORMATS
+from kvstore.shutdown import Shutdown
 
 __all__ = ["add_consume_parser", "main", "run_consume"]
 
@@ -199,24 +199,31 @@ def run_consume(args: argparse.Namespace) -> int:
 
 
 async def _run_with_signals(consumer: StreamConsumer) -> int:
-    """Run until SIGTERM/SIGINT (the batch in hand is finished); a second one exits at once."""
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-
-    def on_signal(sig: int) -> None:
-        if consumer._stop.is_set():
-            logger.warning("second %s: exiting now", signal.Signals(sig).name)
-            os._exit(128 + sig)
-        logger.info("%s: stopping after the current batch", signal.Signals(sig).name)
-        consumer.stop()
-
-    for sig in signals:
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        await consumer.run()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    """Run until SIGTERM/SIGINT (the batch in hand is finished); a second one abandons the
+    batch. Returns the exit status: 0, or 128 + the second signal's number."""
+    stopping = Shutdown(
+        graceful="stopping after the current batch",
+        hurry="stopping now; a restart resumes from the stored position",
+    )
+    with stopping.capture():
+        running = asyncio.ensure_future(consumer.run())
+        requested = asyncio.ensure_future(stopping.requested.wait())
+        try:
+            await asyncio.wait({running, requested}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            requested.cancel()
+        if not running.done():
+            consumer.stop()
+            if not await stopping.finished_unhurried(running):
+                # The write in flight is abandoned. The position rides in the batch's
+                # last write, so a restart applies again what came after the stored
+                # position: harmless, the newest event time wins per feature.
+                running.cancel()
+                await asyncio.wait({running})  # run() still closes the source
+                if not running.cancelled():
+                    running.result()  # an error it raised while stopping
+                return 128 + stopping.received[1]
+        await running
     return 0
 
 
@@ -250,7 +257,7 @@ def _options(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kvstore.ingest.stream nats|kafka ...``: ``kvstore consume`` on its own."""
+    """``python -m kvstore.ingest.consume nats|kafka ...``: ``kvstore consume`` on its own."""
     parser = argparse.ArgumentParser(
         prog="kvstore-consume", description="Apply update messages from a broker to a table."
     )
