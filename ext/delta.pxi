@@ -6,10 +6,6 @@
 # the same way: per feature, a choice of source row (or none = null), then
 # _assemble copies the chosen values into one new bytes object.
 
-from libc.stdint cimport INT64_MIN
-
-from codec cimport load_u32
-
 cdef enum:
     DELTA_FORMAT = 2
     DELTA_FIXED_HEADER = 21     # format u8, schema id u32, event time i64, deleted_at i64

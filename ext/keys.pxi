@@ -1,4 +1,7 @@
-# Keys, shards and row lists (docs/row-format.md, "Keys"); included by codec.pyx.
+# Keys and shards (docs/row-format.md, "Keys"): the stored bytes of int64 and string
+# keys, their xxh3 shard ids, keys grouped by shard; and the row lists that a node and
+# a client pass around (join_values, split_rows, response_layout).
+# Included by codec.pyx.
 
 
 cdef uint64_t SIGN_BIT = (<uint64_t>1) << 63
