@@ -80,7 +80,7 @@ include "layout.pxi"
 include "checks.pxi"
 # Columns to rows: encode_rows.
 include "encode.pxi"
-# Rows to columns: Projection, Decoded, decode.
+# Rows to columns: Projection, Decoded, decode (sizing, then filling).
 include "decode.pxi"
 # Stored keys and shards; row lists and where each row of a response is.
 include "keys.pxi"

@@ -1,6 +1,9 @@
 # Decoding (docs/row-format.md): the projected features of n rows into column
 # buffers, for the client. Projection holds what one feature list needs, made once;
-# Decoded holds a call's columns; decode fills them. Included by codec.pyx.
+# Decoded holds a call's columns. decode runs in two passes, as encode does: sizing
+# (where each row is, how many bytes each column takes, the output arrays allocated
+# once) and filling (every column written without the GIL, then NaN where a float is
+# missing). Included by codec.pyx.
 
 
 cdef struct DecColumn:
@@ -12,110 +15,6 @@ cdef struct DecColumn:
     uint8_t* values             # fixed: n * width bytes; var: the data
     int64_t* offsets            # var: n + 1 byte offsets into values
     uint8_t* valid              # n
-
-
-cdef void _decode_var_sizes(const RowLayout* c, const uint8_t** rows, Py_ssize_t n,
-                            DecColumn* col) noexcept nogil:
-    """The n + 1 offsets of a var column: the sizes of its values, missing and null empty."""
-    cdef Py_ssize_t i
-    cdef const uint8_t* row
-    cdef int64_t size
-    col.offsets[0] = 0
-    for i in range(n):
-        row = rows[i]
-        size = 0
-        if row != NULL and not is_null(row, col.feature):
-            size = var_end(c, row, col.var_j) - var_start(c, row, col.var_j)
-        col.offsets[i + 1] = col.offsets[i] + size
-
-
-cdef inline void _decode_fixed_width(const uint8_t** rows, Py_ssize_t n, DecColumn* col,
-                                     Py_ssize_t width) noexcept nogil:
-    # Inlined with a constant width for the common sizes, so that each copy is a
-    # single load and store.
-    cdef Py_ssize_t i, offset = col.offset
-    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
-    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
-    cdef const uint8_t* row
-    cdef uint8_t* dst = col.values
-    cdef uint8_t* valid = col.valid
-    for i in range(n):
-        row = rows[i]
-        if row != NULL and not (row[null_byte] & null_bit):
-            valid[i] = 1
-            memcpy(dst + i * width, row + offset, width)
-        else:
-            valid[i] = 0
-            memset(dst + i * width, 0, width)
-
-
-cdef void _decode_fixed(const uint8_t** rows, Py_ssize_t n, DecColumn* col) noexcept nogil:
-    """A fixed column: values (zero where missing or null) and its valid mask."""
-    cdef Py_ssize_t i
-    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
-    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
-    cdef const uint8_t* row
-    cdef bint ok
-    if col.kind == FEATURE_BOOL:
-        for i in range(n):
-            row = rows[i]
-            ok = row != NULL and not (row[null_byte] & null_bit)
-            col.valid[i] = ok
-            col.values[i] = ok and row[col.offset] != 0   # numpy bools must be 0 or 1
-    elif col.width == 4:
-        _decode_fixed_width(rows, n, col, 4)
-    elif col.width == 8:
-        _decode_fixed_width(rows, n, col, 8)
-    else:
-        _decode_fixed_width(rows, n, col, col.width)
-
-
-cdef void _decode_var(const RowLayout* c, const uint8_t** rows, Py_ssize_t n,
-                      DecColumn* col) noexcept nogil:
-    """A var column, its offsets already known: the data and the valid mask."""
-    cdef Py_ssize_t i
-    cdef const uint8_t* row
-    cdef uint32_t start, end
-    for i in range(n):
-        row = rows[i]
-        if row == NULL or is_null(row, col.feature):
-            col.valid[i] = 0
-            continue
-        col.valid[i] = 1
-        start = var_start(c, row, col.var_j)
-        end = var_end(c, row, col.var_j)
-        if end > start:
-            memcpy(col.values + col.offsets[i], row + c.min_row_size + start, end - start)
-
-
-cdef void _row_pointers(const uint8_t* buf, const int64_t* starts, const int64_t* lengths,
-                        Py_ssize_t n, const uint8_t** rows, int64_t* event_times) noexcept nogil:
-    """Where each row starts (NULL: missing) and its event time (0: missing)."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        if lengths[i] < 0:
-            rows[i] = NULL
-            event_times[i] = 0
-        else:
-            rows[i] = buf + starts[i]
-            event_times[i] = load_i64(rows[i] + 5)
-
-
-cdef void _fill_nan(DecColumn* col, Py_ssize_t n, Py_ssize_t dim) noexcept nogil:
-    """NaN in every value of a float column's rows that are missing or null."""
-    cdef Py_ssize_t i, j
-    cdef float* f32
-    cdef double* f64
-    for i in range(n):
-        if col.valid[i]:
-            continue
-        if col.kind == FEATURE_FLOAT64:
-            f64 = <double*>(col.values + 8 * i)
-            f64[0] = NAN
-        else:
-            f32 = <float*>(col.values + 4 * i * dim)
-            for j in range(dim):
-                f32[j] = NAN
 
 
 cdef class Projection:
@@ -261,6 +160,204 @@ cdef class Decoded:
         return out
 
 
+# Sizing
+
+
+cdef void _row_pointers(const uint8_t* buf, const int64_t* starts, const int64_t* lengths,
+                        Py_ssize_t n, const uint8_t** rows, int64_t* event_times) noexcept nogil:
+    """Where each row starts (NULL: missing) and its event time (0: missing)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if lengths[i] < 0:
+            rows[i] = NULL
+            event_times[i] = 0
+        else:
+            rows[i] = buf + starts[i]
+            event_times[i] = load_i64(rows[i] + 5)
+
+
+cdef void _decode_var_sizes(const RowLayout* c, const uint8_t** rows, Py_ssize_t n,
+                            DecColumn* col) noexcept nogil:
+    """The n + 1 offsets of a var column: the sizes of its values, missing and null empty."""
+    cdef Py_ssize_t i
+    cdef const uint8_t* row
+    cdef int64_t size
+    col.offsets[0] = 0
+    for i in range(n):
+        row = rows[i]
+        size = 0
+        if row != NULL and not is_null(row, col.feature):
+            size = var_end(c, row, col.var_j) - var_start(c, row, col.var_j)
+        col.offsets[i + 1] = col.offsets[i] + size
+
+
+cdef int _decode_size(Decoded d, const RowLayout* c, DecColumn* cols, const uint8_t** rows,
+                      const uint8_t* buf, const int64_t* starts,
+                      const int64_t* lengths) except -1:
+    """The sizing pass of ``decode``: row pointers, ``found`` and event times; each fixed
+    column's place in one block and each var column's offsets; then d's arrays, each
+    allocated once at its size, and cols pointed at them."""
+    cdef Py_ssize_t n = d.n
+    cdef Py_ssize_t n_cols = d.projection.n_cols
+    cdef Py_ssize_t k, i
+    cdef Py_ssize_t fixed_bytes = 0
+    cdef uint8_t* fixed_base
+    cdef uint8_t* valid_base
+    cdef DecColumn* col
+    cdef cnp.npy_intp shape[2]
+    d.positions = _empty(n_cols, cnp.NPY_INT64)
+    cdef int64_t* positions = _int64_data(d.positions)
+    d.var = [None] * n_cols
+    cdef list var_offsets = [None] * n_cols
+    d.event_times = _empty(n, cnp.NPY_INT64)
+    cdef int64_t* times = _int64_data(d.event_times)
+    d.found = _empty(n, cnp.NPY_BOOL)
+    cdef uint8_t* found = <uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>d.found)
+    with nogil:
+        _row_pointers(buf, starts, lengths, n, rows, times if n else NULL)
+        for i in range(n):
+            found[i] = rows[i] != NULL
+    for k in range(n_cols):
+        col = &cols[k]
+        if col.width:
+            positions[k] = fixed_bytes
+            fixed_bytes += (n * col.width + 63) & ~63   # each column 64-byte aligned
+        else:
+            positions[k] = -1
+            offsets = _empty(n + 1, cnp.NPY_INT64)
+            col.offsets = _int64_data(offsets)
+            var_offsets[k] = offsets
+    # The valid masks of all columns share one allocation, and so do the fixed
+    # values: two numpy allocations per call rather than two per column, which
+    # dominate a call with many projected features. Each column is a view.
+    shape[0] = n_cols
+    shape[1] = n
+    d.valid_block = cnp.PyArray_EMPTY(2, shape, cnp.NPY_UINT8, 0)
+    valid_base = <uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>d.valid_block) if n else NULL
+    d.fixed = _empty(fixed_bytes, cnp.NPY_UINT8)
+    fixed_base = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>d.fixed)
+    for k in range(n_cols):
+        cols[k].valid = valid_base + k * n if n else NULL
+        if cols[k].width:
+            cols[k].values = fixed_base + positions[k] if n else NULL
+    for k in range(n_cols):
+        col = &cols[k]
+        if col.width == 0:
+            with nogil:
+                _decode_var_sizes(c, rows, n, col)
+            data_array = _empty(col.offsets[n], cnp.NPY_UINT8)
+            col.values = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>data_array)
+            d.var[k] = (var_offsets[k], data_array)
+    return 0
+
+
+# Filling
+
+
+cdef inline void _decode_fixed_width(const uint8_t** rows, Py_ssize_t n, DecColumn* col,
+                                     Py_ssize_t width) noexcept nogil:
+    # Inlined with a constant width for the common sizes, so that each copy is a
+    # single load and store.
+    cdef Py_ssize_t i, offset = col.offset
+    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
+    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
+    cdef const uint8_t* row
+    cdef uint8_t* dst = col.values
+    cdef uint8_t* valid = col.valid
+    for i in range(n):
+        row = rows[i]
+        if row != NULL and not (row[null_byte] & null_bit):
+            valid[i] = 1
+            memcpy(dst + i * width, row + offset, width)
+        else:
+            valid[i] = 0
+            memset(dst + i * width, 0, width)
+
+
+cdef void _decode_fixed(const uint8_t** rows, Py_ssize_t n, DecColumn* col) noexcept nogil:
+    """A fixed column: values (zero where missing or null) and its valid mask."""
+    cdef Py_ssize_t i
+    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
+    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
+    cdef const uint8_t* row
+    cdef bint ok
+    if col.kind == FEATURE_BOOL:
+        for i in range(n):
+            row = rows[i]
+            ok = row != NULL and not (row[null_byte] & null_bit)
+            col.valid[i] = ok
+            col.values[i] = ok and row[col.offset] != 0   # numpy bools must be 0 or 1
+    elif col.width == 4:
+        _decode_fixed_width(rows, n, col, 4)
+    elif col.width == 8:
+        _decode_fixed_width(rows, n, col, 8)
+    else:
+        _decode_fixed_width(rows, n, col, col.width)
+
+
+cdef void _decode_var(const RowLayout* c, const uint8_t** rows, Py_ssize_t n,
+                      DecColumn* col) noexcept nogil:
+    """A var column, its offsets already known: the data and the valid mask."""
+    cdef Py_ssize_t i
+    cdef const uint8_t* row
+    cdef uint32_t start, end
+    for i in range(n):
+        row = rows[i]
+        if row == NULL or is_null(row, col.feature):
+            col.valid[i] = 0
+            continue
+        col.valid[i] = 1
+        start = var_start(c, row, col.var_j)
+        end = var_end(c, row, col.var_j)
+        if end > start:
+            memcpy(col.values + col.offsets[i], row + c.min_row_size + start, end - start)
+
+
+cdef void _fill_nan(DecColumn* col, Py_ssize_t n, Py_ssize_t dim) noexcept nogil:
+    """NaN in every value of a float column's rows that are missing or null."""
+    cdef Py_ssize_t i, j
+    cdef float* f32
+    cdef double* f64
+    for i in range(n):
+        if col.valid[i]:
+            continue
+        if col.kind == FEATURE_FLOAT64:
+            f64 = <double*>(col.values + 8 * i)
+            f64[0] = NAN
+        else:
+            f32 = <float*>(col.values + 4 * i * dim)
+            for j in range(dim):
+                f32[j] = NAN
+
+
+cdef int _decode_fill(Decoded d, const RowLayout* c, DecColumn* cols,
+                      const uint8_t** rows) except -1:
+    """The filling pass of ``decode``: every column's values and valid mask into the
+    arrays that sizing made, ``complete``, and NaN in the floats that are not valid."""
+    cdef Py_ssize_t n = d.n
+    cdef Py_ssize_t n_cols = d.projection.n_cols
+    cdef Py_ssize_t k
+    cdef DecColumn* col
+    # Column by column: each loop is short and specialised, and writes one
+    # output sequentially.
+    with nogil:
+        for k in range(n_cols):
+            if cols[k].width:
+                _decode_fixed(rows, n, &cols[k])
+            else:
+                _decode_var(c, rows, n, &cols[k])
+    d.complete = [None] * n_cols
+    for k in range(n_cols):
+        col = &cols[k]
+        whole = n == 0 or memchr(col.valid, 0, n) == NULL
+        d.complete[k] = whole
+        if not whole and col.kind in (FEATURE_FLOAT32, FEATURE_FLOAT64,
+                                      FEATURE_FLOAT32_VECTOR):
+            _fill_nan(col, n, c.dims[col.feature] if col.kind == FEATURE_FLOAT32_VECTOR
+                      else 1)
+    return 0
+
+
 def decode(Projection projection not None, buf, starts, lengths):
     """Decodes the projected features of n rows into a ``Decoded``.
 
@@ -285,86 +382,20 @@ def decode(Projection projection not None, buf, starts, lengths):
     if bad:
         _raise_fault(c, &check)
 
-    cdef Py_ssize_t n_cols = p.n_cols
-    cdef Py_ssize_t k, i
-    cdef Py_ssize_t fixed_bytes = 0
-    cdef uint8_t* fixed_base
-    cdef uint8_t* valid_base
-    cdef uint8_t* found_ptr
-    cdef DecColumn* col
-    cdef cnp.npy_intp shape[2]
     cdef Decoded d = Decoded.__new__(Decoded)
     d.projection = p
     d.n = n
-    d.positions = _empty(n_cols, cnp.NPY_INT64)
-    cdef int64_t* positions = _int64_data(d.positions)
-    d.var = [None] * n_cols
-    cdef list var_offsets = [None] * n_cols
-    d.event_times = _empty(n, cnp.NPY_INT64)
-    cdef int64_t* times = _int64_data(d.event_times)
-    d.found = _empty(n, cnp.NPY_BOOL)
-    found_ptr = <uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>d.found)
     # The column structs of this call: the projection's constants plus this call's buffers.
-    cdef DecColumn* cols = <DecColumn*>PyMem_Malloc((n_cols + 1) * sizeof(DecColumn))
+    cdef DecColumn* cols = <DecColumn*>PyMem_Malloc((p.n_cols + 1) * sizeof(DecColumn))
     cdef const uint8_t** rows = <const uint8_t**>PyMem_Malloc((n + 1) * sizeof(uint8_t*))
     if cols == NULL or rows == NULL:
         PyMem_Free(cols)
         PyMem_Free(rows)
         raise MemoryError()
     try:
-        memcpy(cols, p.cols, n_cols * sizeof(DecColumn))
-        with nogil:
-            _row_pointers(base, starts_ptr, lengths_ptr, n, rows, times if n else NULL)
-            for i in range(n):
-                found_ptr[i] = rows[i] != NULL
-        for k in range(n_cols):
-            col = &cols[k]
-            if col.width:
-                positions[k] = fixed_bytes
-                fixed_bytes += (n * col.width + 63) & ~63   # each column 64-byte aligned
-            else:
-                positions[k] = -1
-                offsets = _empty(n + 1, cnp.NPY_INT64)
-                col.offsets = _int64_data(offsets)
-                var_offsets[k] = offsets
-        # The valid masks of all columns share one allocation, and so do the fixed
-        # values: two numpy allocations per call rather than two per column, which
-        # dominate a call with many projected features. Each column is a view.
-        shape[0] = n_cols
-        shape[1] = n
-        d.valid_block = cnp.PyArray_EMPTY(2, shape, cnp.NPY_UINT8, 0)
-        valid_base = <uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>d.valid_block) if n else NULL
-        d.fixed = _empty(fixed_bytes, cnp.NPY_UINT8)
-        fixed_base = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>d.fixed)
-        for k in range(n_cols):
-            cols[k].valid = valid_base + k * n if n else NULL
-            if cols[k].width:
-                cols[k].values = fixed_base + positions[k] if n else NULL
-        for k in range(n_cols):
-            col = &cols[k]
-            if col.width == 0:
-                with nogil:
-                    _decode_var_sizes(c, rows, n, col)
-                data_array = _empty(col.offsets[n], cnp.NPY_UINT8)
-                col.values = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>data_array)
-                d.var[k] = (var_offsets[k], data_array)
-        # Column by column: each loop is short and specialised, and writes one
-        # output sequentially.
-        with nogil:
-            for k in range(n_cols):
-                if cols[k].width:
-                    _decode_fixed(rows, n, &cols[k])
-                else:
-                    _decode_var(c, rows, n, &cols[k])
-        d.complete = [None] * n_cols
-        for k in range(n_cols):
-            col = &cols[k]
-            whole = n == 0 or memchr(col.valid, 0, n) == NULL
-            d.complete[k] = whole
-            if not whole and col.kind in (FEATURE_FLOAT32, FEATURE_FLOAT64,
-                                          FEATURE_FLOAT32_VECTOR):
-                _fill_nan(col, n, c.dims[col.feature] if col.kind == FEATURE_FLOAT32_VECTOR
-                          else 1)
+        memcpy(cols, p.cols, p.n_cols * sizeof(DecColumn))
+        _decode_size(d, c, cols, rows, base, starts_ptr, lengths_ptr)
+        _decode_fill(d, c, cols, rows)
     finally:
         PyMem_Free(cols)
         PyMem_Free(rows)
