@@ -144,7 +144,8 @@ cdef inline bint _src_null(const RowView* v, Py_ssize_t f) noexcept nogil:
     return _bit(v.row + v.bitmap_at, f)
 
 
-cdef inline uint32_t _src_var_len(const RowLayout* c, const RowView* v, Py_ssize_t j) noexcept nogil:
+cdef inline uint32_t _src_var_len(const RowLayout* c, const RowView* v,
+                                  Py_ssize_t j) noexcept nogil:
     cdef const uint8_t* ends = v.row + c.ends_start + v.shift
     cdef uint32_t start = 0 if j == 0 else load_u32(ends + 4 * (j - 1))
     return load_u32(ends + 4 * j) - start

@@ -43,7 +43,9 @@ cdef int _bind_encode_column(const RowLayout* c, Py_ssize_t f, object column, Py
     name = _feature_name(c, f)
     if c.widths[f]:
         if not isinstance(column, tuple) or len(column) != 2:
-            raise ValueError(f"{name}: expected None or (values, valid), got {type(column).__name__}")
+            raise ValueError(
+                f"{name}: expected None or (values, valid), got {type(column).__name__}"
+            )
         values, valid = column
         if not isinstance(values, np.ndarray):
             raise ValueError(f"{name}: values must be an ndarray, got {type(values).__name__}")

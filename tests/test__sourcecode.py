@@ -1,10 +1,14 @@
 """The source is formatted and lint-clean (after asyncpg's tests/test__sourcecode.py).
 
-Runs the same ruff as ``make lint``, with the settings in pyproject.toml.
+Runs the same ruff and cython-lint as ``make lint`` (ruff with the settings in
+pyproject.toml, cython-lint with ext/.cython-lint.toml), and checks that ext/ is laid
+out as ext/codec.pyx says: every .pxi included by it, each opening with a comment.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RUFF = Path(sys.executable).parent / "ruff"
+BIN = Path(sys.executable).parent
+RUFF = BIN / "ruff"
+CYTHON_LINT = BIN / "cython-lint"
 
 
 def _ruff(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,3 +43,33 @@ def test_ruff_check() -> None:
     proc = _ruff("check", "--output-format", "concise")
     if proc.returncode != 0:
         pytest.fail(f"ruff check found problems:\n{proc.stdout}{proc.stderr}")
+
+
+def test_cython_lint() -> None:
+    if not CYTHON_LINT.exists():
+        pytest.fail(
+            f"cython-lint is not installed next to {sys.executable} (pip install -e '.[dev]')"
+        )
+    # cython-lint runs pycodestyle by name: the one in this environment.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(
+        [str(CYTHON_LINT), "ext"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"cython-lint found problems:\n{proc.stdout}{proc.stderr}")
+
+
+def test_every_pxi_is_included_and_says_what_it_holds() -> None:
+    pyx = (ROOT / "ext" / "codec.pyx").read_text()
+    included = set(re.findall(r'^include "([^"]+)"$', pyx, re.MULTILINE))
+    pxis = {path.name for path in (ROOT / "ext").glob("*.pxi")}
+    assert pxis, "ext/ has no .pxi files"
+    assert included == pxis, f"ext/codec.pyx includes {sorted(included)}, ext/ has {sorted(pxis)}"
+    for name in sorted(pxis):
+        first = (ROOT / "ext" / name).read_text().splitlines()[0]
+        assert first.startswith("# "), f"ext/{name} must open with a comment saying what it holds"
