@@ -17,7 +17,7 @@ help:
 	@echo "make test   the same set-up, then the whole test suite"
 	@echo "make bench  the benchmarks (results in bench/)"
 	@echo "make loadtest  Locust against a fresh node (WORKLOAD= DIST= BATCH= USERS= TIME= ROWS=; reports in bench/locust/)"
-	@echo "make lint   ruff format --check and ruff check"
+	@echo "make lint   ruff format --check, ruff check, and cython-lint on ext/"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,9 +59,11 @@ loadtest: build
 		$(if $(USERS),--users $(USERS)) $(if $(RATE),--spawn-rate $(RATE)) \
 		$(if $(TIME),--time $(TIME)) $(if $(ROWS),--rows $(ROWS)) $(ARGS)
 
+# cython-lint (settings in ext/.cython-lint.toml) runs pycodestyle by name: the venv's.
 lint: $(DEPS)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/cython-lint ext
 
 format: $(DEPS)
 	$(VENV)/bin/ruff format .

@@ -66,6 +66,8 @@ class BuildPy(build_py):
 extensions = [
     Extension(
         "kvstore._codec",
+        # codec.pyx includes ext/*.pxi and cimports ext/codec.pxd; cythonize tracks both,
+        # so a change to any of them regenerates the C (and make build recompiles it).
         ["ext/codec.pyx"],
         include_dirs=[
             str(ROOT / "ext"),

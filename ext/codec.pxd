@@ -113,11 +113,13 @@ cdef inline void set_null(uint8_t* row, Py_ssize_t feature) noexcept nogil:
     row[ROW_HEADER_SIZE + (feature >> 3)] |= <uint8_t>(1 << (feature & 7))
 
 
-cdef inline uint32_t var_end(const RowLayout* layout, const uint8_t* row, Py_ssize_t j) noexcept nogil:
+cdef inline uint32_t var_end(const RowLayout* layout, const uint8_t* row,
+                             Py_ssize_t j) noexcept nogil:
     return load_u32(row + layout.ends_start + 4 * j)
 
 
-cdef inline uint32_t var_start(const RowLayout* layout, const uint8_t* row, Py_ssize_t j) noexcept nogil:
+cdef inline uint32_t var_start(const RowLayout* layout, const uint8_t* row,
+                               Py_ssize_t j) noexcept nogil:
     if j == 0:
         return 0
     return load_u32(row + layout.ends_start + 4 * (j - 1))

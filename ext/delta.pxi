@@ -6,10 +6,6 @@
 # the same way: per feature, a choice of source row (or none = null), then
 # _assemble copies the chosen values into one new bytes object.
 
-from libc.stdint cimport INT64_MIN
-
-from codec cimport load_u32
-
 cdef enum:
     DELTA_FORMAT = 2
     DELTA_FIXED_HEADER = 21     # format u8, schema id u32, event time i64, deleted_at i64
@@ -148,7 +144,8 @@ cdef inline bint _src_null(const RowView* v, Py_ssize_t f) noexcept nogil:
     return _bit(v.row + v.bitmap_at, f)
 
 
-cdef inline uint32_t _src_var_len(const RowLayout* c, const RowView* v, Py_ssize_t j) noexcept nogil:
+cdef inline uint32_t _src_var_len(const RowLayout* c, const RowView* v,
+                                  Py_ssize_t j) noexcept nogil:
     cdef const uint8_t* ends = v.row + c.ends_start + v.shift
     cdef uint32_t start = 0 if j == 0 else load_u32(ends + 4 * (j - 1))
     return load_u32(ends + 4 * j) - start

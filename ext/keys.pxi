@@ -1,4 +1,7 @@
-# Keys, shards and row lists (docs/row-format.md, "Keys"); included by codec.pyx.
+# Keys and shards (docs/row-format.md, "Keys"): the stored bytes of int64 and string
+# keys, their xxh3 shard ids, keys grouped by shard; and the row lists that a node and
+# a client pass around (join_values, split_rows, response_layout).
+# Included by codec.pyx.
 
 
 cdef uint64_t SIGN_BIT = (<uint64_t>1) << 63
@@ -240,8 +243,10 @@ def group_by_shard(shard_ids, n_shards):
     """
     cdef int32_t shards = _shard_count(n_shards)
     if not isinstance(shard_ids, np.ndarray) or shard_ids.dtype != _INT32:
-        raise TypeError(f"shard_ids must be an int32 ndarray, got {type(shard_ids).__name__}"
-                        f"{'' if not isinstance(shard_ids, np.ndarray) else ' of ' + str(shard_ids.dtype)}")
+        got = type(shard_ids).__name__
+        if isinstance(shard_ids, np.ndarray):
+            got += f" of {shard_ids.dtype}"
+        raise TypeError(f"shard_ids must be an int32 ndarray, got {got}")
     ids_array = np.ascontiguousarray(shard_ids)
     cdef const int32_t[::1] ids = ids_array
     cdef Py_ssize_t i, n = ids.shape[0]

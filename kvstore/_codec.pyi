@@ -1,9 +1,11 @@
 """Type stub for the compiled row codec (ext/codec.pyx), see docs/row-format.md."""
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 FORMAT_VERSION: int
 HEADER_SIZE: int
@@ -28,62 +30,95 @@ class CorruptRow(ValueError):
     index: int
     reason: str
 
+    def __init__(self, index: int, reason: str) -> None: ...
+
 class SchemaMismatch(ValueError):
-    """A row written with another schema id than the layout's; ``index`` is its position."""
+    """A row written with another schema id than the layout's; ``index`` is its position.
+
+    ``expected``, when given, is the layout's schema id (it only makes the message clearer).
+    """
 
     index: int
     schema_id: int
+    expected: int | None
 
+    def __init__(self, index: int, schema_id: int, expected: int | None = None) -> None: ...
+
+@disjoint_base
 class Layout:
-    """The byte layout of one table schema: where each feature sits in a row."""
+    """The byte layout of one table schema: where each feature sits in a row.
 
-    schema_id: int
-    n_features: int
-    kinds: list[int]
-    dims: list[int]
-    widths: list[int]
-    fixed_offsets: list[int]
-    var_index: list[int]
-    null_bitmap_size: int
-    fixed_size: int
-    n_var: int
-    min_row_size: int
+    Immutable; sizes and offsets in bytes, ``fixed_offsets`` from the start of the row.
+    """
 
-    def __init__(self, schema_id: int, kinds: list[int], dims: list[int]) -> None: ...
+    def __init__(self, schema_id: int, kinds: Iterable[int], dims: Iterable[int]) -> None: ...
+    @property
+    def schema_id(self) -> int: ...
+    @property
+    def n_features(self) -> int: ...
+    @property
+    def kinds(self) -> list[int]: ...
+    @property
+    def dims(self) -> list[int]: ...
+    @property
+    def widths(self) -> list[int]: ...
+    @property
+    def fixed_offsets(self) -> list[int]: ...
+    @property
+    def var_index(self) -> list[int]: ...
+    @property
+    def null_bitmap_size(self) -> int: ...
+    @property
+    def fixed_size(self) -> int: ...
+    @property
+    def n_var(self) -> int: ...
+    @property
+    def min_row_size(self) -> int: ...
 
-FixedColumn = tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]
-VarColumn = tuple[npt.NDArray[np.int64], Any, npt.NDArray[np.uint8]]
+# Only in the stub: the forms a column takes in encode_rows and decode.
+_FixedColumn = tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]
+_VarColumn = tuple[npt.NDArray[np.int64], Any, npt.NDArray[np.uint8]]
 
 def encode_rows(
     layout: Layout,
-    columns: list[FixedColumn | VarColumn | None],
+    columns: list[_FixedColumn | _VarColumn | None],
     n_rows: int,
     event_times: npt.NDArray[np.int64],
 ) -> tuple[bytes, npt.NDArray[np.int64]]: ...
 
+@disjoint_base
 class Projection:
     """The features a decode fills, in order, checked once (repeats allowed)."""
 
-    layout: Layout
-    features: tuple[int, ...]
-    masked_columns: tuple[int, ...]
-    var_columns: tuple[int, ...]
-
-    def __init__(self, layout: Layout, projection: list[int]) -> None: ...
+    # Cython's __cinit__ takes the arguments: at run time __new__ does, not __init__.
+    def __new__(cls, layout: Layout, projection: Iterable[int]) -> Self: ...
+    @property
+    def layout(self) -> Layout: ...
+    @property
+    def features(self) -> tuple[int, ...]: ...
+    @property
+    def masked_columns(self) -> tuple[int, ...]: ...
+    @property
+    def var_columns(self) -> tuple[int, ...]: ...
     def __len__(self) -> int: ...
 
+@disjoint_base
 class Decoded:
     """n rows decoded into column blocks; columns are views read out on demand."""
 
-    projection: Projection
-    n: int
-    found: npt.NDArray[np.bool_]
-    event_times: npt.NDArray[np.int64]
-    complete: list[bool]
-
+    @property
+    def projection(self) -> Projection: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def found(self) -> npt.NDArray[np.bool_]: ...
+    @property
+    def event_times(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def complete(self) -> list[bool]: ...
     def values(self, k: int) -> npt.NDArray[Any]: ...
     def valid(self, k: int) -> npt.NDArray[np.uint8]: ...
-    def column(self, k: int) -> FixedColumn | VarColumn: ...
+    def column(self, k: int) -> _FixedColumn | _VarColumn: ...
     def values_dict(self, names: list[str]) -> dict[str, npt.NDArray[Any] | None]: ...
 
 def decode(
@@ -98,7 +133,7 @@ def decode_columns(
     buf: Any,
     starts: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
-) -> tuple[list[FixedColumn | VarColumn], npt.NDArray[np.int64]]: ...
+) -> tuple[list[_FixedColumn | _VarColumn], npt.NDArray[np.int64]]: ...
 def check_rows(
     layout: Layout, buf: Any, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
 ) -> tuple[int, str] | None: ...

@@ -1,0 +1,414 @@
+# Decoding (docs/row-format.md): the projected features of n rows into column
+# buffers, for the client. Projection holds what one feature list needs, made once;
+# Decoded holds a call's columns. decode runs in two passes, as encode does: sizing
+# (where each row is, how many bytes each column takes, the output arrays allocated
+# once) and filling (every column written without the GIL, then NaN where a float is
+# missing). Included by codec.pyx.
+
+
+cdef struct DecColumn:
+    Py_ssize_t feature
+    uint8_t kind
+    Py_ssize_t width            # fixed width, 0 for var kinds
+    Py_ssize_t offset           # fixed: from the start of the row
+    Py_ssize_t var_j            # var: j among the var features
+    uint8_t* values             # fixed: n * width bytes; var: the data
+    int64_t* offsets            # var: n + 1 byte offsets into values
+    uint8_t* valid              # n
+
+
+cdef class Projection:
+    """The features a decode fills, in order (``projection``: feature indices of ``layout``).
+
+    Checked once and kept by callers that decode the same projection again and again
+    (the client keeps one per table and feature list, with the schema it was made
+    from). Repeats are allowed: each is its own column.
+    """
+
+    cdef readonly Layout layout
+    #: The projected feature indices.
+    cdef readonly tuple features
+    #: Column positions whose to_numpy form is not the values array itself: bool and
+    #: int kinds (masked), var kinds (built from offsets and data).
+    cdef readonly tuple masked_columns
+    cdef readonly tuple var_columns
+    cdef DecColumn* cols            # the per-column constants; values/valid/offsets unset
+    cdef Py_ssize_t n_cols
+    cdef list dtypes                # numpy dtype of a fixed column's values, None for var
+    cdef list dims                  # N of a float32[N] column, 0 for the others
+    cdef Py_ssize_t* cdims          # the same, for C
+
+    def __cinit__(self, Layout layout not None, projection):
+        cdef const RowLayout* c = &layout.c
+        cdef Py_ssize_t k, f
+        cdef list masked = []
+        cdef list var = []
+        self.layout = layout
+        self.features = tuple([operator.index(f) for f in projection])
+        self.n_cols = len(self.features)
+        for f in self.features:
+            _check_projection_index(c, f)
+        self.cols = <DecColumn*>PyMem_Calloc(self.n_cols + 1, sizeof(DecColumn))
+        if self.cols == NULL:
+            raise MemoryError()
+        self.cdims = <Py_ssize_t*>PyMem_Calloc(self.n_cols + 1, sizeof(Py_ssize_t))
+        if self.cdims == NULL:
+            raise MemoryError()
+        self.dtypes = [None] * self.n_cols
+        self.dims = [0] * self.n_cols
+        for k in range(self.n_cols):
+            f = self.features[k]
+            self.cols[k].feature = f
+            self.cols[k].kind = c.kinds[f]
+            self.cols[k].width = c.widths[f]
+            self.cols[k].offset = c.offsets[f]
+            self.cols[k].var_j = c.var_index[f]
+            if c.widths[f]:
+                self.dtypes[k] = _FIXED_DTYPES[c.kinds[f]]
+                if c.kinds[f] == FEATURE_FLOAT32_VECTOR:
+                    self.dims[k] = c.dims[f]
+                    self.cdims[k] = c.dims[f]
+                elif c.kinds[f] not in (FEATURE_FLOAT32, FEATURE_FLOAT64):
+                    masked.append(k)
+            else:
+                var.append(k)
+        self.masked_columns = tuple(masked)
+        self.var_columns = tuple(var)
+
+    def __dealloc__(self):
+        PyMem_Free(self.cols)
+        PyMem_Free(self.cdims)
+
+    def __len__(self):
+        return self.n_cols
+
+    def __reduce__(self):
+        # A GetResult holds one (through its Decoded): results pickle and deep-copy.
+        return (Projection, (self.layout, self.features))
+
+
+cdef class Decoded:
+    """n rows decoded into columns by ``decode``: one block of fixed values and one of
+    valid masks for all columns, and each var column's offsets and data.
+
+    ``found`` (bool) and ``event_times`` (int64, µs; 0 where missing) have one entry
+    per row; ``complete[k]`` is True when column k is valid in every row. Columns are
+    read out as numpy views of the blocks, so a caller pays for the ones it asks for.
+    """
+
+    cdef readonly Projection projection
+    cdef readonly Py_ssize_t n
+    cdef readonly object found
+    cdef readonly object event_times
+    cdef readonly list complete
+    cdef object fixed               # uint8 ndarray, every fixed column 64-byte aligned
+    cdef object valid_block         # uint8 ndarray (columns, n)
+    cdef object positions           # int64 ndarray: a fixed column's byte offset in fixed (-1: var)
+    cdef list var                   # a var column's (offsets, data), None for fixed
+
+    def _check(self):
+        if self.projection is None:
+            raise TypeError("a Decoded comes from kvstore._codec.decode()")
+
+    def values(self, Py_ssize_t k):
+        """Fixed column k's values: float kinds NaN, the others zero where not valid."""
+        self._check()
+        dtype = self.projection.dtypes[k]  # IndexError when there is no column k
+        if dtype is None:
+            raise ValueError(f"column {k} is a var column: see column()")
+        return self._view(dtype, self.projection.dims[k], self.positions[k])
+
+    cdef object _view(self, cnp.dtype dtype, Py_ssize_t dim, Py_ssize_t position):
+        """A (n,) or (n, dim) array of ``dtype`` over ``fixed`` from byte ``position``;
+        made with NumPy's C API (~0.1 µs; np.ndarray(..., buffer=) costs ~0.2)."""
+        cdef cnp.npy_intp shape[2]
+        shape[0] = self.n
+        shape[1] = dim
+        cdef char* data = cnp.PyArray_BYTES(<cnp.ndarray>self.fixed) + position
+        arr = cnp.PyArray_SimpleNewFromData(2 if dim else 1, shape, dtype.type_num, data)
+        cnp.set_array_base(arr, self.fixed)
+        return arr
+
+    def valid(self, Py_ssize_t k):
+        """Column k's valid mask (uint8): 1 where the key was found and the value is not null."""
+        self._check()
+        return self.valid_block[k]
+
+    def column(self, Py_ssize_t k):
+        """Column k as (values, valid), or (offsets, data, valid) for var kinds (byte offsets)."""
+        self._check()
+        if self.var[k] is not None:
+            offsets, data = self.var[k]
+            return offsets, data, self.valid_block[k]
+        return self.values(k), self.valid_block[k]
+
+    def values_dict(self, names):
+        """{names[k]: values(k)} in column order; None for var columns (see column())."""
+        cdef dict out = {}
+        cdef Py_ssize_t k
+        self._check()
+        cdef Projection p = self.projection
+        cdef list keys = names if type(names) is list else list(names)
+        cdef const int64_t* positions = _int64_data(self.positions)
+        if len(keys) != p.n_cols:
+            raise ValueError(f"{len(keys)} names for {p.n_cols} columns")
+        for k in range(p.n_cols):
+            if p.cols[k].width == 0:
+                out[keys[k]] = None
+            else:
+                out[keys[k]] = self._view(<cnp.dtype>p.dtypes[k], p.cdims[k], positions[k])
+        return out
+
+
+# Sizing
+
+
+cdef void _row_pointers(const uint8_t* buf, const int64_t* starts, const int64_t* lengths,
+                        Py_ssize_t n, const uint8_t** rows, int64_t* event_times) noexcept nogil:
+    """Where each row starts (NULL: missing) and its event time (0: missing)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if lengths[i] < 0:
+            rows[i] = NULL
+            event_times[i] = 0
+        else:
+            rows[i] = buf + starts[i]
+            event_times[i] = load_i64(rows[i] + 5)
+
+
+cdef void _decode_var_sizes(const RowLayout* c, const uint8_t** rows, Py_ssize_t n,
+                            DecColumn* col) noexcept nogil:
+    """The n + 1 offsets of a var column: the sizes of its values, missing and null empty."""
+    cdef Py_ssize_t i
+    cdef const uint8_t* row
+    cdef int64_t size
+    col.offsets[0] = 0
+    for i in range(n):
+        row = rows[i]
+        size = 0
+        if row != NULL and not is_null(row, col.feature):
+            size = var_end(c, row, col.var_j) - var_start(c, row, col.var_j)
+        col.offsets[i + 1] = col.offsets[i] + size
+
+
+cdef int _decode_size(Decoded d, const RowLayout* c, DecColumn* cols, const uint8_t** rows,
+                      const uint8_t* buf, const int64_t* starts,
+                      const int64_t* lengths) except -1:
+    """The sizing pass of ``decode``: row pointers, ``found`` and event times; each fixed
+    column's place in one block and each var column's offsets; then d's arrays, each
+    allocated once at its size, and cols pointed at them."""
+    cdef Py_ssize_t n = d.n
+    cdef Py_ssize_t n_cols = d.projection.n_cols
+    cdef Py_ssize_t k, i
+    cdef Py_ssize_t fixed_bytes = 0
+    cdef uint8_t* fixed_base
+    cdef uint8_t* valid_base
+    cdef DecColumn* col
+    cdef cnp.npy_intp shape[2]
+    d.positions = _empty(n_cols, cnp.NPY_INT64)
+    cdef int64_t* positions = _int64_data(d.positions)
+    d.var = [None] * n_cols
+    cdef list var_offsets = [None] * n_cols
+    d.event_times = _empty(n, cnp.NPY_INT64)
+    cdef int64_t* times = _int64_data(d.event_times)
+    d.found = _empty(n, cnp.NPY_BOOL)
+    cdef uint8_t* found = <uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>d.found)
+    with nogil:
+        _row_pointers(buf, starts, lengths, n, rows, times if n else NULL)
+        for i in range(n):
+            found[i] = rows[i] != NULL
+    for k in range(n_cols):
+        col = &cols[k]
+        if col.width:
+            positions[k] = fixed_bytes
+            fixed_bytes += (n * col.width + 63) & ~63   # each column 64-byte aligned
+        else:
+            positions[k] = -1
+            offsets = _empty(n + 1, cnp.NPY_INT64)
+            col.offsets = _int64_data(offsets)
+            var_offsets[k] = offsets
+    # The valid masks of all columns share one allocation, and so do the fixed
+    # values: two numpy allocations per call rather than two per column, which
+    # dominate a call with many projected features. Each column is a view.
+    shape[0] = n_cols
+    shape[1] = n
+    d.valid_block = cnp.PyArray_EMPTY(2, shape, cnp.NPY_UINT8, 0)
+    valid_base = <uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>d.valid_block) if n else NULL
+    d.fixed = _empty(fixed_bytes, cnp.NPY_UINT8)
+    fixed_base = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>d.fixed)
+    for k in range(n_cols):
+        cols[k].valid = valid_base + k * n if n else NULL
+        if cols[k].width:
+            cols[k].values = fixed_base + positions[k] if n else NULL
+    for k in range(n_cols):
+        col = &cols[k]
+        if col.width == 0:
+            with nogil:
+                _decode_var_sizes(c, rows, n, col)
+            data_array = _empty(col.offsets[n], cnp.NPY_UINT8)
+            col.values = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>data_array)
+            d.var[k] = (var_offsets[k], data_array)
+    return 0
+
+
+# Filling
+
+
+cdef inline void _decode_fixed_width(const uint8_t** rows, Py_ssize_t n, DecColumn* col,
+                                     Py_ssize_t width) noexcept nogil:
+    # Inlined with a constant width for the common sizes, so that each copy is a
+    # single load and store.
+    cdef Py_ssize_t i, offset = col.offset
+    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
+    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
+    cdef const uint8_t* row
+    cdef uint8_t* dst = col.values
+    cdef uint8_t* valid = col.valid
+    for i in range(n):
+        row = rows[i]
+        if row != NULL and not (row[null_byte] & null_bit):
+            valid[i] = 1
+            memcpy(dst + i * width, row + offset, width)
+        else:
+            valid[i] = 0
+            memset(dst + i * width, 0, width)
+
+
+cdef void _decode_fixed(const uint8_t** rows, Py_ssize_t n, DecColumn* col) noexcept nogil:
+    """A fixed column: values (zero where missing or null) and its valid mask."""
+    cdef Py_ssize_t i
+    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
+    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
+    cdef const uint8_t* row
+    cdef bint ok
+    if col.kind == FEATURE_BOOL:
+        for i in range(n):
+            row = rows[i]
+            ok = row != NULL and not (row[null_byte] & null_bit)
+            col.valid[i] = ok
+            col.values[i] = ok and row[col.offset] != 0   # numpy bools must be 0 or 1
+    elif col.width == 4:
+        _decode_fixed_width(rows, n, col, 4)
+    elif col.width == 8:
+        _decode_fixed_width(rows, n, col, 8)
+    else:
+        _decode_fixed_width(rows, n, col, col.width)
+
+
+cdef void _decode_var(const RowLayout* c, const uint8_t** rows, Py_ssize_t n,
+                      DecColumn* col) noexcept nogil:
+    """A var column, its offsets already known: the data and the valid mask."""
+    cdef Py_ssize_t i
+    cdef const uint8_t* row
+    cdef uint32_t start, end
+    for i in range(n):
+        row = rows[i]
+        if row == NULL or is_null(row, col.feature):
+            col.valid[i] = 0
+            continue
+        col.valid[i] = 1
+        start = var_start(c, row, col.var_j)
+        end = var_end(c, row, col.var_j)
+        if end > start:
+            memcpy(col.values + col.offsets[i], row + c.min_row_size + start, end - start)
+
+
+cdef void _fill_nan(DecColumn* col, Py_ssize_t n, Py_ssize_t dim) noexcept nogil:
+    """NaN in every value of a float column's rows that are missing or null."""
+    cdef Py_ssize_t i, j
+    cdef float* f32
+    cdef double* f64
+    for i in range(n):
+        if col.valid[i]:
+            continue
+        if col.kind == FEATURE_FLOAT64:
+            f64 = <double*>(col.values + 8 * i)
+            f64[0] = NAN
+        else:
+            f32 = <float*>(col.values + 4 * i * dim)
+            for j in range(dim):
+                f32[j] = NAN
+
+
+cdef int _decode_fill(Decoded d, const RowLayout* c, DecColumn* cols,
+                      const uint8_t** rows) except -1:
+    """The filling pass of ``decode``: every column's values and valid mask into the
+    arrays that sizing made, ``complete``, and NaN in the floats that are not valid."""
+    cdef Py_ssize_t n = d.n
+    cdef Py_ssize_t n_cols = d.projection.n_cols
+    cdef Py_ssize_t k
+    cdef DecColumn* col
+    # Column by column: each loop is short and specialised, and writes one
+    # output sequentially.
+    with nogil:
+        for k in range(n_cols):
+            if cols[k].width:
+                _decode_fixed(rows, n, &cols[k])
+            else:
+                _decode_var(c, rows, n, &cols[k])
+    d.complete = [None] * n_cols
+    for k in range(n_cols):
+        col = &cols[k]
+        whole = n == 0 or memchr(col.valid, 0, n) == NULL
+        d.complete[k] = whole
+        if not whole and col.kind in (FEATURE_FLOAT32, FEATURE_FLOAT64,
+                                      FEATURE_FLOAT32_VECTOR):
+            _fill_nan(col, n, c.dims[col.feature] if col.kind == FEATURE_FLOAT32_VECTOR
+                      else 1)
+    return 0
+
+
+def decode(Projection projection not None, buf, starts, lengths):
+    """Decodes the projected features of n rows into a ``Decoded``.
+
+    Row i is ``buf[starts[i] : starts[i] + lengths[i]]`` (bytes); a negative length
+    is a missing key: every feature invalid, event time 0. Every present row is
+    checked first (CorruptRow, SchemaMismatch name the first bad one).
+    """
+    cdef Projection p = projection
+    cdef const RowLayout* c = &p.layout.c
+    cdef bytes data = _as_bytes(buf, "buf")
+    starts = _int64_array(starts, -1, "starts")
+    cdef Py_ssize_t n = cnp.PyArray_DIMS(<cnp.ndarray>starts)[0]
+    lengths = _int64_array(lengths, n, "lengths")
+    cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
+    cdef const int64_t* starts_ptr = _int64_data(starts)
+    cdef const int64_t* lengths_ptr = _int64_data(lengths)
+    cdef Py_ssize_t data_size = PyBytes_GET_SIZE(data)
+    cdef RowCheck check
+    cdef bint bad
+    with nogil:
+        bad = _check_batch(c, base, data_size, starts_ptr, lengths_ptr, n, &check)
+    if bad:
+        _raise_fault(c, &check)
+
+    cdef Decoded d = Decoded.__new__(Decoded)
+    d.projection = p
+    d.n = n
+    # The column structs of this call: the projection's constants plus this call's buffers.
+    cdef DecColumn* cols = <DecColumn*>PyMem_Malloc((p.n_cols + 1) * sizeof(DecColumn))
+    cdef const uint8_t** rows = <const uint8_t**>PyMem_Malloc((n + 1) * sizeof(uint8_t*))
+    if cols == NULL or rows == NULL:
+        PyMem_Free(cols)
+        PyMem_Free(rows)
+        raise MemoryError()
+    try:
+        memcpy(cols, p.cols, p.n_cols * sizeof(DecColumn))
+        _decode_size(d, c, cols, rows, base, starts_ptr, lengths_ptr)
+        _decode_fill(d, c, cols, rows)
+    finally:
+        PyMem_Free(cols)
+        PyMem_Free(rows)
+    return d
+
+
+def decode_columns(Layout layout not None, projection, buf, starts, lengths):
+    """Decodes the projected features of n rows into columns (see ``decode``), every
+    column at once: the form the codec's tests compare with their oracle.
+
+    Returns one column per projected feature, (values, valid) or (offsets, data,
+    valid) with byte offsets, and the event times (µs since the epoch, int64).
+    Values of float kinds are NaN where missing or null, other fixed kinds zero.
+    """
+    cdef Decoded d = decode(Projection(layout, projection), buf, starts, lengths)
+    return [d.column(k) for k in range(d.projection.n_cols)], d.event_times

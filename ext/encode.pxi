@@ -1,0 +1,203 @@
+# Encoding (docs/row-format.md): n rows from one column per feature, in two passes
+# without the GIL once the columns are bound: the row sizes, then the rows.
+# Included by codec.pyx.
+
+
+cdef struct EncColumn:
+    bint absent                 # the feature is null in every row
+    const uint8_t* values       # fixed: row i at values + i * width; var: the data
+    const uint8_t* valid        # NULL: every row is valid
+    const int64_t* offsets      # var: n + 1 byte offsets into values
+
+
+cdef inline bint _enc_null(const EncColumn* col, Py_ssize_t i) noexcept nogil:
+    return col.absent or (col.valid != NULL and col.valid[i] == 0)
+
+
+cdef Py_ssize_t _bad_var_range(const int64_t* offsets, const uint8_t* valid, Py_ssize_t n,
+                               int64_t data_len, bint whole_int64s) noexcept nogil:
+    """The first non-null row whose [offsets[i], offsets[i+1]) is not a range of the data."""
+    cdef Py_ssize_t i
+    cdef int64_t a, b
+    for i in range(n):
+        if valid != NULL and valid[i] == 0:
+            continue
+        a = offsets[i]
+        b = offsets[i + 1]
+        if a < 0 or b < a or b > data_len or (whole_int64s and ((a | b) & 7)):
+            return i
+    return -1
+
+
+cdef int _bind_encode_column(const RowLayout* c, Py_ssize_t f, object column, Py_ssize_t n,
+                             EncColumn* col, list keep) except -1:
+    """Checks column f of encode_rows and points col at its buffers (kept alive in keep)."""
+    cdef Py_ssize_t kind = c.kinds[f]
+    cdef const uint8_t[::1] raw
+    cdef const uint8_t[::1] valid_view
+    cdef const int64_t[::1] offsets_view
+    cdef Py_ssize_t bad
+    if column is None:
+        col.absent = True
+        return 0
+    name = _feature_name(c, f)
+    if c.widths[f]:
+        if not isinstance(column, tuple) or len(column) != 2:
+            raise ValueError(
+                f"{name}: expected None or (values, valid), got {type(column).__name__}"
+            )
+        values, valid = column
+        if not isinstance(values, np.ndarray):
+            raise ValueError(f"{name}: values must be an ndarray, got {type(values).__name__}")
+        dtype = _FIXED_DTYPES[kind]
+        if values.dtype != dtype and not (kind == FEATURE_BOOL and values.dtype == _UINT8):
+            raise ValueError(f"{name}: values has dtype {values.dtype}, expected {dtype}")
+        if kind == FEATURE_FLOAT32_VECTOR:
+            if values.ndim != 2 or values.shape[0] != n or values.shape[1] != c.dims[f]:
+                raise ValueError(
+                    f"{name}: values has shape {values.shape}, expected ({n}, {c.dims[f]})"
+                )
+        elif values.ndim != 1:
+            raise ValueError(f"{name}: values has shape {values.shape}, expected ({n},)")
+        elif values.shape[0] != n:
+            raise ValueError(f"{name}: values has {values.shape[0]} rows, expected {n}")
+        buffer = _byte_buffer(values, name)
+        raw = buffer
+        keep.append(buffer)
+        col.values = _bytes_ptr(raw)
+    else:
+        if not isinstance(column, tuple) or len(column) != 3:
+            raise ValueError(
+                f"{name}: expected None or (offsets, data, valid), got {type(column).__name__}"
+            )
+        offsets, data, valid = column
+        offsets = _int64_array(offsets, n + 1, f"{name}: offsets")
+        offsets_view = offsets
+        keep.append(offsets)
+        col.offsets = &offsets_view[0]
+        buffer = _byte_buffer(data, f"{name}: data")
+        raw = buffer
+        keep.append(buffer)
+        col.values = _bytes_ptr(raw)
+    if valid is not None:
+        valid = _mask_array(valid, n, f"{name}: valid")
+        valid_view = valid
+        keep.append(valid)
+        col.valid = _bytes_ptr(valid_view)
+    if not c.widths[f]:
+        bad = _bad_var_range(col.offsets, col.valid, n, raw.shape[0], kind == FEATURE_INT64_LIST)
+        if bad >= 0:
+            a = col.offsets[bad]
+            b = col.offsets[bad + 1]
+            if 0 <= a <= b <= raw.shape[0]:
+                raise ValueError(
+                    f"{name}: offsets [{a}, {b}) of row {bad} are not multiples of 8 "
+                    f"(int64[] data holds 8-byte elements)"
+                )
+            raise ValueError(
+                f"{name}: offsets [{a}, {b}) of row {bad} are not a range of the "
+                f"{raw.shape[0]}-byte data"
+            )
+    return 0
+
+
+cdef Py_ssize_t _encode_sizes(const RowLayout* c, const EncColumn* cols, Py_ssize_t n,
+                              int64_t* row_offsets) noexcept nogil:
+    """Fills the n + 1 row offsets; returns the first row whose var data is too long, or -1."""
+    cdef Py_ssize_t i, j
+    cdef const EncColumn* col
+    cdef uint64_t var_bytes
+    row_offsets[0] = 0
+    for i in range(n):
+        var_bytes = 0
+        for j in range(c.n_var):
+            col = &cols[c.var_features[j]]
+            if not _enc_null(col, i):
+                var_bytes += <uint64_t>(col.offsets[i + 1] - col.offsets[i])
+        if var_bytes > MAX_VAR_BYTES:
+            return i
+        row_offsets[i + 1] = row_offsets[i] + c.min_row_size + <int64_t>var_bytes
+    return -1
+
+
+cdef void _encode_fill(const RowLayout* c, const EncColumn* cols, Py_ssize_t n,
+                       const int64_t* event_times, const int64_t* row_offsets,
+                       uint8_t* out) noexcept nogil:
+    cdef Py_ssize_t i, f, width
+    cdef int64_t length
+    cdef uint32_t end
+    cdef uint8_t* row
+    cdef uint8_t* dst
+    cdef const EncColumn* col
+    cdef bint null
+    for i in range(n):
+        row = out + row_offsets[i]
+        row[0] = ROW_FORMAT
+        store_u32(row + 1, c.schema_id)
+        store_i64(row + 5, event_times[i])
+        memset(row + ROW_HEADER_SIZE, 0, c.bitmap_size)
+        end = 0
+        for f in range(c.n_features):
+            col = &cols[f]
+            null = _enc_null(col, i)
+            if null:
+                set_null(row, f)
+            width = c.widths[f]
+            if width:
+                dst = row + c.offsets[f]
+                if null:
+                    zero_fixed(dst, width)
+                elif c.kinds[f] == FEATURE_BOOL:
+                    dst[0] = col.values[i] != 0
+                else:
+                    copy_fixed(dst, col.values + i * width, width)
+            else:
+                if not null:
+                    length = col.offsets[i + 1] - col.offsets[i]
+                    if length:
+                        memcpy(row + c.min_row_size + end, col.values + col.offsets[i],
+                               <size_t>length)
+                    end += <uint32_t>length
+                store_u32(row + c.ends_start + 4 * c.var_index[f], end)
+
+
+def encode_rows(Layout layout not None, columns, Py_ssize_t n_rows, event_times):
+    """Encodes n_rows rows from columns (one entry per feature, schema order).
+
+    A column is None (the feature is null in every row), (values, valid) for a fixed
+    kind or (offsets, data, valid) for a variable-width kind, offsets in bytes;
+    valid None means every row is valid. event_times are µs since the epoch.
+    Returns the rows back to back and their n_rows + 1 byte offsets (int64).
+    """
+    cdef const RowLayout* c = &layout.c
+    cdef Py_ssize_t f, bad
+    cdef list keep = []
+    cdef EncColumn* cols
+    cdef uint8_t* out
+    if n_rows < 0:
+        raise ValueError(f"n_rows is {n_rows}, expected >= 0")
+    columns = list(columns)
+    if len(columns) != c.n_features:
+        raise ValueError(
+            f"columns has {len(columns)} entries, expected {c.n_features} (one per feature)"
+        )
+    cdef const int64_t[::1] times = _int64_array(event_times, n_rows, "event_times")
+    row_offsets = np.empty(n_rows + 1, dtype=_INT64)
+    cdef int64_t[::1] offsets_view = row_offsets
+    cols = <EncColumn*>PyMem_Calloc(c.n_features + 1, sizeof(EncColumn))
+    if cols == NULL:
+        raise MemoryError()
+    try:
+        for f in range(c.n_features):
+            _bind_encode_column(c, f, columns[f], n_rows, &cols[f], keep)
+        with nogil:
+            bad = _encode_sizes(c, cols, n_rows, &offsets_view[0])
+        if bad >= 0:
+            raise ValueError(f"row {bad}: its var data exceeds {MAX_VAR_BYTES} bytes")
+        block = PyBytes_FromStringAndSize(NULL, offsets_view[n_rows])
+        out = <uint8_t*>PyBytes_AS_STRING(block)
+        with nogil:
+            _encode_fill(c, cols, n_rows, _int64_ptr(times), &offsets_view[0], out)
+    finally:
+        PyMem_Free(cols)
+    return block, row_offsets
