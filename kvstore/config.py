@@ -207,6 +207,18 @@ class NodeConfig:
     node_id: str = _setting(
         "", "this node's name in the cluster", shown_default="HOSTNAME:DATA_DIR"
     )
+    etcd: str = _setting(
+        "",
+        "etcd URL(s), comma-separated (http://HOST:PORT): join the cluster they coordinate; "
+        "empty = run alone, holding every shard (docs/cluster.md)",
+        shown_default="none: one node alone",
+    )
+    cluster: str = _setting(
+        "default", "the cluster's name: its keys in etcd live under /kvstore/<cluster>/"
+    )
+    zone: str = _setting(
+        "", "this node's failure domain (rack, zone): replicas of a shard go to distinct zones"
+    )
     demo: bool = _setting(False, "create and fill the demo_users table on first start")
     port_file: Path | None = _setting(  # noqa: RUF009 - it returns a dataclasses.field
         None, "write the bound port to this file once serving (finds port 0 from a parent)"

@@ -23,6 +23,7 @@ __all__ = [
     "NotFound",
     "RequestTooLarge",
     "SchemaChanged",
+    "StaleMap",
     "StorageFull",
     "TableNotFound",
     "Unavailable",
@@ -74,6 +75,18 @@ class SchemaChanged(KvstoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class StaleMap(KvstoreError):
+    """The node asked does not hold (or no longer holds) a shard the request names: the
+    caller's cluster map is older than the node's. The client refreshes its map from any
+    node and retries once. ``epoch`` is the node's placement epoch (0 if not known)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, epoch: int = 0) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
 class LoadConflict(KvstoreError):
     """Another bulk load of the table is in progress, or the load is no longer open."""
 
@@ -122,6 +135,7 @@ _BY_NAME: dict[str, type[KvstoreError]] = {
         TableNotFound,
         AlreadyExists,
         SchemaChanged,
+        StaleMap,
         LoadConflict,
         StorageFull,
         CorruptValue,
