@@ -20,6 +20,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 import rocksdict
+from helpers import FEATURES, expected, snapshot
 
 from kvstore import Client, InvalidArgument, KvstoreError, TableNotFound
 from kvstore import columns as kv_columns
@@ -31,45 +32,6 @@ from kvstore.ingest.bulk_input import BulkInput
 from kvstore.ingest.bulk_sort import IntKeys, ShardSorter, StrKeys
 from kvstore.schema import TableSchema
 from kvstore.storage.shard import Shard, base_options
-
-FEATURES = {
-    "flag": "bool",
-    "age": "int32",
-    "clicks": "int64",
-    "ctr": "float32",
-    "score": "float64",
-    "country": "string",
-    "blob": "bytes",
-    "emb": "float32[4]",
-    "items": "int64[]",
-}
-
-
-def snapshot(keys: list[int], *, salt: int = 0, key_column: str = "key") -> pa.Table:
-    """Rows of every dtype; ``salt`` makes the values of another snapshot differ."""
-    n = len(keys)
-    emb = np.array([[k + salt, 0.5, -1.0, 2.25] for k in keys], np.float32)
-    return pa.table(
-        {
-            key_column: pa.array(keys, pa.int64()),
-            "flag": [k % 2 == 0 for k in keys],
-            "age": pa.array([None if k % 7 == 3 else 20 + k + salt for k in keys], pa.int32()),
-            "clicks": pa.array([2**40 + k for k in keys], pa.int64()),
-            "ctr": pa.array([k / 4 + salt for k in keys], pa.float32()),
-            "score": [k / 3 for k in keys],
-            "country": [f"c{k}é" for k in keys],
-            "blob": [bytes([k % 256]) * 3 for k in keys],
-            "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 4),
-            "items": pa.array([list(range(k % 4)) for k in keys], pa.list_(pa.int64())),
-        }
-    ).slice(0, n)
-
-
-def expected(table: pa.Table, key_column: str = "key") -> list[dict]:
-    rows = table.to_pylist()
-    for row in rows:
-        row["key"] = row.pop(key_column)
-    return rows
 
 
 @pytest.fixture(autouse=True)
