@@ -36,11 +36,11 @@ def _failed(request: pytest.FixtureRequest) -> bool:
     )
 
 
-def _node(data_dir: Path, *extra: str) -> NodeProcess:
+def _node(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> NodeProcess:
     # One log per NodeProcess, so that a node started again on the same data directory
     # (a new NodeProcess) shows only its own output.
     log = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
-    return NodeProcess(data_dir, *extra, log_path=log, start_timeout_s=START_TIMEOUT_S)
+    return NodeProcess(data_dir, *extra, env=env, log_path=log, start_timeout_s=START_TIMEOUT_S)
 
 
 def _finish(nodes: list[NodeProcess], request: pytest.FixtureRequest) -> None:
@@ -59,12 +59,14 @@ def _finish(nodes: list[NodeProcess], request: pytest.FixtureRequest) -> None:
 def start_node(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., NodeProcess]]:
-    """Start nodes (``start_node(*extra_cli_args, data_dir=None)``); all are stopped at
-    the end."""
+    """Start nodes (``start_node(*extra_cli_args, data_dir=None, env=None)``, ``env``: more
+    environment variables); all are stopped at the end."""
     nodes: list[NodeProcess] = []
 
-    def start(*extra: str, data_dir: Path | None = None) -> NodeProcess:
-        node = _node(data_dir or tmp_path / f"node{len(nodes)}", *extra)
+    def start(
+        *extra: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+    ) -> NodeProcess:
+        node = _node(data_dir or tmp_path / f"node{len(nodes)}", *extra, env=env)
         nodes.append(node)
         return node.start()
 

@@ -31,6 +31,7 @@ from kvstore.ingest.bulk import LoadError, LoadSummary, load
 from kvstore.ingest.bulk_input import BulkInput
 from kvstore.ingest.bulk_sort import IntKeys, ShardSorter, StrKeys
 from kvstore.schema import TableSchema
+from kvstore.server.loads import FAULT_EXIT_AFTER_UPLOAD_CHUNKS, FAULT_EXIT_STATUS
 from kvstore.storage.shard import Shard, base_options
 
 
@@ -432,7 +433,7 @@ def test_create_is_undone_when_the_load_fails(
 
 
 def test_the_node_dying_mid_upload_fails_cleanly_and_a_retry_succeeds(
-    start_node, tmp_path: Path, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+    start_node, tmp_path: Path, temp_dir: Path
 ) -> None:
     node = start_node()
     with Client(node.address, timeout=10) as c:
@@ -440,22 +441,16 @@ def test_the_node_dying_mid_upload_fails_cleanly_and_a_retry_succeeds(
     pq.write_table(snapshot(list(range(50))), tmp_path / "v1.parquet")
     first = load(node.address, "t", str(tmp_path / "v1.parquet"), progress=False)
     pq.write_table(snapshot(list(range(2000)), salt=9), tmp_path / "v2.parquet")
+    assert node.stop() == 0
 
-    monkeypatch.setattr(bulk_upload, "CHUNK_BYTES", 4096)
-    chunks = bulk_upload._Uploader._chunks
-
-    def dying(self, *args):
-        for i, chunk in enumerate(chunks(self, *args)):
-            if i == 2:
-                node.kill()
-            yield chunk
-
-    monkeypatch.setattr(bulk_upload._Uploader, "_chunks", dying)
+    # The node's fault hook: it exits, as a crash would, on the third chunk it receives.
+    node = start_node(data_dir=node.data_dir, env={FAULT_EXIT_AFTER_UPLOAD_CHUNKS: "3"})
     with pytest.raises(KvstoreError, match="unavailable"):
         load(node.address, "t", str(tmp_path / "v2.parquet"), progress=False, timeout=10)
+    assert node.proc.wait(10) == FAULT_EXIT_STATUS, node.output()
+    assert "exiting on upload chunk 3" in node.output()
     assert os.listdir(temp_dir) == []
 
-    monkeypatch.setattr(bulk_upload._Uploader, "_chunks", chunks)
     node = start_node(data_dir=node.data_dir)
     with Client(node.address, timeout=10) as c:
         assert [v.version for v in c.versions("t") if v.current] == [first.version]
