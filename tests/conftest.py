@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvstore import Client
-from kvstore.server.process import NodeProcess
+from kvstore.server.process import NodeProcess, NodeProcessError
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
@@ -50,9 +50,15 @@ def _finish(nodes: list[NodeProcess], request: pytest.FixtureRequest) -> None:
         for node in nodes:
             print(f"--- log of the node on {node.address} (data {node.data_dir}):")
             print(node.log_tail())
-    for node in nodes:
+    errors = []
+    for node in nodes:  # every node, even when one of them will not stop
         if node.running():
-            node.stop(timeout=STOP_TIMEOUT_S)
+            try:
+                node.stop(timeout=STOP_TIMEOUT_S)
+            except NodeProcessError as exc:
+                errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
