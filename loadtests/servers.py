@@ -11,15 +11,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import redis
 
-from kvstore import Client, KvstoreError
+from kvstore.server.process import NodeProcess, wait_until
 
 __all__ = [
     "KvstoreNode",
@@ -33,20 +29,7 @@ __all__ = [
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
-POLL_INTERVAL_S = 0.02
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll ``condition`` every 20 ms until it is truthy; TimeoutError after ``timeout_s`` s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(POLL_INTERVAL_S)
 
 
 def proc_memory_bytes(pid: int) -> dict[str, int]:
@@ -116,8 +99,9 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
-class KvstoreNode:
-    """``python -m kvstore.cli serve`` on 127.0.0.1, a free port, data in ``workdir/data``."""
+class KvstoreNode(NodeProcess):
+    """``python -m kvstore.cli serve`` on 127.0.0.1, a free port, data in ``workdir/data``,
+    its log in ``workdir/kvstore-node.log`` (kvstore.server.process.NodeProcess)."""
 
     def __init__(
         self,
@@ -125,60 +109,19 @@ class KvstoreNode:
         cgroup_procs: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
+        super().__init__(
+            workdir / "data",
+            "--log-level",
+            "warning",
+            env=env,
+            log_path=workdir / "kvstore-node.log",
+            port_file=workdir / "kvstore-node.port",
+            preexec_fn=self._join_cgroup,
+            start_timeout_s=START_TIMEOUT_S,
+        )
         self.workdir = workdir
         #: A cgroup's ``cgroup.procs``: the node joins it before it starts (memcap.py).
         self.cgroup_procs = cgroup_procs
-        #: Environment variables set for the node (``KVSTORE_*`` settings, ab.py).
-        self.env = env or {}
-        self.data_dir = workdir / "data"
-        self.log_path = workdir / "kvstore-node.log"
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def __enter__(self) -> KvstoreNode:
-        port_file = self.workdir / "kvstore-node.port"
-        port_file.unlink(missing_ok=True)  # a node started here before left its port
-        cmd = [
-            sys.executable,
-            "-m",
-            "kvstore.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--data",
-            str(self.data_dir),
-            "--port-file",
-            str(port_file),
-            "--log-level",
-            "warning",
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-                preexec_fn=self._join_cgroup,
-            )
-        try:
-            wait_until(lambda: self._alive() and port_file.exists(), START_TIMEOUT_S, "the node")
-            self.port = int(port_file.read_text())
-            wait_until(self._answers, START_TIMEOUT_S, "the node to answer")
-        except BaseException:
-            _stop(self.proc, signal.SIGKILL)
-            raise
-        return self
 
     def _join_cgroup(self) -> None:
         """In the child, before exec: move into ``cgroup_procs`` so that every page the
@@ -186,26 +129,6 @@ class KvstoreNode:
         if self.cgroup_procs is not None:
             with open(self.cgroup_procs, "w") as f:
                 f.write(str(os.getpid()))
-
-    def _alive(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            log = self.log_path.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"kvstore node exited with {self.proc.returncode}:\n{log}")
-        return True
-
-    def _answers(self) -> bool:
-        self._alive()
-        try:
-            with Client(self.address, timeout=1.0) as client:
-                client.list_tables()
-        except KvstoreError:
-            return False
-        return True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
 
 
 class RedisServer:

@@ -1,145 +1,102 @@
-"""Real node processes on 127.0.0.1, port 0, for the tests; stopped at the end."""
+"""Fixtures: real node processes on 127.0.0.1, port 0, stopped at the end; a failed
+test shows the logs of the nodes it started.
+
+The processes are ``kvstore.server.process.NodeProcess``, the supervisor the
+benchmarks (loadtests/servers.py) use too.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore import Client
+from kvstore.server.process import NodeProcess, NodeProcessError
 
 START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
-    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Keep each phase's report on the test item, for the fixtures' teardown."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
 
 
-class NodeProcess:
-    """A ``kvstore serve`` subprocess with its own data directory."""
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(getattr(request.node, f"report_{when}", None), "failed", False)
+        for when in ("setup", "call")
+    )
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
-        self.data_dir = data_dir
-        self.extra = list(extra)
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self.log_path = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+def _node(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> NodeProcess:
+    # One log per NodeProcess, so that a node started again on the same data directory
+    # (a new NodeProcess) shows only its own output.
+    log = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
+    return NodeProcess(data_dir, *extra, env=env, log_path=log, start_timeout_s=START_TIMEOUT_S)
 
-    def start(self) -> NodeProcess:
-        port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
-        port_file.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "kvstore.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--data",
-            str(self.data_dir),
-            "--port-file",
-            str(port_file),
-            *self.extra,
-        ]
-        self.log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.output()}")
-            return port_file.exists() and port_file.read_text().endswith("\n")
-
-        wait_for(ready, START_TIMEOUT_S, "the node to listen")
-        self.port = int(port_file.read_text())
-        wait_for(self.serving, START_TIMEOUT_S, "the node to report SERVING")
-        return self
-
-    def serving(self) -> bool:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+def _finish(nodes: list[NodeProcess], request: pytest.FixtureRequest) -> None:
+    """Stop the nodes still running; print the logs of every node when the test failed
+    (pytest shows them under the failure)."""
+    if _failed(request):
+        for node in nodes:
+            print(f"--- log of the node on {node.address} (data {node.data_dir}):")
+            print(node.log_tail())
+    errors = []
+    for node in nodes:  # every node, even when one of them will not stop
+        if node.running():
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-            except grpc.RpcError:
-                return False
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"node did not stop within {timeout} s:\n{self.output()}"
-                ) from None
-        self.log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.log.close()
+                node.stop(timeout=STOP_TIMEOUT_S)
+            except NodeProcessError as exc:
+                errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
-    """Start nodes (``start_node(*extra_cli_args)``); all are stopped at the end."""
+def start_node(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., NodeProcess]]:
+    """Start nodes (``start_node(*extra_cli_args, data_dir=None, env=None)``, ``env``: more
+    environment variables); all are stopped at the end."""
     nodes: list[NodeProcess] = []
 
-    def start(*extra: str, data_dir: Path | None = None) -> NodeProcess:
-        node = NodeProcess(data_dir or tmp_path / f"node{len(nodes)}", *extra).start()
+    def start(
+        *extra: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+    ) -> NodeProcess:
+        node = _node(data_dir or tmp_path / f"node{len(nodes)}", *extra, env=env)
         nodes.append(node)
-        return node
+        return node.start()
 
     yield start
-    for node in nodes:
-        if node.proc is not None and node.proc.poll() is None:
-            node.stop()
+    _finish(nodes, request)
 
 
 @pytest.fixture(scope="module")
 def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """One node for a whole test module (tests use their own table names)."""
-    node = NodeProcess(tmp_path_factory.mktemp("shared") / "data").start()
+    node = _node(tmp_path_factory.mktemp("shared") / "data").start()
     yield node
-    if node.proc is not None and node.proc.poll() is None:
-        node.stop()
+    if node.running():
+        node.stop(timeout=STOP_TIMEOUT_S)
 
 
 @pytest.fixture
-def client(shared_node: NodeProcess) -> Iterator[Client]:
+def client(shared_node: NodeProcess, request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A client of the module's shared node; a failed test shows that node's log."""
     with Client(shared_node.address, timeout=10) as c:
         yield c
+    if _failed(request):
+        print(f"--- log of the shared node on {shared_node.address}:")
+        print(shared_node.log_tail())
 
 
 @pytest.fixture

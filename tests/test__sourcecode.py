@@ -33,7 +33,7 @@ kvstore\\._codec\\.(\\w+\\.)?__setstate_cython__
 
 def _ruff(*args: str) -> subprocess.CompletedProcess[str]:
     if not RUFF.exists():
-        pytest.fail(f"ruff is not installed next to {sys.executable} (pip install -e '.[dev]')")
+        pytest.fail(f"ruff is not installed next to {sys.executable} (pip install -e '.[test]')")
     return subprocess.run(
         [str(RUFF), *args, "--no-cache", "."],
         cwd=ROOT,

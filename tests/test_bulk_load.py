@@ -20,6 +20,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 import rocksdict
+from helpers import FEATURES, expected, snapshot
 
 from kvstore import Client, InvalidArgument, KvstoreError, TableNotFound
 from kvstore import columns as kv_columns
@@ -30,46 +31,8 @@ from kvstore.ingest.bulk import LoadError, LoadSummary, load
 from kvstore.ingest.bulk_input import BulkInput
 from kvstore.ingest.bulk_sort import IntKeys, ShardSorter, StrKeys
 from kvstore.schema import TableSchema
+from kvstore.server.loads import FAULT_EXIT_AFTER_UPLOAD_CHUNKS, FAULT_EXIT_STATUS
 from kvstore.storage.shard import Shard, base_options
-
-FEATURES = {
-    "flag": "bool",
-    "age": "int32",
-    "clicks": "int64",
-    "ctr": "float32",
-    "score": "float64",
-    "country": "string",
-    "blob": "bytes",
-    "emb": "float32[4]",
-    "items": "int64[]",
-}
-
-
-def snapshot(keys: list[int], *, salt: int = 0, key_column: str = "key") -> pa.Table:
-    """Rows of every dtype; ``salt`` makes the values of another snapshot differ."""
-    n = len(keys)
-    emb = np.array([[k + salt, 0.5, -1.0, 2.25] for k in keys], np.float32)
-    return pa.table(
-        {
-            key_column: pa.array(keys, pa.int64()),
-            "flag": [k % 2 == 0 for k in keys],
-            "age": pa.array([None if k % 7 == 3 else 20 + k + salt for k in keys], pa.int32()),
-            "clicks": pa.array([2**40 + k for k in keys], pa.int64()),
-            "ctr": pa.array([k / 4 + salt for k in keys], pa.float32()),
-            "score": [k / 3 for k in keys],
-            "country": [f"c{k}é" for k in keys],
-            "blob": [bytes([k % 256]) * 3 for k in keys],
-            "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 4),
-            "items": pa.array([list(range(k % 4)) for k in keys], pa.list_(pa.int64())),
-        }
-    ).slice(0, n)
-
-
-def expected(table: pa.Table, key_column: str = "key") -> list[dict]:
-    rows = table.to_pylist()
-    for row in rows:
-        row["key"] = row.pop(key_column)
-    return rows
 
 
 @pytest.fixture(autouse=True)
@@ -475,7 +438,7 @@ def test_create_is_undone_when_the_load_fails(
 
 
 def test_the_node_dying_mid_upload_fails_cleanly_and_a_retry_succeeds(
-    start_node, tmp_path: Path, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+    start_node, tmp_path: Path, temp_dir: Path
 ) -> None:
     node = start_node()
     with Client(node.address, timeout=10) as c:
@@ -483,22 +446,16 @@ def test_the_node_dying_mid_upload_fails_cleanly_and_a_retry_succeeds(
     pq.write_table(snapshot(list(range(50))), tmp_path / "v1.parquet")
     first = load(node.address, "t", str(tmp_path / "v1.parquet"), progress=False)
     pq.write_table(snapshot(list(range(2000)), salt=9), tmp_path / "v2.parquet")
+    assert node.stop() == 0
 
-    monkeypatch.setattr(bulk_upload, "CHUNK_BYTES", 4096)
-    chunks = bulk_upload._Uploader._chunks
-
-    def dying(self, *args):
-        for i, chunk in enumerate(chunks(self, *args)):
-            if i == 2:
-                node.kill()
-            yield chunk
-
-    monkeypatch.setattr(bulk_upload._Uploader, "_chunks", dying)
+    # The node's fault hook: it exits, as a crash would, on the third chunk it receives.
+    node = start_node(data_dir=node.data_dir, env={FAULT_EXIT_AFTER_UPLOAD_CHUNKS: "3"})
     with pytest.raises(KvstoreError, match="unavailable"):
         load(node.address, "t", str(tmp_path / "v2.parquet"), progress=False, timeout=10)
+    assert node.proc.wait(10) == FAULT_EXIT_STATUS, node.output()
+    assert "exiting on upload chunk 3" in node.output()
     assert os.listdir(temp_dir) == []
 
-    monkeypatch.setattr(bulk_upload._Uploader, "_chunks", chunks)
     node = start_node(data_dir=node.data_dir)
     with Client(node.address, timeout=10) as c:
         assert [v.version for v in c.versions("t") if v.current] == [first.version]

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import kvstore
 
 from kvstore import Client
 from kvstore.config import NodeConfig, node_settings
@@ -62,30 +61,6 @@ ROW_1 = {
     "items": [7, 8, 9],
 }
 ROW_2 = {"key": 2, "age": 44, "country": "JP", "items": []}
-
-
-def kvstore(
-    *args: str,
-    address: str | None,
-    stdin: str | None = None,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run the real ``kvstore`` command; ``address`` None leaves ``--address`` out."""
-    full_env = {k: v for k, v in os.environ.items() if k != "KVSTORE_ADDRESS"}
-    full_env.update(env or {})
-    argv = [sys.executable, "-m", "kvstore.cli", *args]
-    if address is not None:
-        argv += ["--address", address]
-    return subprocess.run(
-        argv,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=full_env,
-        timeout=60,
-    )
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -223,9 +224,9 @@ def test_cluster_map_names_this_node_for_every_shard(
     client: Client, table: str, shared_node
 ) -> None:
     cmap = client.cluster_map()
-    assert cmap["nodes"] == [
-        {"node_id": cmap["nodes"][0]["node_id"], "address": shared_node.address}
-    ]
+    # Without a configured id, a node is named by its host and its data directory.
+    node_id = f"{socket.gethostname()}:{shared_node.data_dir.resolve()}"
+    assert cmap["nodes"] == [{"node_id": node_id, "address": shared_node.address}]
     assert cmap["tables"][table] == [0] * 8
 
 

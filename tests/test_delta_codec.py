@@ -19,7 +19,7 @@ import pytest
 import rowformat_oracle as oracle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_codec import dirty, mutate, mutations, same_value, schemas, value_strategy
+from rowformat_strategies import dirty, mutate, mutations, same_value, schemas, value_strategy
 
 from kvstore import _codec as codec
 

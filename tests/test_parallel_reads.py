@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_bulk_load import FEATURES, expected, snapshot
+from helpers import FEATURES, expected, snapshot
 
 from kvstore import Client, _codec
 from kvstore.columns import encode_rows

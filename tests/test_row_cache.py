@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from test_bulk_load import FEATURES, expected, snapshot
-from test_cli import kvstore
+from helpers import FEATURES, expected, kvstore, snapshot
 
 from kvstore import Client
 from kvstore.ingest.bulk import load

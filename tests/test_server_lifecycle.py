@@ -21,10 +21,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import wait_for
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import wait_for
 
 from kvstore import Client, KvstoreError, Unavailable
 

@@ -31,7 +31,7 @@ import confluent_kafka
 import nats
 import pyarrow as pa
 import pytest
-from conftest import NodeProcess, wait_for
+from helpers import NodeProcess, wait_for
 
 from kvstore import Client, KvstoreError
 from kvstore.ingest.messages import BadMessage, Batch, Delete, Message, Upsert

@@ -44,6 +44,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LoadStaging", "StagedLoad"]
 
+#: A fault hook for tests (docs/operations.md, "Fault hooks"): with this variable set
+#: to N, the node exits at once (status FAULT_EXIT_STATUS, nothing closed or flushed, as
+#: a crash would) on receiving the Nth upload chunk since it started, before writing it.
+#: Read once, when the node opens its loads; unset, a chunk costs one falsy test.
+FAULT_EXIT_AFTER_UPLOAD_CHUNKS = "KVSTORE_FAULT_EXIT_AFTER_UPLOAD_CHUNKS"
+FAULT_EXIT_STATUS = 70
+
 _FILE_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -84,6 +91,8 @@ class LoadStaging:
         #: Why recent loads were aborted by the node itself (e.g. a full disk): the
         #: loader's other calls still streaming then get that cause, not "no such load".
         self._causes: dict[str, KvstoreError] = {}
+        self._exit_at_chunk = int(os.environ.get(FAULT_EXIT_AFTER_UPLOAD_CHUNKS) or 0)
+        self._chunks_received = 0
 
     def open(self) -> None:
         """Remove what loads interrupted by a crash or kill left behind: the staging
@@ -170,6 +179,19 @@ class LoadStaging:
         logger.info("table %r: bulk load %s of version %d begins", table, load_id, version)
         return load
 
+    def _fault_exit_check(self) -> None:
+        """The FAULT_EXIT_AFTER_UPLOAD_CHUNKS hook: exit on the chunk it names."""
+        self._chunks_received += 1
+        if self._chunks_received >= self._exit_at_chunk:
+            logger.error(
+                "%s=%d: exiting on upload chunk %d, as a crash would",
+                FAULT_EXIT_AFTER_UPLOAD_CHUNKS,
+                self._exit_at_chunk,
+                self._chunks_received,
+            )
+            logging.shutdown()  # the line above reaches the log; nothing else is closed
+            os._exit(FAULT_EXIT_STATUS)
+
     def upload(
         self,
         load_id: str,
@@ -182,6 +204,8 @@ class LoadStaging:
         crc32: int,
     ) -> int:
         """Append one chunk; returns the bytes of the file so far."""
+        if self._exit_at_chunk:
+            self._fault_exit_check()
         load = self._load(load_id)
         load.last_activity = time.monotonic()
         table = self.node.table(load.table)
