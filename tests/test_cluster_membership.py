@@ -18,7 +18,7 @@ import pytest
 from etcd_server import EtcdServer, free_port
 
 from kvstore.cluster.etcd import Etcd, connect, parse_url
-from kvstore.cluster.membership import Membership, NodeInfo, watch_nodes
+from kvstore.cluster.membership import Membership, NodeInfo, stable_node_id, watch_nodes
 from kvstore.errors import AlreadyExists, InvalidArgument, Unavailable
 
 TTL_S = 2
@@ -209,6 +209,15 @@ def test_a_malformed_etcd_url_is_refused(url):
 def test_a_node_id_with_a_slash_is_refused():
     with pytest.raises(InvalidArgument, match="node id"):
         NodeInfo("a/b", "127.0.0.1:1")
+
+
+def test_a_data_directory_keeps_its_node_id_across_restarts(tmp_path: Path):
+    generated = stable_node_id(tmp_path / "a")
+    assert generated and stable_node_id(tmp_path / "a") == generated
+    assert stable_node_id(tmp_path / "b", "n2") == "n2"
+    assert stable_node_id(tmp_path / "b") == "n2" == stable_node_id(tmp_path / "b", "n2")
+    with pytest.raises(InvalidArgument, match=r"belongs to node 'n2', not 'n3'"):
+        stable_node_id(tmp_path / "b", "n3")
 
 
 def test_etcd_lost_and_restarted_empty_the_node_keeps_its_view_and_registers_again(tmp_path: Path):

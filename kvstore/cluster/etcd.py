@@ -158,7 +158,7 @@ async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dic
     Each item is the whole state of the range. When etcd is lost the generator logs
     it, yields nothing until etcd answers again, then reads the range anew and yields
     it if it changed: a consumer keeps serving with the last state meanwhile. It
-    returns only when cancelled or closed.
+    returns when ``etcd`` is closed.
     """
     # [key, key + NUL) is the one key: one range read gives the state and its revision.
     range_end = aetcd.utils.prefix_range_end(key) if prefix else key + b"\0"
@@ -190,6 +190,9 @@ async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dic
                         yield dict(state)
             finally:
                 await _cancel_quietly(watch)
+            # A watch ends without an error only when this client was closed: stop too
+            # (going round again would open a new connection behind the owner's back).
+            return
         except aetcd.exceptions.ClientError as exc:
             if not lost:
                 log.warning(

@@ -5,8 +5,10 @@ its addresses, zone, host, data directory and start time, attached to a lease of
 seconds that a task keeps alive. When the process dies the lease lapses and the key
 goes: the node is out of the serving set within one TTL.
 
-* Node ids are stable across restarts; addresses and the start time are written anew
-  at every start.
+* Node ids are stable across restarts: ``stable_node_id`` keeps a node's id in
+  ``<data>/node-id`` (the first ``--node-id`` given, else ``<hostname>-<random>``), so
+  a data directory is always the same node. Addresses and the start time are written
+  anew at every start.
 * A second process with a node id that is registered refuses to start
   (``AlreadyExists`` naming the holder's address, host and data directory), unless the
   holder is the same node: same host and same data directory, i.e. this node restarted
@@ -29,13 +31,14 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import aetcd.exceptions
 
 from kvstore.cluster.etcd import RETRY_INTERVAL_S, Etcd, watch_range
 from kvstore.errors import AlreadyExists, InvalidArgument, Unavailable
 
-__all__ = ["DEFAULT_TTL_S", "Membership", "NodeInfo", "watch_nodes"]
+__all__ = ["DEFAULT_TTL_S", "Membership", "NodeInfo", "stable_node_id", "watch_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,31 @@ class NodeInfo:
 
     def describe(self) -> str:
         return f"{self.address} (host {self.host}, data dir {self.data_dir or '?'}, pid {self.pid})"
+
+
+def stable_node_id(data_dir: Path, requested: str | None = None) -> str:
+    """This data directory's node id: the one kept in ``<data_dir>/node-id``, written
+    the first time (``requested``, else ``<hostname>-<8 hex>``).
+
+    InvalidArgument when ``requested`` differs from the kept one: the data belongs to
+    that node, and serving it under another id would place it twice.
+    """
+    path = Path(data_dir) / "node-id"
+    if path.exists():
+        kept = path.read_text().strip()
+        if requested and requested != kept:
+            raise InvalidArgument(
+                f"data directory {data_dir} belongs to node {kept!r}, not {requested!r}; "
+                f"start it with --node-id {kept}, or give node {requested!r} another directory"
+            )
+        return kept
+    node_id = requested or f"{socket.gethostname()}-{os.urandom(4).hex()}"
+    NodeInfo(node_id, "")  # validates the id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
+    return node_id
 
 
 async def watch_nodes(etcd: Etcd) -> AsyncIterator[dict[str, NodeInfo]]:
