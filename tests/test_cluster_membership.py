@@ -7,6 +7,7 @@ that kill etcd start their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -79,8 +80,8 @@ class ChildNode:
 
 
 async def _wait_nodes(etcd: Etcd, condition, timeout_s: float) -> dict[str, NodeInfo]:
-    async with asyncio.timeout(timeout_s):
-        async for nodes in watch_nodes(etcd):
+    async with asyncio.timeout(timeout_s), contextlib.aclosing(watch_nodes(etcd)) as watch:
+        async for nodes in watch:
             if condition(nodes):
                 return nodes
     raise AssertionError("unreachable")

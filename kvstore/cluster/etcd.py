@@ -206,6 +206,7 @@ async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dic
 
 
 async def _cancel_quietly(watch: aetcd.rtypes.Watch) -> None:
-    # After an outage the stream is already gone with the etcd that served it.
-    with contextlib.suppress(aetcd.exceptions.ClientError, TimeoutError):
+    # After an outage the stream is already gone with the etcd that served it; after
+    # the client was closed aetcd's cancel finds no watcher (AttributeError).
+    with contextlib.suppress(aetcd.exceptions.ClientError, TimeoutError, AttributeError):
         await asyncio.wait_for(watch.cancel(), CALL_TIMEOUT_S)
