@@ -168,6 +168,19 @@ def test_draining_moves_the_nodes_shards_to_the_others_evenly():
     assert {k for k in before if before[k] != after[k]} == {k for k in before if before[k] == "n2"}
 
 
+def test_a_node_opens_and_closes_the_shards_that_a_move_adds_and_removes():
+    placement = place_table(Placement(nodes=("n1",)), _schema("a", shards=4))
+    assert placement.held_by("n1") == {("a", s) for s in range(4)}
+    joined = join(placement, "n2", sizes={})
+    # During the moves both hold the moving shards: n1 keeps serving them.
+    assert joined.held_by("n1") == placement.held_by("n1")
+    to_open = joined.held_by("n2") - placement.held_by("n2")
+    assert len(to_open) == 2
+    done = _finish_all(joined)
+    assert placement.held_by("n1") - done.held_by("n1") == to_open  # n1 closes them
+    assert done.held_by("n2") == to_open
+
+
 def test_draining_the_last_node_holding_a_shard_is_refused():
     placement = place_table(Placement(nodes=("n1",)), _schema("a", shards=2))
     with pytest.raises(InvalidArgument, match=r"cannot drain node 'n1'.*last node.*table 'a'"):

@@ -124,6 +124,13 @@ class Placement:
             if replica.node == node
         ]
 
+    def held_by(self, node: str) -> frozenset[tuple[str, int]]:
+        """The (table, shard) pairs ``node`` must have open: a replica in any state
+        (Initializing: being filled; Available: serving; Leaving: serving until its
+        move's target is Available). A node diffs this between epochs to open and close
+        shards."""
+        return frozenset((name, shard) for name, shard, _ in self.replicas_on(node))
+
     def to_json(self) -> bytes:
         doc = {
             "epoch": self.epoch,
