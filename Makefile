@@ -36,8 +36,9 @@ build: $(DEPS)
 run: build
 	$(VENV)/bin/kvstore serve --host $(HOST) --port $(PORT) --data $(DATA) --demo
 
-# The stream-consumer tests run a real nats-server (Debian's package).
+# The stream-consumer tests run a real nats-server, the cluster tests a real etcd (Debian's packages).
 test: build
+	@command -v etcd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server)
 	@command -v nats-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server)
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 	$(VENV)/bin/pytest -q

@@ -1,0 +1,230 @@
+"""Where shards go: pure functions from a placement (and shard sizes) to a new placement.
+
+* ``place_table``: a new table's shards, each on the node with the fewest replicas (then
+  the fewest bytes, then the fewest shards of that table): counts stay within one of
+  each other and a table spreads over the nodes. Its replicas are Available at once
+  (an empty shard has nothing to copy).
+* ``plan_moves``: the moves that bring the replicas onto a set of nodes, balanced by
+  count, moving only what must move: the replicas of nodes that leave the set, then,
+  while one node holds two or more replicas more than another, one replica from the
+  fullest to the emptiest. Bytes held decide which replica moves and where: the one
+  that best evens the two nodes' bytes.
+* ``join`` / ``drain``: a node enters or leaves the set; its moves are applied as
+  Leaving (source) and Initializing (target) replicas. ``finish_move`` makes the
+  target Available and drops the Leaving source once its data has been copied.
+  Draining the last node that could hold a shard is refused.
+
+Everything is deterministic: the same input gives the same placement on every node.
+Sizes are bytes per (table, shard) as the nodes report them; a missing size is 0.
+Only Available and Initializing replicas count as a node's load (Leaving ones go).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from kvstore.cluster.placement import Placement, Replica, ShardState, TablePlacement
+from kvstore.errors import InvalidArgument
+from kvstore.schema import TableSchema
+
+__all__ = ["Move", "drain", "finish_move", "join", "place_table", "plan_moves"]
+
+Sizes = Mapping[tuple[str, int], int]
+
+
+@dataclass(frozen=True, order=True)
+class Move:
+    """Copy shard ``shard`` of ``table`` from node ``source`` to node ``target``."""
+
+    table: str
+    shard: int
+    source: str
+    target: str
+
+
+class _Loads:
+    """Replica count, bytes and per-table count of each node, updated as moves are planned."""
+
+    def __init__(self, placement: Placement, nodes: Iterable[str], sizes: Sizes) -> None:
+        self.sizes = sizes
+        self.count: dict[str, int] = {node: 0 for node in nodes}
+        self.bytes: dict[str, int] = dict.fromkeys(self.count, 0)
+        self.per_table: dict[tuple[str, str], int] = defaultdict(int)
+        self.holds: set[tuple[str, str, int]] = set()
+        for name, table in placement.tables.items():
+            for shard, replicas in enumerate(table.shards):
+                for replica in replicas:
+                    if replica.state != ShardState.LEAVING:
+                        self.add(replica.node, name, shard)
+
+    def size(self, table: str, shard: int) -> int:
+        return self.sizes.get((table, shard), 0)
+
+    def add(self, node: str, table: str, shard: int, sign: int = 1) -> None:
+        if sign > 0:
+            self.holds.add((node, table, shard))
+        else:
+            self.holds.discard((node, table, shard))
+        if node in self.count:
+            self.count[node] += sign
+            self.bytes[node] += sign * self.size(table, shard)
+        self.per_table[node, table] += sign
+
+    def emptiest(self, table: str, shard: int, among: Iterable[str]) -> str | None:
+        """The node that should take a replica of (table, shard): fewest replicas, then
+        bytes, then shards of that table; None when every node already holds one."""
+        free = [n for n in among if (n, table, shard) not in self.holds]
+        if not free:
+            return None
+        return min(free, key=lambda n: (self.count[n], self.bytes[n], self.per_table[n, table], n))
+
+
+def place_table(placement: Placement, schema: TableSchema, replicas: int = 1) -> Placement:
+    """``placement`` with ``schema``'s table added, its shards spread over the nodes."""
+    if not placement.nodes:
+        raise InvalidArgument(
+            f"cannot place table {schema.name!r}: no node has joined the cluster yet"
+        )
+    if replicas > len(placement.nodes):
+        raise InvalidArgument(
+            f"cannot place table {schema.name!r} with {replicas} replicas on "
+            f"{len(placement.nodes)} nodes"
+        )
+    loads = _Loads(placement, placement.nodes, {})
+    shards = []
+    for shard in range(schema.shards):
+        holders = []
+        for _ in range(replicas):
+            node = loads.emptiest(schema.name, shard, placement.nodes)
+            loads.add(node, schema.name, shard)
+            holders.append(Replica(node, ShardState.AVAILABLE))
+        shards.append(tuple(holders))
+    return placement.with_table(TablePlacement(schema.to_json(), 0, tuple(shards)))
+
+
+def plan_moves(placement: Placement, nodes: Iterable[str], sizes: Sizes) -> list[Move]:
+    """The moves that bring every replica onto ``nodes``, balanced (see the module doc).
+
+    Raises InvalidArgument when a replica on a node outside ``nodes`` has nowhere to go.
+    """
+    targets = sorted(set(nodes))
+    loads = _Loads(placement, targets, sizes)
+    moves: list[Move] = []
+
+    # Replicas of the nodes that leave: they must move. Largest first, so the last,
+    # small ones even out the bytes.
+    leaving = []
+    for name, table in sorted(placement.tables.items()):
+        for shard, replicas in enumerate(table.shards):
+            for replica in replicas:
+                if replica.node in loads.count or replica.state == ShardState.LEAVING:
+                    continue
+                if replica.state == ShardState.INITIALIZING:
+                    raise InvalidArgument(
+                        f"table {name!r} shard {shard} is still moving to node "
+                        f"{replica.node!r}; drain that node once the move has finished"
+                    )
+                leaving.append((-loads.size(name, shard), name, shard, replica.node))
+    for _, name, shard, source in sorted(leaving):
+        target = loads.emptiest(name, shard, targets)
+        if target is None:
+            raise InvalidArgument(
+                f"cannot drain node {source!r}: it is the last node that can hold table "
+                f"{name!r} shard {shard} (no other node of the cluster is left to take it); "
+                "add a node before draining this one"
+            )
+        loads.add(source, name, shard, -1)
+        loads.add(target, name, shard)
+        moves.append(Move(name, shard, source, target))
+
+    # Then even the counts out, fullest to emptiest, one replica at a time.
+    moved = {(m.table, m.shard) for m in moves}
+    while len(targets) > 1:
+        full = max(targets, key=lambda n: (loads.count[n], loads.bytes[n], n))
+        empty = min(targets, key=lambda n: (loads.count[n], loads.bytes[n], n))
+        if loads.count[full] - loads.count[empty] <= 1:
+            break
+        # The size that would leave both nodes at the mean bytes once their counts reach
+        # the mean too (aiming at the end state: evening out at each step overshoots).
+        mean_count = sum(loads.count.values()) / len(targets)
+        mean_bytes = sum(loads.bytes.values()) / len(targets)
+        needs = max(1.0, round(mean_count - loads.count[empty]))
+        spare = max(1.0, round(loads.count[full] - mean_count))
+        wanted = (
+            (mean_bytes - loads.bytes[empty]) / needs + (loads.bytes[full] - mean_bytes) / spare
+        ) / 2
+        candidates = [
+            (name, shard)
+            for name, shard, replica in placement.replicas_on(full)
+            if replica.state == ShardState.AVAILABLE
+            and (name, shard) not in moved
+            and (empty, name, shard) not in loads.holds
+        ]
+        if not candidates:
+            break  # only with replicas > 1: every shard here is on the emptiest node too
+        name, shard = min(
+            candidates,
+            key=lambda c: (
+                # the size that best evens the bytes; then the table this node holds
+                # most of, relative to the other (spreads a table's shards)
+                abs(loads.size(*c) - wanted),
+                loads.per_table[empty, c[0]] - loads.per_table[full, c[0]],
+                c,
+            ),
+        )
+        loads.add(full, name, shard, -1)
+        loads.add(empty, name, shard)
+        moved.add((name, shard))
+        moves.append(Move(name, shard, full, empty))
+    return moves
+
+
+def _apply(placement: Placement, moves: list[Move]) -> Placement:
+    tables = dict(placement.tables)
+    for move in moves:
+        table = tables[move.table]
+        stays = [
+            Replica(r.node, ShardState.LEAVING) if r.node == move.source else r
+            for r in table.shards[move.shard]
+        ]
+        replicas = (*stays, Replica(move.target, ShardState.INITIALIZING, source=move.source))
+        tables[move.table] = table.with_shard(move.shard, replicas)
+    return replace(placement, tables=tables)
+
+
+def join(placement: Placement, node: str, sizes: Sizes) -> Placement:
+    """``placement`` with ``node`` taking shards: the moves that rebalance onto it applied."""
+    if node in placement.nodes:
+        return placement
+    nodes = (*placement.nodes, node)
+    return replace(_apply(placement, plan_moves(placement, nodes, sizes)), nodes=nodes)
+
+
+def drain(placement: Placement, node: str, sizes: Sizes) -> Placement:
+    """``placement`` with ``node``'s replicas moving to the other nodes; InvalidArgument
+    when ``node`` is unknown or is the last node that can hold one of its shards."""
+    if node not in placement.nodes:
+        raise InvalidArgument(
+            f"node {node!r} is not one of the cluster's nodes ({', '.join(placement.nodes)})"
+        )
+    nodes = tuple(n for n in placement.nodes if n != node)
+    return replace(_apply(placement, plan_moves(placement, nodes, sizes)), nodes=nodes)
+
+
+def finish_move(placement: Placement, table: str, shard: int, node: str) -> Placement:
+    """The Initializing replica of (table, shard) on ``node`` made Available, and the
+    Leaving replica it was copied from dropped: the move's data has been copied."""
+    placed = placement.table(table)
+    replicas = placed.shards[shard]
+    moving = [r for r in replicas if r.node == node and r.state == ShardState.INITIALIZING]
+    if not moving:
+        raise InvalidArgument(f"table {table!r} shard {shard} is not moving to node {node!r}")
+    source = moving[0].source
+    done = tuple(
+        Replica(r.node, ShardState.AVAILABLE) if r.node == node else r
+        for r in replicas
+        if not (r.node == source and r.state == ShardState.LEAVING)
+    )
+    return placement.with_table(placed.with_shard(shard, done))

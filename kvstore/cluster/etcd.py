@@ -1,0 +1,212 @@
+"""The connection to etcd, the cluster's key layout in it, and a watch that survives outages.
+
+Only nodes talk to etcd (clients get the cluster map from a node). Every key of one
+cluster lives under one prefix, so several clusters (or test runs) can share an etcd::
+
+    /kvstore/<cluster>/nodes/<node id>   a live node's registration (JSON), attached to
+                                         that node's lease: it disappears when the lease
+                                         lapses (kvstore.cluster.membership)
+    /kvstore/<cluster>/placement         the placement document (JSON, one key): tables,
+                                         shards, replicas, epoch; changed only by
+                                         compare-and-swap (kvstore.cluster.placement)
+
+etcd errors are turned into ``kvstore.errors.Unavailable`` naming the URL in one place
+(``Etcd.calls``), so a node's log and an operator's terminal say which etcd is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+
+from kvstore.errors import InvalidArgument, Unavailable
+
+__all__ = ["ClusterKeys", "Entry", "Etcd", "connect", "parse_url", "watch_range"]
+
+log = logging.getLogger(__name__)
+
+# A per-call deadline: an etcd on loopback or in a LAN answers in milliseconds, so a
+# call still open after this is a lost etcd, and the node must get on with serving.
+CALL_TIMEOUT_S = 3
+CONNECT_TIMEOUT_S = 5.0
+# Between attempts to reach a lost etcd (s): short enough that a restarted etcd is
+# noticed within a lease TTL, long enough not to spin.
+RETRY_INTERVAL_S = 0.5
+
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """``http://host:port`` → (host, port); InvalidArgument names what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise InvalidArgument(
+            f"etcd URL {url!r} is not of the form http://host:port (TLS is not supported yet)"
+        )
+    try:
+        port = parts.port or 2379
+    except ValueError:
+        raise InvalidArgument(f"etcd URL {url!r} has an invalid port") from None
+    return parts.hostname, port
+
+
+@dataclass(frozen=True)
+class ClusterKeys:
+    """Where one cluster's keys live in etcd (the layout in this module's docstring)."""
+
+    cluster: str
+
+    def __post_init__(self) -> None:
+        if not _CLUSTER_NAME.match(self.cluster):
+            raise InvalidArgument(
+                f"cluster name {self.cluster!r} is not valid: letters, digits, '_', '.', '-', "
+                "at most 64 characters"
+            )
+
+    @property
+    def root(self) -> bytes:
+        return f"/kvstore/{self.cluster}/".encode()
+
+    @property
+    def nodes(self) -> bytes:
+        """The prefix of the live nodes' registrations."""
+        return self.root + b"nodes/"
+
+    def node(self, node_id: str) -> bytes:
+        return self.nodes + node_id.encode()
+
+    @property
+    def placement(self) -> bytes:
+        return self.root + b"placement"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A key's value and its etcd revisions (mod_revision is what a CAS compares)."""
+
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+class Etcd:
+    """An open etcd client for one cluster: the client, its URL and the cluster's keys."""
+
+    def __init__(self, url: str, cluster: str, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
+        host, port = parse_url(url)
+        self.url = url
+        self.keys = ClusterKeys(cluster)
+        # aetcd passes this timeout to every unary call; watches are streams without one.
+        self.client = aetcd.Client(host=host, port=port, timeout=call_timeout_s)
+
+    @contextmanager
+    def calls(self, doing: str) -> Iterator[None]:
+        """Turn etcd client errors raised inside into Unavailable naming the URL."""
+        try:
+            yield
+        except aetcd.exceptions.ClientError as exc:
+            raise Unavailable(
+                f"etcd at {self.url} is unreachable while {doing}: {exc or type(exc).__name__}"
+            ) from exc
+
+    async def get(self, key: bytes) -> Entry | None:
+        """The entry at ``key``, None when absent; Unavailable when etcd is unreachable."""
+        with self.calls(f"reading {key.decode()}"):
+            got = await self.client.get(key)
+        return None if got is None else Entry(got.value, got.mod_revision, got.lease)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def connect(url: str, cluster: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Etcd:
+    """An Etcd that has answered a status call within ``timeout_s`` seconds.
+
+    Raises Unavailable naming ``url`` when it did not (an etcd still starting is
+    waited for until then).
+    """
+    etcd = Etcd(url, cluster, call_timeout_s=min(CALL_TIMEOUT_S, timeout_s))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await etcd.client.status()
+            return etcd
+        except aetcd.exceptions.ClientError as exc:
+            if time.monotonic() + RETRY_INTERVAL_S > deadline:
+                await etcd.close()
+                why = exc or type(exc).__name__
+                raise Unavailable(
+                    f"cannot reach etcd at {url} within {timeout_s:g} s ({why}); "
+                    "is it running, and is --etcd right?"
+                ) from None
+            await asyncio.sleep(RETRY_INTERVAL_S)
+
+
+async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dict[bytes, Entry]]:
+    """Yield the keys at ``key`` (or under it, when ``prefix``) now, then after every change.
+
+    Each item is the whole state of the range. When etcd is lost the generator logs
+    it, yields nothing until etcd answers again, then reads the range anew and yields
+    it if it changed: a consumer keeps serving with the last state meanwhile. It
+    returns when ``etcd`` is closed.
+    """
+    # [key, key + NUL) is the one key: one range read gives the state and its revision.
+    range_end = aetcd.utils.prefix_range_end(key) if prefix else key + b"\0"
+    last: dict[bytes, Entry] | None = None
+    lost = False
+    while True:
+        try:
+            got = await etcd.client.get_range(key, range_end)
+            state = {kv.key: Entry(kv.value, kv.mod_revision, kv.lease) for kv in got}
+            revision = got.header.revision
+            if lost:
+                log.warning("etcd at %s is reachable again; watching %s", etcd.url, key.decode())
+                lost = False
+            if state != last:
+                last = dict(state)
+                yield dict(state)
+            # From the revision read: no change between the read and the watch is missed.
+            watch = await etcd.client.watch(key, range_end=range_end, start_revision=revision + 1)
+            try:
+                async for event in watch:
+                    if event.kind == "PUT":
+                        state[event.kv.key] = Entry(
+                            event.kv.value, event.kv.mod_revision, event.kv.lease
+                        )
+                    else:
+                        state.pop(event.kv.key, None)
+                    if state != last:
+                        last = dict(state)
+                        yield dict(state)
+            finally:
+                await _cancel_quietly(watch)
+            # A watch ends without an error only when this client was closed: stop too
+            # (going round again would open a new connection behind the owner's back).
+            return
+        except aetcd.exceptions.ClientError as exc:
+            if not lost:
+                log.warning(
+                    "etcd at %s is unreachable (%s); keeping the last view of %s, retrying",
+                    etcd.url,
+                    exc or type(exc).__name__,
+                    key.decode(),
+                )
+                lost = True
+            await asyncio.sleep(RETRY_INTERVAL_S)
+
+
+async def _cancel_quietly(watch: aetcd.rtypes.Watch) -> None:
+    # After an outage the stream is already gone with the etcd that served it; after
+    # the client was closed aetcd's cancel finds no watcher (AttributeError).
+    with contextlib.suppress(aetcd.exceptions.ClientError, TimeoutError, AttributeError):
+        await asyncio.wait_for(watch.cancel(), CALL_TIMEOUT_S)
