@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvstore.wire.dial import open_channel
+
 __all__ = ["NodeProcess", "NodeProcessError", "wait_until"]
 
 START_TIMEOUT_S = 60.0
@@ -182,7 +184,7 @@ class NodeProcess:
         return self.port_file.exists()
 
     def _serving(self) -> bool:
-        with grpc.insecure_channel(self.address) as channel:
+        with open_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
