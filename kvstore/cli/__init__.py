@@ -1,4 +1,5 @@
-"""The ``kvstore`` command: a thin layer over NodeConfig (serve) and Client (the rest).
+"""The ``kvstore`` command: a thin layer over NodeConfig (serve), kvstore.ingest (load,
+consume) and Client (the rest).
 
 Every command is registered below, by name, from the module of its group; a failure
 the user can act on (a KvstoreError, a bad file or value, an unreachable node) prints

@@ -4,9 +4,10 @@ A thin facade: the node owns the lifecycle (open the catalog and every table, cl
 creates and drops tables, and delegates reads (``reads``), writes, deletes and
 consumer positions (``writes``), activity counts (``stats``) and version bookkeeping
 (``kvstore.storage``). It does not know gRPC (the servicer translates) or RocksDB
-(the storage engine and shards do). Every call runs to completion on the event loop
-thread without awaiting, so a partial write's read-modify-write is not interleaved
-with another request.
+(the storage engine and shards do). Every call, and each shard's step of a write
+(``write_steps``, ``delete_steps``), runs to completion on the event loop thread
+without awaiting, so a partial write's read-modify-write is not interleaved with
+another request.
 """
 
 from __future__ import annotations

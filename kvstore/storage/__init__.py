@@ -1,1 +1,2 @@
-"""Storage: the node's catalog of tables and the RocksDB instance behind each shard."""
+"""Storage: the node's catalog, its tables and their versions, and the RocksDB instance
+behind each shard (the one place RocksDB is touched)."""

@@ -1,7 +1,10 @@
-"""One shard of one table version: a RocksDB instance (rocksdict, raw mode).
+"""One shard of a table's delta or of one bulk version: a RocksDB instance (rocksdict, raw mode).
 
 The partition interface is small on purpose (after Venice's AbstractStoragePartition):
-batched get, batched write of puts and deletes, size estimates, close.
+batched get, batched write of puts and deletes, scans, size estimates, close. The
+RocksDB options of each kind of shard live here too: the delta's, a base version's
+in each table format (``BASE_FORMATS``), and the loader's (``build_options``), so a
+database the loader builds opens on the node exactly as it was written.
 
 It is also where RocksDB's errors become kvstore's, in one place
 (``_raise_for_status``, after plyvel's ``raise_for_status``): rocksdict raises a plain
