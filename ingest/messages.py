@@ -12,10 +12,7 @@ in one pass. The formats are specified in docs/streaming.md.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kvstore import _codec
 from kvstore.columns import to_arrow_column
 from kvstore.errors import InvalidArgument
 from kvstore.ingest import arrow_types
-from kvstore.schema import MAX_STRING_KEY_BYTES, DType, TableSchema
+from kvstore.ingest.json_values import INT64, is_int, json_type, value_check
+from kvstore.schema import MAX_STRING_KEY_BYTES, TableSchema
 
 __all__ = [
     "ARROW_DELETE_COLUMN",
@@ -45,8 +42,6 @@ FORMATS = ("json", "arrow")
 ARROW_EVENT_TIME_COLUMN = "event_time"
 ARROW_DELETE_COLUMN = "delete"
 _JSON_FIELDS = ("key", "event_time", "features", "delete")
-_INT64 = (-(2**63), 2**63 - 1)
-_INT32 = (-(2**31), 2**31 - 1)
 #: Rows per write request; larger batches of Arrow rows are split.
 MAX_ROWS_PER_WRITE = 50_000
 
@@ -150,7 +145,7 @@ class Batch:
         self._json: dict[tuple[int, ...], _JsonGroup] = {}
         self._arrow: dict[tuple[int, ...], list[tuple[pa.Array, np.ndarray, dict, int]]] = {}
         self._deletes: dict[Any, tuple[int, int]] = {}  # key → (event time, message)
-        self._checks = [_value_check(f.dtype) for f in schema.features]
+        self._checks = [value_check(f.dtype) for f in schema.features]
         self.messages = 0
         if fmt == "arrow":
             clash = {ARROW_EVENT_TIME_COLUMN, ARROW_DELETE_COLUMN} & set(schema.feature_names)
@@ -194,7 +189,7 @@ class Batch:
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadMessage(f"not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
-            raise BadMessage(f"a message must be a JSON object, not {_json_type(doc)}")
+            raise BadMessage(f"a message must be a JSON object, not {json_type(doc)}")
         unknown = [name for name in doc if name not in _JSON_FIELDS]
         if unknown:
             raise BadMessage(
@@ -207,7 +202,7 @@ class Batch:
         when = doc.get("event_time")
         if when is None:
             when = message.timestamp_us
-        elif not _is_int(when) or when <= 0 or when > _INT64[1]:
+        elif not is_int(when) or when <= 0 or when > INT64[1]:
             raise BadMessage(
                 f"'event_time' must be a positive integer of µs since the epoch, not {when!r}"
             )
@@ -249,7 +244,7 @@ class Batch:
 
     def _json_key(self, key: Any) -> Any:
         if self.schema.key_type == "int64":
-            if not _is_int(key) or not _INT64[0] <= key <= _INT64[1]:
+            if not is_int(key) or not INT64[0] <= key <= INT64[1]:
                 raise BadMessage(f"the table's keys are int64; 'key' is {key!r}")
             return key
         if not isinstance(key, str):
@@ -343,7 +338,7 @@ class Batch:
 
     def _arrow_keys(self, keys: pa.Array) -> pa.Array:
         if self.schema.key_type == "int64":
-            bad = arrow_types.out_of_range(keys, *_INT64)
+            bad = arrow_types.out_of_range(keys, *INT64)
             if bad is not None:
                 row = int(np.flatnonzero(bad)[0])
                 raise BadMessage(f"key column {self.key_column!r}, row {row}: not an int64")
@@ -457,103 +452,3 @@ def _chunks(upsert: Upsert) -> list[Upsert]:
             chunk.full = upsert.full.take(np.flatnonzero(mine.to_numpy(zero_copy_only=False)))
         chunks.append(chunk)
     return chunks
-
-
-# -- JSON values ---------------------------------------------------------------------
-#
-# Each check returns (problem or None, the value to write). Done per value in Python
-# because a bad value must be pinned to its message, before messages are grouped.
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _integer(lo: int, hi: int, dtype: str) -> Callable[[Any], tuple[str | None, Any]]:
-    def check(value: Any) -> tuple[str | None, Any]:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not _is_int(value):
-            return "expected an integer", value
-        if not lo <= value <= hi:
-            return f"out of range for {dtype}", value
-        return None, value
-
-    return check
-
-
-def _float(value: Any) -> tuple[str | None, Any]:
-    if not _is_number(value):
-        return "expected a number", value
-    return None, float(value)  # Arrow refuses ints a float32 cannot hold exactly
-
-
-def _bool(value: Any) -> tuple[str | None, Any]:
-    return (None if isinstance(value, bool) else "expected true or false"), value
-
-
-def _string(value: Any) -> tuple[str | None, Any]:
-    return (None if isinstance(value, str) else "expected a string"), value
-
-
-def _bytes(value: Any) -> tuple[str | None, Any]:
-    if not isinstance(value, str):
-        return "expected a base64 string", value
-    try:
-        return None, base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return "expected a base64 string", value
-
-
-def _embedding(dim: int) -> Callable[[Any], tuple[str | None, Any]]:
-    def check(value: Any) -> tuple[str | None, Any]:
-        if not isinstance(value, list) or not all(_is_number(v) for v in value):
-            return f"expected a list of {dim} numbers", value
-        if len(value) != dim:
-            return f"expected {dim} numbers, got {len(value)}", value
-        return None, [float(v) for v in value]
-
-    return check
-
-
-def _int_list(value: Any) -> tuple[str | None, Any]:
-    if not isinstance(value, list) or not all(_is_int(v) for v in value):
-        return "expected a list of integers", value
-    if not all(_INT64[0] <= v <= _INT64[1] for v in value):
-        return "a list element out of range for int64", value
-    return None, value
-
-
-def _value_check(dtype: DType) -> Callable[[Any], tuple[str | None, Any]]:
-    kind = dtype.kind
-    if kind == _codec.KIND_BOOL:
-        return _bool
-    if kind == _codec.KIND_INT32:
-        return _integer(*_INT32, "int32")
-    if kind == _codec.KIND_INT64:
-        return _integer(*_INT64, "int64")
-    if kind in (_codec.KIND_FLOAT32, _codec.KIND_FLOAT64):
-        return _float
-    if kind == _codec.KIND_STRING:
-        return _string
-    if kind == _codec.KIND_BYTES:
-        return _bytes
-    if kind == _codec.KIND_FLOAT32_VECTOR:
-        return _embedding(dtype.dim)
-    return _int_list
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if value is None:
-        return "null"
-    return "a number"

@@ -22,7 +22,7 @@ import pytest
 from kvstore import Client, InvalidArgument
 from kvstore.config import NodeConfig
 from kvstore.errors import LoadConflict, StorageFull
-from kvstore.ingest import bulk, bulk_shard_db, bulk_upload
+from kvstore.ingest import bulk_job, bulk_shard_db, bulk_upload
 from kvstore.ingest.bulk import load
 from kvstore.ingest.bulk_sort import Chunk, IntKeys
 from kvstore.schema import TableSchema
@@ -193,8 +193,8 @@ def test_shards_of_several_files_and_of_none_serve_across_a_restart(
     # A shard larger than the loader's memtable is several table files of disjoint key
     # ranges (all in level 0, never compacted); a shard that got no row is an empty
     # database the node creates.
-    monkeypatch.setattr(bulk, "MEMTABLE_SHARE", 0)
-    monkeypatch.setattr(bulk, "MIN_MEMTABLE_BYTES", 128 << 10)
+    monkeypatch.setattr(bulk_job, "MEMTABLE_SHARE", 0)
+    monkeypatch.setattr(bulk_job, "MIN_MEMTABLE_BYTES", 128 << 10)
     node = start_node("--base-format", table_format)
     n = 3000
     keys = np.arange(n, dtype=np.int64) * 3

@@ -26,7 +26,7 @@ from kvstore import Client, InvalidArgument, KvstoreError, TableNotFound
 from kvstore import columns as kv_columns
 from kvstore.config import BASE_FORMATS
 from kvstore.errors import StorageFull
-from kvstore.ingest import bulk, bulk_upload
+from kvstore.ingest import bulk_job, bulk_upload
 from kvstore.ingest.bulk import LoadError, LoadSummary, load
 from kvstore.ingest.bulk_input import BulkInput
 from kvstore.ingest.bulk_sort import IntKeys, ShardSorter, StrKeys
@@ -515,7 +515,7 @@ def test_shard_databases_hold_the_rows_byte_identical(
     pq.write_table(data, tmp_path / "in.parquet", row_group_size=700)
     schema = TableSchema.build("t", key_type, FEATURES, shards=3, schema_id=42)
 
-    job = bulk._LoadJob(
+    job = bulk_job.LoadJob(
         BulkInput(str(tmp_path / "in.parquet"), None),
         schema,
         "key",
