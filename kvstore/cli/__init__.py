@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from kvstore.cli.cluster import cluster
 from kvstore.cli.consume import consume
 from kvstore.cli.data import delete, get, write
 from kvstore.cli.loads import load, rollback, versions
@@ -81,6 +82,7 @@ for command in (
     versions,
     rollback,
     consume,
+    cluster,
 ):
     cli.add_command(command)
 
