@@ -362,3 +362,22 @@ def test_a_single_node_restarted_on_a_new_fast_port_is_followed(start_node, tmp_
         for _ in range(5):
             _check_all(client.get("alone", KEYS), KEYS)
         assert set(client._ops.fast.values()) != old_fast
+
+
+def test_a_node_that_ran_alone_with_tables_does_not_join_a_cluster(
+    start_node, tmp_path: Path, etcd: EtcdServer
+) -> None:
+    data = tmp_path / "was_alone"
+    alone = start_node(data_dir=data)
+    with Client(alone.address, timeout=10) as client:
+        client.create_table("kept", features=FEATURES, shards=2)
+    alone.stop()
+    joining = NodeProcess(
+        data, "--etcd", etcd.url, "--cluster", "t-alone", log_path=tmp_path / "j.log"
+    )
+    with pytest.raises(Exception, match="exited with 1") as caught:
+        joining.start()
+    assert "holds 1 table(s) of a node that ran alone (kept)" in str(caught.value)
+    again = start_node(data_dir=data)  # the table is still there
+    with Client(again.address, timeout=10) as client:
+        assert [t.schema.name for t in client.list_tables()] == ["kept"]

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.config import NodeConfig
+from kvstore.errors import InvalidArgument
 from kvstore.server.fast import FastServer
 from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node
@@ -82,6 +83,11 @@ class NodeServer:
             ) from None
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: the address is in use")
+        if cfg.etcd and cfg.demo:
+            # The placement decides a cluster node's tables: a local demo table would be
+            # dropped at once (create demo_users through a client instead).
+            logger.warning("--demo is ignored in a cluster (--etcd)")
+            cfg.demo = False
         self.node.open()
         self.loads.open()
         address = cfg.advertise_address or f"{cfg.host}:{self.port}"
@@ -139,6 +145,14 @@ class NodeServer:
         from kvstore.cluster.membership import NodeInfo, stable_node_id
 
         cfg = self.config
+        if not (cfg.data_dir / "node-id").exists() and self.node.tables:
+            # A cluster node drops the tables its placement does not have: tables kept
+            # from running alone would be lost on joining. Refuse rather than drop them.
+            raise InvalidArgument(
+                f"data directory {cfg.data_dir} holds {len(self.node.tables)} table(s) of a "
+                f"node that ran alone ({', '.join(sorted(self.node.tables))}); a node joining "
+                "a cluster must start empty: give it another --data"
+            )
         node_id = stable_node_id(cfg.data_dir, cfg.node_id or None)
         cfg.node_id = node_id
         me = NodeInfo(
