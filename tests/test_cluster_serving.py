@@ -224,42 +224,56 @@ def test_kvstore_cluster_status_lists_nodes_tables_and_epoch(three: Cluster) -> 
     assert any(line.startswith("status_t ") for line in out.stdout.splitlines())
 
 
-def test_a_killed_node_restarted_on_new_ports_is_followed_by_an_existing_client(
+def test_a_killed_node_restarted_on_new_ports_is_followed_by_existing_clients(
     tmp_path: Path, etcd: EtcdServer
 ) -> None:
     cluster = Cluster(tmp_path, etcd)
+
+    def kill_and_restart_n2(probe: Client) -> NodeProcess:
+        old = cluster.nodes["n2"]
+        old.kill()
+        restarted = cluster.start("n2")  # same data dir and id; new ports
+        assert restarted.address != old.address
+
+        def seed_sees_new_address() -> bool:
+            nodes = probe.cluster_map()["nodes"]  # the probe's map, not the clients'
+            return any(n["node_id"] == "n2" and n["address"] == restarted.address for n in nodes)
+
+        wait_until(seed_sees_new_address, 30, "n2's new address in the seed's map")
+        return restarted
+
     try:
         for i in range(3):
             cluster.start(f"n{i}")
         seed = cluster.nodes["n0"].address
-        with Client(seed, timeout=10) as client:
-            _create(client, "followed")
-            client.write("followed", _rows(KEYS))
-            _check_all(client.get("followed", KEYS), KEYS)
-            old = cluster.nodes["n2"]
-            old_fast = next(
-                n["fast_address"] for n in client.cluster_map()["nodes"] if n["node_id"] == "n2"
-            )
-            old.kill()
-            restarted = cluster.start("n2")  # same data dir and id; new ports
-            assert restarted.address != old.address
 
-            def seed_sees_new_address() -> bool:
-                with Client(seed, timeout=10) as probe:
-                    nodes = probe.cluster_map()["nodes"]
-                return any(
-                    n["node_id"] == "n2" and n["address"] == restarted.address for n in nodes
-                )
+        async def scenario() -> None:
+            with (
+                Client(seed, timeout=10) as fast_client,
+                Client(seed, timeout=10, transport="grpc") as grpc_client,
+                Client(seed, timeout=10) as probe,
+            ):
+                async with AsyncClient(seed, timeout=10) as aclient:
+                    _create(fast_client, "followed")
+                    fast_client.write("followed", _rows(KEYS))
+                    for c in (fast_client, grpc_client):
+                        _check_all(c.get("followed", KEYS), KEYS)
+                    _check_all(await aclient.get("followed", KEYS), KEYS)
+                    old_fast = set(fast_client._ops.fast.values())
 
-            wait_until(seed_sees_new_address, 30, "n2's new address in the map")
-            # The client's map still names n2's old ports: its next get refreshes the map
-            # once and succeeds; every get after it too.
-            assert old_fast in client._ops.fast.values()
-            for _ in range(20):
-                _check_all(client.get("followed", KEYS), KEYS)
-            assert old_fast not in client._ops.fast.values()
-            assert restarted.address in client._ops.nodes
-            assert client.write("followed", _rows(KEYS[:100])) == 100
+                    restarted = await asyncio.to_thread(kill_and_restart_n2, probe)
+                    # The clients' maps still name n2's old ports: the next call of each
+                    # refreshes the map once and succeeds; every call after it too.
+                    for _ in range(10):
+                        _check_all(fast_client.get("followed", KEYS), KEYS)
+                        _check_all(grpc_client.get("followed", KEYS), KEYS)
+                        _check_all(await aclient.get("followed", KEYS), KEYS)
+                    assert set(fast_client._ops.fast.values()) != old_fast
+                    assert restarted.address in fast_client._ops.nodes
+                    assert fast_client.write("followed", _rows(KEYS[:100])) == 100
+                    assert await aclient.write("followed", _rows(KEYS[:100])) == 100
+
+        asyncio.run(scenario())
     except BaseException:
         print(cluster.logs())
         raise
