@@ -117,6 +117,13 @@ def test_a_table_created_on_one_node_is_spread_over_three_and_answers_every_key(
         assert all(node["state"] == "live" for node in cmap["nodes"])
         assert client.write(name, _rows(KEYS)) == len(KEYS)
         _check_all(client.get(name, KEYS), KEYS)
+        # An update stream opens one call per node and sends each its keys only.
+        with client.update_stream(name) as stream:
+            for part in np.array_split(KEYS, 4):
+                stream.send({"key": part, "clicks": part * 3 + 1})
+            stream.flush()
+        np.testing.assert_array_equal(client.get(name, KEYS).to_numpy()["clicks"], KEYS * 3 + 1)
+        client.write(name, _rows(KEYS))
     # Any node is a seed, and every node has the table (with the same schema id).
     ids = set()
     for node in (n1, n2):
