@@ -247,7 +247,7 @@ class NodeConfig:
         """Derive what follows from the settings: absolute paths, the node id."""
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         self.cold_dir = Path(self.cold_dir or self.data_dir / "cold").expanduser().resolve()
-        if not self.node_id:
+        if not self.node_id and not self.etcd:  # in a cluster: the data dir's stable id
             self.node_id = f"{socket.gethostname()}:{self.data_dir}"
         if self.max_keys_per_request < 1:
             raise ValueError("max_keys_per_request must be at least 1")

@@ -28,11 +28,14 @@ __all__ = [
     "TableNotFound",
     "Unavailable",
     "UnknownFeature",
+    "error_metadata",
     "is_disk_full",
 ]
 
 # The trailing-metadata key carrying the exact error class across the wire.
 ERROR_TYPE_KEY = "kvstore-error"
+# The trailing-metadata key carrying a StaleMap's epoch (decimal).
+ERROR_EPOCH_KEY = "kvstore-epoch"
 
 
 class KvstoreError(Exception):
@@ -157,9 +160,20 @@ _BY_CODE: dict[grpc.StatusCode, type[KvstoreError]] = {
 }
 
 
-def error_from_name(name: str, message: str) -> KvstoreError:
-    """The error of class ``name`` (as sent by a node), KvstoreError if unknown."""
-    return _BY_NAME.get(name, KvstoreError)(message)
+def error_metadata(exc: KvstoreError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata a node sends with ``exc``: its class, and a StaleMap's epoch."""
+    if isinstance(exc, StaleMap):
+        return ((ERROR_TYPE_KEY, "StaleMap"), (ERROR_EPOCH_KEY, str(exc.epoch)))
+    return ((ERROR_TYPE_KEY, type(exc).__name__),)
+
+
+def error_from_name(name: str, message: str, epoch: int = 0) -> KvstoreError:
+    """The error of class ``name`` (as sent by a node), KvstoreError if unknown;
+    ``epoch`` is a StaleMap's."""
+    cls = _BY_NAME.get(name, KvstoreError)
+    if cls is StaleMap:
+        return StaleMap(message, epoch)
+    return cls(message)
 
 
 def from_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float | None) -> KvstoreError:
@@ -167,11 +181,14 @@ def from_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float | None) ->
     code = exc.code()
     details = exc.details() or ""
     name = None
+    epoch = 0
     for key, value in exc.trailing_metadata() or ():
         if key == ERROR_TYPE_KEY:
             name = value
+        elif key == ERROR_EPOCH_KEY and value.isdigit():
+            epoch = int(value)
     if name in _BY_NAME:
-        return _BY_NAME[name](details)
+        return error_from_name(name, details, epoch)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
         return RequestTooLarge(
             f"the request is larger than node {address} accepts (its max_request_bytes "

@@ -148,6 +148,15 @@ def test_cluster_map_json_keeps_advertised_addresses() -> None:
     )
     assert cluster_map_json(cmap) == {
         "epoch": 4,
-        "nodes": [{"node_id": "n1", "address": "0.0.0.0:7070"}],
+        "nodes": [
+            {
+                "node_id": "n1",
+                "address": "0.0.0.0:7070",
+                "fast_address": "",
+                "zone": "",
+                "state": "live",  # an older node sends no state: it runs alone
+            }
+        ],
         "tables": {"t": [0, 0]},
+        "versions": {"t": 0},
     }

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from kvstore.cli.cluster import cluster
 from kvstore.cli.consume import consume
 from kvstore.cli.data import delete, get, write
 from kvstore.cli.loads import load, rollback, versions
@@ -82,6 +83,7 @@ for command in (
     versions,
     rollback,
     consume,
+    cluster,
 ):
     cli.add_command(command)
 

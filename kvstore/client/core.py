@@ -17,13 +17,16 @@ import numpy as np
 
 from kvstore import _codec
 from kvstore.client.result import GetResult
+from kvstore.clock import now_us
 from kvstore.columns import EncodedRows, encode_rows
 from kvstore.errors import (
     CorruptValue,
     InvalidArgument,
     KvstoreError,
     SchemaChanged,
+    StaleMap,
     TableNotFound,
+    Unavailable,
 )
 from kvstore.keys import KeyBatch
 from kvstore.schema import Feature, TableSchema
@@ -54,6 +57,11 @@ DEFAULT_TIMEOUT_S = 5.0
 #: What a call raises when the client's cached schema of the table is out of date:
 #: describe the table again and retry.
 STALE_SCHEMA = (_codec.SchemaMismatch, SchemaChanged)
+
+#: What a call raises when the client's cluster map is out of date: a node refused a
+#: shard it does not hold (StaleMap, nothing applied), or could not be reached (it
+#: stopped, or restarted on another port). Refresh the map from any node, retry once.
+STALE_ROUTE = (StaleMap, Unavailable)
 
 
 def check_timeout(timeout: Any) -> float:
@@ -118,6 +126,8 @@ class ClientCore:
         #: gRPC address → fast read path address, for nodes that serve one.
         self.fast: dict[str, str] = {}
         self.owners: dict[str, np.ndarray] = {}
+        #: The placement epoch of the cached map (0: none yet).
+        self.epoch = 0
         #: table → (its owners array, the one node that owns every shard), for tables
         #: served by one node; used only while ``owners`` still holds that same array,
         #: so a thread never pairs a new map's owners with an old map's node.
@@ -128,6 +138,7 @@ class ClientCore:
 
     def apply_cluster_map(self, msg: pb.ClusterMap) -> None:
         seed = self.seed
+        self.epoch = msg.epoch
         self.nodes = [dial_address(n.address, seed) for n in msg.nodes]
         self.fast = {
             dial_address(n.address, seed): dial_address(n.fast_address, seed)
@@ -140,6 +151,11 @@ class ClientCore:
             for table, owners in self.owners.items()
             if len(owners) and (owners == owners[0]).all()
         }
+
+    def candidates(self) -> list[str]:
+        """The nodes to ask for the map or a table's schema: the seed, then the others
+        of the cached map."""
+        return [self.seed, *(n for n in dict.fromkeys(self.nodes) if n and n != self.seed)]
 
     def call_timeout(self, timeout: float | None) -> float:
         """The deadline of one call: ``timeout``, or the client's when None."""
@@ -389,29 +405,74 @@ class Operations(ClientCore):
         (response,) = yield [NodeCall(address or self.seed, method, request)]
         return response
 
+    def _any(self, method: str, request: Any) -> Flow:
+        """One call answered by the seed, else by the first other known node that can
+        be reached (for calls every node answers alike: maps, schemas, tables)."""
+        error: KvstoreError | None = None
+        for address in self.candidates():
+            try:
+                return (yield from self._one(method, request, address))
+            except Unavailable as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    def refresh_map_flow(self, min_epoch: int = 0) -> Flow:
+        """Fetch the cluster map from the seed, else the other known nodes; keep asking
+        the next one while the answers are older than ``min_epoch`` (a StaleMap's)."""
+        best: pb.ClusterMap | None = None
+        error: KvstoreError | None = None
+        for address in self.candidates():
+            try:
+                cmap = yield from self._one("GetClusterMap", pb.GetClusterMapRequest(), address)
+            except Unavailable as exc:
+                error = exc
+                continue
+            if best is None or cmap.epoch > best.epoch:
+                best = cmap
+            if cmap.epoch >= min_epoch:
+                break
+        if best is None:
+            assert error is not None
+            raise error
+        self.apply_cluster_map(best)
+        return best
+
     def schema_flow(self, table: str, refresh: bool = False) -> Flow:
         if refresh or table not in self.schemas:
-            info = yield from self._one("DescribeTable", pb.DescribeTableRequest(table=table))
+            info = yield from self._any("DescribeTable", pb.DescribeTableRequest(table=table))
             self.schemas[table] = schema_from_proto(info.schema)
         if not self.knows_route(table):
-            cmap = yield from self._one("GetClusterMap", pb.GetClusterMapRequest())
-            self.apply_cluster_map(cmap)
+            yield from self.refresh_map_flow()
         return self.schemas[table]
 
-    def _with_schema(self, table: str, body, refresh: bool = False) -> Flow:
-        """Run ``body(schema)``; on a stale schema, describe the table again and retry once.
+    def _with_schema(self, table: str, body, refresh: bool = False, rerouted: bool = False) -> Flow:
+        """Run ``body(schema)``; on a stale schema, describe the table again and retry once;
+        on a stale route (STALE_ROUTE), refresh the map and retry once.
+
         ``refresh``: describe it first (the caller found the cached schema stale: after
-        Client.get's own read, a get so reads at most three times)."""
+        Client.get's own read, a get so reads at most three times). ``rerouted``: the
+        caller already refreshed the map after a stale route: no second retry.
+        """
         try:
             schema = yield from self.schema_flow(table, refresh)
             try:
-                return (yield from body(schema))
+                return (yield from self._routed(body, schema, rerouted))
             except STALE_SCHEMA:
                 schema = yield from self.schema_flow(table, refresh=True)
-                return (yield from body(schema))
+                return (yield from self._routed(body, schema, rerouted))
         except TableNotFound:
             self.forget(table)
             raise
+
+    def _routed(self, body, schema: TableSchema, rerouted: bool) -> Flow:
+        if rerouted:
+            return (yield from body(schema))
+        try:
+            return (yield from body(schema))
+        except STALE_ROUTE as exc:
+            yield from self.refresh_map_flow(getattr(exc, "epoch", 0))
+            return (yield from body(schema))
 
     def create_table_flow(
         self,
@@ -423,30 +484,28 @@ class Operations(ClientCore):
     ) -> Flow:
         schema = TableSchema.build(name, key, features, shards, ttl=ttl)
         request = pb.CreateTableRequest(schema=schema_to_proto(schema))
-        info = TableInfo.from_proto((yield from self._one("CreateTable", request)))
+        info = TableInfo.from_proto((yield from self._any("CreateTable", request)))
         self.schemas[name] = info.schema
         self.owners.pop(name, None)
         return info
 
     def describe_flow(self, name: str) -> Flow:
         info = TableInfo.from_proto(
-            (yield from self._one("DescribeTable", pb.DescribeTableRequest(table=name)))
+            (yield from self._any("DescribeTable", pb.DescribeTableRequest(table=name)))
         )
         self.schemas[name] = info.schema
         return info
 
     def list_flow(self) -> Flow:
-        response = yield from self._one("ListTables", pb.ListTablesRequest())
+        response = yield from self._any("ListTables", pb.ListTablesRequest())
         return [TableInfo.from_proto(t) for t in response.tables]
 
     def drop_flow(self, name: str) -> Flow:
-        yield from self._one("DropTable", pb.DropTableRequest(table=name))
+        yield from self._any("DropTable", pb.DropTableRequest(table=name))
         self.forget(name)
 
     def cluster_map_flow(self) -> Flow:
-        cmap = yield from self._one("GetClusterMap", pb.GetClusterMapRequest())
-        self.apply_cluster_map(cmap)
-        return cluster_map_json(cmap)
+        return cluster_map_json((yield from self.refresh_map_flow()))
 
     def get_flow(
         self,
@@ -455,7 +514,10 @@ class Operations(ClientCore):
         features: list[str] | None,
         version: int = 0,
         refresh: bool = False,
+        stale_route: KvstoreError | None = None,
     ) -> Flow:
+        """``stale_route``: the STALE_ROUTE error a get without the flow met (Client.get's
+        own read): the map is refreshed first, and that was the one retry."""
         keys, features = read_once(keys), read_once(features)
 
         def body(schema: TableSchema) -> Flow:
@@ -463,7 +525,10 @@ class Operations(ClientCore):
             responses = (yield calls) if calls else []
             return self.finish_get(table, plan, batch, calls, responses)
 
-        return (yield from self._with_schema(table, body, refresh))
+        if stale_route is not None:
+            yield from self.refresh_map_flow(getattr(stale_route, "epoch", 0))
+        rerouted = stale_route is not None
+        return (yield from self._with_schema(table, body, refresh, rerouted))
 
     def write_flow(
         self,
@@ -474,9 +539,12 @@ class Operations(ClientCore):
         position: Any = None,
     ) -> Flow:
         pos = position_proto(position)
+        # One event time for the call, so that a retry after a stale route (see
+        # _routed) writes the same update again, which changes nothing where it landed.
+        stamp = now_us() if event_time is None else event_time
 
         def body(schema: TableSchema) -> Flow:
-            rows = encode_rows(schema, data, key_column, event_time)
+            rows = encode_rows(schema, data, key_column, stamp)
             if not len(rows):
                 return 0
             responses = yield self.plan_write(table, schema, rows, pos)
@@ -488,6 +556,7 @@ class Operations(ClientCore):
         self, table: str, keys: Any, event_time: int | None = None, position: Any = None
     ) -> Flow:
         pos = position_proto(position)
+        stamp = event_time or now_us()  # one event time for a retry too (see write_flow)
 
         def body(schema: TableSchema) -> Flow:
             batch = KeyBatch.from_values(schema.key_type, keys, table)
@@ -500,7 +569,7 @@ class Operations(ClientCore):
                 nodes = sorted(set(self.owners[table].tolist()))
                 yield [NodeCall(self.nodes[i], "Delete", request) for i in nodes]
                 return 0
-            responses = yield self.plan_delete(table, schema, batch, event_time or 0, pos)
+            responses = yield self.plan_delete(table, schema, batch, stamp, pos)
             return sum(r.keys_deleted for r in responses)
 
         return (yield from self._with_schema(table, body))

@@ -9,6 +9,7 @@ import numpy as np
 
 from kvstore.client.core import (
     DEFAULT_TIMEOUT_S,
+    STALE_ROUTE,
     STALE_SCHEMA,
     NodeCall,
     Operations,
@@ -130,6 +131,11 @@ class Client:
                 return ops.finish_get(table, plan, batch, calls, responses)
             except (*STALE_SCHEMA, TableNotFound):
                 refresh = True  # the flow describes the table again, then reads
+            except STALE_ROUTE as exc:
+                # The flow refreshes the map (from any node), then reads once more.
+                return self._run(
+                    ops.get_flow(table, keys, features, version, stale_route=exc), timeout
+                )
         return self._run(ops.get_flow(table, keys, features, version, refresh), timeout)
 
     def write(

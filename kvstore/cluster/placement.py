@@ -27,7 +27,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -218,8 +218,11 @@ class PlacementStore:
                     raise
                 await asyncio.sleep(RETRY_INTERVAL_S)
 
-    async def create_table(self, schema: TableSchema) -> TablePlacement:
-        """Add ``schema``'s table, its shards spread over the nodes; the placed table.
+    async def create_table(
+        self, schema: TableSchema, among: Collection[str] | None = None
+    ) -> TablePlacement:
+        """Add ``schema``'s table, its shards spread over the nodes (only those of them
+        in ``among``, e.g. the live ones, when given and not disjoint); the placed table.
 
         The same definition twice is no error (the table is returned as placed). Of two
         concurrent creates with different definitions one wins and the other raises
@@ -239,11 +242,38 @@ class PlacementStore:
                     f"{existing.schema['shards']} shards, key {existing.schema['key']}"
                 )
             schema_id = placement.last_schema_id + 1
-            placement = replace(placement, last_schema_id=schema_id)
-            return place_table(placement, schema.with_id(schema_id))
+            nodes = placement.nodes
+            live = tuple(n for n in nodes if among is None or n in among)
+            placed = place_table(
+                replace(placement, last_schema_id=schema_id, nodes=live or nodes),
+                schema.with_id(schema_id),
+            )
+            return replace(placed, nodes=nodes)
 
         placed = await self.update(change)
         return placed.tables[schema.name]
+
+    async def drop_table(self, name: str) -> Placement:
+        """Remove table ``name`` from the placement (TableNotFound if absent); the
+        placement written. Its schema id is not reused."""
+
+        def change(placement: Placement) -> Placement:
+            placement.table(name)  # TableNotFound
+            tables = {n: t for n, t in placement.tables.items() if n != name}
+            return replace(placement, tables=tables)
+
+        return await self.update(change)
+
+    async def join(self, node: str) -> Placement:
+        """Add ``node`` to the nodes that take shards (no-op if it is one): new tables
+        spread over it. Existing shards stay where they are (moves come later)."""
+
+        def change(placement: Placement) -> Placement:
+            if node in placement.nodes:
+                return placement
+            return replace(placement, nodes=(*placement.nodes, node))
+
+        return await self.update(change)
 
 
 async def watch_placement(etcd: Etcd) -> AsyncIterator[Placement]:

@@ -4,6 +4,11 @@ SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused, in-flight cal
 ``shutdown_grace_s`` to finish, then the databases close. A second signal cancels the
 calls still in flight instead of waiting out the grace period; the databases are closed
 (flushed) all the same (``kvstore.shutdown``).
+
+With ``--etcd`` the node joins a cluster once it has opened its tables and bound its
+ports, before it turns SERVING (``kvstore.cluster.agent``), and leaves it first when
+it stops. etcd unreachable at start, or the node id held by another live node: the
+node does not start, with a one-line error naming the etcd URL or the holder.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import grpc
 import uvloop
@@ -19,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.config import NodeConfig
+from kvstore.errors import InvalidArgument
 from kvstore.server.fast import FastServer
 from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node
@@ -26,6 +33,9 @@ from kvstore.server.servicer import FeatureStoreServicer
 from kvstore.shutdown import Shutdown
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from kvstore.cluster.agent import ClusterAgent
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,8 @@ class NodeServer:
         self.fast_port: int | None = None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        # The node's part in a cluster (--etcd); None when it runs alone.
+        self.agent: ClusterAgent | None = None
         self._health = health.aio.HealthServicer()
         # shutdown() says it in its own words, with the grace period.
         self.stopping = Shutdown(
@@ -71,6 +83,11 @@ class NodeServer:
             ) from None
         if self.port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: the address is in use")
+        if cfg.etcd and cfg.demo:
+            # The placement decides a cluster node's tables: a local demo table would be
+            # dropped at once (create demo_users through a client instead).
+            logger.warning("--demo is ignored in a cluster (--etcd)")
+            cfg.demo = False
         self.node.open()
         self.loads.open()
         address = cfg.advertise_address or f"{cfg.host}:{self.port}"
@@ -87,8 +104,17 @@ class NodeServer:
                 ) from None
             self.fast_port = self._fast.port
             fast_address = f"{address.rpartition(':')[0]}:{self.fast_port}"
+        if cfg.etcd:
+            try:
+                self.agent = await self._join(address, fast_address)
+            except BaseException:
+                if self._fast is not None:
+                    self._fast.close()
+                self.node.close()
+                raise
         pb_grpc.add_FeatureStoreServicer_to_server(
-            FeatureStoreServicer(self.node, self.loads, address, fast_address), server
+            FeatureStoreServicer(self.node, self.loads, address, fast_address, self.agent),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -113,6 +139,33 @@ class NodeServer:
             len(self.node.tables),
         )
 
+    async def _join(self, address: str, fast_address: str) -> ClusterAgent:
+        # Imported here: a node without etcd does not load the etcd client at all.
+        from kvstore.cluster.agent import ClusterAgent
+        from kvstore.cluster.membership import NodeInfo, stable_node_id
+
+        cfg = self.config
+        if not (cfg.data_dir / "node-id").exists() and self.node.tables:
+            # A cluster node drops the tables its placement does not have: tables kept
+            # from running alone would be lost on joining. Refuse rather than drop them.
+            raise InvalidArgument(
+                f"data directory {cfg.data_dir} holds {len(self.node.tables)} table(s) of a "
+                f"node that ran alone ({', '.join(sorted(self.node.tables))}); a node joining "
+                "a cluster must start empty: give it another --data"
+            )
+        node_id = stable_node_id(cfg.data_dir, cfg.node_id or None)
+        cfg.node_id = node_id
+        me = NodeInfo(
+            node_id,
+            address,
+            fast_address,
+            zone=cfg.zone,
+            data_dir=str(cfg.data_dir),
+        )
+        agent = ClusterAgent(self.node, cfg.etcd, cfg.cluster, me)
+        await agent.start()
+        return agent
+
     async def _expire_loads(self) -> None:
         interval = min(1.0, self.config.load_lease_s / 4)
         while True:
@@ -127,6 +180,9 @@ class NodeServer:
             "shutting down: draining in-flight calls (grace %.1f s)", self.config.shutdown_grace_s
         )
         await self._health.enter_graceful_shutdown()
+        if self.agent is not None:
+            # Leave the live set first: nothing new is placed on a node going away.
+            await self.agent.stop()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self._fast is not None:

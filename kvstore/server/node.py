@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from kvstore.storage.engine import Engine
 from kvstore.storage.shard import Shard
 from kvstore.storage.table import Table
 from kvstore.storage.versions import TableEntry, VersionMeta
+
+if TYPE_CHECKING:  # a node without etcd never imports the cluster's modules (aetcd)
+    from kvstore.server.cluster_view import ClusterView
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ class Node:
         self.writes = Writes(config, self.tables, self.engine, self.stats)
         self.started = time.monotonic()
         self.closed = False
+        #: The placement's view of a node in a cluster (--etcd): the shards it may serve.
+        #: None when the node runs alone and holds every shard (no check is made).
+        self.view: ClusterView | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -111,8 +118,11 @@ class Node:
             known = ", ".join(sorted(self.tables)) or "(none)"
             raise TableNotFound(f"no table {name!r} on this node; tables: {known}") from None
 
-    def create_table(self, schema: TableSchema) -> Table:
-        """Create ``schema``'s table; the same definition again returns the existing one."""
+    def create_table(self, schema: TableSchema, schema_id: int = 0) -> Table:
+        """Create ``schema``'s table; the same definition again returns the existing one.
+
+        ``schema_id``: the id the cluster's placement gave it (else a fresh local one).
+        """
         existing = self.tables.get(schema.name)
         if existing is not None:
             if existing.schema.same_definition(schema):
@@ -122,7 +132,7 @@ class Node:
                 f"{existing.schema.to_json()} (asked for {schema.to_json()})"
             )
         assert self.catalog is not None
-        entry = self.catalog.add(schema)
+        entry = self.catalog.add(schema, schema_id)
         table = self._open_table(entry)
         self.tables[schema.name] = table
         logger.info("created table %r (schema id %d)", schema.name, entry.schema.schema_id)
@@ -190,8 +200,11 @@ class Node:
 
     def get(self, name: str, keys: KeyBatch, features: list[str], version: int = 0) -> GetAnswer:
         """The rows of ``keys``, delta over base; ``features`` are only checked (the client
-        decodes)."""
-        return self.reads.get(self.table(name), keys, features, version)
+        decodes). StaleMap if the node does not serve a key's shard."""
+        table = self.table(name)
+        if self.view is not None:
+            self.view.check(name, keys, writing=False)
+        return self.reads.get(table, keys, features, version)
 
     def write_steps(
         self,
@@ -204,7 +217,10 @@ class Node:
         position: Position | None = None,
     ) -> Generator[None, None, int]:
         """Apply full or partial rows to the delta, one step a shard (``Writes.write_steps``);
-        the number of rows written. Nothing runs before the first step."""
+        the number of rows written. Nothing runs before the first step, whose first act is
+        to refuse (StaleMap) keys of shards the node does not hold."""
+        if self.view is not None:
+            self.view.check(name, keys, writing=True)
         return (
             yield from self.writes.write_steps(
                 self.table(name), schema_id, keys, rows, row_offsets, features, position
@@ -219,7 +235,10 @@ class Node:
         position: Position | None = None,
     ) -> Generator[None, None, int]:
         """Tombstone ``keys`` at ``event_time_us`` (µs, default now), one step a shard
-        (``Writes.delete_steps``); the number of keys."""
+        (``Writes.delete_steps``); the number of keys. StaleMap, before anything is
+        applied, for keys of shards the node does not hold."""
+        if self.view is not None:
+            self.view.check(name, keys, writing=True)
         return (
             yield from self.writes.delete_steps(self.table(name), keys, event_time_us, position)
         )

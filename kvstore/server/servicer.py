@@ -10,14 +10,14 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
 from kvstore import _codec
 from kvstore.clock import now_us
-from kvstore.errors import ERROR_TYPE_KEY, KvstoreError
+from kvstore.errors import KvstoreError, error_metadata
 from kvstore.keys import KeyBatch
 from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node, Position
@@ -25,6 +25,10 @@ from kvstore.storage.table import Table, VersionMeta
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.messages import schema_from_proto, schema_to_proto
+
+if TYPE_CHECKING:  # a node without etcd never imports the cluster's modules
+    from kvstore.cluster.agent import ClusterAgent
+    from kvstore.server.cluster_view import ClusterView
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ def _translate_errors(method: Handler) -> Handler:
         try:
             return await method(self, request, context)
         except KvstoreError as exc:
-            await context.abort(exc.code, str(exc), ((ERROR_TYPE_KEY, type(exc).__name__),))
+            await context.abort(exc.code, str(exc), error_metadata(exc))
         except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         except Exception as exc:
@@ -76,19 +80,37 @@ def _table_info(table: Table) -> pb.TableInfo:
 
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     def __init__(
-        self, node: Node, loads: LoadStaging, advertise_address: str, fast_address: str = ""
+        self,
+        node: Node,
+        loads: LoadStaging,
+        advertise_address: str,
+        fast_address: str = "",
+        cluster: ClusterAgent | None = None,
     ) -> None:
         self.node = node
         self.loads = loads
         self.advertise_address = advertise_address
         self.fast_address = fast_address
+        #: The node's part in a cluster (--etcd): table changes go through the placement.
+        self.cluster = cluster
 
     @_translate_errors
     async def CreateTable(self, request: pb.CreateTableRequest, context: Any) -> pb.TableInfo:
-        return _table_info(self.node.create_table(schema_from_proto(request.schema)))
+        schema = schema_from_proto(request.schema)
+        if self.cluster is None:
+            return _table_info(self.node.create_table(schema))
+        await self.cluster.create_table(schema)
+        return _table_info(self.node.table(schema.name))
+
+    async def _catch_up(self, table: str) -> None:
+        """In a cluster, a table this node has not seen yet is waited for a moment (it may
+        be in a placement epoch its watch is about to deliver)."""
+        if self.cluster is not None and table not in self.node.tables:
+            await self.cluster.catch_up(table)
 
     @_translate_errors
     async def DescribeTable(self, request: pb.DescribeTableRequest, context: Any) -> pb.TableInfo:
+        await self._catch_up(request.table)
         return _table_info(self.node.table(request.table))
 
     @_translate_errors
@@ -100,14 +122,20 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @_translate_errors
     async def DropTable(self, request: pb.DropTableRequest, context: Any) -> pb.DropTableResponse:
-        self.node.drop_table(request.table)
+        if self.cluster is None:
+            self.node.drop_table(request.table)
+        else:
+            await self.cluster.drop_table(request.table)
         return pb.DropTableResponse()
 
     @_translate_errors
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
+        if self.cluster is not None:  # alone, a Get costs what it did
+            await self._catch_up(request.table)
         return get_response(self.node, request)
 
     async def _write(self, request: pb.WriteRequest) -> int:
+        await self._catch_up(request.table)
         table = self.node.table(request.table)
         keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
         steps = self.node.write_steps(
@@ -138,7 +166,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             await context.abort(
                 exc.code,
                 f"update {seq} of the stream: {exc}",
-                ((ERROR_TYPE_KEY, type(exc).__name__),),
+                error_metadata(exc),
             )
         except Exception as exc:
             logger.exception("UpdateStream failed")
@@ -146,6 +174,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @_translate_errors
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
+        await self._catch_up(request.table)
         table = self.node.table(request.table)
         keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
         steps = self.node.delete_steps(
@@ -200,14 +229,18 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @_translate_errors
     async def GetClusterMap(self, request: pb.GetClusterMapRequest, context: Any) -> pb.ClusterMap:
-        # One node owns every shard today; the client is already written against the map.
+        if self.cluster is not None:
+            return _cluster_map(self.cluster.view)
+        # Alone, the node owns every shard; the client is written against the map all the same.
         node = pb.NodeInfo(
             node_id=self.node.config.node_id,
             address=self.advertise_address,
             fast_address=self.fast_address,
+            zone=self.node.config.zone,
+            state="live",
         )
         tables = [
-            pb.TableShards(table=name, owner=[0] * t.schema.shards)
+            pb.TableShards(table=name, owner=[0] * t.schema.shards, version=t.current)
             for name, t in sorted(self.node.tables.items())
         ]
         return pb.ClusterMap(epoch=1, nodes=[node], tables=tables)
@@ -299,6 +332,47 @@ def _position(request: pb.WriteRequest | pb.DeleteRequest) -> Position | None:
         return None
     p = request.position
     return Position(p.consumer, p.source, p.partition, p.offset)
+
+
+def _cluster_map(view: ClusterView) -> pb.ClusterMap:
+    """The cluster map of ``view``: the placement's nodes and the live ones, each
+    shard's owner (first Available, else Leaving replica) and all its replicas."""
+    from kvstore.server.cluster_view import shard_owners
+
+    placement = view.placement
+    holders = {r.node for t in placement.tables.values() for rs in t.shards for r in rs}
+    ids = sorted(set(placement.nodes) | view.live | holders)
+    index = {node_id: i for i, node_id in enumerate(ids)}
+    nodes = []
+    for node_id in ids:
+        info = view.known.get(node_id)
+        nodes.append(
+            pb.NodeInfo(
+                node_id=node_id,
+                address=info.address if info else "",
+                fast_address=info.fast_address if info else "",
+                zone=info.zone if info else "",
+                state="live" if node_id in view.live else "down",
+            )
+        )
+    tables = []
+    for name, table in sorted(placement.tables.items()):
+        owners = shard_owners(placement, name)
+        tables.append(
+            pb.TableShards(
+                table=name,
+                owner=[index[o] if o else 0 for o in owners],
+                version=table.version,
+                replicas=[
+                    pb.ShardReplicas(
+                        node=[index[r.node] for r in replicas],
+                        state=[r.state.value for r in replicas],
+                    )
+                    for replicas in table.shards
+                ],
+            )
+        )
+    return pb.ClusterMap(epoch=placement.epoch, nodes=nodes, tables=tables)
 
 
 def _version_info(meta: VersionMeta, current: int) -> pb.VersionInfo:

@@ -31,10 +31,11 @@ class Catalog:
             self.next_schema_id = data["next_schema_id"]
             self.entries = {n: TableEntry.from_json(e) for n, e in data["tables"].items()}
 
-    def add(self, schema: TableSchema) -> TableEntry:
-        """Give ``schema`` a fresh schema id, record it with no version yet, persist."""
-        schema = schema.with_id(self.next_schema_id)
-        self.next_schema_id += 1
+    def add(self, schema: TableSchema, schema_id: int = 0) -> TableEntry:
+        """Record ``schema`` with no version yet, persist; its id is ``schema_id`` (a
+        cluster's placement gives it) or else a fresh one."""
+        schema = schema.with_id(schema_id or self.next_schema_id)
+        self.next_schema_id = max(self.next_schema_id, schema.schema_id) + 1
         entry = TableEntry(schema)
         self.entries[schema.name] = entry
         self.save()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from kvstore.errors import KvstoreError, error_from_name
+from kvstore.errors import KvstoreError, StaleMap, error_from_name
 from kvstore.v1 import feature_store_pb2 as pb
 
 __all__ = [
@@ -28,8 +28,11 @@ STATUS_ERROR = 1
 
 
 def error_frame(request_id: int, exc: KvstoreError) -> bytes:
-    """The response frame that reports ``exc`` (its class name and message)."""
-    body = pb.FastError(type=type(exc).__name__, message=str(exc)).SerializeToString()
+    """The response frame that reports ``exc`` (its class name, message, and a
+    StaleMap's epoch)."""
+    epoch = exc.epoch if isinstance(exc, StaleMap) else 0
+    error = pb.FastError(type=type(exc).__name__, message=str(exc), epoch=epoch)
+    body = error.SerializeToString()
     return RESPONSE_HEADER.pack(len(body), request_id, STATUS_ERROR) + body
 
 
@@ -37,5 +40,5 @@ def read_answer(status: int, body: bytes) -> pb.GetResponse:
     """The GetResponse of an answer's body; the node's error, raised as its KvstoreError."""
     if status != STATUS_OK:
         error = pb.FastError.FromString(body)
-        raise error_from_name(error.type, error.message)
+        raise error_from_name(error.type, error.message, error.epoch)
     return pb.GetResponse.FromString(body)

@@ -123,11 +123,22 @@ def position_proto(position: Any) -> pb.ConsumerPosition | None:
 
 
 def cluster_map_json(cmap: pb.ClusterMap) -> dict:
-    """The cluster map as plain values: epoch, nodes (as advertised), table → owner per shard."""
+    """The cluster map as plain values: epoch, nodes (as advertised, with zone and
+    state), table → owner (node index) per shard, table → current version."""
     return {
         "epoch": cmap.epoch,
-        "nodes": [{"node_id": n.node_id, "address": n.address} for n in cmap.nodes],
+        "nodes": [
+            {
+                "node_id": n.node_id,
+                "address": n.address,
+                "fast_address": n.fast_address,
+                "zone": n.zone,
+                "state": n.state or "live",
+            }
+            for n in cmap.nodes
+        ],
         "tables": {t.table: list(t.owner) for t in cmap.tables},
+        "versions": {t.table: t.version for t in cmap.tables},
     }
 
 

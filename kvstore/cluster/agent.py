@@ -1,0 +1,191 @@
+"""A node's part in the cluster: join through etcd, follow the placement, change it.
+
+``ClusterAgent`` is what ``kvstore serve --etcd`` adds to a node (kvstore.server.app):
+
+* ``start()``: connect to etcd (Unavailable naming the URL if it does not answer),
+  register the node under a lease (AlreadyExists naming the holder of its node id),
+  add it to the placement's nodes the first time it joins (new tables spread over
+  it; existing shards stay where they are: moving shard data comes later), then
+  apply the placement before the node serves.
+* While running, every placement epoch is applied to the node: each table of the
+  placement exists locally with the same schema and schema id (created, or dropped
+  and created again when its id changed), tables the placement no longer has are
+  dropped, and the node's ClusterView (kvstore.server.cluster_view) says which shards
+  it may serve. etcd lost: the node keeps serving with its last view (the watch and
+  the membership retry; nothing raises into the node).
+* ``create_table`` / ``drop_table``: a compare-and-swap on the placement (one winner
+  of concurrent creates; AlreadyExists for another schema), placed over the live
+  joined nodes; they return once this node has applied the change.
+* ``stop()``: revoke the lease, so the node leaves the live set at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from kvstore.cluster.etcd import Etcd, connect
+from kvstore.cluster.membership import DEFAULT_TTL_S, Membership, NodeInfo, watch_nodes
+from kvstore.cluster.placement import Placement, PlacementStore, watch_placement
+from kvstore.errors import Unavailable
+from kvstore.schema import TableSchema
+from kvstore.server.cluster_view import ClusterView
+from kvstore.server.node import Node
+
+__all__ = ["ClusterAgent"]
+
+log = logging.getLogger(__name__)
+
+#: How long start() waits for the first placement, and a table change for this node to
+#: apply it (s): a watch delivers in milliseconds; this bounds a lost etcd.
+APPLY_TIMEOUT_S = 15.0
+#: How long a request naming a table this node does not have waits for the placement
+#: to bring it (s): other nodes see a new epoch within milliseconds of each other.
+CATCH_UP_S = 1.0
+
+
+class ClusterAgent:
+    """Keeps ``node`` in step with the cluster coordinated by the etcd at ``url``."""
+
+    def __init__(
+        self,
+        node: Node,
+        url: str,
+        cluster: str,
+        me: NodeInfo,
+        ttl_s: int = DEFAULT_TTL_S,
+    ) -> None:
+        self.node = node
+        self.url = url
+        self.cluster = cluster
+        self.me = me
+        self.ttl_s = ttl_s
+        self.view = ClusterView(me.node_id)
+        self.etcd: Etcd | None = None
+        self.membership: Membership | None = None
+        self.store: PlacementStore | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._applied = asyncio.Condition()
+
+    async def start(self) -> None:
+        """Join the cluster and apply its placement; Unavailable or AlreadyExists if not."""
+        self.etcd = await connect(self.url, self.cluster)
+        try:
+            self.membership = Membership(self.etcd, self.me, self.ttl_s)
+            await self.membership.start()
+            self.store = PlacementStore(self.etcd)
+            await self.store.join(self.me.node_id)
+            self.node.view = self.view
+            self._tasks = [
+                asyncio.create_task(self._follow_placement(), name="cluster-placement"),
+                asyncio.create_task(self._follow_nodes(), name="cluster-nodes"),
+            ]
+            await self._wait(lambda: self.view.epoch > 0, "the cluster's placement")
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "node %s joined cluster %r at placement epoch %d: %d table(s)",
+            self.me.node_id,
+            self.cluster,
+            self.view.epoch,
+            len(self.view.placement.tables),
+        )
+
+    async def stop(self) -> None:
+        """Stop following the cluster and deregister (the lease is revoked)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self.membership is not None:
+            await self.membership.stop()
+            self.membership = None
+        if self.etcd is not None:
+            await self.etcd.close()
+            self.etcd = None
+
+    # -- table changes, cluster-wide -------------------------------------------------
+
+    async def create_table(self, schema: TableSchema) -> None:
+        """Place ``schema``'s table over the live joined nodes (a CAS on the placement);
+        return once this node has created it. AlreadyExists for another schema."""
+        assert self.store is not None
+        placed = await self.store.create_table(schema, among=self.view.live)
+        await self._wait(
+            lambda: self.view.placement.tables.get(schema.name) == placed,
+            f"table {schema.name!r} to be applied",
+        )
+
+    async def drop_table(self, name: str) -> None:
+        """Remove table ``name`` from the placement; return once this node dropped it."""
+        assert self.store is not None
+        dropped = await self.store.drop_table(name)
+        await self._wait(lambda: self.view.epoch >= dropped.epoch, f"the drop of {name!r}")
+
+    async def catch_up(self, table: str, timeout_s: float = CATCH_UP_S) -> None:
+        """Wait (at most ``timeout_s`` s) until this node has table ``table``: a client
+        that learnt of a new table from another node may ask here a moment before this
+        node's watch delivered it. Returns quietly on timeout (the caller then reports
+        the table as not found)."""
+        with contextlib.suppress(Unavailable):
+            await self._wait(lambda: table in self.node.tables, f"table {table!r}", timeout_s)
+
+    # -- following -------------------------------------------------------------------
+
+    async def _follow_placement(self) -> None:
+        assert self.etcd is not None
+        async for placement in watch_placement(self.etcd):
+            try:
+                self._apply(placement)
+            except Exception:  # a disk error on one table must not stop the follow
+                log.exception("applying placement epoch %d", placement.epoch)
+            async with self._applied:
+                self._applied.notify_all()
+
+    async def _follow_nodes(self) -> None:
+        assert self.etcd is not None
+        async for nodes in watch_nodes(self.etcd):
+            self.view.see_nodes(nodes)
+
+    def _apply(self, placement: Placement) -> None:
+        """Make the node's tables and view those of ``placement`` (runs without awaiting,
+        so no request sees a table created but not yet in the view)."""
+        node = self.node
+        for name, placed in sorted(placement.tables.items()):
+            schema = placed.table_schema()
+            local = node.tables.get(name)
+            if local is not None and local.schema.schema_id != schema.schema_id:
+                log.warning(
+                    "table %r: schema id %d here, %d in the placement: dropping the local one",
+                    name,
+                    local.schema.schema_id,
+                    schema.schema_id,
+                )
+                node.drop_table(name)
+                local = None
+            if local is None:
+                node.create_table(schema, schema.schema_id)
+        for name in sorted(set(node.tables) - set(placement.tables)):
+            log.info("table %r is not in placement epoch %d: dropping it", name, placement.epoch)
+            node.drop_table(name)
+        self.view.apply(placement)
+        held = len(placement.held_by(self.me.node_id))
+        log.info("placement epoch %d applied: %d shard(s) held here", placement.epoch, held)
+
+    async def _wait(self, condition, what: str, timeout_s: float = APPLY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with self._applied:
+            while not condition():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable(
+                        f"node {self.me.node_id} did not see {what} within "
+                        f"{timeout_s:g} s; is etcd at {self.url} reachable?"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._applied.wait(), left)

@@ -1,0 +1,105 @@
+"""What a clustered node knows of the placement: its epoch, and which shards it holds.
+
+A node started with ``--etcd`` keeps one ClusterView, updated by its cluster agent
+(kvstore.cluster.agent) at every placement epoch it sees. Every Get, Write, Delete and
+update names a table and keys; before anything is read or applied, ``check`` looks
+their shard ids up in a boolean mask per table (one NumPy gather, no Python loop per
+key) and refuses the request with ``StaleMap`` carrying the node's epoch when a key
+falls in a shard this node does not hold: reads need an Available or Leaving replica
+here, writes a replica in any state (an Initializing one is being filled). A node
+without etcd has no view, and no check runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from kvstore.cluster.membership import NodeInfo
+from kvstore.cluster.placement import Placement, ShardState
+from kvstore.errors import StaleMap
+from kvstore.keys import KeyBatch
+
+__all__ = ["ClusterView", "shard_owners"]
+
+_READABLE = (ShardState.AVAILABLE, ShardState.LEAVING)
+
+
+def shard_owners(placement: Placement, table: str) -> list[str]:
+    """The node serving reads of each shard of ``table``: its first Available replica,
+    else its first Leaving one ("" when it has neither)."""
+    owners = []
+    for replicas in placement.table(table).shards:
+        chosen = ""
+        for state in _READABLE:
+            chosen = next((r.node for r in replicas if r.state == state), "")
+            if chosen:
+                break
+        owners.append(chosen)
+    return owners
+
+
+class ClusterView:
+    """The last placement this node applied, as masks of the shards it may serve."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.placement = Placement()
+        #: table → bool per shard: this node holds an Available or Leaving replica.
+        self.readable: dict[str, np.ndarray] = {}
+        #: table → bool per shard: this node holds a replica in any state.
+        self.writable: dict[str, np.ndarray] = {}
+        #: node id → its registration, as last seen (kept for nodes whose lease lapsed).
+        self.known: dict[str, NodeInfo] = {}
+        #: node ids registered in etcd now.
+        self.live: frozenset[str] = frozenset()
+
+    @property
+    def epoch(self) -> int:
+        return self.placement.epoch
+
+    def apply(self, placement: Placement) -> None:
+        """Make ``placement`` the one requests are checked against."""
+        readable, writable = {}, {}
+        for name, table in placement.tables.items():
+            read = np.zeros(len(table.shards), dtype=bool)
+            write = np.zeros(len(table.shards), dtype=bool)
+            for shard, replicas in enumerate(table.shards):
+                for replica in replicas:
+                    if replica.node == self.node_id:
+                        write[shard] = True
+                        read[shard] |= replica.state in _READABLE
+            readable[name], writable[name] = read, write
+        # Assigned one by one, each a whole new dict: a request sees the old masks or
+        # the new ones (the node's calls all run on the event loop thread anyway).
+        self.readable, self.writable = readable, writable
+        self.placement = placement
+
+    def see_nodes(self, registrations: Mapping[str, NodeInfo]) -> None:
+        """Record the live nodes' registrations (the ones that went stay known)."""
+        self.known.update(registrations)
+        self.live = frozenset(registrations)
+
+    def check(self, table: str, keys: KeyBatch, writing: bool) -> None:
+        """StaleMap unless this node holds the shard of every key in ``keys`` (a read:
+        Available or Leaving; a write: any state)."""
+        mask = (self.writable if writing else self.readable).get(table)
+        if mask is None:
+            raise StaleMap(
+                f"node {self.node_id} holds no shard of table {table!r} at placement "
+                f"epoch {self.epoch}; refresh the cluster map",
+                self.epoch,
+            )
+        if not keys.count or mask.all():
+            return
+        shard_ids = keys.shard_ids(len(mask))
+        held = mask[shard_ids]
+        if not held.all():
+            shard = int(shard_ids[np.argmin(held)])
+            raise StaleMap(
+                f"node {self.node_id} does not hold shard {shard} of table {table!r} at "
+                f"placement epoch {self.epoch} (key {keys.describe(int(np.argmin(held)))}); "
+                "refresh the cluster map",
+                self.epoch,
+            )

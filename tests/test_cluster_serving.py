@@ -1,0 +1,404 @@
+"""A cluster of 3 node processes on a real etcd: tables spread over the nodes, each node
+serves only the shards the placement gives it, and clients follow the map.
+
+Every node is ``kvstore serve --etcd URL`` (kvstore.server.process.NodeProcess).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from etcd_server import EtcdServer, free_port
+
+from kvstore import AlreadyExists, AsyncClient, Client
+from kvstore.client.fast import FastConnections
+from kvstore.columns import encode_rows
+from kvstore.errors import StaleMap, from_rpc_error
+from kvstore.keys import KeyBatch
+from kvstore.server.process import NodeProcess, wait_until
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_channel
+
+FEATURES = {"score": "float32", "clicks": "int64"}
+KEYS = np.arange(1_000, dtype=np.int64)
+SHARDS = 12
+START_TIMEOUT_S = 60.0
+
+
+def _rows(keys: np.ndarray) -> dict:
+    return {"key": keys, "score": keys.astype(np.float32) / 2, "clicks": keys * 3}
+
+
+def _start(data_dir: Path, url: str, cluster: str, node_id: str, *extra: str) -> NodeProcess:
+    log = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
+    args = ("--etcd", url, "--cluster", cluster, "--node-id", node_id, *extra)
+    return NodeProcess(data_dir, *args, log_path=log, start_timeout_s=START_TIMEOUT_S).start()
+
+
+class Cluster:
+    """An etcd and node processes n0, n1, … in one work directory; stopped at the end."""
+
+    def __init__(self, workdir: Path, etcd: EtcdServer) -> None:
+        self.workdir = workdir
+        self.etcd = etcd
+        self.name = f"t-{uuid.uuid4().hex[:8]}"
+        self.nodes: dict[str, NodeProcess] = {}
+
+    def start(self, node_id: str, *extra: str) -> NodeProcess:
+        node = _start(self.workdir / node_id, self.etcd.url, self.name, node_id, *extra)
+        self.nodes[node_id] = node
+        return node
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            if node.running():
+                node.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {i}:\n{n.log_tail()}" for i, n in self.nodes.items())
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iterator[Cluster]:
+    """Three nodes of one cluster, for the tests that do not stop any of them."""
+    cluster = Cluster(tmp_path_factory.mktemp("three"), etcd)
+    try:
+        for i in range(3):
+            cluster.start(f"n{i}")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _create(client: Client, name: str) -> None:
+    client.create_table(name, key="int64", features=FEATURES, shards=SHARDS)
+
+
+def _owner_addresses(cmap: dict, table: str) -> list[str]:
+    return [cmap["nodes"][i]["address"] for i in cmap["tables"][table]]
+
+
+def _check_all(result, keys: np.ndarray) -> None:
+    assert result.found.all()
+    columns = result.to_numpy()
+    np.testing.assert_array_equal(columns["clicks"], keys * 3)
+    np.testing.assert_array_equal(columns["score"], keys.astype(np.float32) / 2)
+
+
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+def test_a_table_created_on_one_node_is_spread_over_three_and_answers_every_key(
+    three: Cluster, transport: str
+) -> None:
+    name = f"spread_{transport}"
+    n0, n1, n2 = three.nodes.values()
+    with Client(n0.address, timeout=10, transport=transport) as client:
+        _create(client, name)
+        cmap = client.cluster_map()
+        owners = _owner_addresses(cmap, name)
+        # Spread evenly: each node serves a third of the shards.
+        assert sorted(owners.count(n.address) for n in (n0, n1, n2)) == [4, 4, 4]
+        assert all(node["state"] == "live" for node in cmap["nodes"])
+        assert client.write(name, _rows(KEYS)) == len(KEYS)
+        _check_all(client.get(name, KEYS), KEYS)
+        # An update stream opens one call per node and sends each its keys only.
+        with client.update_stream(name) as stream:
+            for part in np.array_split(KEYS, 4):
+                stream.send({"key": part, "clicks": part * 3 + 1})
+            stream.flush()
+        np.testing.assert_array_equal(client.get(name, KEYS).to_numpy()["clicks"], KEYS * 3 + 1)
+        client.write(name, _rows(KEYS))
+    # Any node is a seed, and every node has the table (with the same schema id).
+    ids = set()
+    for node in (n1, n2):
+        with Client(node.address, timeout=10, transport=transport) as other:
+            _check_all(other.get(name, KEYS[::-1]), KEYS[::-1])
+            ids.add(other.describe_table(name).schema.schema_id)
+    assert len(ids) == 1
+
+    async def read_async() -> None:
+        async with AsyncClient(n2.address, timeout=10) as aclient:
+            _check_all(await aclient.get(name, KEYS), KEYS)
+            assert await aclient.delete(name, KEYS[:10]) == 10
+            assert not (await aclient.get(name, KEYS[:10])).found.any()
+
+    asyncio.run(read_async())
+
+
+def test_a_write_to_a_node_that_does_not_hold_the_shard_is_refused_and_not_applied(
+    three: Cluster,
+) -> None:
+    name = "refused"
+    with Client(three.nodes["n0"].address, timeout=10) as client:
+        _create(client, name)
+        cmap = client.cluster_map()
+        schema = client.describe_table(name).schema
+        owners = _owner_addresses(cmap, name)
+        shard_ids = KeyBatch.from_values("int64", KEYS, name).shard_ids(SHARDS)
+        key = int(KEYS[0])
+        holder = owners[shard_ids[0]]
+        stranger = next(n.address for n in three.nodes.values() if n.address != holder)
+
+        rows = encode_rows(schema, _rows(np.array([key])), "key", 1_000)
+        request = pb.WriteRequest(
+            table=name,
+            schema_id=schema.schema_id,
+            keys=rows.keys.to_proto(),
+            rows=rows.rows,
+            row_offsets=rows.offsets.astype("<i8").tobytes(),
+            features=rows.features,
+        )
+        with open_channel(stranger) as channel:
+            stub = pb_grpc.FeatureStoreStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Write(request, timeout=10)
+            error = from_rpc_error(caught.value, stranger, 10)
+            assert isinstance(error, StaleMap), error
+            assert error.epoch == cmap["epoch"] and f"shard {shard_ids[0]}" in str(error)
+            # The same over gRPC Get, and over the fast read path, with the epoch.
+            get = pb.GetRequest(table=name, keys=rows.keys.to_proto())
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Get(get, timeout=10)
+            assert isinstance(from_rpc_error(caught.value, stranger, 10), StaleMap)
+        fast_address = next(n["fast_address"] for n in cmap["nodes"] if n["address"] == stranger)
+        fast = FastConnections()
+        try:
+            with pytest.raises(StaleMap) as stale:
+                fast.get(fast_address, get.SerializeToString(), 10)
+            assert stale.value.epoch == cmap["epoch"]
+        finally:
+            fast.close()
+        # Nothing was applied anywhere: the holder has no row for the key.
+        assert not client.get(name, [key]).found.any()
+        # Through the client, the same write lands on the holder.
+        assert client.write(name, _rows(np.array([key]))) == 1
+        assert client.get(name, [key]).found.all()
+
+
+def test_concurrent_creates_of_one_table_with_two_schemas_have_one_winner(
+    three: Cluster,
+) -> None:
+    name = "contested"
+    a, b = three.nodes["n1"].address, three.nodes["n2"].address
+
+    def create(address: str, dtype: str) -> object:
+        with Client(address, timeout=20) as client:
+            try:
+                return client.create_table(name, features={"f": dtype}, shards=4)
+            except AlreadyExists as exc:
+                return exc
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(create, [a, b], ["float32", "int64"]))
+    errors = [r for r in results if isinstance(r, AlreadyExists)]
+    assert len(errors) == 1, results
+    winner = next(r for r in results if not isinstance(r, Exception))
+    for address in (a, b):
+        with Client(address, timeout=10) as client:
+            assert client.describe_table(name).schema == winner.schema
+
+
+def test_kvstore_cluster_status_lists_nodes_tables_and_epoch(three: Cluster) -> None:
+    with Client(three.nodes["n0"].address, timeout=10) as client:
+        _create(client, "status_t")
+    out = subprocess.run(
+        [sys.executable, "-m", "kvstore.cli", "cluster", "status", "-a", three.nodes["n1"].address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "placement epoch" in out.stdout
+    for node_id, node in three.nodes.items():
+        line = next(line for line in out.stdout.splitlines() if line.startswith(node_id + " "))
+        assert node.address in line and "live" in line
+    assert any(line.startswith("status_t ") for line in out.stdout.splitlines())
+
+
+def test_a_killed_node_restarted_on_new_ports_is_followed_by_existing_clients(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    cluster = Cluster(tmp_path, etcd)
+
+    def kill_and_restart_n2(probe: Client) -> NodeProcess:
+        old = cluster.nodes["n2"]
+        old.kill()
+        restarted = cluster.start("n2")  # same data dir and id; new ports
+        assert restarted.address != old.address
+
+        def seed_sees_new_address() -> bool:
+            nodes = probe.cluster_map()["nodes"]  # the probe's map, not the clients'
+            return any(n["node_id"] == "n2" and n["address"] == restarted.address for n in nodes)
+
+        wait_until(seed_sees_new_address, 30, "n2's new address in the seed's map")
+        return restarted
+
+    try:
+        for i in range(3):
+            cluster.start(f"n{i}")
+        seed = cluster.nodes["n0"].address
+
+        async def scenario() -> None:
+            with (
+                Client(seed, timeout=10) as fast_client,
+                Client(seed, timeout=10, transport="grpc") as grpc_client,
+                Client(seed, timeout=10) as probe,
+            ):
+                async with AsyncClient(seed, timeout=10) as aclient:
+                    _create(fast_client, "followed")
+                    fast_client.write("followed", _rows(KEYS))
+                    for c in (fast_client, grpc_client):
+                        _check_all(c.get("followed", KEYS), KEYS)
+                    _check_all(await aclient.get("followed", KEYS), KEYS)
+                    old_fast = set(fast_client._ops.fast.values())
+
+                    restarted = await asyncio.to_thread(kill_and_restart_n2, probe)
+                    # The clients' maps still name n2's old ports: the next call of each
+                    # refreshes the map once and succeeds; every call after it too.
+                    for _ in range(10):
+                        _check_all(fast_client.get("followed", KEYS), KEYS)
+                        _check_all(grpc_client.get("followed", KEYS), KEYS)
+                        _check_all(await aclient.get("followed", KEYS), KEYS)
+                    assert set(fast_client._ops.fast.values()) != old_fast
+                    assert restarted.address in fast_client._ops.nodes
+                    assert fast_client.write("followed", _rows(KEYS[:100])) == 100
+                    assert await aclient.write("followed", _rows(KEYS[:100])) == 100
+
+        asyncio.run(scenario())
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+
+
+def test_the_same_node_id_twice_is_refused_naming_the_holder(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        first = cluster.start("twin")
+        second = NodeProcess(
+            tmp_path / "other",
+            "--etcd",
+            etcd.url,
+            "--cluster",
+            cluster.name,
+            "--node-id",
+            "twin",
+            log_path=tmp_path / "other.log",
+        )
+        with pytest.raises(Exception, match="exited with 1") as caught:
+            second.start()
+        message = str(caught.value)
+        assert "'twin' is already registered" in message and first.address in message
+        assert "Traceback" not in second.output()
+    finally:
+        cluster.stop()
+
+
+def test_etcd_unreachable_at_start_is_a_clear_error_naming_the_url(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvstore.cli",
+            "serve",
+            "--port",
+            "0",
+            "--data",
+            str(tmp_path),
+            "--etcd",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert f"cannot reach etcd at {url}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_nodes_keep_serving_while_etcd_is_lost_and_change_tables_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    etcd = EtcdServer(tmp_path / "etcd-work")
+    etcd.workdir.mkdir()
+    etcd.start()
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        for i in range(3):
+            cluster.start(f"n{i}")
+        with Client(cluster.nodes["n1"].address, timeout=10) as client:
+            _create(client, "before")
+            client.write("before", _rows(KEYS))
+            etcd.kill()
+            for _ in range(5):
+                _check_all(client.get("before", KEYS), KEYS)
+                assert client.write("before", _rows(KEYS[:50])) == 50
+            with Client(cluster.nodes["n2"].address, timeout=10) as other:
+                _check_all(other.get("before", KEYS), KEYS)
+            etcd.start()
+            client.create_table("after", features=FEATURES, shards=6, timeout=30)
+            client.write("after", _rows(KEYS))
+            _check_all(client.get("after", KEYS), KEYS)
+            assert len(set(client.cluster_map()["tables"]["after"])) == 3
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+        etcd.stop()
+
+
+def test_a_single_node_restarted_on_a_new_fast_port_is_followed(start_node, tmp_path) -> None:
+    node = start_node(data_dir=tmp_path / "alone")
+    with Client(node.address, timeout=10) as client:
+        client.create_table("alone", features=FEATURES, shards=4)
+        client.write("alone", _rows(KEYS))
+        _check_all(client.get("alone", KEYS), KEYS)
+        old_fast = set(client._ops.fast.values())
+        node.stop()
+        again = start_node("--port", str(node.port), data_dir=tmp_path / "alone")
+        assert again.address == node.address
+        assert set(client._ops.fast.values()) == old_fast  # the client still has the old one
+        for _ in range(5):
+            _check_all(client.get("alone", KEYS), KEYS)
+        assert set(client._ops.fast.values()) != old_fast
+
+
+def test_a_node_that_ran_alone_with_tables_does_not_join_a_cluster(
+    start_node, tmp_path: Path, etcd: EtcdServer
+) -> None:
+    data = tmp_path / "was_alone"
+    alone = start_node(data_dir=data)
+    with Client(alone.address, timeout=10) as client:
+        client.create_table("kept", features=FEATURES, shards=2)
+    alone.stop()
+    joining = NodeProcess(
+        data, "--etcd", etcd.url, "--cluster", "t-alone", log_path=tmp_path / "j.log"
+    )
+    with pytest.raises(Exception, match="exited with 1") as caught:
+        joining.start()
+    assert "holds 1 table(s) of a node that ran alone (kept)" in str(caught.value)
+    again = start_node(data_dir=data)  # the table is still there
+    with Client(again.address, timeout=10) as client:
+        assert [t.schema.name for t in client.list_tables()] == ["kept"]
