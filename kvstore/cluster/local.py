@@ -130,8 +130,8 @@ class LocalCluster:
     def hurry_nodes(self) -> None:
         """A second SIGTERM to every node still running: it cuts its waits short."""
         for node in self.nodes.values():
-            if node.running():
-                node.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
 
     def table(self) -> str:
         """What is running where, and how to reach it."""
