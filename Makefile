@@ -10,10 +10,11 @@ HOST ?= 127.0.0.1
 PORT ?= 7070
 DATA ?= var/kvstore
 
-.PHONY: run test bench loadtest lint format build clean help
+.PHONY: run cluster test bench loadtest lint format build clean help
 
 help:
 	@echo "make run    create .venv, build, start a node on $(HOST):$(PORT) (data in $(DATA), demo table loaded)"
+	@echo "make cluster  etcd + NODES node processes on this machine (default: one per CPU; data in var/cluster, Ctrl-C stops all)"
 	@echo "make test   the same set-up, then the whole test suite"
 	@echo "make bench  the benchmarks (results in bench/)"
 	@echo "make loadtest  Locust against a fresh node (WORKLOAD= DIST= BATCH= USERS= TIME= ROWS=; reports in bench/locust/)"
@@ -35,6 +36,12 @@ build: $(DEPS)
 
 run: build
 	$(VENV)/bin/kvstore serve --host $(HOST) --port $(PORT) --data $(DATA) --demo
+
+# etcd on 127.0.0.1:2379, nodes n1..nN on ports 7071.. (docs/cluster.md, "Run a cluster");
+# ARGS= passes more (python -m kvstore.cluster.local --help).
+cluster: build
+	@command -v etcd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server)
+	$(PY) -m kvstore.cluster.local $(if $(NODES),--nodes $(NODES)) $(ARGS)
 
 # The stream-consumer tests run a real nats-server, the cluster tests a real etcd (Debian's packages).
 test: build

@@ -209,8 +209,8 @@ class NodeConfig:
     )
     etcd: str = _setting(
         "",
-        "etcd URL(s), comma-separated (http://HOST:PORT): join the cluster they coordinate; "
-        "empty = run alone, holding every shard (docs/cluster.md)",
+        "the etcd URL (http://HOST:PORT) of the cluster to join (one member; a list is not "
+        "split yet); empty = run alone, holding every shard (docs/cluster.md)",
         shown_default="none: one node alone",
     )
     cluster: str = _setting(

@@ -62,6 +62,8 @@ class NodeProcess:
     * ``log_path`` / ``port_file``: default ``<data_dir>.log`` / ``<data_dir>.port``
       beside the data directory; the log is appended to across restarts.
     * ``preexec_fn``: run in the child before exec (e.g. to join a cgroup).
+    * ``new_session``: run the node in its own session, so a Ctrl-C in the terminal
+      reaches only the supervisor, which then stops the node in its own order.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class NodeProcess:
         log_path: Path | None = None,
         port_file: Path | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        new_session: bool = False,
         start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -82,6 +85,7 @@ class NodeProcess:
         self.log_path = log_path or self.data_dir.with_name(f"{self.data_dir.name}.log")
         self.port_file = port_file or self.data_dir.with_name(f"{self.data_dir.name}.port")
         self.preexec_fn = preexec_fn
+        self.new_session = new_session
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -125,6 +129,7 @@ class NodeProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
                 preexec_fn=self.preexec_fn,
+                start_new_session=self.new_session,
             )
         try:
             wait_until(self._port_written, self.start_timeout_s, "the node's port file")
