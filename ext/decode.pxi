@@ -7,7 +7,15 @@
 # row (objects, pylist), and any column as Arrow buffers (arrow_buffers), so that a
 # small answer's conversions cost per row, not per call. Included by codec.pyx.
 
+from cpython.object cimport PyTypeObject
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
+
+
+cdef extern from "numpy/arrayobject.h":
+    # Not in Cython's numpy declarations. It steals a reference to descr.
+    object PyArray_NewFromDescr(PyTypeObject* subtype, cnp.dtype descr, int nd,
+                                cnp.npy_intp* dims, cnp.npy_intp* strides, void* data,
+                                int flags, PyObject* obj)
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 
 
@@ -234,6 +242,43 @@ cdef class Decoded:
             o32[i] = <int32_t>(off[i] >> shift)
         return validity, offsets32, data
 
+    def masked(self, Py_ssize_t k):
+        """Fixed column k as a ``numpy.ma.MaskedArray``: ``values(k)``, masked where not
+        valid (a mask of its own). Made with NumPy's C API, so that MaskedArray's Python
+        finalizer runs once, without a source array: less than half the cost of
+        ``values(k).view(MaskedArray)`` and a mask set afterwards (~7 µs a column)."""
+        global _masked_array_type
+        self._check()
+        if not 0 <= k < self.projection.n_cols:
+            raise IndexError(f"no column {k} among {self.projection.n_cols}")
+        cdef Projection p = self.projection
+        if p.cols[k].width == 0:
+            raise ValueError(f"column {k} is a var column: see objects()")
+        if _masked_array_type is None:
+            from numpy.ma import MaskedArray
+            _masked_array_type = MaskedArray
+        cdef cnp.npy_intp shape[2]
+        cdef Py_ssize_t n = self.n, i
+        shape[0] = n
+        shape[1] = p.cdims[k]
+        dtype = p.dtypes[k]
+        Py_INCREF(dtype)  # PyArray_NewFromDescr steals a reference to it
+        arr = PyArray_NewFromDescr(
+            <PyTypeObject*>_masked_array_type, <cnp.dtype>dtype, 2 if shape[1] else 1, shape,
+            NULL, cnp.PyArray_BYTES(<cnp.ndarray>self.fixed) + _int64_data(self.positions)[k],
+            cnp.NPY_ARRAY_CARRAY, NULL,
+        )
+        cnp.set_array_base(arr, self.fixed)
+        mask = _empty(n, cnp.NPY_BOOL)
+        cdef uint8_t* out = <uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>mask)
+        cdef const uint8_t* valid = (
+            <const uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>self.valid_block) + k * n
+        )
+        for i in range(n):
+            out[i] = not valid[i]
+        arr._mask = mask
+        return arr
+
     def values_dict(self, names):
         """{names[k]: values(k)} in column order; None for var columns (see column())."""
         cdef dict out = {}
@@ -253,6 +298,9 @@ cdef class Decoded:
 
 
 # Python values and Arrow buffers of a decoded column
+
+#: numpy.ma.MaskedArray, imported on first use (the node never needs numpy.ma).
+_masked_array_type = None
 
 
 cdef object _var_value(uint8_t kind, const char* p, Py_ssize_t size, object data,

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-from numpy.ma import MaskedArray
 
 from kvstore import _codec
 from kvstore.keys import KeyBatch
@@ -87,11 +86,7 @@ class GetResult:
         out = decoded.values_dict(names)  # float kinds are final: NaN where invalid
         projection = decoded.projection
         for k in projection.masked_columns:
-            # A view and a mask set directly: numpy.ma.MaskedArray(values, mask=...)
-            # costs ~3x as much on a small answer (its constructor runs in Python).
-            column = decoded.values(k).view(MaskedArray)
-            column._mask = decoded.valid(k) == 0
-            out[names[k]] = column
+            out[names[k]] = decoded.masked(k)
         for k in projection.var_columns:
             out[names[k]] = decoded.objects(k)
         return out
