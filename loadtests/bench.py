@@ -14,6 +14,8 @@ arrives, from a zstd Parquet file of the same rows through the bulk loader
    client, beside the floors measured in the same rounds (``loadtests/floors.py``: a
    bare uvloop echo round trip, kvstore's floor, and a Redis PING, Redis's);
    throughput at several concurrencies; memory;
+   a 1-key get of six mixed dtypes into NumPy against a float-only one
+   (``loadtests/mixed.py``);
 2. freshness and updates (``loadtests/updates.py``): update → readable latency,
    update rows/s unary and streaming, read latency while updates run;
 3. bulk loads of more rows (``--load-rows``, 10M in the full run) into other tables.
@@ -45,6 +47,7 @@ from loadtests import report
 from loadtests.bulkload import ParquetSink, run_loader, write_parquet
 from loadtests.floors import EchoFloor, EchoServer, PingFloor, floor_ratios
 from loadtests.machine import machine_info
+from loadtests.mixed import MixedSettings, measure_mixed_dtypes, render_mixed
 from loadtests.redis_client import HiredisMissing, connect, require_hiredis
 from loadtests.servers import (
     KvstoreNode,
@@ -118,6 +121,8 @@ class Settings:
     pool_keys: int = 200_000
     #: Concurrent load: "processes" or "threads" (see CONCURRENCY_MODELS).
     clients: str = "processes"
+    #: 1-key gets of mixed dtypes against float-only ones (issue 18).
+    mixed: MixedSettings = field(default_factory=MixedSettings)
     #: Freshness and updates section (issue 4).
     updates: UpdateSettings = field(default_factory=UpdateSettings)
     #: More bulk-load sizes, each into a table of its own after the other sections.
@@ -142,6 +147,7 @@ class Settings:
             updates=UpdateSettings(
                 freshness_updates=100, throughput_window_s=1.5, read_window_s=1.5
             ),
+            mixed=MixedSettings(rows=2000, rounds=4, samples=300, warmup=100),
             load_rows=[],
             quick=True,
         )
@@ -594,6 +600,9 @@ def run(s: Settings) -> dict:
         )
         results["latency"] = measure_latency(systems, pools, s, floors)
         del pools
+        print("a 1-key get of six mixed dtypes against a float-only one (alternating)")
+        results["mixed_dtypes"] = measure_mixed_dtypes(kv.address, s.mixed)
+        print(render_mixed(results["mixed_dtypes"]), flush=True)
         print(f"throughput ({s.clients}; rounds alternate the systems)", flush=True)
         results["throughput"] = measure_throughput(systems, s)
         results["memory"] = measure_memory(node, redis_servers, s.rows, empty)

@@ -15,6 +15,7 @@ from typing import Any
 
 from loadtests.floors import FLOOR_OF
 from loadtests.machine import versions_line
+from loadtests.mixed import render_mixed
 
 __all__ = ["plot", "render", "write_json"]
 
@@ -173,6 +174,8 @@ def render(results: dict[str, Any]) -> str:
         parts += ["", render_bulk_load(results)]
     if "updates" in results:
         parts += ["", render_updates(results["updates"])]
+    if "mixed_dtypes" in results:
+        parts += ["", render_mixed(results["mixed_dtypes"])]
     return "\n".join(parts)
 
 

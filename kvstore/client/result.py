@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from kvstore import _codec
 from kvstore.keys import KeyBatch
-from kvstore.schema import Feature
+from kvstore.schema import DType, Feature
 
 if TYPE_CHECKING:
     from kvstore.client.core import GetPlan
@@ -73,8 +73,9 @@ class GetResult:
 
         Where a key is missing or a value is null: float32/float64 and float32[N]
         hold NaN; int32, int64 and bool are ``numpy.ma.MaskedArray`` with those rows
-        masked; string, bytes and int64[] are object arrays holding None (these build
-        one Python object per value: prefer ``to_arrow()`` for them).
+        masked; string, bytes and int64[] are object arrays holding None (one Python
+        object per value: a str, bytes or read-only int64 array). docs/serving.md
+        says what each conversion costs.
 
         Fixed-width columns are views of the result's decoded block, not copies: each
         call returns new array objects over the same memory, so changing one in place
@@ -85,30 +86,48 @@ class GetResult:
         out = decoded.values_dict(names)  # float kinds are final: NaN where invalid
         projection = decoded.projection
         for k in projection.masked_columns:
-            out[names[k]] = np.ma.MaskedArray(
-                decoded.values(k), mask=~decoded.valid(k).view(np.bool_)
-            )
+            out[names[k]] = decoded.masked(k)
         for k in projection.var_columns:
-            column = self._arrow_column(self._features[k], decoded.column(k), decoded.complete[k])
-            out[names[k]] = column.to_numpy(zero_copy_only=False)
+            out[names[k]] = decoded.objects(k)
         return out
 
     def to_arrow(self) -> pa.Table:
-        """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing."""
+        """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing.
+
+        Every column is built from the decoded buffers (no Python object per value):
+        fixed-width columns share the result's memory, strings and lists are Arrow
+        string and list arrays over the decoded data.
+        """
         arrays = [self._keys_arrow()]
         names = ["key"]
         decoded = self._decoded
+        n = len(self.found)
         for k, feature in enumerate(self._features):
-            arrays.append(self._arrow_column(feature, decoded.column(k), decoded.complete[k]))
+            arrays.append(_arrow_column(feature, n, decoded.arrow_buffers(k)))
             names.append(feature.name)
         return pa.Table.from_arrays(arrays, names=names)
 
     def to_pylist(self) -> list[dict[str, Any] | None]:
-        """One dict per key (``{"key": …, feature: value, …}``), None for a missing key."""
-        rows = self.to_arrow().to_pylist()
-        return [
-            row if found else None for row, found in zip(rows, self.found.tolist(), strict=True)
-        ]
+        """One dict per key (``{"key": …, feature: value, …}``), None for a missing key.
+
+        Values are Python objects (what ``to_arrow().to_pylist()`` gives: None where
+        null, lists for float32[N] and int64[]), built column by column.
+        """
+        decoded = self._decoded
+        keys = self._keys
+        columns = [keys.ints.tolist() if keys.ints is not None else self._keys_arrow().to_pylist()]
+        var = set(decoded.projection.var_columns)
+        for k in range(len(self._names)):
+            if k in var:
+                columns.append(decoded.pylist(k))
+                continue
+            valid = decoded.valid(k)
+            values = decoded.values(k).tolist()
+            if not decoded.complete[k]:
+                for i in np.flatnonzero(valid == 0).tolist():
+                    values[i] = None
+            columns.append(values)
+        return _codec.rows_of(["key", *self._names], columns, self.found)
 
     def _keys_arrow(self) -> pa.Array:
         keys = self._keys
@@ -118,28 +137,31 @@ class GetResult:
             len(keys), pa.py_buffer(keys.offsets), pa.py_buffer(keys.utf8)
         ).cast(pa.string())
 
-    @staticmethod
-    def _arrow_column(feature: Feature, column: tuple, complete: bool) -> pa.Array:
-        kind = feature.dtype.kind
-        valid = column[-1].astype(bool)
-        mask = None if complete else pa.array(~valid)
-        if kind <= _codec.KIND_FLOAT64:
-            return pa.array(
-                column[0], type=feature.dtype.arrow_type, mask=None if mask is None else ~valid
-            )
-        if kind == _codec.KIND_FLOAT32_VECTOR:
-            return pa.FixedSizeListArray.from_arrays(
-                pa.array(column[0].ravel()), feature.dtype.dim, mask=mask
-            )
-        offsets, data, _ = column
-        n = len(valid)
-        validity = None if mask is None else pa.array(valid).buffers()[1]
-        if kind == _codec.KIND_INT64_LIST:
-            values = pa.array(data.view("<i8"))
-            arr = pa.LargeListArray.from_arrays(pa.array(offsets // 8), values, mask=mask)
-            return arr.cast(pa.list_(pa.int64()))
-        arrow_type = pa.large_string() if kind == _codec.KIND_STRING else pa.large_binary()
-        arr = pa.Array.from_buffers(
-            arrow_type, n, [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
+
+#: The Arrow type of each dtype, made once (DType.arrow_type builds list types anew).
+_ARROW_TYPES: dict[DType, pa.DataType] = {}
+
+
+def _arrow_column(feature: Feature, n: int, buffers: tuple) -> pa.Array:
+    """Feature's column of n rows as an Arrow array over the decoded buffers
+    (``Decoded.arrow_buffers``: validity bitmap or None, int32 offsets, values)."""
+    dtype = feature.dtype
+    arrow_type = _ARROW_TYPES.get(dtype)
+    if arrow_type is None:
+        arrow_type = _ARROW_TYPES[dtype] = dtype.arrow_type
+    validity, offsets, values = buffers
+    validity = None if validity is None else pa.py_buffer(validity)
+    kind = dtype.kind
+    if kind == _codec.KIND_FLOAT32_VECTOR:
+        child = pa.Array.from_buffers(pa.float32(), n * dtype.dim, [None, pa.py_buffer(values)])
+        return pa.Array.from_buffers(arrow_type, n, [validity], children=[child])
+    if offsets is None:
+        return pa.Array.from_buffers(arrow_type, n, [validity, pa.py_buffer(values)])
+    if kind == _codec.KIND_INT64_LIST:
+        child = pa.Array.from_buffers(pa.int64(), len(values) // 8, [None, pa.py_buffer(values)])
+        return pa.Array.from_buffers(
+            arrow_type, n, [validity, pa.py_buffer(offsets)], children=[child]
         )
-        return arr.cast(feature.dtype.arrow_type)
+    return pa.Array.from_buffers(
+        arrow_type, n, [validity, pa.py_buffer(offsets), pa.py_buffer(values)]
+    )
