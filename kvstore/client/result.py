@@ -91,7 +91,8 @@ class GetResult:
         for k in projection.var_columns:
             column = self._arrow_column(self._features[k], decoded.column(k), decoded.complete[k])
             out[names[k]] = column.to_numpy(zero_copy_only=False)
-        return out
+        # values_dict's None entries are the var columns, each replaced just above.
+        return out  # type: ignore[return-value]
 
     def to_arrow(self) -> pa.Table:
         """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing."""
