@@ -342,4 +342,7 @@ class Shard:
 
     def close(self) -> None:
         self._db.close()
-        del self._db  # drops the handle (and its lock) now, not when the Shard goes
+        # Dropped at once (the handle holds the DB lock); a use after close then fails on
+        # None, as callers rely on, instead of reaching a closed RocksDB. Not Optional in
+        # the annotation: every other method runs on an open shard.
+        self._db = None  # type: ignore[assignment]
