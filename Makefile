@@ -18,7 +18,7 @@ help:
 	@echo "make test   the same set-up, then the whole test suite"
 	@echo "make bench  the benchmarks (results in bench/)"
 	@echo "make loadtest  Locust against a fresh node (WORKLOAD= DIST= BATCH= USERS= TIME= ROWS=; reports in bench/locust/)"
-	@echo "make lint   ruff format --check, ruff check, and cython-lint on ext/"
+	@echo "make lint   ruff format --check, ruff check, cython-lint on ext/, mypy on kvstore/ and ingest/"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,10 +68,13 @@ loadtest: build
 		$(if $(TIME),--time $(TIME)) $(if $(ROWS),--rows $(ROWS)) $(ARGS)
 
 # cython-lint (settings in ext/.cython-lint.toml) runs pycodestyle by name: the venv's.
-lint: $(DEPS)
+# mypy runs as the suite runs it (tests/test__sourcecode.py): on a tree where ingest/ sits at
+# kvstore/ingest, as installed; it reads the protobuf stubs that build generates.
+lint: build
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/cython-lint ext
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/test__sourcecode.py::test_mypy
 
 format: $(DEPS)
 	$(VENV)/bin/ruff format .

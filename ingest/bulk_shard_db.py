@@ -44,7 +44,7 @@ def stored_keys(ops: KeyOps, keys: np.ndarray | pa.Array) -> list[bytes]:
     """The RocksDB key bytes of ``keys``: the same functions the node uses."""
     if ops is IntKeys:
         return _codec.encode_int_keys(np.ascontiguousarray(keys, dtype=np.int64))
-    data, offsets = _binary_parts(keys)  # type: ignore[arg-type]
+    data, offsets = _binary_parts(keys)
     return _codec.encode_str_keys(data, offsets)
 
 
@@ -108,7 +108,8 @@ class ShardDbWriter:
         self._handed: set[str] = set()
         self._write_options = rocksdict.WriteOptions()
         # A crash of the loader loses the load anyway: the memtable is flushed at close.
-        self._write_options.disable_wal = True
+        # rocksdict's stub declares disable_wal a method; it is a property (a setter).
+        self._write_options.disable_wal = True  # type: ignore[method-assign, assignment]
 
     def add(self, chunk: Chunk) -> None:
         """Append rows whose keys are all greater than every key added before."""
@@ -140,7 +141,7 @@ class ShardDbWriter:
             db.write(batch, self._write_options)
             # The memtable's own measure (its arena), the one RocksDB flushes by at twice
             # this size: row bytes alone undercount small rows several times over.
-            if db.property_int_value(_MEMTABLE_BYTES) >= self.memtable_bytes:
+            if (db.property_int_value(_MEMTABLE_BYTES) or 0) >= self.memtable_bytes:
                 self._flush()
         self.rows += n
 

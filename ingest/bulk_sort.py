@@ -222,7 +222,9 @@ def _duplicates(ops: KeyOps, keys, seq: np.ndarray, same: np.ndarray) -> Duplica
         while end < len(same) and same[end]:
             end += 1
         rows = sorted(seq[s : end + 1].tolist())
-        examples.append((ops.describe(ops.at(keys, s)), rows))
+        # at and describe come from the same class (int or bytes keys); mypy does not pair
+        # them across the KeyOps union.
+        examples.append((ops.describe(ops.at(keys, s)), rows))  # type: ignore[arg-type]
     return DuplicateKeys(examples, len(starts))
 
 

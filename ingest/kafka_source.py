@@ -185,34 +185,41 @@ class KafkaSource:
         if max_messages > 1:
             raw += consumer.consume(max_messages - 1, timeout=0)
         out = []
+        # confluent-kafka's stub types Message for every use (Optional getters, headers
+        # as a producer takes them): a consumed message without error has a partition,
+        # offset and topic, and its headers are a list of (str, bytes | None).
         for m in raw:
             error = m.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
-                    self._at_end[m.partition()] = True
+                    self._at_end[m.partition()] = True  # type: ignore[index]
                     continue
                 if error.fatal():
                     raise BrokerUnavailable(f"{self.where}: {error.str()}")
                 self._warn(f"{self.where}: {error.str()}")
                 continue
-            self._at_end[m.partition()] = False
+            self._at_end[m.partition()] = False  # type: ignore[index]
             kind, ms = m.timestamp()
             when = time.time_ns() // 1000 if kind == TIMESTAMP_NOT_AVAILABLE else ms * 1000
-            headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (m.headers() or ())}
+            pairs: list[tuple[str, bytes | None]] = m.headers() or []  # type: ignore[assignment]
+            headers = {k: (v or b"").decode("utf-8", "replace") for k, v in pairs}
             value = m.value() or b""
-            out.append(Message(value, m.partition(), m.offset(), when, m.topic(), m.key(), headers))
+            out.append(
+                Message(value, m.partition(), m.offset(), when, m.topic(), m.key(), headers)  # type: ignore[arg-type]
+            )
         return out
 
     def at_end(self) -> bool:
         return bool(self._at_end) and all(self._at_end.values())
 
     async def dead_letter(self, message: Message, headers: dict[str, str]) -> None:
-        if self._producer is None:
+        topic = self.dead_letter_topic
+        if self._producer is None or topic is None:  # the producer exists for the topic
             return
         merged = {**message.headers, **headers}
         try:
             self._producer.produce(
-                self.dead_letter_topic,
+                topic,
                 value=message.payload,
                 key=message.key,
                 headers=list(merged.items()),

@@ -23,7 +23,7 @@ import logging
 import nats
 import nats.errors
 import nats.js.errors
-from nats.js import api
+from nats.js import JetStreamContext, api
 
 from kvstore.ingest.consumer import BrokerUnavailable, ConsumeError
 from kvstore.ingest.messages import Message
@@ -63,8 +63,8 @@ class NatsSource:
         self.fetch_timeout_s = fetch_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._nc: nats.NATS | None = None
-        self._js = None
-        self._sub = None
+        self._js: JetStreamContext | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
         self._pending = 0
         self._dead_letter_stored = False
 
@@ -138,7 +138,8 @@ class NatsSource:
                     inactive_threshold=INACTIVE_THRESHOLD_S,
                 )
             self._sub = await self._js.pull_subscribe(self.subject, stream=self.name, config=config)
-            self._pending = (await self._sub.consumer_info()).num_pending
+            # nats-py's ConsumerInfo fields default to None; the server always sends it.
+            self._pending = (await self._sub.consumer_info()).num_pending  # type: ignore[assignment]
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(
                 f"{self.where}: cannot open a consumer ({_text(exc)})"
@@ -200,13 +201,14 @@ class NatsSource:
         """After a fetch found nothing: is the connection, and our consumer, still there?"""
         if self._nc is None or not self._nc.is_connected:
             raise BrokerUnavailable(f"{self.where}: the connection was lost")
+        assert self._sub is not None  # fetch checked it before it fetched
         try:
             info = await self._sub.consumer_info()
         except nats.js.errors.NotFoundError:
             raise BrokerUnavailable(f"{self.where}: the server dropped our consumer") from None
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"{self.where}: not answering ({_text(exc)})") from None
-        self._pending = info.num_pending
+        self._pending = info.num_pending  # type: ignore[assignment]  # always sent, as above
 
     def at_end(self) -> bool:
         return self._sub is not None and self._pending == 0
@@ -232,7 +234,8 @@ class NatsSource:
     async def flush_dead_letters(self) -> None:
         if self.dead_letter_subject and not self._dead_letter_stored and self._nc is not None:
             try:
-                await self._nc.flush(timeout=self.fetch_timeout_s)
+                # nats-py annotates int but waits with asyncio.wait_for: seconds, any float
+                await self._nc.flush(timeout=self.fetch_timeout_s)  # type: ignore[arg-type]
             except (nats.errors.Error, OSError, TimeoutError) as exc:
                 raise BrokerUnavailable(f"{self.where}: flush failed ({_text(exc)})") from None
 

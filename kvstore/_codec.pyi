@@ -189,7 +189,7 @@ def overlay(
     """
 
 def delta_compact(
-    layout: Layout, rows: list[bytes | None], snapshot_time: int
+    layout: Layout, rows: list[bytes] | list[bytes | None], snapshot_time: int
 ) -> list[bytes | None]:
     """Drops from delta rows what a current version with ``snapshot_time`` (µs) supersedes.
 

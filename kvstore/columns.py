@@ -75,7 +75,7 @@ def encode_rows(
     if event_time is None:
         event_times = np.full(n, now_us(), dtype=np.int64)
     elif np.ndim(event_time) == 0:
-        event_times = np.full(n, int(event_time), dtype=np.int64)  # type: ignore[arg-type]
+        event_times = np.full(n, int(event_time), dtype=np.int64)
     else:
         event_times = np.ascontiguousarray(event_time, dtype=np.int64)
         if len(event_times) != n:

@@ -169,6 +169,7 @@ class KeyBatch:
         """The shard of every key (int32), the same function on client and node."""
         if self.ints is not None:
             return _codec.shard_ids_int(self.ints, shards)
+        assert self.offsets is not None  # no ints: a string batch
         return _codec.shard_ids_str(self.utf8, self.offsets, shards)
 
     def shard_groups(self, shards: int) -> tuple[np.ndarray, list[tuple[int, list[bytes]]]]:
@@ -192,6 +193,7 @@ class KeyBatch:
         if self.ints is not None:
             ints = self.ints if positions is None else self.ints[positions]
             return _codec.encode_int_keys(np.ascontiguousarray(ints))
+        assert self.offsets is not None  # no ints: a string batch
         keys = _codec.encode_str_keys(self.utf8, self.offsets)
         if positions is None:
             return keys

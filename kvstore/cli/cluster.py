@@ -53,7 +53,9 @@ def status(as_json: bool, address: str, timeout: float) -> None:
         click.echo(json.dumps(cmap, indent=1))
         return
     click.echo(f"placement epoch {cmap['epoch']}, {len(cmap['nodes'])} node(s)")
-    rows = [("NODE", "ADDRESS", "FAST ADDRESS", "ZONE", "STATE", "SHARDS", "UPTIME")]
+    rows: list[tuple[str, ...]] = [
+        ("NODE", "ADDRESS", "FAST ADDRESS", "ZONE", "STATE", "SHARDS", "UPTIME")
+    ]
     for node in cmap["nodes"]:
         up = node["uptime_s"]
         rows.append(

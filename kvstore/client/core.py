@@ -193,7 +193,7 @@ class ClientCore:
         if sole is not None and sole[0] is owners:  # one node owns every shard: no hashing
             return [(sole[1], None)]
         node_of_key = owners[keys.shard_ids(schema.shards)]
-        out = []
+        out: list[tuple[str, np.ndarray | None]] = []
         for node in np.unique(node_of_key).tolist():
             out.append((self.nodes[node], np.flatnonzero(node_of_key == node)))
         return out
@@ -208,7 +208,8 @@ class ClientCore:
         if isinstance(features, str):
             raise InvalidArgument(f"table {schema.name!r}: features must be a list of names")
         wanted = tuple(features) if features else ()  # any iterable, read once
-        key: tuple | None = (schema.name, wanted)
+        key: tuple | None
+        key = (schema.name, wanted)  # assigned apart from the declaration: mypy narrows it
         try:
             plan = self.get_plans.get(key)
         except TypeError:  # unhashable names: check_features refuses them below

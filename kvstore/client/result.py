@@ -89,7 +89,8 @@ class GetResult:
             out[names[k]] = decoded.masked(k)
         for k in projection.var_columns:
             out[names[k]] = decoded.objects(k)
-        return out
+        # values_dict's None entries are the var columns, each replaced just above.
+        return out  # type: ignore[return-value]
 
     def to_arrow(self) -> pa.Table:
         """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing.

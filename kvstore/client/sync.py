@@ -119,8 +119,8 @@ class Client:
             # Schema and route are known: the calls need no flow (the common case, and
             # the cheapest; the flow below is what runs when anything must be fetched).
             try:
-                fast = self._fast and ops.sole_fast_address(table, schema)
-                if fast:  # one node serves the table: one request, nothing to split
+                # one node serves the table: one request, nothing to split
+                if self._fast is not None and (fast := ops.sole_fast_address(table, schema)):
                     plan = ops.get_plan(schema, features)
                     batch = KeyBatch.from_values(schema.key_type, keys, table)
                     if batch.count:

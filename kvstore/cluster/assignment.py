@@ -98,6 +98,7 @@ def place_table(placement: Placement, schema: TableSchema, replicas: int = 1) ->
         holders = []
         for _ in range(replicas):
             node = loads.emptiest(schema.name, shard, placement.nodes)
+            assert node is not None  # replicas <= nodes: a node without this shard remains
             loads.add(node, schema.name, shard)
             holders.append(Replica(node, ShardState.AVAILABLE))
         shards.append(tuple(holders))
