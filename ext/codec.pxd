@@ -7,7 +7,7 @@
 # nogil): an extension type declared here would be looked up in a module called
 # `codec` at import time. The Layout type that owns a RowLayout is in codec.pyx.
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 
@@ -17,6 +17,62 @@ cdef extern from *:
     #include "xxhash.h"
     """
     uint64_t XXH3_64bits(const void* data, size_t length) nogil
+
+
+# IEEE 754 half <-> single by bit manipulation (F. Giesen's float_to_half_fast3_rtne
+# and half_to_float), so that the build needs neither F16C nor numpy's npymath:
+# round to nearest even; NaN becomes the quiet NaN 0x7e00 with its sign; a finite
+# value of magnitude >= 65520 becomes inf (encode refuses those before it gets here).
+cdef extern from *:
+    """
+    #include <string.h>
+    static inline uint16_t kv_float_to_half(float value) {
+        uint32_t f, sign, r;
+        uint16_t o;
+        float magic_f, sum;
+        const uint32_t f32_inf = 255u << 23, f16_max = (127u + 16u) << 23;
+        const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+        memcpy(&f, &value, 4);
+        sign = f & 0x80000000u;
+        f ^= sign;
+        if (f >= f16_max) {
+            o = (f > f32_inf) ? 0x7e00 : 0x7c00;
+        } else if (f < (113u << 23)) {
+            /* subnormal half or zero: let the FPU round (to nearest even) */
+            memcpy(&sum, &f, 4);
+            memcpy(&magic_f, &magic, 4);
+            sum += magic_f;
+            memcpy(&r, &sum, 4);
+            o = (uint16_t)(r - magic);
+        } else {
+            uint32_t mant_odd = (f >> 13) & 1u;
+            f += ((uint32_t)(15 - 127) << 23) + 0xfffu;
+            f += mant_odd;
+            o = (uint16_t)(f >> 13);
+        }
+        return (uint16_t)(o | (sign >> 16));
+    }
+    static inline float kv_half_to_float(uint16_t h) {
+        const uint32_t shifted_exp = 0x7c00u << 13;
+        uint32_t o = ((uint32_t)(h & 0x7fffu)) << 13, exp = shifted_exp & o, magic = 113u << 23;
+        float f, magic_f;
+        o += (uint32_t)(127 - 15) << 23;
+        if (exp == shifted_exp) {
+            o += (uint32_t)(128 - 16) << 23;   /* inf, NaN */
+        } else if (exp == 0) {
+            o += 1u << 23;                      /* zero, subnormal: renormalise */
+            memcpy(&f, &o, 4);
+            memcpy(&magic_f, &magic, 4);
+            f -= magic_f;
+            memcpy(&o, &f, 4);
+        }
+        o |= ((uint32_t)(h & 0x8000u)) << 16;
+        memcpy(&f, &o, 4);
+        return f;
+    }
+    """
+    uint16_t float_to_half "kv_float_to_half"(float value) nogil
+    float half_to_float "kv_half_to_float"(uint16_t h) nogil
 
 
 cdef enum:
@@ -36,7 +92,9 @@ cdef enum FeatureKind:
     FEATURE_STRING = 6
     FEATURE_BYTES = 7
     FEATURE_INT64_LIST = 8
-    N_FEATURE_KINDS = 9
+    FEATURE_FLOAT16_VECTOR = 9   # float32[N]:float16, stored as N IEEE halves
+    FEATURE_INT8_VECTOR = 10     # float32[N]:int8, stored as a f32 scale and N int8 codes
+    N_FEATURE_KINDS = 11
 
 
 # Where each feature of one schema sits in a row. All offsets and sizes in bytes.
@@ -49,7 +107,7 @@ cdef struct RowLayout:
     Py_ssize_t ends_start       # 13 + B + W: the u32 var ends
     Py_ssize_t min_row_size     # 13 + B + W + 4V: where the var data starts
     uint8_t* kinds              # per feature: a FeatureKind
-    Py_ssize_t* dims            # per feature: N for float32[N], 0 otherwise
+    Py_ssize_t* dims            # per feature: N for the float32[N] kinds (any storage), 0 otherwise
     Py_ssize_t* widths          # per feature: fixed width, 0 for var kinds
     Py_ssize_t* offsets         # per feature: absolute offset in the row, -1 for var kinds
     Py_ssize_t* var_index       # per feature: j among the var features, -1 for fixed kinds
