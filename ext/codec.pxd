@@ -19,56 +19,36 @@ cdef extern from *:
     uint64_t XXH3_64bits(const void* data, size_t length) nogil
 
 
-# IEEE 754 half <-> single by bit manipulation (F. Giesen's float_to_half_fast3_rtne
-# and half_to_float), so that the build needs neither F16C nor numpy's npymath:
-# round to nearest even; NaN becomes the quiet NaN 0x7e00 with its sign; a finite
-# value of magnitude >= 65520 becomes inf (encode refuses those before it gets here).
+# IEEE 754 half <-> single without branches, after Marat Dukhan's FP16 library
+# (github.com/Maratyszcza/FP16, MIT): the compiler vectorises the loops over them,
+# and the build needs neither F16C nor numpy's npymath. Rounding is the FPU's, to
+# nearest even; NaN becomes the quiet NaN 0x7e00 with its sign; a finite value of
+# magnitude >= 65520 becomes inf (encode refuses those before it gets here).
 cdef extern from *:
     """
     #include <string.h>
-    static inline uint16_t kv_float_to_half(float value) {
-        uint32_t f, sign, r;
-        uint16_t o;
-        float magic_f, sum;
-        const uint32_t f32_inf = 255u << 23, f16_max = (127u + 16u) << 23;
-        const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-        memcpy(&f, &value, 4);
-        sign = f & 0x80000000u;
-        f ^= sign;
-        if (f >= f16_max) {
-            o = (f > f32_inf) ? 0x7e00 : 0x7c00;
-        } else if (f < (113u << 23)) {
-            /* subnormal half or zero: let the FPU round (to nearest even) */
-            memcpy(&sum, &f, 4);
-            memcpy(&magic_f, &magic, 4);
-            sum += magic_f;
-            memcpy(&r, &sum, 4);
-            o = (uint16_t)(r - magic);
-        } else {
-            uint32_t mant_odd = (f >> 13) & 1u;
-            f += ((uint32_t)(15 - 127) << 23) + 0xfffu;
-            f += mant_odd;
-            o = (uint16_t)(f >> 13);
-        }
-        return (uint16_t)(o | (sign >> 16));
+    static inline float kv_f32_from_bits(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+    static inline uint32_t kv_f32_to_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+    static inline uint16_t kv_float_to_half(float f) {
+        const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
+        float base = (__builtin_fabsf(f) * scale_to_inf) * scale_to_zero;
+        const uint32_t w = kv_f32_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+        uint32_t bias = shl1_w & 0xFF000000u, bits, exp_bits, mantissa_bits, nonsign;
+        if (bias < 0x71000000u) bias = 0x71000000u;
+        base = kv_f32_from_bits((bias >> 1) + 0x07800000u) + base;
+        bits = kv_f32_to_bits(base);
+        exp_bits = (bits >> 13) & 0x00007C00u;
+        mantissa_bits = bits & 0x00000FFFu;
+        nonsign = exp_bits + mantissa_bits;
+        return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
     }
     static inline float kv_half_to_float(uint16_t h) {
-        const uint32_t shifted_exp = 0x7c00u << 13;
-        uint32_t o = ((uint32_t)(h & 0x7fffu)) << 13, exp = shifted_exp & o, magic = 113u << 23;
-        float f, magic_f;
-        o += (uint32_t)(127 - 15) << 23;
-        if (exp == shifted_exp) {
-            o += (uint32_t)(128 - 16) << 23;   /* inf, NaN */
-        } else if (exp == 0) {
-            o += 1u << 23;                      /* zero, subnormal: renormalise */
-            memcpy(&f, &o, 4);
-            memcpy(&magic_f, &magic, 4);
-            f -= magic_f;
-            memcpy(&o, &f, 4);
-        }
-        o |= ((uint32_t)(h & 0x8000u)) << 16;
-        memcpy(&f, &o, 4);
-        return f;
+        const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+        const float normalized = kv_f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+        const float denormalized = kv_f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+        const uint32_t result = sign | (two_w < (1u << 27) ? kv_f32_to_bits(denormalized)
+                                                            : kv_f32_to_bits(normalized));
+        return kv_f32_from_bits(result);
     }
     """
     uint16_t float_to_half "kv_float_to_half"(float value) nogil

@@ -33,7 +33,7 @@ from libc.stdint cimport (
     uint32_t,
     uint64_t,
 )
-from libc.math cimport NAN, fabsf, isfinite, nextafterf, rint
+from libc.math cimport NAN, fabsf, isfinite, nextafterf
 from libc.string cimport memchr, memcpy, memset
 
 cnp.import_array()

@@ -35,9 +35,25 @@ FLOAT32_MIN_NORMAL = 2.0**-126
 
 # Finite float32s a float16 feature accepts (|x| < 65520), and the edges worth hitting.
 half_edges = st.sampled_from(
-    [0.0, -0.0, HALF_MAX, -HALF_MAX, 65519.0, 65519.99609375, HALF_MIN_NORMAL, 2.0**-24, 2.0**-25,
-     2.0**-26, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, math.nan, -math.nan, math.inf, -math.inf]
-)  # fmt: skip
+    [
+        0.0,
+        -0.0,
+        HALF_MAX,
+        -HALF_MAX,
+        65519.0,
+        65519.99609375,
+        HALF_MIN_NORMAL,
+        2.0**-24,
+        2.0**-25,
+        2.0**-26,
+        1.0 + 2.0**-11,
+        1.0 + 3 * 2.0**-11,
+        math.nan,
+        -math.nan,
+        math.inf,
+        -math.inf,
+    ]
+)
 half_inputs = st.floats(-65519.99609375, 65519.99609375, width=32) | half_edges
 int8_inputs = (
     st.floats(allow_nan=False, allow_infinity=False, width=32)
@@ -55,8 +71,11 @@ def vectors(kind: int, dim: int) -> st.SearchStrategy:
 def batches(draw):
     """(kinds, dims, rows): a schema mixing quantized vectors with a float32[N] and a
     string, and rows of values for it (None = null)."""
-    kinds = draw(st.lists(st.sampled_from([F16, I8, oracle.FLOAT32_VECTOR, oracle.STRING]),
-                          min_size=1, max_size=5))  # fmt: skip
+    kinds = draw(
+        st.lists(
+            st.sampled_from([F16, I8, oracle.FLOAT32_VECTOR, oracle.STRING]), min_size=1, max_size=5
+        )
+    )
     ds = [draw(dims) if kind in oracle.VECTOR_KINDS else 0 for kind in kinds]
     rows = []
     for _ in range(draw(st.integers(0, 6))):
@@ -85,8 +104,9 @@ def codec_columns(kinds: list[int], ds: list[int], rows: list[list]) -> list:
             offsets = np.cumsum([0] + [len(b) for b in data]).astype(np.int64)
             columns.append((offsets, np.frombuffer(b"".join(data), np.uint8), valid))
         else:
-            values = np.array([[0.0] * dim if row[f] is None else row[f] for row in rows],
-                              np.float32).reshape(n, dim)  # fmt: skip
+            values = np.array(
+                [[0.0] * dim if row[f] is None else row[f] for row in rows], np.float32
+            ).reshape(n, dim)
             columns.append((values, valid))
     return columns
 
@@ -123,8 +143,9 @@ def test_encode_and_decode_match_the_oracle(batch) -> None:
     for i, row in enumerate(rows):
         want = oracle.encode_row(kinds, ds, 3, 100 + i, row)
         assert block[offsets[i] : offsets[i + 1]] == want, i
-    columns, times = _codec.decode_columns(layout, list(range(len(kinds))), block,
-                                           offsets[:-1].copy(), np.diff(offsets))  # fmt: skip
+    columns, times = _codec.decode_columns(
+        layout, list(range(len(kinds))), block, offsets[:-1].copy(), np.diff(offsets)
+    )
     assert list(times) == [100 + i for i in range(len(rows))]
     for i, row in enumerate(rows):
         _, want_values = oracle.decode_row(kinds, ds, 3, bytes(block[offsets[i] : offsets[i + 1]]))
@@ -138,6 +159,28 @@ def test_encode_and_decode_match_the_oracle(batch) -> None:
                 assert np.isnan(values[i]).all()  # a null vector reads as NaN, like float32[N]
             else:
                 assert same_floats(values[i], want_values[f]), (f, i)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches(), st.data())
+def test_delta_apply_and_overlay_match_the_oracle(batch, data) -> None:
+    """Partial updates of quantized features move their stored bytes like any fixed
+    field: the delta and the read-time overlay agree with the oracle."""
+    kinds, ds, rows = batch
+    layout = _codec.Layout(3, kinds, ds)
+    base = oracle.encode_row(kinds, ds, 3, 50, rows[0]) if rows else None
+    got_delta = want_delta = None
+    for i, row in enumerate(rows[1:]):
+        update = oracle.encode_row(kinds, ds, 3, data.draw(st.integers(0, 200)), row)
+        present = data.draw(st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds)))
+        (got_delta,) = _codec.delta_apply(
+            layout, [got_delta], update, np.array([0, len(update)]), np.array(present, bool)
+        )
+        want_delta = oracle.delta_apply(kinds, ds, 3, want_delta, update, present)
+        assert got_delta == want_delta, i
+    snapshot = data.draw(st.integers(0, 100))
+    (got,) = _codec.overlay(layout, [base], [got_delta], snapshot, 1_000, None)
+    assert got == oracle.overlay(kinds, ds, 3, base, want_delta, snapshot, 1_000)
 
 
 @settings(max_examples=300, deadline=None)
@@ -190,8 +233,9 @@ def test_int8_examples_zero_vector_and_codes() -> None:
 
 
 def test_float16_rounds_to_nearest_even_and_keeps_nan_and_inf() -> None:
-    x = np.array([1 + 2**-11, 1 + 3 * 2**-11, 65519.0, math.inf, -math.inf, math.nan, 2**-25],
-                 np.float32)  # fmt: skip
+    x = np.array(
+        [1 + 2**-11, 1 + 3 * 2**-11, 65519.0, math.inf, -math.inf, math.nan, 2**-25], np.float32
+    )
     (y,) = round_trip(F16, x)
     assert y[:3].tolist() == [1.0, 1 + 2**-9, HALF_MAX]  # ties to even; 65519 rounds down
     assert y[3] == math.inf and y[4] == -math.inf and math.isnan(y[5])
@@ -270,10 +314,14 @@ def test_online_writes_and_partial_updates(client: Client, table_name: str) -> N
 
         # A partial update of one quantized feature leaves the other features alone;
         # an older one is ignored (last writer wins per feature).
-        client.update(table_name, {"key": [1], "q": np.array([[2.0, 0.0, -1.0]], np.float32)},
-                      event_time=2_000)  # fmt: skip
-        client.update(table_name, {"key": [1], "h": np.array([[9.0, 9.0, 9.0]], np.float32)},
-                      event_time=500)  # fmt: skip
+        client.update(
+            table_name,
+            {"key": [1], "q": np.array([[2.0, 0.0, -1.0]], np.float32)},
+            event_time=2_000,
+        )
+        client.update(
+            table_name, {"key": [1], "h": np.array([[9.0, 9.0, 9.0]], np.float32)}, event_time=500
+        )
         got = client.get(table_name, [1]).to_numpy()
         assert got["q"][0].tolist() == oracle.dequantize_int8(*oracle.quantize_int8([2, 0, -1]))
         assert got["q"][0][0] == 2.0 and abs(got["q"][0][2] + 1) <= 1 / 127  # s = 2/127
@@ -322,12 +370,16 @@ def test_bulk_load_of_a_quantized_table_reads_back_through_a_node(
         bad = emb.copy()
         bad[123, 4] = 1e6
         pq.write_table(
-            pa.table({"key": pa.array(np.arange(n), pa.int64()),
-                      "h": pa.FixedSizeListArray.from_arrays(pa.array(bad.ravel()), 8),
-                      "q": pa.FixedSizeListArray.from_arrays(flat, 8),
-                      "f": pa.FixedSizeListArray.from_arrays(flat, 8)}),
+            pa.table(
+                {
+                    "key": pa.array(np.arange(n), pa.int64()),
+                    "h": pa.FixedSizeListArray.from_arrays(pa.array(bad.ravel()), 8),
+                    "q": pa.FixedSizeListArray.from_arrays(flat, 8),
+                    "f": pa.FixedSizeListArray.from_arrays(flat, 8),
+                }
+            ),
             tmp_path / "bad.parquet",
-        )  # fmt: skip
+        )
         with pytest.raises(LoadError, match=r"row 123 .*element 4 is 1000000.0, beyond float16"):
             load(client.address, table_name, str(tmp_path / "bad.parquet"), progress=False)
         assert client.get(table_name, [123]).version == summary.version
@@ -348,8 +400,14 @@ def test_cli_create_table_and_describe(client: Client, table_name: str, tmp_path
         assert json.loads(described.stdout)["features"] == want
         schema = client.describe_table(table_name).schema
         assert [f.dtype.codec_kind for f in schema.features] == [I8, F16]
-        bad = kvstore("create-table", "t_bad", "--feature", "e:float32[4]:int4",
-                      address=client.address, cwd=tmp_path)  # fmt: skip
+        bad = kvstore(
+            "create-table",
+            "t_bad",
+            "--feature",
+            "e:float32[4]:int4",
+            address=client.address,
+            cwd=tmp_path,
+        )
         assert bad.returncode != 0 and "float32[N]:int8" in bad.stderr
     finally:
         client.drop_table(table_name)
@@ -367,3 +425,38 @@ def test_null_vectors_are_nulls_and_null_elements_are_refused(storage: str) -> N
         assert [c is None for c in cells] == [v is None for v in values]
     with pytest.raises(InvalidArgument, match="row 1: a null element inside the value"):
         kv_columns.encode_rows(schema, {"key": [1, 2], "e": [None, [1.0, None]]})
+
+
+def test_every_half_decodes_as_numpy_does() -> None:
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    layout = _codec.Layout(1, [F16], [1 << 16])
+    row = oracle.HEADER.pack(1, 1, 5) + b"\x00" + halves.tobytes()
+    (column,), _ = _codec.decode_columns(layout, [0], row, np.array([0]), np.array([len(row)]))
+    got, want = column[0][0], halves.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert got[~nan].tobytes() == want[~nan].tobytes()
+
+
+def test_float32s_encode_to_the_halves_numpy_rounds_to() -> None:
+    rng = np.random.default_rng(17)
+    bits = np.concatenate(
+        [
+            rng.integers(0, 1 << 32, 400_000, dtype=np.uint64).astype(np.uint32),
+            np.arange(0x33000000, 0x33800000, 97, dtype=np.uint32),  # around half's smallest
+            np.arange(0x387FC000, 0x38804000, dtype=np.uint32),  # subnormal/normal boundary
+            np.arange(0x477FE000, 0x477FF000, dtype=np.uint32),
+        ]  # up to 65520
+    )
+    x = bits.view(np.float32)
+    x = x[~(np.isfinite(x) & (np.abs(x) >= 65520))]
+    x = x[: len(x) // 64 * 64].reshape(-1, 64)
+    layout = _codec.Layout(1, [F16], [64])
+    block, _ = _codec.encode_rows(layout, [(x, None)], len(x), np.zeros(len(x), np.int64))
+    rows = np.frombuffer(block, np.uint8).reshape(len(x), -1)
+    got = rows[:, layout.fixed_offsets[0] :].copy().view(np.uint16).reshape(x.shape)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(got[~nan], want[~nan])
+    assert np.array_equal(got[nan], np.where(np.signbit(x[nan]), 0xFE00, 0x7E00))
