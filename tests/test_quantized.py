@@ -311,6 +311,9 @@ def test_online_writes_and_partial_updates(client: Client, table_name: str) -> N
         assert np.allclose(got["q"][0], q[0], atol=1.27 / 127 / 2 + 1e-7)
         assert got["q"][1].tolist() == [0.0, 0.0, 0.0]
         assert np.isnan(got["h"][2]).all() and np.isnan(got["q"][2]).all()  # missing key
+        arrow = client.get(table_name, [1, 3]).to_arrow()
+        assert arrow.schema.field("q").type == pa.list_(pa.float32(), 3)
+        assert arrow.column("h").to_pylist()[1] is None
 
         # A partial update of one quantized feature leaves the other features alone;
         # an older one is ignored (last writer wins per feature).
