@@ -33,21 +33,24 @@ cdef extern from *:
         const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
         float base = (__builtin_fabsf(f) * scale_to_inf) * scale_to_zero;
         const uint32_t w = kv_f32_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
-        uint32_t bias = shl1_w & 0xFF000000u, bits, exp_bits, mantissa_bits, nonsign;
-        if (bias < 0x71000000u) bias = 0x71000000u;
+        uint32_t bias = shl1_w & 0xFF000000u, bits, exp_bits, mantissa_bits, nonsign, nan;
+        bias = bias < 0x71000000u ? 0x71000000u : bias;   /* a max: vectorises */
         base = kv_f32_from_bits((bias >> 1) + 0x07800000u) + base;
         bits = kv_f32_to_bits(base);
         exp_bits = (bits >> 13) & 0x00007C00u;
         mantissa_bits = bits & 0x00000FFFu;
         nonsign = exp_bits + mantissa_bits;
-        return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+        nan = (uint32_t)0 - (uint32_t)(shl1_w > 0xFF000000u);
+        return (uint16_t)((sign >> 16) | (0x7E00u & nan) | (nonsign & ~nan));
     }
     static inline float kv_half_to_float(uint16_t h) {
         const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
         const float normalized = kv_f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
         const float denormalized = kv_f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
-        const uint32_t result = sign | (two_w < (1u << 27) ? kv_f32_to_bits(denormalized)
-                                                            : kv_f32_to_bits(normalized));
+        /* A mask rather than ?: so that the loop vectorises (4x here). */
+        const uint32_t small = (uint32_t)0 - (uint32_t)(two_w < (1u << 27));
+        const uint32_t result = sign | (kv_f32_to_bits(denormalized) & small)
+                                     | (kv_f32_to_bits(normalized) & ~small);
         return kv_f32_from_bits(result);
     }
     """
