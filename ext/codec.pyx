@@ -22,8 +22,18 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
-from libc.stdint cimport INT32_MAX, INT64_MIN, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.math cimport NAN
+from libc.stdint cimport (
+    INT32_MAX,
+    INT64_MIN,
+    int8_t,
+    int32_t,
+    int64_t,
+    uint8_t,
+    uint16_t,
+    uint32_t,
+    uint64_t,
+)
+from libc.math cimport NAN, fabsf, isfinite, nextafterf
 from libc.string cimport memchr, memcpy, memset
 
 cnp.import_array()
@@ -31,8 +41,10 @@ cnp.import_array()
 from codec cimport (
     FEATURE_BOOL,
     FEATURE_FLOAT32,
+    FEATURE_FLOAT16_VECTOR,
     FEATURE_FLOAT32_VECTOR,
     FEATURE_FLOAT64,
+    FEATURE_INT8_VECTOR,
     FEATURE_INT32,
     FEATURE_INT64,
     FEATURE_INT64_LIST,
@@ -55,6 +67,8 @@ from codec cimport (
     RowLayout,
     check_row,
     copy_fixed,
+    float_to_half,
+    half_to_float,
     is_null,
     load_i64,
     load_u32,

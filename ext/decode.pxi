@@ -23,6 +23,7 @@ cdef struct DecColumn:
     Py_ssize_t feature
     uint8_t kind
     Py_ssize_t width            # fixed width, 0 for var kinds
+    Py_ssize_t out_width        # bytes of one row in values: width, 4N for quantized vectors
     Py_ssize_t offset           # fixed: from the start of the row
     Py_ssize_t var_j            # var: j among the var features
     uint8_t* values             # fixed: n * width bytes; var: the data
@@ -74,11 +75,12 @@ cdef class Projection:
             self.cols[k].feature = f
             self.cols[k].kind = c.kinds[f]
             self.cols[k].width = c.widths[f]
+            self.cols[k].out_width = 4 * c.dims[f] if _is_vector(c.kinds[f]) else c.widths[f]
             self.cols[k].offset = c.offsets[f]
             self.cols[k].var_j = c.var_index[f]
             if c.widths[f]:
                 self.dtypes[k] = _FIXED_DTYPES[c.kinds[f]]
-                if c.kinds[f] == FEATURE_FLOAT32_VECTOR:
+                if _is_vector(c.kinds[f]):
                     self.dims[k] = c.dims[f]
                     self.cdims[k] = c.dims[f]
                 elif c.kinds[f] not in (FEATURE_FLOAT32, FEATURE_FLOAT64):
@@ -396,7 +398,7 @@ cdef int _decode_size(Decoded d, const RowLayout* c, DecColumn* cols, const uint
         col = &cols[k]
         if col.width:
             positions[k] = fixed_bytes
-            fixed_bytes += (n * col.width + 63) & ~63   # each column 64-byte aligned
+            fixed_bytes += (n * col.out_width + 63) & ~63   # each column 64-byte aligned
         else:
             positions[k] = -1
             offsets = _empty(n + 1, cnp.NPY_INT64)
@@ -449,6 +451,36 @@ cdef inline void _decode_fixed_width(const uint8_t** rows, Py_ssize_t n, DecColu
             memset(dst + i * width, 0, width)
 
 
+cdef void _decode_quantized(const uint8_t** rows, Py_ssize_t n, DecColumn* col,
+                            Py_ssize_t dim) noexcept nogil:
+    """A float16 or int8 vector column expanded to float32 (zero where not valid)."""
+    cdef Py_ssize_t i, j
+    cdef Py_ssize_t null_byte = ROW_HEADER_SIZE + (col.feature >> 3)
+    cdef uint8_t null_bit = <uint8_t>(1 << (col.feature & 7))
+    cdef const uint8_t* src
+    cdef const int8_t* codes
+    cdef float* dst
+    cdef float scale
+    cdef uint16_t h
+    for i in range(n):
+        dst = <float*>(col.values) + i * dim
+        if rows[i] == NULL or (rows[i][null_byte] & null_bit):
+            col.valid[i] = 0
+            memset(dst, 0, 4 * dim)
+            continue
+        col.valid[i] = 1
+        src = rows[i] + col.offset
+        if col.kind == FEATURE_FLOAT16_VECTOR:
+            for j in range(dim):
+                memcpy(&h, src + 2 * j, 2)
+                dst[j] = half_to_float(h)
+        else:
+            memcpy(&scale, src, 4)
+            codes = <const int8_t*>(src + 4)
+            for j in range(dim):
+                dst[j] = <float>codes[j] * scale
+
+
 cdef void _decode_fixed(const uint8_t** rows, Py_ssize_t n, DecColumn* col) noexcept nogil:
     """A fixed column: values (zero where missing or null) and its valid mask."""
     cdef Py_ssize_t i
@@ -462,6 +494,8 @@ cdef void _decode_fixed(const uint8_t** rows, Py_ssize_t n, DecColumn* col) noex
             ok = row != NULL and not (row[null_byte] & null_bit)
             col.valid[i] = ok
             col.values[i] = ok and row[col.offset] != 0   # numpy bools must be 0 or 1
+    elif col.kind == FEATURE_FLOAT16_VECTOR or col.kind == FEATURE_INT8_VECTOR:
+        _decode_quantized(rows, n, col, col.out_width // 4)
     elif col.width == 4:
         _decode_fixed_width(rows, n, col, 4)
     elif col.width == 8:
@@ -526,10 +560,9 @@ cdef int _decode_fill(Decoded d, const RowLayout* c, DecColumn* cols,
         col = &cols[k]
         whole = n == 0 or memchr(col.valid, 0, n) == NULL
         d.complete[k] = whole
-        if not whole and col.kind in (FEATURE_FLOAT32, FEATURE_FLOAT64,
-                                      FEATURE_FLOAT32_VECTOR):
-            _fill_nan(col, n, c.dims[col.feature] if col.kind == FEATURE_FLOAT32_VECTOR
-                      else 1)
+        if not whole and (col.kind == FEATURE_FLOAT32 or col.kind == FEATURE_FLOAT64
+                          or _is_vector(col.kind)):
+            _fill_nan(col, n, c.dims[col.feature] if _is_vector(col.kind) else 1)
     return 0
 
 

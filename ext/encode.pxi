@@ -1,5 +1,6 @@
 # Encoding (docs/row-format.md): n rows from one column per feature, in two passes
-# without the GIL once the columns are bound: the row sizes, then the rows.
+# without the GIL once the columns are bound: the row sizes, then the rows. A float32
+# vector stored as float16 or int8 is quantized here, row by row, while it is copied.
 # Included by codec.pyx.
 
 
@@ -29,6 +30,92 @@ cdef Py_ssize_t _bad_var_range(const int64_t* offsets, const uint8_t* valid, Py_
     return -1
 
 
+cdef Py_ssize_t _unquantizable(const EncColumn* col, Py_ssize_t n, Py_ssize_t dim,
+                               bint half, Py_ssize_t* element) noexcept nogil:
+    """The first non-null row holding a value the storage cannot hold, or -1: for
+    float16 a finite value that would round to inf, for int8 a NaN or an inf."""
+    cdef Py_ssize_t i, j
+    cdef const float* x
+    cdef float v
+    for i in range(n):
+        if _enc_null(col, i):
+            continue
+        x = <const float*>(col.values) + i * dim
+        for j in range(dim):
+            v = x[j]
+            if (half and isfinite(v) and fabsf(v) >= FLOAT16_OVERFLOW) or (
+                not half and not isfinite(v)
+            ):
+                element[0] = j
+                return i
+    return -1
+
+
+cdef int _check_quantizable(const RowLayout* c, Py_ssize_t f, const EncColumn* col,
+                            Py_ssize_t n) except -1:
+    cdef Py_ssize_t dim = c.dims[f], element = 0, row
+    cdef bint half = c.kinds[f] == FEATURE_FLOAT16_VECTOR
+    with nogil:
+        row = _unquantizable(col, n, dim, half, &element)
+    if row < 0:
+        return 0
+    value = (<const float*>(col.values))[row * dim + element]
+    if half:
+        raise ValueError(
+            f"{_feature_name(c, f)}, row {row}: element {element} is {value!r}, beyond "
+            f"float16's range (|x| < 65520); store this feature as float32[{dim}] or scale it"
+        )
+    raise ValueError(
+        f"{_feature_name(c, f)}, row {row}: element {element} is {value!r}; int8 storage "
+        f"holds finite values only (a null row is fine)"
+    )
+
+
+cdef void _quantize_half(const float* x, Py_ssize_t dim, uint8_t* dst) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef uint16_t h
+    for j in range(dim):
+        h = float_to_half(x[j])
+        memcpy(dst + 2 * j, &h, 2)
+
+
+cdef double ROUND_MAGIC = 6755399441055744.0   # 1.5 * 2^52
+
+
+cdef void _quantize_int8(const float* x, Py_ssize_t dim, uint8_t* dst) noexcept nogil:
+    """Scale s = max|x| / 127 as f32 (rounded toward zero), then code
+    q = round-half-even(x / s) per element, in double so that |x - q s| <= s / 2 holds
+    for the stored s (docs/row-format.md)."""
+    cdef Py_ssize_t j
+    cdef float top = 0, a, scale
+    cdef double q, ds
+    cdef int8_t* codes = <int8_t*>(dst + 4)
+    for j in range(dim):
+        a = fabsf(x[j])
+        if a > top:
+            top = a
+    scale = <float>(<double>top / 127.0)
+    if <double>scale > <double>top / 127.0:
+        # Rounded toward zero, so that 127 s <= max|x|: rounded up, the scale of a row
+        # holding FLT_MAX would decode it as inf.
+        scale = nextafterf(scale, 0)
+    memcpy(dst, &scale, 4)
+    if scale == 0:
+        memset(codes, 0, dim)     # a zero vector (or one below the smallest scale)
+        return
+    ds = scale
+    for j in range(dim):
+        q = <double>x[j] / ds
+        # Clipped, then rounded half to even by adding and taking away 1.5 * 2^52 (the
+        # FPU rounds the sum): the same as rint() then clipping, without a libm call
+        # per element (rint is a call unless the build targets SSE4.1).
+        if q > 127:
+            q = 127
+        elif q < -127:
+            q = -127
+        codes[j] = <int8_t>((q + ROUND_MAGIC) - ROUND_MAGIC)
+
+
 cdef int _bind_encode_column(const RowLayout* c, Py_ssize_t f, object column, Py_ssize_t n,
                              EncColumn* col, list keep) except -1:
     """Checks column f of encode_rows and points col at its buffers (kept alive in keep)."""
@@ -52,7 +139,7 @@ cdef int _bind_encode_column(const RowLayout* c, Py_ssize_t f, object column, Py
         dtype = _FIXED_DTYPES[kind]
         if values.dtype != dtype and not (kind == FEATURE_BOOL and values.dtype == _UINT8):
             raise ValueError(f"{name}: values has dtype {values.dtype}, expected {dtype}")
-        if kind == FEATURE_FLOAT32_VECTOR:
+        if _is_vector(kind):
             if values.ndim != 2 or values.shape[0] != n or values.shape[1] != c.dims[f]:
                 raise ValueError(
                     f"{name}: values has shape {values.shape}, expected ({n}, {c.dims[f]})"
@@ -84,6 +171,8 @@ cdef int _bind_encode_column(const RowLayout* c, Py_ssize_t f, object column, Py
         valid_view = valid
         keep.append(valid)
         col.valid = _bytes_ptr(valid_view)
+    if kind == FEATURE_FLOAT16_VECTOR or kind == FEATURE_INT8_VECTOR:
+        _check_quantizable(c, f, col, n)
     if not c.widths[f]:
         bad = _bad_var_range(col.offsets, col.valid, n, raw.shape[0], kind == FEATURE_INT64_LIST)
         if bad >= 0:
@@ -149,6 +238,10 @@ cdef void _encode_fill(const RowLayout* c, const EncColumn* cols, Py_ssize_t n,
                     zero_fixed(dst, width)
                 elif c.kinds[f] == FEATURE_BOOL:
                     dst[0] = col.values[i] != 0
+                elif c.kinds[f] == FEATURE_FLOAT16_VECTOR:
+                    _quantize_half(<const float*>(col.values) + i * c.dims[f], c.dims[f], dst)
+                elif c.kinds[f] == FEATURE_INT8_VECTOR:
+                    _quantize_int8(<const float*>(col.values) + i * c.dims[f], c.dims[f], dst)
                 else:
                     copy_fixed(dst, col.values + i * width, width)
             else:
@@ -166,7 +259,10 @@ def encode_rows(Layout layout not None, columns, Py_ssize_t n_rows, event_times)
 
     A column is None (the feature is null in every row), (values, valid) for a fixed
     kind or (offsets, data, valid) for a variable-width kind, offsets in bytes;
-    valid None means every row is valid. event_times are µs since the epoch.
+    valid None means every row is valid. Vector kinds take (n_rows, N) float32 values
+    whatever their storage; float16 refuses finite values of magnitude >= 65520 and
+    int8 refuses NaN and inf (ValueError naming the feature, row and element).
+    event_times are µs since the epoch.
     Returns the rows back to back and their n_rows + 1 byte offsets (int64).
     """
     cdef const RowLayout* c = &layout.c

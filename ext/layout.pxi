@@ -1,6 +1,7 @@
 # Where each feature sits in a row of one schema (docs/row-format.md): the format
 # constants, the feature kinds and their numpy dtypes, and Layout, which owns the
-# RowLayout struct that the rest of the codec reads without the GIL.
+# RowLayout struct that the rest of the codec reads without the GIL. A float32[N]
+# feature stored as float16 or int8 is a kind of its own with its own width.
 # Included by codec.pyx.
 
 FORMAT_VERSION = ROW_FORMAT
@@ -15,8 +16,12 @@ KIND_FLOAT32_VECTOR = FEATURE_FLOAT32_VECTOR
 KIND_STRING = FEATURE_STRING
 KIND_BYTES = FEATURE_BYTES
 KIND_INT64_LIST = FEATURE_INT64_LIST
+KIND_FLOAT16_VECTOR = FEATURE_FLOAT16_VECTOR
+KIND_INT8_VECTOR = FEATURE_INT8_VECTOR
 
-# The numpy dtype of a fixed kind's values column (bool also takes uint8 on encode).
+# The numpy dtype of a fixed kind's values column (bool also takes uint8 on encode);
+# None for the var kinds. The quantized vectors are float32 columns on both sides:
+# encode quantizes them, decode expands them.
 _FIXED_DTYPES = (
     np.dtype(np.bool_),
     np.dtype(np.int32),
@@ -24,9 +29,17 @@ _FIXED_DTYPES = (
     np.dtype(np.float32),
     np.dtype(np.float64),
     np.dtype(np.float32),
+    None,
+    None,
+    None,
+    np.dtype(np.float32),
+    np.dtype(np.float32),
 )
 _KIND_NAMES = ("bool", "int32", "int64", "float32", "float64", "float32[N]", "string", "bytes",
-               "int64[]")
+               "int64[]", "float32[N]:float16", "float32[N]:int8")
+
+# The largest float32 that rounds to a finite half: |x| >= 65520 becomes inf.
+cdef float FLOAT16_OVERFLOW = 65520.0
 
 cdef uint64_t MAX_VAR_BYTES = 0xFFFFFFFF   # the var ends are u32
 cdef Py_ssize_t MAX_VECTOR_DIM = 1 << 28
@@ -36,7 +49,8 @@ cdef class Layout:
     """The byte layout of one table schema: where each feature sits in a row.
 
     ``kinds`` holds a KIND_* per feature in schema order, ``dims`` the N of each
-    float32[N] feature (ignored, and reported as 0, for the other kinds). Sizes and
+    float32[N] feature, stored as float32, float16 or int8 (ignored, and reported as
+    0, for the other kinds). Sizes and
     offsets are in bytes; ``fixed_offsets`` are from the start of the row.
     """
 
@@ -66,7 +80,7 @@ cdef class Layout:
         for f in range(n):
             if not 0 <= kind_list[f] < N_FEATURE_KINDS:
                 raise ValueError(f"feature {f}: kind {kind_list[f]} is not a KIND_* value")
-            if kind_list[f] == FEATURE_FLOAT32_VECTOR:
+            if _is_vector(kind_list[f]):
                 if not 1 <= dim_list[f] <= MAX_VECTOR_DIM:
                     raise ValueError(
                         f"feature {f}: a float32 vector needs 1 <= dim <= {MAX_VECTOR_DIM}, "
@@ -174,10 +188,24 @@ cdef Py_ssize_t _fixed_width(Py_ssize_t kind, Py_ssize_t dim) noexcept:
         return 8
     if kind == FEATURE_FLOAT32_VECTOR:
         return 4 * dim
+    if kind == FEATURE_FLOAT16_VECTOR:
+        return 2 * dim
+    if kind == FEATURE_INT8_VECTOR:
+        return 4 + dim      # the f32 scale, then one code per element
     return 0
+
+
+cdef inline bint _is_vector(Py_ssize_t kind) noexcept nogil:
+    """A float32[N] feature, whatever its storage: an (n, N) float32 column."""
+    return (kind == FEATURE_FLOAT32_VECTOR or kind == FEATURE_FLOAT16_VECTOR
+            or kind == FEATURE_INT8_VECTOR)
 
 
 cdef str _feature_name(const RowLayout* c, Py_ssize_t f):
     if c.kinds[f] == FEATURE_FLOAT32_VECTOR:
         return f"feature {f} (float32[{c.dims[f]}])"
+    if c.kinds[f] == FEATURE_FLOAT16_VECTOR:
+        return f"feature {f} (float32[{c.dims[f]}]:float16)"
+    if c.kinds[f] == FEATURE_INT8_VECTOR:
+        return f"feature {f} (float32[{c.dims[f]}]:int8)"
     return f"feature {f} ({_KIND_NAMES[c.kinds[f]]})"

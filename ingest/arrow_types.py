@@ -22,8 +22,12 @@ only files need (timestamps, view types, embeddings stored as plain lists).
 An existing table also accepts: a wider or narrower integer column for an int32 or
 int64 feature (every value must fit), integer and float columns for float32 and
 float64 features, a string column for a bytes feature, and ``list<float>`` for a
-float32[N] feature when every list holds exactly N values. A column of Arrow's null
-type (all values null) fits any feature.
+float32[N] feature when every list holds exactly N values. A float32[N]:float16 or
+float32[N]:int8 feature takes the same columns as float32[N] (a derived table never
+gets one: lossy storage is declared, not guessed); the values are quantized by the
+codec as the rows are encoded, in C, after ``kvstore.columns`` refuses what the
+storage cannot hold (float16: |x| >= 65520; int8: NaN, inf), naming the row. A
+column of Arrow's null type (all values null) fits any feature.
 """
 
 from __future__ import annotations

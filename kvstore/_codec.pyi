@@ -23,6 +23,10 @@ KIND_FLOAT32_VECTOR: int
 KIND_STRING: int
 KIND_BYTES: int
 KIND_INT64_LIST: int
+KIND_FLOAT16_VECTOR: int
+"""A float32[N] stored as N IEEE halves; encoded from and decoded to float32."""
+KIND_INT8_VECTOR: int
+"""A float32[N] stored as a float32 scale and N int8 codes; encoded from and decoded to float32."""
 
 class CorruptRow(ValueError):
     """A stored row that does not follow the row format; ``index`` is its position."""

@@ -21,6 +21,9 @@ from kvstore.schema import DType, TableSchema
 
 __all__ = ["EncodedRows", "encode_rows"]
 
+# A finite float32 at or above this magnitude rounds to inf as an IEEE half.
+_FLOAT16_OVERFLOW = np.float32(65520.0)
+
 
 class EncodedRows:
     """Keys, encoded rows and the features they set: what a Write request carries."""
@@ -233,9 +236,18 @@ def codec_column(arr: pa.Array, dtype: DType, table: str, column: str) -> tuple:
         n = len(arr)
         child = arr.values.slice(arr.offset * dtype.dim, n * dtype.dim)
         if child.null_count:
-            _raise_null_element(arr, table, column, dtype)
+            # A null value's elements are null too when Arrow casts a null to a list
+            # (``[None]``): only a null inside a valid value is an error.
+            inside = np.asarray(child.is_null().to_numpy(zero_copy_only=False))
+            inside = inside.reshape(n, dtype.dim).any(axis=1)
+            if valid is None or (inside & valid.astype(bool)).any():
+                _raise_null_element(arr, table, column, dtype)
+            child = pc.fill_null(child, 0.0)
         values = child.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        return np.ascontiguousarray(values.reshape(n, dtype.dim)), valid
+        values = np.ascontiguousarray(values.reshape(n, dtype.dim))
+        if dtype.storage:
+            _check_quantizable(values, valid, dtype, table, column)
+        return values, valid
     if kind == _codec.KIND_INT64_LIST:
         arr = arr.cast(pa.large_list(pa.int64()))
         offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
@@ -256,6 +268,32 @@ def codec_column(arr: pa.Array, dtype: DType, table: str, column: str) -> tuple:
     data = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.empty(0, np.uint8)
     base = int(offsets[0])
     return offsets - base, data[base : int(offsets[-1])], valid
+
+
+def _check_quantizable(
+    values: np.ndarray, valid: np.ndarray | None, dtype: DType, table: str, column: str
+) -> None:
+    """Refuse what lossy storage cannot hold, naming the first row (the codec would
+    refuse it too, without the table's name): for float16 a finite value of magnitude
+    >= 65520 (it would become inf), for int8 NaN and inf (no scale holds them)."""
+    finite = np.isfinite(values)
+    if dtype.storage == "float16":
+        bad = finite & (np.abs(values) >= _FLOAT16_OVERFLOW)
+        why = "beyond float16's range (|x| < 65520); store it as float32[N] or scale it"
+    else:
+        bad = ~finite
+        why = "not finite; int8 storage holds finite values only (a null value is fine)"
+    rows = bad.any(axis=1)
+    if valid is not None:
+        rows &= valid.astype(bool)
+    if not rows.any():
+        return
+    row = int(np.flatnonzero(rows)[0])
+    element = int(np.flatnonzero(bad[row])[0])
+    raise InvalidArgument(
+        f"table {table!r}, column {column!r} ({dtype}), row {row}: element {element} is "
+        f"{float(values[row, element])!r}, {why}"
+    )
 
 
 def _raise_null_element(arr: pa.Array, table: str, column: str, dtype: DType) -> None:

@@ -4,6 +4,11 @@ A feature's dtype is written as text everywhere a person sees it (the CLI, JSON,
 the wire): ``bool``, ``int32``, ``int64``, ``float32``, ``float64``, ``string``,
 ``bytes``, ``float32[N]`` (a fixed-size embedding of N floats) and ``int64[]`` (a
 variable-length list of integers).
+
+An embedding may be stored lossily to save memory: ``float32[N]:float16`` (IEEE half,
+2N bytes) or ``float32[N]:int8`` (a float32 scale per row and N one-byte codes). The
+suffix names the storage only: such a feature is written and read as float32[N]
+like any other (docs/row-format.md gives the encodings and their error bounds).
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ MAX_FEATURES = 4096
 MAX_SHARDS = 4096
 MAX_STRING_KEY_BYTES = 1024
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
-_VECTOR = re.compile(r"^float32\[(\d+)\]$")
+_VECTOR = re.compile(r"^float32\[(\d+)\](?::(float16|int8))?$")
+
+# The codec kind of a float32[N] feature per storage ("" = float32 itself).
+_VECTOR_KINDS = {
+    "": _codec.KIND_FLOAT32_VECTOR,
+    "float16": _codec.KIND_FLOAT16_VECTOR,
+    "int8": _codec.KIND_INT8_VECTOR,
+}
 
 KeyType = str  # "int64" or "string"
 KEY_TYPES = ("int64", "string")
@@ -43,15 +55,19 @@ _SCALARS: dict[str, tuple[int, pa.DataType, np.dtype | None]] = {
 
 @dataclass(frozen=True, slots=True)
 class DType:
-    """A feature's type: ``kind`` is the codec's KIND_*, ``dim`` the length of a float32[N]."""
+    """A feature's type: ``kind`` is the codec's KIND_* of the values a user writes and
+    reads, ``dim`` the length of a float32[N], ``storage`` how a float32[N] is stored
+    ("" as float32, "float16" or "int8": lossy, see ``codec_kind``)."""
 
     name: str
     kind: int
     dim: int = 0
+    storage: str = ""
 
     @classmethod
     def parse(cls, text: str) -> DType:
-        """Parse ``"float32"``, ``"float32[64]"``, ``"int64[]"`` …; InvalidArgument otherwise."""
+        """Parse ``"float32"``, ``"float32[64]"``, ``"float32[64]:int8"``, ``"int64[]"`` …;
+        InvalidArgument otherwise."""
         text = text.strip()
         if text in _SCALARS:
             return cls(text, _SCALARS[text][0])
@@ -60,11 +76,18 @@ class DType:
             dim = int(m.group(1))
             if not 1 <= dim <= 65536:
                 raise InvalidArgument(f"dtype {text!r}: the dimension must be 1 to 65536")
-            return cls(text, _codec.KIND_FLOAT32_VECTOR, dim)
+            return cls(text, _codec.KIND_FLOAT32_VECTOR, dim, m.group(2) or "")
         raise InvalidArgument(
             f"unknown dtype {text!r}; expected one of bool, int32, int64, float32, float64, "
-            "string, bytes, float32[N], int64[]"
+            "string, bytes, float32[N], float32[N]:float16, float32[N]:int8, int64[]"
         )
+
+    @property
+    def codec_kind(self) -> int:
+        """The KIND_* of the stored bytes: ``kind`` except for a float16/int8 float32[N]."""
+        if self.kind == _codec.KIND_FLOAT32_VECTOR:
+            return _VECTOR_KINDS[self.storage]
+        return self.kind
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -200,7 +223,7 @@ class TableSchema:
         """The codec's byte layout of this schema."""
         return _codec.Layout(
             self.schema_id,
-            [f.dtype.kind for f in self.features],
+            [f.dtype.codec_kind for f in self.features],
             [f.dtype.dim for f in self.features],
         )
 

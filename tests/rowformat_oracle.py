@@ -2,8 +2,8 @@
 
 The Cython codec (ext/codec.pyx) is tested against this module, so it stays slow and
 obvious: one ``struct`` call per field, one feature at a time, no numpy. Values are
-Python objects: bool, int, float, str, bytes, list[float] (float32[N]) and list[int]
-(int64[]); None is a null.
+Python objects: bool, int, float, str, bytes, list[float] (float32[N], stored as
+float32, float16 or int8) and list[int] (int64[]); None is a null.
 
 Delta rows (format 2) and the operations on them (apply, delete, overlay, compact)
 work on a feature's stored bytes (a "cell": its fixed field or its var data, None for
@@ -12,6 +12,7 @@ sloppy row's true bool 0x80 stays 0x80, while the bytes of a null become zero.
 Event times, snapshot times and TTLs are int64 microseconds.
 """
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -22,6 +23,14 @@ HEADER_SIZE = HEADER.size  # 13
 BOOL, INT32, INT64, FLOAT32, FLOAT64, FLOAT32_VECTOR, STRING, BYTES, INT64_LIST = range(9)
 KINDS = (BOOL, INT32, INT64, FLOAT32, FLOAT64, FLOAT32_VECTOR, STRING, BYTES, INT64_LIST)
 VAR_KINDS = (STRING, BYTES, INT64_LIST)
+# float32[N] stored lossily (kinds 9 and 10). Kept out of KINDS, which the shared
+# strategies draw from with any float32 (these refuse some): tests/test_quantized.py
+# draws them itself.
+FLOAT16_VECTOR, INT8_VECTOR = 9, 10
+QUANTIZED_KINDS = (FLOAT16_VECTOR, INT8_VECTOR)
+VECTOR_KINDS = (FLOAT32_VECTOR, *QUANTIZED_KINDS)
+ALL_KINDS = (*KINDS, *QUANTIZED_KINDS)
+FLOAT16_OVERFLOW = 65520.0  # a finite |x| at or above this rounds to inf as a half
 
 # struct format of one value of a fixed kind other than float32[N]
 SCALAR_FORMATS = {BOOL: "<?", INT32: "<i", INT64: "<q", FLOAT32: "<f", FLOAT64: "<d"}
@@ -58,11 +67,15 @@ def fixed_width(kind: int, dim: int) -> int:
         return 0
     if kind == FLOAT32_VECTOR:
         return 4 * dim
+    if kind == FLOAT16_VECTOR:
+        return 2 * dim
+    if kind == INT8_VECTOR:
+        return 4 + dim
     return struct.calcsize(SCALAR_FORMATS[kind])
 
 
 def layout(kinds: list[int], dims: list[int]) -> RowLayout:
-    dims = [dim if kind == FLOAT32_VECTOR else 0 for kind, dim in zip(kinds, dims, strict=True)]
+    dims = [dim if kind in VECTOR_KINDS else 0 for kind, dim in zip(kinds, dims, strict=True)]
     bitmap_size = (len(kinds) + 7) // 8
     widths = [fixed_width(kind, dim) for kind, dim in zip(kinds, dims, strict=True)]
     offsets, var_index, var_features = [], [], []
@@ -89,12 +102,57 @@ def layout(kinds: list[int], dims: list[int]) -> RowLayout:
     )
 
 
+def float32(x: float) -> float:
+    """x rounded to the nearest float32 (ties to even)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def encode_half(x: float) -> bytes:
+    """One IEEE half, rounded to nearest even (struct's "e"); NaN as 0x7e00 with its sign.
+
+    ValueError for a finite value that would round to inf: the codec refuses it."""
+    if math.isnan(x):
+        return struct.pack("<H", 0xFE00 if math.copysign(1.0, x) < 0 else 0x7E00)
+    if math.isfinite(x) and abs(x) >= FLOAT16_OVERFLOW:
+        raise ValueError(f"{x!r} is beyond float16's range")
+    return struct.pack("<e", x)
+
+
+def quantize_int8(values: list[float]) -> tuple[float, list[int]]:
+    """(scale, codes): s = max|x| / 127 as a float32 rounded toward zero,
+    q = round-half-even(x / s)
+    clipped to [-127, 127]; a zero vector (or one whose scale underflows) is s = 0, q = 0.
+
+    ValueError for NaN or inf: the codec refuses them."""
+    if not all(math.isfinite(x) for x in values):
+        raise ValueError("int8 storage holds finite values only")
+    exact = max(abs(x) for x in values) / 127
+    scale = float32(exact)
+    if scale > exact:  # toward zero, so that 127 s <= max|x| (FLT_MAX stays finite)
+        scale = struct.unpack(
+            "<f", struct.pack("<I", struct.unpack("<I", struct.pack("<f", scale))[0] - 1)
+        )[0]
+    if scale == 0:
+        return 0.0, [0] * len(values)
+    return scale, [max(-127, min(127, round(x / scale))) for x in values]
+
+
+def dequantize_int8(scale: float, codes: list[int]) -> list[float]:
+    """float32(q * s): the product is exact in a double, then rounded once."""
+    return [float32(q * scale) for q in codes]
+
+
 def encode_value(kind: int, dim: int, value) -> bytes:
     """The bytes of one non-null value: its fixed field or its var data."""
+    if kind in VECTOR_KINDS and len(value) != dim:
+        raise ValueError(f"a float32[{dim}] value has {len(value)} elements")
     if kind == FLOAT32_VECTOR:
-        if len(value) != dim:
-            raise ValueError(f"a float32[{dim}] value has {len(value)} elements")
         return struct.pack(f"<{dim}f", *value)
+    if kind == FLOAT16_VECTOR:
+        return b"".join(encode_half(float32(x)) for x in value)
+    if kind == INT8_VECTOR:
+        scale, codes = quantize_int8([float32(x) for x in value])
+        return struct.pack(f"<f{dim}b", scale, *codes)
     if kind == STRING:
         return value.encode("utf-8")
     if kind == BYTES:
@@ -107,6 +165,11 @@ def encode_value(kind: int, dim: int, value) -> bytes:
 def decode_value(kind: int, dim: int, raw: bytes):
     if kind == FLOAT32_VECTOR:
         return list(struct.unpack(f"<{dim}f", raw))
+    if kind == FLOAT16_VECTOR:
+        return list(struct.unpack(f"<{dim}e", raw))
+    if kind == INT8_VECTOR:
+        scale, *codes = struct.unpack(f"<f{dim}b", raw)
+        return dequantize_int8(scale, codes)
     if kind == STRING:
         return raw.decode("utf-8")
     if kind == BYTES:

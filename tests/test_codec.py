@@ -243,8 +243,10 @@ def test_layout_constants():
         codec.KIND_STRING,
         codec.KIND_BYTES,
         codec.KIND_INT64_LIST,
+        codec.KIND_FLOAT16_VECTOR,
+        codec.KIND_INT8_VECTOR,
     ]
-    assert kinds == list(oracle.KINDS)
+    assert kinds == list(oracle.ALL_KINDS)
 
 
 def test_layout_ignores_dims_of_other_kinds():
@@ -256,8 +258,10 @@ def test_layout_ignores_dims_of_other_kinds():
 @pytest.mark.parametrize(
     ("schema_id", "kinds", "dims", "message"),
     [
-        (1, [9], [0], "kind 9"),
+        (1, [11], [0], "kind 11"),
         (1, [-1], [0], "kind -1"),
+        (1, [9], [0], "dim"),
+        (1, [10], [-2], "dim"),
         (1, [5], [0], "dim"),
         (1, [5], [-2], "dim"),
         (-1, [0], [0], "u32"),

@@ -78,7 +78,7 @@ def describe(table: str, address: str, timeout: float) -> None:
     multiple=True,
     metavar="NAME:DTYPE",
     help="a feature (repeat the option, or separate with commas); dtypes: bool int32 int64 "
-    "float32 float64 string bytes float32[N] int64[]",
+    "float32 float64 string bytes float32[N] float32[N]:float16 float32[N]:int8 int64[]",
 )
 @click.option(
     "--ttl",
