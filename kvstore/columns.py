@@ -238,8 +238,8 @@ def codec_column(arr: pa.Array, dtype: DType, table: str, column: str) -> tuple:
         if child.null_count:
             # A null value's elements are null too when Arrow casts a null to a list
             # (``[None]``): only a null inside a valid value is an error.
-            inside = np.asarray(child.is_null().to_numpy(zero_copy_only=False))
-            inside = inside.reshape(n, dtype.dim).any(axis=1)
+            nulls = np.asarray(child.is_null().to_numpy(zero_copy_only=False))
+            inside = nulls.reshape(n, dtype.dim).any(axis=1)
             if valid is None or (inside & valid.astype(bool)).any():
                 _raise_null_element(arr, table, column, dtype)
             child = pc.fill_null(child, 0.0)
