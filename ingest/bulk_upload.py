@@ -190,15 +190,13 @@ class LoadSession:
                 f"node {holders[0]} is not in a cluster, yet the map names {len(holders)} "
                 "nodes for the table"
             )
-        for address, response in zip(
-            holders[1:],
-            self._on_each(
-                holders[1:],
-                lambda a: self._begin_on(a, label, snapshot_time_us, schema_id, self.version),
-            ),
-            strict=True,
-        ):
+
+        def begin_other(address: str) -> None:
+            response = self._begin_on(address, label, snapshot_time_us, schema_id, self.version)
+            # Recorded at once, so that abort() reaches it even if another node refused.
             self.load_ids[address] = response.load_id
+
+        self._on_each(holders[1:], begin_other)
         logger.info(
             "load %s of table %r began on %d node(s): version %d, lease %.0f s",
             self.load_id,
