@@ -1,15 +1,19 @@
 """The node side of a bulk load, seen from the loader: the table, begin, upload, commit.
 
 ``SeedNode`` is the node the loader was pointed at: it describes (or creates, or
-drops) the table and says which node owns each shard. ``BeginLoad`` (on the seed
-node) opens the load, names the version it will become and the table format to
-build; each file of a shard's database is streamed with ``UploadShardFile`` to the
-node that owns its shard, in chunks of ``CHUNK_BYTES`` with the
-file's crc32 in the last chunk, by a few uploader threads per node, while the loader
-goes on writing: a table file as soon as it is flushed (it never changes again), the
-database's other files when it is closed; ``CommitLoad`` makes the version current on
-every shard at once. Any failure aborts the load (``AbortLoad``), so the node drops
-what it staged.
+drops) the table and says which node owns each shard. ``BeginLoad`` opens the load
+on the node of shard 0, which names the version it will become and the table format
+to build; in a cluster (the node says so) the load is then begun with that version on
+every other node holding a shard. Each file of a shard's database is streamed with
+``UploadShardFile`` to the node that owns its shard, in chunks of ``CHUNK_BYTES`` with
+the file's crc32 in the last chunk, by a few uploader threads per node, while the
+loader goes on writing: a table file as soon as it is flushed (it never changes
+again), the database's other files when it is closed. Alone, ``CommitLoad`` makes the
+version current on every shard at once; in a cluster every node stages its shards
+(``CommitLoad`` with ``stage``), then ``PublishVersion`` makes the version current by
+one etcd transaction and the loader waits until every node serves it. Any failure
+before that aborts the load on every node (``AbortLoad``), so each drops what it
+staged and the old version stays current everywhere.
 
 The loader speaks to the nodes through the wire layer (``kvstore.wire``), not through
 ``kvstore.Client``: ``Client.load`` runs the loader, so the loader importing the
@@ -26,6 +30,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import grpc
 
@@ -48,6 +53,8 @@ MAX_QUEUED_FILES = 8
 #: UploadShardFile calls in flight per node.
 STREAMS_PER_NODE = 4
 _ABORT_TIMEOUT_S = 10.0
+#: How often the loader asks whether a node serves a published version (s).
+_POLL_S = 0.02
 
 
 class _Nodes:
@@ -135,6 +142,12 @@ class LoadSession:
         self._uploaders: dict[str, _Uploader] = {}
         self._owner_of: list[str] = []
         self.files_per_shard: list[int] = []
+        #: node address → the load's id there (one node alone; every holder of a
+        #: shard in a cluster, the first one being the one that allocated the version).
+        self.load_ids: dict[str, str] = {}
+        self.clustered = False
+        #: True once PublishVersion succeeded: the load can no longer be aborted.
+        self.published = False
 
     def stub(self, address: str) -> pb_grpc.FeatureStoreStub:
         return self._nodes.stub(address)
@@ -150,38 +163,70 @@ class LoadSession:
         nodes: list[str],
         schema_id: int = 0,
     ) -> None:
-        """Open the load; ``owners[shard]`` indexes ``nodes`` (host:port to dial).
+        """Open the load on the node of shard 0, then (a cluster) with the version it
+        allocated on every other node holding a shard; ``owners[shard]`` indexes
+        ``nodes`` (host:port to dial).
 
         ``schema_id``: the schema the rows were encoded with (the node refuses another).
         """
-        response = self._call(
-            self.seed,
-            "BeginLoad",
-            pb.BeginLoadRequest(
-                table=self.table,
-                label=label,
-                snapshot_time_us=snapshot_time_us,
-                schema_id=schema_id,
-            ),
-        )
-        self.load_id = response.load_id
-        self.version = response.version
-        self.lease_s = response.lease_s
-        self.base_format = response.base_format
-        if not self.base_format:
-            raise KvstoreError(
-                f"node {self.seed} did not name a table format for the load: it is older than "
-                "this loader; upgrade kvstore on the node"
-            )
         self._owner_of = [nodes[i] for i in owners]
         self.files_per_shard = [0] * len(owners)
+        # Nodes in order of their first shard, so the first one allocates the version.
+        holders = list(dict.fromkeys(self._owner_of)) or [self.seed]
+        first = self._begin_on(holders[0], label, snapshot_time_us, schema_id, 0)
+        self.load_id = first.load_id
+        self.version = first.version
+        self.lease_s = first.lease_s
+        self.base_format = first.base_format
+        self.clustered = first.clustered
+        self.load_ids = {holders[0]: first.load_id}
+        if not self.base_format:
+            raise KvstoreError(
+                f"node {holders[0]} did not name a table format for the load: it is older "
+                "than this loader; upgrade kvstore on the node"
+            )
+        if not self.clustered and len(holders) > 1:
+            raise KvstoreError(
+                f"node {holders[0]} is not in a cluster, yet the map names {len(holders)} "
+                "nodes for the table"
+            )
+
+        def begin_other(address: str) -> None:
+            response = self._begin_on(address, label, snapshot_time_us, schema_id, self.version)
+            # Recorded at once, so that abort() reaches it even if another node refused.
+            self.load_ids[address] = response.load_id
+
+        self._on_each(holders[1:], begin_other)
         logger.info(
-            "load %s of table %r began: version %d, lease %.0f s",
+            "load %s of table %r began on %d node(s): version %d, lease %.0f s",
             self.load_id,
             self.table,
+            len(self.load_ids),
             self.version,
             self.lease_s,
         )
+
+    def _begin_on(
+        self, address: str, label: str, snapshot_time_us: int, schema_id: int, version: int
+    ) -> pb.BeginLoadResponse:
+        request = pb.BeginLoadRequest(
+            table=self.table,
+            label=label,
+            snapshot_time_us=snapshot_time_us,
+            schema_id=schema_id,
+            version=version,
+        )
+        return self._call(address, "BeginLoad", request)
+
+    def _on_each(self, addresses: list[str], call: Callable[[str], object]) -> list:
+        """``call(address)`` for every address at once (one thread each); the results in
+        order, or the first error once all have finished (so none is left running)."""
+        if len(addresses) <= 1:
+            return [call(a) for a in addresses]
+        with ThreadPoolExecutor(len(addresses), thread_name_prefix="kvstore-load") as pool:
+            futures = [pool.submit(call, a) for a in addresses]
+            wait(futures)
+        return [f.result() for f in futures]
 
     def upload(self, shard: int, name: str, path: str, size: int) -> None:
         """Queue one file of a shard's database (a flushed table file, or one of the
@@ -220,32 +265,87 @@ class LoadSession:
         return self.bytes_sent
 
     def commit(self, rows_per_shard: list[int]) -> pb.CommitLoadResponse:
-        return self._call(
-            self.seed,
-            "CommitLoad",
-            pb.CommitLoadRequest(
-                load_id=self.load_id,
-                files_per_shard=self.files_per_shard,
-                rows=sum(rows_per_shard),
-                rows_per_shard=rows_per_shard,
-            ),
+        """Make the version current: alone, the one node's commit swaps it in; in a
+        cluster, every node stages its shards (in parallel), then the node of shard 0
+        publishes the version (one etcd transaction) and the loader waits until every
+        node serves it. The response of the first node (``cold_bytes_written``: the
+        sum over the nodes)."""
+        if not self.clustered:
+            return self._commit_on(self.seed_address, rows_per_shard, stage=False)
+        addresses = list(self.load_ids)
+        responses = self._on_each(addresses, lambda a: self._commit_on(a, rows_per_shard, True))
+        self._call(
+            addresses[0],
+            "PublishVersion",
+            pb.PublishVersionRequest(table=self.table, version=self.version),
         )
+        self.published = True
+        self._wait_current(addresses)
+        first = responses[0]
+        first.cold_bytes_written = sum(r.cold_bytes_written for r in responses)
+        first.ingest_s = max(r.ingest_s for r in responses)
+        return first
+
+    @property
+    def seed_address(self) -> str:
+        """The node the load began on (alone: the only one)."""
+        return next(iter(self.load_ids), self.seed)
+
+    def _commit_on(
+        self, address: str, rows_per_shard: list[int], stage: bool
+    ) -> pb.CommitLoadResponse:
+        """CommitLoad on one node, with the counts of the shards sent to it (zero for
+        the others: the node makes them empty databases it never serves)."""
+        mine = [owner == address for owner in self._owner_of]
+        rows = [r if m else 0 for r, m in zip(rows_per_shard, mine, strict=True)]
+        files = [f if m else 0 for f, m in zip(self.files_per_shard, mine, strict=True)]
+        request = pb.CommitLoadRequest(
+            load_id=self.load_ids[address],
+            files_per_shard=files,
+            rows=sum(rows),
+            rows_per_shard=rows,
+            stage=stage,
+        )
+        return self._call(address, "CommitLoad", request)
+
+    def _wait_current(self, addresses: list[str]) -> None:
+        """Wait (the loader's timeout) until every node serves the published version:
+        each follows the placement within milliseconds, and ``load`` returning means
+        every read sees the new version."""
+        deadline = time.monotonic() + self.timeout
+        request = pb.DescribeTableRequest(table=self.table)
+        for address in addresses:
+            while self._call(address, "DescribeTable", request).version != self.version:
+                if time.monotonic() > deadline:
+                    raise KvstoreError(
+                        f"table {self.table!r}: version {self.version} was published, but "
+                        f"node {address} did not serve it within {self.timeout:g} s"
+                    )
+                time.sleep(_POLL_S)
 
     def abort(self) -> None:
-        """Best effort: tell the node to drop the load (it also drops it when the lease ends)."""
+        """Best effort: tell every node to drop the load (each also drops it when the
+        lease ends). Once published, the version stays: the placement names it."""
         for uploader in self._uploaders.values():
             uploader.cancel()
-        if not self.load_id:
+        if self.published:
             return
-        try:
-            self._call(
-                self.seed,
-                "AbortLoad",
-                pb.AbortLoadRequest(load_id=self.load_id),
-                timeout=min(self.timeout, _ABORT_TIMEOUT_S),
-            )
-        except KvstoreError as exc:
-            logger.warning("could not abort load %s of %r: %s", self.load_id, self.table, exc)
+        timeout = min(self.timeout, _ABORT_TIMEOUT_S)
+
+        def abort_on(address: str) -> None:
+            request = pb.AbortLoadRequest(load_id=self.load_ids[address])
+            try:
+                self._call(address, "AbortLoad", request, timeout=timeout)
+            except KvstoreError as exc:
+                logger.warning(
+                    "could not abort load %s of %r on %s: %s",
+                    self.load_ids[address],
+                    self.table,
+                    address,
+                    exc,
+                )
+
+        self._on_each(list(self.load_ids), abort_on)
 
     def close(self) -> None:
         for uploader in self._uploaders.values():
@@ -341,7 +441,7 @@ class _Uploader:
                 self.error = error
 
     def _chunks(self, shard: int, name: str, path: str, size: int) -> Iterator[pb.ShardFileChunk]:
-        load_id = self.session.load_id
+        load_id = self.session.load_ids[self.address]
         crc = 0
         offset = 0
         with open(path, "rb") as f:

@@ -64,6 +64,25 @@ STALE_SCHEMA = (_codec.SchemaMismatch, SchemaChanged)
 STALE_ROUTE = (StaleMap, Unavailable)
 
 
+class MixedVersions(StaleMap):
+    """The nodes of one batch answered from different bulk versions (a load's or a
+    rollback's switch reached some nodes a moment before others): the batch is read
+    again with ``version`` pinned on every node. A StaleMap, so a caller that met it
+    outside ``get_flow`` refreshes its map and lets the flow read again."""
+
+    def __init__(self, table: str, versions: list[int]) -> None:
+        older = min(versions)
+        #: The version to read: the older one, still kept on every node (nodes keep
+        #: the previous version for rollback), unless it is 0 (no version yet, which
+        #: cannot be pinned): then the newer one.
+        self.version = older or max(versions)
+        super().__init__(
+            f"table {table!r}: one batch was answered from versions {sorted(set(versions))}; "
+            f"reading it at version {self.version}",
+            0,
+        )
+
+
 def check_timeout(timeout: Any) -> float:
     """A call's deadline in seconds: a finite number > 0, else InvalidArgument."""
     real = isinstance(timeout, numbers.Real) and not isinstance(timeout, bool)
@@ -265,12 +284,17 @@ class ClientCore:
         """Merge the node responses into request order and decode them in one pass.
 
         Raises ``_codec.SchemaMismatch`` when a row has another schema than the plan's
-        (the caller refreshes the schema and retries once).
+        (the caller refreshes the schema and retries once), MixedVersions when the
+        nodes answered from different bulk versions (the caller reads again, pinned).
         """
         if not calls:  # no keys
             empty = np.empty(0, np.int64)
             return GetResult(keys, plan, _codec.decode(plan.projection, b"", empty, empty), 0)
         schema_id = plan.schema.schema_id
+        if len(responses) > 1:
+            versions = [r.version for r in responses]
+            if min(versions) != max(versions):
+                raise MixedVersions(table, versions)
         version = 0
         blocks = []
         parts = []
@@ -524,8 +548,17 @@ class Operations(ClientCore):
         def body(schema: TableSchema) -> Flow:
             plan, batch, calls = self.start_get(table, schema, keys, features, version)
             responses = (yield calls) if calls else []
-            return self.finish_get(table, plan, batch, calls, responses)
+            try:
+                return self.finish_get(table, plan, batch, calls, responses)
+            except MixedVersions as mixed:
+                calls = self.plan_get(table, schema, batch, plan.names, mixed.version)
+                responses = yield calls
+                return self.finish_get(table, plan, batch, calls, responses)
 
+        if isinstance(stale_route, MixedVersions):  # Client.get's own read met one
+            if not version:
+                version = stale_route.version
+            stale_route = None
         if stale_route is not None:
             yield from self.refresh_map_flow(getattr(stale_route, "epoch", 0))
         rerouted = stale_route is not None

@@ -16,6 +16,12 @@
 * ``create_table`` / ``drop_table``: a compare-and-swap on the placement (one winner
   of concurrent creates; AlreadyExists for another schema), placed over the live
   joined nodes; they return once this node has applied the change.
+* Bulk versions (docs/cluster.md, "Bulk loads"): ``allocate_version`` takes a load's
+  number from the placement; ``publish_version`` sets the placement's table version by
+  one CAS; at every epoch, a table whose placement version differs from the node's
+  current one is made current here (Node.publish_version: a staged version installed,
+  a kept one current again). A node without that version logs it and keeps serving
+  the one it has (a pinned read of the missing one answers StaleMap).
 * ``stop()``: revoke the lease, so the node leaves the live set at once.
 """
 
@@ -29,10 +35,11 @@ import time
 from kvstore.cluster.etcd import Etcd, connect
 from kvstore.cluster.membership import DEFAULT_TTL_S, Membership, NodeInfo, watch_nodes
 from kvstore.cluster.placement import Placement, PlacementStore, watch_placement
-from kvstore.errors import Unavailable
+from kvstore.errors import NotFound, Unavailable
 from kvstore.schema import TableSchema
 from kvstore.server.cluster_view import ClusterView
 from kvstore.server.node import Node
+from kvstore.storage.versions import VersionMeta
 
 __all__ = ["ClusterAgent"]
 
@@ -127,6 +134,33 @@ class ClusterAgent:
         dropped = await self.store.drop_table(name)
         await self._wait(lambda: self.view.epoch >= dropped.epoch, f"the drop of {name!r}")
 
+    async def allocate_version(self, table: str) -> int:
+        """The number of a new bulk version of ``table``, the same on every node."""
+        assert self.store is not None
+        self.node.table(table)  # TableNotFound before touching the placement
+        return await self.store.allocate_version(table)
+
+    async def publish_version(self, table: str, version: int) -> VersionMeta:
+        """Make ``version`` of ``table`` current cluster-wide (one CAS on the placement);
+        return its description once this node has made it current. NotFound if this node
+        has it neither staged nor kept (nothing is changed then)."""
+        assert self.store is not None
+        local = self.node.table(table)
+        if (table, version) not in self.node.staged and version not in local.versions:
+            raise NotFound(
+                f"table {table!r}: version {version} is neither staged nor kept on node "
+                f"{self.me.node_id} (kept: {sorted(local.versions)})"
+            )
+        written = await self.store.set_version(table, version)
+        await self._wait(lambda: self.view.epoch >= written.epoch, f"version {version}")
+        local = self.node.table(table)
+        if local.current != version:
+            raise Unavailable(
+                f"table {table!r}: the placement names version {version}, but node "
+                f"{self.me.node_id} could not make it current (its log says why)"
+            )
+        return local.versions[version]
+
     async def catch_up(self, table: str, timeout_s: float = CATCH_UP_S) -> None:
         """Wait (at most ``timeout_s`` s) until this node has table ``table``: a client
         that learnt of a new table from another node may ask here a moment before this
@@ -170,12 +204,25 @@ class ClusterAgent:
                 local = None
             if local is None:
                 node.create_table(schema, schema.schema_id)
+        held = {name for name, _ in placement.held_by(self.me.node_id)}
+        for name, placed in sorted(placement.tables.items()):
+            if name in held and placed.version and node.tables[name].current != placed.version:
+                self._follow_version(name, placed.version)
         for name in sorted(set(node.tables) - set(placement.tables)):
             log.info("table %r is not in placement epoch %d: dropping it", name, placement.epoch)
             node.drop_table(name)
         self.view.apply(placement)
         held = len(placement.held_by(self.me.node_id))
         log.info("placement epoch %d applied: %d shard(s) held here", placement.epoch, held)
+
+    def _follow_version(self, name: str, version: int) -> None:
+        """Make the placement's version of ``name`` current here, if this node has it."""
+        try:
+            self.node.publish_version(name, version)
+        except NotFound as exc:
+            # Not staged here (this node restarted since, or holds no shard of the
+            # load): keep serving what it has; pinned reads of it answer StaleMap.
+            log.warning("placement version %d of %r not applied: %s", version, name, exc)
 
     async def _wait(self, condition, what: str, timeout_s: float = APPLY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s

@@ -8,6 +8,7 @@ One JSON document at ``/kvstore/<cluster>/placement`` (kvstore.cluster.etcd)::
      "tables": {"user_features": {
          "schema": {...},                 TableSchema.to_json(), with its schema id
          "version": 0,                    the current bulk version (0: none yet)
+         "next_version": 1,               the number the next bulk load gets
          "shards": [[{"node": "n1", "state": "Available"}], ...]}}}
                                           (an Initializing replica also has "source":
                                           the node it copies from)
@@ -82,6 +83,9 @@ class TablePlacement:
     schema: Mapping
     version: int = 0
     shards: tuple[tuple[Replica, ...], ...] = ()
+    #: The number the next bulk load of the table gets (never reused, even by a load
+    #: that failed: a node may hold that load's files until it tidies up).
+    next_version: int = 1
 
     @property
     def name(self) -> str:
@@ -140,6 +144,7 @@ class Placement:
                 name: {
                     "schema": dict(table.schema),
                     "version": table.version,
+                    "next_version": table.next_version,
                     "shards": [
                         [replica.to_json() for replica in replicas] for replicas in table.shards
                     ],
@@ -156,6 +161,7 @@ class Placement:
             name: TablePlacement(
                 schema=table["schema"],
                 version=table["version"],
+                next_version=table.get("next_version", table["version"] + 1),
                 shards=tuple(
                     tuple(Replica.from_json(r) for r in replicas) for replicas in table["shards"]
                 ),
@@ -261,6 +267,31 @@ class PlacementStore:
             placement.table(name)  # TableNotFound
             tables = {n: t for n, t in placement.tables.items() if n != name}
             return replace(placement, tables=tables)
+
+        return await self.update(change)
+
+    async def allocate_version(self, name: str) -> int:
+        """The number of a new bulk version of table ``name``, taken by CAS: two
+        concurrent loads get two numbers."""
+        taken = 0
+
+        def change(placement: Placement) -> Placement:
+            nonlocal taken
+            table = placement.table(name)
+            taken = max(table.next_version, table.version + 1)
+            return placement.with_table(replace(table, next_version=taken + 1))
+
+        await self.update(change)
+        return taken
+
+    async def set_version(self, name: str, version: int) -> Placement:
+        """Make ``version`` the current bulk version of table ``name`` (a load's commit,
+        or a rollback): one CAS, which every node follows; the placement written."""
+
+        def change(placement: Placement) -> Placement:
+            table = placement.table(name)
+            next_version = max(table.next_version, version + 1)
+            return placement.with_table(replace(table, version=version, next_version=next_version))
 
         return await self.update(change)
 

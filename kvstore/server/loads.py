@@ -8,6 +8,11 @@ version, open it and check it holds the rows the loader wrote, then
 Node.install_version swaps it in with one catalog write) or ``abort``.
 Staging is under the cold directory, so moving a shard in is a rename: the cold tier
 is written once.
+In a cluster (docs/cluster.md, "Bulk loads") every node holding a shard of the table
+runs its own load of the same version (``begin`` with the version the first node
+allocated), and ``commit`` with ``stage`` stops before the swap: the checked version
+waits in ``Node.staged`` until the placement's table version names it (the cluster
+agent then calls Node.publish_version), or ``abort`` discards it.
 Nothing of a load is visible before the swap; a failed or abandoned load (no upload
 for ``load_lease_s``) leaves no file behind, and the staging area is emptied at start.
 """
@@ -93,6 +98,9 @@ class LoadStaging:
         self._causes: dict[str, KvstoreError] = {}
         self._exit_at_chunk = int(os.environ.get(FAULT_EXIT_AFTER_UPLOAD_CHUNKS) or 0)
         self._chunks_received = 0
+        #: load id → (table, version) of loads committed with ``stage``, not yet
+        #: published: ``abort`` discards their version.
+        self.staged: dict[str, tuple[str, int]] = {}
 
     def open(self) -> None:
         """Remove what loads interrupted by a crash or kill left behind: the staging
@@ -142,8 +150,10 @@ class LoadStaging:
         return self._load(load_id).table
 
     def begin(
-        self, table: str, label: str, snapshot_time_us: int, schema_id: int = 0
+        self, table: str, label: str, snapshot_time_us: int, schema_id: int = 0, version: int = 0
     ) -> StagedLoad:
+        """Open a load of ``table``; ``version``: the number to load as (a cluster load's,
+        allocated in the placement), else the table's next one here."""
         t = self.node.table(table)
         if schema_id and schema_id != t.schema.schema_id:
             raise SchemaChanged(
@@ -158,8 +168,16 @@ class LoadStaging:
                     "table at a time"
                 )
         entry = t.entry
-        version = max([entry.next_version, *[v + 1 for v in entry.versions]])
-        entry.next_version = version + 1  # a failed load's number is not reused
+        if version:
+            if version in entry.versions or version <= entry.current:
+                raise LoadConflict(
+                    f"table {table!r}: version {version} is not newer than this node's "
+                    f"(current {entry.current}, kept {sorted(entry.versions)})"
+                )
+            entry.next_version = max(entry.next_version, version + 1)
+        else:
+            version = max([entry.next_version, *[v + 1 for v in entry.versions]])
+            entry.next_version = version + 1  # a failed load's number is not reused
         load_id = uuid.uuid4().hex
         now = time.monotonic()
         load = StagedLoad(
@@ -263,10 +281,16 @@ class LoadStaging:
         return f.size
 
     def commit(
-        self, load_id: str, files_per_shard: list[int], rows: int, rows_per_shard: list[int]
+        self,
+        load_id: str,
+        files_per_shard: list[int],
+        rows: int,
+        rows_per_shard: list[int],
+        stage: bool = False,
     ) -> tuple[VersionMeta, float]:
         """Move in, check and swap in the load's version; returns it and the seconds.
 
+        ``stage``: stop before the swap (Node.stage_version); a cluster publishes it.
         Any failure before the swap aborts the load and removes what it moved in: the
         current version keeps serving.
         """
@@ -279,7 +303,7 @@ class LoadStaging:
         existed = version_dir.exists()
         opened: list[Shard] = []
         try:
-            self._check_commit(load, table.schema, files_per_shard, rows, rows_per_shard)
+            self._check_commit(load, table.schema, files_per_shard, rows, rows_per_shard, stage)
             opened = self._open_shards(load, version_dir, rows_per_shard)
             cold_bytes = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
             meta = VersionMeta(
@@ -291,7 +315,11 @@ class LoadStaging:
                 now_us(),
                 load.table_format,
             )
-            self.node.install_version(load.table, meta, opened)
+            if stage:
+                self.node.stage_version(load.table, meta, opened)
+                self.staged[load_id] = (load.table, load.version)
+            else:
+                self.node.install_version(load.table, meta, opened)
         except BaseException as exc:
             for shard in opened:
                 shard.close()
@@ -316,8 +344,12 @@ class LoadStaging:
         files_per_shard: list[int],
         rows: int,
         rows_per_shard: list[int],
+        stage: bool = False,
     ) -> None:
-        """What the loader says it sent against what arrived and what the table is."""
+        """What the loader says it sent against what arrived and what the table is.
+
+        A staged load may hold no rows: in a cluster, this node's shards of the load
+        may all be empty."""
         load_id = load.load_id
         if schema.schema_id != load.schema_id:
             raise LoadConflict(f"table {load.table!r} was dropped and recreated during the load")
@@ -339,7 +371,7 @@ class LoadStaging:
                     f"load {load_id}: shard {shard} received {received[shard]} files, "
                     f"the loader sent {expected}"
                 )
-        if rows <= 0 or not any(files_per_shard):
+        if not stage and (rows <= 0 or not any(files_per_shard)):
             raise InvalidArgument(f"load {load_id}: no rows; an empty load makes no version")
         if not rows_per_shard:
             raise InvalidArgument(
@@ -398,6 +430,10 @@ class LoadStaging:
         return shards
 
     def abort(self, load_id: str) -> None:
+        """Drop the load: its staged files, or its staged version if not yet published."""
+        staged = self.staged.pop(load_id, None)
+        if staged is not None and self.node.discard_staged(*staged):
+            logger.info("table %r: bulk load %s aborted after staging", staged[0], load_id)
         load = self.loads.pop(load_id, None)
         if load is not None:
             shutil.rmtree(load.staging, ignore_errors=True)
@@ -407,6 +443,8 @@ class LoadStaging:
         """Abort loads with no upload for longer than the lease."""
         lease = self.node.config.load_lease_s
         now = time.monotonic()
+        # Staged versions published since (installed by the node) need no abort.
+        self.staged = {k: v for k, v in self.staged.items() if v in self.node.staged}
         for load in list(self.loads.values()):
             if now - load.last_activity > lease:
                 logger.warning(

@@ -13,6 +13,7 @@ another request.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvstore.config import NodeConfig
-from kvstore.errors import AlreadyExists, TableNotFound, Unavailable
+from kvstore.errors import AlreadyExists, NotFound, StaleMap, TableNotFound, Unavailable
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.server.demo import DEMO_TABLE, load_demo
@@ -60,6 +61,10 @@ class Node:
         #: The placement's view of a node in a cluster (--etcd): the shards it may serve.
         #: None when the node runs alone and holds every shard (no check is made).
         self.view: ClusterView | None = None
+        #: (table, version) → a version a load staged (moved in, opened and checked)
+        #: but not made current: publish_version installs it, discard_staged drops it.
+        #: Kept in memory only: a restart moves a staged version's files aside.
+        self.staged: dict[tuple[str, int], tuple[VersionMeta, list[Shard]]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -89,6 +94,10 @@ class Node:
     def close(self) -> None:
         self.closed = True
         self.reads.close()
+        for _meta, shards in self.staged.values():
+            for shard in shards:
+                shard.close()
+        self.staged.clear()
         for table in self.tables.values():
             table.close()
         self.tables.clear()
@@ -183,6 +192,46 @@ class Node:
         except Exception:  # the version is in; the next start or load tidies up
             logger.exception("table %r: tidying up after version %d", name, meta.version)
 
+    def stage_version(self, name: str, meta: VersionMeta, shards: list[Shard]) -> None:
+        """Hold a loaded, checked version until the cluster makes it current."""
+        self.staged[(name, meta.version)] = (meta, shards)
+        logger.info("table %r: version %d staged, %d rows", name, meta.version, meta.rows)
+
+    def discard_staged(self, name: str, version: int) -> bool:
+        """Close and delete a staged version's files; False if none was staged."""
+        staged = self.staged.pop((name, version), None)
+        if staged is None:
+            return False
+        for shard in staged[1]:
+            shard.close()
+        table = self.tables.get(name)
+        if table is not None and version not in table.versions:
+            shutil.rmtree(table.version_dir(version), ignore_errors=True)
+        logger.info("table %r: staged version %d discarded", name, version)
+        return True
+
+    def publish_version(self, name: str, version: int) -> VersionMeta:
+        """Make ``version`` of table ``name`` current: a staged one is installed, a kept
+        one becomes current again (a rollback). NotFound if this node has neither."""
+        table = self.table(name)
+        if version == table.current and version in table.versions:
+            return table.versions[version]
+        staged = self.staged.pop((name, version), None)
+        if staged is not None:
+            meta, shards = staged
+            try:
+                self.install_version(name, meta, shards)
+            except BaseException:
+                self.staged[(name, version)] = staged
+                raise
+            return meta
+        if version not in table.versions:
+            raise NotFound(
+                f"table {name!r}: version {version} is neither staged nor kept on this "
+                f"node (kept: {sorted(table.versions)})"
+            )
+        return self.rollback(name, version)
+
     def rollback(self, name: str, to_version: int = 0) -> VersionMeta:
         """Make a kept version current again: ``to_version``, or the one before current."""
         table = self.table(name)
@@ -204,6 +253,16 @@ class Node:
         table = self.table(name)
         if self.view is not None:
             self.view.check(name, keys, writing=False)
+            if version > table.current and version not in table.versions:
+                # A version the cluster published that this node has not made current
+                # yet (its placement watch is a moment behind): the client refreshes
+                # its map and retries, as for a shard it does not hold.
+                raise StaleMap(
+                    f"node {self.view.node_id} does not have version {version} of table "
+                    f"{name!r} yet (current {table.current}) at placement epoch "
+                    f"{self.view.epoch}; refresh the cluster map",
+                    self.view.epoch,
+                )
         return self.reads.get(table, keys, features, version)
 
     def write_steps(

@@ -249,14 +249,19 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @_translate_errors
     async def BeginLoad(self, request: pb.BeginLoadRequest, context: Any) -> pb.BeginLoadResponse:
+        version = request.version
+        if self.cluster is not None and not version:
+            # One number for the version on every node: allocated in the placement.
+            version = await self.cluster.allocate_version(request.table)
         load = self.loads.begin(
-            request.table, request.label, request.snapshot_time_us, request.schema_id
+            request.table, request.label, request.snapshot_time_us, request.schema_id, version
         )
         return pb.BeginLoadResponse(
             load_id=load.load_id,
             version=load.version,
             lease_s=self.node.config.load_lease_s,
             base_format=load.table_format,
+            clustered=self.cluster is not None,
         )
 
     @_translate_errors
@@ -290,6 +295,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             list(request.files_per_shard),
             request.rows,
             list(request.rows_per_shard),
+            request.stage,
         )
         return pb.CommitLoadResponse(
             version=_version_info(meta, self.node.table(table).current),
@@ -313,7 +319,22 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @_translate_errors
     async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.VersionInfo:
-        meta = self.node.rollback(request.table, request.to_version)
+        if self.cluster is not None:
+            # Cluster-wide: the placement names the kept version, every node follows.
+            target = self.node.table(request.table).entry.rollback_target(request.to_version)
+            meta = await self.cluster.publish_version(request.table, target)
+        else:
+            meta = self.node.rollback(request.table, request.to_version)
+        return _version_info(meta, self.node.table(request.table).current)
+
+    @_translate_errors
+    async def PublishVersion(
+        self, request: pb.PublishVersionRequest, context: Any
+    ) -> pb.VersionInfo:
+        if self.cluster is not None:
+            meta = await self.cluster.publish_version(request.table, request.version)
+        else:
+            meta = self.node.publish_version(request.table, request.version)
         return _version_info(meta, self.node.table(request.table).current)
 
 
