@@ -212,8 +212,8 @@ class ClusterAgent:
             log.info("table %r is not in placement epoch %d: dropping it", name, placement.epoch)
             node.drop_table(name)
         self.view.apply(placement)
-        held = len(placement.held_by(self.me.node_id))
-        log.info("placement epoch %d applied: %d shard(s) held here", placement.epoch, held)
+        shards_held = len(placement.held_by(self.me.node_id))
+        log.info("placement epoch %d applied: %d shard(s) held here", placement.epoch, shards_held)
 
     def _follow_version(self, name: str, version: int) -> None:
         """Make the placement's version of ``name`` current here, if this node has it."""
