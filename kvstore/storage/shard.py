@@ -331,6 +331,10 @@ class Shard:
                 break
             yield key, value
 
+    def flush(self) -> None:
+        """Write the memtable out to a table file (and wait for it)."""
+        self._db.flush(True)
+
     def estimate_keys(self) -> int:
         return self._db.property_int_value("rocksdb.estimate-num-keys") or 0
 
