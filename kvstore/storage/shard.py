@@ -107,7 +107,9 @@ def delta_options(cache: rocksdict.Cache, bloom_bits_per_key: float = 10.0) -> r
     opts = rocksdb_options(cache, bloom_bits_per_key)
     opts.set_prefix_extractor(rocksdict.SliceTransform.create_max_len_prefix(128))
     opts.set_allow_concurrent_memtable_write(False)
-    opts.set_memtable_factory(rocksdict.MemtableFactory.hash_link_list(DELTA_MEMTABLE_BUCKETS))
+    # rocksdict's stub omits the bucket count, which the function takes.
+    buckets = DELTA_MEMTABLE_BUCKETS
+    opts.set_memtable_factory(rocksdict.MemtableFactory.hash_link_list(buckets))  # type: ignore[call-arg]
     opts.set_memtable_prefix_bloom_ratio(0.1)
     opts.set_memtable_whole_key_filtering(True)
     return opts
