@@ -211,21 +211,6 @@ cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,
     return out
 
 
-cdef object _delta_as_row(const RowLayout* c, const RowView* d, int64_t event_time):
-    """The format-1 row of delta row d when a read takes every feature from it: its
-    null bitmap and body as stored, behind a format-1 header (two copies instead of
-    _assemble's per-feature ones: ~0.15 us a row of the benchmark's 33 features)."""
-    cdef Py_ssize_t body = ROW_HEADER_SIZE + c.bitmap_size
-    out = PyBytes_FromStringAndSize(NULL, d.length - d.shift)
-    cdef uint8_t* row = <uint8_t*>PyBytes_AS_STRING(out)
-    row[0] = ROW_FORMAT
-    store_u32(row + 1, c.schema_id)
-    store_i64(row + 5, event_time)
-    memcpy(row + ROW_HEADER_SIZE, d.row + d.bitmap_at, c.bitmap_size)
-    memcpy(row + body, d.row + body + d.shift, d.length - d.shift - body)
-    return out
-
-
 cdef class _Scratch:
     """Per-call buffers of F choices and F times."""
     cdef uint8_t* choice
@@ -395,7 +380,6 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
     cdef RowView base, delta
     cdef Py_ssize_t i, f
     cdef bint base_counts, any_delta, expired
-    cdef Py_ssize_t from_delta
     cdef int64_t t, tb, event_time
     cdef list out = [None] * n
     for i in range(n):
@@ -432,7 +416,6 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
                            or delta.deleted_at <= snapshot_time)
         tb = base.event_time if base_counts else INT64_MIN
         any_delta = False
-        from_delta = 0
         event_time = tb
         for f in range(c.n_features):
             if _bit(delta.present, f):
@@ -441,7 +424,6 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
                     scratch.choice[f] = FROM_B
                     scratch.times[f] = t
                     any_delta = True
-                    from_delta += 1
                     if t > event_time:
                         event_time = t
                     continue
@@ -460,9 +442,6 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
                     expired = True
         if not any_delta and not expired:
             out[i] = b  # the delta holds nothing newer: the base row as stored
-            continue
-        if from_delta == c.n_features and not expired:
-            out[i] = _delta_as_row(c, &delta, event_time)  # e.g. a row written online whole
             continue
         out[i] = _assemble(c, &base, &delta, scratch.choice, False, event_time, 0, NULL)
     return out
