@@ -4,6 +4,8 @@
     python -m loadtests.ab --batch-sizes 100,1000 --b KVSTORE_PARALLEL_READ_KEYS=1000000
     python -m loadtests.ab --rows 200000 --throughput 8,32 --b KVSTORE_READ_THREADS=0
     python -m loadtests.ab --a KVSTORE_BASE_FORMAT=block --b KVSTORE_BASE_FORMAT=plain
+    python -m loadtests.ab --rows 200000 --batch-sizes 100 --under-updates 3 \\
+        --b PYTHONPATH=/tmp/kvstore-before  # a copy of the package before a change
     python -m loadtests.ab --rows 200000 --batch-sizes 1 --throughput 32 \\
         --b PYTHONPATH=/tmp/uvloop-0.23     # after pip install --target /tmp/uvloop-0.23 ...
 
@@ -17,7 +19,11 @@ into B too), and the two nodes start with their own ``KVSTORE_*`` environment
 settings). One client then alternates between them round by round: p50 of each round
 and over all of them, per batch size. ``--throughput`` adds closed-loop client
 processes at those concurrencies, alternating A and B by round (uniform keys).
-Results go to ``bench/ab.json``.
+``--under-updates`` adds the reads-under-updates measurement of ``loadtests.updates``
+on both nodes: the streaming update rate of node A is measured, and then, in rounds
+alternating A and B, each node's 100-key read p99 idle and while a producer streams
+updates at half that rate (the same rate for both); the ratio busy/idle per round and
+its median. Results go to ``bench/ab.json``.
 
 Key pools hold ``--pool-keys`` keys (default: as many as the table has rows), so a
 cache cannot hold a whole pool when the table does not fit it either.
@@ -47,6 +53,7 @@ from loadtests.bulkload import write_parquet
 from loadtests.loadtest import DISTRIBUTIONS, KeyChooser
 from loadtests.servers import KvstoreNode
 from loadtests.systems import TABLE, KeyPool, KvstoreReader, KvstoreSystem
+from loadtests.updates import UpdateSettings, measure_reads_under_updates, measure_update_rate
 
 __all__ = ["main", "parse_env", "run"]
 
@@ -94,6 +101,7 @@ def run(
     samples: int = 1500,
     throughput: list[int] | None = None,
     seed: int = 20261123,
+    update_rounds: int = 0,
 ) -> dict:
     """Load, copy, start both nodes, measure; the raw figures as a dict (ms, keys/s)."""
     out: dict = {"rows": rows, "dist": dist, "a": env_a, "b": env_b, "latency": {}}
@@ -135,6 +143,8 @@ def run(
                 print(_latency_line(b, out["latency"][str(b)]), flush=True)
             if throughput:
                 out["throughput"] = _throughput(nodes, rows, batch_sizes, throughput, seed)
+            if update_rounds:
+                out["under_updates"] = _under_updates(nodes, rows, seed, update_rounds)
             out["caches"] = {n: _caches(v.address) for n, v in nodes.items()}
             out["base_formats"] = {n: _base_format(v.address) for n, v in nodes.items()}
     return out
@@ -178,6 +188,44 @@ def _throughput(nodes: dict, rows: int, batch_sizes: list[int], concs: list[int]
     }
 
 
+def _under_updates(nodes: dict, rows: int, seed: int, rounds: int) -> dict:
+    """Reads under updates (``loadtests.updates``) on each node, alternating by round."""
+    u = UpdateSettings()
+    a = nodes["a"]
+    top = measure_update_rate(a.address, a.pid, rows, seed, "stream", 3.0, u.max_in_flight)
+    rate = top["rows_per_s"] / 2
+    print(f"under updates: A streams {top['rows_per_s']:,.0f} rows/s; half: {rate:,.0f}")
+    got: dict = {n: [] for n in nodes}
+    for r in range(rounds):
+        order = list(nodes) if r % 2 == 0 else list(nodes)[::-1]
+        for n in order:
+            node = nodes[n]
+            cell = measure_reads_under_updates(
+                node.address, node.pid, rows, seed + r, rate, 4.0, u.max_in_flight
+            )
+            got[n].append(cell)
+            print(
+                f"  round {r} {n.upper()}: p99 idle {cell['no_updates']['p99_ms'] * 1e3:.0f} us, "
+                f"under {cell['updates']['rows_per_s']:,.0f} rows/s "
+                f"{cell['under_updates']['p99_ms'] * 1e3:.0f} us (x{cell['p99_ratio']:.2f})",
+                flush=True,
+            )
+    out: dict = {"stream_rows_per_s_a": top["rows_per_s"], "rate_rows_per_s": rate}
+    for n, cells in got.items():
+        out[n] = {
+            "p99_ratio_median": float(np.median([c["p99_ratio"] for c in cells])),
+            "idle_p99_ms_median": float(np.median([c["no_updates"]["p99_ms"] for c in cells])),
+            "busy_p99_ms_median": float(np.median([c["under_updates"]["p99_ms"] for c in cells])),
+            "rounds": cells,
+        }
+        print(
+            f"under updates {n.upper()}: p99 ratio median x{out[n]['p99_ratio_median']:.2f} "
+            f"(idle {out[n]['idle_p99_ms_median'] * 1e3:.0f} us, "
+            f"busy {out[n]['busy_p99_ms_median'] * 1e3:.0f} us)"
+        )
+    return out
+
+
 def _latency_line(batch: int, cell: dict) -> str:
     a, b = cell["a"], cell["b"]
     return (
@@ -206,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds alternating A and B")
     p.add_argument("--samples", type=int, default=1500, help="lookups per node and round")
     p.add_argument("--throughput", default="", help="concurrencies, e.g. 8,32 (default none)")
+    p.add_argument(
+        "--under-updates",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="rounds of reads under streaming updates per node (default none)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench"), help="where ab.json goes")
     args = p.parse_args(argv)
     try:
@@ -222,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds,
         args.samples,
         [int(x) for x in args.throughput.split(",") if x],
+        update_rounds=args.under_updates,
     )
     for key, cell in res.get("throughput", {}).items():
         a, b = cell["a"]["keys_per_s"], cell["b"]["keys_per_s"]

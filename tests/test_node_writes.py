@@ -16,7 +16,8 @@ from kvstore.columns import encode_rows
 from kvstore.config import NodeConfig
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
-from kvstore.server.node import Node
+from kvstore.server.node import Node, Position, run_steps
+from kvstore.server.writes import STEP_KEYS
 
 
 @pytest.fixture
@@ -43,7 +44,25 @@ def _read(node: Node, table: str, keys: np.ndarray) -> np.ndarray:
     return answer.lengths
 
 
-def test_a_write_yields_once_per_shard_and_each_shard_lands_whole(node: Node) -> None:
+def _x_values(node: Node, table: str, keys: np.ndarray) -> np.ndarray:
+    """Feature ``x`` (int64, never null here) of ``keys``, in request order: the last
+    8 bytes of each row (a one-feature row has no variable-width section)."""
+    answer = node.get(table, KeyBatch("int64", ints=keys), [])
+    assert (answer.lengths > 0).all()
+    ends = np.cumsum(answer.lengths)
+    raw = np.frombuffer(answer.values, np.uint8)
+    x = np.array([raw[e - 8 : e].view("<i8")[0] for e in ends], np.int64)
+    out = np.empty_like(x)
+    out[answer.order if answer.order is not None else np.arange(len(x))] = x
+    return out
+
+
+def _shard_counts(node: Node, table: str, keys: np.ndarray) -> np.ndarray:
+    batch = KeyBatch("int64", ints=keys)
+    return np.bincount(batch.shard_ids(len(node.table(table).delta)), minlength=4)
+
+
+def test_a_write_yields_after_its_checks_and_every_step_of_a_shard(node: Node) -> None:
     node.create_table(TableSchema.build("t", "int64", {"x": "int64"}, shards=4))
     keys = np.arange(1000, dtype=np.int64)
     steps = _steps(node, "t", keys, keys * 10)
@@ -55,11 +74,73 @@ def test_a_write_yields_once_per_shard_and_each_shard_lands_whole(node: Node) ->
             assert done.value == 1000
             break
         found_after_each_step.append(int((_read(node, "t", keys) >= 0).sum()))
-    assert len(found_after_each_step) == 4  # one step per shard
-    # Between steps a reader sees whole shards: the count only grows, shard by shard.
-    assert found_after_each_step == sorted(found_after_each_step)
+    # The checks, then each shard's keys STEP_KEYS at a time.
+    expected_steps = 1 + sum(-(-int(c) // STEP_KEYS) for c in _shard_counts(node, "t", keys))
+    assert len(found_after_each_step) == expected_steps
+    assert found_after_each_step[0] == 0  # the checks write nothing
+    # Between steps a reader sees whole steps: the count grows by at most STEP_KEYS.
+    grown = np.diff(found_after_each_step)
+    assert (grown >= 1).all() and (grown <= STEP_KEYS).all()
     assert found_after_each_step[-1] == 1000
-    assert 0 < found_after_each_step[0] < 1000
+
+
+def test_a_bad_row_is_refused_before_any_step_writes(node: Node) -> None:
+    node.create_table(TableSchema.build("t", "int64", {"x": "int64"}, shards=4))
+    keys = np.arange(100, dtype=np.int64)
+    schema = node.table("t").schema
+    rows = encode_rows(schema, {"key": keys, "x": keys})
+    broken = bytearray(rows.rows)
+    broken[int(rows.offsets[50])] = 0x7F  # the format byte of row 50
+    steps = node.write_steps(
+        "t", schema.schema_id, rows.keys, bytes(broken), rows.offsets, rows.features
+    )
+    with pytest.raises(kvstore.InvalidArgument, match="row 50"):
+        next(steps)
+    assert (_read(node, "t", keys) == -1).all()
+
+
+def test_the_position_lands_with_each_shards_last_step(node: Node) -> None:
+    node.create_table(TableSchema.build("t", "int64", {"x": "int64"}, shards=4))
+    keys = np.arange(400, dtype=np.int64)
+    schema = node.table("t").schema
+    rows = encode_rows(schema, {"key": keys, "x": keys})
+    position = Position("c", "topic", 0, 99)
+    steps = node.write_steps(
+        "t", schema.schema_id, rows.keys, rows.rows, rows.offsets, rows.features, position
+    )
+    per_shard = _shard_counts(node, "t", keys)
+    table = node.table("t")
+    prefix = position.key_prefix()
+    seen_with_rows = []
+    while True:
+        try:
+            next(steps)
+        except StopIteration:
+            break
+        ids = KeyBatch("int64", ints=keys).shard_ids(4)
+        for s, shard in enumerate(table.delta):
+            has_position = any(True for _ in shard.prefix_items(prefix))
+            # A shard holds the position only once all of its rows are in.
+            written = int((_read(node, "t", keys[ids == s]) >= 0).sum())
+            if has_position:
+                assert written == per_shard[s]
+                seen_with_rows.append(s)
+    assert node.consumer_positions("t", "c", "topic") == {0: 99}
+    assert set(seen_with_rows) == {0, 1, 2, 3}
+
+
+def test_repeated_keys_apply_in_request_order_across_steps(node: Node) -> None:
+    node.create_table(TableSchema.build("t", "int64", {"x": "int64"}, shards=2))
+    first = np.arange(200, dtype=np.int64)
+    keys = np.concatenate([first, first[::-1], first])
+    values = np.concatenate([first, first + 1000, first + 2000])
+    schema = node.table("t").schema
+    rows = encode_rows(schema, {"key": keys, "x": values}, event_time=1_700_000_000_000_000)
+    run_steps(
+        node.write_steps("t", schema.schema_id, rows.keys, rows.rows, rows.offsets, rows.features)
+    )
+    # Equal event times: the later write in the request wins.
+    assert _x_values(node, "t", first).tolist() == (first + 2000).tolist()
 
 
 def test_a_table_dropped_during_a_write_is_reported(node: Node) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import rocksdict
 
 from kvstore.config import NodeConfig
-from kvstore.storage.shard import base_options, base_read_options, rocksdb_options
+from kvstore.storage.shard import base_options, base_read_options, delta_options
 
 __all__ = ["Engine"]
 
@@ -26,7 +26,7 @@ class Engine:
             rocksdict.Cache(config.row_cache_bytes) if config.row_cache_bytes > 0 else None
         )
         #: Options of every delta shard.
-        self.delta_options = rocksdb_options(self._block_cache, config.bloom_bits_per_key)
+        self.delta_options = delta_options(self._block_cache, config.bloom_bits_per_key)
         self._base_options: dict[str, rocksdict.Options] = {}
         #: Read options of every base shard (see ``base_read_options``).
         self.base_read_options = base_read_options(config.verify_base_checksums)
