@@ -275,9 +275,10 @@ class Node:
         features: list[str],
         position: Position | None = None,
     ) -> Generator[None, None, int]:
-        """Apply full or partial rows to the delta, one step a shard (``Writes.write_steps``);
-        the number of rows written. Nothing runs before the first step, whose first act is
-        to refuse (StaleMap) keys of shards the node does not hold."""
+        """Apply full or partial rows to the delta in steps of at most 32 keys of one
+        shard (``Writes.write_steps``); the number of rows written. Nothing runs before
+        the first step, whose first act is to refuse (StaleMap) keys of shards the node
+        does not hold."""
         if self.view is not None:
             self.view.check(name, keys, writing=True)
         return (
@@ -293,9 +294,9 @@ class Node:
         event_time_us: int = 0,
         position: Position | None = None,
     ) -> Generator[None, None, int]:
-        """Tombstone ``keys`` at ``event_time_us`` (µs, default now), one step a shard
-        (``Writes.delete_steps``); the number of keys. StaleMap, before anything is
-        applied, for keys of shards the node does not hold."""
+        """Tombstone ``keys`` at ``event_time_us`` (µs, default now) in steps of at most 32
+        keys of one shard (``Writes.delete_steps``); the number of keys. StaleMap, before
+        anything is applied, for keys of shards the node does not hold."""
         if self.view is not None:
             self.view.check(name, keys, writing=True)
         return (

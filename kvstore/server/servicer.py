@@ -339,7 +339,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
 
 async def _drive(steps: Generator[None, None, int]) -> int:
-    """Run a write or delete, letting other calls (reads above all) run between its shards."""
+    """Run a write or delete, letting other calls (reads above all) run between its steps."""
     while True:
         try:
             next(steps)
