@@ -7,8 +7,10 @@ calls still in flight instead of waiting out the grace period; the databases are
 
 With ``--etcd`` the node joins a cluster once it has opened its tables and bound its
 ports, before it turns SERVING (``kvstore.cluster.agent``), and leaves it first when
-it stops. etcd unreachable at start, or the node id held by another live node: the
-node does not start, with a one-line error naming the etcd URL or the holder.
+it stops. Until the join has applied the placement the node refuses every read and
+write with StaleMap (epoch 0). etcd unreachable at start, the node id held by another
+live node, or a data directory of another cluster: the node does not start, with a
+one-line error naming the etcd URL, the holder or both clusters.
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ class NodeServer:
             cfg.demo = False
         self.node.open()
         self.loads.open()
+        if cfg.etcd:
+            # Until the join applies the placement a cluster node may serve nothing: an
+            # empty view refuses every key with StaleMap at epoch 0 (the fast read path
+            # answers from here on, before the join).
+            from kvstore.server.cluster_view import ClusterView
+
+            self.node.view = ClusterView(cfg.node_id or "(joining)")
         address = cfg.advertise_address or f"{cfg.host}:{self.port}"
         fast_address = ""
         if cfg.fast_port >= 0:

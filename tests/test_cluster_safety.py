@@ -1,0 +1,196 @@
+"""A clustered node never loses its data to a placement that does not know it, and
+serves nothing before it has joined.
+
+* A data directory remembers its cluster (name and uuid, kvstore.cluster.identity):
+  started with another ``--cluster``, or against a wiped etcd, the node refuses to
+  start, naming both, and its tables stay.
+* A placement from an etcd restored from an older backup does not know a table made
+  since: the node keeps that table (logged, not served) instead of destroying it.
+* Between binding its fast read port and joining, a node refuses reads with StaleMap
+  at epoch 0.
+
+Real etcd (tests/etcd_server.py) and node processes (kvstore.server.process).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from etcd_server import EtcdServer, free_port, wait_for
+from test_cluster_serving import FEATURES, Cluster, _check_all, _rows
+
+from kvstore import Client
+from kvstore.client.fast import FastConnections
+from kvstore.errors import StaleMap
+from kvstore.keys import KeyBatch
+from kvstore.server.process import NodeProcess
+from kvstore.v1 import feature_store_pb2 as pb
+
+ROWS = np.arange(10, dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
+    yield server
+    server.stop()
+
+
+def _alone(data: Path, log: Path) -> NodeProcess:
+    """The node of ``data`` started without etcd: what its tables hold, untouched."""
+    return NodeProcess(data, log_path=log).start()
+
+
+def _refused(data: Path, url: str, cluster: str, log: Path) -> str:
+    node = NodeProcess(data, "--etcd", url, "--cluster", cluster, log_path=log)
+    with pytest.raises(Exception, match="exited with 1") as caught:
+        node.start()
+    return str(caught.value)
+
+
+def test_a_node_started_with_another_cluster_name_refuses_and_keeps_its_tables(
+    tmp_path: Path, shared_etcd: EtcdServer
+) -> None:
+    etcd = shared_etcd
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        n1 = cluster.start("n1")
+        with Client(n1.address, timeout=10) as client:
+            client.create_table("t", features=FEATURES, shards=4)
+            assert client.write("t", _rows(ROWS)) == len(ROWS)
+        n1.stop()
+        typo = f"{cluster.name}x"
+        message = _refused(n1.data_dir, etcd.url, typo, tmp_path / "typo.log")
+        assert f"belongs to cluster {cluster.name!r}" in message
+        assert f"--cluster {typo!r}" in message
+        # Back with the right name: the table and its rows are there.
+        again = cluster.start("n1")
+        with Client(again.address, timeout=10) as client:
+            _check_all(client.get("t", ROWS), ROWS)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+
+
+def test_a_wiped_etcd_or_one_restored_from_an_old_backup_destroys_no_table(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "etcd-work"
+    work.mkdir()
+    etcd = EtcdServer(work).start()
+    backup = tmp_path / "etcd-backup"
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        n1 = cluster.start("n1")
+        with Client(n1.address, timeout=10) as client:
+            client.create_table("old", features=FEATURES, shards=4)
+            client.write("old", _rows(ROWS))
+        etcd.stop()
+        shutil.copytree(etcd.data_dir, backup)
+        etcd.start()
+        with Client(n1.address, timeout=10) as client:
+            wait_for(lambda: n1.running(), 5, "n1")
+            client.create_table("new", features=FEATURES, shards=4, timeout=30)
+            client.write("new", _rows(ROWS))
+        n1.stop()
+
+        # Restored from the backup: same cluster uuid, but "new" is unknown to it.
+        etcd.stop()
+        shutil.rmtree(etcd.data_dir)
+        shutil.copytree(backup, etcd.data_dir)
+        etcd.start()
+        n1 = cluster.start("n1")
+        wait_for(
+            lambda: "'new' (schema id 2) is unknown to placement" in n1.log_tail(100_000),
+            10,
+            "n1 to log that it keeps table 'new'",
+        )
+        with Client(n1.address, timeout=10) as client:
+            _check_all(client.get("old", ROWS), ROWS)
+        n1.stop()
+
+        # Wiped: the node refuses to start, naming its cluster.
+        etcd.stop()
+        etcd.wipe()
+        etcd.start()
+        message = _refused(n1.data_dir, etcd.url, cluster.name, tmp_path / "wiped.log")
+        assert "finds no placement for it in etcd" in message
+
+        # Both tables are intact on disk.
+        alone = _alone(n1.data_dir, tmp_path / "alone.log")
+        try:
+            with Client(alone.address, timeout=10) as client:
+                _check_all(client.get("old", ROWS), ROWS)
+                _check_all(client.get("new", ROWS), ROWS)
+        finally:
+            alone.stop()
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+        etcd.stop()
+
+
+def test_the_fast_read_path_refuses_reads_until_the_node_has_joined(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "etcd-work"
+    work.mkdir()
+    etcd = EtcdServer(work).start()
+    cluster = Cluster(tmp_path, etcd)
+    try:
+        n1 = cluster.start("n1")
+        with Client(n1.address, timeout=10) as client:
+            client.create_table("t", features=FEATURES, shards=4)
+            client.write("t", _rows(ROWS))
+        n1.stop()
+        etcd.kill()
+        # etcd is gone: the node binds its ports, then spends seconds failing to join.
+        fast_port = free_port()
+        node = NodeProcess(
+            n1.data_dir,
+            "--etcd",
+            etcd.url,
+            "--cluster",
+            cluster.name,
+            "--fast-port",
+            str(fast_port),
+            log_path=tmp_path / "joining.log",
+        )
+        get = pb.GetRequest(table="t", keys=KeyBatch.from_values("int64", ROWS, "t").to_proto())
+        fast = FastConnections()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            starting = pool.submit(node.start)
+            try:
+
+                def answered() -> StaleMap | bool:
+                    try:
+                        fast.get(f"127.0.0.1:{fast_port}", get.SerializeToString(), 2)
+                    except StaleMap as stale:
+                        return stale
+                    except Exception:  # not listening yet
+                        if starting.done():
+                            raise AssertionError("the node exited before its fast port answered")  # noqa: B904
+                        return False
+                    raise AssertionError("the fast read path served rows before the join")
+
+                stale = wait_for(answered, 30, "the fast port to answer")
+                assert stale.epoch == 0
+            finally:
+                fast.close()
+            with pytest.raises(Exception, match="exited with 1"):
+                starting.result(timeout=60)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+        etcd.stop()
