@@ -8,6 +8,8 @@ serves nothing before it has joined.
   since: the node keeps that table (logged, not served) instead of destroying it.
 * Between binding its fast read port and joining, a node refuses reads with StaleMap
   at epoch 0.
+* A stream consumer's position is stored on every node of the table with each batch,
+  and read back as the minimum over them: a write one node missed is not skipped.
 
 Real etcd (tests/etcd_server.py) and node processes (kvstore.server.process).
 """
@@ -22,14 +24,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from etcd_server import EtcdServer, free_port, wait_for
-from test_cluster_serving import FEATURES, Cluster, _check_all, _rows
+from test_cluster_serving import FEATURES, SHARDS, Cluster, _check_all, _rows
 
 from kvstore import Client
 from kvstore.client.fast import FastConnections
+from kvstore.columns import encode_rows
 from kvstore.errors import StaleMap
 from kvstore.keys import KeyBatch
 from kvstore.server.process import NodeProcess
 from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_channel
 
 ROWS = np.arange(10, dtype=np.int64)
 
@@ -194,3 +199,65 @@ def test_the_fast_read_path_refuses_reads_until_the_node_has_joined(
     finally:
         cluster.stop()
         etcd.stop()
+
+
+def test_consumer_positions_are_the_minimum_over_every_node_of_the_table(
+    tmp_path: Path, shared_etcd: EtcdServer
+) -> None:
+    cluster = Cluster(tmp_path, shared_etcd)
+    try:
+        for i in range(3):
+            cluster.start(f"n{i}")
+        seed = cluster.nodes["n0"]
+        with Client(seed.address, timeout=10) as client:
+            client.create_table("events", features=FEATURES, shards=SHARDS)
+            cmap = client.cluster_map()
+            owners = [cmap["nodes"][i]["address"] for i in cmap["tables"]["events"]]
+            keys = np.arange(1_000, dtype=np.int64)
+            shard_ids = KeyBatch.from_values("int64", keys, "events").shard_ids(SHARDS)
+            owner_of_key = np.array([owners[s] for s in shard_ids])
+            # A batch whose keys all live on n1 still moves every node's position.
+            on_n1 = keys[owner_of_key == cluster.nodes["n1"].address][:5]
+            client.write("events", _rows(on_n1), position=("c", "topic", 0, 7))
+            assert client.consumer_positions("events", "c", "topic") == {0: 7}
+            # A later batch lands on n0 only (n1 and n2 missed it, say a failure cut
+            # the call short): the consumer must resume before it, not after.
+            on_n0 = keys[owner_of_key == seed.address][:5]
+            position = pb.ConsumerPosition(consumer="c", source="topic", partition=0, offset=9)
+            with open_channel(seed.address) as channel:
+                stub = pb_grpc.FeatureStoreStub(channel)
+                rows = encode_rows(client.describe_table("events").schema, _rows(on_n0), "key", 1)
+                stub.Write(
+                    pb.WriteRequest(
+                        table="events",
+                        schema_id=client.describe_table("events").schema.schema_id,
+                        keys=rows.keys.to_proto(),
+                        rows=rows.rows,
+                        row_offsets=rows.offsets.astype("<i8").tobytes(),
+                        features=rows.features,
+                        position=position,
+                    ),
+                    timeout=10,
+                )
+            assert client.consumer_positions("events", "c", "topic") == {0: 7}
+            # A partition one node has never seen counts as -1 (nothing applied).
+            with open_channel(seed.address) as channel:
+                pb_grpc.FeatureStoreStub(channel).Delete(
+                    pb.DeleteRequest(
+                        table="events",
+                        keys=KeyBatch.from_values("int64", [], "events").to_proto(),
+                        position=pb.ConsumerPosition(
+                            consumer="c", source="topic", partition=1, offset=3
+                        ),
+                    ),
+                    timeout=10,
+                )
+            assert client.consumer_positions("events", "c", "topic") == {0: 7, 1: -1}
+            # Once every node has it, the position is the common one.
+            client.delete("events", [], position=("c", "topic", 1, 4))
+            assert client.consumer_positions("events", "c", "topic") == {0: 7, 1: 4}
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()

@@ -547,8 +547,12 @@ class Operations(ClientCore):
             rows = encode_rows(schema, data, key_column, stamp)
             if not len(rows):
                 return 0
-            responses = yield self.plan_write(table, schema, rows, pos)
-            return sum(r.rows_written for r in responses)
+            calls = self.plan_write(table, schema, rows, pos)
+            writes = len(calls)
+            if pos is not None:
+                calls += self._position_only(table, schema, pos, {c.address for c in calls})
+            responses = yield calls
+            return sum(r.rows_written for r in responses[:writes])
 
         return (yield from self._with_schema(table, body))
 
@@ -561,23 +565,46 @@ class Operations(ClientCore):
         def body(schema: TableSchema) -> Flow:
             batch = KeyBatch.from_values(schema.key_type, keys, table)
             if not batch.count:
-                if pos is None:
-                    return 0
-                # A position alone (a consumer's batch that wrote nothing): every node
-                # serving the table stores it.
-                request = pb.DeleteRequest(table=table, keys=batch.to_proto(), position=pos)
-                nodes = sorted(set(self.owners[table].tolist()))
-                yield [NodeCall(self.nodes[i], "Delete", request) for i in nodes]
+                if pos is not None:  # a consumer's batch that wrote nothing
+                    yield self._position_only(table, schema, pos, set())
                 return 0
-            responses = yield self.plan_delete(table, schema, batch, stamp, pos)
-            return sum(r.keys_deleted for r in responses)
+            calls = self.plan_delete(table, schema, batch, stamp, pos)
+            if pos is not None:
+                calls += self._position_only(table, schema, pos, {c.address for c in calls})
+            responses = yield calls
+            return sum(r.keys_deleted for r in responses)  # 0 from the keyless ones
 
         return (yield from self._with_schema(table, body))
 
+    def _position_only(
+        self, table: str, schema: TableSchema, pos: pb.ConsumerPosition, skip: set[str]
+    ) -> list[NodeCall]:
+        """A keyless request storing ``pos`` on each node serving ``table`` but those in
+        ``skip`` (they store it with their keys): every owner then holds the position of
+        every batch, and the minimum over them (positions_flow) is never past a write
+        that a node missed."""
+        request = pb.DeleteRequest(
+            table=table,
+            keys=KeyBatch.from_values(schema.key_type, [], table).to_proto(),
+            position=pos,
+        )
+        nodes = dict.fromkeys(self.nodes[i] for i in self.owners[table].tolist())
+        return [NodeCall(node, "Delete", request) for node in nodes if node not in skip]
+
     def positions_flow(self, table: str, consumer: str, source: str) -> Flow:
+        """partition → last offset stored, as the minimum over every node serving the
+        table (-1 for a partition a node has none of): a consumer resuming there skips
+        nothing that any node missed."""
         request = pb.ConsumerPositionsRequest(table=table, consumer=consumer, source=source)
-        response = yield from self._one("GetConsumerPositions", request)
-        return {p.partition: p.offset for p in response.positions}
+
+        def body(schema: TableSchema) -> Flow:
+            nodes = dict.fromkeys(self.nodes[i] for i in self.owners[table].tolist())
+            responses = yield [NodeCall(n, "GetConsumerPositions", request) for n in nodes]
+            held = [{p.partition: p.offset for p in r.positions} for r in responses]
+            partitions = sorted(set().union(*held))
+            return {p: min(offsets.get(p, -1) for offsets in held) for p in partitions}
+
+        return (yield from self._with_schema(table, body))
 
     def stats_flow(self) -> Flow:
         response = yield from self._one("Stats", pb.StatsRequest())
