@@ -10,6 +10,8 @@ serves nothing before it has joined.
   at epoch 0.
 * A stream consumer's position is stored on every node of the table with each batch,
   and read back as the minimum over them: a write one node missed is not skipped.
+* A client never replaces its cluster map by an older one (by epoch), and swaps it
+  whole.
 
 Real etcd (tests/etcd_server.py) and node processes (kvstore.server.process).
 """
@@ -27,6 +29,7 @@ from etcd_server import EtcdServer, free_port, wait_for
 from test_cluster_serving import FEATURES, SHARDS, Cluster, _check_all, _rows
 
 from kvstore import Client
+from kvstore.client.core import Operations
 from kvstore.client.fast import FastConnections
 from kvstore.columns import encode_rows
 from kvstore.errors import StaleMap
@@ -261,3 +264,45 @@ def test_consumer_positions_are_the_minimum_over_every_node_of_the_table(
         raise
     finally:
         cluster.stop()
+
+
+def _map(epoch: int, addresses: list[str], owner: list[int]) -> pb.ClusterMap:
+    return pb.ClusterMap(
+        epoch=epoch,
+        nodes=[pb.NodeInfo(node_id=f"n{i}", address=a) for i, a in enumerate(addresses)],
+        tables=[pb.TableShards(table="t", owner=owner)],
+    )
+
+
+def _drive(flow, answers: dict[str, pb.ClusterMap]) -> list[str]:
+    """Run a client flow (kvstore.client.core's sans-I/O generators), answering each
+    GetClusterMap from ``answers`` by address; the addresses asked, in order."""
+    asked = []
+    try:
+        calls = next(flow)
+        while True:
+            asked += [c.address for c in calls]
+            calls = flow.send([answers[c.address] for c in calls])
+    except StopIteration:
+        return asked
+
+
+def test_the_client_never_swaps_its_map_for_an_older_one() -> None:
+    ops = Operations("127.0.0.1:7001", 5)
+    newer = _map(5, ["127.0.0.1:7001", "127.0.0.1:7002"], [0, 1])
+    ops.apply_cluster_map(newer)
+    # The seed lags (its watch is behind): the client asks the other node too, and
+    # keeps the newer map it had.
+    lagging = _map(3, ["127.0.0.1:7001"], [0, 0])
+    asked = _drive(ops.refresh_map_flow(), {"127.0.0.1:7001": lagging, "127.0.0.1:7002": newer})
+    assert asked == ["127.0.0.1:7001", "127.0.0.1:7002"]
+    assert ops.epoch == 5 and list(ops.nodes) == ["127.0.0.1:7001", "127.0.0.1:7002"]
+    np.testing.assert_array_equal(ops.owners["t"], [0, 1])
+    before = ops.route
+    ops.apply_cluster_map(lagging)
+    assert ops.route is before
+    # One snapshot: nodes, owners and the one-node shortcut come from the same map.
+    ops.apply_cluster_map(_map(6, ["127.0.0.1:7003"], [0, 0]))
+    route = ops.route
+    assert route.epoch == 6 and route.nodes == ("127.0.0.1:7003",)
+    assert route.sole == {"t": "127.0.0.1:7003"}
