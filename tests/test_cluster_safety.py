@@ -10,6 +10,8 @@ serves nothing before it has joined.
   at epoch 0.
 * A stream consumer's position is stored on every node of the table with each batch,
   and read back as the minimum over them: a write one node missed is not skipped.
+* A malformed placement document in etcd is logged and skipped; the node follows
+  the next good one.
 * A client never replaces its cluster map by an older one (by epoch), and swaps it
   whole.
 
@@ -18,7 +20,9 @@ Real etcd (tests/etcd_server.py) and node processes (kvstore.server.process).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +35,7 @@ from test_cluster_serving import FEATURES, SHARDS, Cluster, _check_all, _rows
 from kvstore import Client
 from kvstore.client.core import Operations
 from kvstore.client.fast import FastConnections
+from kvstore.cluster.etcd import connect
 from kvstore.columns import encode_rows
 from kvstore.errors import StaleMap
 from kvstore.keys import KeyBatch
@@ -306,3 +311,50 @@ def test_the_client_never_swaps_its_map_for_an_older_one() -> None:
     route = ops.route
     assert route.epoch == 6 and route.nodes == ("127.0.0.1:7003",)
     assert route.sole == {"t": "127.0.0.1:7003"}
+
+
+def _edit_placement(url: str, cluster: str, edit) -> None:
+    """Replace the placement document in etcd by ``edit(the document's bytes)``."""
+
+    async def run() -> None:
+        store = await connect(url, cluster)
+        try:
+            entry = await store.get(store.keys.placement)
+            await store.client.put(store.keys.placement, edit(entry.value))
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_malformed_placement_in_etcd_is_skipped_and_the_node_follows_the_next(
+    tmp_path: Path, shared_etcd: EtcdServer
+) -> None:
+    cluster = Cluster(tmp_path, shared_etcd)
+    try:
+        n1 = cluster.start("n1")
+        with Client(n1.address, timeout=10) as client:
+            client.create_table("before", features=FEATURES, shards=2)
+            kept = {}
+
+            def garble(doc: bytes) -> bytes:
+                kept["doc"] = json.loads(doc)
+                return b'{"epoch": 99, "tables": '
+
+            _edit_placement(shared_etcd.url, cluster.name, garble)
+            wait_for(
+                lambda: "is malformed" in n1.log_tail(100_000), 10, "n1 to log the bad document"
+            )
+            assert n1.running()
+            _check_all(client.get("before", ROWS[:0]), ROWS[:0])
+            # An operator puts a good document back: the node follows on.
+            doc = {**kept["doc"], "epoch": kept["doc"]["epoch"] + 1}
+            _edit_placement(shared_etcd.url, cluster.name, lambda _: json.dumps(doc).encode())
+            client.create_table("after", features=FEATURES, shards=2, timeout=30)
+            assert client.write("after", _rows(ROWS)) == len(ROWS)
+            _check_all(client.get("after", ROWS), ROWS)
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from kvstore.cluster.etcd import Etcd, connect
 from kvstore.cluster.identity import (
@@ -67,8 +68,12 @@ class ClusterAgent:
         cluster: str,
         me: NodeInfo,
         ttl_s: int = DEFAULT_TTL_S,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self.node = node
+        #: Called when following the cluster stopped unexpectedly: the node must not
+        #: serve on with a view nobody updates (kvstore.server.app stops it).
+        self.on_failure = on_failure
         self.url = url
         self.cluster = cluster
         self.me = me
@@ -103,6 +108,8 @@ class ClusterAgent:
                 asyncio.create_task(self._follow_placement(), name="cluster-placement"),
                 asyncio.create_task(self._follow_nodes(), name="cluster-nodes"),
             ]
+            for task in self._tasks:
+                task.add_done_callback(self._task_ended)
             await self._wait(lambda: self.view.epoch > 0, "the cluster's placement")
         except BaseException:
             await self.stop()
@@ -115,14 +122,30 @@ class ClusterAgent:
             len(self.view.placement.tables),
         )
 
+    def _task_ended(self, task: asyncio.Task) -> None:
+        # The follow tasks run for the node's life: one that ends (other than by
+        # stop()'s cancel) leaves the node serving a view that no longer changes.
+        if task.cancelled() or task not in self._tasks:
+            return
+        error = task.exception()
+        log.critical(
+            "node %s: %s ended unexpectedly (%s); stopping the node",
+            self.me.node_id,
+            task.get_name(),
+            f"{type(error).__name__}: {error}" if error else "returned",
+            exc_info=error,
+        )
+        if self.on_failure is not None:
+            self.on_failure()
+
     async def stop(self) -> None:
         """Stop following the cluster and deregister (the lease is revoked)."""
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
         if self.membership is not None:
             await self.membership.stop()
             self.membership = None

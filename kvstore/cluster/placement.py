@@ -308,7 +308,17 @@ async def watch_placement(etcd: Etcd) -> AsyncIterator[Placement]:
                     "the placement is missing from etcd at %s; keeping epoch %d", etcd.url, epoch
                 )
             continue
-        placement = Placement.from_json(entry.value)
+        try:
+            placement = Placement.from_json(entry.value)
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            log.error(
+                "the placement in etcd at %s is malformed (%s: %s); keeping epoch %d",
+                etcd.url,
+                type(exc).__name__,
+                exc,
+                epoch,
+            )
+            continue
         if placement.epoch <= epoch:
             if placement.epoch < epoch:
                 log.warning(
