@@ -12,6 +12,7 @@ serves nothing before it has joined.
   and read back as the minimum over them: a write one node missed is not skipped.
 * A malformed placement document in etcd is logged and skipped; the node follows
   the next good one.
+* A drop retried on another node after a lost answer succeeds.
 * A client never replaces its cluster map by an older one (by epoch), and swaps it
   whole.
 
@@ -37,7 +38,7 @@ from kvstore.client.core import Operations
 from kvstore.client.fast import FastConnections
 from kvstore.cluster.etcd import connect
 from kvstore.columns import encode_rows
-from kvstore.errors import StaleMap
+from kvstore.errors import StaleMap, TableNotFound, Unavailable
 from kvstore.keys import KeyBatch
 from kvstore.server.process import NodeProcess
 from kvstore.v1 import feature_store_pb2 as pb
@@ -279,15 +280,18 @@ def _map(epoch: int, addresses: list[str], owner: list[int]) -> pb.ClusterMap:
     )
 
 
-def _drive(flow, answers: dict[str, pb.ClusterMap]) -> list[str]:
+def _drive(flow, answers: dict) -> list[str]:
     """Run a client flow (kvstore.client.core's sans-I/O generators), answering each
-    GetClusterMap from ``answers`` by address; the addresses asked, in order."""
+    call from ``answers`` by address (an exception there is raised into the flow, as
+    the clients do); the addresses asked, in order."""
     asked = []
     try:
         calls = next(flow)
         while True:
             asked += [c.address for c in calls]
-            calls = flow.send([answers[c.address] for c in calls])
+            answer = [answers[c.address] for c in calls]
+            failed = next((a for a in answer if isinstance(a, Exception)), None)
+            calls = flow.throw(failed) if failed is not None else flow.send(answer)
     except StopIteration:
         return asked
 
@@ -358,3 +362,16 @@ def test_a_malformed_placement_in_etcd_is_skipped_and_the_node_follows_the_next(
         raise
     finally:
         cluster.stop()
+
+
+def test_a_drop_retried_on_another_node_after_a_lost_answer_succeeds() -> None:
+    ops = Operations("127.0.0.1:7001", 5)
+    ops.apply_cluster_map(_map(5, ["127.0.0.1:7001", "127.0.0.1:7002"], [0, 1]))
+    # The seed dropped the table but its answer was lost; the other node has it gone.
+    lost = Unavailable("node 127.0.0.1:7001 is unreachable")
+    gone = TableNotFound("table 't' not found")
+    answers = {"127.0.0.1:7001": lost, "127.0.0.1:7002": gone}
+    assert _drive(ops.drop_flow("t"), answers) == ["127.0.0.1:7001", "127.0.0.1:7002"]
+    # A table that is not there at the first node asked is still an error.
+    with pytest.raises(TableNotFound):
+        _drive(ops.drop_flow("t"), {"127.0.0.1:7001": gone})

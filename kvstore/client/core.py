@@ -532,8 +532,24 @@ class Operations(ClientCore):
         return [TableInfo.from_proto(t) for t in response.tables]
 
     def drop_flow(self, name: str) -> Flow:
-        yield from self._any("DropTable", pb.DropTableRequest(table=name))
-        self.forget(name)
+        """Drop table ``name`` through the seed, else the next reachable node. A node
+        that could not be reached may have dropped it before its answer was lost: the
+        next node's TableNotFound then means this drop is done."""
+        request = pb.DropTableRequest(table=name)
+        error: KvstoreError | None = None
+        for address in self.candidates():
+            try:
+                yield from self._one("DropTable", request, address)
+            except Unavailable as exc:
+                error = exc
+                continue
+            except TableNotFound:
+                if error is None:
+                    raise
+            self.forget(name)
+            return
+        assert error is not None
+        raise error
 
     def cluster_map_flow(self) -> Flow:
         return cluster_map_json((yield from self.refresh_map_flow()))

@@ -266,10 +266,16 @@ class PlacementStore:
 
     async def drop_table(self, name: str) -> Placement:
         """Remove table ``name`` from the placement (TableNotFound if absent); the
-        placement written. Its schema id is not reused."""
+        placement written. Its schema id is not reused. A retry inside the update (a
+        lost answer to the write that removed it) finds it gone: that is success."""
+        seen = False
 
         def change(placement: Placement) -> Placement:
+            nonlocal seen
+            if seen and name not in placement.tables:
+                return placement  # this drop's own earlier write landed
             placement.table(name)  # TableNotFound
+            seen = True
             tables = {n: t for n, t in placement.tables.items() if n != name}
             return replace(placement, tables=tables)
 
