@@ -28,6 +28,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from etcd_server import EtcdServer, free_port, wait_for
@@ -38,7 +39,7 @@ from kvstore.client.core import Operations
 from kvstore.client.fast import FastConnections
 from kvstore.cluster.etcd import connect
 from kvstore.columns import encode_rows
-from kvstore.errors import StaleMap, TableNotFound, Unavailable
+from kvstore.errors import StaleMap, TableNotFound, Unavailable, from_rpc_error
 from kvstore.keys import KeyBatch
 from kvstore.server.process import NodeProcess
 from kvstore.v1 import feature_store_pb2 as pb
@@ -128,6 +129,11 @@ def test_a_wiped_etcd_or_one_restored_from_an_old_backup_destroys_no_table(
         )
         with Client(n1.address, timeout=10) as client:
             _check_all(client.get("old", ROWS), ROWS)
+        # Kept, but not served: the placement does not know it.
+        get = pb.GetRequest(table="new", keys=KeyBatch.from_values("int64", ROWS, "new").to_proto())
+        with open_channel(n1.address) as channel, pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.FeatureStoreStub(channel).Get(get, timeout=10)
+        assert isinstance(from_rpc_error(caught.value, n1.address, 10), StaleMap)
         n1.stop()
 
         # Wiped: the node refuses to start, naming its cluster.
