@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from etcd_server import EtcdServer, free_port
 
 from kvstore import AlreadyExists, AsyncClient, Client
 from kvstore.client.fast import FastConnections
+from kvstore.cluster.membership import DEFAULT_TTL_S
 from kvstore.columns import encode_rows
 from kvstore.errors import StaleMap, from_rpc_error
 from kvstore.keys import KeyBatch
@@ -351,12 +353,42 @@ def test_nodes_keep_serving_while_etcd_is_lost_and_change_tables_once_it_is_back
             _create(client, "before")
             client.write("before", _rows(KEYS))
             etcd.kill()
+            killed = time.monotonic()
+            # Serve through the loss itself: once a node has noticed etcd is gone, and
+            # for longer than a lease lives, so every registration would have lapsed.
+            wait_until(
+                lambda: any(
+                    f"etcd at {etcd.url} is unreachable" in n.log_tail(100_000)
+                    for n in cluster.nodes.values()
+                ),
+                30,
+                "a node to log that etcd is unreachable",
+            )
+            wait_until(
+                lambda: time.monotonic() - killed > DEFAULT_TTL_S + 0.5,
+                DEFAULT_TTL_S + 5,
+                "one lease TTL to pass",
+            )
+            assert all(n.running() for n in cluster.nodes.values())
             for _ in range(5):
                 _check_all(client.get("before", KEYS), KEYS)
                 assert client.write("before", _rows(KEYS[:50])) == 50
             with Client(cluster.nodes["n2"].address, timeout=10) as other:
                 _check_all(other.get("before", KEYS), KEYS)
             etcd.start()
+            # Every node follows etcd again within seconds (not after gRPC's reconnect
+            # backoff, which grows to minutes), and all are live in the map.
+            back = f"is reachable again; watching /kvstore/{cluster.name}/placement"
+            wait_until(
+                lambda: all(back in n.log_tail(100_000) for n in cluster.nodes.values()),
+                15,
+                "every node to watch the placement again",
+            )
+            wait_until(
+                lambda: [n["state"] for n in client.cluster_map()["nodes"]] == ["live"] * 3,
+                15,
+                "every node to be live again",
+            )
             client.create_table("after", features=FEATURES, shards=6, timeout=30)
             client.write("after", _rows(KEYS))
             _check_all(client.get("after", KEYS), KEYS)

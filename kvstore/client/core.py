@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -134,6 +134,28 @@ class NodeCall:
     positions: np.ndarray | None = None  # None = every key, in order
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One cluster map as the client routes by it; replaced whole, never changed, so a
+    thread that reads ``ClientCore.route`` once sees one map's nodes and owners."""
+
+    #: The placement epoch of the map (0: none yet).
+    epoch: int = 0
+    nodes: tuple[str, ...] = ()
+    #: gRPC address → fast read path address, for nodes that serve one.
+    fast: Mapping[str, str] = field(default_factory=dict)
+    #: table → the node index of each shard's owner.
+    owners: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: table → the one node that owns every shard, for tables served by one node.
+    sole: Mapping[str, str] = field(default_factory=dict)
+
+    def without(self, table: str) -> Route:
+        """This route with no entry for ``table``."""
+        owners = {t: o for t, o in self.owners.items() if t != table}
+        sole = {t: n for t, n in self.sole.items() if t != table}
+        return replace(self, owners=owners, sole=sole)
+
+
 class ClientCore:
     """Schemas and the cluster map, cached; plans and finishes batch calls."""
 
@@ -141,35 +163,42 @@ class ClientCore:
         self.seed = resolve_address(address)
         self.timeout = check_timeout(timeout)
         self.schemas: dict[str, TableSchema] = {}
-        self.nodes: list[str] = []
-        #: gRPC address → fast read path address, for nodes that serve one.
-        self.fast: dict[str, str] = {}
-        self.owners: dict[str, np.ndarray] = {}
-        #: The placement epoch of the cached map (0: none yet).
-        self.epoch = 0
-        #: table → (its owners array, the one node that owns every shard), for tables
-        #: served by one node; used only while ``owners`` still holds that same array,
-        #: so a thread never pairs a new map's owners with an old map's node.
-        self.sole_owner: dict[str, tuple[np.ndarray, str]] = {}
+        #: The cached cluster map; read it once per call (it may be swapped meanwhile).
+        self.route = Route()
         self.get_plans: dict[tuple, GetPlan] = {}
 
     # -- cluster map -----------------------------------------------------------------
 
+    @property
+    def epoch(self) -> int:
+        return self.route.epoch
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return self.route.nodes
+
+    @property
+    def fast(self) -> Mapping[str, str]:
+        return self.route.fast
+
+    @property
+    def owners(self) -> Mapping[str, np.ndarray]:
+        return self.route.owners
+
     def apply_cluster_map(self, msg: pb.ClusterMap) -> None:
+        """Route by ``msg`` from now on, unless the cached map is newer (by epoch)."""
+        if msg.epoch < self.route.epoch:
+            return
         seed = self.seed
-        self.epoch = msg.epoch
-        self.nodes = [dial_address(n.address, seed) for n in msg.nodes]
-        self.fast = {
+        nodes = tuple(dial_address(n.address, seed) for n in msg.nodes)
+        fast = {
             dial_address(n.address, seed): dial_address(n.fast_address, seed)
             for n in msg.nodes
             if n.fast_address
         }
-        self.owners = {t.table: np.asarray(t.owner, dtype=np.int32) for t in msg.tables}
-        self.sole_owner = {
-            table: (owners, self.nodes[owners[0]])
-            for table, owners in self.owners.items()
-            if len(owners) and (owners == owners[0]).all()
-        }
+        owners = {t.table: np.asarray(t.owner, dtype=np.int32) for t in msg.tables}
+        sole = {table: nodes[o[0]] for table, o in owners.items() if len(o) and (o == o[0]).all()}
+        self.route = Route(msg.epoch, nodes, fast, owners, sole)  # one assignment: atomic
 
     def candidates(self) -> list[str]:
         """The nodes to ask for the map or a table's schema: the seed, then the others
@@ -182,7 +211,7 @@ class ClientCore:
 
     def knows_route(self, table: str) -> bool:
         """True when the cached map routes every shard of the cached schema."""
-        owners = self.owners.get(table)
+        owners = self.route.owners.get(table)
         schema = self.schemas.get(table)
         return owners is not None and schema is not None and len(owners) == schema.shards
 
@@ -190,31 +219,31 @@ class ClientCore:
         """The fast read path of the one node that serves every shard of ``schema``'s
         table in the cached map; None if several nodes do, the map does not fit the
         schema, or that node has no fast path."""
-        owners = self.owners.get(table)
-        sole = self.sole_owner.get(table)
-        if sole is None or sole[0] is not owners or len(owners) != schema.shards:
+        route = self.route
+        sole = route.sole.get(table)
+        if sole is None or len(route.owners[table]) != schema.shards:
             return None
-        return self.fast.get(sole[1])
+        return route.fast.get(sole)
 
     def forget(self, table: str) -> None:
         self.schemas.pop(table, None)
-        self.owners.pop(table, None)
-        self.sole_owner.pop(table, None)
+        self.route = self.route.without(table)
 
     def _split(
         self, table: str, schema: TableSchema, keys: KeyBatch
     ) -> list[tuple[str, np.ndarray | None]]:
         """Which node gets which key positions; one entry per node with keys."""
-        owners = self.owners.get(table)
+        route = self.route
+        owners = route.owners.get(table)
         if owners is None or len(owners) != schema.shards:
             raise KvstoreError(f"no route for table {table!r} in the cluster map")
-        sole = self.sole_owner.get(table)
-        if sole is not None and sole[0] is owners:  # one node owns every shard: no hashing
-            return [(sole[1], None)]
+        sole = route.sole.get(table)
+        if sole is not None:  # one node owns every shard: no hashing
+            return [(sole, None)]
         node_of_key = owners[keys.shard_ids(schema.shards)]
         out: list[tuple[str, np.ndarray | None]] = []
         for node in np.unique(node_of_key).tolist():
-            out.append((self.nodes[node], np.flatnonzero(node_of_key == node)))
+            out.append((route.nodes[node], np.flatnonzero(node_of_key == node)))
         return out
 
     # -- get -------------------------------------------------------------------------
@@ -444,7 +473,9 @@ class Operations(ClientCore):
 
     def refresh_map_flow(self, min_epoch: int = 0) -> Flow:
         """Fetch the cluster map from the seed, else the other known nodes; keep asking
-        the next one while the answers are older than ``min_epoch`` (a StaleMap's)."""
+        the next one while the answers are older than ``min_epoch`` (a StaleMap's) or
+        than the cached map: a map older than the cached one is never applied."""
+        min_epoch = max(min_epoch, self.route.epoch)
         best: pb.ClusterMap | None = None
         error: KvstoreError | None = None
         for address in self.candidates():
@@ -511,7 +542,7 @@ class Operations(ClientCore):
         request = pb.CreateTableRequest(schema=schema_to_proto(schema))
         info = TableInfo.from_proto((yield from self._any("CreateTable", request)))
         self.schemas[name] = info.schema
-        self.owners.pop(name, None)
+        self.route = self.route.without(name)
         return info
 
     def describe_flow(self, name: str) -> Flow:
@@ -526,8 +557,24 @@ class Operations(ClientCore):
         return [TableInfo.from_proto(t) for t in response.tables]
 
     def drop_flow(self, name: str) -> Flow:
-        yield from self._any("DropTable", pb.DropTableRequest(table=name))
-        self.forget(name)
+        """Drop table ``name`` through the seed, else the next reachable node. A node
+        that could not be reached may have dropped it before its answer was lost: the
+        next node's TableNotFound then means this drop is done."""
+        request = pb.DropTableRequest(table=name)
+        error: KvstoreError | None = None
+        for address in self.candidates():
+            try:
+                yield from self._one("DropTable", request, address)
+            except Unavailable as exc:
+                error = exc
+                continue
+            except TableNotFound:
+                if error is None:
+                    raise
+            self.forget(name)
+            return
+        assert error is not None
+        raise error
 
     def cluster_map_flow(self) -> Flow:
         return cluster_map_json((yield from self.refresh_map_flow()))
@@ -581,8 +628,12 @@ class Operations(ClientCore):
             rows = encode_rows(schema, data, key_column, stamp)
             if not len(rows):
                 return 0
-            responses = yield self.plan_write(table, schema, rows, pos)
-            return sum(r.rows_written for r in responses)
+            calls = self.plan_write(table, schema, rows, pos)
+            writes = len(calls)
+            if pos is not None:
+                calls += self._position_only(table, schema, pos, {c.address for c in calls})
+            responses = yield calls
+            return sum(r.rows_written for r in responses[:writes])
 
         return (yield from self._with_schema(table, body))
 
@@ -595,23 +646,54 @@ class Operations(ClientCore):
         def body(schema: TableSchema) -> Flow:
             batch = KeyBatch.from_values(schema.key_type, keys, table)
             if not batch.count:
-                if pos is None:
-                    return 0
-                # A position alone (a consumer's batch that wrote nothing): every node
-                # serving the table stores it.
-                request = pb.DeleteRequest(table=table, keys=batch.to_proto(), position=pos)
-                nodes = sorted(set(self.owners[table].tolist()))
-                yield [NodeCall(self.nodes[i], "Delete", request) for i in nodes]
+                if pos is not None:  # a consumer's batch that wrote nothing
+                    yield self._position_only(table, schema, pos, set())
                 return 0
-            responses = yield self.plan_delete(table, schema, batch, stamp, pos)
-            return sum(r.keys_deleted for r in responses)
+            calls = self.plan_delete(table, schema, batch, stamp, pos)
+            if pos is not None:
+                calls += self._position_only(table, schema, pos, {c.address for c in calls})
+            responses = yield calls
+            return sum(r.keys_deleted for r in responses)  # 0 from the keyless ones
 
         return (yield from self._with_schema(table, body))
 
+    def _position_only(
+        self, table: str, schema: TableSchema, pos: pb.ConsumerPosition, skip: set[str]
+    ) -> list[NodeCall]:
+        """A keyless request storing ``pos`` on each node serving ``table`` but those in
+        ``skip`` (they store it with their keys): every owner then holds the position of
+        every batch, and the minimum over them (positions_flow) is never past a write
+        that a node missed."""
+        request = pb.DeleteRequest(
+            table=table,
+            keys=KeyBatch.from_values(schema.key_type, [], table).to_proto(),
+            position=pos,
+        )
+        return [
+            NodeCall(node, "Delete", request)
+            for node in self._owner_nodes(table)
+            if node not in skip
+        ]
+
+    def _owner_nodes(self, table: str) -> list[str]:
+        """The nodes serving a shard of ``table`` in the cached map, each once."""
+        route = self.route
+        return list(dict.fromkeys(route.nodes[i] for i in route.owners[table].tolist()))
+
     def positions_flow(self, table: str, consumer: str, source: str) -> Flow:
+        """partition → last offset stored, as the minimum over every node serving the
+        table (-1 for a partition a node has none of): a consumer resuming there skips
+        nothing that any node missed."""
         request = pb.ConsumerPositionsRequest(table=table, consumer=consumer, source=source)
-        response = yield from self._one("GetConsumerPositions", request)
-        return {p.partition: p.offset for p in response.positions}
+
+        def body(schema: TableSchema) -> Flow:
+            nodes = self._owner_nodes(table)
+            responses = yield [NodeCall(n, "GetConsumerPositions", request) for n in nodes]
+            held = [{p.partition: p.offset for p in r.positions} for r in responses]
+            partitions = sorted(set().union(*held))
+            return {p: min(offsets.get(p, -1) for offsets in held) for p in partitions}
+
+        return (yield from self._with_schema(table, body))
 
     def stats_flow(self) -> Flow:
         response = yield from self._one("Stats", pb.StatsRequest())

@@ -7,12 +7,17 @@
   add it to the placement's nodes the first time it joins (new tables spread over
   it; existing shards stay where they are: moving shard data comes later), then
   apply the placement before the node serves.
-* While running, every placement epoch is applied to the node: each table of the
-  placement exists locally with the same schema and schema id (created, or dropped
-  and created again when its id changed), tables the placement no longer has are
-  dropped, and the node's ClusterView (kvstore.server.cluster_view) says which shards
-  it may serve. etcd lost: the node keeps serving with its last view (the watch and
-  the membership retry; nothing raises into the node).
+* The data directory's cluster (kvstore.cluster.identity): recorded at the first
+  join, checked at every start; another cluster name or uuid and the node refuses to
+  start rather than apply a placement that would drop its tables.
+* While running, every placement epoch of this cluster's uuid is applied to the node:
+  each table of the placement exists locally with the same schema and schema id
+  (created, or dropped and created again when the placement's id is newer), tables
+  the placement provably dropped (schema id <= its last_schema_id) are dropped; a
+  local table the placement cannot account for is kept, logged and not served; and
+  the node's ClusterView (kvstore.server.cluster_view) says which shards it may serve.
+  etcd lost: the node keeps serving with its last view (the watch and the membership
+  retry; nothing raises into the node).
 * ``create_table`` / ``drop_table``: a compare-and-swap on the placement (one winner
   of concurrent creates; AlreadyExists for another schema), placed over the live
   joined nodes; they return once this node has applied the change.
@@ -31,8 +36,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from kvstore.cluster.etcd import Etcd, connect
+from kvstore.cluster.identity import (
+    ClusterIdentity,
+    check_identity,
+    read_identity,
+    record_identity,
+)
 from kvstore.cluster.membership import DEFAULT_TTL_S, Membership, NodeInfo, watch_nodes
 from kvstore.cluster.placement import Placement, PlacementStore, watch_placement
 from kvstore.errors import NotFound, Unavailable
@@ -63,8 +75,12 @@ class ClusterAgent:
         cluster: str,
         me: NodeInfo,
         ttl_s: int = DEFAULT_TTL_S,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self.node = node
+        #: Called when following the cluster stopped unexpectedly: the node must not
+        #: serve on with a view nobody updates (kvstore.server.app stops it).
+        self.on_failure = on_failure
         self.url = url
         self.cluster = cluster
         self.me = me
@@ -75,20 +91,32 @@ class ClusterAgent:
         self.store: PlacementStore | None = None
         self._tasks: list[asyncio.Task] = []
         self._applied = asyncio.Condition()
+        #: The cluster this node's data belongs to; set by start().
+        self.identity = ClusterIdentity(cluster, "")
 
     async def start(self) -> None:
         """Join the cluster and apply its placement; Unavailable or AlreadyExists if not."""
         self.etcd = await connect(self.url, self.cluster)
         try:
+            data_dir = self.node.config.data_dir
+            kept = read_identity(data_dir)
+            self.store = PlacementStore(self.etcd)
+            if kept is not None:
+                current, _ = await self.store.read()
+                check_identity(data_dir, kept, ClusterIdentity(self.cluster, current.cluster_uuid))
             self.membership = Membership(self.etcd, self.me, self.ttl_s)
             await self.membership.start()
-            self.store = PlacementStore(self.etcd)
-            await self.store.join(self.me.node_id)
+            joined = await self.store.join(self.me.node_id)
+            self.identity = ClusterIdentity(self.cluster, joined.cluster_uuid)
+            if kept is None:
+                record_identity(data_dir, self.identity)
             self.node.view = self.view
             self._tasks = [
                 asyncio.create_task(self._follow_placement(), name="cluster-placement"),
                 asyncio.create_task(self._follow_nodes(), name="cluster-nodes"),
             ]
+            for task in self._tasks:
+                task.add_done_callback(self._task_ended)
             await self._wait(lambda: self.view.epoch > 0, "the cluster's placement")
         except BaseException:
             await self.stop()
@@ -101,14 +129,30 @@ class ClusterAgent:
             len(self.view.placement.tables),
         )
 
+    def _task_ended(self, task: asyncio.Task) -> None:
+        # The follow tasks run for the node's life: one that ends (other than by
+        # stop()'s cancel) leaves the node serving a view that no longer changes.
+        if task.cancelled() or task not in self._tasks:
+            return
+        error = task.exception()
+        log.critical(
+            "node %s: %s ended unexpectedly (%s); stopping the node",
+            self.me.node_id,
+            task.get_name(),
+            f"{type(error).__name__}: {error}" if error else "returned",
+            exc_info=error,
+        )
+        if self.on_failure is not None:
+            self.on_failure()
+
     async def stop(self) -> None:
         """Stop following the cluster and deregister (the lease is revoked)."""
-        for task in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
         if self.membership is not None:
             await self.membership.stop()
             self.membership = None
@@ -188,12 +232,38 @@ class ClusterAgent:
 
     def _apply(self, placement: Placement) -> None:
         """Make the node's tables and view those of ``placement`` (runs without awaiting,
-        so no request sees a table created but not yet in the view)."""
+        so no request sees a table created but not yet in the view).
+
+        A local table is destroyed only when the placement provably dropped or replaced
+        it (same cluster uuid, and its schema id at most the placement's last one); any
+        other disagreement keeps the table, logs it and withholds it from serving."""
         node = self.node
+        if placement.cluster_uuid != self.identity.uuid:
+            log.error(
+                "placement epoch %d has cluster uuid %r, this node's data belongs to %r: "
+                "not applying it (a wiped or replaced etcd?)",
+                placement.epoch,
+                placement.cluster_uuid,
+                self.identity.uuid,
+            )
+            return
+        withheld = set()
         for name, placed in sorted(placement.tables.items()):
             schema = placed.table_schema()
             local = node.tables.get(name)
             if local is not None and local.schema.schema_id != schema.schema_id:
+                if local.schema.schema_id > schema.schema_id:
+                    log.error(
+                        "table %r: schema id %d here is newer than %d in placement epoch %d "
+                        "(an etcd restored from a backup?): keeping the local table, not "
+                        "serving it",
+                        name,
+                        local.schema.schema_id,
+                        schema.schema_id,
+                        placement.epoch,
+                    )
+                    withheld.add(name)
+                    continue
                 log.warning(
                     "table %r: schema id %d here, %d in the placement: dropping the local one",
                     name,
@@ -209,9 +279,20 @@ class ClusterAgent:
             if name in held and placed.version and node.tables[name].current != placed.version:
                 self._follow_version(name, placed.version)
         for name in sorted(set(node.tables) - set(placement.tables)):
+            schema_id = node.tables[name].schema.schema_id
+            if schema_id > placement.last_schema_id:
+                log.error(
+                    "table %r (schema id %d) is unknown to placement epoch %d (last schema "
+                    "id %d; an etcd restored from a backup?): keeping it, not serving it",
+                    name,
+                    schema_id,
+                    placement.epoch,
+                    placement.last_schema_id,
+                )
+                continue
             log.info("table %r is not in placement epoch %d: dropping it", name, placement.epoch)
             node.drop_table(name)
-        self.view.apply(placement)
+        self.view.apply(placement, withheld)
         shards_held = len(placement.held_by(self.me.node_id))
         log.info("placement epoch %d applied: %d shard(s) held here", placement.epoch, shards_held)
 

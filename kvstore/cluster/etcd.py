@@ -43,6 +43,15 @@ CONNECT_TIMEOUT_S = 5.0
 # noticed within a lease TTL, long enough not to spin.
 RETRY_INTERVAL_S = 0.5
 
+# gRPC backs off reconnecting up to 120 s: after a long etcd outage a node would stay
+# behind (not registered, not seeing new placements) long after etcd is back. Retry at
+# least every second instead, as our own retries do.
+_CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 250,
+    "grpc.min_reconnect_backoff_ms": 250,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
+
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -107,7 +116,9 @@ class Etcd:
         self.url = url
         self.keys = ClusterKeys(cluster)
         # aetcd passes this timeout to every unary call; watches are streams without one.
-        self.client = aetcd.Client(host=host, port=port, timeout=call_timeout_s)
+        self.client = aetcd.Client(
+            host=host, port=port, timeout=call_timeout_s, options=_CHANNEL_OPTIONS
+        )
 
     @contextmanager
     def calls(self, doing: str) -> Iterator[None]:

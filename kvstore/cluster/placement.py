@@ -5,6 +5,8 @@ One JSON document at ``/kvstore/<cluster>/placement`` (kvstore.cluster.etcd)::
     {"epoch": 7,                          bumped by every change
      "nodes": ["n1", "n2"],               the nodes that take shards (joined, not drained)
      "last_schema_id": 3,                 schema ids are cluster-wide and never reused
+     "cluster_uuid": "9f…",               made at the first join: a node keeps it in its
+                                          data dir (kvstore.cluster.identity)
      "tables": {"user_features": {
          "schema": {...},                 TableSchema.to_json(), with its schema id
          "version": 0,                    the current bulk version (0: none yet)
@@ -28,6 +30,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -108,6 +111,7 @@ class Placement:
     nodes: tuple[str, ...] = ()
     last_schema_id: int = 0
     tables: Mapping[str, TablePlacement] = field(default_factory=dict)
+    cluster_uuid: str = ""
 
     def with_table(self, table: TablePlacement) -> Placement:
         return replace(self, tables={**self.tables, table.name: table})
@@ -140,6 +144,7 @@ class Placement:
             "epoch": self.epoch,
             "nodes": list(self.nodes),
             "last_schema_id": self.last_schema_id,
+            "cluster_uuid": self.cluster_uuid,
             "tables": {
                 name: {
                     "schema": dict(table.schema),
@@ -168,7 +173,13 @@ class Placement:
             )
             for name, table in doc["tables"].items()
         }
-        return cls(doc["epoch"], tuple(doc["nodes"]), doc["last_schema_id"], tables)
+        return cls(
+            doc["epoch"],
+            tuple(doc["nodes"]),
+            doc["last_schema_id"],
+            tables,
+            doc.get("cluster_uuid", ""),
+        )
 
 
 class PlacementStore:
@@ -261,10 +272,16 @@ class PlacementStore:
 
     async def drop_table(self, name: str) -> Placement:
         """Remove table ``name`` from the placement (TableNotFound if absent); the
-        placement written. Its schema id is not reused."""
+        placement written. Its schema id is not reused. A retry inside the update (a
+        lost answer to the write that removed it) finds it gone: that is success."""
+        seen = False
 
         def change(placement: Placement) -> Placement:
+            nonlocal seen
+            if seen and name not in placement.tables:
+                return placement  # this drop's own earlier write landed
             placement.table(name)  # TableNotFound
+            seen = True
             tables = {n: t for n, t in placement.tables.items() if n != name}
             return replace(placement, tables=tables)
 
@@ -297,12 +314,16 @@ class PlacementStore:
 
     async def join(self, node: str) -> Placement:
         """Add ``node`` to the nodes that take shards (no-op if it is one): new tables
-        spread over it. Existing shards stay where they are (moves come later)."""
+        spread over it. Existing shards stay where they are (moves come later). The
+        first join gives the placement its cluster uuid."""
 
         def change(placement: Placement) -> Placement:
-            if node in placement.nodes:
+            if node in placement.nodes and placement.cluster_uuid:
                 return placement
-            return replace(placement, nodes=(*placement.nodes, node))
+            nodes = placement.nodes if node in placement.nodes else (*placement.nodes, node)
+            return replace(
+                placement, nodes=nodes, cluster_uuid=placement.cluster_uuid or uuid.uuid4().hex
+            )
 
         return await self.update(change)
 
@@ -324,7 +345,17 @@ async def watch_placement(etcd: Etcd) -> AsyncIterator[Placement]:
                     "the placement is missing from etcd at %s; keeping epoch %d", etcd.url, epoch
                 )
             continue
-        placement = Placement.from_json(entry.value)
+        try:
+            placement = Placement.from_json(entry.value)
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            log.error(
+                "the placement in etcd at %s is malformed (%s: %s); keeping epoch %d",
+                etcd.url,
+                type(exc).__name__,
+                exc,
+                epoch,
+            )
+            continue
         if placement.epoch <= epoch:
             if placement.epoch < epoch:
                 log.warning(

@@ -7,8 +7,10 @@ calls still in flight instead of waiting out the grace period; the databases are
 
 With ``--etcd`` the node joins a cluster once it has opened its tables and bound its
 ports, before it turns SERVING (``kvstore.cluster.agent``), and leaves it first when
-it stops. etcd unreachable at start, or the node id held by another live node: the
-node does not start, with a one-line error naming the etcd URL or the holder.
+it stops. Until the join has applied the placement the node refuses every read and
+write with StaleMap (epoch 0). etcd unreachable at start, the node id held by another
+live node, or a data directory of another cluster: the node does not start, with a
+one-line error naming the etcd URL, the holder or both clusters.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         # The node's part in a cluster (--etcd); None when it runs alone.
         self.agent: ClusterAgent | None = None
+        #: Set when the node stops because its cluster agent failed (exit 1).
+        self.failed = False
         self._health = health.aio.HealthServicer()
         # shutdown() says it in its own words, with the grace period.
         self.stopping = Shutdown(
@@ -90,6 +94,13 @@ class NodeServer:
             cfg.demo = False
         self.node.open()
         self.loads.open()
+        if cfg.etcd:
+            # Until the join applies the placement a cluster node may serve nothing: an
+            # empty view refuses every key with StaleMap at epoch 0 (the fast read path
+            # answers from here on, before the join).
+            from kvstore.server.cluster_view import ClusterView
+
+            self.node.view = ClusterView(cfg.node_id or "(joining)")
         address = cfg.advertise_address or f"{cfg.host}:{self.port}"
         fast_address = ""
         if cfg.fast_port >= 0:
@@ -162,9 +173,15 @@ class NodeServer:
             zone=cfg.zone,
             data_dir=str(cfg.data_dir),
         )
-        agent = ClusterAgent(self.node, cfg.etcd, cfg.cluster, me)
+        agent = ClusterAgent(self.node, cfg.etcd, cfg.cluster, me, on_failure=self._cluster_lost)
         await agent.start()
         return agent
+
+    def _cluster_lost(self) -> None:
+        # The agent stopped following the placement: stop (exit 1, see serve) rather
+        # than serve on with a view that no longer changes.
+        self.failed = True
+        self.stopping.requested.set()
 
     async def _expire_loads(self) -> None:
         interval = min(1.0, self.config.load_lease_s / 4)
@@ -209,7 +226,8 @@ def serve(config: NodeConfig) -> None:
     """Run a node until SIGTERM/SIGINT, on uvloop.
 
     Raises SystemExit(1) when a second signal cut the stop short (calls in flight were
-    cancelled; the databases were closed all the same).
+    cancelled; the databases were closed all the same), or when the node stopped
+    because it could no longer follow its cluster.
     """
     config.load()
     server = NodeServer(config)
@@ -218,5 +236,5 @@ def serve(config: NodeConfig) -> None:
     else:
         uvloop.install()
         asyncio.run(server.run())
-    if server.stopping.hurried.is_set():
+    if server.stopping.hurried.is_set() or server.failed:
         raise SystemExit(1)

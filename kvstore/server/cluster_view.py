@@ -12,7 +12,7 @@ without etcd has no view, and no check runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
@@ -59,10 +59,13 @@ class ClusterView:
     def epoch(self) -> int:
         return self.placement.epoch
 
-    def apply(self, placement: Placement) -> None:
-        """Make ``placement`` the one requests are checked against."""
+    def apply(self, placement: Placement, withheld: Collection[str] = ()) -> None:
+        """Make ``placement`` the one requests are checked against; the tables in
+        ``withheld`` (local ones that disagree with it) are refused whole."""
         readable, writable = {}, {}
         for name, table in placement.tables.items():
+            if name in withheld:
+                continue
             read = np.zeros(len(table.shards), dtype=bool)
             write = np.zeros(len(table.shards), dtype=bool)
             for shard, replicas in enumerate(table.shards):
