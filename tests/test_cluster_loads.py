@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cluster_fixtures import START_TIMEOUT_S, Cluster
 from etcd_server import EtcdServer
-from test_cluster_serving import START_TIMEOUT_S, Cluster
 
 from kvstore import Client
 from kvstore.errors import KvstoreError

@@ -31,8 +31,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from etcd_server import EtcdServer, free_port, wait_for
-from test_cluster_serving import FEATURES, SHARDS, Cluster, _check_all, _rows
+from cluster_fixtures import FEATURES, SHARDS, Cluster, check_all, feature_rows
+from etcd_server import EtcdServer, free_port
+from helpers import wait_for
 
 from kvstore import Client
 from kvstore.client.core import Operations
@@ -77,7 +78,7 @@ def test_a_node_started_with_another_cluster_name_refuses_and_keeps_its_tables(
         n1 = cluster.start("n1")
         with Client(n1.address, timeout=10) as client:
             client.create_table("t", features=FEATURES, shards=4)
-            assert client.write("t", _rows(ROWS)) == len(ROWS)
+            assert client.write("t", feature_rows(ROWS)) == len(ROWS)
         n1.stop()
         typo = f"{cluster.name}x"
         message = _refused(n1.data_dir, etcd.url, typo, tmp_path / "typo.log")
@@ -86,7 +87,7 @@ def test_a_node_started_with_another_cluster_name_refuses_and_keeps_its_tables(
         # Back with the right name: the table and its rows are there.
         again = cluster.start("n1")
         with Client(again.address, timeout=10) as client:
-            _check_all(client.get("t", ROWS), ROWS)
+            check_all(client.get("t", ROWS), ROWS)
     except BaseException:
         print(cluster.logs())
         raise
@@ -106,14 +107,14 @@ def test_a_wiped_etcd_or_one_restored_from_an_old_backup_destroys_no_table(
         n1 = cluster.start("n1")
         with Client(n1.address, timeout=10) as client:
             client.create_table("old", features=FEATURES, shards=4)
-            client.write("old", _rows(ROWS))
+            client.write("old", feature_rows(ROWS))
         etcd.stop()
         shutil.copytree(etcd.data_dir, backup)
         etcd.start()
         with Client(n1.address, timeout=10) as client:
             wait_for(lambda: n1.running(), 5, "n1")
             client.create_table("new", features=FEATURES, shards=4, timeout=30)
-            client.write("new", _rows(ROWS))
+            client.write("new", feature_rows(ROWS))
         n1.stop()
 
         # Restored from the backup: same cluster uuid, but "new" is unknown to it.
@@ -128,7 +129,7 @@ def test_a_wiped_etcd_or_one_restored_from_an_old_backup_destroys_no_table(
             "n1 to log that it keeps table 'new'",
         )
         with Client(n1.address, timeout=10) as client:
-            _check_all(client.get("old", ROWS), ROWS)
+            check_all(client.get("old", ROWS), ROWS)
         # Kept, but not served: the placement does not know it.
         get = pb.GetRequest(table="new", keys=KeyBatch.from_values("int64", ROWS, "new").to_proto())
         with open_channel(n1.address) as channel, pytest.raises(grpc.RpcError) as caught:
@@ -147,8 +148,8 @@ def test_a_wiped_etcd_or_one_restored_from_an_old_backup_destroys_no_table(
         alone = _alone(n1.data_dir, tmp_path / "alone.log")
         try:
             with Client(alone.address, timeout=10) as client:
-                _check_all(client.get("old", ROWS), ROWS)
-                _check_all(client.get("new", ROWS), ROWS)
+                check_all(client.get("old", ROWS), ROWS)
+                check_all(client.get("new", ROWS), ROWS)
         finally:
             alone.stop()
     except BaseException:
@@ -170,7 +171,7 @@ def test_the_fast_read_path_refuses_reads_until_the_node_has_joined(
         n1 = cluster.start("n1")
         with Client(n1.address, timeout=10) as client:
             client.create_table("t", features=FEATURES, shards=4)
-            client.write("t", _rows(ROWS))
+            client.write("t", feature_rows(ROWS))
         n1.stop()
         etcd.kill()
         # etcd is gone: the node binds its ports, then spends seconds failing to join.
@@ -233,7 +234,7 @@ def test_consumer_positions_are_the_minimum_over_every_node_of_the_table(
             owner_of_key = np.array([owners[s] for s in shard_ids])
             # A batch whose keys all live on n1 still moves every node's position.
             on_n1 = keys[owner_of_key == cluster.nodes["n1"].address][:5]
-            client.write("events", _rows(on_n1), position=("c", "topic", 0, 7))
+            client.write("events", feature_rows(on_n1), position=("c", "topic", 0, 7))
             assert client.consumer_positions("events", "c", "topic") == {0: 7}
             # A later batch lands on n0 only (n1 and n2 missed it, say a failure cut
             # the call short): the consumer must resume before it, not after.
@@ -241,7 +242,9 @@ def test_consumer_positions_are_the_minimum_over_every_node_of_the_table(
             position = pb.ConsumerPosition(consumer="c", source="topic", partition=0, offset=9)
             with open_channel(seed.address) as channel:
                 stub = pb_grpc.FeatureStoreStub(channel)
-                rows = encode_rows(client.describe_table("events").schema, _rows(on_n0), "key", 1)
+                rows = encode_rows(
+                    client.describe_table("events").schema, feature_rows(on_n0), "key", 1
+                )
                 stub.Write(
                     pb.WriteRequest(
                         table="events",
@@ -356,13 +359,13 @@ def test_a_malformed_placement_in_etcd_is_skipped_and_the_node_follows_the_next(
                 lambda: "is malformed" in n1.log_tail(100_000), 10, "n1 to log the bad document"
             )
             assert n1.running()
-            _check_all(client.get("before", ROWS[:0]), ROWS[:0])
+            check_all(client.get("before", ROWS[:0]), ROWS[:0])
             # An operator puts a good document back: the node follows on.
             doc = {**kept["doc"], "epoch": kept["doc"]["epoch"] + 1}
             _edit_placement(shared_etcd.url, cluster.name, lambda _: json.dumps(doc).encode())
             client.create_table("after", features=FEATURES, shards=2, timeout=30)
-            assert client.write("after", _rows(ROWS)) == len(ROWS)
-            _check_all(client.get("after", ROWS), ROWS)
+            assert client.write("after", feature_rows(ROWS)) == len(ROWS)
+            check_all(client.get("after", ROWS), ROWS)
     except BaseException:
         print(cluster.logs())
         raise

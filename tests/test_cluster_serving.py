@@ -11,13 +11,20 @@ import concurrent.futures
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from cluster_fixtures import (
+    FEATURES,
+    KEYS,
+    SHARDS,
+    Cluster,
+    check_all,
+    feature_rows,
+)
 from etcd_server import EtcdServer, free_port
 
 from kvstore import AlreadyExists, AsyncClient, Client
@@ -30,44 +37,6 @@ from kvstore.server.process import NodeProcess, wait_until
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
-
-FEATURES = {"score": "float32", "clicks": "int64"}
-KEYS = np.arange(1_000, dtype=np.int64)
-SHARDS = 12
-START_TIMEOUT_S = 60.0
-
-
-def _rows(keys: np.ndarray) -> dict:
-    return {"key": keys, "score": keys.astype(np.float32) / 2, "clicks": keys * 3}
-
-
-def _start(data_dir: Path, url: str, cluster: str, node_id: str, *extra: str) -> NodeProcess:
-    log = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
-    args = ("--etcd", url, "--cluster", cluster, "--node-id", node_id, *extra)
-    return NodeProcess(data_dir, *args, log_path=log, start_timeout_s=START_TIMEOUT_S).start()
-
-
-class Cluster:
-    """An etcd and node processes n0, n1, … in one work directory; stopped at the end."""
-
-    def __init__(self, workdir: Path, etcd: EtcdServer) -> None:
-        self.workdir = workdir
-        self.etcd = etcd
-        self.name = f"t-{uuid.uuid4().hex[:8]}"
-        self.nodes: dict[str, NodeProcess] = {}
-
-    def start(self, node_id: str, *extra: str) -> NodeProcess:
-        node = _start(self.workdir / node_id, self.etcd.url, self.name, node_id, *extra)
-        self.nodes[node_id] = node
-        return node
-
-    def stop(self) -> None:
-        for node in self.nodes.values():
-            if node.running():
-                node.stop()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {i}:\n{n.log_tail()}" for i, n in self.nodes.items())
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +66,6 @@ def _owner_addresses(cmap: dict, table: str) -> list[str]:
     return [cmap["nodes"][i]["address"] for i in cmap["tables"][table]]
 
 
-def _check_all(result, keys: np.ndarray) -> None:
-    assert result.found.all()
-    columns = result.to_numpy()
-    np.testing.assert_array_equal(columns["clicks"], keys * 3)
-    np.testing.assert_array_equal(columns["score"], keys.astype(np.float32) / 2)
-
-
 @pytest.mark.parametrize("transport", ["auto", "grpc"])
 def test_a_table_created_on_one_node_is_spread_over_three_and_answers_every_key(
     three: Cluster, transport: str
@@ -117,26 +79,26 @@ def test_a_table_created_on_one_node_is_spread_over_three_and_answers_every_key(
         # Spread evenly: each node serves a third of the shards.
         assert sorted(owners.count(n.address) for n in (n0, n1, n2)) == [4, 4, 4]
         assert all(node["state"] == "live" for node in cmap["nodes"])
-        assert client.write(name, _rows(KEYS)) == len(KEYS)
-        _check_all(client.get(name, KEYS), KEYS)
+        assert client.write(name, feature_rows(KEYS)) == len(KEYS)
+        check_all(client.get(name, KEYS), KEYS)
         # An update stream opens one call per node and sends each its keys only.
         with client.update_stream(name) as stream:
             for part in np.array_split(KEYS, 4):
                 stream.send({"key": part, "clicks": part * 3 + 1})
             stream.flush()
         np.testing.assert_array_equal(client.get(name, KEYS).to_numpy()["clicks"], KEYS * 3 + 1)
-        client.write(name, _rows(KEYS))
+        client.write(name, feature_rows(KEYS))
     # Any node is a seed, and every node has the table (with the same schema id).
     ids = set()
     for node in (n1, n2):
         with Client(node.address, timeout=10, transport=transport) as other:
-            _check_all(other.get(name, KEYS[::-1]), KEYS[::-1])
+            check_all(other.get(name, KEYS[::-1]), KEYS[::-1])
             ids.add(other.describe_table(name).schema.schema_id)
     assert len(ids) == 1
 
     async def read_async() -> None:
         async with AsyncClient(n2.address, timeout=10) as aclient:
-            _check_all(await aclient.get(name, KEYS), KEYS)
+            check_all(await aclient.get(name, KEYS), KEYS)
             assert await aclient.delete(name, KEYS[:10]) == 10
             assert not (await aclient.get(name, KEYS[:10])).found.any()
 
@@ -157,7 +119,7 @@ def test_a_write_to_a_node_that_does_not_hold_the_shard_is_refused_and_not_appli
         holder = owners[shard_ids[0]]
         stranger = next(n.address for n in three.nodes.values() if n.address != holder)
 
-        rows = encode_rows(schema, _rows(np.array([key])), "key", 1_000)
+        rows = encode_rows(schema, feature_rows(np.array([key])), "key", 1_000)
         request = pb.WriteRequest(
             table=name,
             schema_id=schema.schema_id,
@@ -189,7 +151,7 @@ def test_a_write_to_a_node_that_does_not_hold_the_shard_is_refused_and_not_appli
         # Nothing was applied anywhere: the holder has no row for the key.
         assert not client.get(name, [key]).found.any()
         # Through the client, the same write lands on the holder.
-        assert client.write(name, _rows(np.array([key]))) == 1
+        assert client.write(name, feature_rows(np.array([key]))) == 1
         assert client.get(name, [key]).found.all()
 
 
@@ -264,23 +226,23 @@ def test_a_killed_node_restarted_on_new_ports_is_followed_by_existing_clients(
             ):
                 async with AsyncClient(seed, timeout=10) as aclient:
                     _create(fast_client, "followed")
-                    fast_client.write("followed", _rows(KEYS))
+                    fast_client.write("followed", feature_rows(KEYS))
                     for c in (fast_client, grpc_client):
-                        _check_all(c.get("followed", KEYS), KEYS)
-                    _check_all(await aclient.get("followed", KEYS), KEYS)
+                        check_all(c.get("followed", KEYS), KEYS)
+                    check_all(await aclient.get("followed", KEYS), KEYS)
                     old_fast = set(fast_client._ops.fast.values())
 
                     restarted = await asyncio.to_thread(kill_and_restart_n2, probe)
                     # The clients' maps still name n2's old ports: the next call of each
                     # refreshes the map once and succeeds; every call after it too.
                     for _ in range(10):
-                        _check_all(fast_client.get("followed", KEYS), KEYS)
-                        _check_all(grpc_client.get("followed", KEYS), KEYS)
-                        _check_all(await aclient.get("followed", KEYS), KEYS)
+                        check_all(fast_client.get("followed", KEYS), KEYS)
+                        check_all(grpc_client.get("followed", KEYS), KEYS)
+                        check_all(await aclient.get("followed", KEYS), KEYS)
                     assert set(fast_client._ops.fast.values()) != old_fast
                     assert restarted.address in fast_client._ops.nodes
-                    assert fast_client.write("followed", _rows(KEYS[:100])) == 100
-                    assert await aclient.write("followed", _rows(KEYS[:100])) == 100
+                    assert fast_client.write("followed", feature_rows(KEYS[:100])) == 100
+                    assert await aclient.write("followed", feature_rows(KEYS[:100])) == 100
 
         asyncio.run(scenario())
     except BaseException:
@@ -351,7 +313,7 @@ def test_nodes_keep_serving_while_etcd_is_lost_and_change_tables_once_it_is_back
             cluster.start(f"n{i}")
         with Client(cluster.nodes["n1"].address, timeout=10) as client:
             _create(client, "before")
-            client.write("before", _rows(KEYS))
+            client.write("before", feature_rows(KEYS))
             etcd.kill()
             killed = time.monotonic()
             # Serve through the loss itself: once a node has noticed etcd is gone, and
@@ -371,10 +333,10 @@ def test_nodes_keep_serving_while_etcd_is_lost_and_change_tables_once_it_is_back
             )
             assert all(n.running() for n in cluster.nodes.values())
             for _ in range(5):
-                _check_all(client.get("before", KEYS), KEYS)
-                assert client.write("before", _rows(KEYS[:50])) == 50
+                check_all(client.get("before", KEYS), KEYS)
+                assert client.write("before", feature_rows(KEYS[:50])) == 50
             with Client(cluster.nodes["n2"].address, timeout=10) as other:
-                _check_all(other.get("before", KEYS), KEYS)
+                check_all(other.get("before", KEYS), KEYS)
             etcd.start()
             # Every node follows etcd again within seconds (not after gRPC's reconnect
             # backoff, which grows to minutes), and all are live in the map.
@@ -390,8 +352,8 @@ def test_nodes_keep_serving_while_etcd_is_lost_and_change_tables_once_it_is_back
                 "every node to be live again",
             )
             client.create_table("after", features=FEATURES, shards=6, timeout=30)
-            client.write("after", _rows(KEYS))
-            _check_all(client.get("after", KEYS), KEYS)
+            client.write("after", feature_rows(KEYS))
+            check_all(client.get("after", KEYS), KEYS)
             assert len(set(client.cluster_map()["tables"]["after"])) == 3
     except BaseException:
         print(cluster.logs())
@@ -405,15 +367,15 @@ def test_a_single_node_restarted_on_a_new_fast_port_is_followed(start_node, tmp_
     node = start_node(data_dir=tmp_path / "alone")
     with Client(node.address, timeout=10) as client:
         client.create_table("alone", features=FEATURES, shards=4)
-        client.write("alone", _rows(KEYS))
-        _check_all(client.get("alone", KEYS), KEYS)
+        client.write("alone", feature_rows(KEYS))
+        check_all(client.get("alone", KEYS), KEYS)
         old_fast = set(client._ops.fast.values())
         node.stop()
         again = start_node("--port", str(node.port), data_dir=tmp_path / "alone")
         assert again.address == node.address
         assert set(client._ops.fast.values()) == old_fast  # the client still has the old one
         for _ in range(5):
-            _check_all(client.get("alone", KEYS), KEYS)
+            check_all(client.get("alone", KEYS), KEYS)
         assert set(client._ops.fast.values()) != old_fast
 
 

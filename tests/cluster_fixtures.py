@@ -1,0 +1,61 @@
+"""Node processes of one test cluster on a real etcd, and the table the cluster tests use.
+
+Shared by the cluster test modules (tests/test_cluster_*.py): each starts its own etcd
+(tests/etcd_server.py) and nodes through ``Cluster``, and checks answers against
+``rows``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+from etcd_server import EtcdServer
+
+from kvstore.server.process import NodeProcess
+
+FEATURES = {"score": "float32", "clicks": "int64"}
+KEYS = np.arange(1_000, dtype=np.int64)
+SHARDS = 12
+START_TIMEOUT_S = 60.0
+
+
+def feature_rows(keys: np.ndarray) -> dict:
+    return {"key": keys, "score": keys.astype(np.float32) / 2, "clicks": keys * 3}
+
+
+def start_node(data_dir: Path, url: str, cluster: str, node_id: str, *extra: str) -> NodeProcess:
+    log = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
+    args = ("--etcd", url, "--cluster", cluster, "--node-id", node_id, *extra)
+    return NodeProcess(data_dir, *args, log_path=log, start_timeout_s=START_TIMEOUT_S).start()
+
+
+class Cluster:
+    """An etcd and node processes n0, n1, … in one work directory; stopped at the end."""
+
+    def __init__(self, workdir: Path, etcd: EtcdServer) -> None:
+        self.workdir = workdir
+        self.etcd = etcd
+        self.name = f"t-{uuid.uuid4().hex[:8]}"
+        self.nodes: dict[str, NodeProcess] = {}
+
+    def start(self, node_id: str, *extra: str) -> NodeProcess:
+        node = start_node(self.workdir / node_id, self.etcd.url, self.name, node_id, *extra)
+        self.nodes[node_id] = node
+        return node
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            if node.running():
+                node.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {i}:\n{n.log_tail()}" for i, n in self.nodes.items())
+
+
+def check_all(result, keys: np.ndarray) -> None:
+    assert result.found.all()
+    columns = result.to_numpy()
+    np.testing.assert_array_equal(columns["clicks"], keys * 3)
+    np.testing.assert_array_equal(columns["score"], keys.astype(np.float32) / 2)
