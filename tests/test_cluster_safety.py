@@ -36,8 +36,8 @@ from etcd_server import EtcdServer, free_port
 from helpers import wait_for
 
 from kvstore import Client
-from kvstore.client.core import Operations
 from kvstore.client.fast import FastConnections
+from kvstore.client.flows import Operations
 from kvstore.cluster.etcd import connect
 from kvstore.columns import encode_rows
 from kvstore.errors import StaleMap, TableNotFound, Unavailable, from_rpc_error

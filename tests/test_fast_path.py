@@ -13,8 +13,9 @@ import pytest
 
 import kvstore
 from kvstore import Client
-from kvstore.client.core import NodeCall, Operations
+from kvstore.client.core import NodeCall
 from kvstore.client.fast import RECEIVE_BUFFER, FastConnections
+from kvstore.client.flows import Operations
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb

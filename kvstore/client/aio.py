@@ -8,7 +8,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import DEFAULT_TIMEOUT_S, NodeCall, Operations
+from kvstore.client.core import DEFAULT_TIMEOUT_S, NodeCall
+from kvstore.client.flows import Operations
 from kvstore.client.result import GetResult
 from kvstore.client.stream import AsyncUpdateStream
 from kvstore.errors import KvstoreError, from_rpc_error

@@ -12,10 +12,10 @@ from kvstore.client.core import (
     STALE_ROUTE,
     STALE_SCHEMA,
     NodeCall,
-    Operations,
     read_once,
 )
 from kvstore.client.fast import FastConnections
+from kvstore.client.flows import Operations
 from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
 from kvstore.errors import KvstoreError, TableNotFound, from_rpc_error
