@@ -17,18 +17,12 @@ from typing import Any
 import numpy as np
 
 from kvstore import Client
+from kvstore.server.demo import DEMO_FEATURES, demo_rows
 
 __all__ = ["MixedSettings", "measure_mixed_dtypes", "render_mixed"]
 
 TABLE = "bench_mixed_dtypes"
-FEATURES = {
-    "age": "int32",
-    "ctr_7d": "float32",
-    "country": "string",
-    "is_premium": "bool",
-    "emb": "float32[8]",
-    "recent_items": "int64[]",
-}
+FEATURES = DEMO_FEATURES
 FLOAT_ONLY = ["ctr_7d"]
 #: The issue's target: mixed p50 / float-only p50.
 TARGET_RATIO = 1.3
@@ -47,23 +41,10 @@ class MixedSettings:
 
 def _load(client: Client, s: MixedSettings) -> None:
     rng = np.random.default_rng(s.seed)
-    countries = ["FR", "JP", "US", "BR", "IN", "DE", "NG", "KR"]
     client.create_table(TABLE, key="int64", features=FEATURES, shards=8)
     for start in range(0, s.rows, 5000):
         keys = np.arange(start, min(start + 5000, s.rows), dtype=np.int64)
-        n = len(keys)
-        client.write(
-            TABLE,
-            {
-                "key": keys,
-                "age": rng.integers(18, 80, n).astype(np.int32),
-                "ctr_7d": rng.random(n, dtype=np.float32),
-                "country": [countries[k % len(countries)] for k in keys.tolist()],
-                "is_premium": rng.random(n) < 0.2,
-                "emb": rng.standard_normal((n, 8)).astype(np.float32),
-                "recent_items": [list(range(k % 4)) for k in keys.tolist()],
-            },
-        )
+        client.write(TABLE, demo_rows(keys, rng))
 
 
 def _cell(client: Client, keys: np.ndarray, features: list[str] | None) -> list[int]:
