@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from etcd_server import EtcdServer
 
 from kvstore import Client
 from kvstore.server.process import NodeProcess, NodeProcessError
@@ -106,3 +107,11 @@ def table_name(request: pytest.FixtureRequest) -> str:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """A real etcd on free ports (tests/etcd_server.py), one per test module that asks."""
+    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
+    yield server
+    server.stop()

@@ -32,13 +32,6 @@ KEYS = np.arange(3_000, dtype=np.int64)
 SHARDS = 12
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def three(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
     """Three nodes of a fresh cluster (a test may stop and restart them)."""

@@ -25,7 +25,6 @@ import asyncio
 import concurrent.futures
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -50,13 +49,6 @@ from kvstore.wire.dial import open_channel
 ROWS = np.arange(10, dtype=np.int64)
 
 
-@pytest.fixture(scope="module")
-def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
-    yield server
-    server.stop()
-
-
 def _alone(data: Path, log: Path) -> NodeProcess:
     """The node of ``data`` started without etcd: what its tables hold, untouched."""
     return NodeProcess(data, log_path=log).start()
@@ -70,9 +62,8 @@ def _refused(data: Path, url: str, cluster: str, log: Path) -> str:
 
 
 def test_a_node_started_with_another_cluster_name_refuses_and_keeps_its_tables(
-    tmp_path: Path, shared_etcd: EtcdServer
+    tmp_path: Path, etcd: EtcdServer
 ) -> None:
-    etcd = shared_etcd
     cluster = Cluster(tmp_path, etcd)
     try:
         n1 = cluster.start("n1")
@@ -218,9 +209,9 @@ def test_the_fast_read_path_refuses_reads_until_the_node_has_joined(
 
 
 def test_consumer_positions_are_the_minimum_over_every_node_of_the_table(
-    tmp_path: Path, shared_etcd: EtcdServer
+    tmp_path: Path, etcd: EtcdServer
 ) -> None:
-    cluster = Cluster(tmp_path, shared_etcd)
+    cluster = Cluster(tmp_path, etcd)
     try:
         for i in range(3):
             cluster.start(f"n{i}")
@@ -341,9 +332,9 @@ def _edit_placement(url: str, cluster: str, edit) -> None:
 
 
 def test_a_malformed_placement_in_etcd_is_skipped_and_the_node_follows_the_next(
-    tmp_path: Path, shared_etcd: EtcdServer
+    tmp_path: Path, etcd: EtcdServer
 ) -> None:
-    cluster = Cluster(tmp_path, shared_etcd)
+    cluster = Cluster(tmp_path, etcd)
     try:
         n1 = cluster.start("n1")
         with Client(n1.address, timeout=10) as client:
@@ -354,7 +345,7 @@ def test_a_malformed_placement_in_etcd_is_skipped_and_the_node_follows_the_next(
                 kept["doc"] = json.loads(doc)
                 return b'{"epoch": 99, "tables": '
 
-            _edit_placement(shared_etcd.url, cluster.name, garble)
+            _edit_placement(etcd.url, cluster.name, garble)
             wait_for(
                 lambda: "is malformed" in n1.log_tail(100_000), 10, "n1 to log the bad document"
             )
@@ -362,7 +353,7 @@ def test_a_malformed_placement_in_etcd_is_skipped_and_the_node_follows_the_next(
             check_all(client.get("before", ROWS[:0]), ROWS[:0])
             # An operator puts a good document back: the node follows on.
             doc = {**kept["doc"], "epoch": kept["doc"]["epoch"] + 1}
-            _edit_placement(shared_etcd.url, cluster.name, lambda _: json.dumps(doc).encode())
+            _edit_placement(etcd.url, cluster.name, lambda _: json.dumps(doc).encode())
             client.create_table("after", features=FEATURES, shards=2, timeout=30)
             assert client.write("after", feature_rows(ROWS)) == len(ROWS)
             check_all(client.get("after", ROWS), ROWS)

@@ -40,13 +40,6 @@ from kvstore.wire.dial import open_channel
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iterator[Cluster]:
     """Three nodes of one cluster, for the tests that do not stop any of them."""
     cluster = Cluster(tmp_path_factory.mktemp("three"), etcd)
