@@ -220,3 +220,22 @@ def test_latency_rounds_measure_the_floors_beside_redis(redis_server, echo_serve
     line = report.versions_line(machine)
     for key in ("redis_py", "hiredis", "redis_server", "uvloop", "grpcio"):
         assert machine[key] in line
+
+
+def test_the_mixed_dtype_step_reads_the_demo_features_and_reports_both_gets(start_node) -> None:
+    """make bench's mixed-dtype step (loadtests/mixed.py) against a real node: both kinds
+    of get measured, the ratio reported against its target (no timing asserted)."""
+    from kvstore.server.demo import DEMO_FEATURES
+    from loadtests.mixed import MixedSettings, measure_mixed_dtypes
+
+    node = start_node()
+    res = measure_mixed_dtypes(
+        node.address, MixedSettings(rows=500, rounds=2, samples=20, warmup=5)
+    )
+    assert res["features"]["mixed"] == list(DEMO_FEATURES.values())
+    assert res["features"]["float_only"] == ["float32"]
+    for kind in ("mixed", "float_only"):
+        assert res[kind]["count"] == 2 * 20
+        assert len(res[kind]["round_p50_us"]) == 2
+    assert res["ratio_p50"] == pytest.approx(res["mixed"]["p50_us"] / res["float_only"]["p50_us"])
+    assert res["met"] == (res["ratio_p50"] <= res["target_ratio"])
