@@ -31,19 +31,19 @@ so and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from kvstore import Client
+from kvstore.config import BASE_FORMATS
+from loadtests import realistic
 from loadtests.ab import parse_env
 from loadtests.bench import (
     Settings,
@@ -54,6 +54,14 @@ from loadtests.bench import (
 )
 from loadtests.bulkload import ParquetSink
 from loadtests.loadtest import DISTRIBUTIONS, KeyChooser
+from loadtests.memcgroup import (
+    CgroupUnavailable,
+    cgroup_memory,
+    evict_page_cache,
+    major_faults,
+    memory_cgroup,
+    set_limit,
+)
 from loadtests.redis_client import HiredisMissing, client_versions
 from loadtests.servers import KvstoreNode, RedisServer, proc_memory_bytes
 from loadtests.systems import KeyPool, KvstoreSystem, RedisPackedSystem
@@ -68,100 +76,17 @@ __all__ = ["main", "memory_cgroup"]
 #: 500 B where the page cache holds the row's whole 4 KiB page (docs/operations.md).
 COLD_ENV = {"KVSTORE_READ_THREADS": "7", "KVSTORE_PARALLEL_READ_KEYS": "2"}
 ROW_CACHE_SHARE = 1 / 2
+#: ... and RocksDB's block cache, of which the plain format uses nothing (PlainTable
+#: reads rows in place) and the compressed formats their index and filter blocks and
+#: the blocks they decompress; the rest of the allowance is page cache for the files.
+BLOCK_CACHE_SHARE = 1 / 8
+
+#: The bench tables: ``random`` (loadtests/systems.py: 96 float32, incompressible) and
+#: ``realistic`` (loadtests/realistic.py: features distributed as real ones are).
+TABLES = ("random", "realistic")
 
 #: The longest the capped node is warmed for, in seconds, whatever ``warm_keys`` says.
 WARM_SECONDS = 60.0
-
-CGROUP_V1 = Path("/sys/fs/cgroup/memory")
-CGROUP_V2 = Path("/sys/fs/cgroup")
-
-
-class CgroupUnavailable(RuntimeError):
-    pass
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-@contextlib.contextmanager
-def memory_cgroup(name: str) -> Iterator[Path]:
-    """A fresh memory cgroup (no limit yet, see ``set_limit``); yields its
-    ``cgroup.procs`` file. Removed on exit (its processes must have ended)."""
-    if (CGROUP_V1 / "memory.limit_in_bytes").exists():
-        path = CGROUP_V1 / name
-    elif "memory" in _read(CGROUP_V2 / "cgroup.controllers").split():
-        path = CGROUP_V2 / name
-    else:
-        raise CgroupUnavailable("no cgroup memory controller (v1 or v2) is mounted")
-    try:
-        path.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise CgroupUnavailable(f"cannot create the memory cgroup {path}: {exc}") from None
-    if not any((path / f).exists() for f in ("memory.limit_in_bytes", "memory.max")):
-        path.rmdir()  # v2 with the controller not enabled for children (subtree_control)
-        raise CgroupUnavailable(f"the cgroup {path} has no memory limit file")
-    try:
-        yield path / "cgroup.procs"
-    finally:
-        for _ in range(50):
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
-
-
-def set_limit(procs: Path, limit_bytes: int) -> bool:
-    """Limit the cgroup's memory, page cache included (the kernel reclaims down to it),
-    and restart its peak figure; returns whether the peak could be restarted (else it
-    counts from the cgroup's creation)."""
-    d = procs.parent
-    v1 = (d / "memory.limit_in_bytes").exists()
-    (d / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit_bytes))
-    try:
-        (d / ("memory.max_usage_in_bytes" if v1 else "memory.peak")).write_text("0")
-    except OSError:
-        return False
-    return True
-
-
-def cgroup_memory(procs: Path) -> dict[str, int]:
-    """Current and peak memory charged to the cgroup (page cache included), bytes."""
-    d = procs.parent
-    if (d / "memory.usage_in_bytes").exists():
-        return {
-            "usage_bytes": int((d / "memory.usage_in_bytes").read_text()),
-            "max_usage_bytes": int((d / "memory.max_usage_in_bytes").read_text()),
-        }
-    out = {"usage_bytes": int((d / "memory.current").read_text())}
-    if (d / "memory.peak").exists():
-        out["max_usage_bytes"] = int((d / "memory.peak").read_text())
-    return out
-
-
-def major_faults(pid: int) -> int:
-    """Page faults of ``pid`` that had to read from the disk (majflt of /proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[9])
-
-
-def evict_page_cache(root: Path) -> int:
-    """Drop the clean cached pages of every file under ``root`` (no process maps them);
-    returns the bytes of the files."""
-    total = 0
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            total += path.stat().st_size
-    return total
 
 
 def _used_memory(server: RedisServer) -> int:
@@ -178,14 +103,20 @@ def measure(
     dists: tuple[str, ...] = DISTRIBUTIONS[::-1],
     capped_env: dict[str, str] | None = None,
     warm_keys: int | None = None,
+    table: str = "random",
+    base_format: str = "plain",
 ) -> dict:
-    """Load ``rows`` rows into Redis and two kvstore nodes, cap one, and time lookups
+    """Load ``rows`` rows of ``table`` (``TABLES``) into Redis and, in ``base_format``
+    (``kvstore.config.BASE_FORMATS``), into two kvstore nodes, cap one, and time lookups
     of each of ``batch_sizes`` keys drawn by each popularity in ``dists``. The capped
     node runs with ``capped_env``'s ``KVSTORE_*`` settings on top of the node's defaults
-    (None: ``COLD_ENV`` and a row cache of ``ROW_CACHE_SHARE`` of its allowance), and
-    serves ``warm_keys`` keys (default ``rows``) of each popularity before it is timed."""
+    (None: ``COLD_ENV``, a row cache of ``ROW_CACHE_SHARE`` of its allowance and a block
+    cache of ``BLOCK_CACHE_SHARE``), and serves ``warm_keys`` keys (default ``rows``) of
+    each popularity before it is timed."""
     s = Settings(rows=rows, seed=seed)
     out: dict = {
+        "table": table,
+        "base_format": base_format,
         "rows": rows,
         "batch_sizes": batch_sizes,
         "dists": list(dists),
@@ -197,23 +128,40 @@ def measure(
         for d in (capped_dir, free_dir, work / "redis"):
             d.mkdir()
         with RedisServer(work / "redis") as redis_server:
-            packed = RedisPackedSystem(redis_server)
+            packed: RedisPackedSystem | realistic.RealisticRedisSystem
+            packed = (
+                RedisPackedSystem(redis_server)
+                if table == "random"
+                else realistic.RealisticRedisSystem(redis_server)
+            )
             out["redis_client"] = client_versions(packed._conn)
             redis_empty = _used_memory(redis_server)
-            print(f"loading {rows:,} rows into Redis and a Parquet file", flush=True)
-            sink = ParquetSink(work / "features.parquet")
-            load_redis_and_parquet([packed], sink, s)
-            parquet = sink.close()
+            print(f"loading {rows:,} rows of the {table} table into Redis and Parquet", flush=True)
+            if table == "random":
+                sink = ParquetSink(work / "features.parquet")
+                load_redis_and_parquet([packed], sink, s)
+                parquet = sink.close()
+            else:
+                parquet = realistic.load_redis_and_parquet(
+                    packed, work / "features.parquet", seed, rows
+                )
             redis_used = _used_memory(redis_server)
             out["redis_used_memory_bytes"] = redis_used
             out["redis_empty_used_memory_bytes"] = redis_empty
-            print("bulk-loading it into kvstore", flush=True)
-            data = loaded_data_dir(capped_dir, parquet, rows, work)
+            out["parquet_bytes"] = parquet["bytes"]
+            print(f"bulk-loading it into kvstore, {base_format} format", flush=True)
+            load_env = {"KVSTORE_BASE_FORMAT": base_format}
+            loader = loaded_data_dir if table == "random" else realistic.loaded_data_dir
+            data = loader(capped_dir, parquet, rows, work, load_env)
             shutil.copytree(data, free_dir / "data")
             out["kvstore_file_bytes"] = evict_page_cache(capped_dir / "data")
             if capped_env is None:
-                row_cache = int((redis_used - redis_empty) // 3 * ROW_CACHE_SHARE)
-                capped_env = {**COLD_ENV, "KVSTORE_ROW_CACHE_BYTES": str(row_cache)}
+                allowance = (redis_used - redis_empty) // 3
+                capped_env = {
+                    **COLD_ENV,
+                    "KVSTORE_ROW_CACHE_BYTES": str(int(allowance * ROW_CACHE_SHARE)),
+                    "KVSTORE_BLOCK_CACHE_BYTES": str(int(allowance * BLOCK_CACHE_SHARE)),
+                }
             out["capped_env"] = capped_env
             with (
                 memory_cgroup(f"kvbench-memcap-{os.getpid()}") as procs,
@@ -242,9 +190,10 @@ def measure(
                     "from the page cache); the uncapped node runs on a copy",
                     flush=True,
                 )
+                kv = KvstoreSystem if table == "random" else realistic.RealisticKvstoreSystem
                 systems = {
-                    "kvstore capped": (KvstoreSystem(capped.address, capped.pid), capped.pid),
-                    "kvstore": (KvstoreSystem(free.address, free.pid), free.pid),
+                    "kvstore capped": (kv(capped.address, capped.pid), capped.pid),
+                    "kvstore": (kv(free.address, free.pid), free.pid),
                     "redis-packed": (packed, redis_server.pid),
                 }
                 out["latency"] = {
@@ -344,6 +293,31 @@ def _latency(
 _UNKNOWN_CLIENT = dict.fromkeys(("redis_py", "redis_py_parser", "hiredis"), "?")
 
 
+def render_summary(runs: list[dict]) -> str:
+    """One line per table, format, popularity and batch size: the capped node's p50
+    against Redis's, and what a row costs each on disk and in RAM."""
+    lines = [
+        "| table | format | keys | keys per lookup | capped / redis p50 | kvstore file B/row "
+        "| redis B/row | cap above start B/row |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for res in runs:
+        n = res["rows"]
+        redis_row = (res["redis_used_memory_bytes"] - res["redis_empty_used_memory_bytes"]) / n
+        above = (res["cap_bytes"] - res["kvstore_started_bytes"]) / n
+        for dist, lat in res["latency"].items():
+            for b in res["batch_sizes"]:
+                ratio = (
+                    lat["kvstore capped"][str(b)]["p50_ms"] / lat["redis-packed"][str(b)]["p50_ms"]
+                )
+                lines.append(
+                    f"| {res.get('table', 'random')} | {res.get('base_format', 'plain')} | {dist} "
+                    f"| {b} | {ratio:.2f}x | {res['kvstore_file_bytes'] / n:.0f} "
+                    f"| {redis_row:.0f} | {above:.0f} |"
+                )
+    return "\n".join(lines)
+
+
 def render(res: dict) -> str:
     mib = 2**20
     cap = res["kvstore_capped_memory"]
@@ -351,6 +325,7 @@ def render(res: dict) -> str:
     rows_bytes = used - res["redis_empty_used_memory_bytes"]
     above = res["cap_bytes"] - res["kvstore_started_bytes"]
     lines = [
+        f"{res.get('table', 'random')} table, {res.get('base_format', 'plain')} format: "
         f"{res['rows']:,} rows; Redis (packed) used_memory {used / mib:,.0f} MiB "
         f"({rows_bytes / res['rows']:.0f} B/row above empty); kvstore capped at "
         f"{res['cap_bytes'] / mib:,.0f} MiB, page cache included: "
@@ -405,8 +380,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KVSTORE_NAME=VALUE,...",
         help="settings of the capped node (docs/operations.md); default: "
         + ",".join(f"{k}={v}" for k, v in COLD_ENV.items())
-        + f" and KVSTORE_ROW_CACHE_BYTES at {ROW_CACHE_SHARE * 100:.0f}%% of the cap's allowance "
-        "for rows; given, these are replaced, not added to ('' for the node's own defaults)",
+        + f", KVSTORE_ROW_CACHE_BYTES at {ROW_CACHE_SHARE * 100:.0f}%% of the cap's allowance "
+        f"for rows and KVSTORE_BLOCK_CACHE_BYTES at {BLOCK_CACHE_SHARE * 100:.1f}%%; given, these "
+        "are replaced, not added to ('' for the node's own defaults)",
+    )
+    p.add_argument(
+        "--tables",
+        default=",".join(TABLES),
+        help="bench tables, in turn: random (96 float32) and/or realistic "
+        "(loadtests/realistic.py); default both",
+    )
+    p.add_argument(
+        "--formats",
+        default="plain,zstd",
+        help="table formats of the loaded version, in turn (KVSTORE_BASE_FORMAT: "
+        f"{', '.join(BASE_FORMATS)}); default plain (uncompressed) and zstd (compressed)",
     )
     p.add_argument(
         "--warm-keys",
@@ -422,30 +410,43 @@ def main(argv: list[str] | None = None) -> int:
     dists = tuple(dict.fromkeys(args.dist.split(",")))
     if any(d not in DISTRIBUTIONS for d in dists):
         p.error(f"--dist takes {' and/or '.join(DISTRIBUTIONS)}, comma-separated: {args.dist!r}")
+    tables = tuple(dict.fromkeys(args.tables.split(",")))
+    if any(t not in TABLES for t in tables):
+        p.error(f"--tables takes {' and/or '.join(TABLES)}, comma-separated: {args.tables!r}")
+    formats = tuple(dict.fromkeys(args.formats.split(",")))
+    if any(f not in BASE_FORMATS for f in formats):
+        p.error(f"--formats takes {', '.join(BASE_FORMATS)}, comma-separated: {args.formats!r}")
     try:
         capped_env = None if args.capped_env is None else parse_env(args.capped_env)
     except ValueError as exc:
         p.error(f"--capped-env: {exc}")
-    try:
-        res = measure(
-            args.rows,
-            [int(b) for b in args.batch_sizes.split(",")],
-            args.rounds,
-            args.samples,
-            args.seed,
-            dists,
-            capped_env,
-            args.warm_keys,
-        )
-    except CgroupUnavailable as exc:
-        print(f"memcap: {exc} (run as root on a machine with cgroups)", file=sys.stderr)
-        return 2
-    except HiredisMissing as exc:  # not 2: `make bench` reads 2 as "skipped"
-        print(f"memcap: error: {exc}", file=sys.stderr)
-        return 1
+    runs = []
+    for table in tables:
+        for table_format in formats:
+            try:
+                res = measure(
+                    args.rows,
+                    [int(b) for b in args.batch_sizes.split(",")],
+                    args.rounds,
+                    args.samples,
+                    args.seed,
+                    dists,
+                    capped_env,
+                    args.warm_keys,
+                    table,
+                    table_format,
+                )
+            except CgroupUnavailable as exc:
+                print(f"memcap: {exc} (run as root on a machine with cgroups)", file=sys.stderr)
+                return 2
+            except HiredisMissing as exc:  # not 2: `make bench` reads 2 as "skipped"
+                print(f"memcap: error: {exc}", file=sys.stderr)
+                return 1
+            print(render(res), flush=True)
+            runs.append(res)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memcap.json").write_text(json.dumps(res, indent=1))
-    print(render(res))
+    (args.out / "memcap.json").write_text(json.dumps({"runs": runs}, indent=1))
+    print(render_summary(runs))
     print(f"wrote {args.out / 'memcap.json'}")
     return 0
 

@@ -58,6 +58,7 @@ def rocksdb_options(
     mmap_reads: bool = False,
     row_cache: rocksdict.Cache | None = None,
     pin_l0: bool = True,
+    block_bytes: int | None = None,
 ) -> rocksdict.Options:
     """Options for a point-lookup shard: bloom filter, the node's shared block cache, LZ4.
 
@@ -66,6 +67,7 @@ def rocksdb_options(
     here (125k rows of 420 B, multi-gets of 125 keys: 2.06 -> 1.69 us a key).
     ``pin_l0``: keep level-0 files' index and filter blocks pinned in the block cache
     (the delta's few young files; a base's files all sit in level 0, for good).
+    ``block_bytes``: the uncompressed size of a data block (None: RocksDB's 4 KiB).
     """
     opts = rocksdict.Options(raw_mode=True)
     opts.create_if_missing(True)
@@ -75,6 +77,8 @@ def rocksdb_options(
     table.set_bloom_filter(bloom_bits_per_key, False)  # type: ignore[arg-type]
     table.set_cache_index_and_filter_blocks(True)
     table.set_pin_l0_filter_and_index_blocks_in_cache(pin_l0)
+    if block_bytes is not None:
+        table.set_block_size(block_bytes)
     opts.set_block_based_table_factory(table)
     opts.set_compression_type(rocksdict.DBCompressionType.lz4())
     opts.set_max_background_jobs(2)
@@ -136,10 +140,27 @@ def delta_options(cache: rocksdict.Cache, bloom_bits_per_key: float = 10.0) -> r
 # * ``block``: RocksDB's block-based table: LZ4-compressed 4 KiB blocks with checksums
 #   (``--verify-base-checksums``) and a binary-searched index. Smaller on disk when
 #   the rows compress; slower lookups. Versions loaded before formats existed are this.
+# * ``zstd``: the block-based table with zstd and a dictionary trained per table file
+#   (the loader writes one file per ``BUILD_FILE_BYTES`` of a shard's memtable, so a
+#   dictionary per version's shard, as Venice's ZSTD_WITH_DICT has one per version),
+#   ``ZSTD_BLOCK_BYTES`` blocks. RocksDB decompresses a block into the block cache
+#   when a lookup first needs it: no Python object per row. For rows that compress
+#   (small ints, categories, id lists, counters): measured in docs/benchmarks.md.
 
 #: A base shard's memtable is flushed into a file of about this size while it is
 #: built (PlainTable files address rows with 32-bit offsets: they must stay < 2 GiB).
 BUILD_FILE_BYTES = 256 << 20
+
+
+#: The ``zstd`` format's options, fixed with its name (files carry them): zstd's level
+#: (3, its default: the loader's speed; reads decompress as fast whatever the level), the
+#: dictionary's size and the sample bytes it is trained on (100x, zstd's advice), and
+#: the uncompressed size of a block (one block is decompressed per lookup that misses
+#: the block cache).
+ZSTD_LEVEL = 3
+ZSTD_DICT_BYTES = 16 << 10
+ZSTD_TRAIN_BYTES = 100 * ZSTD_DICT_BYTES
+ZSTD_BLOCK_BYTES = 4 << 10
 
 
 def base_options(
@@ -154,10 +175,20 @@ def base_options(
     that: read through mmap, never compacted. ``cache`` (block format only) is the
     node's block cache; ``row_cache`` the node's optional row cache.
     """
-    if table_format == "block":
+    if table_format in ("block", "zstd"):
         opts = rocksdb_options(
-            cache, bloom_bits_per_key, mmap_reads=True, row_cache=row_cache, pin_l0=False
+            cache,
+            bloom_bits_per_key,
+            mmap_reads=True,
+            row_cache=row_cache,
+            pin_l0=False,
+            block_bytes=ZSTD_BLOCK_BYTES if table_format == "zstd" else None,
         )
+        if table_format == "zstd":
+            opts.set_compression_type(rocksdict.DBCompressionType.zstd())
+            # w_bits -14 and strategy 0 are zstd's defaults (RocksDB's too).
+            opts.set_compression_options(-14, ZSTD_LEVEL, 0, ZSTD_DICT_BYTES)
+            opts.set_zstd_max_train_bytes(ZSTD_TRAIN_BYTES)
     elif table_format == "plain":
         opts = rocksdict.Options(raw_mode=True)
         opts.create_if_missing(True)
