@@ -1,7 +1,7 @@
 """kvstore with its RAM capped at a third of Redis's, against Redis: what the cap costs.
 
-    python -m loadtests.memcap                  # 1M rows, ~3 min; needs root (cgroups)
-    python -m loadtests.memcap --rows 200000 --dist zipfian
+    python -m loadtests.memcap                  # 1M rows, 4 runs of ~3 min; needs root
+    python -m loadtests.memcap --rows 200000 --dist zipfian --tables realistic
 
 Issue 5 asks for resident memory per row at most a third of Redis's. A kvstore node's
 resident set is mostly the pages of the memory-mapped bulk version that reads touched:
@@ -12,8 +12,14 @@ cgroup whose limit (which counts the page cache it uses) is a third of what Redi
 from the page cache before the node starts. Every read the cgroup cannot cache goes to
 the disk. Lookups alternate between the capped node, an uncapped node on a copy of the
 same files, and Redis, round by round. Each node runs with the settings that suit it:
-the capped one those for a base larger than RAM (``COLD_ENV`` and a row cache; see
-``--capped-env``), the uncapped one the node's defaults, which suit a base in memory.
+the capped one those for a base larger than RAM (``COLD_ENV``, a row cache and a block
+cache; see ``--capped-env``), the uncapped one the node's defaults, which suit a base
+in memory.
+
+Each bench table (``--tables``: the random one of the main benchmark, and the realistic
+one of loadtests/realistic.py, whose features compress) is measured loaded in each table
+format (``--formats``: ``plain``, uncompressed, and ``zstd``, compressed with a trained
+dictionary), one run each, Redis loaded afresh for each.
 
 Keys are drawn uniformly (every row as likely: the cap's worst case) and then by
 zipfian popularity (theta 0.99, as YCSB and ``make loadtest``; hot keys scattered over
@@ -23,9 +29,9 @@ of it (default: as many as the table has rows, at most a minute), then every sys
 round, so that what is measured is a node that has been serving that traffic, with its
 caches in their steady state, not one changing from the other. No key batch repeats.
 
-Prints a table and writes ``bench/memcap.json``. Needs root and a cgroup memory
-controller (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``); without them it says
-so and exits with status 2.
+Prints a table per run and a summary, and writes ``bench/memcap.json`` (``runs``).
+Needs root and a cgroup memory controller (v1 ``memory.limit_in_bytes`` or v2
+``memory.max``); without them it says so and exits with status 2.
 """
 
 from __future__ import annotations
