@@ -191,3 +191,53 @@ def test_redis_and_kvstore_serve_the_same_realistic_rows(tmp_path: Path) -> None
     assert {name: values[:1] for name, values in from_kv.items()} == one
     expected = realistic.generate(SEED, 0, rows).to_pylist()
     assert from_kv["recent_items"][3] == expected[rows - 1]["recent_items"]
+
+
+def test_the_ram_capped_run_measures_the_realistic_table_compressed(tmp_path: Path) -> None:
+    """loadtests/memcap.py with the realistic table in the zstd format: the cap holds
+    (page cache counted), and its files are the compressed ones (needs root and cgroups)."""
+    from loadtests import memcap
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make bench installs it)")
+    try:
+        res = memcap.measure(
+            rows=20_000,
+            batch_sizes=[100],
+            rounds=1,
+            samples=10,
+            seed=1,
+            dists=("zipfian",),
+            table="realistic",
+            base_format="zstd",
+        )
+    except memcap.CgroupUnavailable as exc:
+        pytest.skip(str(exc))
+    assert (res["table"], res["base_format"]) == ("realistic", "zstd")
+    capped = res["kvstore_capped_memory"]
+    assert capped["cgroup_usage_bytes"] <= res["cap_bytes"]
+    # The block cache, which a compressed format fills, is a share of the allowance.
+    allowance = res["cap_bytes"] - res["kvstore_started_bytes"]
+    block_cache = int(res["capped_env"]["KVSTORE_BLOCK_CACHE_BYTES"])
+    assert block_cache == int(allowance * memcap.BLOCK_CACHE_SHARE)
+    encoded, _ = realistic.encoded_rows(realistic.generate(1, 0, 20_000))
+    assert res["kvstore_file_bytes"] < 0.85 * len(encoded)
+    lat = res["latency"]["zipfian"]
+    assert lat["kvstore capped"]["100"]["count"] == lat["redis-packed"]["100"]["count"] == 10
+    assert "| realistic | zstd | zipfian | 100 |" in memcap.render_summary([res])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tables", "realistc"], "--tables takes random and/or realistic"),
+        (["--formats", "lz4"], "--formats takes plain, block, zstd"),
+    ],
+)
+def test_the_ram_capped_run_refuses_unknown_tables_and_formats(argv, message, capsys) -> None:
+    from loadtests import memcap
+
+    with pytest.raises(SystemExit) as exc:
+        memcap.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
