@@ -12,9 +12,10 @@ age_bucket         int32            0..11, a bell around 4
 tenure_days        int32            days since sign-up, geometric, mean ~400, at most 3650
 country            string           ISO-like 2-letter codes, zipfian (s 1.3) over 200
 device             string           6 platform names, fixed shares (android 45%, ios 30%, ...)
-language           string           5-letter tags (``en-US``), zipfian (s 1.5) over 40
+language           string           5-letter tags (``en-AD``), zipfian (s 1.5) over 40
 is_premium         bool             8% true
-clicks_7d          int64            counter, negative binomial (mean ~6), 30% zero
+clicks_7d          int64            counter: 0 for 30% of users, else negative binomial
+                                    (mean 6): ~40% zero
 impressions_7d     int64            counter, clicks x 20-ish plus noise
 purchases_30d      int64            counter, Poisson 0.4
 ctr_7d             float32          clicks_7d / impressions_7d, 0 where none

@@ -159,9 +159,10 @@ BUILD_FILE_BYTES = 256 << 20
 #: realistic bench table (loadtests/realistic.py, 247 B encoded), one file, B/row on
 #: disk and 100-key MultiGets in memory with an 8 MiB block cache: no dictionary 178
 #: B/row, ~850 us; a 16 KiB one 168 B/row (-5.5%), ~1,050 us (RocksDB here re-reads the
-#: raw dictionary for each block it decompresses); 4 and 16 KiB dictionaries no smaller;
-#: trained on 10x its size as small as on 100x (zstd's advice for small samples) and
-#: ~1.5 s faster to build per 200k rows; 8 and 16 KiB blocks 1-2% smaller, 2-3x slower.
+#: raw dictionary for each block it decompresses); 4 and 64 KiB dictionaries neither
+#: smaller nor faster; trained on 10x its size as small as on 100x (zstd's advice for
+#: small samples) and ~1.4 s faster to build per 200k rows; 8 and 16 KiB blocks 1-2%
+#: smaller, 2-3x slower.
 ZSTD_LEVEL = 3
 ZSTD_DICT_BYTES = 16 << 10
 ZSTD_TRAIN_BYTES = 10 * ZSTD_DICT_BYTES
