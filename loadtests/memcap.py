@@ -301,16 +301,18 @@ _UNKNOWN_CLIENT = dict.fromkeys(("redis_py", "redis_py_parser", "hiredis"), "?")
 
 def render_summary(runs: list[dict]) -> str:
     """One line per table, format, popularity and batch size: the capped node's p50
-    against Redis's, and what a row costs each on disk and in RAM."""
+    against Redis's, and what a row costs on disk, in Redis, in the cap, and in the
+    uncapped node at the end of its run (RSS: its memory and the pages it maps)."""
     lines = [
         "| table | format | keys | keys per lookup | capped / redis p50 | kvstore file B/row "
-        "| redis B/row | cap above start B/row |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| redis B/row | cap above start B/row | uncapped RSS B/row |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for res in runs:
         n = res["rows"]
         redis_row = (res["redis_used_memory_bytes"] - res["redis_empty_used_memory_bytes"]) / n
         above = (res["cap_bytes"] - res["kvstore_started_bytes"]) / n
+        resident = res["kvstore_uncapped_memory"]["rss"] / n
         for dist, lat in res["latency"].items():
             for b in res["batch_sizes"]:
                 ratio = (
@@ -319,7 +321,7 @@ def render_summary(runs: list[dict]) -> str:
                 lines.append(
                     f"| {res.get('table', 'random')} | {res.get('base_format', 'plain')} | {dist} "
                     f"| {b} | {ratio:.2f}x | {res['kvstore_file_bytes'] / n:.0f} "
-                    f"| {redis_row:.0f} | {above:.0f} |"
+                    f"| {redis_row:.0f} | {above:.0f} | {resident:.0f} |"
                 )
     return "\n".join(lines)
 
