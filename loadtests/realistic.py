@@ -25,8 +25,9 @@ emb                float32[32]      a unit-scale normal embedding (incompressibl
                                     embeddings are)
 =================  ===============  ===========================================================
 
-Rows are a function of (seed, first key, count) only, like ``systems.Chunk``: the same
-seed gives the same table in every run and in Redis and kvstore alike. Redis holds
+Rows are a function of (seed, first key, count) only, like ``systems.Chunk``, and a
+table is always made of the same chunks (``chunks``): the same seed gives the same
+table in every run, and in Redis and kvstore alike. Redis holds
 each row *packed* as the bench packs rows: one string per key, here the row's bytes in
 kvstore's own row encoding (docs/row-format.md: the most compact layout of these
 dtypes at hand; a Redis user would pick msgpack or protobuf, no smaller), read with
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import string
 import time
+from collections.abc import Iterator
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ __all__ = [
     "TABLE",
     "RealisticKvstoreSystem",
     "RealisticRedisSystem",
+    "chunks",
     "generate",
     "load_redis_and_parquet",
     "loaded_data_dir",
@@ -155,12 +158,18 @@ def encoded_rows(data: pa.Table) -> tuple[bytes, np.ndarray]:
     return rows.rows, rows.offsets
 
 
-def write_parquet(path: Path, seed: int, rows: int, chunk_rows: int = 100_000) -> dict:
-    """``rows`` generated rows as one zstd Parquet file: what ``bench.bulk_load`` takes."""
+def chunks(seed: int, rows: int) -> Iterator[pa.Table]:
+    """The table of ``rows`` rows of ``seed``, ``LOAD_CHUNK_ROWS`` rows at a time (rows
+    depend on where their chunk starts: always these chunks, so one seed is one table)."""
+    for lo in range(0, rows, LOAD_CHUNK_ROWS):
+        yield generate(seed, lo, min(lo + LOAD_CHUNK_ROWS, rows))
+
+
+def write_parquet(path: Path, seed: int, rows: int) -> dict:
+    """``rows`` rows of ``seed`` as one zstd Parquet file: what ``bench.bulk_load`` takes."""
     t0 = time.perf_counter()
     writer = None
-    for lo in range(0, rows, chunk_rows):
-        data = generate(seed, lo, min(lo + chunk_rows, rows))
+    for data in chunks(seed, rows):
         if writer is None:
             writer = pq.ParquetWriter(path, data.schema, compression="zstd")
         writer.write_table(data)
@@ -183,8 +192,7 @@ def load_redis_and_parquet(
     at ``path`` (what ``loaded_data_dir`` loads); the Parquet file's figures."""
     writer = None
     spent = 0.0
-    for lo in range(0, rows, LOAD_CHUNK_ROWS):
-        data = generate(seed, lo, min(lo + LOAD_CHUNK_ROWS, rows))
+    for data in chunks(seed, rows):
         if writer is None:
             writer = pq.ParquetWriter(path, data.schema, compression="zstd")
         writer.write_table(data)
