@@ -56,8 +56,9 @@ test: build
 bench: build
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 	$(PY) -m loadtests.bench $(if $(QUICK),--quick) $(ARGS)
-	@# RAM capped at a third of Redis's (a memory cgroup: root only; exit status 2 = skipped)
-	$(PY) -m loadtests.memcap $(if $(QUICK),--rows 100000 --rounds 2 --out bench/quick) || test $$? -eq 2
+	@# RAM capped at a third of Redis's (a memory cgroup: root only; exit status 2 = skipped); both
+	@# tables in the plain format (zstd: python -m loadtests.memcap --formats zstd, docs/benchmarks.md)
+	$(PY) -m loadtests.memcap --formats plain $(if $(QUICK),--rows 100000 --rounds 2 --out bench/quick) || test $$? -eq 2
 
 # make loadtest WORKLOAD=C|B|A DIST=zipfian|uniform BATCH=1|10|100|1000 USERS=8 RATE= TIME=60s
 # ROWS=100000: a node on 127.0.0.1, a bulk-loaded table, Locust headless; bench/locust/<run>*.
