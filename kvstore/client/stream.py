@@ -1,23 +1,39 @@
 """Update streams: many update batches over one client-streaming gRPC call per node.
 
-Each batch sent is one WriteRequest; the node answers each with an ack, in order,
-once the batch is durable. ``max_in_flight`` batches may await their ack; ``send``
-blocks beyond that, which is the flow control a fast producer needs. The first error
-ends the stream: the batches acknowledged before it stand, the error names the
-batch (``update N of the stream``) and is raised by the next ``send``/``flush``.
+Each batch sent is split by shard over the nodes that hold its keys; each node's part
+is one WriteRequest on that node's call, and the node answers each with an ack, in
+order, once it is durable. ``max_in_flight`` parts per node may await their ack;
+``send`` blocks beyond that, which is the flow control a fast producer needs.
+
+A ``UpdateStream`` follows the cluster map as the unary calls do (docs/cluster.md,
+"Clients follow the map"): when a node refuses a part with StaleMap (it does not hold
+the shard: nothing was applied) or cannot be reached (Unavailable: gone, or restarted
+on another port), the stream refreshes the map, opens new calls and sends again every
+batch that some node has not acknowledged, whole, to the nodes the new map names.
+Each batch keeps the event time it was stamped with when first sent, so a part that
+had landed before the error is written again at the same event time, which changes
+nothing. As for a unary call, that is one retry: a stale route met again before any
+batch was acknowledged since the last refresh ends the stream with the error. Any
+other error ends the stream: the batches acknowledged before it stand, the error names
+the node's batch (``update N of the stream``) and is raised by the next
+``send``/``flush``. ``AsyncUpdateStream`` does not follow the map yet: its first error
+ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from kvstore.columns import encode_rows
+from kvstore.client.core import STALE_ROUTE
+from kvstore.columns import EncodedRows, encode_rows
 from kvstore.errors import KvstoreError, Unavailable, from_rpc_error
 from kvstore.schema import TableSchema
 
@@ -31,7 +47,10 @@ _END = object()
 
 
 class _NodeStream:
-    """One UpdateStream call to one node, fed from a queue, acks read by a thread."""
+    """One UpdateStream call to one node, fed from a queue, acks read by a thread.
+
+    ``unacked`` holds the stream batch number of every part sent and not acknowledged
+    yet, oldest first (the node acknowledges in order)."""
 
     def __init__(self, stub: Any, address: str, max_in_flight: int) -> None:
         self.address = address
@@ -40,6 +59,7 @@ class _NodeStream:
         self.sent = 0
         self.acked = 0
         self.rows_acked = 0
+        self.unacked: collections.deque[int] = collections.deque()
         self.error: KvstoreError | None = None
         self.done = threading.Condition()
         self.call = stub.UpdateStream(iter(self.requests.get, _END))
@@ -50,6 +70,8 @@ class _NodeStream:
         try:
             for ack in self.call:
                 with self.done:
+                    for _ in range(ack.seq - self.acked):
+                        self.unacked.popleft()
                     self.acked = ack.seq
                     self.rows_acked += ack.rows_written
                     self.done.notify_all()
@@ -68,11 +90,14 @@ class _NodeStream:
         for _ in range(self.sent - self.acked + 1):
             self.window.release()
 
-    def send(self, request: Any) -> None:
+    def send(self, batch: int, request: Any) -> None:
+        """Queue part of stream batch ``batch``; the stream's error if it has ended."""
         self.window.acquire()
         if self.error is not None:
             raise self.error
-        self.sent += 1
+        with self.done:
+            self.sent += 1
+            self.unacked.append(batch)
         self.requests.put(request)
 
     def flush(self, timeout: float | None) -> None:
@@ -91,6 +116,11 @@ class _NodeStream:
         self.requests.put(_END)
         self.reader.join(timeout=30)
 
+    def cancel(self) -> None:
+        """End the call now, whatever is in flight (the caller sends it again elsewhere)."""
+        self.call.cancel()
+        self.close()
+
 
 class UpdateStream:
     """``with client.update_stream("t") as s: s.send({"key": [...], "ctr": [...]})``."""
@@ -103,13 +133,35 @@ class UpdateStream:
         self._schema = schema
         self._max_in_flight = max_in_flight
         self._streams: dict[str, _NodeStream] = {}
+        #: The encoded rows of every batch that some node may not have acknowledged
+        #: (its event times included), by batch number: what a reroute sends again.
+        self._batches: dict[int, EncodedRows] = {}
+        #: The oldest unacknowledged batch at the last reroute: meeting a stale route
+        #: again with the same one means no progress since, and the stream gives up.
+        self._rerouted_at: int | None = None
+        #: Rows acknowledged by the calls ended by reroutes.
+        self._rows_acked_before = 0
         self.batches_sent = 0
 
     def send(
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
     ) -> int:
-        """Queue one batch of (partial) rows; returns its number (1, 2, …) in this stream."""
+        """Queue one batch of (partial) rows; returns its number (1, 2, …) in this stream.
+
+        ``event_time`` in µs since the epoch (default: now, stamped here once)."""
         rows = encode_rows(self._schema, data, key_column, event_time)
+        self.batches_sent += 1
+        batch = self.batches_sent
+        self._batches[batch] = rows
+        try:
+            self._send_parts(batch)
+        except STALE_ROUTE as exc:
+            self._reroute(exc, frozenset({batch}))
+        self._forget_acknowledged()
+        return batch
+
+    def _send_parts(self, batch: int) -> None:
+        rows = self._batches[batch]
         for call in self._client._ops.plan_write(self._table, self._schema, rows):
             stream = self._streams.get(call.address)
             if stream is None:
@@ -117,19 +169,70 @@ class UpdateStream:
                     self._client._stub(call.address), call.address, self._max_in_flight
                 )
                 self._streams[call.address] = stream
-            stream.send(call.request)
-        self.batches_sent += 1
-        return self.batches_sent
+            stream.send(batch, call.request)
+
+    def _unacknowledged(self) -> set[int]:
+        found: set[int] = set()
+        for stream in self._streams.values():
+            with stream.done:
+                found.update(stream.unacked)
+        return found
+
+    def _forget_acknowledged(self) -> None:
+        """Drop the rows of the batches every node has acknowledged."""
+        oldest = min(self._unacknowledged(), default=self.batches_sent + 1)
+        for batch in [b for b in self._batches if b < oldest]:
+            del self._batches[batch]
+
+    def _reroute(self, error: KvstoreError, sending: frozenset[int] = frozenset()) -> None:
+        """After a stale route: refresh the map and send every unacknowledged batch (and
+        ``sending``, those being sent) again over new calls; raise ``error`` (or the
+        retry's) when no batch was acknowledged since the last reroute."""
+        resend = self._unacknowledged() | sending
+        broken = [a for a, s in self._streams.items() if s.error is not None]
+        if not resend:
+            # Nothing to send again: drop the ended calls; the next send opens new ones.
+            for address in broken:
+                self._rows_acked_before += self._streams[address].rows_acked
+                self._streams.pop(address).close()
+            return
+        oldest = min(resend)
+        if self._rerouted_at == oldest:
+            raise error
+        self._rerouted_at = oldest
+        for stream in self._streams.values():
+            self._rows_acked_before += stream.rows_acked
+            stream.cancel()
+        self._streams.clear()
+        epoch = getattr(error, "epoch", 0)
+        self._client._run(self._client._ops.refresh_map_flow(epoch), None)
+        try:
+            for batch in sorted(resend):
+                self._send_parts(batch)
+        except STALE_ROUTE as exc:
+            self._reroute(
+                exc, frozenset(resend)
+            )  # raises, unless some batch was acknowledged meanwhile
 
     @property
     def rows_acked(self) -> int:
-        """Rows the node(s) have acknowledged as durable so far."""
-        return sum(s.rows_acked for s in self._streams.values())
+        """Rows the node(s) have acknowledged as durable so far (a batch sent again after
+        a stale route counts again)."""
+        return self._rows_acked_before + sum(s.rows_acked for s in self._streams.values())
 
     def flush(self, timeout: float | None = 60.0) -> None:
-        """Wait until every batch sent is acknowledged (durable); raise the stream's error."""
-        for stream in self._streams.values():
-            stream.flush(timeout)
+        """Wait until every batch sent is acknowledged (durable), ``timeout`` s at most;
+        raise the stream's error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                for stream in list(self._streams.values()):
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    stream.flush(left)
+                break
+            except STALE_ROUTE as exc:
+                self._reroute(exc)
+        self._forget_acknowledged()
 
     def close(self) -> None:
         """Flush, then end the stream."""
@@ -148,8 +251,8 @@ class UpdateStream:
             self.close()
         else:
             for stream in self._streams.values():
-                stream.call.cancel()
-                stream.close()
+                stream.cancel()
+            self._streams.clear()
 
 
 class AsyncUpdateStream:
