@@ -63,6 +63,8 @@ def test_the_cluster_step_measures_one_node_against_two_on_the_same_rows(
         mv = res["moves"]
         assert mv["finished"], mv
         assert mv["idle_calls"] > 0 and mv["move_calls"] > 0
+        assert 0 < mv["move_s"] <= mv["join_s"]
+        assert mv["p99_ratio"] == pytest.approx(mv["move_p99_ms"] / mv["idle_p99_ms"])
         assert mv["failed_reads"] == 0, mv["failures_sample"]
     else:
         assert res["moves"] == {"skipped": "not built yet"}
