@@ -8,6 +8,7 @@ sent, then killing it: they reached no disk, and only a resend can land them.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from cluster_fixtures import FEATURES, SHARDS, Cluster
 from etcd_server import EtcdServer
 
-from kvstore import Client
+from kvstore import AsyncClient, Client
 from kvstore.errors import Unavailable
 from kvstore.server.process import NodeProcess, wait_until
 
@@ -115,3 +116,31 @@ def test_a_node_that_stays_away_ends_the_stream_with_unavailable(two: Cluster) -
         with pytest.raises(Unavailable, match=re.escape(n1.address)):
             send_round(stream, 2)
             stream.flush(timeout=30)
+
+
+def test_the_async_stream_follows_the_map_too(two: Cluster) -> None:
+    n0, n1 = two.nodes["n0"], two.nodes["n1"]
+
+    async def scenario() -> None:
+        async with AsyncClient(n0.address, timeout=10) as client:
+            await client.create_table(
+                "async_followed", key="int64", features=FEATURES, shards=SHARDS
+            )
+            stream = await client.update_stream("async_followed", max_in_flight=4 * BATCHES)
+            async with stream:
+                for part in np.array_split(KEYS, BATCHES):
+                    await stream.send({"key": part, "clicks": clicks_of(1, part)})
+                await stream.flush()
+                n1.proc.send_signal(signal.SIGSTOP)
+                for part in np.array_split(KEYS, BATCHES):
+                    await stream.send({"key": part, "clicks": clicks_of(2, part)})
+                with Client(n0.address, timeout=10) as probe:
+                    await asyncio.to_thread(restart_on_new_ports, two, "n1", probe)
+                for part in np.array_split(KEYS, BATCHES):
+                    await stream.send({"key": part, "clicks": clicks_of(3, part)})
+                await stream.flush()
+            got = await client.get("async_followed", KEYS)
+            assert got.found.all()
+            np.testing.assert_array_equal(got.to_numpy()["clicks"], clicks_of(3, KEYS))
+
+    asyncio.run(scenario())
