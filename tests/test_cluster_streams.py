@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +146,31 @@ def test_the_async_stream_follows_the_map_too(two: Cluster) -> None:
             np.testing.assert_array_equal(got.to_numpy()["clicks"], clicks_of(3, KEYS))
 
     asyncio.run(scenario())
+
+
+def _moves_built() -> bool:
+    probe = [sys.executable, "-m", "kvstore.cli", "drain", "--help"]
+    return subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
+
+
+@pytest.mark.skipif(not _moves_built(), reason="shard moves (kvstore drain) are not built")
+def test_a_stream_open_across_a_drain_sends_to_the_new_owner(two: Cluster) -> None:
+    """The node drained refuses the stream's next parts with StaleMap (it holds the
+    shards no more): the stream refreshes its map and sends them to n0."""
+    n0, n1 = two.nodes["n0"], two.nodes["n1"]
+    with Client(n0.address, timeout=10) as client:
+        client.create_table("drained", key="int64", features=FEATURES, shards=SHARDS)
+        with client.update_stream("drained", max_in_flight=4 * BATCHES) as stream:
+            send_round(stream, 1)
+            stream.flush()
+            drain = [sys.executable, "-m", "kvstore.cli", "drain", "n1", "-a", n0.address]
+            out = subprocess.run(drain, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stdout + out.stderr
+            send_round(stream, 2)
+            stream.flush()
+        cmap = client.cluster_map()
+        assert {cmap["nodes"][i]["node_id"] for i in cmap["tables"]["drained"]} == {"n0"}
+        got = client.get("drained", KEYS)
+        assert got.found.all()
+        np.testing.assert_array_equal(got.to_numpy()["clicks"], clicks_of(2, KEYS))
+    assert n1.running()
