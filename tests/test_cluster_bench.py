@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from loadtests import bench, cluster_bench  # noqa: E402
+from loadtests import bench, cluster_bench, shard_moves  # noqa: E402
 from loadtests.cluster_bench import ClusterSettings, measure_cluster, render_cluster  # noqa: E402
+from loadtests.shard_moves import MoveSettings  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None, reason="etcd is not installed (make test installs it)"
@@ -35,8 +36,7 @@ def test_the_cluster_step_measures_one_node_against_two_on_the_same_rows(
         warmup_s=0.05,
         window_s=0.2,
         pool_keys=500,
-        move_readers=2,
-        move_idle_s=0.5,
+        moves=MoveSettings(readers=2, idle_s=0.5),
     )
     res = measure_cluster(s, tmp_path)
     assert set(res["throughput"]) == {"kvstore-1", "kvstore-2"}
@@ -59,7 +59,7 @@ def test_the_cluster_step_measures_one_node_against_two_on_the_same_rows(
     assert c["measured_ratio"] == pytest.approx(many["batches_per_s"] / lone["batches_per_s"])
     assert c["cores"] >= 1 and c["shared_ratio"] > 0 and c["clients_elsewhere_ratio"] > 0
     assert res["scale"]["met"] == (res["scale"]["ratio"] >= cluster_bench.TARGET_SCALE)
-    if cluster_bench.moves_built():
+    if shard_moves.moves_built():
         mv = res["moves"]
         assert mv["finished"], mv
         assert mv["idle_calls"] > 0 and mv["move_calls"] > 0
