@@ -51,10 +51,11 @@ test: build
 	$(VENV)/bin/pytest -q
 
 # make bench (1M rows + a 10M-row bulk load + the RAM-capped run, ~12 min) · make bench QUICK=1
-# (100k rows, ~2 min)
-# · ARGS= passes more (python -m loadtests.bench --help).
+# (100k rows, ~2 min) · the cluster step runs etcd (one node process against N, N = cores;
+# ARGS="--cluster-nodes 0" skips it) · ARGS= passes more (python -m loadtests.bench --help).
 bench: build
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
+	@command -v etcd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server)
 	$(PY) -m loadtests.bench $(if $(QUICK),--quick) $(ARGS)
 	@# RAM capped at a third of Redis's (a memory cgroup: root only; exit status 2 = skipped); both
 	@# tables in the plain format (zstd: python -m loadtests.memcap --formats zstd, docs/benchmarks.md)

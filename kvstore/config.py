@@ -211,8 +211,9 @@ class NodeConfig:
     )
     etcd: str = _setting(
         "",
-        "the etcd URL (http://HOST:PORT) of the cluster to join (one member; a list is not "
-        "split yet); empty = run alone, holding every shard (docs/cluster.md)",
+        "the etcd URL (http://HOST:PORT) of the cluster to join, or its members' URLs "
+        "separated by commas (the first that answers is used, the next on a failure); "
+        "empty = run alone, holding every shard (docs/cluster.md)",
         shown_default="none: one node alone",
     )
     cluster: str = _setting(

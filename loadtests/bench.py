@@ -18,7 +18,9 @@ arrives, from a zstd Parquet file of the same rows through the bulk loader
    (``loadtests/mixed.py``);
 2. freshness and updates (``loadtests/updates.py``): update → readable latency,
    update rows/s unary and streaming, read latency while updates run;
-3. bulk loads of more rows (``--load-rows``, 10M in the full run) into other tables.
+3. the cluster step (``loadtests/cluster_bench.py``): one node process against N on a
+   real etcd, same rows, 32 client processes; reads while a shard moves;
+4. bulk loads of more rows (``--load-rows``, 10M in the full run) into other tables.
 
 Redis is read as its docs advise, with redis-py on the hiredis reply parser, both
 pinned; the run stops at once if redis-py would parse in Python
@@ -45,6 +47,7 @@ import numpy as np
 
 from loadtests import report
 from loadtests.bulkload import ParquetSink, run_loader, write_parquet
+from loadtests.cluster_bench import ClusterSettings, measure_cluster, render_cluster
 from loadtests.floors import EchoFloor, EchoServer, PingFloor, floor_ratios
 from loadtests.machine import machine_info
 from loadtests.mixed import MixedSettings, measure_mixed_dtypes, render_mixed
@@ -125,6 +128,8 @@ class Settings:
     mixed: MixedSettings = field(default_factory=MixedSettings)
     #: Freshness and updates section (issue 4).
     updates: UpdateSettings = field(default_factory=UpdateSettings)
+    #: The cluster step (issue 15); nodes = 0 skips it. Its rows and seed are these.
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     #: More bulk-load sizes, each into a table of its own after the other sections.
     load_rows: list[int] = field(default_factory=lambda: [10_000_000])
     out_dir: Path = Path("bench")
@@ -148,6 +153,7 @@ class Settings:
                 freshness_updates=100, throughput_window_s=1.5, read_window_s=1.5
             ),
             mixed=MixedSettings(rows=2000, rounds=4, samples=300, warmup=100),
+            cluster=ClusterSettings.quick(),
             load_rows=[],
             quick=True,
         )
@@ -608,6 +614,11 @@ def run(s: Settings) -> dict:
         results["memory"] = measure_memory(node, redis_servers, s.rows, empty)
         print("freshness and updates (kvstore; updates set 4 features of existing keys)")
         results["updates"] = measure_updates(kv.address, node.pid, s.rows, s.seed, s.updates)
+        if s.cluster.nodes:
+            s.cluster.rows, s.cluster.seed = s.rows, s.seed
+            print(f"cluster: one node process against {s.cluster.nodes}, the same rows")
+            results["cluster"] = measure_cluster(s.cluster, workdir / "cluster", parquet)
+            print(render_cluster(results["cluster"]), flush=True)
         results["bulk_load"]["runs"] += extra_bulk_loads(kv, node, workdir, s)
         results["load_average_end"] = os.getloadavg()
         print("stopping the servers", flush=True)
@@ -662,6 +673,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=None,
         help="updates timed for freshness (default 300; 100 with --quick)",
     )
+    parser.add_argument(
+        "--cluster-nodes",
+        type=int,
+        default=None,
+        help="node processes of the cluster step (default: one per core; 0 = skip the step)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of the data and the keys")
     parser.add_argument(
         "--out",
@@ -693,6 +710,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             setattr(s, key, value)
     if args.freshness_updates is not None:
         s.updates.freshness_updates = args.freshness_updates
+    if args.cluster_nodes is not None:
+        s.cluster.nodes = args.cluster_nodes
     return s
 
 
@@ -716,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     results["elapsed_s"] = time.monotonic() - started
     print()
     print(report.render(results))
+    if "cluster" in results:
+        print()
+        print(render_cluster(results["cluster"]))
     s.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = report.write_json(results, s.out_dir / "results.json")
     png_path = report.plot(results, s.out_dir / "latency.png")

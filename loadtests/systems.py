@@ -136,8 +136,9 @@ class KeyPool:
 
 
 def open_reader(system: str, endpoint: str) -> Any:
-    """A new reader of ``system`` at ``endpoint`` (kvstore HOST:PORT, or a Redis port)."""
-    if system == "kvstore":
+    """A new reader of ``system`` at ``endpoint`` (kvstore HOST:PORT, or a Redis port);
+    ``kvstore-…`` names another kvstore endpoint (the cluster step's)."""
+    if system == "kvstore" or system.startswith("kvstore-"):
         return KvstoreReader(endpoint)
     conn = connect(int(endpoint))
     if system == "redis-packed":

@@ -183,15 +183,17 @@ class ClientProcesses:
         conc: int,
         warmup_s: float,
         window_s: float,
-        server_pid: int,
+        server_pid: int | list[int],
     ) -> CellRun:
-        """One cell on the first ``conc`` processes."""
+        """One cell on the first ``conc`` processes; ``server_pid``: the server's process,
+        or a list of them (a cluster's nodes), whose CPU is added up."""
+        pids = [server_pid] if isinstance(server_pid, int) else server_pid
         barrier = self._barriers[conc]
         barrier.reset()
         for conn in self._conns[:conc]:
             conn.send((name, batch, conc, warmup_s, window_s))
         barrier.wait(BARRIER_TIMEOUT_S + warmup_s)
-        server0, machine0 = proc_cpu_seconds(server_pid), machine_busy_seconds()
+        server0, machine0 = sum(map(proc_cpu_seconds, pids)), machine_busy_seconds()
         wall0 = time.monotonic_ns()
         results = []
         limit = BARRIER_TIMEOUT_S + window_s
@@ -200,7 +202,7 @@ class ClientProcesses:
                 raise TimeoutError(f"client process {i} did not finish its cell")
             results.append(conn.recv())
         wall_s = (time.monotonic_ns() - wall0) / 1e9
-        server_cores = (proc_cpu_seconds(server_pid) - server0) / wall_s
+        server_cores = (sum(map(proc_cpu_seconds, pids)) - server0) / wall_s
         machine_cores = (machine_busy_seconds() - machine0) / wall_s
         for r in results:
             if "error" in r:

@@ -1,23 +1,38 @@
 """Update streams: many update batches over one client-streaming gRPC call per node.
 
-Each batch sent is one WriteRequest; the node answers each with an ack, in order,
-once the batch is durable. ``max_in_flight`` batches may await their ack; ``send``
-blocks beyond that, which is the flow control a fast producer needs. The first error
-ends the stream: the batches acknowledged before it stand, the error names the
-batch (``update N of the stream``) and is raised by the next ``send``/``flush``.
+Each batch sent is split by shard over the nodes that hold its keys; each node's part
+is one WriteRequest on that node's call, and the node answers each with an ack, in
+order, once it is durable. ``max_in_flight`` parts per node may await their ack;
+``send`` blocks beyond that, which is the flow control a fast producer needs.
+
+A ``UpdateStream`` follows the cluster map as the unary calls do (docs/cluster.md,
+"Clients follow the map"): when a node refuses a part with StaleMap (it does not hold
+the shard: nothing was applied) or cannot be reached (Unavailable: gone, or restarted
+on another port), the stream refreshes the map, opens new calls and sends again every
+batch that some node has not acknowledged, whole, to the nodes the new map names.
+Each batch keeps the event time it was stamped with when first sent, so a part that
+had landed before the error is written again at the same event time, which changes
+nothing. As for a unary call, that is one retry: a stale route met again before any
+batch was acknowledged since the last refresh ends the stream with the error. Any
+other error ends the stream: the batches acknowledged before it stand, the error names
+the node's batch (``update N of the stream``) and is raised by the next
+``send``/``flush``. ``AsyncUpdateStream`` does the same on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from kvstore.columns import encode_rows
+from kvstore.client.core import STALE_ROUTE
+from kvstore.columns import EncodedRows, encode_rows
 from kvstore.errors import KvstoreError, Unavailable, from_rpc_error
 from kvstore.schema import TableSchema
 
@@ -31,7 +46,10 @@ _END = object()
 
 
 class _NodeStream:
-    """One UpdateStream call to one node, fed from a queue, acks read by a thread."""
+    """One UpdateStream call to one node, fed from a queue, acks read by a thread.
+
+    ``unacked`` holds the stream batch number of every part sent and not acknowledged
+    yet, oldest first (the node acknowledges in order)."""
 
     def __init__(self, stub: Any, address: str, max_in_flight: int) -> None:
         self.address = address
@@ -40,6 +58,7 @@ class _NodeStream:
         self.sent = 0
         self.acked = 0
         self.rows_acked = 0
+        self.unacked: collections.deque[int] = collections.deque()
         self.error: KvstoreError | None = None
         self.done = threading.Condition()
         self.call = stub.UpdateStream(iter(self.requests.get, _END))
@@ -50,6 +69,8 @@ class _NodeStream:
         try:
             for ack in self.call:
                 with self.done:
+                    for _ in range(ack.seq - self.acked):
+                        self.unacked.popleft()
                     self.acked = ack.seq
                     self.rows_acked += ack.rows_written
                     self.done.notify_all()
@@ -68,11 +89,14 @@ class _NodeStream:
         for _ in range(self.sent - self.acked + 1):
             self.window.release()
 
-    def send(self, request: Any) -> None:
+    def send(self, batch: int, request: Any) -> None:
+        """Queue part of stream batch ``batch``; the stream's error if it has ended."""
         self.window.acquire()
         if self.error is not None:
             raise self.error
-        self.sent += 1
+        with self.done:
+            self.sent += 1
+            self.unacked.append(batch)
         self.requests.put(request)
 
     def flush(self, timeout: float | None) -> None:
@@ -91,6 +115,11 @@ class _NodeStream:
         self.requests.put(_END)
         self.reader.join(timeout=30)
 
+    def cancel(self) -> None:
+        """End the call now, whatever is in flight (the caller sends it again elsewhere)."""
+        self.call.cancel()
+        self.close()
+
 
 class UpdateStream:
     """``with client.update_stream("t") as s: s.send({"key": [...], "ctr": [...]})``."""
@@ -103,13 +132,35 @@ class UpdateStream:
         self._schema = schema
         self._max_in_flight = max_in_flight
         self._streams: dict[str, _NodeStream] = {}
+        #: The encoded rows of every batch that some node may not have acknowledged
+        #: (its event times included), by batch number: what a reroute sends again.
+        self._batches: dict[int, EncodedRows] = {}
+        #: The oldest unacknowledged batch at the last reroute: meeting a stale route
+        #: again with the same one means no progress since, and the stream gives up.
+        self._rerouted_at: int | None = None
+        #: Rows acknowledged by the calls ended by reroutes.
+        self._rows_acked_before = 0
         self.batches_sent = 0
 
     def send(
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
     ) -> int:
-        """Queue one batch of (partial) rows; returns its number (1, 2, …) in this stream."""
+        """Queue one batch of (partial) rows; returns its number (1, 2, …) in this stream.
+
+        ``event_time`` in µs since the epoch (default: now, stamped here once)."""
         rows = encode_rows(self._schema, data, key_column, event_time)
+        self.batches_sent += 1
+        batch = self.batches_sent
+        self._batches[batch] = rows
+        try:
+            self._send_parts(batch)
+        except STALE_ROUTE as exc:
+            self._reroute(exc, frozenset({batch}))
+        self._forget_acknowledged()
+        return batch
+
+    def _send_parts(self, batch: int) -> None:
+        rows = self._batches[batch]
         for call in self._client._ops.plan_write(self._table, self._schema, rows):
             stream = self._streams.get(call.address)
             if stream is None:
@@ -117,19 +168,70 @@ class UpdateStream:
                     self._client._stub(call.address), call.address, self._max_in_flight
                 )
                 self._streams[call.address] = stream
-            stream.send(call.request)
-        self.batches_sent += 1
-        return self.batches_sent
+            stream.send(batch, call.request)
+
+    def _unacknowledged(self) -> set[int]:
+        found: set[int] = set()
+        for stream in self._streams.values():
+            with stream.done:
+                found.update(stream.unacked)
+        return found
+
+    def _forget_acknowledged(self) -> None:
+        """Drop the rows of the batches every node has acknowledged."""
+        oldest = min(self._unacknowledged(), default=self.batches_sent + 1)
+        for batch in [b for b in self._batches if b < oldest]:
+            del self._batches[batch]
+
+    def _reroute(self, error: KvstoreError, sending: frozenset[int] = frozenset()) -> None:
+        """After a stale route: refresh the map and send every unacknowledged batch (and
+        ``sending``, those being sent) again over new calls; raise ``error`` (or the
+        retry's) when no batch was acknowledged since the last reroute."""
+        resend = self._unacknowledged() | sending
+        broken = [a for a, s in self._streams.items() if s.error is not None]
+        if not resend:
+            # Nothing to send again: drop the ended calls; the next send opens new ones.
+            for address in broken:
+                self._rows_acked_before += self._streams[address].rows_acked
+                self._streams.pop(address).close()
+            return
+        oldest = min(resend)
+        if self._rerouted_at == oldest:
+            raise error
+        self._rerouted_at = oldest
+        for stream in self._streams.values():
+            self._rows_acked_before += stream.rows_acked
+            stream.cancel()
+        self._streams.clear()
+        epoch = getattr(error, "epoch", 0)
+        self._client._run(self._client._ops.refresh_map_flow(epoch), None)
+        try:
+            for batch in sorted(resend):
+                self._send_parts(batch)
+        except STALE_ROUTE as exc:
+            self._reroute(
+                exc, frozenset(resend)
+            )  # raises, unless some batch was acknowledged meanwhile
 
     @property
     def rows_acked(self) -> int:
-        """Rows the node(s) have acknowledged as durable so far."""
-        return sum(s.rows_acked for s in self._streams.values())
+        """Rows the node(s) have acknowledged as durable so far (a batch sent again after
+        a stale route counts again)."""
+        return self._rows_acked_before + sum(s.rows_acked for s in self._streams.values())
 
     def flush(self, timeout: float | None = 60.0) -> None:
-        """Wait until every batch sent is acknowledged (durable); raise the stream's error."""
-        for stream in self._streams.values():
-            stream.flush(timeout)
+        """Wait until every batch sent is acknowledged (durable), ``timeout`` s at most;
+        raise the stream's error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                for stream in list(self._streams.values()):
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    stream.flush(left)
+                break
+            except STALE_ROUTE as exc:
+                self._reroute(exc)
+        self._forget_acknowledged()
 
     def close(self) -> None:
         """Flush, then end the stream."""
@@ -148,12 +250,83 @@ class UpdateStream:
             self.close()
         else:
             for stream in self._streams.values():
-                stream.call.cancel()
-                stream.close()
+                stream.cancel()
+            self._streams.clear()
+
+
+class _AsyncNodeStream:
+    """One UpdateStream call to one node on the event loop; a task reads the acks.
+
+    ``unacked`` as in ``_NodeStream``; ``progress`` is the stream's condition, notified
+    at every ack and at the end of the call."""
+
+    def __init__(
+        self, stub: Any, address: str, max_in_flight: int, progress: asyncio.Condition
+    ) -> None:
+        self.address = address
+        self.window = asyncio.Semaphore(max_in_flight)
+        self.progress = progress
+        self.sent = 0
+        self.acked = 0
+        self.rows_acked = 0
+        self.unacked: collections.deque[int] = collections.deque()
+        self.error: KvstoreError | None = None
+        self.call = stub.UpdateStream()
+        self.reader = asyncio.create_task(self._read_acks())
+
+    async def _read_acks(self) -> None:
+        try:
+            async for ack in self.call:
+                async with self.progress:
+                    for _ in range(ack.seq - self.acked):
+                        self.unacked.popleft()
+                    self.acked = ack.seq
+                    self.rows_acked += ack.rows_written
+                    self.progress.notify_all()
+                self.window.release()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED or self.error is None:
+                self.error = from_rpc_error(exc, self.address, None)
+        if self.error is None and self.acked < self.sent:
+            self.error = Unavailable(
+                f"node {self.address} ended the update stream after {self.acked} of "
+                f"{self.sent} batches"
+            )
+        async with self.progress:
+            self.progress.notify_all()
+        for _ in range(self.sent - self.acked + 1):  # unblock a producer waiting
+            self.window.release()
+
+    async def send(self, batch: int, request: Any) -> None:
+        await self.window.acquire()
+        if self.error is not None:
+            raise self.error
+        self.sent += 1
+        self.unacked.append(batch)
+        try:
+            await self.call.write(request)
+        except grpc.RpcError as exc:  # the call had ended: its status says why
+            self.error = self.error or from_rpc_error(exc, self.address, None)
+            raise self.error from None
+
+    def finished(self) -> bool:
+        return self.acked >= self.sent or self.error is not None
+
+    async def close(self) -> None:
+        if not self.reader.done():
+            await self.call.done_writing()
+        await self.reader
+
+    async def cancel(self) -> None:
+        self.call.cancel()
+        # grpc.aio ends the reader's iteration with CancelledError: the reader task ends
+        # cancelled, which is no error of this stream's caller (asyncio.wait raises none).
+        await asyncio.wait([self.reader])
 
 
 class AsyncUpdateStream:
-    """``async with await client.update_stream("t") as s: await s.send({...})``."""
+    """``async with await client.update_stream("t") as s: await s.send({...})``; follows
+    the map as ``UpdateStream`` does (see the module docstring)."""
 
     def __init__(self, client: AsyncClient, table: str, schema: TableSchema, max_in_flight: int):
         if max_in_flight < 1:
@@ -162,76 +335,103 @@ class AsyncUpdateStream:
         self._table = table
         self._schema = schema
         self._max_in_flight = max_in_flight
-        self._calls: dict[str, Any] = {}
-        self._windows: dict[str, asyncio.Semaphore] = {}
-        self._readers: dict[str, asyncio.Task] = {}
-        self._sent: dict[str, int] = {}
-        self._acked: dict[str, int] = {}
-        self._error: KvstoreError | None = None
+        self._streams: dict[str, _AsyncNodeStream] = {}
+        self._batches: dict[int, EncodedRows] = {}
+        self._rerouted_at: int | None = None
+        self._rows_acked_before = 0
         self._progress = asyncio.Condition()
         self.batches_sent = 0
-        self.rows_acked = 0
 
-    async def _read_acks(self, address: str, call: Any) -> None:
-        try:
-            async for ack in call:
-                async with self._progress:
-                    self._acked[address] = ack.seq
-                    self.rows_acked += ack.rows_written
-                    self._progress.notify_all()
-                self._windows[address].release()
-        except grpc.RpcError as exc:
-            self._error = from_rpc_error(exc, address, None)
-        if self._error is None and self._acked[address] < self._sent[address]:
-            self._error = Unavailable(f"node {address} ended the update stream early")
-        async with self._progress:
-            self._progress.notify_all()
-        self._windows[address].release()
+    @property
+    def rows_acked(self) -> int:
+        """Rows the node(s) have acknowledged as durable so far."""
+        return self._rows_acked_before + sum(s.rows_acked for s in self._streams.values())
 
     async def send(
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
     ) -> int:
         """Queue one batch of (partial) rows; returns its number in this stream."""
         rows = encode_rows(self._schema, data, key_column, event_time)
-        for call in self._client._ops.plan_write(self._table, self._schema, rows):
-            address = call.address
-            if address not in self._calls:
-                grpc_call = self._client._stub(address).UpdateStream()
-                self._calls[address] = grpc_call
-                self._windows[address] = asyncio.Semaphore(self._max_in_flight)
-                self._sent[address] = 0
-                self._acked[address] = 0
-                self._readers[address] = asyncio.create_task(self._read_acks(address, grpc_call))
-            await self._windows[address].acquire()
-            if self._error is not None:
-                raise self._error
-            self._sent[address] += 1
-            await self._calls[address].write(call.request)
         self.batches_sent += 1
-        return self.batches_sent
+        batch = self.batches_sent
+        self._batches[batch] = rows
+        try:
+            await self._send_parts(batch)
+        except STALE_ROUTE as exc:
+            await self._reroute(exc, frozenset({batch}))
+        self._forget_acknowledged()
+        return batch
+
+    async def _send_parts(self, batch: int) -> None:
+        rows = self._batches[batch]
+        for call in self._client._ops.plan_write(self._table, self._schema, rows):
+            stream = self._streams.get(call.address)
+            if stream is None:
+                stream = _AsyncNodeStream(
+                    self._client._stub(call.address),
+                    call.address,
+                    self._max_in_flight,
+                    self._progress,
+                )
+                self._streams[call.address] = stream
+            await stream.send(batch, call.request)
+
+    def _unacknowledged(self) -> set[int]:
+        return {b for stream in self._streams.values() for b in stream.unacked}
+
+    def _forget_acknowledged(self) -> None:
+        oldest = min(self._unacknowledged(), default=self.batches_sent + 1)
+        for batch in [b for b in self._batches if b < oldest]:
+            del self._batches[batch]
+
+    async def _reroute(self, error: KvstoreError, sending: frozenset[int] = frozenset()) -> None:
+        """``UpdateStream._reroute`` on the event loop."""
+        resend = self._unacknowledged() | sending
+        if not resend:
+            for address in [a for a, s in self._streams.items() if s.error is not None]:
+                stream = self._streams.pop(address)
+                self._rows_acked_before += stream.rows_acked
+                await stream.cancel()
+            return
+        oldest = min(resend)
+        if self._rerouted_at == oldest:
+            raise error
+        self._rerouted_at = oldest
+        for stream in self._streams.values():
+            self._rows_acked_before += stream.rows_acked
+            await stream.cancel()
+        self._streams.clear()
+        epoch = getattr(error, "epoch", 0)
+        await self._client._run(self._client._ops.refresh_map_flow(epoch), None)
+        try:
+            for batch in sorted(resend):
+                await self._send_parts(batch)
+        except STALE_ROUTE as exc:
+            await self._reroute(exc, frozenset(resend))
 
     async def flush(self) -> None:
         """Wait until every batch sent is acknowledged; raise the stream's error."""
-        async with self._progress:
-            await self._progress.wait_for(
-                lambda: (
-                    self._error is not None
-                    or all(self._acked[a] >= self._sent[a] for a in self._calls)
+        while True:
+            async with self._progress:
+                await self._progress.wait_for(
+                    lambda: all(s.finished() for s in self._streams.values())
                 )
-            )
-        if self._error is not None:
-            raise self._error
+            error = next((s.error for s in self._streams.values() if s.error), None)
+            if error is None:
+                break
+            if not isinstance(error, STALE_ROUTE):
+                raise error
+            await self._reroute(error)
+        self._forget_acknowledged()
 
     async def close(self) -> None:
         """Flush, then end the stream."""
         try:
             await self.flush()
         finally:
-            for address, grpc_call in self._calls.items():
-                if not self._readers[address].done():
-                    await grpc_call.done_writing()
-                    await self._readers[address]
-            self._calls.clear()
+            for stream in self._streams.values():
+                await stream.close()
+            self._streams.clear()
 
     async def __aenter__(self) -> AsyncUpdateStream:
         return self
@@ -240,5 +440,6 @@ class AsyncUpdateStream:
         if exc_type is None:
             await self.close()
         else:
-            for grpc_call in self._calls.values():
-                grpc_call.cancel()
+            for stream in self._streams.values():
+                await stream.cancel()
+            self._streams.clear()

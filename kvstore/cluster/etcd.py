@@ -12,6 +12,12 @@ cluster lives under one prefix, so several clusters (or test runs) can share an 
 
 etcd errors are turned into ``kvstore.errors.Unavailable`` naming the URL in one place
 (``Etcd.calls``), so a node's log and an operator's terminal say which etcd is missing.
+
+``--etcd`` may list several members (``http://a:2379,http://b:2379``): aetcd talks to
+one host, so ``Etcd`` holds one client per URL and uses one at a time. ``connect``
+takes the first member that answers; a call or a watch that finds its member
+unreachable moves on to the next (``Etcd.fail_over``), and the retries go there. The
+members share one replicated keyspace, leases included, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -31,7 +37,15 @@ import aetcd.exceptions
 
 from kvstore.errors import InvalidArgument, Unavailable
 
-__all__ = ["ClusterKeys", "Entry", "Etcd", "connect", "parse_url", "watch_range"]
+__all__ = [
+    "ClusterKeys",
+    "Entry",
+    "Etcd",
+    "connect",
+    "parse_url",
+    "split_urls",
+    "watch_range",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +81,23 @@ def parse_url(url: str) -> tuple[str, int]:
     except ValueError:
         raise InvalidArgument(f"etcd URL {url!r} has an invalid port") from None
     return parts.hostname, port
+
+
+def split_urls(urls: str | Sequence[str]) -> list[str]:
+    """``"http://a:2379,http://b:2379"`` (or a list) → the URLs, each checked with
+    ``parse_url``; InvalidArgument when there is none or one is malformed."""
+    parts = urls.split(",") if isinstance(urls, str) else list(urls)
+    found = [u.strip() for u in parts if u.strip()]
+    if not found:
+        raise InvalidArgument(f"no etcd URL in {urls!r}: give http://host:port[,http://…]")
+    for url in found:
+        parse_url(url)
+    return found
+
+
+# Errors that say the member itself is unreachable or too slow (UNAVAILABLE,
+# DEADLINE_EXCEEDED): another member may answer. Anything else is etcd's answer.
+_MEMBER_LOST = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
 
 @dataclass(frozen=True)
@@ -109,25 +140,61 @@ class Entry:
 
 
 class Etcd:
-    """An open etcd client for one cluster: the client, its URL and the cluster's keys."""
+    """An open etcd client for one cluster: the members' URLs, the client of the one in
+    use (``client``, ``url``) and the cluster's keys."""
 
-    def __init__(self, url: str, cluster: str, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
-        host, port = parse_url(url)
-        self.url = url
+    def __init__(
+        self, urls: str | Sequence[str], cluster: str, call_timeout_s: float = CALL_TIMEOUT_S
+    ) -> None:
+        self.urls = split_urls(urls)
         self.keys = ClusterKeys(cluster)
-        # aetcd passes this timeout to every unary call; watches are streams without one.
-        self.client = aetcd.Client(
-            host=host, port=port, timeout=call_timeout_s, options=_CHANNEL_OPTIONS
-        )
+        self._call_timeout_s = call_timeout_s
+        # One client per member, made when first used and kept: a call still running on
+        # a member left behind ends on its own rather than on a closed channel.
+        self._clients: dict[str, aetcd.Client] = {}
+        self._index = 0
+        self.client = self._client_of(self.urls[0])
+
+    @property
+    def url(self) -> str:
+        """The URL of the member in use."""
+        return self.urls[self._index]
+
+    def _client_of(self, url: str) -> aetcd.Client:
+        if url not in self._clients:
+            host, port = parse_url(url)
+            # aetcd passes this timeout to every unary call; watches are streams without one.
+            self._clients[url] = aetcd.Client(
+                host=host, port=port, timeout=self._call_timeout_s, options=_CHANNEL_OPTIONS
+            )
+        return self._clients[url]
+
+    def fail_over(self, failed: aetcd.Client) -> bool:
+        """Use the next member, ``failed`` being the client a call just lost; whether
+        there is another member. Several tasks that lost the same member move on once:
+        a caller whose ``failed`` is no longer in use finds the move already made."""
+        if len(self.urls) == 1:
+            return False
+        if failed is self.client:
+            lost = self.url
+            self._index = (self._index + 1) % len(self.urls)
+            self.client = self._client_of(self.url)
+            log.warning("etcd member %s is unreachable; using %s", lost, self.url)
+        return True
 
     @contextmanager
     def calls(self, doing: str) -> Iterator[None]:
-        """Turn etcd client errors raised inside into Unavailable naming the URL."""
+        """Turn etcd client errors raised inside into Unavailable naming the URL; after
+        an unreachable member, the next call goes to the next member."""
+        client = self.client
+        url = self.url
         try:
             yield
         except aetcd.exceptions.ClientError as exc:
+            if isinstance(exc, _MEMBER_LOST):
+                self.fail_over(client)
             raise Unavailable(
-                f"etcd at {self.url} is unreachable while {doing}: {exc or type(exc).__name__}"
+                f"etcd at {url} is unreachable while {doing}: {exc or type(exc).__name__}"
             ) from exc
 
     async def get(self, key: bytes) -> Entry | None:
@@ -137,30 +204,39 @@ class Etcd:
         return None if got is None else Entry(got.value, got.mod_revision, got.lease)
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self._clients.values():
+            await client.close()
 
 
-async def connect(url: str, cluster: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Etcd:
-    """An Etcd that has answered a status call within ``timeout_s`` seconds.
+async def connect(
+    urls: str | Sequence[str], cluster: str, timeout_s: float = CONNECT_TIMEOUT_S
+) -> Etcd:
+    """An Etcd whose member in use has answered a status call within ``timeout_s`` s.
 
-    Raises Unavailable naming ``url`` when it did not (an etcd still starting is
-    waited for until then).
+    ``urls``: one URL or several (a comma-separated string or a list), tried in turn
+    until one answers (an etcd still starting is waited for until then). Raises
+    Unavailable naming every URL tried, with why each failed, when none did.
     """
-    etcd = Etcd(url, cluster, call_timeout_s=min(CALL_TIMEOUT_S, timeout_s))
+    etcd = Etcd(urls, cluster, call_timeout_s=min(CALL_TIMEOUT_S, timeout_s))
     deadline = time.monotonic() + timeout_s
+    why: dict[str, str] = {}
     while True:
+        client = etcd.client
         try:
-            await etcd.client.status()
+            await client.status()
             return etcd
         except aetcd.exceptions.ClientError as exc:
+            why[etcd.url] = str(exc) or type(exc).__name__
             if time.monotonic() + RETRY_INTERVAL_S > deadline:
                 await etcd.close()
-                why = exc or type(exc).__name__
+                tried = ", ".join(f"{url} ({reason})" for url, reason in why.items())
                 raise Unavailable(
-                    f"cannot reach etcd at {url} within {timeout_s:g} s ({why}); "
+                    f"cannot reach etcd at {tried} within {timeout_s:g} s; "
                     "is it running, and is --etcd right?"
                 ) from None
-            await asyncio.sleep(RETRY_INTERVAL_S)
+            etcd.fail_over(client)
+            if etcd.url == etcd.urls[0]:  # every member tried once: wait before the next round
+                await asyncio.sleep(RETRY_INTERVAL_S)
 
 
 async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dict[bytes, Entry]]:
@@ -176,8 +252,9 @@ async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dic
     last: dict[bytes, Entry] | None = None
     lost = False
     while True:
+        client = etcd.client
         try:
-            got = await etcd.client.get_range(key, range_end)
+            got = await client.get_range(key, range_end)
             state = {kv.key: Entry(kv.value, kv.mod_revision, kv.lease) for kv in got}
             revision = got.header.revision
             if lost:
@@ -187,7 +264,7 @@ async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dic
                 last = dict(state)
                 yield dict(state)
             # From the revision read: no change between the read and the watch is missed.
-            watch = await etcd.client.watch(key, range_end=range_end, start_revision=revision + 1)
+            watch = await client.watch(key, range_end=range_end, start_revision=revision + 1)
             try:
                 async for event in watch:
                     if event.kind == "PUT":
@@ -213,6 +290,8 @@ async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dic
                     key.decode(),
                 )
                 lost = True
+            if isinstance(exc, _MEMBER_LOST):
+                etcd.fail_over(client)
             await asyncio.sleep(RETRY_INTERVAL_S)
 
 
