@@ -1,0 +1,228 @@
+"""The asyncio end of the fast read path (docs/fast-path.md): Get over plain TCP, pipelined.
+
+One connection per node per event loop, shared by every task of that loop. Each
+request frame carries a request id (``kvstore.wire.frames``); the connection's
+protocol hands each answer, as it arrives, to the future waiting on that id, so 64
+tasks have 64 requests in flight on one connection and none waits for another's
+answer to be read. A node answers one connection's requests in order, but nothing
+here relies on it: an answer whose id nobody waits on (its call was cancelled or
+ran past its deadline) is dropped, and the connection serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
+from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
+
+__all__ = ["AsyncFastConnections"]
+
+HEADER = RESPONSE_HEADER.size
+#: Request ids wrap at 2**32 (a u32 in the frame).
+ID_MASK = 0xFFFFFFFF
+
+
+def _expire(future: asyncio.Future, address: str, timeout: float) -> None:
+    """A call's deadline passed: fail its future (its answer, if one comes, is dropped)."""
+    if not future.done():
+        future.set_exception(
+            DeadlineExceeded(f"node {address} did not answer within the deadline of {timeout} s")
+        )
+
+
+def _expire_all(sent: list[tuple[Any, int, asyncio.Future]], timeout: float) -> None:
+    """``_expire`` of each call of a batch."""
+    for conn, _, future in sent:
+        _expire(future, conn.address, timeout)
+
+
+class _Pipeline(asyncio.Protocol):
+    """One connection to one node's fast path: requests written as they come, answers
+    matched to their waiting futures by request id."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        #: request id → the future of the call waiting on its answer.
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.next_id = 0
+        #: An answer's first bytes, while the rest has not arrived.
+        self.partial = bytearray()
+        #: Why the connection is no longer usable (None while it is).
+        self.lost: KvstoreError | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # asyncio and uvloop set it already; one call to be sure
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.partial:
+            self.partial += data
+            data = self.partial  # type: ignore[assignment]
+        end = len(data)
+        pos = 0
+        waiting = self.waiting
+        while end - pos >= HEADER:
+            length, request_id, status = RESPONSE_HEADER.unpack_from(data, pos)
+            stop = pos + HEADER + length
+            if stop > end:
+                break
+            future = waiting.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result((status, bytes(data[pos + HEADER : stop])))
+            pos = stop
+        if data is self.partial:
+            del self.partial[:pos]
+        elif pos < end:
+            self.partial = bytearray(data[pos:])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        why = f": {exc}" if exc else ""
+        self.fail(Unavailable(f"fast read path of node {self.address}: connection closed{why}"))
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def fail(self, error: KvstoreError) -> None:
+        """Fail every waiting call with ``error``; no call is accepted after."""
+        if self.lost is None:
+            self.lost = error
+        waiting, self.waiting = self.waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def submit(self, body: bytes, loop: asyncio.AbstractEventLoop) -> tuple[int, asyncio.Future]:
+        """Write a request frame of ``body``; its id and the future of its answer
+        ``(status, body)``."""
+        transport = self.transport
+        if self.lost is not None or transport is None or transport.is_closing():
+            raise self.lost or Unavailable(f"fast read path of node {self.address}: closed")
+        self.next_id = request_id = (self.next_id + 1) & ID_MASK
+        future = loop.create_future()
+        self.waiting[request_id] = future
+        transport.write(REQUEST_HEADER.pack(len(body), request_id) + body)
+        return request_id, future
+
+    def close(self) -> None:
+        if self.transport is not None:
+            # RuntimeError: its loop is closed; the socket closes with the transport
+            with contextlib.suppress(RuntimeError):
+                self.transport.close()
+
+
+class AsyncFastConnections:
+    """Fast-path connections of one AsyncClient: per event loop and node."""
+
+    def __init__(self) -> None:
+        #: event loop → address → its connection, or the task still opening it.
+        self._by_loop: dict[asyncio.AbstractEventLoop, dict[str, Any]] = {}
+
+    def _loop_connections(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        conns = self._by_loop.get(loop)
+        if conns is None:
+            for old in [lp for lp in self._by_loop if lp.is_closed()]:
+                for conn in self._by_loop.pop(old).values():
+                    if isinstance(conn, _Pipeline):
+                        conn.close()
+            conns = self._by_loop[loop] = {}
+        return conns
+
+    async def _connection(
+        self, loop: asyncio.AbstractEventLoop, address: str, timeout: float
+    ) -> _Pipeline:
+        conns = self._loop_connections(loop)
+        conn = conns.get(address)
+        if conn is None or (isinstance(conn, _Pipeline) and conn.lost is not None):
+            # One task opens it; the others that come meanwhile await the same task.
+            conn = conns[address] = loop.create_task(self._open(address, timeout))
+        if isinstance(conn, _Pipeline):
+            return conn
+        try:
+            opened = await asyncio.shield(conn)
+        except KvstoreError:
+            if conns.get(address) is conn:
+                del conns[address]  # the next call tries again
+            raise
+        if conns.get(address) is conn:
+            conns[address] = opened
+        return opened
+
+    @staticmethod
+    async def _open(address: str, timeout: float) -> _Pipeline:
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Pipeline(address), host.strip("[]"), int(port)
+                )
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"fast read path of node {address}: no connection within {timeout} s"
+            ) from None
+        except OSError as exc:
+            raise Unavailable(f"fast read path of node {address} is unavailable: {exc}") from None
+        return conn
+
+    async def get(self, address: str, body: bytes, timeout: float) -> Any:
+        """The GetResponse to one serialized GetRequest sent to ``address`` (a fast-path
+        address), within ``timeout`` s; errors as KvstoreError."""
+        loop = asyncio.get_running_loop()
+        conns = self._by_loop.get(loop)
+        conn = conns.get(address) if conns is not None else None
+        if conn is None or conn.__class__ is not _Pipeline or conn.lost is not None:
+            conn = await self._connection(loop, address, timeout)
+        request_id, future = conn.submit(body, loop)
+        timer = loop.call_later(timeout, _expire, future, address, timeout)
+        try:
+            answer = await future
+        finally:
+            # Cancelled, expired or answered: nobody waits on this id any more.
+            timer.cancel()
+            conn.waiting.pop(request_id, None)
+        return read_answer(*answer)
+
+    async def get_many(self, calls: list[tuple[str, Any]], timeout: float) -> list[Any]:
+        """GetResponses for (fast address, GetRequest) pairs, within ``timeout`` s; errors
+        as KvstoreError. Every request is written before any answer is awaited, so the
+        nodes work in parallel."""
+        loop = asyncio.get_running_loop()
+        conns = [await self._connection(loop, address, timeout) for address, _ in calls]
+        sent: list[tuple[_Pipeline, int, asyncio.Future]] = []
+        timer = loop.call_later(timeout, _expire_all, sent, timeout)
+        try:
+            for conn, (_, request) in zip(conns, calls, strict=True):
+                sent.append((conn, *conn.submit(request.SerializeToString(), loop)))
+            return [read_answer(*(await future)) for _, _, future in sent]
+        finally:
+            timer.cancel()
+            for conn, request_id, future in sent:
+                conn.waiting.pop(request_id, None)
+                if not future.done():
+                    future.cancel()
+
+    def close(self) -> None:
+        """Close every connection of this client (those of loops other than the running
+        one are closed from their loop, if it still runs)."""
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, conns in self._by_loop.items():
+            for conn in conns.values():
+                if isinstance(conn, _Pipeline):
+                    if loop is current or loop.is_closed():
+                        conn.close()
+                    else:
+                        loop.call_soon_threadsafe(conn.close)
+                elif not conn.done():
+                    conn.cancel()
+        self._by_loop.clear()
