@@ -105,6 +105,36 @@ def test_64_tasks_pipeline_their_gets_on_one_connection(
     assert max(in_flight) >= 32
 
 
+def test_answers_larger_than_the_receive_buffer_between_small_ones(
+    shared_node, client: Client, table_name: str
+) -> None:
+    """Answers of 1 to 20,000 keys (up to ~1.5 MB, beyond the 64 KB buffer and the 1 MB
+    a buffer is kept at), pipelined on one connection, each to its own call."""
+    client.create_table(table_name, key="int64", features=FEATURES, shards=4)
+    client.write(table_name, rows(np.arange(ROWS)))
+    big = [k % (ROWS + 10) for k in range(20_000)]
+    expect = client.get(table_name, big).to_arrow()
+
+    async def scenario() -> None:
+        async with AsyncClient(shared_node.address, timeout=20) as c:
+            await c.get(table_name, [0])
+
+            async def task(i: int) -> None:
+                for n in (20_000, 1, 3000, 2, 700):
+                    keys = big[i : i + n]
+                    got = await c.get(table_name, keys)
+                    if n > 100:
+                        assert got.to_arrow().equals(expect.slice(i, len(keys)))
+                    else:
+                        check(got, keys)
+
+            await asyncio.gather(*(task(i) for i in range(8)))
+            conn = only_connection(c)
+            assert conn.have == 0 and len(conn.buffer) <= aio_fast.LARGEST_IDLE_BUFFER
+
+    asyncio.run(scenario())
+
+
 def test_the_grpc_transport_and_the_fast_path_answer_alike(shared_node, table: str) -> None:
     keys = [3, 99, 3, 0, 499, -5, 10_000]
 

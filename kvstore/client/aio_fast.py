@@ -22,6 +22,13 @@ from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
 __all__ = ["AsyncFastConnections"]
 
 HEADER = RESPONSE_HEADER.size
+#: Bytes of a connection's receive buffer: a few 100-key answers of the benchmark's
+#: table (~42 KB each) fit; a larger answer gets a larger one.
+RECEIVE_BUFFER = 256 * 1024
+#: The least room a read gets: less, and the unread bytes move to the buffer's front.
+MIN_READ = 64 * 1024
+#: A buffer grown past this for a large answer shrinks back once it is read (bytes).
+LARGEST_IDLE_BUFFER = 1024 * 1024
 #: Request ids wrap at 2**32 (a u32 in the frame).
 ID_MASK = 0xFFFFFFFF
 
@@ -40,9 +47,13 @@ def _expire_all(sent: list[tuple[Any, int, asyncio.Future]], timeout: float) -> 
         _expire(future, conn.address, timeout)
 
 
-class _Pipeline(asyncio.Protocol):
+class _Pipeline(asyncio.BufferedProtocol):
     """One connection to one node's fast path: requests written as they come, answers
-    matched to their waiting futures by request id."""
+    matched to their waiting futures by request id.
+
+    A BufferedProtocol: the loop reads straight into ``buffer``, and each answer's body
+    is copied out once (a plain Protocol's ``data_received`` gets a new bytes object
+    per read, and an answer that spans reads was copied twice more to join it)."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -50,12 +61,17 @@ class _Pipeline(asyncio.Protocol):
         #: request id → the future of the call waiting on its answer.
         self.waiting: dict[int, asyncio.Future] = {}
         self.next_id = 0
-        #: An answer's first bytes, while the rest has not arrived.
-        self.partial = bytearray()
+        self.buffer = bytearray(RECEIVE_BUFFER)
+        self.view = memoryview(self.buffer)
+        #: ``buffer[start:have]``: received, not handed out yet (the start of an answer).
+        self.start = 0
+        self.have = 0
+        #: Bytes of the answer at ``start`` once whole (0: not known yet).
+        self.need = 0
         #: Why the connection is no longer usable (None while it is).
         self.lost: KvstoreError | None = None
 
-    # -- asyncio.Protocol --------------------------------------------------------------
+    # -- asyncio.BufferedProtocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -63,26 +79,47 @@ class _Pipeline(asyncio.Protocol):
         if sock is not None:  # asyncio and uvloop set it already; one call to be sure
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def data_received(self, data: bytes) -> None:
-        if self.partial:
-            self.partial += data
-            data = self.partial  # type: ignore[assignment]
-        end = len(data)
-        pos = 0
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self.view) - self.have < MIN_READ:
+            self._compact(self.need)
+        return self.view[self.have :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        have = self.have = self.have + nbytes
+        view = self.view
+        pos = self.start
         waiting = self.waiting
-        while end - pos >= HEADER:
-            length, request_id, status = RESPONSE_HEADER.unpack_from(data, pos)
+        self.need = 0
+        while have - pos >= HEADER:
+            length, request_id, status = RESPONSE_HEADER.unpack_from(view, pos)
             stop = pos + HEADER + length
-            if stop > end:
+            if stop > have:
+                self.need = stop - pos
                 break
             future = waiting.pop(request_id, None)
             if future is not None and not future.done():
-                future.set_result((status, bytes(data[pos + HEADER : stop])))
+                future.set_result((status, bytes(view[pos + HEADER : stop])))
             pos = stop
-        if data is self.partial:
-            del self.partial[:pos]
-        elif pos < end:
-            self.partial = bytearray(data[pos:])
+        if pos == have:  # everything handed out: read into the buffer from its start
+            self.start = self.have = self.need = 0
+            if len(view) > LARGEST_IDLE_BUFFER:  # a large answer's buffer is not kept
+                self._compact(0)
+        else:
+            self.start = pos
+
+    def _compact(self, need: int) -> None:
+        """Move the unread bytes to the front, into a new buffer if the answer they
+        begin (``need`` bytes whole) does not fit this one with MIN_READ to spare."""
+        rest = self.have - self.start
+        size = len(self.view)
+        if need + MIN_READ > size or size > LARGEST_IDLE_BUFFER >= need + MIN_READ:
+            # a new bytearray: one with a memoryview of it cannot change size
+            buffer = bytearray(max(need + MIN_READ, RECEIVE_BUFFER))
+            buffer[:rest] = self.view[self.start : self.have]
+            self.buffer, self.view = buffer, memoryview(buffer)
+        elif rest:
+            self.buffer[:rest] = self.view[self.start : self.have]
+        self.start, self.have = 0, rest
 
     def connection_lost(self, exc: Exception | None) -> None:
         why = f": {exc}" if exc else ""
