@@ -4,7 +4,9 @@ connection per node, and cancellation, deadlines and node restarts leave it usab
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from kvstore import AsyncClient, Client
 from kvstore.client import aio_fast
 from kvstore.client.aio_fast import AsyncFastConnections
 
+ROOT = Path(__file__).resolve().parent.parent
 FEATURES = {"x": "float32", "s": "string", "v": "float32[3]", "l": "int64[]"}
 ROWS = 500
 
@@ -332,3 +335,41 @@ def test_one_client_serves_two_event_loops_with_a_connection_each(shared_node, t
     assert isinstance(c._fast, AsyncFastConnections)
     assert len(c._fast._by_loop) == 1
     asyncio.run(c.close())
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_the_bench_step_compares_with_client_and_redis_asyncio(start_node, tmp_path: Path) -> None:
+    """make bench's async step (loadtests/aio_reads.py), short, on the bench's table in a
+    real node and redis-server: both comparisons reported, the same rows on both sides
+    (the step checks it). No timing is asserted."""
+    if str(ROOT) not in sys.path:  # loadtests/ is a folder of the repository
+        sys.path.insert(0, str(ROOT))
+    from loadtests.aio_reads import AsyncSettings, measure_async_reads, render_async_reads
+    from loadtests.servers import RedisServer
+    from loadtests.systems import FLOAT_FEATURES, TABLE, Chunk, KvstoreSystem, RedisPackedSystem
+
+    node = start_node()
+    (tmp_path / "redis").mkdir()
+    with RedisServer(tmp_path / "redis") as server:
+        kv = KvstoreSystem(node.address, node.pid)
+        packed = RedisPackedSystem(server)
+        kv.create()
+        chunk = Chunk.generate(3, 0, 2000)
+        packed.load(chunk)
+        columns = {"key": chunk.keys, "emb": chunk.emb}
+        columns.update(zip(FLOAT_FEATURES, chunk.floats, strict=True))
+        kv._client.write(TABLE, columns)
+        s = AsyncSettings(rounds=2, samples=20, warmup=5, tasks=8, seconds=0.2)
+        m = measure_async_reads(node.address, server.port, 2000, s)
+        kv.close()
+        packed.close()
+    for b in ("1", "100"):
+        cell = m["latency"][b]
+        assert len(cell["Client"]["round_p50_us"]) == len(cell["AsyncClient"]["round_p50_us"]) == 2
+        assert cell["ratio_p50"] == pytest.approx(
+            cell["AsyncClient"]["p50_us"] / cell["Client"]["p50_us"]
+        )
+    t = m["throughput"]
+    assert t["kvstore"]["calls_per_s"] > 0 and t["redis"]["calls_per_s"] > 0
+    assert t["ratio"] == pytest.approx(t["kvstore"]["calls_per_s"] / t["redis"]["calls_per_s"])
+    assert "redis.asyncio (hiredis)" in render_async_reads(m)
