@@ -80,8 +80,8 @@ def test_64_tasks_pipeline_their_gets_on_one_connection(
     in_flight: list[int] = []
     submit = aio_fast._Pipeline.submit
 
-    def observed(self, body, loop):
-        out = submit(self, body, loop)
+    def observed(self, *args):
+        out = submit(self, *args)
         in_flight.append(len(self.waiting))
         return out
 
@@ -101,6 +101,8 @@ def test_64_tasks_pipeline_their_gets_on_one_connection(
             conn = only_connection(c)
             assert not conn.waiting  # every answer went to its call
             assert conn.lost is None
+            # answered calls' deadlines do not pile up until they pass
+            assert len(conn.deadlines) <= aio_fast.PRUNE_SLACK + 1
 
     asyncio.run(scenario())
     assert len(in_flight) == 64 * 20 + 1
@@ -232,9 +234,18 @@ def test_a_paused_node_fails_the_call_at_its_deadline_and_serves_once_resumed(
                     return_exceptions=True,
                 )
                 assert all(isinstance(e, kvstore.DeadlineExceeded) for e in late)
+                # a short deadline after a long one is kept: the timer wakes earlier
+                patient = asyncio.create_task(c.get("paused", [4], timeout=30))
+                await until(lambda: conn.waiting, 5, "the patient call to be sent")
+                started = time.monotonic()
+                with pytest.raises(kvstore.DeadlineExceeded, match=r"deadline of 0\.25 s"):
+                    await c.get("paused", [5], timeout=0.25)
+                assert 0.24 <= time.monotonic() - started < 1.0
+                assert not patient.done()
             finally:
                 node.proc.send_signal(signal.SIGCONT)
-            # the expired calls' answers arrive first and are dropped
+            check(await patient, [4])  # answered once the node runs again
+            # the expired calls' answers arrived first and were dropped
             check(await c.get("paused", [2, 3, 900]), [2, 3, 900])
             assert only_connection(c) is conn
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import math
 import socket
 from typing import Any
 
@@ -33,18 +35,14 @@ LARGEST_IDLE_BUFFER = 1024 * 1024
 ID_MASK = 0xFFFFFFFF
 
 
-def _expire(future: asyncio.Future, address: str, timeout: float) -> None:
-    """A call's deadline passed: fail its future (its answer, if one comes, is dropped)."""
-    if not future.done():
-        future.set_exception(
-            DeadlineExceeded(f"node {address} did not answer within the deadline of {timeout} s")
-        )
+#: The deadline queue is rebuilt without its answered calls when it holds more than
+#: this many times the calls still waiting (plus PRUNE_SLACK).
+PRUNE_FACTOR = 4
+PRUNE_SLACK = 256
 
 
-def _expire_all(sent: list[tuple[Any, int, asyncio.Future]], timeout: float) -> None:
-    """``_expire`` of each call of a batch."""
-    for conn, _, future in sent:
-        _expire(future, conn.address, timeout)
+def _late(address: str, timeout: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"node {address} did not answer within the deadline of {timeout} s")
 
 
 class _Pipeline(asyncio.BufferedProtocol):
@@ -70,6 +68,12 @@ class _Pipeline(asyncio.BufferedProtocol):
         self.need = 0
         #: Why the connection is no longer usable (None while it is).
         self.lost: KvstoreError | None = None
+        #: The calls' deadlines, a heap of (loop time s, request id, timeout s), and the
+        #: one timer that wakes at the earliest (see submit). No futures: an answered
+        #: call's entry stays until its deadline, and must not keep its answer alive.
+        self.deadlines: list[tuple[float, int, float]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
 
     # -- asyncio.BufferedProtocol -------------------------------------------------------
 
@@ -135,10 +139,21 @@ class _Pipeline(asyncio.BufferedProtocol):
         for future in waiting.values():
             if not future.done():
                 future.set_exception(error)
+        self.deadlines.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer, self.timer_at = None, math.inf
 
-    def submit(self, body: bytes, loop: asyncio.AbstractEventLoop) -> tuple[int, asyncio.Future]:
+    def submit(
+        self, body: bytes, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float
+    ) -> tuple[int, asyncio.Future]:
         """Write a request frame of ``body``; its id and the future of its answer
-        ``(status, body)``."""
+        ``(status, body)``, failed with DeadlineExceeded at ``deadline`` (loop time, s)
+        naming ``timeout`` (s), the call's.
+
+        One timer per connection, not one per call (a loop timer costs several µs to
+        start and cancel, a good part of a call here): it wakes at the earliest
+        deadline, which calls with one timeout leave where it is."""
         transport = self.transport
         if self.lost is not None or transport is None or transport.is_closing():
             raise self.lost or Unavailable(f"fast read path of node {self.address}: closed")
@@ -146,7 +161,37 @@ class _Pipeline(asyncio.BufferedProtocol):
         future = loop.create_future()
         self.waiting[request_id] = future
         transport.write(REQUEST_HEADER.pack(len(body), request_id) + body)
+        deadlines = self.deadlines
+        heapq.heappush(deadlines, (deadline, request_id, timeout))
+        if deadline < self.timer_at:
+            self._arm(loop, deadline)
+        elif len(deadlines) > PRUNE_FACTOR * len(self.waiting) + PRUNE_SLACK:
+            # answered calls' entries wait for their deadline to leave: drop them now
+            waiting = self.waiting
+            self.deadlines = [d for d in deadlines if d[1] in waiting]
+            heapq.heapify(self.deadlines)
         return request_id, future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = loop.call_at(when, self._expire, loop)
+        self.timer_at = when
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the calls whose deadline passed (an answer that comes for one later is
+        dropped); wake again at the next deadline."""
+        self.timer, self.timer_at = None, math.inf
+        deadlines = self.deadlines
+        waiting = self.waiting
+        now = loop.time()
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in waiting):
+            _, request_id, timeout = heapq.heappop(deadlines)
+            future = waiting.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(_late(self.address, timeout))
+        if deadlines:
+            self._arm(loop, deadlines[0][0])
 
     def close(self) -> None:
         if self.transport is not None:
@@ -217,13 +262,11 @@ class AsyncFastConnections:
         conn = conns.get(address) if conns is not None else None
         if conn is None or conn.__class__ is not _Pipeline or conn.lost is not None:
             conn = await self._connection(loop, address, timeout)
-        request_id, future = conn.submit(body, loop)
-        timer = loop.call_later(timeout, _expire, future, address, timeout)
+        request_id, future = conn.submit(body, loop, loop.time() + timeout, timeout)
         try:
             answer = await future
         finally:
             # Cancelled, expired or answered: nobody waits on this id any more.
-            timer.cancel()
             conn.waiting.pop(request_id, None)
         return read_answer(*answer)
 
@@ -234,13 +277,13 @@ class AsyncFastConnections:
         loop = asyncio.get_running_loop()
         conns = [await self._connection(loop, address, timeout) for address, _ in calls]
         sent: list[tuple[_Pipeline, int, asyncio.Future]] = []
-        timer = loop.call_later(timeout, _expire_all, sent, timeout)
+        deadline = loop.time() + timeout
         try:
             for conn, (_, request) in zip(conns, calls, strict=True):
-                sent.append((conn, *conn.submit(request.SerializeToString(), loop)))
+                body = request.SerializeToString()
+                sent.append((conn, *conn.submit(body, loop, deadline, timeout)))
             return [read_answer(*(await future)) for _, _, future in sent]
         finally:
-            timer.cancel()
             for conn, request_id, future in sent:
                 conn.waiting.pop(request_id, None)
                 if not future.done():
