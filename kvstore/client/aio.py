@@ -16,15 +16,10 @@ from kvstore.client.result import GetResult
 from kvstore.client.stream import AsyncUpdateStream
 from kvstore.errors import KvstoreError, TableNotFound, Unavailable, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
-from kvstore.wire.dial import CHANNEL_OPTIONS
+from kvstore.wire.dial import open_aio_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
 
 __all__ = ["AsyncClient"]
-
-#: kvstore.wire.dial's options, and a subchannel of the channel's own: gRPC otherwise
-#: shares one per address across the process's channels, and a new channel (see
-#: _send_one) would inherit the old one's reconnect backoff.
-AIO_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
 class AsyncClient:
@@ -189,7 +184,7 @@ class AsyncClient:
         if entry is None:
             if any(loop.is_closed() for loop, _ in self._channels):  # their channels are gone
                 self._channels = {k: e for k, e in self._channels.items() if not k[0].is_closed()}
-            channel = grpc.aio.insecure_channel(address, options=AIO_CHANNEL_OPTIONS)
+            channel = open_aio_channel(address)
             entry = (channel, pb_grpc.FeatureStoreStub(channel))
             self._channels[key] = entry
         return entry[1]

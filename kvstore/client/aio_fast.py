@@ -23,7 +23,7 @@ from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
 
 __all__ = ["AsyncFastConnections"]
 
-HEADER = RESPONSE_HEADER.size
+
 #: Bytes of a connection's receive buffer: a few 100-key answers of the benchmark's
 #: table (~42 KB each) fit; a larger answer gets a larger one.
 RECEIVE_BUFFER = 256 * 1024
@@ -94,15 +94,16 @@ class _Pipeline(asyncio.BufferedProtocol):
         pos = self.start
         waiting = self.waiting
         self.need = 0
-        while have - pos >= HEADER:
+        header = RESPONSE_HEADER.size
+        while have - pos >= header:
             length, request_id, status = RESPONSE_HEADER.unpack_from(view, pos)
-            stop = pos + HEADER + length
+            stop = pos + header + length
             if stop > have:
                 self.need = stop - pos
                 break
             future = waiting.pop(request_id, None)
             if future is not None and not future.done():
-                future.set_result((status, bytes(view[pos + HEADER : stop])))
+                future.set_result((status, bytes(view[pos + header : stop])))
             pos = stop
         if pos == have:  # everything handed out: read into the buffer from its start
             self.start = self.have = self.need = 0
@@ -210,7 +211,7 @@ class AsyncFastConnections:
     def _loop_connections(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
         conns = self._by_loop.get(loop)
         if conns is None:
-            for old in [lp for lp in self._by_loop if lp.is_closed()]:
+            for old in [lp for lp in list(self._by_loop) if lp.is_closed()]:
                 for conn in self._by_loop.pop(old).values():
                     if isinstance(conn, _Pipeline):
                         conn.close()
