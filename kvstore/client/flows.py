@@ -225,10 +225,14 @@ class Operations(ClientCore):
         read path serves the whole table (send ``plan.request(batch, version)`` there,
         then ``finish_one``); else the node calls (none for no keys: ``finish_get``).
         A failure of the sends or the finish goes to ``get_retry_flow``."""
+        # knows_route and sole_fast_address, inline: this runs on every get
         schema = self.schemas.get(table)
-        if schema is None or not self.knows_route(table):
+        route = self.route  # read once: another thread may swap it
+        owners = route.owners.get(table)
+        if schema is None or owners is None or len(owners) != schema.shards:
             return None
-        if fast and (address := self.sole_fast_address(table, schema)):
+        sole = route.sole.get(table) if fast else None
+        if sole is not None and (address := route.fast.get(sole)):
             plan = self.get_plan(schema, features)
             batch = KeyBatch.from_values(schema.key_type, keys, table)
             if batch.count:
