@@ -26,7 +26,7 @@ $(PY):
 
 $(DEPS): pyproject.toml setup.py | $(PY)
 	$(PIP) install -q $(BUILD_DEPS)
-	$(PIP) install -q --no-build-isolation -e '.[test,dev,stream]'
+	$(PIP) install -q --no-build-isolation -e '.[test,dev,stream,serving]'
 	touch $@
 
 # Regenerates protobuf code and recompiles the Cython extension when their sources change.

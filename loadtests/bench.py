@@ -15,7 +15,9 @@ arrives, from a zstd Parquet file of the same rows through the bulk loader
    bare uvloop echo round trip, kvstore's floor, and a Redis PING, Redis's);
    throughput at several concurrencies; memory;
    a 1-key get of six mixed dtypes into NumPy against a float-only one
-   (``loadtests/mixed.py``);
+   (``loadtests/mixed.py``); AsyncClient against Client and against redis.asyncio
+   (``loadtests/aio_reads.py``); the FastAPI example on kvstore against the same app
+   on Redis (``loadtests/serving.py``);
 2. freshness and updates (``loadtests/updates.py``): update → readable latency,
    update rows/s unary and streaming, read latency while updates run;
 3. the cluster step (``loadtests/cluster_bench.py``): one node process against N on a
@@ -46,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from loadtests import report
+from loadtests.aio_reads import AsyncSettings, measure_async_reads, render_async_reads
 from loadtests.bulkload import ParquetSink, run_loader, write_parquet
 from loadtests.cluster_bench import ClusterSettings, measure_cluster, render_cluster
 from loadtests.floors import EchoFloor, EchoServer, PingFloor, floor_ratios
@@ -60,6 +63,7 @@ from loadtests.servers import (
     proc_cpu_seconds,
     proc_memory_bytes,
 )
+from loadtests.serving import ServingSettings, measure_serving, render_serving
 from loadtests.systems import (
     TABLE,
     Chunk,
@@ -126,6 +130,9 @@ class Settings:
     clients: str = "processes"
     #: 1-key gets of mixed dtypes against float-only ones (issue 18).
     mixed: MixedSettings = field(default_factory=MixedSettings)
+    #: AsyncClient against Client and redis.asyncio; the FastAPI example (issue 18).
+    aio: AsyncSettings = field(default_factory=AsyncSettings)
+    serving: ServingSettings = field(default_factory=ServingSettings)
     #: Freshness and updates section (issue 4).
     updates: UpdateSettings = field(default_factory=UpdateSettings)
     #: The cluster step (issue 15); nodes = 0 skips it. Its rows and seed are these.
@@ -154,6 +161,8 @@ class Settings:
             ),
             mixed=MixedSettings(rows=2000, rounds=4, samples=300, warmup=100),
             cluster=ClusterSettings.quick(),
+            aio=AsyncSettings.quick(),
+            serving=ServingSettings.quick(),
             load_rows=[],
             quick=True,
         )
@@ -612,6 +621,13 @@ def run(s: Settings) -> dict:
         print(f"throughput ({s.clients}; rounds alternate the systems)", flush=True)
         results["throughput"] = measure_throughput(systems, s)
         results["memory"] = measure_memory(node, redis_servers, s.rows, empty)
+        print("from an event loop: AsyncClient against Client and redis.asyncio (alternating)")
+        packed_port = redis_servers["redis-packed"].port
+        results["async_reads"] = measure_async_reads(kv.address, packed_port, s.rows, s.aio)
+        print(render_async_reads(results["async_reads"]), flush=True)
+        print("the FastAPI example on kvstore against the same app on Redis (alternating)")
+        results["serving"] = measure_serving(kv.address, packed_port, workdir, s.serving)
+        print(render_serving(results["serving"]), flush=True)
         print("freshness and updates (kvstore; updates set 4 features of existing keys)")
         results["updates"] = measure_updates(kv.address, node.pid, s.rows, s.seed, s.updates)
         if s.cluster.nodes:

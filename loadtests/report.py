@@ -13,9 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from loadtests.aio_reads import render_async_reads
 from loadtests.floors import FLOOR_OF
 from loadtests.machine import versions_line
 from loadtests.mixed import render_mixed
+from loadtests.serving import render_serving
 
 __all__ = ["plot", "render", "write_json"]
 
@@ -176,6 +178,10 @@ def render(results: dict[str, Any]) -> str:
         parts += ["", render_updates(results["updates"])]
     if "mixed_dtypes" in results:
         parts += ["", render_mixed(results["mixed_dtypes"])]
+    if "async_reads" in results:
+        parts += ["", render_async_reads(results["async_reads"])]
+    if "serving" in results:
+        parts += ["", render_serving(results["serving"])]
     return "\n".join(parts)
 
 

@@ -1,4 +1,5 @@
-"""AsyncClient: the same calls as Client, as coroutines on grpc.aio."""
+"""AsyncClient: the same calls as Client, as coroutines: ``get`` over the nodes' fast read
+path (pipelined, ``kvstore.client.aio_fast``), everything else on grpc.aio."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import DEFAULT_TIMEOUT_S, NodeCall
+from kvstore.client.aio_fast import AsyncFastConnections
+from kvstore.client.core import DEFAULT_TIMEOUT_S, STALE_ROUTE, STALE_SCHEMA, NodeCall, read_once
 from kvstore.client.flows import Operations
 from kvstore.client.result import GetResult
 from kvstore.client.stream import AsyncUpdateStream
-from kvstore.errors import KvstoreError, from_rpc_error
+from kvstore.errors import KvstoreError, TableNotFound, Unavailable, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_aio_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -23,12 +25,29 @@ __all__ = ["AsyncClient"]
 class AsyncClient:
     """The asyncio twin of ``kvstore.Client``: same arguments, same results, awaited.
 
-    Use within one event loop; ``await client.close()`` (or ``async with``) at the end.
+    ``get`` goes over a node's fast read path when it has one (``transport="auto"``,
+    the default; ``"grpc"``: gRPC only): one connection per node per event loop,
+    shared by all the loop's tasks, requests pipelined on it, so concurrent gets do
+    not wait for each other. A cancelled ``get`` leaves the connection usable.
+    ``await client.close()`` (or ``async with``) at the end.
     """
 
-    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        transport: str = "auto",
+    ) -> None:
+        if transport not in ("auto", "grpc"):
+            raise ValueError(f"transport must be 'auto' or 'grpc', not {transport!r}")
         self._ops = Operations(address, timeout)
-        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.FeatureStoreStub]] = {}
+        #: (event loop, address) → channel and stub: a grpc.aio channel serves one loop.
+        self._channels: dict[tuple[Any, str], tuple[grpc.aio.Channel, pb_grpc.FeatureStoreStub]]
+        self._channels = {}
+        self._fast = AsyncFastConnections() if transport == "auto" else None
+        #: Channels closing in the background (see _drop_channel).
+        self._closing: set[asyncio.Future] = set()
 
     @property
     def address(self) -> str:
@@ -75,7 +94,24 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> GetResult:
         """See ``Client.get``."""
-        return await self._run(self._ops.get_flow(table, keys, features, version), timeout)
+        ops = self._ops
+        timeout = ops.call_timeout(timeout)
+        keys, features = read_once(keys), read_once(features)
+        quick = ops.quick_get(table, keys, features, version, self._fast is not None)
+        if quick is None:  # the schema or the route must be fetched first
+            return await self._run(ops.get_flow(table, keys, features, version), timeout)
+        plan, batch, fast, calls = quick
+        try:
+            if fast is not None:
+                assert self._fast is not None
+                body = plan.request(batch, version)
+                response = await self._fast.get(fast, body, timeout)
+                return ops.finish_one(table, plan, batch, fast, response)
+            responses = await self._send(calls, timeout) if calls else []
+            return ops.finish_get(table, plan, batch, calls, responses)
+        except (*STALE_SCHEMA, *STALE_ROUTE, TableNotFound) as exc:
+            flow = ops.get_retry_flow(exc, table, keys, features, version)
+        return await self._run(flow, timeout)
 
     async def write(
         self,
@@ -143,11 +179,14 @@ class AsyncClient:
         return await asyncio.to_thread(load, self.address, table, source, **options)
 
     def _stub(self, address: str) -> pb_grpc.FeatureStoreStub:
-        entry = self._channels.get(address)
+        key = (asyncio.get_running_loop(), address)
+        entry = self._channels.get(key)
         if entry is None:
+            if any(loop.is_closed() for loop, _ in self._channels):  # their channels are gone
+                self._channels = {k: e for k, e in self._channels.items() if not k[0].is_closed()}
             channel = open_aio_channel(address)
             entry = (channel, pb_grpc.FeatureStoreStub(channel))
-            self._channels[address] = entry
+            self._channels[key] = entry
         return entry[1]
 
     async def _send_one(self, call: NodeCall, timeout: float) -> Any:
@@ -156,7 +195,37 @@ class AsyncClient:
                 call.request, timeout=timeout
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, call.address, timeout) from None
+            error = from_rpc_error(exc, call.address, timeout)
+            if isinstance(error, Unavailable):
+                # A channel that failed to connect waits out gRPC's reconnect backoff
+                # (1 s, growing to 2 min) and fails every call meanwhile, even once the
+                # node is back (restarted on the same port): the next call gets a new one.
+                self._drop_channel(call.address, timeout)
+            raise error from None
+
+    def _drop_channel(self, address: str, grace: float) -> None:
+        """Open a new channel to ``address`` for the next call; the old one closes once
+        the calls still on it end (``grace`` s at most: closing cancels them)."""
+        entry = self._channels.pop((asyncio.get_running_loop(), address), None)
+        if entry is not None:
+            closing = asyncio.ensure_future(entry[0].close(grace))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def _send(self, calls: list[NodeCall], timeout: float) -> list[Any]:
+        """The responses to ``calls``, sent in parallel: gets over the nodes' fast read
+        paths when each has one, the rest over gRPC."""
+        if self._fast is not None and calls[0].method == "Get":
+            fast = self._ops.fast
+            try:
+                pairs = [(fast[c.address], c.request) for c in calls]
+            except KeyError:
+                pass  # a node without a fast path: gRPC
+            else:
+                return await self._fast.get_many(pairs, timeout)
+        if len(calls) == 1:
+            return [await self._send_one(calls[0], timeout)]
+        return list(await asyncio.gather(*(self._send_one(c, timeout) for c in calls)))
 
     async def _run(self, flow: Any, timeout: float | None) -> Any:
         timeout = self._ops.call_timeout(timeout)
@@ -164,12 +233,7 @@ class AsyncClient:
             calls = next(flow)
             while True:
                 try:
-                    if len(calls) == 1:
-                        responses = [await self._send_one(calls[0], timeout)]
-                    else:
-                        responses = list(
-                            await asyncio.gather(*(self._send_one(c, timeout) for c in calls))
-                        )
+                    responses = await self._send(calls, timeout)
                 except KvstoreError as exc:
                     calls = flow.throw(exc)
                 else:
@@ -178,10 +242,17 @@ class AsyncClient:
             return done.value
 
     async def close(self) -> None:
-        """Close the channels to every node."""
-        for channel, _ in self._channels.values():
-            await channel.close()
+        """Close the channels and fast-path connections to every node (the channels of
+        other event loops than the running one are left to those loops)."""
+        loop = asyncio.get_running_loop()
+        for (owner, _), (channel, _) in self._channels.items():
+            if owner is loop:
+                await channel.close()
         self._channels.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._fast is not None:
+            self._fast.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -203,16 +203,6 @@ class ClientCore:
         schema = self.schemas.get(table)
         return owners is not None and schema is not None and len(owners) == schema.shards
 
-    def sole_fast_address(self, table: str, schema: TableSchema) -> str | None:
-        """The fast read path of the one node that serves every shard of ``schema``'s
-        table in the cached map; None if several nodes do, the map does not fit the
-        schema, or that node has no fast path."""
-        route = self.route
-        sole = route.sole.get(table)
-        if sole is None or len(route.owners[table]) != schema.shards:
-            return None
-        return route.fast.get(sole)
-
     def forget(self, table: str) -> None:
         self.schemas.pop(table, None)
         self.route = self.route.without(table)

@@ -15,6 +15,7 @@ from kvstore.client.core import (
     STALE_ROUTE,
     STALE_SCHEMA,
     ClientCore,
+    GetPlan,
     MixedVersions,
     NodeCall,
     read_once,
@@ -46,11 +47,12 @@ __all__ = ["Flow", "Operations"]
 # Each public call is written once, as a generator: it yields the RPCs it needs (a
 # list of NodeCall, sent in parallel) and receives their responses, or a KvstoreError
 # thrown in. Client drives it with blocking calls, AsyncClient with coroutines.
-# Client.get alone skips the generator when the schema and route are cached: it runs
-# start_get / finish_get directly, or, when one node serves the table, get_plan,
+# get alone skips the generator when the schema and route are cached (quick_get): it
+# runs start_get / finish_get directly, or, when one node serves the table, get_plan,
 # GetPlan.request and finish_one (the flow costs ~2 µs a call, and a µs of client
 # work costs five or more with 32 client processes on two cores); it falls back to
-# get_flow for anything that must be fetched or refreshed.
+# get_flow for anything that must be fetched or refreshed (get_retry_flow after a
+# quick get failed).
 
 Flow = Any  # Generator[list[NodeCall], list[Any], T]
 
@@ -213,6 +215,42 @@ class Operations(ClientCore):
             yield from self.refresh_map_flow(getattr(stale_route, "epoch", 0))
         rerouted = stale_route is not None
         return (yield from self._with_schema(table, body, refresh, rerouted))
+
+    def quick_get(
+        self, table: str, keys: Any, features: Any, version: int, fast: bool
+    ) -> tuple[GetPlan, KeyBatch, str | None, list[NodeCall]] | None:
+        """The plan of a get that needs no flow: the schema and route of ``table`` are
+        cached. None when they are not (run ``get_flow``). Else ``(plan, batch,
+        fast_address, calls)``: ``fast_address`` when ``fast`` and one node with a fast
+        read path serves the whole table (send ``plan.request(batch, version)`` there,
+        then ``finish_one``); else the node calls (none for no keys: ``finish_get``).
+        A failure of the sends or the finish goes to ``get_retry_flow``."""
+        # knows_route and sole_fast_address, inline: this runs on every get
+        schema = self.schemas.get(table)
+        route = self.route  # read once: another thread may swap it
+        owners = route.owners.get(table)
+        if schema is None or owners is None or len(owners) != schema.shards:
+            return None
+        sole = route.sole.get(table) if fast else None
+        if sole is not None and (address := route.fast.get(sole)):
+            plan = self.get_plan(schema, features)
+            batch = KeyBatch.from_values(schema.key_type, keys, table)
+            if batch.count:
+                return plan, batch, address, []
+        plan, batch, calls = self.start_get(table, schema, keys, features, version)
+        return plan, batch, None, calls
+
+    def get_retry_flow(
+        self, error: Exception, table: str, keys: Any, features: Any, version: int
+    ) -> Flow:
+        """The get_flow that finishes a quick get that failed with ``error``: a stale
+        schema (or a dropped table) describes the table again first, a stale route
+        refreshes the map first (that is the one retry); anything else is raised."""
+        if isinstance(error, (*STALE_SCHEMA, TableNotFound)):
+            return self.get_flow(table, keys, features, version, refresh=True)
+        if isinstance(error, STALE_ROUTE):
+            return self.get_flow(table, keys, features, version, stale_route=error)
+        raise error
 
     def write_flow(
         self,

@@ -19,7 +19,6 @@ from kvstore.client.flows import Operations
 from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
 from kvstore.errors import KvstoreError, TableNotFound, from_rpc_error
-from kvstore.keys import KeyBatch
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -113,30 +112,20 @@ class Client:
         ops = self._ops
         timeout = ops.call_timeout(timeout)
         keys, features = read_once(keys), read_once(features)
-        refresh = False
-        schema = ops.schemas.get(table)
-        if schema is not None and ops.knows_route(table):
-            # Schema and route are known: the calls need no flow (the common case, and
-            # the cheapest; the flow below is what runs when anything must be fetched).
-            try:
-                # one node serves the table: one request, nothing to split
-                if self._fast is not None and (fast := ops.sole_fast_address(table, schema)):
-                    plan = ops.get_plan(schema, features)
-                    batch = KeyBatch.from_values(schema.key_type, keys, table)
-                    if batch.count:
-                        response = self._fast.get(fast, plan.request(batch, version), timeout)
-                        return ops.finish_one(table, plan, batch, fast, response)
-                plan, batch, calls = ops.start_get(table, schema, keys, features, version)
-                responses = self._send(calls, timeout) if calls else []
-                return ops.finish_get(table, plan, batch, calls, responses)
-            except (*STALE_SCHEMA, TableNotFound):
-                refresh = True  # the flow describes the table again, then reads
-            except STALE_ROUTE as exc:
-                # The flow refreshes the map (from any node), then reads once more.
-                return self._run(
-                    ops.get_flow(table, keys, features, version, stale_route=exc), timeout
-                )
-        return self._run(ops.get_flow(table, keys, features, version, refresh), timeout)
+        quick = ops.quick_get(table, keys, features, version, self._fast is not None)
+        if quick is None:  # the schema or the route must be fetched first
+            return self._run(ops.get_flow(table, keys, features, version), timeout)
+        plan, batch, fast, calls = quick
+        try:
+            if fast is not None:
+                assert self._fast is not None
+                response = self._fast.get(fast, plan.request(batch, version), timeout)
+                return ops.finish_one(table, plan, batch, fast, response)
+            responses = self._send(calls, timeout) if calls else []
+            return ops.finish_get(table, plan, batch, calls, responses)
+        except (*STALE_SCHEMA, *STALE_ROUTE, TableNotFound) as exc:
+            flow = ops.get_retry_flow(exc, table, keys, features, version)
+        return self._run(flow, timeout)
 
     def write(
         self,

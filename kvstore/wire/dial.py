@@ -51,5 +51,12 @@ def open_channel(address: str) -> grpc.Channel:
 
 
 def open_aio_channel(address: str) -> grpc.aio.Channel:
-    """An asyncio gRPC channel to ``address`` (host:port); connects lazily."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """An asyncio gRPC channel to ``address`` (host:port); connects lazily.
+
+    With a subchannel of its own: gRPC otherwise shares one per address across the
+    process's channels, and a channel opened to replace one that met a stopped node
+    (AsyncClient does) would inherit its reconnect backoff (1 s, growing to 2 min),
+    failing every call meanwhile even once the node is back.
+    """
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    return grpc.aio.insecure_channel(address, options=options)

@@ -1,0 +1,309 @@
+"""The asyncio end of the fast read path (docs/fast-path.md): Get over plain TCP, pipelined.
+
+One connection per node per event loop, shared by every task of that loop. Each
+request frame carries a request id (``kvstore.wire.frames``); the connection's
+protocol hands each answer, as it arrives, to the future waiting on that id, so 64
+tasks have 64 requests in flight on one connection and none waits for another's
+answer to be read. A node answers one connection's requests in order, but nothing
+here relies on it: an answer whose id nobody waits on (its call was cancelled or
+ran past its deadline) is dropped, and the connection serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import math
+import socket
+from typing import Any
+
+from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
+from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
+
+__all__ = ["AsyncFastConnections"]
+
+
+#: Bytes of a connection's receive buffer: a few 100-key answers of the benchmark's
+#: table (~42 KB each) fit; a larger answer gets a larger one.
+RECEIVE_BUFFER = 256 * 1024
+#: The least room a read gets: less, and the unread bytes move to the buffer's front.
+MIN_READ = 64 * 1024
+#: A buffer grown past this for a large answer shrinks back once it is read (bytes).
+LARGEST_IDLE_BUFFER = 1024 * 1024
+#: Request ids wrap at 2**32 (a u32 in the frame).
+ID_MASK = 0xFFFFFFFF
+
+
+#: The deadline queue is rebuilt without its answered calls when it holds more than
+#: this many times the calls still waiting (plus PRUNE_SLACK).
+PRUNE_FACTOR = 4
+PRUNE_SLACK = 256
+
+
+def _late(address: str, timeout: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"node {address} did not answer within the deadline of {timeout} s")
+
+
+class _Pipeline(asyncio.BufferedProtocol):
+    """One connection to one node's fast path: requests written as they come, answers
+    matched to their waiting futures by request id.
+
+    A BufferedProtocol: the loop reads straight into ``buffer``, and each answer's body
+    is copied out once (a plain Protocol's ``data_received`` gets a new bytes object
+    per read, and an answer that spans reads was copied twice more to join it)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        #: request id → the future of the call waiting on its answer.
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.next_id = 0
+        self.buffer = bytearray(RECEIVE_BUFFER)
+        self.view = memoryview(self.buffer)
+        #: ``buffer[start:have]``: received, not handed out yet (the start of an answer).
+        self.start = 0
+        self.have = 0
+        #: Bytes of the answer at ``start`` once whole (0: not known yet).
+        self.need = 0
+        #: Why the connection is no longer usable (None while it is).
+        self.lost: KvstoreError | None = None
+        #: The calls' deadlines, a heap of (loop time s, request id, timeout s), and the
+        #: one timer that wakes at the earliest (see submit). No futures: an answered
+        #: call's entry stays until its deadline, and must not keep its answer alive.
+        self.deadlines: list[tuple[float, int, float]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+
+    # -- asyncio.BufferedProtocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # asyncio and uvloop set it already; one call to be sure
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self.view) - self.have < MIN_READ:
+            self._compact(self.need)
+        return self.view[self.have :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        have = self.have = self.have + nbytes
+        view = self.view
+        pos = self.start
+        waiting = self.waiting
+        self.need = 0
+        header = RESPONSE_HEADER.size
+        while have - pos >= header:
+            length, request_id, status = RESPONSE_HEADER.unpack_from(view, pos)
+            stop = pos + header + length
+            if stop > have:
+                self.need = stop - pos
+                break
+            future = waiting.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result((status, bytes(view[pos + header : stop])))
+            pos = stop
+        if pos == have:  # everything handed out: read into the buffer from its start
+            self.start = self.have = self.need = 0
+            if len(view) > LARGEST_IDLE_BUFFER:  # a large answer's buffer is not kept
+                self._compact(0)
+        else:
+            self.start = pos
+
+    def _compact(self, need: int) -> None:
+        """Move the unread bytes to the front, into a new buffer if the answer they
+        begin (``need`` bytes whole) does not fit this one with MIN_READ to spare."""
+        rest = self.have - self.start
+        size = len(self.view)
+        if need + MIN_READ > size or size > LARGEST_IDLE_BUFFER >= need + MIN_READ:
+            # a new bytearray: one with a memoryview of it cannot change size
+            buffer = bytearray(max(need + MIN_READ, RECEIVE_BUFFER))
+            buffer[:rest] = self.view[self.start : self.have]
+            self.buffer, self.view = buffer, memoryview(buffer)
+        elif rest:
+            self.buffer[:rest] = self.view[self.start : self.have]
+        self.start, self.have = 0, rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        why = f": {exc}" if exc else ""
+        self.fail(Unavailable(f"fast read path of node {self.address}: connection closed{why}"))
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def fail(self, error: KvstoreError) -> None:
+        """Fail every waiting call with ``error``; no call is accepted after."""
+        if self.lost is None:
+            self.lost = error
+        waiting, self.waiting = self.waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(error)
+        self.deadlines.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer, self.timer_at = None, math.inf
+
+    def submit(
+        self, body: bytes, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float
+    ) -> tuple[int, asyncio.Future]:
+        """Write a request frame of ``body``; its id and the future of its answer
+        ``(status, body)``, failed with DeadlineExceeded at ``deadline`` (loop time, s)
+        naming ``timeout`` (s), the call's.
+
+        One timer per connection, not one per call (a loop timer costs several µs to
+        start and cancel, a good part of a call here): it wakes at the earliest
+        deadline, which calls with one timeout leave where it is."""
+        transport = self.transport
+        if self.lost is not None or transport is None or transport.is_closing():
+            raise self.lost or Unavailable(f"fast read path of node {self.address}: closed")
+        self.next_id = request_id = (self.next_id + 1) & ID_MASK
+        future = loop.create_future()
+        self.waiting[request_id] = future
+        transport.write(REQUEST_HEADER.pack(len(body), request_id) + body)
+        deadlines = self.deadlines
+        heapq.heappush(deadlines, (deadline, request_id, timeout))
+        if deadline < self.timer_at:
+            self._arm(loop, deadline)
+        elif len(deadlines) > PRUNE_FACTOR * len(self.waiting) + PRUNE_SLACK:
+            # answered calls' entries wait for their deadline to leave: drop them now
+            waiting = self.waiting
+            self.deadlines = [d for d in deadlines if d[1] in waiting]
+            heapq.heapify(self.deadlines)
+        return request_id, future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = loop.call_at(when, self._expire, loop)
+        self.timer_at = when
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the calls whose deadline passed (an answer that comes for one later is
+        dropped); wake again at the next deadline."""
+        self.timer, self.timer_at = None, math.inf
+        deadlines = self.deadlines
+        waiting = self.waiting
+        now = loop.time()
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in waiting):
+            _, request_id, timeout = heapq.heappop(deadlines)
+            future = waiting.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(_late(self.address, timeout))
+        if deadlines:
+            self._arm(loop, deadlines[0][0])
+
+    def close(self) -> None:
+        if self.transport is not None:
+            # RuntimeError: its loop is closed; the socket closes with the transport
+            with contextlib.suppress(RuntimeError):
+                self.transport.close()
+
+
+class AsyncFastConnections:
+    """Fast-path connections of one AsyncClient: per event loop and node."""
+
+    def __init__(self) -> None:
+        #: event loop → address → its connection, or the task still opening it.
+        self._by_loop: dict[asyncio.AbstractEventLoop, dict[str, Any]] = {}
+
+    def _loop_connections(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        conns = self._by_loop.get(loop)
+        if conns is None:
+            for old in [lp for lp in list(self._by_loop) if lp.is_closed()]:
+                for conn in self._by_loop.pop(old).values():
+                    if isinstance(conn, _Pipeline):
+                        conn.close()
+            conns = self._by_loop[loop] = {}
+        return conns
+
+    async def _connection(
+        self, loop: asyncio.AbstractEventLoop, address: str, timeout: float
+    ) -> _Pipeline:
+        conns = self._loop_connections(loop)
+        conn = conns.get(address)
+        if conn is None or (isinstance(conn, _Pipeline) and conn.lost is not None):
+            # One task opens it; the others that come meanwhile await the same task.
+            conn = conns[address] = loop.create_task(self._open(address, timeout))
+        if isinstance(conn, _Pipeline):
+            return conn
+        try:
+            opened = await asyncio.shield(conn)
+        except KvstoreError:
+            if conns.get(address) is conn:
+                del conns[address]  # the next call tries again
+            raise
+        if conns.get(address) is conn:
+            conns[address] = opened
+        return opened
+
+    @staticmethod
+    async def _open(address: str, timeout: float) -> _Pipeline:
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Pipeline(address), host.strip("[]"), int(port)
+                )
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"fast read path of node {address}: no connection within {timeout} s"
+            ) from None
+        except OSError as exc:
+            raise Unavailable(f"fast read path of node {address} is unavailable: {exc}") from None
+        return conn
+
+    async def get(self, address: str, body: bytes, timeout: float) -> Any:
+        """The GetResponse to one serialized GetRequest sent to ``address`` (a fast-path
+        address), within ``timeout`` s; errors as KvstoreError."""
+        loop = asyncio.get_running_loop()
+        conns = self._by_loop.get(loop)
+        conn = conns.get(address) if conns is not None else None
+        if conn is None or conn.__class__ is not _Pipeline or conn.lost is not None:
+            conn = await self._connection(loop, address, timeout)
+        request_id, future = conn.submit(body, loop, loop.time() + timeout, timeout)
+        try:
+            answer = await future
+        finally:
+            # Cancelled, expired or answered: nobody waits on this id any more.
+            conn.waiting.pop(request_id, None)
+        return read_answer(*answer)
+
+    async def get_many(self, calls: list[tuple[str, Any]], timeout: float) -> list[Any]:
+        """GetResponses for (fast address, GetRequest) pairs, within ``timeout`` s; errors
+        as KvstoreError. Every request is written before any answer is awaited, so the
+        nodes work in parallel."""
+        loop = asyncio.get_running_loop()
+        conns = [await self._connection(loop, address, timeout) for address, _ in calls]
+        sent: list[tuple[_Pipeline, int, asyncio.Future]] = []
+        deadline = loop.time() + timeout
+        try:
+            for conn, (_, request) in zip(conns, calls, strict=True):
+                body = request.SerializeToString()
+                sent.append((conn, *conn.submit(body, loop, deadline, timeout)))
+            return [read_answer(*(await future)) for _, _, future in sent]
+        finally:
+            for conn, request_id, future in sent:
+                conn.waiting.pop(request_id, None)
+                if not future.done():
+                    future.cancel()
+
+    def close(self) -> None:
+        """Close every connection of this client (those of loops other than the running
+        one are closed from their loop, if it still runs)."""
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, conns in self._by_loop.items():
+            for conn in conns.values():
+                if isinstance(conn, _Pipeline):
+                    if loop is current or loop.is_closed():
+                        conn.close()
+                    else:
+                        loop.call_soon_threadsafe(conn.close)
+                elif not conn.done():
+                    conn.cancel()
+        self._by_loop.clear()
