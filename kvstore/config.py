@@ -152,6 +152,14 @@ class NodeConfig:
         flag_unit=MiB,
         flag_unit_name="MiB",
     )
+    hot_rows_bytes: int = _setting(
+        64 * MiB,
+        "the node's hot-row cache: recent answers by table version and key, served "
+        "without RocksDB or a Python object per row; 0 = off (docs/serving.md)",
+        flag="--hot-rows-mb",
+        flag_unit=MiB,
+        flag_unit_name="MiB",
+    )
     base_format: str = _setting(
         "plain",
         "table format of new bulk versions: plain = RocksDB PlainTable, hashed keys, "
@@ -265,6 +273,8 @@ class NodeConfig:
             )
         if self.row_cache_bytes < 0:
             raise ValueError("row_cache_bytes must be at least 0")
+        if self.hot_rows_bytes < 0:
+            raise ValueError("hot_rows_bytes must be at least 0")
         if self.read_threads < 0:
             raise ValueError("read_threads must be at least 0")
         if self.parallel_read_keys < 1:

@@ -19,6 +19,7 @@ from kvstore.clock import now_us
 from kvstore.config import NodeConfig
 from kvstore.errors import CorruptValue, RequestTooLarge
 from kvstore.keys import KeyBatch
+from kvstore.server.hot_rows import HotRowCache, TableRows
 from kvstore.server.stats import StatsByTable
 from kvstore.storage.shard import Shard
 from kvstore.storage.table import Table
@@ -86,6 +87,12 @@ class Reads:
     def __init__(self, config: NodeConfig, stats: StatsByTable) -> None:
         self._config = config
         self._stats = stats
+        #: Recent answers by table version and key (None when hot_rows_bytes is 0).
+        self.hot = (
+            HotRowCache(config.hot_rows_bytes, stats, config.max_keys_per_request)
+            if config.hot_rows_bytes > 0
+            else None
+        )
         #: Threads that read part of a large batch's shards (see ``fetch``).
         self.pool = (
             ThreadPoolExecutor(config.read_threads, thread_name_prefix="kvstore-read")
@@ -112,7 +119,6 @@ class Reads:
             return GetAnswer(schema.schema_id, version, b"", np.empty(0, np.int32), None)
         base = table.base(version) if version else None
         snapshot = table.versions[version].snapshot_time_us if version else _codec.NO_DELETE
-        layout = schema.layout
         now = now_us()
         shards = table.delta
         if len(shards) == 1:
@@ -120,27 +126,118 @@ class Reads:
             groups = [(0, keys.encoded())]
         else:
             order, groups = keys.shard_groups(len(shards))
+        if self.hot is None:
+            values = self._read(table, groups, base, snapshot, now, order, keys)
+        else:
+            values = self._read_through(table, groups, base, version, snapshot, now, order, keys)
+        block, lengths = _codec.join_values(values)
+        self._stats[name].keys_read += n
+        return GetAnswer(schema.schema_id, version, block, lengths, order)
+
+    def _read(
+        self,
+        table: Table,
+        groups: list[tuple[int, list[bytes]]],
+        base: list[Shard] | None,
+        snapshot: int,
+        now: int,
+        order: np.ndarray | None,
+        keys: KeyBatch,
+        valid: list[np.ndarray] | None = None,
+        places: list[tuple[int, list[int]]] | None = None,
+    ) -> list[bytes | None]:
+        """The answers of ``groups``' keys from RocksDB, delta over base, in group order.
+        ``valid``: a list that receives each group's ``overlay`` validity (µs);
+        ``places``: per group, (start, positions): its j-th key is at ``start +
+        positions[j]`` in the shard order of ``keys`` (for errors; default: the
+        groups' keys are those of ``keys``, one group after the other)."""
+        schema = table.schema
+        layout = schema.layout
         values: list[bytes | None] = []
         done = 0
-        fetched = self.fetch(groups, shards, base, n)
-        for (s, shard_keys), (delta_rows, base_rows) in zip(groups, fetched, strict=True):
+        n = sum(len(k) for _, k in groups)
+        fetched = self.fetch(groups, table.delta, base, n)
+        for g, ((s, shard_keys), (delta_rows, base_rows)) in enumerate(
+            zip(groups, fetched, strict=True)
+        ):
+            window = None if valid is None else np.empty(2 * len(shard_keys), np.int64)
             try:
                 values.extend(
-                    _codec.overlay(layout, base_rows, delta_rows, snapshot, now, schema.ttl_us)
+                    _codec.overlay(
+                        layout, base_rows, delta_rows, snapshot, now, schema.ttl_us, window
+                    )
                 )
             except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
-                position = done + exc.index
+                if places is None:
+                    position = done + exc.index
+                else:
+                    start, positions = places[g]
+                    position = start + positions[exc.index]
                 position = int(order[position]) if order is not None else position
                 message = (
-                    f"table {name!r}, shard {s}, key {keys.describe(position)}: "
+                    f"table {schema.name!r}, shard {s}, key {keys.describe(position)}: "
                     f"the stored value is corrupt ({exc})"
                 )
                 logger.error("%s", message)
                 raise CorruptValue(message) from None
+            if valid is not None:
+                valid.append(window)  # type: ignore[arg-type]
             done += len(shard_keys)
-        block, lengths = _codec.join_values(values)
-        self._stats[name].keys_read += n
-        return GetAnswer(schema.schema_id, version, block, lengths, order)
+        return values
+
+    def _read_through(
+        self,
+        table: Table,
+        groups: list[tuple[int, list[bytes]]],
+        base: list[Shard] | None,
+        version: int,
+        snapshot: int,
+        now: int,
+        order: np.ndarray | None,
+        keys: KeyBatch,
+    ) -> list[bytes | None]:
+        """``_read`` through the hot-row cache: cached answers as they are, the others
+        read from RocksDB and cached."""
+        hot = self.hot
+        assert hot is not None
+        rows: TableRows = hot.table_rows(table)
+        prefix = rows.prefix(version, base)
+        cache = hot.rows
+        gots: list[list[bytes | None]] = []
+        missed: list[tuple[int, list[bytes]]] = []
+        parts: list[tuple[list, list[int]]] = []
+        places: list[tuple[int, list[int]]] = []
+        done = 0
+        for s, shard_keys in groups:
+            got, misses = cache.lookup(prefix, shard_keys, now)
+            gots.append(got)
+            if misses:
+                if len(misses) == len(shard_keys):
+                    missed.append((s, shard_keys))
+                else:
+                    missed.append((s, [shard_keys[i] for i in misses]))
+                parts.append((got, misses))
+                places.append((done, misses))
+            done += len(shard_keys)
+        if missed:
+            valid: list[np.ndarray] = []
+            answers = self._read(table, missed, base, snapshot, now, order, keys, valid, places)
+            at = 0
+            for (_, miss_keys), (got, misses), window in zip(missed, parts, valid, strict=True):
+                # Fills got's misses in place, and caches them.
+                cache.store(
+                    prefix, miss_keys, answers[at : at + len(miss_keys)], window, got, misses
+                )
+                at += len(miss_keys)
+        if len(gots) == 1:
+            values = gots[0]
+        else:
+            values = []
+            for got in gots:
+                values.extend(got)
+        if version == table.current:
+            hot.publish(rows, version, prefix)
+        return values
 
     def fetch(
         self,
