@@ -21,12 +21,32 @@ cdef Py_ssize_t _ENTRY_BYTES = HOT_ENTRY_BYTES
 
 
 @cython.freelist(64)
+@cython.no_gc
 cdef class _HotEntry:
-    """One cached answer: the row (None = missing) and the µs between which it holds."""
+    """One cached answer: the row (None = missing) and the µs between which it holds.
+    Not tracked by the GC: it refers to bytes or None only, so it is in no cycle, and
+    a full cache would otherwise make every full collection walk its entries."""
     cdef object row
     cdef int64_t valid_from
     cdef int64_t valid_until
     cdef Py_ssize_t size
+    cdef uint64_t hash
+
+
+#: Keys and prefixes longer than this are hashed as "maybe cached" (bytes).
+cdef enum:
+    _HASHED_BYTES = 8 + MAX_STR_KEY_SIZE
+
+
+cdef inline uint64_t _hot_hash(const char* prefix, Py_ssize_t prefix_len,
+                               const char* key, Py_ssize_t key_len) noexcept nogil:
+    """xxh3 of prefix + key; 0 (no filter) when they are longer than _HASHED_BYTES."""
+    cdef char buf[_HASHED_BYTES]
+    if prefix_len + key_len > _HASHED_BYTES:
+        return 0
+    memcpy(buf, prefix, prefix_len)
+    memcpy(buf + prefix_len, key, key_len)
+    return XXH3_64bits(buf, <size_t>(prefix_len + key_len)) | 1
 
 
 cdef inline bytes _hot_key(const char* prefix, Py_ssize_t prefix_len,
@@ -98,23 +118,58 @@ cdef inline Py_ssize_t _put_varint(uint8_t* p, uint64_t v) noexcept nogil:
 cdef class HotRows:
     """Answers of reads by (prefix, stored key), least recently used first out, at most
     ``capacity`` bytes (keys, rows and ``HOT_ENTRY_BYTES`` each). A prefix stands for one
-    table version as the node holds it (``kvstore.server.hot_rows``)."""
+    table version as the node holds it (``kvstore.server.hot_rows``).
+
+    Two arrays of the keys' xxh3 keep a miss cheap, since with keys drawn from a table
+    larger than the cache most lookups miss (measured: a miss cost ~0.7 µs of CPU a key
+    when it made a key object, probed the dict and cached the answer):
+
+    * ``present``: a count of cached entries per hash bucket; a key whose bucket is 0
+      is not cached, and is known to be without a Python object;
+    * the doorkeeper (after TinyLFU's): ``store(admit=True)`` caches a key only the
+      second time it misses within a window of about 2 entries per bucket; the first
+      time it sets the key's bit. A key read once (most keys, when they are drawn
+      uniformly from a large table) costs no insert and evicts nothing.
+    """
     cdef readonly Py_ssize_t capacity
     cdef readonly Py_ssize_t used
     cdef readonly long long hits
     cdef readonly long long misses
     cdef readonly long long evictions
     cdef readonly long long discarded
+    cdef readonly long long refused
     cdef object _entries
     cdef object _move_to_end
     cdef object _popitem
+    cdef uint8_t* _present
+    cdef uint8_t* _door
+    cdef uint64_t _mask
+    cdef Py_ssize_t _door_sets
+    cdef Py_ssize_t _door_limit
     #: Table name (str) → HotTable, for the fast read path.
     cdef readonly dict published
 
-    def __init__(self, Py_ssize_t capacity):
-        """``capacity``: bytes (> 0)."""
+    def __cinit__(self, Py_ssize_t capacity):
         if capacity <= 0:
             raise ValueError(f"capacity is {capacity} bytes, expected > 0")
+        # About 4 buckets per entry of a small row, 4 Ki to 16 Mi buckets (1 byte each,
+        # and as many doorkeeper bits).
+        cdef uint64_t buckets = 4096
+        while buckets < <uint64_t>(4 * capacity // (_ENTRY_BYTES + 64)) and buckets < (1 << 24):
+            buckets <<= 1
+        self._mask = buckets - 1
+        self._present = <uint8_t*>PyMem_Calloc(buckets, 1)
+        self._door = <uint8_t*>PyMem_Calloc(buckets // 8 + 1, 1)
+        if self._present == NULL or self._door == NULL:
+            raise MemoryError()
+        self._door_limit = <Py_ssize_t>(buckets // 2)
+
+    def __dealloc__(self):
+        PyMem_Free(self._present)
+        PyMem_Free(self._door)
+
+    def __init__(self, Py_ssize_t capacity):
+        """``capacity``: bytes (> 0)."""
         self.capacity = capacity
         self._entries = OrderedDict()
         self._move_to_end = self._entries.move_to_end
@@ -124,22 +179,51 @@ cdef class HotRows:
     def __len__(self):
         return len(self._entries)
 
-    cdef inline object _get(self, bytes key, int64_t now_us):
-        """The entry of key if it holds at now_us (marked recently used), else None; an
-        entry that no longer holds is dropped."""
-        cdef PyObject* found = PyDict_GetItem(self._entries, key)
+    cdef inline bint _maybe(self, uint64_t h) noexcept:
+        return h == 0 or self._present[h & self._mask] != 0
+
+    cdef inline void _count(self, uint64_t h, int step) noexcept:
+        if h == 0:
+            return
+        cdef uint8_t* c = &self._present[h & self._mask]
+        if c[0] == 255:
+            return  # saturated: stays "maybe" for good
+        c[0] += step
+
+    cdef inline bint _admit(self, uint64_t h) noexcept:
+        """The doorkeeper: True the second time within a window it sees h."""
+        cdef uint64_t bit = (h >> 20) & self._mask
+        if self._door[bit >> 3] & (1 << (bit & 7)):
+            return True
+        self._door[bit >> 3] |= 1 << (bit & 7)
+        self._door_sets += 1
+        if self._door_sets >= self._door_limit:
+            memset(self._door, 0, (self._mask + 1) // 8 + 1)
+            self._door_sets = 0
+        return False
+
+    cdef inline object _get(self, const char* prefix, Py_ssize_t lp, const char* key,
+                            Py_ssize_t lk, int64_t now_us):
+        """The entry of prefix + key if cached and holding at now_us (marked recently
+        used), else None; an entry that no longer holds is dropped."""
+        if not self._maybe(_hot_hash(prefix, lp, key, lk)):
+            return None
+        full = _hot_key(prefix, lp, key, lk)
+        cdef PyObject* found = PyDict_GetItem(self._entries, full)
         if found == NULL:
             return None
         cdef _HotEntry e = <_HotEntry>found
         if e.valid_from <= now_us <= e.valid_until:
-            self._move_to_end(key)
+            self._move_to_end(full)
             return e
-        self._drop(key, e)
+        self._drop(full, e)
         return None
 
-    cdef inline void _drop(self, bytes key, _HotEntry e):
-        del self._entries[key]
+    cdef inline int _drop(self, bytes full, _HotEntry e) except -1:
+        del self._entries[full]
         self.used -= e.size
+        self._count(e.hash, -1)
+        return 0
 
     def lookup(self, bytes prefix not None, list keys not None, int64_t now_us):
         """(rows, misses): the cached row of each key (None where missing or not
@@ -152,7 +236,7 @@ cdef class HotRows:
         cdef bytes key
         for i in range(n):
             key = <bytes?>keys[i]
-            e = self._get(_hot_key(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)), now_us)
+            e = self._get(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), now_us)
             if e is None:
                 misses.append(i)
             else:
@@ -162,11 +246,12 @@ cdef class HotRows:
         return rows, misses
 
     def store(self, bytes prefix not None, list keys not None, list answers not None,
-              valid_us, list rows not None, list positions not None):
-        """Caches ``answers[j]`` (a row or None) for ``keys[j]``, each between
-        ``valid_us[2j]`` and ``valid_us[2j + 1]`` (µs, as ``overlay`` gives them), and
-        puts it in ``rows[positions[j]]``. Least recently used entries go to make room;
-        a row larger than the whole cache is not kept."""
+              valid_us, list rows not None, list positions not None, bint admit=False):
+        """Puts ``answers[j]`` (a row or None) in ``rows[positions[j]]`` and caches it for
+        ``keys[j]``, between ``valid_us[2j]`` and ``valid_us[2j + 1]`` (µs, as
+        ``overlay`` gives them). ``admit``: only keys the doorkeeper has seen miss
+        before. Least recently used entries go to make room; a row larger than the
+        whole cache is not kept."""
         cdef Py_ssize_t j, n = len(keys)
         if len(answers) != n or len(positions) != n:
             raise ValueError(f"{len(answers)} answers and {len(positions)} positions for {n} keys")
@@ -177,17 +262,23 @@ cdef class HotRows:
         cdef bytes key, full
         cdef _HotEntry e
         cdef PyObject* old
+        cdef uint64_t h
         for j in range(n):
             row = answers[j]
             rows[<Py_ssize_t>positions[j]] = row
             if row is not None and type(row) is not bytes:
                 raise TypeError(f"answers[{j}] must be bytes or None")
             key = <bytes?>keys[j]
+            h = _hot_hash(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+            if admit and not self._admit(h):
+                self.refused += 1
+                continue
             full = _hot_key(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
             e = _HotEntry.__new__(_HotEntry)
             e.row = row
             e.valid_from = valid[2 * j]
             e.valid_until = valid[2 * j + 1]
+            e.hash = h
             e.size = PyBytes_GET_SIZE(full) + _ENTRY_BYTES
             if row is not None:
                 e.size += PyBytes_GET_SIZE(row)
@@ -198,9 +289,11 @@ cdef class HotRows:
                 self._drop(full, <_HotEntry>old)
             self._entries[full] = e
             self.used += e.size
+            self._count(h, 1)
             while self.used > self.capacity:
-                _, gone = self._popitem(False)
+                gone_key, gone = self._popitem(False)
                 self.used -= (<_HotEntry>gone).size
+                self._count((<_HotEntry>gone).hash, -1)
                 self.evictions += 1
 
     def discard(self, list prefixes not None, puts, deletes):
@@ -215,13 +308,19 @@ cdef class HotRows:
             for key in deletes:
                 self._discard_one(prefix, <bytes?>key)
 
-    cdef inline void _discard_one(self, bytes prefix, bytes key):
-        full = _hot_key(PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix),
-                        PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+    cdef int _discard_one(self, bytes prefix, bytes key) except -1:
+        cdef const char* p = PyBytes_AS_STRING(prefix)
+        cdef Py_ssize_t lp = PyBytes_GET_SIZE(prefix)
+        cdef const char* k = PyBytes_AS_STRING(key)
+        cdef Py_ssize_t lk = PyBytes_GET_SIZE(key)
+        if not self._maybe(_hot_hash(p, lp, k, lk)):
+            return 0
+        full = _hot_key(p, lp, k, lk)
         cdef PyObject* found = PyDict_GetItem(self._entries, full)
         if found != NULL:
             self._drop(full, <_HotEntry>found)
             self.discarded += 1
+        return 0
 
     def discard_prefixes(self, prefixes):
         """Forgets every entry under the given prefixes (a set of bytes): a dropped table."""
@@ -242,6 +341,9 @@ cdef class HotRows:
     def clear(self):
         self._entries.clear()
         self.used = 0
+        memset(self._present, 0, self._mask + 1)
+        memset(self._door, 0, (self._mask + 1) // 8 + 1)
+        self._door_sets = 0
         self.published.clear()
 
     def answer_frame(self, body, uint32_t request_id, dict tables not None):
@@ -344,7 +446,7 @@ cdef class HotRows:
         for k in range(m):
             memcpy(&key, p + ints_at + 8 * k, 8)
             _int_key(stored, key)
-            e = self._get(_hot_key(prefix, lp, <const char*>stored, 8), now_us)
+            e = self._get(prefix, lp, <const char*>stored, 8, now_us)
             if e is None:
                 return None
             row = (<_HotEntry>e).row

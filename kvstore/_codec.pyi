@@ -258,7 +258,9 @@ class HotTable:
 
 @disjoint_base
 class HotRows:
-    """Answers of reads by (prefix, stored key), LRU, at most ``capacity`` bytes."""
+    """Answers of reads by (prefix, stored key), LRU, at most ``capacity`` bytes; a
+    count per hash bucket makes most misses free, a doorkeeper admits a key on its
+    second miss."""
 
     @property
     def capacity(self) -> int: ...
@@ -272,6 +274,8 @@ class HotRows:
     def evictions(self) -> int: ...
     @property
     def discarded(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
     @property
     def published(self) -> dict[str, HotTable]: ...
     def __init__(self, capacity: int) -> None: ...
@@ -289,9 +293,10 @@ class HotRows:
         valid_us: npt.NDArray[np.int64],
         rows: list[bytes | None],
         positions: list[int],
+        admit: bool = False,
     ) -> None:
-        """Cache ``answers[j]`` for ``keys[j]`` in its window and put it in
-        ``rows[positions[j]]``."""
+        """Put ``answers[j]`` in ``rows[positions[j]]`` and cache it for ``keys[j]`` in its
+        window; ``admit``: only keys the doorkeeper saw miss before."""
     def discard(
         self, prefixes: list[bytes], puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes]
     ) -> None:

@@ -270,7 +270,7 @@ def test_overlay_valid_window_holds_the_same_answer(schema, n, data):
 
 
 def test_overlay_valid_window_without_ttl_is_for_ever():
-    layout = codec.Layout(1, [codec.FEATURE_INT64], [0])
+    layout = codec.Layout(1, [codec.KIND_INT64], [0])
     valid = np.zeros(4, dtype=np.int64)
     codec.overlay(layout, [None, None], [None, None], 0, 10, None, valid)
     assert valid.tolist() == [INT64_MIN, INT64_MAX] * 2

@@ -197,7 +197,9 @@ def test_the_fast_path_answers_cached_keys_in_c_as_the_full_path_does(nodes) -> 
     keys = pb.Keys(count=5, int64_le=np.array([3, 1, 30, 3, 7], "<i8").tobytes())
     request = pb.GetRequest(table="t", keys=keys, features=["s", "a"])
     assert _frame(cache, request, node.tables) is None  # nothing cached yet
-    full = get_response(node, request)  # the full path caches the keys
+    get_response(node, request)  # the doorkeeper notes the keys
+    assert _frame(cache, request, node.tables) is None
+    full = get_response(node, request)  # they missed before: the full path caches them
     fast = _frame(cache, request, node.tables)
     assert fast is not None
     assert (fast.schema_id, fast.version) == (full.schema_id, full.version)
@@ -215,7 +217,7 @@ def test_the_fast_path_answers_cached_keys_in_c_as_the_full_path_does(nodes) -> 
     # A write of one of the keys: that key is no longer cached.
     _write(node, "t", [7], [70], 2_000)
     assert _frame(cache, request, node.tables) is None
-    get_response(node, request)
+    get_response(node, request)  # key 7 was seen missing: cached again at once
     assert _in_order(_frame(cache, request, node.tables)) == _in_order(  # type: ignore[arg-type]
         get_response(node, request)
     )

@@ -35,9 +35,16 @@ from kvstore.server.stats import StatsByTable
 from kvstore.storage.shard import Shard
 from kvstore.storage.table import Table
 
-__all__ = ["HotRowCache", "TableRows"]
+__all__ = ["HOT_ROWS_MAX_KEYS", "HotRowCache", "TableRows"]
 
 _PREFIX = struct.Struct("<Q")
+
+#: Gets of more keys neither read nor fill the cache. The cache is for the small
+#: lookups of a request's own features; a large batch of keys drawn from a table larger
+#: than the cache mostly misses, and each miss costs a lookup (and, admitted, an insert
+#: and an eviction): measured A/B on 1M rows, uniform keys, 64 MiB, before the
+#: doorkeeper and this limit: 100-key p50 1.57x, 1000-key 1.53x the node without it.
+HOT_ROWS_MAX_KEYS = 32
 
 
 class TableRows:

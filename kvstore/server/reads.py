@@ -19,7 +19,7 @@ from kvstore.clock import now_us
 from kvstore.config import NodeConfig
 from kvstore.errors import CorruptValue, RequestTooLarge
 from kvstore.keys import KeyBatch
-from kvstore.server.hot_rows import HotRowCache, TableRows
+from kvstore.server.hot_rows import HOT_ROWS_MAX_KEYS, HotRowCache, TableRows
 from kvstore.server.stats import StatsByTable
 from kvstore.storage.shard import Shard
 from kvstore.storage.table import Table
@@ -126,7 +126,7 @@ class Reads:
             groups = [(0, keys.encoded())]
         else:
             order, groups = keys.shard_groups(len(shards))
-        if self.hot is None:
+        if self.hot is None or n > HOT_ROWS_MAX_KEYS:
             values = self._read(table, groups, base, snapshot, now, order, keys)
         else:
             values = self._read_through(table, groups, base, version, snapshot, now, order, keys)
@@ -197,7 +197,7 @@ class Reads:
         keys: KeyBatch,
     ) -> list[bytes | None]:
         """``_read`` through the hot-row cache: cached answers as they are, the others
-        read from RocksDB and cached."""
+        read from RocksDB, and cached when the doorkeeper has seen them miss before."""
         hot = self.hot
         assert hot is not None
         rows: TableRows = hot.table_rows(table)
@@ -226,7 +226,7 @@ class Reads:
             for (_, miss_keys), (got, misses), window in zip(missed, parts, valid, strict=True):
                 # Fills got's misses in place, and caches them.
                 cache.store(
-                    prefix, miss_keys, answers[at : at + len(miss_keys)], window, got, misses
+                    prefix, miss_keys, answers[at : at + len(miss_keys)], window, got, misses, True
                 )
                 at += len(miss_keys)
         if len(gots) == 1:
