@@ -386,7 +386,7 @@ cdef inline void _window(int64_t* valid, const int64_t* ttls, Py_ssize_t n_featu
 
 
 def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t snapshot_time,
-            int64_t now_us, ttl_us=None, valid_us=None):
+            int64_t now_us, ttl_us=None, valid_us=None, Py_ssize_t valid_at=0):
     """The rows a read returns: delta over base (docs/row-format.md, "Reading").
 
     ``base_rows[i]``: the key's format-1 row in the version read (None if absent);
@@ -400,10 +400,10 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
     time, and compaction drops those (a read must not change when it does).
     Raises CorruptRow/SchemaMismatch naming the key's index.
 
-    ``valid_us``: None, or an int64 array of 2n that receives, for row i, the times
-    (µs, inclusive) between which a read at another ``now_us`` returns the same:
-    ``[2i]`` from, ``[2i + 1]`` until (INT64_MIN and INT64_MAX when no TTL bounds it).
-    The node's hot-row cache keeps an answer that long.
+    ``valid_us``: None, or an int64 array that receives, for row i, the times (µs,
+    inclusive) between which a read at another ``now_us`` returns the same: at
+    ``[2 (valid_at + i)]`` from, at the next index until (INT64_MIN and INT64_MAX when
+    no TTL bounds it). The node's hot-row cache keeps an answer that long.
     """
     cdef const RowLayout* c = &layout.c
     cdef Py_ssize_t n = len(base_rows)
@@ -416,8 +416,12 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
     cdef int64_t* valid = NULL
     cdef Py_ssize_t k
     if valid_us is not None:
-        valid_us = _int64_array(valid_us, 2 * n, "valid_us")
-        valid = _int64_data(valid_us)
+        valid_us = _int64_array(valid_us, -1, "valid_us")
+        if valid_at < 0 or valid_us.shape[0] < 2 * (valid_at + n):
+            raise ValueError(
+                f"valid_us has {valid_us.shape[0]} entries, {2 * (valid_at + n)} needed"
+            )
+        valid = _int64_data(valid_us) + 2 * valid_at
         for k in range(n):
             valid[2 * k] = INT64_MIN
             valid[2 * k + 1] = INT64_MAX

@@ -245,6 +245,62 @@ cdef class HotRows:
         self.hits += n - len(misses)
         return rows, misses
 
+    def lookup_groups(self, bytes prefix not None, list groups not None, int64_t now_us):
+        """A read's keys by shard, ``groups`` of (shard, keys), looked up at once:
+        (rows, missed, positions). ``rows``: every key's cached row in group order (None
+        where missing or not cached); ``missed``: (shard, keys not cached) of each group
+        with any; ``positions``: where in ``rows`` each of those keys goes, in order."""
+        cdef const char* p = PyBytes_AS_STRING(prefix)
+        cdef Py_ssize_t lp = PyBytes_GET_SIZE(prefix)
+        cdef list rows = []
+        cdef list missed = []
+        cdef list positions = []
+        cdef list keys, miss_keys
+        cdef bytes key
+        cdef Py_ssize_t i, n, at = 0, first
+        for group in groups:
+            keys = <list?>group[1]
+            n = len(keys)
+            miss_keys = None
+            first = len(positions)
+            for i in range(n):
+                key = <bytes?>keys[i]
+                e = self._get(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), now_us)
+                if e is None:
+                    rows.append(None)
+                    positions.append(at + i)
+                    if miss_keys is None:
+                        miss_keys = []
+                    miss_keys.append(key)
+                else:
+                    rows.append((<_HotEntry>e).row)
+            if miss_keys is not None:
+                # A whole group missing (the common case of a miss) keeps its own list.
+                missed.append((group[0], keys if len(miss_keys) == n else miss_keys))
+            at += n
+        self.misses += len(positions)
+        self.hits += at - len(positions)
+        return rows, missed, positions
+
+    def store_groups(self, bytes prefix not None, list missed not None, list answers not None,
+                     valid_us, list rows not None, list positions not None, bint admit=False):
+        """``lookup_groups``' misses answered: ``answers`` (flat, in ``missed`` order)
+        put in ``rows`` at ``positions`` and cached with their windows (``valid_us``,
+        flat too), as ``store`` does."""
+        cdef Py_ssize_t j = 0, n
+        valid_us = _int64_array(valid_us, 2 * len(answers), "valid_us")
+        if len(answers) != len(positions):
+            raise ValueError(f"{len(answers)} answers for {len(positions)} positions")
+        for group in missed:
+            keys = <list?>group[1]
+            n = len(keys)
+            if j + n > len(answers):
+                raise ValueError("more missed keys than answers")
+            self._store(prefix, keys, answers, j, valid_us, rows, positions, admit)
+            j += n
+        if j != len(answers):
+            raise ValueError("fewer missed keys than answers")
+
     def store(self, bytes prefix not None, list keys not None, list answers not None,
               valid_us, list rows not None, list positions not None, bint admit=False):
         """Puts ``answers[j]`` (a row or None) in ``rows[positions[j]]`` and caches it for
@@ -252,11 +308,19 @@ cdef class HotRows:
         ``overlay`` gives them). ``admit``: only keys the doorkeeper has seen miss
         before. Least recently used entries go to make room; a row larger than the
         whole cache is not kept."""
+        if len(answers) != len(keys) or len(positions) != len(keys):
+            raise ValueError(
+                f"{len(answers)} answers and {len(positions)} positions for {len(keys)} keys"
+            )
+        valid_us = _int64_array(valid_us, 2 * len(keys), "valid_us")
+        self._store(prefix, keys, answers, 0, valid_us, rows, positions, admit)
+
+    cdef int _store(self, bytes prefix, list keys, list answers, Py_ssize_t first,
+                    valid_us, list rows, list positions, bint admit) except -1:
+        """Caches keys[j] → answers[first + j]; valid_us (checked by the caller) holds
+        its window at 2 (first + j)."""
         cdef Py_ssize_t j, n = len(keys)
-        if len(answers) != n or len(positions) != n:
-            raise ValueError(f"{len(answers)} answers and {len(positions)} positions for {n} keys")
-        valid_us = _int64_array(valid_us, 2 * n, "valid_us")
-        cdef const int64_t* valid = _int64_data(valid_us)
+        cdef const int64_t* valid = _int64_data(valid_us) + 2 * first
         cdef const char* p = PyBytes_AS_STRING(prefix)
         cdef Py_ssize_t lp = PyBytes_GET_SIZE(prefix)
         cdef bytes key, full
@@ -264,10 +328,10 @@ cdef class HotRows:
         cdef PyObject* old
         cdef uint64_t h
         for j in range(n):
-            row = answers[j]
-            rows[<Py_ssize_t>positions[j]] = row
+            row = answers[first + j]
+            rows[<Py_ssize_t>positions[first + j]] = row
             if row is not None and type(row) is not bytes:
-                raise TypeError(f"answers[{j}] must be bytes or None")
+                raise TypeError(f"answers[{first + j}] must be bytes or None")
             key = <bytes?>keys[j]
             h = _hot_hash(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
             if admit and not self._admit(h):
@@ -295,6 +359,7 @@ cdef class HotRows:
                 self.used -= (<_HotEntry>gone).size
                 self._count((<_HotEntry>gone).hash, -1)
                 self.evictions += 1
+        return 0
 
     def discard(self, list prefixes not None, puts, deletes):
         """Forgets the keys of a delta write under every prefix in ``prefixes``:

@@ -182,6 +182,7 @@ def overlay(
     now_us: int,
     ttl_us: npt.NDArray[np.int64] | None = None,
     valid_us: npt.NDArray[np.int64] | None = None,
+    valid_at: int = 0,
 ) -> list[bytes | None]:
     """What a read returns per key: the delta over the base row of the version read.
 
@@ -191,8 +192,8 @@ def overlay(
     Returns format-1 rows, None for a missing key, or the base row object itself when
     the read changes nothing in it. Raises CorruptRow ("base row: ..." / "delta row:
     ...") or SchemaMismatch naming the key's index. ``valid_us``: None, or 2n int64
-    that receive each row's window (µs, inclusive; ``[2i]`` from, ``[2i + 1]`` until)
-    in which a read at another ``now_us`` answers the same.
+    that receive each row's window (µs, inclusive; ``[2 (valid_at + i)]`` from, the
+    next until) in which a read at another ``now_us`` answers the same.
     """
 
 def delta_compact(
@@ -285,6 +286,22 @@ class HotRows:
     ) -> tuple[list[bytes | None], list[int]]:
         """(rows, misses): each key's cached row (None where missing or not cached) and
         the positions of those not cached."""
+    def lookup_groups(
+        self, prefix: bytes, groups: list[tuple[int, list[bytes]]], now_us: int
+    ) -> tuple[list[bytes | None], list[tuple[int, list[bytes]]], list[int]]:
+        """(rows, missed, positions): each key's cached row in group order, the (shard,
+        keys not cached) of each group with any, and where those go in rows."""
+    def store_groups(
+        self,
+        prefix: bytes,
+        missed: list[tuple[int, list[bytes]]],
+        answers: list[bytes | None],
+        valid_us: npt.NDArray[np.int64],
+        rows: list[bytes | None],
+        positions: list[int],
+        admit: bool = False,
+    ) -> None:
+        """``lookup_groups``' misses answered: put in rows and cached, as ``store``."""
     def store(
         self,
         prefix: bytes,

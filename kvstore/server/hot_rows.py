@@ -51,7 +51,7 @@ class TableRows:
     """The cache's view of one table object: a prefix per version read, and the hook its
     delta shards call on every write."""
 
-    __slots__ = ("_cache", "_prefixes", "hook", "table")
+    __slots__ = ("_cache", "_prefixes", "hook", "published", "table")
 
     def __init__(self, cache: HotRowCache, table: Table) -> None:
         self._cache = cache
@@ -60,6 +60,8 @@ class TableRows:
         self._prefixes: dict[int, tuple[object, bytes]] = {}
         #: The bound method the delta shards hold (one object, compared by identity).
         self.hook = self.on_delta_write
+        #: The prefix the fast read path answers from (HotRowCache.publish), if any.
+        self.published: bytes | None = None
         for shard in table.delta:
             shard.on_write = self.hook
 
@@ -94,17 +96,20 @@ class HotRowCache:
         self._stats = stats
         self._max_keys = max_keys
 
-    def table_rows(self, table: Table) -> TableRows:
+    def table_rows(self, table: Table, groups: list[tuple[int, list[bytes]]]) -> TableRows:
         """The cache's view of ``table``, made (and the delta shards hooked) on first use,
-        and again for a new table object of the same name or a replaced shard."""
+        and again for a new table object of the same name or when a shard of ``groups``
+        (a read's (shard, keys)) is not one the view hooked (a shard put in its place)."""
         name = table.schema.name
         held = self._tables.get(name)
-        if (
-            held is not None
-            and held.table is table
-            and all(held.attached(shard) for shard in table.delta)
-        ):
-            return held
+        if held is not None and held.table is table:
+            delta = table.delta
+            hook = held.hook
+            for s, _ in groups:
+                if delta[s].on_write is not hook:
+                    break
+            else:
+                return held
         if held is not None:
             self.rows.discard_prefixes(set(held.prefixes()))
             self.rows.published.pop(name, None)
@@ -117,9 +122,7 @@ class HotRowCache:
         table = rows.table
         schema = table.schema
         name = schema.name
-        held = self.rows.published.get(name)
-        if held is not None and held.prefix == prefix and held.table is table:
-            return
+        rows.published = prefix
         self.rows.published[name] = _codec.HotTable(
             table,
             table.entry,

@@ -19,7 +19,7 @@ from kvstore.clock import now_us
 from kvstore.config import NodeConfig
 from kvstore.errors import CorruptValue, RequestTooLarge
 from kvstore.keys import KeyBatch
-from kvstore.server.hot_rows import HOT_ROWS_MAX_KEYS, HotRowCache, TableRows
+from kvstore.server.hot_rows import HOT_ROWS_MAX_KEYS, HotRowCache
 from kvstore.server.stats import StatsByTable
 from kvstore.storage.shard import Shard
 from kvstore.storage.table import Table
@@ -127,7 +127,7 @@ class Reads:
         else:
             order, groups = keys.shard_groups(len(shards))
         if self.hot is None or n > HOT_ROWS_MAX_KEYS:
-            values = self._read(table, groups, base, snapshot, now, order, keys)
+            values = self._read(table, groups, base, snapshot, now, order, keys, n)
         else:
             values = self._read_through(table, groups, base, version, snapshot, now, order, keys)
         block, lengths = _codec.join_values(values)
@@ -143,36 +143,30 @@ class Reads:
         now: int,
         order: np.ndarray | None,
         keys: KeyBatch,
-        valid: list[np.ndarray] | None = None,
-        places: list[tuple[int, list[int]]] | None = None,
+        n: int,
+        windows: np.ndarray | None = None,
+        places: list[int] | None = None,
     ) -> list[bytes | None]:
-        """The answers of ``groups``' keys from RocksDB, delta over base, in group order.
-        ``valid``: a list that receives each group's ``overlay`` validity (µs);
-        ``places``: per group, (start, positions): its j-th key is at ``start +
-        positions[j]`` in the shard order of ``keys`` (for errors; default: the
-        groups' keys are those of ``keys``, one group after the other)."""
+        """The answers of ``groups``' ``n`` keys from RocksDB, delta over base, in group
+        order. ``windows``: 2n int64 that receive each answer's ``overlay`` validity
+        (µs); ``places``: where each of the keys is in the shard order of ``keys`` (for
+        errors; default: the groups' keys are those of ``keys``, in order)."""
         schema = table.schema
         layout = schema.layout
         values: list[bytes | None] = []
         done = 0
-        n = sum(len(k) for _, k in groups)
         fetched = self.fetch(groups, table.delta, base, n)
-        for g, ((s, shard_keys), (delta_rows, base_rows)) in enumerate(
-            zip(groups, fetched, strict=True)
-        ):
-            window = None if valid is None else np.empty(2 * len(shard_keys), np.int64)
+        for (s, shard_keys), (delta_rows, base_rows) in zip(groups, fetched, strict=True):
             try:
                 values.extend(
                     _codec.overlay(
-                        layout, base_rows, delta_rows, snapshot, now, schema.ttl_us, window
+                        layout, base_rows, delta_rows, snapshot, now, schema.ttl_us, windows, done
                     )
                 )
             except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
-                if places is None:
-                    position = done + exc.index
-                else:
-                    start, positions = places[g]
-                    position = start + positions[exc.index]
+                position = done + exc.index
+                if places is not None:
+                    position = places[position]
                 position = int(order[position]) if order is not None else position
                 message = (
                     f"table {schema.name!r}, shard {s}, key {keys.describe(position)}: "
@@ -180,8 +174,6 @@ class Reads:
                 )
                 logger.error("%s", message)
                 raise CorruptValue(message) from None
-            if valid is not None:
-                valid.append(window)  # type: ignore[arg-type]
             done += len(shard_keys)
         return values
 
@@ -200,42 +192,19 @@ class Reads:
         read from RocksDB, and cached when the doorkeeper has seen them miss before."""
         hot = self.hot
         assert hot is not None
-        rows: TableRows = hot.table_rows(table)
+        rows = hot.table_rows(table, groups)
         prefix = rows.prefix(version, base)
         cache = hot.rows
-        gots: list[list[bytes | None]] = []
-        missed: list[tuple[int, list[bytes]]] = []
-        parts: list[tuple[list, list[int]]] = []
-        places: list[tuple[int, list[int]]] = []
-        done = 0
-        for s, shard_keys in groups:
-            got, misses = cache.lookup(prefix, shard_keys, now)
-            gots.append(got)
-            if misses:
-                if len(misses) == len(shard_keys):
-                    missed.append((s, shard_keys))
-                else:
-                    missed.append((s, [shard_keys[i] for i in misses]))
-                parts.append((got, misses))
-                places.append((done, misses))
-            done += len(shard_keys)
+        values, missed, positions = cache.lookup_groups(prefix, groups, now)
         if missed:
-            valid: list[np.ndarray] = []
-            answers = self._read(table, missed, base, snapshot, now, order, keys, valid, places)
-            at = 0
-            for (_, miss_keys), (got, misses), window in zip(missed, parts, valid, strict=True):
-                # Fills got's misses in place, and caches them.
-                cache.store(
-                    prefix, miss_keys, answers[at : at + len(miss_keys)], window, got, misses, True
-                )
-                at += len(miss_keys)
-        if len(gots) == 1:
-            values = gots[0]
-        else:
-            values = []
-            for got in gots:
-                values.extend(got)
-        if version == table.current:
+            m = len(positions)
+            windows = np.empty(2 * m, np.int64)
+            answers = self._read(
+                table, missed, base, snapshot, now, order, keys, m, windows, positions
+            )
+            # Puts the answers in values, and caches those the doorkeeper admits.
+            cache.store_groups(prefix, missed, answers, windows, values, positions, True)
+        if version == table.current and rows.published is not prefix:
             hot.publish(rows, version, prefix)
         return values
 
