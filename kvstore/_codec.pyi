@@ -233,6 +233,8 @@ def split_rows(buf: Any, offsets: npt.NDArray[np.int64]) -> list[bytes]: ...
 # The hot-row cache (ext/hot_rows.pxi; kvstore.server.hot_rows).
 
 HOT_ENTRY_BYTES: int
+HOT_COLD_RATIO: int
+HOT_WINDOW_KEYS: int
 
 @disjoint_base
 class HotTable:
@@ -277,6 +279,10 @@ class HotRows:
     def discarded(self) -> int: ...
     @property
     def refused(self) -> int: ...
+    @property
+    def cold(self) -> bool: ...
+    def use(self) -> bool:
+        """Whether a read should go through the cache (always unless ``cold``; then 1 in 16)."""
     @property
     def published(self) -> dict[str, HotTable]: ...
     def __init__(self, capacity: int) -> None: ...

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from kvstore.config import NodeConfig
 from loadtests import report
 from loadtests.bulkload import ParquetSink, run_loader, write_parquet
 from loadtests.floors import EchoFloor, EchoServer, PingFloor, floor_ratios
@@ -97,6 +98,9 @@ CONCURRENCY_MODELS = {
 }
 
 
+MiB = 1 << 20
+
+
 @dataclass
 class Settings:
     """What to run. Times in seconds, sizes in rows/keys."""
@@ -129,6 +133,9 @@ class Settings:
     load_rows: list[int] = field(default_factory=lambda: [10_000_000])
     out_dir: Path = Path("bench")
     quick: bool = False
+    #: The node's hot-row cache in MiB (KVSTORE_HOT_ROWS_BYTES); None = its default.
+    #: Keys are uniform over the table, so its hit rate is about its share of the rows.
+    hot_rows_mb: int | None = None
 
     @classmethod
     def quick_settings(cls, **overrides: Any) -> Settings:
@@ -549,7 +556,12 @@ def run(s: Settings) -> dict:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvbench-")))
         print(f"starting a kvstore node and two redis-servers (work dir {workdir})", flush=True)
-        node = stack.enter_context(KvstoreNode(workdir))
+        hot_rows = NodeConfig().hot_rows_bytes if s.hot_rows_mb is None else s.hot_rows_mb * MiB
+        results["kvstore_hot_rows_bytes"] = hot_rows
+        print(f"  kvstore's hot-row cache: {hot_rows / MiB:.0f} MiB (--hot-rows-mb)", flush=True)
+        node = stack.enter_context(
+            KvstoreNode(workdir, env={"KVSTORE_HOT_ROWS_BYTES": str(hot_rows)})
+        )
         redis_servers = {}
         for name in ("redis-packed", "redis-hash"):
             (workdir / name).mkdir()
@@ -662,6 +674,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=None,
         help="updates timed for freshness (default 300; 100 with --quick)",
     )
+    parser.add_argument(
+        "--hot-rows-mb",
+        type=int,
+        default=None,
+        help="the kvstore node's hot-row cache in MiB (default: the node's, 64; 0 = off); "
+        "the keys are uniform over the table, so it serves about its share of the rows",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of the data and the keys")
     parser.add_argument(
         "--out",
@@ -693,6 +712,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             setattr(s, key, value)
     if args.freshness_updates is not None:
         s.updates.freshness_updates = args.freshness_updates
+    s.hot_rows_mb = args.hot_rows_mb
     return s
 
 

@@ -71,6 +71,20 @@ def test_an_entry_holds_only_inside_its_window_and_writes_forget_keys():
     assert len(cache) == 0 and cache.used == 0
 
 
+def test_a_cache_that_keeps_missing_is_skipped_but_for_samples_until_it_hits_again():
+    cache = codec.HotRows(1 * MiB)
+    keys = [b"k%07d" % i for i in range(codec.HOT_WINDOW_KEYS)]
+    assert not cache.cold and all(cache.use() for _ in range(100))
+    cache.lookup(b"p" * 8, keys, 0)  # a whole window of misses
+    assert cache.cold
+    assert sum(cache.use() for _ in range(160)) == 10  # 1 read in 16
+    hot = keys[:16]
+    _store(cache, b"p" * 8, hot, [b"row"] * 16)
+    for _ in range(codec.HOT_WINDOW_KEYS // 16 // 16):
+        cache.lookup(b"p" * 8, hot, 0)  # the sampled reads hit: warm again
+    assert not cache.cold
+
+
 # -- a node in-process: every path that changes an answer ---------------------------------
 
 

@@ -82,7 +82,9 @@ class FastGetProtocol(asyncio.Protocol):
                 break
             body = bytes(buffer[REQUEST_HEADER.size : end])
             del buffer[:end]
-            frame = None if hot is None else hot.answer_frame(body, request_id, tables)
+            frame = None
+            if hot is not None and not hot.cold:
+                frame = hot.answer_frame(body, request_id, tables)
             out.append(self.answer(request_id, body) if frame is None else frame)
         self._send(out)
 

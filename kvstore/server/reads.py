@@ -126,7 +126,8 @@ class Reads:
             groups = [(0, keys.encoded())]
         else:
             order, groups = keys.shard_groups(len(shards))
-        if self.hot is None or n > HOT_ROWS_MAX_KEYS:
+        hot = self.hot
+        if hot is None or n > HOT_ROWS_MAX_KEYS or not hot.rows.use():
             values = self._read(table, groups, base, snapshot, now, order, keys, n)
         else:
             values = self._read_through(table, groups, base, version, snapshot, now, order, keys)
