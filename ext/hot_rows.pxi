@@ -446,9 +446,10 @@ cdef class HotRows:
         self._door_sets = 0
         self.published.clear()
 
-    def answer_frame(self, body, uint32_t request_id, dict tables not None):
+    def answer_frame(self, body, uint32_t request_id, dict tables not None,
+                     Py_ssize_t offset=0):
         """The fast read path's response frame (``kvstore.wire.frames``) to a GetRequest
-        ``body`` whose keys are all cached for the table's current version, or None
+        ``body[offset:]`` whose keys are all cached for the table's current version, or None
         (the request then takes the full path, which also answers every error).
 
         Only requests the full path would answer with these rows come here: a table
@@ -456,8 +457,10 @@ cdef class HotRows:
         known features, no field twice, at most the node's key limit.
         """
         cdef const uint8_t[::1] data = _byte_buffer(body, "body")
-        cdef const uint8_t* p = _bytes_ptr(data)
-        cdef Py_ssize_t n = data.shape[0]
+        if offset < 0 or offset > data.shape[0]:
+            raise ValueError(f"offset {offset} is outside the {data.shape[0]}-byte body")
+        cdef const uint8_t* p = _bytes_ptr(data) + offset
+        cdef Py_ssize_t n = data.shape[0] - offset
         cdef Py_ssize_t i = 0, end
         cdef uint64_t tag, v, field_no, wire, version = 0, count = 0
         cdef Py_ssize_t name_at = -1, name_len = 0, keys_at = -1, keys_len = 0

@@ -327,5 +327,7 @@ class HotRows:
     def discard_prefixes(self, prefixes: set[bytes]) -> None:
         """Forget every entry under the prefixes."""
     def clear(self) -> None: ...
-    def answer_frame(self, body: bytes, request_id: int, tables: dict[str, Any]) -> bytes | None:
+    def answer_frame(
+        self, body: bytes, request_id: int, tables: dict[str, Any], offset: int = 0
+    ) -> bytes | None:
         """The fast read path's response frame from the cache, or None (full path)."""
