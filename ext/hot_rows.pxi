@@ -132,10 +132,10 @@ cdef class HotRows:
 
     * ``present``: a count of cached entries per hash bucket; a key whose bucket is 0
       is not cached, and is known to be without a Python object;
-    * the doorkeeper (after TinyLFU's): ``store(admit=True)`` caches a key only the
-      second time it misses within a window of about 2 entries per bucket; the first
-      time it sets the key's bit. A key read once (most keys, when they are drawn
-      uniformly from a large table) costs no insert and evicts nothing.
+    * the doorkeeper (after TinyLFU's): once the cache is full, ``store(admit=True)``
+      caches a key only the second time it misses within a window of about 2 entries
+      per bucket; the first time it sets the key's bit. A key read once (most keys,
+      when they are drawn uniformly from a large table) then evicts nothing.
     """
     cdef readonly Py_ssize_t capacity
     cdef readonly Py_ssize_t used
@@ -337,9 +337,9 @@ cdef class HotRows:
               valid_us, list rows not None, list positions not None, bint admit=False):
         """Puts ``answers[j]`` (a row or None) in ``rows[positions[j]]`` and caches it for
         ``keys[j]``, between ``valid_us[2j]`` and ``valid_us[2j + 1]`` (µs, as
-        ``overlay`` gives them). ``admit``: only keys the doorkeeper has seen miss
-        before. Least recently used entries go to make room; a row larger than the
-        whole cache is not kept."""
+        ``overlay`` gives them). ``admit``: when an entry would have to go for it, only
+        keys the doorkeeper has seen miss before. Least recently used entries go to
+        make room; a row larger than the whole cache is not kept."""
         if len(answers) != len(keys) or len(positions) != len(keys):
             raise ValueError(
                 f"{len(answers)} answers and {len(positions)} positions for {len(keys)} keys"
@@ -359,6 +359,7 @@ cdef class HotRows:
         cdef _HotEntry e
         cdef PyObject* old
         cdef uint64_t h
+        cdef Py_ssize_t size
         for j in range(n):
             row = answers[first + j]
             rows[<Py_ssize_t>positions[first + j]] = row
@@ -366,7 +367,14 @@ cdef class HotRows:
                 raise TypeError(f"answers[{first + j}] must be bytes or None")
             key = <bytes?>keys[j]
             h = _hot_hash(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
-            if admit and not self._admit(h):
+            size = lp + PyBytes_GET_SIZE(key) + _ENTRY_BYTES
+            if row is not None:
+                size += PyBytes_GET_SIZE(row)
+            if size > self.capacity:
+                continue
+            # While there is room, every key is cached; once an entry must go for it, only
+            # a key the doorkeeper has seen miss before.
+            if admit and self.used + size > self.capacity and not self._admit(h):
                 self.refused += 1
                 continue
             full = _hot_key(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
@@ -375,11 +383,7 @@ cdef class HotRows:
             e.valid_from = valid[2 * j]
             e.valid_until = valid[2 * j + 1]
             e.hash = h
-            e.size = PyBytes_GET_SIZE(full) + _ENTRY_BYTES
-            if row is not None:
-                e.size += PyBytes_GET_SIZE(row)
-            if e.size > self.capacity:
-                continue
+            e.size = size
             old = PyDict_GetItem(self._entries, full)
             if old != NULL:
                 self._drop(full, <_HotEntry>old)

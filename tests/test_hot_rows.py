@@ -37,10 +37,10 @@ MiB = 1 << 20
 # -- the cache itself ----------------------------------------------------------------------
 
 
-def _store(cache, prefix, keys, rows, lo=-(2**63), hi=2**63 - 1):
+def _store(cache, prefix, keys, rows, lo=-(2**63), hi=2**63 - 1, admit=False):
     out = [None] * len(keys)
     valid = np.array([lo, hi] * len(keys), np.int64)
-    cache.store(prefix, keys, rows, valid, out, list(range(len(keys))))
+    cache.store(prefix, keys, rows, valid, out, list(range(len(keys))), admit)
     return out
 
 
@@ -55,6 +55,11 @@ def test_the_cache_is_bounded_in_bytes_and_drops_the_least_recently_used():
     assert cache.used <= cache.capacity and cache.evictions == 2
     _, misses = cache.lookup(b"p" * 8, keys, 0)
     assert misses == [1, 2]  # the two least recently used went; k0 stayed
+    # Full: with admit, a key goes in on its second miss only (the doorkeeper).
+    _store(cache, b"p" * 8, [b"new"], [bytes(100)], admit=True)
+    assert cache.lookup(b"p" * 8, [b"new"], 0)[1] == [0] and cache.refused == 1
+    _store(cache, b"p" * 8, [b"new"], [bytes(100)], admit=True)
+    assert cache.lookup(b"p" * 8, [b"new"], 0)[1] == []
     _store(cache, b"p" * 8, [b"huge"], [bytes(20 * entry)])  # larger than the cache
     assert cache.lookup(b"p" * 8, [b"huge"], 0)[1] == [0]
 
@@ -211,9 +216,7 @@ def test_the_fast_path_answers_cached_keys_in_c_as_the_full_path_does(nodes) -> 
     keys = pb.Keys(count=5, int64_le=np.array([3, 1, 30, 3, 7], "<i8").tobytes())
     request = pb.GetRequest(table="t", keys=keys, features=["s", "a"])
     assert _frame(cache, request, node.tables) is None  # nothing cached yet
-    get_response(node, request)  # the doorkeeper notes the keys
-    assert _frame(cache, request, node.tables) is None
-    full = get_response(node, request)  # they missed before: the full path caches them
+    full = get_response(node, request)  # the full path caches the keys (there is room)
     fast = _frame(cache, request, node.tables)
     assert fast is not None
     assert (fast.schema_id, fast.version) == (full.schema_id, full.version)
@@ -231,7 +234,7 @@ def test_the_fast_path_answers_cached_keys_in_c_as_the_full_path_does(nodes) -> 
     # A write of one of the keys: that key is no longer cached.
     _write(node, "t", [7], [70], 2_000)
     assert _frame(cache, request, node.tables) is None
-    get_response(node, request)  # key 7 was seen missing: cached again at once
+    get_response(node, request)  # key 7 cached again
     assert _in_order(_frame(cache, request, node.tables)) == _in_order(  # type: ignore[arg-type]
         get_response(node, request)
     )
