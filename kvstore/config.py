@@ -152,10 +152,14 @@ class NodeConfig:
         flag_unit=MiB,
         flag_unit_name="MiB",
     )
+    # Off by default, as the row cache: measured A/B (docs/benchmarks.md), 64 MiB served
+    # repeated keys in 0.41-0.49x the time, but with keys spread over a table ten times
+    # its size (the benchmark's) cost 1-key p50 1.06-1.11x and c32 throughput 0.86-0.90x.
     hot_rows_bytes: int = _setting(
-        64 * MiB,
-        "the node's hot-row cache: recent answers by table version and key, served "
-        "without RocksDB or a Python object per row; 0 = off (docs/serving.md)",
+        0,
+        "the node's hot-row cache: recent answers of small gets by table version and "
+        "key, served without RocksDB or a Python object per row; worth it when keys "
+        "repeat (64 MiB holds ~100k rows of 400 B); 0 = off (docs/serving.md)",
         flag="--hot-rows-mb",
         flag_unit=MiB,
         flag_unit_name="MiB",

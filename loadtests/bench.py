@@ -134,7 +134,7 @@ class Settings:
     out_dir: Path = Path("bench")
     quick: bool = False
     #: The node's hot-row cache in MiB (KVSTORE_HOT_ROWS_BYTES); None = its default.
-    #: Keys are uniform over the table, so its hit rate is about its share of the rows.
+    #: Keys are uniform over the table, so few are read twice (docs/benchmarks.md).
     hot_rows_mb: int | None = None
 
     @classmethod
@@ -678,8 +678,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         "--hot-rows-mb",
         type=int,
         default=None,
-        help="the kvstore node's hot-row cache in MiB (default: the node's, 64; 0 = off); "
-        "the keys are uniform over the table, so it serves about its share of the rows",
+        help="the kvstore node's hot-row cache in MiB (default: the node's, off); the "
+        "keys are uniform over the table, so few are read twice (docs/benchmarks.md)",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of the data and the keys")
     parser.add_argument(

@@ -66,8 +66,8 @@ __all__ = ["main", "memory_cgroup"]
 #: 2 keys up, and the disk reads overlap; and it keeps hot rows in RocksDB's row cache,
 #: ``ROW_CACHE_SHARE`` of the memory the cap leaves for rows, which holds a row in about
 #: 500 B where the page cache holds the row's whole 4 KiB page (docs/operations.md).
-#: The hot-row cache stays off here: its RAM would come out of the same allowance, and
-#: this run keeps the split it was defined with (the row cache's share; issue 17).
+#: The hot-row cache stays off here (as by default): its RAM would come out of the same
+#: allowance, and this run keeps the split it was defined with (the row cache's share).
 COLD_ENV = {
     "KVSTORE_READ_THREADS": "7",
     "KVSTORE_PARALLEL_READ_KEYS": "2",
