@@ -152,18 +152,6 @@ class NodeConfig:
         flag_unit=MiB,
         flag_unit_name="MiB",
     )
-    # Off by default, as the row cache: measured A/B (docs/benchmarks.md), 64 MiB served
-    # repeated keys in 0.41-0.49x the time, but with keys spread over a table ten times
-    # its size (the benchmark's) cost 1-key p50 1.06-1.11x and c32 throughput 0.86-0.90x.
-    hot_rows_bytes: int = _setting(
-        0,
-        "the node's hot-row cache: recent answers of small gets by table version and "
-        "key, served without RocksDB or a Python object per row; worth it when keys "
-        "repeat (64 MiB holds ~100k rows of 400 B); 0 = off (docs/serving.md)",
-        flag="--hot-rows-mb",
-        flag_unit=MiB,
-        flag_unit_name="MiB",
-    )
     base_format: str = _setting(
         "plain",
         "table format of new bulk versions: plain = RocksDB PlainTable, hashed keys, "
@@ -185,6 +173,18 @@ class NodeConfig:
     )
     parallel_read_keys: int = _setting(
         256, "a Get of at least this many keys is read on several threads"
+    )
+    # Off by default, as the row cache: measured A/B (docs/benchmarks.md), 64 MiB served
+    # repeated keys in 0.41-0.49x the time, but with keys spread over a table ten times
+    # its size (the benchmark's) cost 1-key p50 1.06-1.11x and c32 throughput 0.86-0.90x.
+    hot_rows_bytes: int = _setting(
+        0,
+        "the node's hot-row cache: recent answers of small gets by table version and "
+        "key, served without RocksDB or a Python object per row; worth it when keys "
+        "repeat (64 MiB holds ~100k rows of 400 B); 0 = off (docs/serving.md)",
+        flag="--hot-rows-mb",
+        flag_unit=MiB,
+        flag_unit_name="MiB",
     )
     max_keys_per_request: int = _setting(
         100_000, "a Get, Write or Delete naming more keys is refused (RequestTooLarge)"

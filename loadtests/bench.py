@@ -125,6 +125,9 @@ class Settings:
     pool_keys: int = 200_000
     #: Concurrent load: "processes" or "threads" (see CONCURRENCY_MODELS).
     clients: str = "processes"
+    #: The node's hot-row cache in MiB (KVSTORE_HOT_ROWS_BYTES); None = its default.
+    #: Keys are uniform over the table, so few are read twice (docs/benchmarks.md).
+    hot_rows_mb: int | None = None
     #: 1-key gets of mixed dtypes against float-only ones (issue 18).
     mixed: MixedSettings = field(default_factory=MixedSettings)
     #: Freshness and updates section (issue 4).
@@ -133,9 +136,6 @@ class Settings:
     load_rows: list[int] = field(default_factory=lambda: [10_000_000])
     out_dir: Path = Path("bench")
     quick: bool = False
-    #: The node's hot-row cache in MiB (KVSTORE_HOT_ROWS_BYTES); None = its default.
-    #: Keys are uniform over the table, so few are read twice (docs/benchmarks.md).
-    hot_rows_mb: int | None = None
 
     @classmethod
     def quick_settings(cls, **overrides: Any) -> Settings:
@@ -662,6 +662,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="concurrent load from client processes (default) or threads of one process",
     )
     parser.add_argument(
+        "--hot-rows-mb",
+        type=int,
+        default=None,
+        help="the kvstore node's hot-row cache in MiB (default: the node's, off); the "
+        "keys are uniform over the table, so few are read twice (docs/benchmarks.md)",
+    )
+    parser.add_argument(
         "--load-rows",
         default=None,
         help="comma-separated row counts of more bulk loads, each from its own Parquet file "
@@ -674,13 +681,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         default=None,
         help="updates timed for freshness (default 300; 100 with --quick)",
     )
-    parser.add_argument(
-        "--hot-rows-mb",
-        type=int,
-        default=None,
-        help="the kvstore node's hot-row cache in MiB (default: the node's, off); the "
-        "keys are uniform over the table, so few are read twice (docs/benchmarks.md)",
-    )
     parser.add_argument("--seed", type=int, default=None, help="seed of the data and the keys")
     parser.add_argument(
         "--out",
@@ -691,7 +691,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     args = parser.parse_args(argv)
     out_dir = args.out or (Path("bench/quick") if args.quick else Path("bench"))
-    overrides: dict[str, Any] = {"out_dir": out_dir, "clients": args.clients}
+    overrides: dict[str, Any] = {
+        "out_dir": out_dir,
+        "clients": args.clients,
+        "hot_rows_mb": args.hot_rows_mb,
+    }
     if args.rows is not None:
         if args.rows < 1000:
             parser.error("--rows must be at least 1000")
@@ -712,7 +716,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             setattr(s, key, value)
     if args.freshness_updates is not None:
         s.updates.freshness_updates = args.freshness_updates
-    s.hot_rows_mb = args.hot_rows_mb
     return s
 
 
