@@ -101,5 +101,7 @@ include "decode.pxi"
 include "keys.pxi"
 # Delta rows and the read-time overlay of delta over base.
 include "delta.pxi"
-# The hot-row cache, and the fast read path's answers from it.
+# The hot-row cache.
 include "hot_rows.pxi"
+# The fast read path's answers from it, in C.
+include "fast_answers.pxi"
