@@ -24,6 +24,7 @@ from cpython.bytes cimport (
 from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport (
     INT32_MAX,
+    INT64_MAX,
     INT64_MIN,
     int8_t,
     int32_t,
@@ -100,3 +101,7 @@ include "decode.pxi"
 include "keys.pxi"
 # Delta rows and the read-time overlay of delta over base.
 include "delta.pxi"
+# The hot-row cache.
+include "hot_rows.pxi"
+# The fast read path's answers from it, in C.
+include "fast_answers.pxi"

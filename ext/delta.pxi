@@ -212,18 +212,21 @@ cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,
 
 
 cdef class _Scratch:
-    """Per-call buffers of F choices and F times."""
+    """Per-call buffers of F choices (and the choices before TTL) and F times."""
     cdef uint8_t* choice
+    cdef uint8_t* chosen
     cdef int64_t* times
 
     def __cinit__(self, Py_ssize_t n_features):
         self.choice = <uint8_t*>PyMem_Calloc(n_features + 1, 1)
+        self.chosen = <uint8_t*>PyMem_Calloc(n_features + 1, 1)
         self.times = <int64_t*>PyMem_Calloc(n_features + 1, sizeof(int64_t))
-        if self.choice == NULL or self.times == NULL:
+        if self.choice == NULL or self.chosen == NULL or self.times == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
         PyMem_Free(self.choice)
+        PyMem_Free(self.chosen)
         PyMem_Free(self.times)
 
 
@@ -352,8 +355,38 @@ cdef object _ttl_array(object ttl_us, Py_ssize_t n_features):
     return ttl
 
 
+cdef inline int64_t _ttl_end(int64_t t, int64_t ttl) noexcept nogil:
+    """The last µs at which a value of event time t is not yet expired (ttl > 0):
+    t + ttl, saturating at INT64_MAX."""
+    if t > INT64_MAX - ttl:
+        return INT64_MAX
+    return t + ttl
+
+
+cdef inline void _window(int64_t* valid, const int64_t* ttls, Py_ssize_t n_features,
+                         const uint8_t* choice, const int64_t* times, int64_t t_all,
+                         const uint8_t* was_chosen) noexcept nogil:
+    """Narrows [valid[0], valid[1]] (µs) to the times at which the features TTL keeps
+    and drops stay the same: a kept feature expires after _ttl_end, a dropped one
+    came back before _ttl_end + 1 (only a clock set back reaches that)."""
+    cdef Py_ssize_t f
+    cdef int64_t t, end
+    for f in range(n_features):
+        if ttls[f] <= 0:
+            continue
+        if was_chosen != NULL and was_chosen[f] == FROM_NONE:
+            continue  # not in the answer for another reason than TTL: time-independent
+        t = times[f] if times != NULL else t_all
+        end = _ttl_end(t, ttls[f])
+        if choice[f] != FROM_NONE:
+            if end < valid[1]:
+                valid[1] = end
+        elif end + 1 > valid[0]:
+            valid[0] = end + 1
+
+
 def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t snapshot_time,
-            int64_t now_us, ttl_us=None):
+            int64_t now_us, ttl_us=None, valid_us=None, Py_ssize_t valid_at=0):
     """The rows a read returns: delta over base (docs/row-format.md, "Reading").
 
     ``base_rows[i]``: the key's format-1 row in the version read (None if absent);
@@ -366,6 +399,11 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
     it is newer than ``snapshot_time``: a version holds every delete up to its snapshot
     time, and compaction drops those (a read must not change when it does).
     Raises CorruptRow/SchemaMismatch naming the key's index.
+
+    ``valid_us``: None, or an int64 array that receives, for row i, the times (µs,
+    inclusive) between which a read at another ``now_us`` returns the same: at
+    ``[2 (valid_at + i)]`` from, at the next index until (INT64_MIN and INT64_MAX when
+    no TTL bounds it). The node's hot-row cache keeps an answer that long.
     """
     cdef const RowLayout* c = &layout.c
     cdef Py_ssize_t n = len(base_rows)
@@ -375,6 +413,18 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
     cdef const int64_t* ttls = NULL
     if ttl is not None:
         ttls = _int64_data(ttl)
+    cdef int64_t* valid = NULL
+    cdef Py_ssize_t k
+    if valid_us is not None:
+        valid_us = _int64_array(valid_us, -1, "valid_us")
+        if valid_at < 0 or valid_us.shape[0] < 2 * (valid_at + n):
+            raise ValueError(
+                f"valid_us has {valid_us.shape[0]} entries, {2 * (valid_at + n)} needed"
+            )
+        valid = _int64_data(valid_us) + 2 * valid_at
+        for k in range(n):
+            valid[2 * k] = INT64_MIN
+            valid[2 * k + 1] = INT64_MAX
     # Only rows the delta or a TTL changes need scratch space: made for the first one.
     cdef _Scratch scratch = None
     cdef RowView base, delta
@@ -401,6 +451,9 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
                     expired = True
                 else:
                     scratch.choice[f] = FROM_A
+            if valid != NULL:
+                _window(valid + 2 * i, ttls, c.n_features, scratch.choice, NULL,
+                        base.event_time, NULL)
             out[i] = _assemble(c, &base, &base, scratch.choice, False, base.event_time,
                                0, NULL) if expired else b
             continue
@@ -436,10 +489,15 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
             continue
         expired = False
         if ttls != NULL:
+            if valid != NULL:
+                memcpy(scratch.chosen, scratch.choice, c.n_features)
             for f in range(c.n_features):
                 if scratch.choice[f] != FROM_NONE and _expired(scratch.times[f], now_us, ttls[f]):
                     scratch.choice[f] = FROM_NONE
                     expired = True
+            if valid != NULL:
+                _window(valid + 2 * i, ttls, c.n_features, scratch.choice, scratch.times,
+                        0, scratch.chosen)
         if not any_delta and not expired:
             out[i] = b  # the delta holds nothing newer: the base row as stored
             continue

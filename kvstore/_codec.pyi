@@ -181,6 +181,8 @@ def overlay(
     snapshot_time: int,
     now_us: int,
     ttl_us: npt.NDArray[np.int64] | None = None,
+    valid_us: npt.NDArray[np.int64] | None = None,
+    valid_at: int = 0,
 ) -> list[bytes | None]:
     """What a read returns per key: the delta over the base row of the version read.
 
@@ -189,7 +191,9 @@ def overlay(
     ``ttl_us``: None or one TTL per feature in µs (0 = none), against ``now_us`` (µs).
     Returns format-1 rows, None for a missing key, or the base row object itself when
     the read changes nothing in it. Raises CorruptRow ("base row: ..." / "delta row:
-    ...") or SchemaMismatch naming the key's index.
+    ...") or SchemaMismatch naming the key's index. ``valid_us``: None, or 2n int64
+    that receive each row's window (µs, inclusive; ``[2 (valid_at + i)]`` from, the
+    next until) in which a read at another ``now_us`` answers the same.
     """
 
 def delta_compact(
@@ -225,3 +229,105 @@ def response_layout(
     n: int, parts: list[tuple[bytes, bytes, npt.NDArray[np.int64] | None, int]]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def split_rows(buf: Any, offsets: npt.NDArray[np.int64]) -> list[bytes]: ...
+
+# The hot-row cache (ext/hot_rows.pxi; kvstore.server.hot_rows).
+
+HOT_ENTRY_BYTES: int
+HOT_COLD_RATIO: int
+HOT_WINDOW_KEYS: int
+
+@disjoint_base
+class HotTable:
+    """What the fast read path needs to answer a table's requests from the cache."""
+
+    @property
+    def table(self) -> Any: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def prefix(self) -> bytes: ...
+    def __init__(
+        self,
+        table: Any,
+        entry: Any,
+        version: int,
+        prefix: bytes,
+        schema_id: int,
+        int_keys: bool,
+        feature_names: Iterable[str],
+        stats: Any,
+        max_keys: int,
+    ) -> None: ...
+
+@disjoint_base
+class HotRows:
+    """Answers of reads by (prefix, stored key), LRU, at most ``capacity`` bytes; a
+    count per hash bucket makes most misses free, a doorkeeper admits a key on its
+    second miss."""
+
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def discarded(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    @property
+    def cold(self) -> bool: ...
+    def use(self) -> bool:
+        """Whether a read should go through the cache (always unless ``cold``; then 1 in 16)."""
+    @property
+    def published(self) -> dict[str, HotTable]: ...
+    def __init__(self, capacity: int) -> None: ...
+    def __len__(self) -> int: ...
+    def lookup(
+        self, prefix: bytes, keys: list[bytes], now_us: int
+    ) -> tuple[list[bytes | None], list[int]]:
+        """(rows, misses): each key's cached row (None where missing or not cached) and
+        the positions of those not cached."""
+    def lookup_groups(
+        self, prefix: bytes, groups: list[tuple[int, list[bytes]]], now_us: int
+    ) -> tuple[list[bytes | None], list[tuple[int, list[bytes]]], list[int]]:
+        """(rows, missed, positions): each key's cached row in group order, the (shard,
+        keys not cached) of each group with any, and where those go in rows."""
+    def store_groups(
+        self,
+        prefix: bytes,
+        missed: list[tuple[int, list[bytes]]],
+        answers: list[bytes | None],
+        valid_us: npt.NDArray[np.int64],
+        rows: list[bytes | None],
+        positions: list[int],
+        admit: bool = False,
+    ) -> None:
+        """``lookup_groups``' misses answered: put in rows and cached, as ``store``."""
+    def store(
+        self,
+        prefix: bytes,
+        keys: list[bytes],
+        answers: list[bytes | None],
+        valid_us: npt.NDArray[np.int64],
+        rows: list[bytes | None],
+        positions: list[int],
+        admit: bool = False,
+    ) -> None:
+        """Put ``answers[j]`` in ``rows[positions[j]]`` and cache it for ``keys[j]`` in its
+        window; ``admit``: only keys the doorkeeper saw miss before."""
+    def discard(
+        self, prefixes: list[bytes], puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes]
+    ) -> None:
+        """Forget a delta write's keys under every prefix."""
+    def discard_prefixes(self, prefixes: set[bytes]) -> None:
+        """Forget every entry under the prefixes."""
+    def clear(self) -> None: ...
+    def answer_frame(
+        self, body: bytes, request_id: int, tables: dict[str, Any], offset: int = 0
+    ) -> bytes | None:
+        """The fast read path's response frame from the cache, or None (full path)."""

@@ -176,6 +176,18 @@ class NodeConfig:
     parallel_read_keys: int = _setting(
         256, "a Get of at least this many keys is read on several threads"
     )
+    # Off by default, as the row cache: measured A/B (docs/benchmarks.md), 64 MiB served
+    # repeated keys in 0.41-0.49x the time, but with keys spread over a table ten times
+    # its size (the benchmark's) cost 1-key p50 1.06-1.11x and c32 throughput 0.86-0.90x.
+    hot_rows_bytes: int = _setting(
+        0,
+        "the node's hot-row cache: recent answers of small gets by table version and "
+        "key, served without RocksDB or a Python object per row; worth it when keys "
+        "repeat (64 MiB holds ~100k rows of 400 B); 0 = off (docs/serving.md)",
+        flag="--hot-rows-mb",
+        flag_unit=MiB,
+        flag_unit_name="MiB",
+    )
     max_keys_per_request: int = _setting(
         100_000, "a Get, Write or Delete naming more keys is refused (RequestTooLarge)"
     )
@@ -268,6 +280,8 @@ class NodeConfig:
             )
         if self.row_cache_bytes < 0:
             raise ValueError("row_cache_bytes must be at least 0")
+        if self.hot_rows_bytes < 0:
+            raise ValueError("hot_rows_bytes must be at least 0")
         if self.read_threads < 0:
             raise ValueError("read_threads must be at least 0")
         if self.parallel_read_keys < 1:

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from kvstore.config import NodeConfig
 from loadtests import report
 from loadtests.aio_reads import AsyncSettings, measure_async_reads, render_async_reads
 from loadtests.bulkload import ParquetSink, run_loader, write_parquet
@@ -104,6 +105,9 @@ CONCURRENCY_MODELS = {
 }
 
 
+MiB = 1 << 20
+
+
 @dataclass
 class Settings:
     """What to run. Times in seconds, sizes in rows/keys."""
@@ -128,6 +132,9 @@ class Settings:
     pool_keys: int = 200_000
     #: Concurrent load: "processes" or "threads" (see CONCURRENCY_MODELS).
     clients: str = "processes"
+    #: The node's hot-row cache in MiB (KVSTORE_HOT_ROWS_BYTES); None = its default.
+    #: Keys are uniform over the table, so few are read twice (docs/benchmarks.md).
+    hot_rows_mb: int | None = None
     #: 1-key gets of mixed dtypes against float-only ones (issue 18).
     mixed: MixedSettings = field(default_factory=MixedSettings)
     #: AsyncClient against Client and redis.asyncio; the FastAPI example (issue 18).
@@ -564,7 +571,12 @@ def run(s: Settings) -> dict:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvbench-")))
         print(f"starting a kvstore node and two redis-servers (work dir {workdir})", flush=True)
-        node = stack.enter_context(KvstoreNode(workdir))
+        hot_rows = NodeConfig().hot_rows_bytes if s.hot_rows_mb is None else s.hot_rows_mb * MiB
+        results["kvstore_hot_rows_bytes"] = hot_rows
+        print(f"  kvstore's hot-row cache: {hot_rows / MiB:.0f} MiB (--hot-rows-mb)", flush=True)
+        node = stack.enter_context(
+            KvstoreNode(workdir, env={"KVSTORE_HOT_ROWS_BYTES": str(hot_rows)})
+        )
         redis_servers = {}
         for name in ("redis-packed", "redis-hash"):
             (workdir / name).mkdir()
@@ -677,6 +689,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="concurrent load from client processes (default) or threads of one process",
     )
     parser.add_argument(
+        "--hot-rows-mb",
+        type=int,
+        default=None,
+        help="the kvstore node's hot-row cache in MiB (default: the node's, off); the "
+        "keys are uniform over the table, so few are read twice (docs/benchmarks.md)",
+    )
+    parser.add_argument(
         "--load-rows",
         default=None,
         help="comma-separated row counts of more bulk loads, each from its own Parquet file "
@@ -705,7 +724,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     args = parser.parse_args(argv)
     out_dir = args.out or (Path("bench/quick") if args.quick else Path("bench"))
-    overrides: dict[str, Any] = {"out_dir": out_dir, "clients": args.clients}
+    overrides: dict[str, Any] = {
+        "out_dir": out_dir,
+        "clients": args.clients,
+        "hot_rows_mb": args.hot_rows_mb,
+    }
     if args.rows is not None:
         if args.rows < 1000:
             parser.error("--rows must be at least 1000")

@@ -239,3 +239,11 @@ def test_the_mixed_dtype_step_reads_the_demo_features_and_reports_both_gets(star
         assert len(res[kind]["round_p50_us"]) == 2
     assert res["ratio_p50"] == pytest.approx(res["mixed"]["p50_us"] / res["float_only"]["p50_us"])
     assert res["met"] == (res["ratio_p50"] <= res["target_ratio"])
+
+
+def test_the_bench_runs_the_node_with_its_default_hot_row_cache_unless_told() -> None:
+    """``--hot-rows-mb`` sets the node's hot-row cache (docs/benchmarks.md: with uniform
+    keys its hit rate is about its share of the rows); by default the node's own."""
+    assert bench.parse_args([]).hot_rows_mb is None
+    assert bench.parse_args(["--hot-rows-mb", "0"]).hot_rows_mb == 0
+    assert bench.parse_args(["--quick", "--hot-rows-mb", "8"]).hot_rows_mb == 8

@@ -247,6 +247,36 @@ def test_overlay_matches_oracle(schema, n, data):
 
 
 @examples
+@given(schemas(max_features=8), st.integers(1, 4), st.data())
+def test_overlay_valid_window_holds_the_same_answer(schema, n, data):
+    """``valid_us``: between its two times a read at another ``now_us`` answers the same
+    (the node's hot-row cache keeps an answer that long)."""
+    kinds, dims, schema_id = schema
+    base = [data.draw(st.none() | base_rows(kinds, dims, schema_id)) for _ in range(n)]
+    delta = [data.draw(st.none() | delta_rows(kinds, dims, schema_id)) for _ in range(n)]
+    snapshot_time, now = data.draw(snapshot_times), data.draw(event_times)
+    ttl = data.draw(ttl_arrays(len(kinds)))
+    layout = codec.Layout(schema_id, kinds, dims)
+    valid = np.empty(2 * n, np.int64)
+    got = codec.overlay(layout, base, delta, snapshot_time, now, ttl_array(ttl), valid)
+    for i in range(n):
+        lo, hi = int(valid[2 * i]), int(valid[2 * i + 1])
+        assert lo <= now <= hi, i
+        for other in {lo, hi, lo // 2 + hi // 2, now}:
+            want = oracle.overlay(
+                kinds, dims, schema_id, base[i], delta[i], snapshot_time, other, ttl
+            )
+            assert want == got[i], (i, other)
+
+
+def test_overlay_valid_window_without_ttl_is_for_ever():
+    layout = codec.Layout(1, [codec.KIND_INT64], [0])
+    valid = np.zeros(4, dtype=np.int64)
+    codec.overlay(layout, [None, None], [None, None], 0, 10, None, valid)
+    assert valid.tolist() == [INT64_MIN, INT64_MAX] * 2
+
+
+@examples
 @given(schemas(max_features=10), st.integers(0, 5), snapshot_times, st.data())
 def test_delta_compact_matches_oracle(schema, n, snapshot_time, data):
     kinds, dims, schema_id = schema

@@ -19,6 +19,7 @@ from kvstore.clock import now_us
 from kvstore.config import NodeConfig
 from kvstore.errors import CorruptValue, RequestTooLarge
 from kvstore.keys import KeyBatch
+from kvstore.server.hot_rows import HOT_ROWS_MAX_KEYS, HotRowCache
 from kvstore.server.stats import StatsByTable
 from kvstore.storage.shard import Shard
 from kvstore.storage.table import Table
@@ -86,6 +87,12 @@ class Reads:
     def __init__(self, config: NodeConfig, stats: StatsByTable) -> None:
         self._config = config
         self._stats = stats
+        #: Recent answers by table version and key (None when hot_rows_bytes is 0).
+        self.hot = (
+            HotRowCache(config.hot_rows_bytes, stats, config.max_keys_per_request)
+            if config.hot_rows_bytes > 0
+            else None
+        )
         #: Threads that read part of a large batch's shards (see ``fetch``).
         self.pool = (
             ThreadPoolExecutor(config.read_threads, thread_name_prefix="kvstore-read")
@@ -112,7 +119,6 @@ class Reads:
             return GetAnswer(schema.schema_id, version, b"", np.empty(0, np.int32), None)
         base = table.base(version) if version else None
         snapshot = table.versions[version].snapshot_time_us if version else _codec.NO_DELETE
-        layout = schema.layout
         now = now_us()
         shards = table.delta
         if len(shards) == 1:
@@ -120,27 +126,88 @@ class Reads:
             groups = [(0, keys.encoded())]
         else:
             order, groups = keys.shard_groups(len(shards))
+        hot = self.hot
+        if hot is None or n > HOT_ROWS_MAX_KEYS or not hot.rows.use():
+            values = self._read(table, groups, base, snapshot, now, order, keys, n)
+        else:
+            values = self._read_through(table, groups, base, version, snapshot, now, order, keys)
+        block, lengths = _codec.join_values(values)
+        self._stats[name].keys_read += n
+        return GetAnswer(schema.schema_id, version, block, lengths, order)
+
+    def _read(
+        self,
+        table: Table,
+        groups: list[tuple[int, list[bytes]]],
+        base: list[Shard] | None,
+        snapshot: int,
+        now: int,
+        order: np.ndarray | None,
+        keys: KeyBatch,
+        n: int,
+        windows: np.ndarray | None = None,
+        places: list[int] | None = None,
+    ) -> list[bytes | None]:
+        """The answers of ``groups``' ``n`` keys from RocksDB, delta over base, in group
+        order. ``windows``: 2n int64 that receive each answer's ``overlay`` validity
+        (µs); ``places``: where each of the keys is in the shard order of ``keys`` (for
+        errors; default: the groups' keys are those of ``keys``, in order)."""
+        schema = table.schema
+        layout = schema.layout
         values: list[bytes | None] = []
         done = 0
-        fetched = self.fetch(groups, shards, base, n)
+        fetched = self.fetch(groups, table.delta, base, n)
         for (s, shard_keys), (delta_rows, base_rows) in zip(groups, fetched, strict=True):
             try:
                 values.extend(
-                    _codec.overlay(layout, base_rows, delta_rows, snapshot, now, schema.ttl_us)
+                    _codec.overlay(
+                        layout, base_rows, delta_rows, snapshot, now, schema.ttl_us, windows, done
+                    )
                 )
             except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
                 position = done + exc.index
+                if places is not None:
+                    position = places[position]
                 position = int(order[position]) if order is not None else position
                 message = (
-                    f"table {name!r}, shard {s}, key {keys.describe(position)}: "
+                    f"table {schema.name!r}, shard {s}, key {keys.describe(position)}: "
                     f"the stored value is corrupt ({exc})"
                 )
                 logger.error("%s", message)
                 raise CorruptValue(message) from None
             done += len(shard_keys)
-        block, lengths = _codec.join_values(values)
-        self._stats[name].keys_read += n
-        return GetAnswer(schema.schema_id, version, block, lengths, order)
+        return values
+
+    def _read_through(
+        self,
+        table: Table,
+        groups: list[tuple[int, list[bytes]]],
+        base: list[Shard] | None,
+        version: int,
+        snapshot: int,
+        now: int,
+        order: np.ndarray | None,
+        keys: KeyBatch,
+    ) -> list[bytes | None]:
+        """``_read`` through the hot-row cache: cached answers as they are, the others
+        read from RocksDB, and cached when the doorkeeper has seen them miss before."""
+        hot = self.hot
+        assert hot is not None
+        rows = hot.table_rows(table, groups)
+        prefix = rows.prefix(version, base)
+        cache = hot.rows
+        values, missed, positions = cache.lookup_groups(prefix, groups, now)
+        if missed:
+            m = len(positions)
+            windows = np.empty(2 * m, np.int64)
+            answers = self._read(
+                table, missed, base, snapshot, now, order, keys, m, windows, positions
+            )
+            # Puts the answers in values, and caches those the doorkeeper admits.
+            cache.store_groups(prefix, missed, answers, windows, values, positions, True)
+        if version == table.current and rows.published is not prefix:
+            hot.publish(rows, version, prefix)
+        return values
 
     def fetch(
         self,

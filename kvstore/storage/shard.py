@@ -16,7 +16,7 @@ node's own and goes up unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import rocksdict
@@ -280,7 +280,7 @@ def _raise_for_status(exc: Exception, shard: Shard, doing: str, kinds: tuple[str
 class Shard:
     """A RocksDB instance holding the rows of one shard."""
 
-    __slots__ = ("_db", "_scan_options", "empty", "index", "path", "table")
+    __slots__ = ("_db", "_scan_options", "empty", "index", "on_write", "path", "table")
 
     def __init__(
         self,
@@ -305,6 +305,9 @@ class Shard:
         self.path = path
         self.index = index
         self.table = table
+        #: Called as ``on_write(index, puts, deletes)`` before each write: the node's
+        #: hot-row cache forgets those keys (kvstore.server.hot_rows).
+        self.on_write: Callable[[int, list, Iterable[bytes]], None] | None = None
         if not base:
             path.mkdir(parents=True, exist_ok=True)
         try:
@@ -378,6 +381,9 @@ class Shard:
         options: rocksdict.WriteOptions | None = None,
     ) -> None:
         """Apply puts and deletes atomically: one WriteBatch, through the WAL."""
+        if self.on_write is not None:
+            deletes = tuple(deletes)
+            self.on_write(self.index, puts, deletes)
         self.empty = False
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in puts:
