@@ -313,17 +313,19 @@ class PlacementStore:
         return await self.update(change)
 
     async def join(self, node: str) -> Placement:
-        """Add ``node`` to the nodes that take shards (no-op if it is one): new tables
-        spread over it. Existing shards stay where they are (moves come later). The
-        first join gives the placement its cluster uuid."""
+        """Add ``node`` to the nodes that take shards (no-op if it is one: a restart
+        moves nothing): new tables spread over it, and it takes its share of the
+        existing shards (``assignment.join``: the moves, as Initializing replicas on it;
+        sizes unknown here, so balanced by count). The first join gives the placement its
+        cluster uuid."""
+        from kvstore.cluster.assignment import join  # assignment imports this module
 
         def change(placement: Placement) -> Placement:
             if node in placement.nodes and placement.cluster_uuid:
                 return placement
-            nodes = placement.nodes if node in placement.nodes else (*placement.nodes, node)
-            return replace(
-                placement, nodes=nodes, cluster_uuid=placement.cluster_uuid or uuid.uuid4().hex
-            )
+            if node not in placement.nodes:
+                placement = join(placement, node, sizes={})
+            return replace(placement, cluster_uuid=placement.cluster_uuid or uuid.uuid4().hex)
 
         return await self.update(change)
 

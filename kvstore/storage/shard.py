@@ -16,7 +16,7 @@ node's own and goes up unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import rocksdict
@@ -243,7 +243,7 @@ def _raise_for_status(exc: Exception, shard: Shard, doing: str, kinds: tuple[str
 class Shard:
     """A RocksDB instance holding the rows of one shard."""
 
-    __slots__ = ("_db", "_scan_options", "empty", "index", "path", "table")
+    __slots__ = ("_db", "_scan_options", "empty", "index", "path", "recorder", "table")
 
     def __init__(
         self,
@@ -268,6 +268,9 @@ class Shard:
         self.path = path
         self.index = index
         self.table = table
+        #: Called with every batch applied (puts, deletes), in order, while a move copies
+        #: this delta shard to another node (kvstore.server.transfer's change log).
+        self.recorder: Callable[[list[tuple[bytes, bytes]], list[bytes]], None] | None = None
         if not base:
             path.mkdir(parents=True, exist_ok=True)
         try:
@@ -340,8 +343,11 @@ class Shard:
         deletes: Iterable[bytes] = (),
         options: rocksdict.WriteOptions | None = None,
     ) -> None:
-        """Apply puts and deletes atomically: one WriteBatch, through the WAL."""
+        """Apply puts and deletes atomically: one WriteBatch, through the WAL; then hand
+        them to the recorder, if any (the one place every delta change passes)."""
         self.empty = False
+        if self.recorder is not None:
+            deletes = list(deletes)
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in puts:
             batch.put(key, value)
@@ -355,6 +361,8 @@ class Shard:
         except Exception as exc:
             _raise_for_status(exc, self, "write", _DAMAGED)
             raise
+        if self.recorder is not None:
+            self.recorder(puts, deletes)  # type: ignore[arg-type]  # a list, made above
 
     def scan(self, chunk: int = 4096) -> Iterator[tuple[list[bytes], list[bytes]]]:
         """Every row key and value in key order, ``chunk`` at a time (not the
@@ -371,6 +379,11 @@ class Shard:
                 keys, values = [], []
         if keys:
             yield keys, values
+
+    def raw_items(self, from_key: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Every key and value in key order from ``from_key``, the node's own keys too
+        (a move copies a delta shard whole). One RocksDB iterator: a consistent view."""
+        return self._items(from_key)
 
     def prefix_items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Keys starting with ``prefix`` and their values, in key order."""
