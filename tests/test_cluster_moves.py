@@ -108,8 +108,9 @@ class Traffic:
                 try:
                     client.write(self.table, feature_rows(keys))
                 except Exception as exc:
+                    epoch = client._ops.route.epoch
                     self.write_errors.append(
-                        f"{time.time():.3f} route {client._ops.route.epoch} {type(exc).__name__}: {exc}"
+                        f"{time.time():.3f} (map epoch {epoch}) {type(exc).__name__}: {exc}"
                     )
                     continue
                 self.acked.append(keys)

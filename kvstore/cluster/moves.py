@@ -165,7 +165,9 @@ class Mover:
                         self._fault_exit_check()
                     receiver.take(chunk)
                     if chunk.done:
-                        log_id, seq = chunk.log_id, chunk.seq
+                        # The log from its start: the rows streamed may predate any change
+                        # logged while they were read (replaying all of it in order is right).
+                        log_id = chunk.log_id
                 if not log_id:
                     raise Unavailable(f"the copy from {source} ended early")
                 receiver.install_bases()
