@@ -322,5 +322,7 @@ class Node:
         return self.view.begin_write(name)
 
     def consumer_positions(self, name: str, consumer: str, source: str) -> dict[int, int]:
-        """Partition → the offset every shard of the table has applied (the minimum)."""
-        return self.writes.consumer_positions(self.table(name), consumer, source)
+        """Partition → the offset every shard of the table has applied (the minimum); in
+        a cluster, every shard this node holds (a shard moved away is empty here)."""
+        held = None if self.view is None else self.view.writable.get(name)
+        return self.writes.consumer_positions(self.table(name), consumer, source, held)

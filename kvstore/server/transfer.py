@@ -77,7 +77,7 @@ class ChangeLog:
     log_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     entries: list[Change] = field(default_factory=list)
     seq: int = 0
-    bytes: int = 0
+    size: int = 0
     overflowed: bool = False
     sealed: bool = False
     timer: asyncio.TimerHandle | None = None
@@ -88,8 +88,8 @@ class ChangeLog:
         if self.overflowed:
             return
         self.entries.append((self.seq, puts, deletes))
-        self.bytes += sum(len(k) + len(v) for k, v in puts) + sum(len(k) for k in deletes)
-        if self.bytes > CHANGE_LOG_BYTES:
+        self.size += sum(len(k) + len(v) for k, v in puts) + sum(len(k) for k in deletes)
+        if self.size > CHANGE_LOG_BYTES:
             self.overflowed = True
             self.entries.clear()
             log.warning(
