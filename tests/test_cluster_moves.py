@@ -6,6 +6,7 @@ failing and no acknowledged write lost, through real node processes on a real et
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from cluster_fixtures import FEATURES, KEYS, SHARDS, Cluster, check_all, feature
 from etcd_server import EtcdServer
 
 from kvstore import Client
-from kvstore.cluster.moves import FAULT_EXIT_AFTER_COPY_CHUNKS
+from kvstore.cluster.etcd import connect
+from kvstore.cluster.moves import FAULT_EXIT_AFTER_COPY_CHUNKS, FAULT_EXIT_AT_HANDOVER
+from kvstore.cluster.placement import Placement, PlacementStore
 from kvstore.columns import encode_rows
 from kvstore.errors import StaleMap, from_rpc_error
 from kvstore.ingest.bulk import load
@@ -280,3 +283,52 @@ def test_a_target_killed_mid_copy_starts_the_move_over_once_restarted(
         )
         assert sorted(counts.values()) == [4, 4, 4], counts
         check_all(client.get(name, KEYS), KEYS)
+
+
+def test_a_target_dead_after_the_seal_loses_no_write_and_the_move_finishes_later(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The source's writes to the sealed shard wait, then it gives the hand-over up (the
+    move's attempt bumped by CAS) and takes them again; the restarted target starts a
+    new attempt and finishes."""
+    for i in range(2):
+        cluster.start(f"n{i}")
+    seed = cluster.nodes["n0"].address
+    name = "handover"
+    with Client(seed, timeout=10) as client:
+        _table_with_data(client, name, tmp_path)
+        with Traffic(seed, name) as traffic:
+            wait_until(lambda: traffic.reads > 2 and traffic.writes > 2, 30, "traffic")
+            with contextlib.suppress(NodeProcessError):
+                cluster.start("n2", env={FAULT_EXIT_AT_HANDOVER: "1"})
+            crashed = cluster.nodes.get("n2")
+            if crashed is not None:
+                wait_until(lambda: not crashed.running(), 60, "the fault hook to stop n2")
+
+            def given_up() -> bool:
+                placed = _placement(cluster).tables[name]
+                return any(r.attempt > 0 for rs in placed.shards for r in rs)
+
+            wait_until(given_up, 30, "the source to give the hand-over up")
+            writes_then = traffic.writes
+            wait_until(lambda: traffic.writes > writes_then + 3, 30, "writes after it")
+            cluster.start("n2")
+            counts = wait_until(
+                lambda: _settled(client, name), MOVES_TIMEOUT_S, "the moves to n2 to finish"
+            )
+        assert sorted(counts.values()) == [4, 4, 4], counts
+        traffic.check(client)
+        check_all(client.get(name, KEYS), KEYS)
+
+
+def _placement(cluster: Cluster) -> Placement:
+    """The placement document as etcd holds it."""
+
+    async def read() -> Placement:
+        etcd = await connect(cluster.etcd.url, cluster.name)
+        try:
+            return (await PlacementStore(etcd).read())[0]
+        finally:
+            await etcd.close()
+
+    return asyncio.run(read())

@@ -72,9 +72,6 @@ APPLY_TIMEOUT_S = 15.0
 #: How long a request naming a table this node does not have waits for the placement
 #: to bring it (s): other nodes see a new epoch within milliseconds of each other.
 CATCH_UP_S = 1.0
-#: How long a move's final compare-and-swap keeps trying (s): less than the source's
-#: seal (kvstore.server.transfer.SEAL_S), after which the source takes writes again.
-FINISH_DEADLINE_S = 3.0
 
 
 class ClusterAgent:
@@ -106,7 +103,7 @@ class ClusterAgent:
         #: The cluster this node's data belongs to; set by start().
         self.identity = ClusterIdentity(cluster, "")
         #: The source side of moves (copy, change log, seal) and the target side.
-        self.transfers = ShardTransfers(node)
+        self.transfers = ShardTransfers(node, self.give_up_handover)
         self.mover = Mover(self)
         #: (table, shard) this node held at the last epoch applied (None: none yet).
         self._held: frozenset[tuple[str, int]] | None = None
@@ -262,29 +259,26 @@ class ClusterAgent:
         return placement
 
     async def finish_move(
-        self, table: str, shard: int, source: str, versions: set[int]
+        self, table: str, shard: int, source: str, attempt: int, versions: set[int]
     ) -> Placement:
         """Make this node's Initializing replica of (table, shard) Available and drop
         ``source``'s (one CAS), then apply that placement here at once. Refused
-        (InvalidArgument / LoadConflict) if the placement no longer holds this move, or
-        its table version is not among the ``versions`` copied."""
+        (InvalidArgument / LoadConflict) if the placement no longer holds this move at
+        this ``attempt`` (the source gave the hand-over up), or its table version is not
+        among the ``versions`` copied."""
         assert self.store is not None
-        from kvstore.cluster.assignment import finish_move
+        from kvstore.cluster.assignment import finish_move, moving_to
 
         me = self.me.node_id
 
         def change(placement: Placement) -> Placement:
-            placed = placement.tables.get(table)
-            moving = placed is not None and any(
-                r.node == me and r.state == ShardState.INITIALIZING and r.source == source
-                for r in placed.shards[shard]
-            )
-            if not moving:
+            moving = moving_to(placement, table, shard, source)
+            if moving is None or moving.node != me or moving.attempt != attempt:
                 raise InvalidArgument(
                     f"table {table!r} shard {shard}: the placement no longer moves it from "
-                    f"{source} to {me}"
+                    f"{source} to {me} (attempt {attempt})"
                 )
-            assert placed is not None
+            placed = placement.table(table)
             if placed.version and placed.version not in versions:
                 raise LoadConflict(
                     f"table {table!r}: version {placed.version} became current during the "
@@ -292,9 +286,23 @@ class ClusterAgent:
                 )
             return finish_move(placement, table, shard, me)
 
-        written = await self.store.update(change, deadline_s=FINISH_DEADLINE_S)
+        written = await self.store.update(change)
         await self._take(written)
         return written
+
+    async def give_up_handover(self, table: str, shard: int) -> bool:
+        """The source's seal of (table, shard) expired: bump the move's attempt by CAS,
+        so the target's finish (if it comes) is refused, and return True (writes may
+        resume here). False if the move finished meanwhile (its placement is applied
+        here: the writes go to the target). Unavailable while etcd does not answer: the
+        shard stays sealed (a write applied here then could be lost)."""
+        assert self.store is not None
+        from kvstore.cluster.assignment import moving_to, restart_move
+
+        me = self.me.node_id
+        written = await self.store.update(lambda p: restart_move(p, table, shard, me))
+        await self._take(written)
+        return moving_to(written, table, shard, me) is not None
 
     def _holds(self, table: str, shard: int) -> bool:
         writable = self.view.writable.get(table)

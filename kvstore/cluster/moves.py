@@ -59,6 +59,9 @@ CALL_S = 10.0
 #: to N, the node exits at once (status 70, as a crash would) on the Nth copy message it
 #: receives as a move's target.
 FAULT_EXIT_AFTER_COPY_CHUNKS = "KVSTORE_FAULT_EXIT_AFTER_COPY_CHUNKS"
+#: ... and with this one set (to anything), it exits on the answer to its first seal,
+#: before the final CAS: its source's writes wait, then the source gives it up.
+FAULT_EXIT_AT_HANDOVER = "KVSTORE_FAULT_EXIT_AT_HANDOVER"
 
 
 class Mover:
@@ -66,7 +69,8 @@ class Mover:
 
     def __init__(self, agent: ClusterAgent) -> None:
         self.agent = agent
-        self.running: dict[tuple[str, int], asyncio.Task] = {}
+        #: (table, shard) → its task and the (source, attempt) it runs.
+        self.running: dict[tuple[str, int], tuple[asyncio.Task, tuple[str, int]]] = {}
         #: One hand-over at a time on this node (see transfer.HANDOVER_GAP_S).
         self._handover = asyncio.Lock()
         #: Moves past their final CAS: the placement that drops them is their own doing.
@@ -74,6 +78,7 @@ class Mover:
         #: Moves finished by this node since it started (for logs and tests).
         self.finished = 0
         self._exit_at_chunk = int(os.environ.get(FAULT_EXIT_AFTER_COPY_CHUNKS) or 0)
+        self._exit_at_handover = bool(os.environ.get(FAULT_EXIT_AT_HANDOVER))
         self._chunks = 0
 
     def see(self, placement: Placement) -> None:
@@ -81,21 +86,26 @@ class Mover:
         those it no longer holds."""
         me = self.agent.me.node_id
         wanted = {
-            (name, shard): replica.source
+            (name, shard): (replica.source, replica.attempt)
             for name, shard, replica in placement.replicas_on(me)
             if replica.state == ShardState.INITIALIZING
         }
-        for key in [k for k in self.running if k not in wanted and k not in self._finishing]:
-            self.running.pop(key).cancel()
-        for key, source in sorted(wanted.items()):
+        # A move no longer placed, or placed again (its source gave a hand-over up:
+        # another attempt), is cancelled; not one past its final CAS (its own doing).
+        for key, (task, move) in list(self.running.items()):
+            if wanted.get(key) != move and key not in self._finishing:
+                del self.running[key]
+                task.cancel()
+        for key, move in sorted(wanted.items()):
             if len(self.running) >= MAX_MOVES:
                 break
             if key not in self.running:
-                task = asyncio.create_task(self._run(*key, source), name=f"move-{key[0]}-{key[1]}")
-                self.running[key] = task
+                name = f"move-{key[0]}-{key[1]}"
+                task = asyncio.create_task(self._run(*key, *move), name=name)
+                self.running[key] = (task, move)
 
     async def stop(self) -> None:
-        tasks = list(self.running.values())
+        tasks = [task for task, _ in self.running.values()]
         self.running.clear()
         for task in tasks:
             task.cancel()
@@ -103,13 +113,13 @@ class Mover:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _run(self, table: str, shard: int, source: str) -> None:
-        attempt = 0
+    async def _run(self, table: str, shard: int, source: str, attempt: int) -> None:
+        tries = 0
         try:
             while True:
-                attempt += 1
+                tries += 1
                 try:
-                    await self._move(table, shard, source)
+                    await self._move(table, shard, source, attempt)
                     self.finished += 1
                     return
                 except asyncio.CancelledError:
@@ -118,11 +128,11 @@ class Mover:
                     if isinstance(exc, grpc.RpcError):
                         exc = from_rpc_error(exc, source, CALL_S)
                     log.warning(
-                        "move of table %r shard %d from %s, attempt %d: %s; trying again in %g s",
+                        "move of table %r shard %d from %s, try %d: %s; trying again in %g s",
                         table,
                         shard,
                         source,
-                        attempt,
+                        tries,
                         exc,
                         RETRY_S,
                     )
@@ -131,23 +141,17 @@ class Mover:
                 await asyncio.sleep(RETRY_S)
         finally:
             self._finishing.discard((table, shard))
-            if self.running.get((table, shard)) is asyncio.current_task():
+            entry = self.running.get((table, shard))
+            if entry is not None and entry[0] is asyncio.current_task():
                 del self.running[(table, shard)]
                 self.see(self.agent.view.placement)  # the next move waiting, if any
 
     def _fault_exit_check(self) -> None:
         self._chunks += 1
         if self._chunks >= self._exit_at_chunk:
-            log.error(
-                "%s=%d: exiting on copy message %d, as a crash would",
-                FAULT_EXIT_AFTER_COPY_CHUNKS,
-                self._exit_at_chunk,
-                self._chunks,
-            )
-            logging.shutdown()
-            os._exit(70)
+            _fault_exit(f"{FAULT_EXIT_AFTER_COPY_CHUNKS}={self._exit_at_chunk}: copy message")
 
-    async def _move(self, table: str, shard: int, source: str) -> None:
+    async def _move(self, table: str, shard: int, source: str, attempt: int) -> None:
         agent = self.agent
         info = agent.view.known.get(source)
         if info is None or source not in agent.view.live or not info.address:
@@ -183,10 +187,13 @@ class Mover:
                 async with self._handover:
                     ask.since, ask.seal = seq, True
                     answer = await stub.ShardChanges(ask, timeout=CALL_S)
+                    if self._exit_at_handover:
+                        _fault_exit(f"{FAULT_EXIT_AT_HANDOVER}: the seal's answer")
                     last = receiver.apply(answer.changes)
                     try:
                         self._finishing.add((table, shard))
-                        await agent.finish_move(table, shard, source, set(receiver.versions))
+                        versions = set(receiver.versions)
+                        await agent.finish_move(table, shard, source, attempt, versions)
                     except BaseException:
                         self._finishing.discard((table, shard))
                         with contextlib.suppress(grpc.RpcError):
@@ -210,3 +217,10 @@ class Mover:
             last,
             time.monotonic() - started,
         )
+
+
+def _fault_exit(where: str) -> None:
+    """A fault hook's crash: exit at once, status 70, nothing closed or flushed."""
+    log.error("%s: exiting, as a crash would", where)
+    logging.shutdown()
+    os._exit(70)

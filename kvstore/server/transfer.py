@@ -12,8 +12,10 @@ Source (``ShardTransfers``, behind the CopyShard and ShardChanges RPCs):
 * ``changes`` answers the changes after a sequence number (forgetting those before).
 * ``seal`` (the hand-over): writes to the shard wait (``ClusterView.sealed``), the
   writes already being applied finish, and every change left is answered. A seal that
-  the placement does not end within ``SEAL_S`` (the target died) is lifted, and
-  writes resume here. When the placement no longer gives the shard to this node the
+  the placement does not end within ``SEAL_S`` (the target died) is given up: the
+  cluster agent bumps the move's attempt by CAS (a finish of this attempt is then
+  refused), and only then do writes resume here; while etcd does not answer, the shard
+  stays sealed. When the placement no longer gives the shard to this node the
   log goes, the seal ends, and the waiting writes are refused with StaleMap.
 * ``drop_shard``: a shard moved away loses its delta rows and its base files.
 
@@ -30,7 +32,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 #: target then starts over): the catch-up trims what the target has taken.
 CHANGE_LOG_BYTES = 64 << 20
 #: How long a sealed shard's writes wait for the placement to end the move (s); then
-#: the seal is lifted and the writes apply here (the target is presumed dead).
+#: the hand-over is given up (the target is presumed dead; see ``_give_up``).
 SEAL_S = 5.0
 #: How long a seal waits for the writes already being applied to the shard (s).
 SEAL_DRAIN_S = 2.0
@@ -124,8 +126,15 @@ class ChangeLog:
 class ShardTransfers:
     """The source side of the moves of this node's shards (one log per shard)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(
+        self, node: Node, give_up: Callable[[str, int], Awaitable[bool]] | None = None
+    ) -> None:
         self.node = node
+        #: Called when a seal expires (the cluster agent's give_up_handover): True once
+        #: the placement says the move will not finish from the sealed state (writes may
+        #: resume); False if it finished. Without it the seal is simply lifted.
+        self.give_up = give_up
+        self._expiries: set[asyncio.Task] = set()
         self.logs: dict[tuple[str, int], ChangeLog] = {}
         #: When this node's last seal ended (time.monotonic()).
         self._last_seal_end = 0.0
@@ -239,16 +248,46 @@ class ShardTransfers:
         return changes.since(since, None), changes.seq
 
     def _seal_expired(self, changes: ChangeLog) -> None:
-        if self.logs.get((changes.table, changes.shard)) is changes and changes.sealed:
-            log.warning(
-                "table %r shard %d: the placement did not finish the move to %s within %g s "
-                "of the seal; writes resume here",
-                changes.table,
-                changes.shard,
-                changes.target,
-                SEAL_S,
-            )
+        if self.logs.get((changes.table, changes.shard)) is not changes or not changes.sealed:
+            return
+        log.warning(
+            "table %r shard %d: the placement did not finish the move to %s within %g s of "
+            "the seal; giving the hand-over up",
+            changes.table,
+            changes.shard,
+            changes.target,
+            SEAL_S,
+        )
+        if self.give_up is None:
             self._unseal(changes)
+            return
+        task = asyncio.create_task(self._give_up(changes))
+        self._expiries.add(task)
+        task.add_done_callback(self._expiries.discard)
+
+    async def _give_up(self, changes: ChangeLog) -> None:
+        """Lift an expired seal only once the placement cannot finish the move from it:
+        its attempt bumped by CAS (else the target's CAS might land after writes applied
+        here). While etcd does not answer, the shard stays sealed."""
+        assert self.give_up is not None
+        while self.logs.get((changes.table, changes.shard)) is changes and changes.sealed:
+            try:
+                resume = await self.give_up(changes.table, changes.shard)
+            except Unavailable as exc:
+                log.warning(
+                    "table %r shard %d: %s; still sealed", changes.table, changes.shard, exc
+                )
+                await asyncio.sleep(1.0)
+                continue
+            if resume:
+                log.warning(
+                    "table %r shard %d: the move to %s will start over; writes resume here",
+                    changes.table,
+                    changes.shard,
+                    changes.target,
+                )
+                self.release(changes.table, changes.shard, changes.log_id)
+            return
 
     def _unseal(self, changes: ChangeLog) -> None:
         if changes.sealed:
