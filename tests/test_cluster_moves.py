@@ -29,7 +29,7 @@ from kvstore.cluster.etcd import connect
 from kvstore.cluster.moves import FAULT_EXIT_AFTER_COPY_CHUNKS, FAULT_EXIT_AT_HANDOVER
 from kvstore.cluster.placement import Placement, PlacementStore
 from kvstore.columns import encode_rows
-from kvstore.errors import StaleMap, from_rpc_error
+from kvstore.errors import LoadConflict, StaleMap, from_rpc_error
 from kvstore.ingest.bulk import load
 from kvstore.keys import KeyBatch
 from kvstore.server.process import NodeProcessError, wait_until
@@ -178,6 +178,7 @@ def test_a_fourth_node_joins_during_reads_and_writes_and_takes_its_share(
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
+    assert "MOVING" in out.stdout
     line = next(line for line in out.stdout.splitlines() if line.startswith("n3 "))
     assert cluster.nodes["n3"].address in line and " 3 " in line, line
 
@@ -277,6 +278,11 @@ def test_a_target_killed_mid_copy_starts_the_move_over_once_restarted(
     with Client(seed, timeout=10) as client:
         replicas = _replicas(client, name)
         assert any(("n2", "Initializing") in r for r in replicas)  # the move is pending
+        # A bulk load of a table with a shard moving is refused until the move is done.
+        file = tmp_path / "during.parquet"
+        pq.write_table(pa.table(feature_rows(KEYS[:10])), file)
+        with pytest.raises(LoadConflict, match="moving between nodes"):
+            load(seed, name, str(file), progress=False)
         cluster.start("n2")
         counts = wait_until(
             lambda: _settled(client, name), MOVES_TIMEOUT_S, "the moves to n2 to finish"

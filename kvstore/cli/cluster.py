@@ -39,15 +39,18 @@ def cluster() -> None:
 @node_options()
 def status(as_json: bool, address: str, timeout: float) -> None:
     """Every node of the cluster map (id, address, zone, live or down, the shards it
-    serves, uptime), every table (shards, version) and the placement epoch."""
+    serves, the shards moving to it and away from it, uptime), every table (shards,
+    version) and the placement epoch."""
     with open_client(address, timeout) as client:
         cmap = client.cluster_map()
         seed = client.address
+    moving = _moving(seed, timeout)
     held: Counter[int] = Counter()
     for owners in cmap["tables"].values():
         held.update(owners)
     for i, node in enumerate(cmap["nodes"]):
         node["shards"] = held[i]
+        node["moving_in"], node["moving_out"] = moving.get(node["node_id"], (0, 0))
         node["uptime_s"] = None
         if node["state"] == "live" and node["address"]:
             try:
@@ -60,7 +63,7 @@ def status(as_json: bool, address: str, timeout: float) -> None:
         return
     click.echo(f"placement epoch {cmap['epoch']}, {len(cmap['nodes'])} node(s)")
     rows: list[tuple[str, ...]] = [
-        ("NODE", "ADDRESS", "FAST ADDRESS", "ZONE", "STATE", "SHARDS", "UPTIME")
+        ("NODE", "ADDRESS", "FAST ADDRESS", "ZONE", "STATE", "SHARDS", "MOVING", "UPTIME")
     ]
     for node in cmap["nodes"]:
         up = node["uptime_s"]
@@ -72,6 +75,9 @@ def status(as_json: bool, address: str, timeout: float) -> None:
                 node["zone"] or "-",
                 node["state"] if "error" not in node else "unreachable",
                 str(node["shards"]),
+                f"+{node['moving_in']} -{node['moving_out']}"
+                if node["moving_in"] or node["moving_out"]
+                else "-",
                 f"{up:.0f} s" if up is not None else "-",
             )
         )
@@ -148,6 +154,32 @@ def drain(node_id: str, no_wait: bool, wait_timeout: float, address: str, timeou
                 )
             time.sleep(0.2)  # a progress poll of the map, not a synchronisation
     click.echo(f"node {node_id} holds no shard: it may stop")
+
+
+def _moving(address: str, timeout: float) -> dict[str, tuple[int, int]]:
+    """Node id → (shards moving to it, shards moving away from it), from the map's
+    replica states (Initializing, Leaving)."""
+    from kvstore.v1 import feature_store_pb2 as pb
+    from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+
+    with open_channel(address) as channel:
+        try:
+            cmap = pb_grpc.FeatureStoreStub(channel).GetClusterMap(
+                pb.GetClusterMapRequest(), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address, timeout) from None
+    ids = [n.node_id for n in cmap.nodes]
+    moves: dict[str, tuple[int, int]] = {}
+    for table in cmap.tables:
+        for replicas in table.replicas:
+            for index, state in zip(replicas.node, replicas.state, strict=True):
+                into, away = moves.get(ids[index], (0, 0))
+                moves[ids[index]] = (
+                    into + (state == "Initializing"),
+                    away + (state == "Leaving"),
+                )
+    return moves
 
 
 def _replicas_on(cmap, node_id: str) -> int:
