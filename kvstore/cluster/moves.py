@@ -53,6 +53,8 @@ MAX_MOVES = 2
 CATCH_UP_CHANGES = 64
 #: Seconds before a failed move is tried again.
 RETRY_S = 1.0
+#: How long a move waits for its source to be seen live before it tries again later (s).
+SOURCE_WAIT_S = 5.0
 #: Deadline of each unary call to the source (s); the copy stream has none.
 CALL_S = 10.0
 #: A fault hook for tests (docs/operations.md, "Fault hooks"): with this variable set
@@ -153,9 +155,13 @@ class Mover:
 
     async def _move(self, table: str, shard: int, source: str, attempt: int) -> None:
         agent = self.agent
-        info = agent.view.known.get(source)
-        if info is None or source not in agent.view.live or not info.address:
-            raise Unavailable(f"the source node {source!r} is not live")
+        # A node that just started may not have seen the live nodes yet: wait a moment.
+        deadline = time.monotonic() + SOURCE_WAIT_S
+        while source not in agent.view.live or not agent.view.known[source].address:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the source node {source!r} is not live")
+            await asyncio.sleep(0.1)
+        info = agent.view.known[source]
         started = time.monotonic()
         receiver = ShardReceiver(agent.node, table, shard)
         async with open_aio_channel(dial_address(info.address, agent.me.address)) as channel:
