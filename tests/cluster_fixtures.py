@@ -25,10 +25,18 @@ def feature_rows(keys: np.ndarray) -> dict:
     return {"key": keys, "score": keys.astype(np.float32) / 2, "clicks": keys * 3}
 
 
-def start_node(data_dir: Path, url: str, cluster: str, node_id: str, *extra: str) -> NodeProcess:
+def start_node(
+    data_dir: Path,
+    url: str,
+    cluster: str,
+    node_id: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> NodeProcess:
     log = data_dir.parent / f"{data_dir.name}-{uuid.uuid4().hex[:6]}.log"
     args = ("--etcd", url, "--cluster", cluster, "--node-id", node_id, *extra)
-    return NodeProcess(data_dir, *args, log_path=log, start_timeout_s=START_TIMEOUT_S).start()
+    node = NodeProcess(data_dir, *args, env=env, log_path=log, start_timeout_s=START_TIMEOUT_S)
+    return node.start()
 
 
 class Cluster:
@@ -40,8 +48,10 @@ class Cluster:
         self.name = f"t-{uuid.uuid4().hex[:8]}"
         self.nodes: dict[str, NodeProcess] = {}
 
-    def start(self, node_id: str, *extra: str) -> NodeProcess:
-        node = start_node(self.workdir / node_id, self.etcd.url, self.name, node_id, *extra)
+    def start(self, node_id: str, *extra: str, env: dict[str, str] | None = None) -> NodeProcess:
+        node = start_node(
+            self.workdir / node_id, self.etcd.url, self.name, node_id, *extra, env=env
+        )
         self.nodes[node_id] = node
         return node
 

@@ -5,6 +5,8 @@ Leaving, replica."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,28 @@ def test_an_unknown_table_or_no_placement_yet_is_stale() -> None:
 
 def test_the_owner_of_a_shard_is_its_first_available_else_leaving_replica() -> None:
     assert shard_owners(_placement(), "t") == ["me", "me", "other", "other"]
+
+
+def test_a_sealed_shard_makes_its_writes_wait_until_the_seal_ends() -> None:
+    async def scenario() -> None:
+        view = ClusterView("me")
+        view.apply(_placement())
+        view.seal("t", 1)
+        assert view.sealed_wait("t", _keys_of_shard(0)) is None  # another shard: no wait
+        assert view.sealed_wait("t", KeyBatch.from_values("int64", [], "t")) is None
+        waiting = view.sealed_wait("t", _keys_of_shard(1))
+        assert waiting is not None and not waiting.done()
+        view.unseal("t", 1)
+        await asyncio.wait_for(waiting, 1)
+        assert view.sealed_wait("t", _keys_of_shard(1)) is None
+
+    asyncio.run(scenario())
+
+
+def test_a_write_being_applied_is_counted_until_it_ends() -> None:
+    view = ClusterView("me")
+    view.apply(_placement())
+    token = view.begin_write("t")
+    assert view.writing["t"] == {token}
+    view.end_write("t", token)
+    assert not view.writing["t"]

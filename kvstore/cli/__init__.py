@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from kvstore.cli.cluster import cluster
+from kvstore.cli.cluster import cluster, drain
 from kvstore.cli.consume import consume
 from kvstore.cli.data import delete, get, write
 from kvstore.cli.loads import load, rollback, versions
@@ -84,6 +84,7 @@ for command in (
     rollback,
     consume,
     cluster,
+    drain,
 ):
     cli.add_command(command)
 

@@ -1,22 +1,28 @@
-"""``kvstore cluster status``: the cluster's nodes, tables and placement epoch.
+"""``kvstore cluster status`` and ``kvstore drain``: the cluster's nodes, tables and
+placement epoch; moving a node's shards away.
 
-Read from the cluster map of the node asked (any node answers it from its watch of
-the placement) and from each reachable node's own ``Stats``.
+Status is read from the cluster map of the node asked (any node answers it from its
+watch of the placement) and from each reachable node's own ``Stats``. ``drain`` asks
+any node to change the placement (DrainNode), then follows the cluster map until the
+drained node holds no replica.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import click
+import grpc
 
 from kvstore.cli.connection import node_options, open_client
 from kvstore.cli.output import examples, print_table
-from kvstore.errors import KvstoreError
-from kvstore.wire.dial import dial_address
+from kvstore.config import DEFAULT_ADDRESS
+from kvstore.errors import DeadlineExceeded, KvstoreError, from_rpc_error
+from kvstore.wire.dial import dial_address, open_channel
 
-__all__ = ["cluster"]
+__all__ = ["cluster", "drain"]
 
 
 @click.group("cluster", short_help="The cluster: nodes, tables, placement.")
@@ -33,15 +39,18 @@ def cluster() -> None:
 @node_options()
 def status(as_json: bool, address: str, timeout: float) -> None:
     """Every node of the cluster map (id, address, zone, live or down, the shards it
-    serves, uptime), every table (shards, version) and the placement epoch."""
+    serves, the shards moving to it and away from it, uptime), every table (shards,
+    version) and the placement epoch."""
     with open_client(address, timeout) as client:
         cmap = client.cluster_map()
         seed = client.address
+    moving = _moving(seed, timeout)
     held: Counter[int] = Counter()
     for owners in cmap["tables"].values():
         held.update(owners)
     for i, node in enumerate(cmap["nodes"]):
         node["shards"] = held[i]
+        node["moving_in"], node["moving_out"] = moving.get(node["node_id"], (0, 0))
         node["uptime_s"] = None
         if node["state"] == "live" and node["address"]:
             try:
@@ -54,7 +63,7 @@ def status(as_json: bool, address: str, timeout: float) -> None:
         return
     click.echo(f"placement epoch {cmap['epoch']}, {len(cmap['nodes'])} node(s)")
     rows: list[tuple[str, ...]] = [
-        ("NODE", "ADDRESS", "FAST ADDRESS", "ZONE", "STATE", "SHARDS", "UPTIME")
+        ("NODE", "ADDRESS", "FAST ADDRESS", "ZONE", "STATE", "SHARDS", "MOVING", "UPTIME")
     ]
     for node in cmap["nodes"]:
         up = node["uptime_s"]
@@ -66,6 +75,9 @@ def status(as_json: bool, address: str, timeout: float) -> None:
                 node["zone"] or "-",
                 node["state"] if "error" not in node else "unreachable",
                 str(node["shards"]),
+                f"+{node['moving_in']} -{node['moving_out']}"
+                if node["moving_in"] or node["moving_out"]
+                else "-",
                 f"{up:.0f} s" if up is not None else "-",
             )
         )
@@ -77,3 +89,104 @@ def status(as_json: bool, address: str, timeout: float) -> None:
             (name, str(len(owners)), str(cmap["versions"].get(name, 0)), str(len(set(owners))))
         )
     print_table(rows)
+
+
+@click.command(
+    "drain",
+    short_help="Move a node's shards to the other nodes; then it may stop.",
+    epilog=examples("kvstore drain n2 -a 127.0.0.1:7071", "kvstore drain n2 --no-wait"),
+)
+@click.argument("node_id")
+@click.option("--no-wait", is_flag=True, help="return once the moves are placed, not done")
+@click.option(
+    "--wait-timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="give up waiting for the moves after this many seconds",
+)
+@click.option(
+    "--address",
+    "-a",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    envvar="KVSTORE_ADDRESS",
+    show_envvar=True,
+    help="any node of the cluster, HOST:PORT",
+)
+@click.option("--timeout", type=float, default=15.0, show_default=True, help="deadline per call, s")
+def drain(node_id: str, no_wait: bool, wait_timeout: float, address: str, timeout: float) -> None:
+    """Move every shard of node NODE_ID to the other nodes (reads and writes go on), wait
+    until it holds none, and say it may stop. Refused: an unknown node, or the last node
+    that can hold a shard (add a node first)."""
+    from kvstore.v1 import feature_store_pb2 as pb
+    from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+
+    with open_channel(address) as channel:
+        stub = pb_grpc.FeatureStoreStub(channel)
+        try:
+            answer = stub.DrainNode(pb.DrainNodeRequest(node_id=node_id), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address, timeout) from None
+        click.echo(
+            f"node {node_id}: {answer.moving} shard replica(s) moving away "
+            f"(placement epoch {answer.epoch})"
+        )
+        if no_wait:
+            return
+        deadline = time.monotonic() + wait_timeout
+        last = -1
+        while True:
+            try:
+                cmap = stub.GetClusterMap(pb.GetClusterMapRequest(), timeout=timeout)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, address, timeout) from None
+            left = _replicas_on(cmap, node_id)
+            if left != last:
+                click.echo(f"node {node_id}: {left} shard replica(s) left (epoch {cmap.epoch})")
+                last = left
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"node {node_id} still holds {left} shard replica(s) after "
+                    f"{wait_timeout:g} s; the moves go on (kvstore cluster status)"
+                )
+            time.sleep(0.2)  # a progress poll of the map, not a synchronisation
+    click.echo(f"node {node_id} holds no shard: it may stop")
+
+
+def _moving(address: str, timeout: float) -> dict[str, tuple[int, int]]:
+    """Node id → (shards moving to it, shards moving away from it), from the map's
+    replica states (Initializing, Leaving)."""
+    from kvstore.v1 import feature_store_pb2 as pb
+    from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+
+    with open_channel(address) as channel:
+        try:
+            cmap = pb_grpc.FeatureStoreStub(channel).GetClusterMap(
+                pb.GetClusterMapRequest(), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address, timeout) from None
+    ids = [n.node_id for n in cmap.nodes]
+    moves: dict[str, tuple[int, int]] = {}
+    for table in cmap.tables:
+        for replicas in table.replicas:
+            for index, state in zip(replicas.node, replicas.state, strict=True):
+                into, away = moves.get(ids[index], (0, 0))
+                moves[ids[index]] = (
+                    into + (state == "Initializing"),
+                    away + (state == "Leaving"),
+                )
+    return moves
+
+
+def _replicas_on(cmap, node_id: str) -> int:
+    """Replicas (any state) the map gives ``node_id``."""
+    index = next((i for i, n in enumerate(cmap.nodes) if n.node_id == node_id), None)
+    if index is None:
+        return 0
+    return sum(
+        list(replicas.node).count(index) for table in cmap.tables for replicas in table.replicas
+    )

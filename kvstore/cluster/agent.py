@@ -27,6 +27,13 @@
   current one is made current here (Node.publish_version: a staged version installed,
   a kept one current again). A node without that version logs it and keeps serving
   the one it has (a pinned read of the missing one answers StaleMap).
+* Moves (docs/cluster.md, "Moves"): a node joining for the first time takes its share
+  of the existing shards (``assignment.join`` in the join's CAS); ``drain`` moves a
+  node's shards away (``assignment.drain``). This node's Initializing replicas are
+  filled by ``kvstore.cluster.moves.Mover`` and finished by ``finish_move`` (a CAS
+  applied here at once); as a source it serves the copy and the seal
+  (``kvstore.server.transfer.ShardTransfers``), and a shard the placement moved away
+  loses its data here. A restart or a lease renewal moves nothing.
 * ``stop()``: revoke the lease, so the node leaves the live set at once.
 """
 
@@ -46,11 +53,13 @@ from kvstore.cluster.identity import (
     record_identity,
 )
 from kvstore.cluster.membership import DEFAULT_TTL_S, Membership, NodeInfo, watch_nodes
-from kvstore.cluster.placement import Placement, PlacementStore, watch_placement
-from kvstore.errors import NotFound, Unavailable
+from kvstore.cluster.moves import Mover
+from kvstore.cluster.placement import Placement, PlacementStore, ShardState, watch_placement
+from kvstore.errors import InvalidArgument, LoadConflict, NotFound, Unavailable
 from kvstore.schema import TableSchema
 from kvstore.server.cluster_view import ClusterView
 from kvstore.server.node import Node
+from kvstore.server.transfer import ShardTransfers
 from kvstore.storage.versions import VersionMeta
 
 __all__ = ["ClusterAgent"]
@@ -93,6 +102,12 @@ class ClusterAgent:
         self._applied = asyncio.Condition()
         #: The cluster this node's data belongs to; set by start().
         self.identity = ClusterIdentity(cluster, "")
+        #: The source side of moves (copy, change log, seal) and the target side.
+        self.transfers = ShardTransfers(node, self.give_up_handover)
+        self.mover = Mover(self)
+        #: (table, shard) this node held at the last epoch applied (None: none yet).
+        self._held: frozenset[tuple[str, int]] | None = None
+        self._drops: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Join the cluster and apply its placement; Unavailable or AlreadyExists if not."""
@@ -147,7 +162,10 @@ class ClusterAgent:
 
     async def stop(self) -> None:
         """Stop following the cluster and deregister (the lease is revoked)."""
+        await self.mover.stop()
         tasks, self._tasks = self._tasks, []
+        tasks += list(self._drops)
+        self._drops.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -179,9 +197,19 @@ class ClusterAgent:
         await self._wait(lambda: self.view.epoch >= dropped.epoch, f"the drop of {name!r}")
 
     async def allocate_version(self, table: str) -> int:
-        """The number of a new bulk version of ``table``, the same on every node."""
+        """The number of a new bulk version of ``table``, the same on every node.
+        LoadConflict while a shard of the table is moving (its new node would miss it)."""
         assert self.store is not None
         self.node.table(table)  # TableNotFound before touching the placement
+        placed = self.view.placement.tables.get(table)
+        moving = placed is not None and any(
+            r.state == ShardState.INITIALIZING for rs in placed.shards for r in rs
+        )
+        if moving:
+            raise LoadConflict(
+                f"table {table!r}: a shard of it is moving between nodes; load again once "
+                "the move has finished (kvstore cluster status shows the moves)"
+            )
         return await self.store.allocate_version(table)
 
     async def publish_version(self, table: str, version: int) -> VersionMeta:
@@ -205,6 +233,114 @@ class ClusterAgent:
             )
         return local.versions[version]
 
+    # -- moves -----------------------------------------------------------------------
+
+    async def drain(self, node: str) -> Placement:
+        """Move every replica of ``node`` to the other nodes (one CAS; the moves run on
+        their targets); the placement written. Draining again a node whose moves are
+        under way changes nothing. InvalidArgument: an unknown node, the last node that
+        can hold a shard, a node still the target of a move."""
+        assert self.store is not None
+        from kvstore.cluster.assignment import drain
+
+        def change(placement: Placement) -> Placement:
+            if node not in placement.nodes and placement.replicas_on(node):
+                return placement  # drained already, its moves under way
+            if node not in placement.nodes:
+                known = ", ".join(placement.nodes) or "none"
+                raise InvalidArgument(
+                    f"node {node!r} is not one of the cluster's nodes (nodes: {known}); "
+                    "nothing to drain"
+                )
+            return drain(placement, node, sizes={})
+
+        placement = await self.store.update(change)
+        log.info("drain of node %s: placement epoch %d", node, placement.epoch)
+        return placement
+
+    async def finish_move(
+        self, table: str, shard: int, source: str, attempt: int, versions: set[int]
+    ) -> Placement:
+        """Make this node's Initializing replica of (table, shard) Available and drop
+        ``source``'s (one CAS), then apply that placement here at once. Refused
+        (InvalidArgument / LoadConflict) if the placement no longer holds this move at
+        this ``attempt`` (the source gave the hand-over up), or its table version is not
+        among the ``versions`` copied."""
+        assert self.store is not None
+        from kvstore.cluster.assignment import finish_move, moving_to
+
+        me = self.me.node_id
+
+        def change(placement: Placement) -> Placement:
+            moving = moving_to(placement, table, shard, source)
+            if moving is None or moving.node != me or moving.attempt != attempt:
+                raise InvalidArgument(
+                    f"table {table!r} shard {shard}: the placement no longer moves it from "
+                    f"{source} to {me} (attempt {attempt})"
+                )
+            placed = placement.table(table)
+            if placed.version and placed.version not in versions:
+                raise LoadConflict(
+                    f"table {table!r}: version {placed.version} became current during the "
+                    f"move of shard {shard}; copying again"
+                )
+            return finish_move(placement, table, shard, me)
+
+        written = await self.store.update(change)
+        await self._take(written)
+        return written
+
+    async def give_up_handover(self, table: str, shard: int) -> bool:
+        """The source's seal of (table, shard) expired: bump the move's attempt by CAS,
+        so the target's finish (if it comes) is refused, and return True (writes may
+        resume here). False if the move finished meanwhile (its placement is applied
+        here: the writes go to the target). Unavailable while etcd does not answer: the
+        shard stays sealed (a write applied here then could be lost)."""
+        assert self.store is not None
+        from kvstore.cluster.assignment import moving_to, restart_move
+
+        me = self.me.node_id
+        written = await self.store.update(lambda p: restart_move(p, table, shard, me))
+        await self._take(written)
+        return moving_to(written, table, shard, me) is not None
+
+    def _holds(self, table: str, shard: int) -> bool:
+        writable = self.view.writable.get(table)
+        return writable is not None and shard < len(writable) and bool(writable[shard])
+
+    def _after_apply(self, placement: Placement) -> None:
+        """Moves: end the source's logs and seals of shards moved away, drop their data,
+        start the moves that fill this node."""
+        held = frozenset(k for k in placement.held_by(self.me.node_id) if self._holds(*k))
+        if self._held is not None:
+            for table, shard in sorted(self._held - held):
+                if table in self.node.tables and table in placement.tables:
+                    task = asyncio.create_task(
+                        self.transfers.drop_shard(
+                            table, shard, lambda t=table, s=shard: not self._holds(t, s)
+                        ),
+                        name=f"drop-{table}-{shard}",
+                    )
+                    self._drops.add(task)
+                    task.add_done_callback(self._drops.discard)
+        self._held = held
+        self.transfers.placement_applied()
+        self.mover.see(placement)
+
+    async def _take(self, placement: Placement) -> None:
+        """Apply ``placement`` unless an epoch as new is applied already (a move's
+        finish is applied at once, before the watch delivers it)."""
+        if placement.epoch <= self.view.epoch:
+            return
+        try:
+            self._apply(placement)
+            if self.view.epoch == placement.epoch:  # applied (not another cluster's)
+                self._after_apply(placement)
+        except Exception:  # a disk error on one table must not stop the follow
+            log.exception("applying placement epoch %d", placement.epoch)
+        async with self._applied:
+            self._applied.notify_all()
+
     async def catch_up(self, table: str, timeout_s: float = CATCH_UP_S) -> None:
         """Wait (at most ``timeout_s`` s) until this node has table ``table``: a client
         that learnt of a new table from another node may ask here a moment before this
@@ -218,12 +354,7 @@ class ClusterAgent:
     async def _follow_placement(self) -> None:
         assert self.etcd is not None
         async for placement in watch_placement(self.etcd):
-            try:
-                self._apply(placement)
-            except Exception:  # a disk error on one table must not stop the follow
-                log.exception("applying placement epoch %d", placement.epoch)
-            async with self._applied:
-                self._applied.notify_all()
+            await self._take(placement)
 
     async def _follow_nodes(self) -> None:
         assert self.etcd is not None

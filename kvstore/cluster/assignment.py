@@ -12,7 +12,9 @@
 * ``join`` / ``drain``: a node enters or leaves the set; its moves are applied as
   Leaving (source) and Initializing (target) replicas. ``finish_move`` makes the
   target Available and drops the Leaving source once its data has been copied.
-  Draining the last node that could hold a shard is refused.
+  Draining the last node that could hold a shard is refused. ``restart_move`` bumps a
+  move's attempt (its source gave a hand-over up), so a finish of the earlier attempt
+  is refused.
 
 Everything is deterministic: the same input gives the same placement on every node.
 Sizes are bytes per (table, shard) as the nodes report them; a missing size is 0.
@@ -29,7 +31,16 @@ from kvstore.cluster.placement import Placement, Replica, ShardState, TablePlace
 from kvstore.errors import InvalidArgument
 from kvstore.schema import TableSchema
 
-__all__ = ["Move", "drain", "finish_move", "join", "place_table", "plan_moves"]
+__all__ = [
+    "Move",
+    "drain",
+    "finish_move",
+    "join",
+    "moving_to",
+    "place_table",
+    "plan_moves",
+    "restart_move",
+]
 
 Sizes = Mapping[tuple[str, int], int]
 
@@ -229,3 +240,31 @@ def finish_move(placement: Placement, table: str, shard: int, node: str) -> Plac
         if not (r.node == source and r.state == ShardState.LEAVING)
     )
     return placement.with_table(placed.with_shard(shard, done))
+
+
+def moving_to(placement: Placement, table: str, shard: int, source: str) -> Replica | None:
+    """The Initializing replica of (table, shard) copying from ``source``, if any."""
+    placed = placement.tables.get(table)
+    if placed is None or not 0 <= shard < len(placed.shards):
+        return None
+    return next(
+        (
+            r
+            for r in placed.shards[shard]
+            if r.state == ShardState.INITIALIZING and r.source == source
+        ),
+        None,
+    )
+
+
+def restart_move(placement: Placement, table: str, shard: int, source: str) -> Placement:
+    """The move of (table, shard) from ``source`` with its attempt bumped; ``placement``
+    unchanged if no such move is in flight (it finished, or never was)."""
+    moving = moving_to(placement, table, shard, source)
+    if moving is None:
+        return placement
+    placed = placement.table(table)
+    replicas = tuple(
+        replace(r, attempt=r.attempt + 1) if r == moving else r for r in placed.shards[shard]
+    )
+    return placement.with_table(placed.with_shard(shard, replicas))

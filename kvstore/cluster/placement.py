@@ -13,7 +13,8 @@ One JSON document at ``/kvstore/<cluster>/placement`` (kvstore.cluster.etcd)::
          "next_version": 1,               the number the next bulk load gets
          "shards": [[{"node": "n1", "state": "Available"}], ...]}}}
                                           (an Initializing replica also has "source":
-                                          the node it copies from)
+                                          the node it copies from, and "attempt" once
+                                          a hand-over of it was given up)
 
 Every shard has a list of replicas (one per shard until replication comes); a replica
 is ``Initializing`` (being filled: a move's target), ``Available`` (serving) or
@@ -62,21 +63,28 @@ class ShardState(StrEnum):
 
 @dataclass(frozen=True)
 class Replica:
-    """One copy of a shard on a node; an Initializing one names the node it copies from."""
+    """One copy of a shard on a node; an Initializing one names the node it copies from,
+    and its ``attempt`` (bumped when the source gives a hand-over up: a finish of an
+    earlier attempt is then refused)."""
 
     node: str
     state: ShardState = ShardState.AVAILABLE
     source: str = ""
+    attempt: int = 0
 
     def to_json(self) -> dict:
-        doc = {"node": self.node, "state": self.state.value}
+        doc: dict = {"node": self.node, "state": self.state.value}
         if self.source:
             doc["source"] = self.source
+        if self.attempt:
+            doc["attempt"] = self.attempt
         return doc
 
     @classmethod
     def from_json(cls, doc: dict) -> Replica:
-        return cls(doc["node"], ShardState(doc["state"]), doc.get("source", ""))
+        return cls(
+            doc["node"], ShardState(doc["state"]), doc.get("source", ""), doc.get("attempt", 0)
+        )
 
 
 @dataclass(frozen=True)
@@ -313,17 +321,19 @@ class PlacementStore:
         return await self.update(change)
 
     async def join(self, node: str) -> Placement:
-        """Add ``node`` to the nodes that take shards (no-op if it is one): new tables
-        spread over it. Existing shards stay where they are (moves come later). The
-        first join gives the placement its cluster uuid."""
+        """Add ``node`` to the nodes that take shards (no-op if it is one: a restart
+        moves nothing): new tables spread over it, and it takes its share of the
+        existing shards (``assignment.join``: the moves, as Initializing replicas on it;
+        sizes unknown here, so balanced by count). The first join gives the placement its
+        cluster uuid."""
+        from kvstore.cluster.assignment import join  # assignment imports this module
 
         def change(placement: Placement) -> Placement:
             if node in placement.nodes and placement.cluster_uuid:
                 return placement
-            nodes = placement.nodes if node in placement.nodes else (*placement.nodes, node)
-            return replace(
-                placement, nodes=nodes, cluster_uuid=placement.cluster_uuid or uuid.uuid4().hex
-            )
+            if node not in placement.nodes:
+                placement = join(placement, node, sizes={})
+            return replace(placement, cluster_uuid=placement.cluster_uuid or uuid.uuid4().hex)
 
         return await self.update(change)
 

@@ -8,10 +8,17 @@ key) and refuses the request with ``StaleMap`` carrying the node's epoch when a 
 falls in a shard this node does not hold: reads need an Available or Leaving replica
 here, writes a replica in any state (an Initializing one is being filled). A node
 without etcd has no view, and no check runs.
+
+During a move's hand-over (kvstore.server.transfer) the source *seals* the shard: a
+write with a key in it waits (``sealed_wait`` gives it a future to await) until the
+seal ends, then is checked again (StaleMap once the placement moved the shard away).
+``writing`` tracks the writes being applied, so a seal can wait for them to finish.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -54,6 +61,13 @@ class ClusterView:
         self.known: dict[str, NodeInfo] = {}
         #: node ids registered in etcd now.
         self.live: frozenset[str] = frozenset()
+        #: table → bool per shard: writes wait (a move's hand-over).
+        self.sealed: dict[str, np.ndarray] = {}
+        #: Resolved when a seal ends; made when a write first waits on one.
+        self._seal_ended: asyncio.Future | None = None
+        #: table → tokens of the writes that passed the check and are being applied.
+        self.writing: dict[str, set[int]] = {}
+        self._tokens = itertools.count()
 
     @property
     def epoch(self) -> int:
@@ -78,6 +92,43 @@ class ClusterView:
         # the new ones (the node's calls all run on the event loop thread anyway).
         self.readable, self.writable = readable, writable
         self.placement = placement
+
+    def seal(self, table: str, shard: int) -> None:
+        """Make writes to ``shard`` of ``table`` wait until ``unseal``."""
+        mask = self.sealed.get(table)
+        if mask is None:
+            mask = self.sealed[table] = np.zeros(len(self.placement.table(table).shards), bool)
+        mask[shard] = True
+
+    def unseal(self, table: str, shard: int) -> None:
+        """End a seal: the writes waiting on it are checked again."""
+        mask = self.sealed.get(table)
+        if mask is not None and shard < len(mask):
+            mask[shard] = False
+            if not mask.any():
+                del self.sealed[table]
+        ended, self._seal_ended = self._seal_ended, None
+        if ended is not None and not ended.done():
+            ended.set_result(None)
+
+    def sealed_wait(self, table: str, keys: KeyBatch) -> asyncio.Future | None:
+        """A future to await (then check again) if a key of ``keys`` is in a sealed
+        shard; None otherwise. A write of no key (a consumer position alone) does not wait."""
+        mask = self.sealed.get(table)
+        if mask is None or not keys.count or not mask[keys.shard_ids(len(mask))].any():
+            return None
+        if self._seal_ended is None:
+            self._seal_ended = asyncio.get_running_loop().create_future()
+        return self._seal_ended
+
+    def begin_write(self, table: str) -> int:
+        """Record a write being applied to ``table``; the token ``end_write`` takes."""
+        token = next(self._tokens)
+        self.writing.setdefault(table, set()).add(token)
+        return token
+
+    def end_write(self, table: str, token: int) -> None:
+        self.writing.get(table, set()).discard(token)
 
     def see_nodes(self, registrations: Mapping[str, NodeInfo]) -> None:
         """Record the live nodes' registrations (the ones that went stay known)."""

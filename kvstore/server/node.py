@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Generator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -274,18 +274,21 @@ class Node:
         row_offsets: np.ndarray,
         features: list[str],
         position: Position | None = None,
-    ) -> Generator[None, None, int]:
+    ) -> Generator[Any, None, int]:
         """Apply full or partial rows to the delta in steps of at most 32 keys of one
         shard (``Writes.write_steps``); the number of rows written. Nothing runs before
         the first step, whose first act is to refuse (StaleMap) keys of shards the node
         does not hold."""
-        if self.view is not None:
-            self.view.check(name, keys, writing=True)
-        return (
-            yield from self.writes.write_steps(
-                self.table(name), schema_id, keys, rows, row_offsets, features, position
+        token = yield from self._admit_write(name, keys)
+        try:
+            return (
+                yield from self.writes.write_steps(
+                    self.table(name), schema_id, keys, rows, row_offsets, features, position
+                )
             )
-        )
+        finally:
+            if token is not None:
+                self.view.end_write(name, token)  # type: ignore[union-attr]
 
     def delete_steps(
         self,
@@ -293,16 +296,33 @@ class Node:
         keys: KeyBatch,
         event_time_us: int = 0,
         position: Position | None = None,
-    ) -> Generator[None, None, int]:
+    ) -> Generator[Any, None, int]:
         """Tombstone ``keys`` at ``event_time_us`` (µs, default now) in steps of at most 32
         keys of one shard (``Writes.delete_steps``); the number of keys. StaleMap, before
         anything is applied, for keys of shards the node does not hold."""
-        if self.view is not None:
+        token = yield from self._admit_write(name, keys)
+        try:
+            return (
+                yield from self.writes.delete_steps(self.table(name), keys, event_time_us, position)
+            )
+        finally:
+            if token is not None:
+                self.view.end_write(name, token)  # type: ignore[union-attr]
+
+    def _admit_write(self, name: str, keys: KeyBatch) -> Generator[Any, None, int | None]:
+        """In a cluster: StaleMap unless this node holds every key's shard; while one of
+        them is sealed by a move's hand-over, yield the future to await (``_drive``
+        awaits it) and check again. Returns the write's token in ``view.writing``."""
+        if self.view is None:
+            return None
+        self.view.check(name, keys, writing=True)
+        while (sealed := self.view.sealed_wait(name, keys)) is not None:
+            yield sealed
             self.view.check(name, keys, writing=True)
-        return (
-            yield from self.writes.delete_steps(self.table(name), keys, event_time_us, position)
-        )
+        return self.view.begin_write(name)
 
     def consumer_positions(self, name: str, consumer: str, source: str) -> dict[int, int]:
-        """Partition → the offset every shard of the table has applied (the minimum)."""
-        return self.writes.consumer_positions(self.table(name), consumer, source)
+        """Partition → the offset every shard of the table has applied (the minimum); in
+        a cluster, every shard this node holds (a shard moved away is empty here)."""
+        held = None if self.view is None else self.view.writable.get(name)
+        return self.writes.consumer_positions(self.table(name), consumer, source, held)

@@ -17,7 +17,7 @@ import numpy as np
 
 from kvstore import _codec
 from kvstore.clock import now_us
-from kvstore.errors import KvstoreError, error_metadata
+from kvstore.errors import InvalidArgument, KvstoreError, error_metadata
 from kvstore.keys import KeyBatch
 from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node, Position
@@ -29,6 +29,7 @@ from kvstore.wire.messages import schema_from_proto, schema_to_proto
 if TYPE_CHECKING:  # a node without etcd never imports the cluster's modules
     from kvstore.cluster.agent import ClusterAgent
     from kvstore.server.cluster_view import ClusterView
+    from kvstore.server.transfer import ShardTransfers
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,59 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         ]
         return pb.ClusterMap(epoch=1, nodes=[node], tables=tables)
 
+    # -- moves (docs/cluster.md, "Moves") ---------------------------------------------
+
+    def _transfers(self) -> ShardTransfers:
+        if self.cluster is None:
+            raise InvalidArgument("this node runs alone (no --etcd): it moves no shard")
+        return self.cluster.transfers
+
+    async def CopyShard(self, request: pb.CopyShardRequest, context: Any) -> Any:
+        try:
+            transfers = self._transfers()
+            async for chunk in transfers.copy(request.table, request.shard, request.target):
+                yield chunk
+        except KvstoreError as exc:
+            await context.abort(exc.code, str(exc), error_metadata(exc))
+        except Exception as exc:
+            logger.exception("CopyShard failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    @_translate_errors
+    async def ShardChanges(
+        self, request: pb.ShardChangesRequest, context: Any
+    ) -> pb.ShardChangesResponse:
+        transfers = self._transfers()
+        table, shard, log_id = request.table, request.shard, request.log_id
+        if request.release:
+            transfers.release(table, shard, log_id)
+            return pb.ShardChangesResponse()
+        if request.seal:
+            changes, seq = await transfers.seal(table, shard, log_id, request.since)
+        else:
+            changes, seq = transfers.changes(table, shard, log_id, request.since)
+        return pb.ShardChangesResponse(
+            changes=[
+                pb.ShardChange(
+                    seq=number,
+                    put_keys=[k for k, _ in puts],
+                    put_values=[v for _, v in puts],
+                    delete_keys=deletes,
+                )
+                for number, puts, deletes in changes
+            ],
+            seq=seq,
+            sealed=request.seal,
+        )
+
+    @_translate_errors
+    async def DrainNode(self, request: pb.DrainNodeRequest, context: Any) -> pb.DrainNodeResponse:
+        if self.cluster is None:
+            raise InvalidArgument("this node runs alone (no --etcd): there is nothing to drain")
+        placement = await self.cluster.drain(request.node_id)
+        moving = len(placement.replicas_on(request.node_id))
+        return pb.DrainNodeResponse(epoch=placement.epoch, moving=moving)
+
     # -- bulk loads ------------------------------------------------------------------
 
     @_translate_errors
@@ -340,14 +394,18 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return _version_info(meta, self.node.table(request.table).current)
 
 
-async def _drive(steps: Generator[None, None, int]) -> int:
-    """Run a write or delete, letting other calls (reads above all) run between its steps."""
+async def _drive(steps: Generator[Any, None, int]) -> int:
+    """Run a write or delete, letting other calls (reads above all) run between its steps;
+    a step that yields a future (a shard sealed by a move's hand-over) waits for it."""
     while True:
         try:
-            next(steps)
+            waited = next(steps)
         except StopIteration as done:
             return done.value
-        await asyncio.sleep(0)
+        if waited is None:
+            await asyncio.sleep(0)
+        else:  # shielded: a cancelled write must not end the seal for the others
+            await asyncio.shield(waited)
 
 
 def _position(request: pb.WriteRequest | pb.DeleteRequest) -> Position | None:

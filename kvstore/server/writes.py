@@ -244,11 +244,16 @@ class Writes:
                     if shard.index not in touched:
                         shard.write(extra, (), self._write_options)
 
-    def consumer_positions(self, table: Table, consumer: str, source: str) -> dict[int, int]:
-        """Partition → the offset every shard of the table has applied (the minimum)."""
+    def consumer_positions(
+        self, table: Table, consumer: str, source: str, held: np.ndarray | None = None
+    ) -> dict[int, int]:
+        """Partition → the offset every shard of the table has applied (the minimum);
+        ``held``: a bool per shard, the shards to count (None: all)."""
         prefix = position_prefix(consumer, source)
         per_shard: list[dict[int, int]] = []
         for shard in table.delta:
+            if held is not None and not held[shard.index]:
+                continue
             found = {}
             for key, value in shard.prefix_items(prefix):
                 (partition,) = struct.unpack(">I", key[len(prefix) :])

@@ -280,7 +280,16 @@ def _raise_for_status(exc: Exception, shard: Shard, doing: str, kinds: tuple[str
 class Shard:
     """A RocksDB instance holding the rows of one shard."""
 
-    __slots__ = ("_db", "_scan_options", "empty", "index", "on_write", "path", "table")
+    __slots__ = (
+        "_db",
+        "_scan_options",
+        "empty",
+        "index",
+        "on_write",
+        "path",
+        "recorder",
+        "table",
+    )
 
     def __init__(
         self,
@@ -308,6 +317,9 @@ class Shard:
         #: Called as ``on_write(index, puts, deletes)`` before each write: the node's
         #: hot-row cache forgets those keys (kvstore.server.hot_rows).
         self.on_write: Callable[[int, list, Iterable[bytes]], None] | None = None
+        #: Called with every batch applied (puts, deletes), in order, while a move copies
+        #: this delta shard to another node (kvstore.server.transfer's change log).
+        self.recorder: Callable[[list[tuple[bytes, bytes]], list[bytes]], None] | None = None
         if not base:
             path.mkdir(parents=True, exist_ok=True)
         try:
@@ -380,9 +392,12 @@ class Shard:
         deletes: Iterable[bytes] = (),
         options: rocksdict.WriteOptions | None = None,
     ) -> None:
-        """Apply puts and deletes atomically: one WriteBatch, through the WAL."""
+        """Apply puts and deletes atomically: one WriteBatch, through the WAL; the hot-row
+        cache forgets the keys first, and the recorder, if any, gets the batch after (the
+        one place every delta change passes)."""
+        if self.on_write is not None or self.recorder is not None:
+            deletes = list(deletes)
         if self.on_write is not None:
-            deletes = tuple(deletes)
             self.on_write(self.index, puts, deletes)
         self.empty = False
         batch = rocksdict.WriteBatch(raw_mode=True)
@@ -398,6 +413,8 @@ class Shard:
         except Exception as exc:
             _raise_for_status(exc, self, "write", _DAMAGED)
             raise
+        if self.recorder is not None:
+            self.recorder(puts, deletes)  # type: ignore[arg-type]  # a list, made above
 
     def scan(self, chunk: int = 4096) -> Iterator[tuple[list[bytes], list[bytes]]]:
         """Every row key and value in key order, ``chunk`` at a time (not the
@@ -414,6 +431,11 @@ class Shard:
                 keys, values = [], []
         if keys:
             yield keys, values
+
+    def raw_items(self, from_key: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Every key and value in key order from ``from_key``, the node's own keys too
+        (a move copies a delta shard whole). One RocksDB iterator: a consistent view."""
+        return self._items(from_key)
 
     def prefix_items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Keys starting with ``prefix`` and their values, in key order."""

@@ -15,12 +15,14 @@ A read overlays the delta on the base of the current (or a pinned) version.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
 from kvstore.schema import TableSchema
+from kvstore.storage.catalog import fsync_dir
 from kvstore.storage.engine import Engine
-from kvstore.storage.shard import Shard
+from kvstore.storage.shard import Shard, create_empty_base
 from kvstore.storage.versions import TableEntry, VersionMeta
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,60 @@ class Table:
     def adopt_base(self, version: int, shards: list[Shard]) -> None:
         """Take over the shards a bulk load opened for ``version``."""
         self._bases[version] = shards
+
+    def replace_base_shard(self, version: int, index: int, source: Path | None) -> None:
+        """Put the database at ``source`` (None: an empty one) in place of shard ``index``
+        of kept version ``version``: a shard moved here, or moved away. The old files go
+        aside first, then the new ones are renamed in (same file system), then the old
+        ones are deleted; the shard is reopened if it was open."""
+        path = self.version_dir(version) / f"shard-{index:04d}"
+        options = self._engine.base_options(self.versions[version].format)
+        opened = self._bases.get(version)
+        if opened is not None:
+            opened[index].close()
+        aside = path.with_name(path.name + ".old")
+        shutil.rmtree(aside, ignore_errors=True)
+        if path.exists():
+            os.rename(path, aside)
+        if source is None:
+            create_empty_base(path, options)
+        else:
+            os.rename(source, path)
+        fsync_dir(path)
+        fsync_dir(path.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+        if opened is not None:
+            # A new list, not an item set in place: the hot-row cache keys a version's
+            # rows by the identity of its shard list (kvstore.server.hot_rows).
+            opened = list(opened)
+            opened[index] = Shard(
+                path, index, options, self._engine.base_read_options, base=True, table=self.name
+            )
+            self._bases[version] = opened
+
+    def add_version(self, meta: VersionMeta, index: int, source: Path) -> None:
+        """Keep version ``meta`` (not current) holding only shard ``index``, the database
+        at ``source``: a moved shard's version this node had none of (its other shards
+        empty here, as after a load that sent this node nothing for them). The caller
+        persists the catalog."""
+        root = self.version_dir(meta.version)
+        root.mkdir(parents=True, exist_ok=True)
+        options = self._engine.base_options(meta.format)
+        for i in range(self.schema.shards):
+            path = root / f"shard-{i:04d}"
+            if i == index:
+                shutil.rmtree(path, ignore_errors=True)
+                os.rename(source, path)
+            elif not path.exists():
+                create_empty_base(path, options)
+        fsync_dir(root)
+        fsync_dir(root.parent)
+        self._bases.pop(meta.version, None)
+        self.versions[meta.version] = meta
+
+    @property
+    def name(self) -> str:
+        return self.schema.name
 
     def drop_version(self, version: int) -> None:
         """Close and delete a version's files (never the current one)."""
