@@ -55,6 +55,7 @@ from kvstore.cluster.identity import (
 from kvstore.cluster.membership import DEFAULT_TTL_S, Membership, NodeInfo, watch_nodes
 from kvstore.cluster.moves import Mover
 from kvstore.cluster.placement import Placement, PlacementStore, ShardState, watch_placement
+from kvstore.cluster.sizes import REPORT_EVERY_S, read_sizes, report_sizes
 from kvstore.errors import InvalidArgument, LoadConflict, NotFound, Unavailable
 from kvstore.schema import TableSchema
 from kvstore.server.cluster_view import ClusterView
@@ -108,6 +109,9 @@ class ClusterAgent:
         #: (table, shard) this node held at the last epoch applied (None: none yet).
         self._held: frozenset[tuple[str, int]] | None = None
         self._drops: set[asyncio.Task] = set()
+        #: Set at every placement applied: the size report goes out then, not only
+        #: every REPORT_EVERY_S (kvstore.cluster.sizes).
+        self._sizes_changed = asyncio.Event()
 
     async def start(self) -> None:
         """Join the cluster and apply its placement; Unavailable or AlreadyExists if not."""
@@ -121,7 +125,7 @@ class ClusterAgent:
                 check_identity(data_dir, kept, ClusterIdentity(self.cluster, current.cluster_uuid))
             self.membership = Membership(self.etcd, self.me, self.ttl_s)
             await self.membership.start()
-            joined = await self.store.join(self.me.node_id)
+            joined = await self.store.join(self.me.node_id, await self._sizes())
             self.identity = ClusterIdentity(self.cluster, joined.cluster_uuid)
             if kept is None:
                 record_identity(data_dir, self.identity)
@@ -129,6 +133,7 @@ class ClusterAgent:
             self._tasks = [
                 asyncio.create_task(self._follow_placement(), name="cluster-placement"),
                 asyncio.create_task(self._follow_nodes(), name="cluster-nodes"),
+                asyncio.create_task(self._report_sizes(), name="cluster-sizes"),
             ]
             for task in self._tasks:
                 task.add_done_callback(self._task_ended)
@@ -252,8 +257,9 @@ class ClusterAgent:
                     f"node {node!r} is not one of the cluster's nodes (nodes: {known}); "
                     "nothing to drain"
                 )
-            return drain(placement, node, sizes={})
+            return drain(placement, node, sizes=sizes)
 
+        sizes = await self._sizes()
         placement = await self.store.update(change)
         log.info("drain of node %s: placement epoch %d", node, placement.epoch)
         return placement
@@ -324,6 +330,7 @@ class ClusterAgent:
                     self._drops.add(task)
                     task.add_done_callback(self._drops.discard)
         self._held = held
+        self._sizes_changed.set()  # a load, a move or a new table: report sizes now
         self.transfers.placement_applied()
         self.mover.see(placement)
 
@@ -355,6 +362,35 @@ class ClusterAgent:
         assert self.etcd is not None
         async for placement in watch_placement(self.etcd):
             await self._take(placement)
+
+    async def _sizes(self) -> dict[tuple[str, int], int]:
+        """Every node's last report of its shard sizes (bytes), for balancing moves."""
+        assert self.etcd is not None and self.store is not None
+        current, _ = await self.store.read()
+        return await read_sizes(self.etcd, current)
+
+    async def _report_sizes(self) -> None:
+        """Report the bytes of every shard this node holds after each placement applied
+        and every REPORT_EVERY_S (kvstore.cluster.sizes); etcd lost: the next report
+        tries again."""
+        assert self.etcd is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sizes_changed.wait(), REPORT_EVERY_S)
+            self._sizes_changed.clear()
+            sizes: dict[str, dict[int, int]] = {}
+            for table, shard in sorted(self._held or ()):
+                held = self.node.tables.get(table)
+                if held is None:
+                    continue
+                try:
+                    sizes.setdefault(table, {})[shard] = held.shard_bytes(shard)
+                except OSError:  # a shard's files being replaced by a move: next time
+                    continue
+            try:
+                await report_sizes(self.etcd, self.me.node_id, sizes)
+            except Unavailable as exc:
+                log.debug("shard sizes not reported: %s", exc)
 
     async def _follow_nodes(self) -> None:
         assert self.etcd is not None

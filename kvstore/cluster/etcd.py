@@ -9,6 +9,8 @@ cluster lives under one prefix, so several clusters (or test runs) can share an 
     /kvstore/<cluster>/placement         the placement document (JSON, one key): tables,
                                          shards, replicas, epoch; changed only by
                                          compare-and-swap (kvstore.cluster.placement)
+    /kvstore/<cluster>/sizes/<node id>   bytes of each shard the node holds (JSON), for
+                                         balancing moves (kvstore.cluster.sizes)
 
 etcd errors are turned into ``kvstore.errors.Unavailable`` naming the URL in one place
 (``Etcd.calls``), so a node's log and an operator's terminal say which etcd is missing.
@@ -128,6 +130,11 @@ class ClusterKeys:
     @property
     def placement(self) -> bytes:
         return self.root + b"placement"
+
+    @property
+    def sizes(self) -> bytes:
+        """The prefix of the nodes' shard-size reports (kvstore.cluster.sizes)."""
+        return self.root + b"sizes/"
 
 
 @dataclass(frozen=True)

@@ -320,19 +320,21 @@ class PlacementStore:
 
         return await self.update(change)
 
-    async def join(self, node: str) -> Placement:
+    async def join(
+        self, node: str, sizes: Mapping[tuple[str, int], int] | None = None
+    ) -> Placement:
         """Add ``node`` to the nodes that take shards (no-op if it is one: a restart
         moves nothing): new tables spread over it, and it takes its share of the
-        existing shards (``assignment.join``: the moves, as Initializing replicas on it;
-        sizes unknown here, so balanced by count). The first join gives the placement its
-        cluster uuid."""
+        existing shards (``assignment.join``: the moves, as Initializing replicas on it,
+        balanced by count, then by ``sizes``: bytes per (table, shard), as in
+        kvstore.cluster.sizes). The first join gives the placement its cluster uuid."""
         from kvstore.cluster.assignment import join  # assignment imports this module
 
         def change(placement: Placement) -> Placement:
             if node in placement.nodes and placement.cluster_uuid:
                 return placement
             if node not in placement.nodes:
-                placement = join(placement, node, sizes={})
+                placement = join(placement, node, sizes=sizes or {})
             return replace(placement, cluster_uuid=placement.cluster_uuid or uuid.uuid4().hex)
 
         return await self.update(change)

@@ -167,6 +167,15 @@ class Table:
         base = self.base(self.current) if self.current else []
         return max(sum(s.estimate_keys() for s in self.delta), sum(s.estimate_keys() for s in base))
 
+    def shard_bytes(self, index: int) -> int:
+        """Bytes of shard ``index``: its delta and its base in the current version."""
+        total = self.delta[index].disk_bytes()
+        if self.current:
+            root = self.version_dir(self.current) / f"shard-{index:04d}"
+            if root.exists():
+                total += sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return total
+
     def disk_bytes(self) -> int:
         """Bytes of the delta and of every kept version."""
         total = sum(s.disk_bytes() for s in self.delta)
