@@ -57,6 +57,8 @@ bench: build
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server)
 	@command -v etcd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server)
 	$(PY) -m loadtests.bench $(if $(QUICK),--quick) $(ARGS)
+	@# rows written online (the delta tier) against bulk-loaded ones, in-process (issue 17)
+	$(PY) -m loadtests.tiers $(if $(QUICK),--rounds 3 --writes 0) --out $(if $(QUICK),bench/quick,bench)/tiers.json
 	@# RAM capped at a third of Redis's (a memory cgroup: root only; exit status 2 = skipped); both
 	@# tables in the plain format (zstd: python -m loadtests.memcap --formats zstd, docs/benchmarks.md)
 	$(PY) -m loadtests.memcap --formats plain $(if $(QUICK),--rows 100000 --rounds 2 --out bench/quick) || test $$? -eq 2
