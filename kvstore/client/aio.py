@@ -4,6 +4,7 @@ path (pipelined, ``kvstore.client.aio_fast``), everything else on grpc.aio."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -19,9 +20,17 @@ from kvstore.client.core import (
     read_once,
 )
 from kvstore.client.flows import Operations
+from kvstore.client.health import HedgePolicy
+from kvstore.client.hedging import HedgedRead
 from kvstore.client.result import GetResult
 from kvstore.client.stream import AsyncUpdateStream
-from kvstore.errors import KvstoreError, TableNotFound, Unavailable, from_rpc_error
+from kvstore.errors import (
+    DeadlineExceeded,
+    KvstoreError,
+    TableNotFound,
+    Unavailable,
+    from_rpc_error,
+)
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_aio_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -46,10 +55,11 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: str = "auto",
         zone: str = "",
+        hedging: HedgePolicy | None = None,
     ) -> None:
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport must be 'auto' or 'grpc', not {transport!r}")
-        self._ops = Operations(address, timeout, zone)
+        self._ops = Operations(address, timeout, zone, hedging)
         #: (event loop, address) → channel and stub: a grpc.aio channel serves one loop.
         self._channels: dict[tuple[Any, str], tuple[grpc.aio.Channel, pb_grpc.FeatureStoreStub]]
         self._channels = {}
@@ -116,6 +126,16 @@ class AsyncClient:
                 body = plan.request(batch, version)
                 response = await self._fast.get(fast, body, timeout)
                 return ops.finish_one(table, plan, batch, fast, response)
+            if calls and ops.replicated(table):
+                read = HedgedRead(ops, table, plan.schema, plan, batch, version, calls=calls)
+                try:
+                    await self._drive(read, timeout)
+                except STALE_ROUTE as exc:
+                    flow = ops.get_retry_flow(
+                        exc, table, keys, features, version, read.failed_nodes()
+                    )
+                    return await self._run(flow, timeout)
+                return ops.finish_get(table, plan, batch, *read.answers())
             if calls:
                 outcomes = await self._send_settled(calls, timeout)
                 error, failed = ops.quick_outcomes(calls, outcomes)
@@ -255,6 +275,45 @@ class AsyncClient:
             for c in calls:
                 outstanding[c.address] -= 1
 
+    async def _drive(self, read: HedgedRead, timeout: float) -> None:
+        """Run ``read`` to its end within ``timeout`` s: a task per call; the wait for
+        the next answer ends at the next hedge's time. Losers are cancelled (a cancelled
+        fast-path get leaves its connection usable)."""
+        deadline = time.monotonic() + timeout
+        tasks: dict[asyncio.Future, int] = {}
+        outstanding = self._ops.outstanding
+
+        def send(ids: list[int]) -> None:
+            left = max(deadline - time.monotonic(), 0.001)
+            for i in ids:
+                call = read.calls[i]
+                outstanding[call.address] = outstanding.get(call.address, 0) + 1
+                tasks[asyncio.ensure_future(self._outcome(call, left))] = i
+
+        try:
+            send(read.start())
+            while not read.done:
+                now = time.monotonic()
+                if now >= deadline or not tasks:
+                    raise DeadlineExceeded(
+                        f"a read's replicas did not answer within the deadline of {timeout} s"
+                    )
+                wait = max(min(read.next_due(), deadline) - now, 0)
+                ended, _ = await asyncio.wait(
+                    tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not ended:
+                    send(read.hedge())
+                    continue
+                for task in ended:
+                    i = tasks.pop(task)
+                    outstanding[read.calls[i].address] -= 1
+                    send(read.answered(i, task.result()))
+        finally:
+            for task, i in tasks.items():
+                task.cancel()
+                outstanding[read.calls[i].address] -= 1
+
     async def _outcome(self, call: NodeCall, timeout: float) -> Any:
         """The response to one call, or its KvstoreError."""
         try:
@@ -271,6 +330,14 @@ class AsyncClient:
         try:
             calls = next(flow)
             while True:
+                if isinstance(calls, HedgedRead):
+                    try:
+                        await self._drive(calls, timeout)
+                    except KvstoreError as exc:
+                        calls = flow.throw(exc)
+                    else:
+                        calls = flow.send(None)
+                    continue
                 if isinstance(calls, Settled):
                     outcomes = await self._send_settled(calls, timeout) if calls else []
                     calls = flow.send(outcomes)

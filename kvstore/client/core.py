@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kvstore import _codec
-from kvstore.client.health import ReplicaCounters
+from kvstore.client.health import HedgePolicy, NodeHealth
 from kvstore.client.result import GetResult
 from kvstore.client.routes import Route, read_choice, route_from_map
 from kvstore.columns import EncodedRows
@@ -141,7 +141,13 @@ class NodeCall:
 class ClientCore:
     """Schemas and the cluster map, cached; plans and finishes batch calls."""
 
-    def __init__(self, address: str | None, timeout: float, zone: str = "") -> None:
+    def __init__(
+        self,
+        address: str | None,
+        timeout: float,
+        zone: str = "",
+        hedging: HedgePolicy | None = None,
+    ) -> None:
         self.seed = resolve_address(address)
         self.timeout = check_timeout(timeout)
         #: The client's zone: reads prefer replicas on nodes of this zone.
@@ -153,9 +159,11 @@ class ClientCore:
         #: that runs a flow refreshes the map first (a read does not wait for it).
         self.route_doubted = False
         self.get_plans: dict[tuple, GetPlan] = {}
+        #: Calls outstanding and latency per node, the hedge budget.
+        self.health = NodeHealth(hedging or HedgePolicy())
         #: address → calls sent to it and not answered yet (the drivers count them).
-        self.outstanding: dict[str, int] = {}
-        self.counters = ReplicaCounters()
+        self.outstanding = self.health.outstanding
+        self.counters = self.health.counters
         #: Ties between equally good replicas go to the node at this offset, so that
         #: one client sends a batch to few nodes and many clients spread over all.
         self.spin = random.randrange(1 << 16)
@@ -225,8 +233,9 @@ class ClientCore:
         if readable is None or (readable.shape[1] == 1 and not avoid):
             node_of_key = owners[shard_of_key]
         else:
+            wanted = np.unique(shard_of_key)
             chosen = read_choice(
-                route, table, readable, avoid, self.outstanding, self.zone, self.spin
+                route, table, readable, avoid, self.health, self.zone, self.spin, wanted
             )
             node_of_key = chosen[shard_of_key]
         out: list[tuple[str, np.ndarray | None]] = []

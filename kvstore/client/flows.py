@@ -99,6 +99,7 @@ class Operations(ReplicaFlows):
             assert error is not None
             raise error
         self.apply_cluster_map(best)
+        self.route_doubted = False  # the newest map any node has: nothing newer to ask for
         return best
 
     def schema_flow(self, table: str, refresh: bool = False) -> Flow:

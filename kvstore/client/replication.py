@@ -17,7 +17,7 @@ from kvstore.client.core import (
     NodeCall,
     Settled,
 )
-from kvstore.client.routes import NoReplica
+from kvstore.client.hedging import HedgedRead
 from kvstore.errors import KvstoreError, Unavailable
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
@@ -43,45 +43,21 @@ class ReplicaFlows(ClientCore):
         version: int,
         avoid: frozenset[str] = frozenset(),
     ) -> Flow:
-        """Read ``batch`` from one readable replica per shard; a part whose node fails
-        with a stale route (Unavailable, StaleMap) goes at once to another replica of
-        its shards, pinned to the version the other parts answered from (the map is
-        refreshed by the next call). NoReplica, or a node's own error, when no replica
-        is left: ``_routed`` then refreshes the map and reads again."""
-        calls = self.plan_get(table, schema, batch, plan.names, version, avoid)
-        done: list[NodeCall] = []
-        responses: list[Any] = []
-        first_error: KvstoreError | None = None
-        while True:
-            outcomes = yield Settled(calls)
-            failed = []
-            for call, outcome in zip(calls, outcomes, strict=True):
-                if not isinstance(outcome, KvstoreError):
-                    done.append(call)
-                    responses.append(outcome)
-                elif isinstance(outcome, STALE_ROUTE):
-                    failed.append(call)
-                    first_error = first_error or outcome
-                else:
-                    raise outcome
-            if not failed:
-                return self.finish_get(table, plan, batch, done, responses)
-            avoid = avoid | {c.address for c in failed}
-            positions = np.concatenate(
-                [np.arange(batch.count) if c.positions is None else c.positions for c in failed]
-            )
-            pinned = version or (responses[0].version if responses else 0)
-            try:
-                calls = self.plan_get(
-                    table, schema, batch.take(positions), plan.names, pinned, avoid
-                )
-            except NoReplica:
-                assert first_error is not None
-                raise first_error from None
-            for call in calls:  # positions in the part → positions in the batch
-                call.positions = positions if call.positions is None else positions[call.positions]
-            self.counters.failovers += len(failed)
-            self.route_doubted = True
+        """Read ``batch`` from one readable replica per shard, as a HedgedRead: a part
+        whose node fails with a stale route (Unavailable, StaleMap) goes at once to
+        another replica of its shards, a slow one is hedged, both pinned to the version
+        the other parts answered from (the map is refreshed by the next call). The
+        node's error when no replica is left: ``_routed`` then refreshes the map and
+        reads again."""
+        read = HedgedRead(self, table, schema, plan, batch, version, avoid)
+        yield read  # the client runs it to its end (or throws its error in)
+        return self.finish_get(table, plan, batch, *read.answers())
+
+    def replicated(self, table: str) -> bool:
+        """True when some shard of ``table`` has two readable replicas or more: its
+        reads run as a HedgedRead (failover, hedges)."""
+        readable = self.route.readable.get(table)
+        return readable is not None and readable.shape[1] > 1
 
     def quorum_flow(
         self,

@@ -17,8 +17,11 @@ from kvstore.client.core import (
 )
 from kvstore.client.fast import FastConnections
 from kvstore.client.flows import Operations
+from kvstore.client.health import HedgePolicy
+from kvstore.client.hedging import HedgedRead
 from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
+from kvstore.client.sync_hedging import drive_fast, drive_grpc
 from kvstore.errors import KvstoreError, TableNotFound, Unavailable, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
@@ -37,6 +40,9 @@ class Client:
     over gRPC; ``"grpc"`` uses gRPC only. Connecting is lazy: an unreachable node is
     reported by the first call, as ``kvstore.Unavailable``, within its deadline.
     ``zone``: reads prefer replicas on nodes of this zone (``kvstore serve --zone``).
+    On a table with replicas, a read part that fails goes at once to another replica,
+    and one slower than its node's recent p95 is hedged (``hedging``: a HedgePolicy;
+    ``HedgePolicy(enabled=False)`` turns hedges off); see ``counters()``.
     Thread-safe for concurrent calls.
     """
 
@@ -51,10 +57,11 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: str = "auto",
         zone: str = "",
+        hedging: HedgePolicy | None = None,
     ) -> None:
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport must be 'auto' or 'grpc', not {transport!r}")
-        self._ops = Operations(address, timeout, zone)
+        self._ops = Operations(address, timeout, zone, hedging)
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.FeatureStoreStub]] = {}
         self._retired: list[grpc.Channel] = []
         self._fast = FastConnections() if transport == "auto" else None
@@ -134,6 +141,16 @@ class Client:
                 assert self._fast is not None
                 response = self._fast.get(fast, plan.request(batch, version), timeout)
                 return ops.finish_one(table, plan, batch, fast, response)
+            if calls and ops.replicated(table):
+                read = HedgedRead(ops, table, plan.schema, plan, batch, version, calls=calls)
+                try:
+                    self._drive(read, timeout)
+                except STALE_ROUTE as exc:
+                    flow = ops.get_retry_flow(
+                        exc, table, keys, features, version, read.failed_nodes()
+                    )
+                    return self._run(flow, timeout)
+                return ops.finish_get(table, plan, batch, *read.answers())
             if calls:
                 outcomes = self._send_settled(calls, timeout)
                 error, failed = ops.quick_outcomes(calls, outcomes)
@@ -306,6 +323,15 @@ class Client:
                 outcomes.append(self._rpc_error(exc, call.address, timeout))
         return outcomes
 
+    def _drive(self, read: HedgedRead, timeout: float) -> None:
+        """Run ``read`` to its end within ``timeout`` s: over the fast read path when
+        every node has one, else gRPC."""
+        fast = self._ops.fast
+        if self._fast is not None and all(n in fast for n in self._ops.nodes if n):
+            drive_fast(read, self._fast, fast, timeout)
+        else:
+            drive_grpc(read, self._stub, self._rpc_error, timeout)
+
     def _send(self, calls: list[NodeCall], timeout: float) -> list[Any]:
         """The responses to ``calls``, sent in parallel; the first error once all ended."""
         outcomes = self._send_settled(calls, timeout)
@@ -319,6 +345,14 @@ class Client:
         try:
             calls = next(flow)
             while True:
+                if isinstance(calls, HedgedRead):
+                    try:
+                        self._drive(calls, timeout)
+                    except KvstoreError as exc:
+                        calls = flow.throw(exc)
+                    else:
+                        calls = flow.send(None)
+                    continue
                 if isinstance(calls, Settled):
                     calls = flow.send(self._send_settled(calls, timeout) if calls else [])
                     continue
