@@ -32,7 +32,7 @@ from kvstore.client.health import NodeHealth
 from kvstore.client.routes import NoReplica, read_choice, route_from_map
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
-from kvstore.server.process import NodeProcess
+from kvstore.server.process import NodeProcess, wait_until
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
@@ -80,6 +80,15 @@ def _two_replica_map(
     )
 
 
+def _wait_for_nodes(client: Client, count: int) -> None:
+    """Until the map shows ``count`` live nodes (a table created then spreads over all)."""
+    wait_until(
+        lambda: [n["state"] for n in client.cluster_map()["nodes"]] == ["live"] * count,
+        30,
+        f"{count} live nodes in the map",
+    )
+
+
 # -- the route, read choice and quorum, from a map message ------------------------------
 
 
@@ -124,8 +133,11 @@ def test_reads_prefer_the_zone_then_the_least_busy_replica_and_writes_need_their
     assert choice("", frozenset({addresses[0]})) == [1, 1, 2, 1]
     with pytest.raises(NoReplica, match="shard 1"):
         choice("", frozenset({addresses[1]}))
-    # A majority of each shard's writable replicas (2 of 2, 2 of 3) ...
-    assert route.needed("t").tolist() == [2, 2, 2, 2]
+    # A majority of each shard's readable replicas (2 of 2, 1 of 1, 2 of 3): an
+    # Initializing replica takes writes but its ack does not count ...
+    assert route.needed("t").tolist() == [2, 1, 2, 2]
+    applied = {addresses[2]: np.array([1, 2, 3])}
+    assert route.acks("t", applied).tolist() == [0, 0, 1, 1]
     # ... or fewer when the others are down; write_quorum overrides the majority.
     cmap.nodes[1].state = "down"
     cmap.tables[0].write_quorum = 1
@@ -235,6 +247,7 @@ def test_a_read_fails_over_from_a_node_that_does_not_hold_the_shard(
         cluster.start("n1")
         table = "stale"
         with Client(n0.address, timeout=TIMEOUT_S) as writer:
+            _wait_for_nodes(writer, 2)
             writer.create_table(table, key="int64", features=FEATURES, shards=SHARDS)
             writer.write(table, feature_rows(KEYS))
         real = _real_map(n0.address)
@@ -359,6 +372,7 @@ def replicated(
         table = "replicated"
         first = next(iter(cluster.nodes.values()))
         with Client(first.address, timeout=TIMEOUT_S) as client:
+            _wait_for_nodes(client, 3)
             client.create_table(table, key="int64", features=FEATURES, shards=12, replicas=2)
             replicas = client.cluster_map()["replicas"][table]
             if any(len(r) != 2 for r in replicas):
@@ -519,6 +533,7 @@ def test_the_map_refresh_follows_a_node_that_dies_under_r1(
         n0, n1 = cluster.start("n0"), cluster.start("n1")
         table = "r1"
         with Client(n0.address, timeout=TIMEOUT_S) as client:
+            _wait_for_nodes(client, 2)
             client.create_table(table, key="int64", features=FEATURES, shards=SHARDS)
             client.write(table, feature_rows(KEYS))
             owners = client.cluster_map()["tables"][table]

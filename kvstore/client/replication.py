@@ -114,11 +114,9 @@ class ReplicaFlows(ClientCore):
         self, table: str, schema: TableSchema, present: np.ndarray, acked: dict[str, np.ndarray]
     ) -> np.ndarray:
         """The shards of ``present`` with fewer acks than the current map's quorum."""
-        acks = np.zeros(schema.shards, np.int64)
-        for shards in acked.values():
-            acks[shards] += 1
-        needed = self.route.needed(table)
-        return present[acks[present] < needed[present]]
+        route = self.route
+        acks = route.acks(table, acked)
+        return present[acks[present] < route.needed(table)[present]]
 
     def _no_quorum(
         self,

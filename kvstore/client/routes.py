@@ -83,15 +83,36 @@ class Route:
         )
 
     def needed(self, table: str) -> np.ndarray:
-        """Per shard, the acks a write needs: the table's quorum (default a majority of
-        the shard's writable replicas), at most the replicas not marked down, at least 1."""
-        writable = self.writable[table]
-        count = (writable >= 0).sum(axis=1)
+        """Per shard, the acks of readable replicas (Available, Leaving) a write needs:
+        the table's write_quorum, default a majority of them (an Initializing replica
+        takes the write but does not count: it serves no reads yet), at most those on
+        nodes not marked down, at least 1."""
+        readable = self.readable[table]
+        count = (readable >= 0).sum(axis=1)
         padded = np.append(self.down, False)
-        live = ((writable >= 0) & ~padded[writable]).sum(axis=1)
+        live = ((readable >= 0) & ~padded[readable]).sum(axis=1)
         quorum = self.quorum.get(table, 0)
-        want = np.full(len(writable), quorum) if quorum else count // 2 + 1
+        want = np.full(len(readable), quorum) if quorum else count // 2 + 1
         return np.maximum(np.minimum(want, live), 1)
+
+    def acks(self, table: str, acked: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Per shard, how many of its readable replicas applied a write, from ``acked``
+        (node address → the shards it applied); for a shard with no readable replica,
+        how many writable ones did."""
+        readable = self.readable[table]
+        writable = self.writable[table]
+        index = {a: i for i, a in enumerate(self.nodes)}
+        counted = np.zeros(len(readable), np.int64)
+        fallback = np.zeros(len(readable), np.int64)
+        for address, shards in acked.items():
+            node = index.get(address)
+            if node is None or not len(shards):
+                continue
+            counted[shards[(readable[shards] == node).any(axis=1)]] += 1
+            fallback[shards[(writable[shards] == node).any(axis=1)]] += 1
+        none_readable = (readable < 0).all(axis=1)
+        counted[none_readable] = fallback[none_readable]
+        return counted
 
 
 def _replica_matrix(shards: Any, states: tuple[str, ...], owners: np.ndarray) -> np.ndarray:
