@@ -124,8 +124,7 @@ def position_proto(position: Any) -> pb.ConsumerPosition | None:
 
 def cluster_map_json(cmap: pb.ClusterMap) -> dict:
     """The cluster map as plain values: epoch, nodes (as advertised, with zone and
-    state), table → owner (node index) per shard, table → current version, table → per
-    shard its replicas as [node index, state] pairs."""
+    state), table → owner (node index) per shard, table → current version."""
     return {
         "epoch": cmap.epoch,
         "nodes": [
@@ -140,10 +139,6 @@ def cluster_map_json(cmap: pb.ClusterMap) -> dict:
         ],
         "tables": {t.table: list(t.owner) for t in cmap.tables},
         "versions": {t.table: t.version for t in cmap.tables},
-        "replicas": {
-            t.table: [[[n, s] for n, s in zip(r.node, r.state, strict=True)] for r in t.replicas]
-            for t in cmap.tables
-        },
     }
 
 
