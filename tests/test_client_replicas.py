@@ -160,6 +160,31 @@ def test_reads_prefer_the_zone_then_the_least_busy_replica_and_writes_need_their
         assert set(shard_of_key[positions].tolist()) == set(held)
 
 
+def test_a_node_s_hedge_delay_follows_its_latency_and_hedges_keep_to_the_budget() -> None:
+    health = NodeHealth(HedgePolicy(min_delay=0.001, max_delay=0.05, budget=0.1, burst=2))
+    fast, slow = "127.0.0.1:1", "127.0.0.1:2"
+    assert health.hedge_delay(fast) == 0.05  # nothing known yet: the longest
+    for _ in range(200):
+        health.record(fast, 0.0002)
+        health.record(slow, 0.010)
+    assert health.hedge_delay(fast) == 0.001  # its p95 is below the floor
+    assert 0.010 <= health.hedge_delay(slow) < 0.02
+    health.record(slow, 0.040)  # one late answer widens its spread, within the bounds
+    assert 0.010 < health.hedge_delay(slow) <= 0.05
+    # The burst, then one hedge per 10 read parts.
+    assert [health.spend() for _ in range(3)] == [True, True, False]
+    health.earn(9)
+    assert not health.spend()
+    health.earn(1)
+    assert health.spend() and not health.spend()
+    health.earn(1000)  # capped at the burst
+    assert [health.spend() for _ in range(3)] == [True, True, False]
+    # A node a hedge beat is avoided for a while, then tried again.
+    health.suspect(slow)
+    assert health.suspected(slow, time.monotonic())
+    assert not health.suspected(slow, time.monotonic() + 5)
+
+
 # -- failover and hedging against a node and a proxy in front of it ----------------------
 
 

@@ -269,6 +269,11 @@ class AsyncClient:
         try:
             if len(calls) == 1:
                 return [await self._outcome(calls[0], timeout)]
+            if self._fast is not None and calls[0].method == "Get":
+                fast = self._ops.fast
+                if all(c.address in fast for c in calls):  # pipelined, no task per call
+                    pairs = [(fast[c.address], c.request) for c in calls]
+                    return await self._fast.get_many(pairs, timeout, settled=True)
             outcomes = await asyncio.gather(*(self._outcome(c, timeout) for c in calls))
             return list(outcomes)
         finally:
