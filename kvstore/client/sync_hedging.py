@@ -16,10 +16,15 @@ import grpc
 
 from kvstore.client.fast import FastConnections, _Connection
 from kvstore.client.hedging import HedgedRead
-from kvstore.errors import DeadlineExceeded, KvstoreError
+from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
 from kvstore.wire.frames import read_answer
 
 __all__ = ["drive_fast", "drive_grpc"]
+
+#: How long a new fast-path connection may take (s). Connecting blocks the thread (no
+#: hedge meanwhile); a node that hangs (SIGSTOP) accepts connections until its backlog
+#: fills, then not at all: past this, the part fails over to another replica.
+CONNECT_TIMEOUT_S = 0.25
 
 
 def _late(timeout: float) -> DeadlineExceeded:
@@ -91,7 +96,10 @@ def drive_fast(
             outstanding[call.address] = outstanding.get(call.address, 0) + 1
             conn = None
             try:
-                conn = connections._connection(fast[call.address], timeout)
+                try:
+                    conn = connections._connection(fast[call.address], CONNECT_TIMEOUT_S)
+                except DeadlineExceeded as exc:  # a hung node's full backlog: fail over
+                    raise Unavailable(str(exc)) from None
                 body = call.request.SerializeToString()
                 request_id = connections._send(conn, body, deadline, timeout)
             except KvstoreError as exc:  # _send dropped the connection
