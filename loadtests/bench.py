@@ -56,6 +56,7 @@ from loadtests.floors import EchoFloor, EchoServer, PingFloor, floor_ratios
 from loadtests.machine import machine_info
 from loadtests.mixed import MixedSettings, measure_mixed_dtypes, render_mixed
 from loadtests.redis_client import HiredisMissing, connect, require_hiredis
+from loadtests.replica_bench import ReplicaSettings, measure_replicas, render_replicas
 from loadtests.servers import (
     KvstoreNode,
     RedisServer,
@@ -144,6 +145,8 @@ class Settings:
     updates: UpdateSettings = field(default_factory=UpdateSettings)
     #: The cluster step (issue 15); nodes = 0 skips it. Its rows and seed are these.
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    #: The replica step (issue 16, loadtests/replica_bench.py); run with the cluster step.
+    replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
     #: More bulk-load sizes, each into a table of its own after the other sections.
     load_rows: list[int] = field(default_factory=lambda: [10_000_000])
     out_dir: Path = Path("bench")
@@ -168,6 +171,7 @@ class Settings:
             ),
             mixed=MixedSettings(rows=2000, rounds=4, samples=300, warmup=100),
             cluster=ClusterSettings.quick(),
+            replicas=ReplicaSettings.quick(),
             aio=AsyncSettings.quick(),
             serving=ServingSettings.quick(),
             load_rows=[],
@@ -647,6 +651,9 @@ def run(s: Settings) -> dict:
             print(f"cluster: one node process against {s.cluster.nodes}, the same rows")
             results["cluster"] = measure_cluster(s.cluster, workdir / "cluster", parquet)
             print(render_cluster(results["cluster"]), flush=True)
+            print("replicas: reads while a node dies or hangs, writes with R = 1, 2, 3")
+            results["replicas"] = measure_replicas(s.replicas, workdir / "replicas")
+            print(render_replicas(results["replicas"]), flush=True)
         results["bulk_load"]["runs"] += extra_bulk_loads(kv, node, workdir, s)
         results["load_average_end"] = os.getloadavg()
         print("stopping the servers", flush=True)

@@ -2,6 +2,7 @@
 
 from kvstore.client.aio import AsyncClient
 from kvstore.client.core import DEFAULT_TIMEOUT_S
+from kvstore.client.health import HedgePolicy
 from kvstore.client.result import GetResult
 from kvstore.client.sync import Client
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -11,6 +12,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "GetResult",
+    "HedgePolicy",
     "TableInfo",
     "VersionInfo",
 ]

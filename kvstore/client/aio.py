@@ -4,17 +4,33 @@ path (pipelined, ``kvstore.client.aio_fast``), everything else on grpc.aio."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
 import numpy as np
 
 from kvstore.client.aio_fast import AsyncFastConnections
-from kvstore.client.core import DEFAULT_TIMEOUT_S, STALE_ROUTE, STALE_SCHEMA, NodeCall, read_once
+from kvstore.client.core import (
+    DEFAULT_TIMEOUT_S,
+    STALE_ROUTE,
+    STALE_SCHEMA,
+    NodeCall,
+    Settled,
+    read_once,
+)
 from kvstore.client.flows import Operations
+from kvstore.client.health import HedgePolicy
+from kvstore.client.hedging import HedgedRead
 from kvstore.client.result import GetResult
 from kvstore.client.stream import AsyncUpdateStream
-from kvstore.errors import KvstoreError, TableNotFound, Unavailable, from_rpc_error
+from kvstore.errors import (
+    DeadlineExceeded,
+    KvstoreError,
+    TableNotFound,
+    Unavailable,
+    from_rpc_error,
+)
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_aio_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -38,10 +54,12 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: str = "auto",
+        zone: str = "",
+        hedging: HedgePolicy | None = None,
     ) -> None:
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport must be 'auto' or 'grpc', not {transport!r}")
-        self._ops = Operations(address, timeout)
+        self._ops = Operations(address, timeout, zone, hedging)
         #: (event loop, address) → channel and stub: a grpc.aio channel serves one loop.
         self._channels: dict[tuple[Any, str], tuple[grpc.aio.Channel, pb_grpc.FeatureStoreStub]]
         self._channels = {}
@@ -61,12 +79,13 @@ class AsyncClient:
         features: dict[str, str],
         shards: int = 8,
         ttl: dict[str, float] | None = None,
+        replicas: int = 1,
+        write_quorum: int | None = None,
         timeout: float | None = None,
     ) -> TableInfo:
         """See ``Client.create_table``."""
-        return await self._run(
-            self._ops.create_table_flow(name, key, features, shards, ttl), timeout
-        )
+        flow = self._ops.create_table_flow(name, key, features, shards, ttl, replicas, write_quorum)
+        return await self._run(flow, timeout)
 
     async def describe_table(self, name: str, *, timeout: float | None = None) -> TableInfo:
         """See ``Client.describe_table``."""
@@ -107,8 +126,25 @@ class AsyncClient:
                 body = plan.request(batch, version)
                 response = await self._fast.get(fast, body, timeout)
                 return ops.finish_one(table, plan, batch, fast, response)
-            responses = await self._send(calls, timeout) if calls else []
-            return ops.finish_get(table, plan, batch, calls, responses)
+            if calls and ops.replicated(table):
+                read = HedgedRead(ops, table, plan.schema, plan, batch, version, calls=calls)
+                try:
+                    await self._drive(read, timeout)
+                except STALE_ROUTE as exc:
+                    flow = ops.get_retry_flow(
+                        exc, table, keys, features, version, read.failed_nodes()
+                    )
+                    return await self._run(flow, timeout)
+                return ops.finish_get(table, plan, batch, *read.answers())
+            if calls:
+                outcomes = await self._send_settled(calls, timeout)
+                error, failed = ops.quick_outcomes(calls, outcomes)
+                if error is not None:
+                    flow = ops.get_retry_flow(error, table, keys, features, version, failed)
+                    return await self._run(flow, timeout)
+            else:
+                outcomes = []
+            return ops.finish_get(table, plan, batch, calls, outcomes)
         except (*STALE_SCHEMA, *STALE_ROUTE, TableNotFound) as exc:
             flow = ops.get_retry_flow(exc, table, keys, features, version)
         return await self._run(flow, timeout)
@@ -156,6 +192,10 @@ class AsyncClient:
     ) -> dict[int, int]:
         """See ``Client.consumer_positions``."""
         return await self._run(self._ops.positions_flow(table, consumer, source), timeout)
+
+    def counters(self) -> dict[str, int]:
+        """See ``Client.counters``."""
+        return self._ops.counters.as_dict()
 
     async def stats(self, *, timeout: float | None = None) -> dict:
         """See ``Client.stats``."""
@@ -213,25 +253,100 @@ class AsyncClient:
             closing.add_done_callback(self._closing.discard)
 
     async def _send(self, calls: list[NodeCall], timeout: float) -> list[Any]:
-        """The responses to ``calls``, sent in parallel: gets over the nodes' fast read
-        paths when each has one, the rest over gRPC."""
-        if self._fast is not None and calls[0].method == "Get":
-            fast = self._ops.fast
-            try:
-                pairs = [(fast[c.address], c.request) for c in calls]
-            except KeyError:
-                pass  # a node without a fast path: gRPC
-            else:
-                return await self._fast.get_many(pairs, timeout)
-        if len(calls) == 1:
-            return [await self._send_one(calls[0], timeout)]
-        return list(await asyncio.gather(*(self._send_one(c, timeout) for c in calls)))
+        """The responses to ``calls``, sent in parallel; the first error once all ended."""
+        outcomes = await self._send_settled(calls, timeout)
+        for outcome in outcomes:
+            if isinstance(outcome, KvstoreError):
+                raise outcome
+        return outcomes
+
+    async def _send_settled(self, calls: list[NodeCall], timeout: float) -> list[Any]:
+        """The outcome of each call, sent in parallel (gets over the nodes' fast read
+        paths when each has one, the rest over gRPC): its response or its KvstoreError."""
+        outstanding = self._ops.outstanding
+        for c in calls:
+            outstanding[c.address] = outstanding.get(c.address, 0) + 1
+        try:
+            if len(calls) == 1:
+                return [await self._outcome(calls[0], timeout)]
+            if self._fast is not None and calls[0].method == "Get":
+                fast = self._ops.fast
+                if all(c.address in fast for c in calls):  # pipelined, no task per call
+                    pairs = [(fast[c.address], c.request) for c in calls]
+                    return await self._fast.get_many(pairs, timeout, settled=True)
+            outcomes = await asyncio.gather(*(self._outcome(c, timeout) for c in calls))
+            return list(outcomes)
+        finally:
+            for c in calls:
+                outstanding[c.address] -= 1
+
+    async def _drive(self, read: HedgedRead, timeout: float) -> None:
+        """Run ``read`` to its end within ``timeout`` s: a task per call; the wait for
+        the next answer ends at the next hedge's time. Losers are cancelled (a cancelled
+        fast-path get leaves its connection usable)."""
+        deadline = time.monotonic() + timeout
+        tasks: dict[asyncio.Future, int] = {}
+        outstanding = self._ops.outstanding
+
+        def send(ids: list[int]) -> None:
+            left = max(deadline - time.monotonic(), 0.001)
+            for i in ids:
+                call = read.calls[i]
+                outstanding[call.address] = outstanding.get(call.address, 0) + 1
+                tasks[asyncio.ensure_future(self._outcome(call, left))] = i
+
+        try:
+            send(read.start())
+            while not read.done:
+                now = time.monotonic()
+                if now >= deadline or not tasks:
+                    raise DeadlineExceeded(
+                        f"a read's replicas did not answer within the deadline of {timeout} s"
+                    )
+                wait = max(min(read.next_due(), deadline) - now, 0)
+                ended, _ = await asyncio.wait(
+                    tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not ended:
+                    send(read.hedge())
+                    continue
+                for task in ended:
+                    i = tasks.pop(task)
+                    outstanding[read.calls[i].address] -= 1
+                    send(read.answered(i, task.result()))
+        finally:
+            for task, i in tasks.items():
+                task.cancel()
+                outstanding[read.calls[i].address] -= 1
+
+    async def _outcome(self, call: NodeCall, timeout: float) -> Any:
+        """The response to one call, or its KvstoreError."""
+        try:
+            if self._fast is not None and call.method == "Get":
+                fast = self._ops.fast.get(call.address)
+                if fast is not None:
+                    return await self._fast.get(fast, call.request.SerializeToString(), timeout)
+            return await self._send_one(call, timeout)
+        except KvstoreError as exc:
+            return exc
 
     async def _run(self, flow: Any, timeout: float | None) -> Any:
         timeout = self._ops.call_timeout(timeout)
         try:
             calls = next(flow)
             while True:
+                if isinstance(calls, HedgedRead):
+                    try:
+                        await self._drive(calls, timeout)
+                    except KvstoreError as exc:
+                        calls = flow.throw(exc)
+                    else:
+                        calls = flow.send(None)
+                    continue
+                if isinstance(calls, Settled):
+                    outcomes = await self._send_settled(calls, timeout) if calls else []
+                    calls = flow.send(outcomes)
+                    continue
                 try:
                     responses = await self._send(calls, timeout)
                 except KvstoreError as exc:

@@ -271,10 +271,15 @@ class AsyncFastConnections:
             conn.waiting.pop(request_id, None)
         return read_answer(*answer)
 
-    async def get_many(self, calls: list[tuple[str, Any]], timeout: float) -> list[Any]:
+    async def get_many(
+        self, calls: list[tuple[str, Any]], timeout: float, settled: bool = False
+    ) -> list[Any]:
         """GetResponses for (fast address, GetRequest) pairs, within ``timeout`` s; errors
         as KvstoreError. Every request is written before any answer is awaited, so the
-        nodes work in parallel."""
+        nodes work in parallel. ``settled``: each call's KvstoreError in its place
+        instead of raising the first."""
+        if settled:
+            return await self._get_settled(calls, timeout)
         loop = asyncio.get_running_loop()
         conns = [await self._connection(loop, address, timeout) for address, _ in calls]
         sent: list[tuple[_Pipeline, int, asyncio.Future]] = []
@@ -289,6 +294,36 @@ class AsyncFastConnections:
                 conn.waiting.pop(request_id, None)
                 if not future.done():
                     future.cancel()
+
+    async def _get_settled(self, calls: list[tuple[str, Any]], timeout: float) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sent: list[Any] = []  # per call: (connection, request id, future) or its error
+        out: list[Any] = []
+        try:
+            for address, request in calls:
+                try:
+                    conn = await self._connection(loop, address, timeout)
+                    body = request.SerializeToString()
+                    sent.append((conn, *conn.submit(body, loop, deadline, timeout)))
+                except KvstoreError as exc:
+                    sent.append(exc)
+            for item in sent:
+                if isinstance(item, KvstoreError):
+                    out.append(item)
+                    continue
+                try:
+                    out.append(read_answer(*(await item[2])))
+                except KvstoreError as exc:
+                    out.append(exc)
+            return out
+        finally:
+            for item in sent:
+                if not isinstance(item, KvstoreError):
+                    conn, request_id, future = item
+                    conn.waiting.pop(request_id, None)
+                    if not future.done():
+                        future.cancel()
 
     def close(self) -> None:
         """Close every connection of this client (those of loops other than the running

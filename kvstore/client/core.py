@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 import numbers
+import random
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kvstore import _codec
+from kvstore.client.health import HedgePolicy, NodeHealth
 from kvstore.client.result import GetResult
+from kvstore.client.routes import Route, read_choice, route_from_map
 from kvstore.columns import EncodedRows
 from kvstore.errors import (
     CorruptValue,
@@ -29,7 +32,7 @@ from kvstore.errors import (
 from kvstore.keys import KeyBatch
 from kvstore.schema import Feature, TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
-from kvstore.wire.dial import dial_address, resolve_address
+from kvstore.wire.dial import resolve_address
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -48,8 +51,19 @@ STALE_SCHEMA = (_codec.SchemaMismatch, SchemaChanged)
 
 #: What a call raises when the client's cluster map is out of date: a node refused a
 #: shard it does not hold (StaleMap, nothing applied), or could not be reached (it
-#: stopped, or restarted on another port). Refresh the map from any node, retry once.
+#: stopped, or restarted on another port). A read's part goes to another replica at
+#: once; otherwise the map is refreshed from any node and the call retried.
 STALE_ROUTE = (StaleMap, Unavailable)
+
+#: Times a call is retried after a map refresh while the map's epoch keeps rising
+#: (moves hand shards over one after another); one retry when it does not rise.
+MAX_ROUTE_RETRIES = 8
+
+
+class Settled(list):
+    """Node calls whose outcomes the flow wants one by one: the client sends them all,
+    waits for all, and sends back a list of responses with the KvstoreError of each
+    call that failed in its place (instead of throwing the first error in)."""
 
 
 class MixedVersions(StaleMap):
@@ -120,40 +134,39 @@ class NodeCall:
     method: str
     request: Any
     positions: np.ndarray | None = None  # None = every key, in order
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One cluster map as the client routes by it; replaced whole, never changed, so a
-    thread that reads ``ClientCore.route`` once sees one map's nodes and owners."""
-
-    #: The placement epoch of the map (0: none yet).
-    epoch: int = 0
-    nodes: tuple[str, ...] = ()
-    #: gRPC address → fast read path address, for nodes that serve one.
-    fast: Mapping[str, str] = field(default_factory=dict)
-    #: table → the node index of each shard's owner.
-    owners: Mapping[str, np.ndarray] = field(default_factory=dict)
-    #: table → the one node that owns every shard, for tables served by one node.
-    sole: Mapping[str, str] = field(default_factory=dict)
-
-    def without(self, table: str) -> Route:
-        """This route with no entry for ``table``."""
-        owners = {t: o for t, o in self.owners.items() if t != table}
-        sole = {t: n for t, n in self.sole.items() if t != table}
-        return replace(self, owners=owners, sole=sole)
+    #: The shards the call's keys belong to (writes: for the quorum count).
+    shards: np.ndarray | None = None
 
 
 class ClientCore:
     """Schemas and the cluster map, cached; plans and finishes batch calls."""
 
-    def __init__(self, address: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        address: str | None,
+        timeout: float,
+        zone: str = "",
+        hedging: HedgePolicy | None = None,
+    ) -> None:
         self.seed = resolve_address(address)
         self.timeout = check_timeout(timeout)
+        #: The client's zone: reads prefer replicas on nodes of this zone.
+        self.zone = zone
         self.schemas: dict[str, TableSchema] = {}
         #: The cached cluster map; read it once per call (it may be swapped meanwhile).
         self.route = Route()
+        #: True once a node failed a read that another replica answered: the next call
+        #: that runs a flow refreshes the map first (a read does not wait for it).
+        self.route_doubted = False
         self.get_plans: dict[tuple, GetPlan] = {}
+        #: Calls outstanding and latency per node, the hedge budget.
+        self.health = NodeHealth(hedging or HedgePolicy())
+        #: address → calls sent to it and not answered yet (the drivers count them).
+        self.outstanding = self.health.outstanding
+        self.counters = self.health.counters
+        #: Ties between equally good replicas go to the node at this offset, so that
+        #: one client sends a batch to few nodes and many clients spread over all.
+        self.spin = random.randrange(1 << 16)
 
     # -- cluster map -----------------------------------------------------------------
 
@@ -177,16 +190,9 @@ class ClientCore:
         """Route by ``msg`` from now on, unless the cached map is newer (by epoch)."""
         if msg.epoch < self.route.epoch:
             return
-        seed = self.seed
-        nodes = tuple(dial_address(n.address, seed) for n in msg.nodes)
-        fast = {
-            dial_address(n.address, seed): dial_address(n.fast_address, seed)
-            for n in msg.nodes
-            if n.fast_address
-        }
-        owners = {t.table: np.asarray(t.owner, dtype=np.int32) for t in msg.tables}
-        sole = {table: nodes[o[0]] for table, o in owners.items() if len(o) and (o == o[0]).all()}
-        self.route = Route(msg.epoch, nodes, fast, owners, sole)  # one assignment: atomic
+        route = route_from_map(msg, self.seed)
+        self.route = route  # one assignment: atomic
+        self.route_doubted = False
 
     def candidates(self) -> list[str]:
         """The nodes to ask for the map or a table's schema: the seed, then the others
@@ -208,17 +214,30 @@ class ClientCore:
         self.route = self.route.without(table)
 
     def _split(
-        self, table: str, schema: TableSchema, keys: KeyBatch
+        self, table: str, schema: TableSchema, keys: KeyBatch, avoid: frozenset[str] = frozenset()
     ) -> list[tuple[str, np.ndarray | None]]:
-        """Which node gets which key positions; one entry per node with keys."""
+        """Which node gets which key positions of a read; one entry per node with keys.
+
+        Each shard's keys go to one readable replica (``read_choice``), none in ``avoid``
+        (nodes that failed this call); NoReplica when a shard has no replica left.
+        """
         route = self.route
         owners = route.owners.get(table)
         if owners is None or len(owners) != schema.shards:
             raise KvstoreError(f"no route for table {table!r} in the cluster map")
+        readable = route.readable.get(table)
         sole = route.sole.get(table)
-        if sole is not None:  # one node owns every shard: no hashing
+        if sole is not None and sole not in avoid:  # one node owns every shard: no hashing
             return [(sole, None)]
-        node_of_key = owners[keys.shard_ids(schema.shards)]
+        shard_of_key = keys.shard_ids(schema.shards)
+        if readable is None or (readable.shape[1] == 1 and not avoid):
+            node_of_key = owners[shard_of_key]
+        else:
+            wanted = np.unique(shard_of_key)
+            chosen = read_choice(
+                route, table, readable, avoid, self.health, self.zone, self.spin, wanted
+            )
+            node_of_key = chosen[shard_of_key]
         out: list[tuple[str, np.ndarray | None]] = []
         for node in np.unique(node_of_key).tolist():
             out.append((route.nodes[node], np.flatnonzero(node_of_key == node)))
@@ -269,10 +288,16 @@ class ClientCore:
         return plan, batch, self.plan_get(table, schema, batch, plan.names, version)
 
     def plan_get(
-        self, table: str, schema: TableSchema, keys: KeyBatch, features: list[str], version: int = 0
+        self,
+        table: str,
+        schema: TableSchema,
+        keys: KeyBatch,
+        features: list[str],
+        version: int = 0,
+        avoid: frozenset[str] = frozenset(),
     ) -> list[NodeCall]:
         calls = []
-        for address, positions in self._split(table, schema, keys):
+        for address, positions in self._split(table, schema, keys, avoid):
             part = keys if positions is None else keys.take(positions)
             request = pb.GetRequest(
                 table=table, keys=part.to_proto(), features=features, version=version
@@ -362,14 +387,20 @@ class ClientCore:
         schema: TableSchema,
         rows: EncodedRows,
         position: pb.ConsumerPosition | None = None,
+        only: np.ndarray | None = None,
+        acked: Mapping[str, np.ndarray] | None = None,
     ) -> list[NodeCall]:
+        """One Write per node holding a writable replica of a shard of ``rows``' keys
+        (see ``fan_out``)."""
         calls = []
-        for address, positions in self._split(table, schema, rows.keys):
+        parts: list[bytes] | None = None
+        for address, positions, shards in self.fan_out(table, schema, rows.keys, only, acked):
             if positions is None:
                 keys, buf, offsets = rows.keys, rows.rows, rows.offsets
             else:
                 keys = rows.keys.take(positions)
-                parts = _codec.split_rows(rows.rows, rows.offsets)
+                if parts is None:
+                    parts = _codec.split_rows(rows.rows, rows.offsets)
                 chosen = [parts[i] for i in positions.tolist()]
                 buf = b"".join(chosen)
                 offsets = np.zeros(len(chosen) + 1, np.int64)
@@ -383,8 +414,44 @@ class ClientCore:
                 features=rows.features,
                 position=position,
             )
-            calls.append(NodeCall(address, "Write", request, positions))
+            calls.append(NodeCall(address, "Write", request, positions, shards))
         return calls
+
+    def fan_out(
+        self,
+        table: str,
+        schema: TableSchema,
+        keys: KeyBatch,
+        only: np.ndarray | None = None,
+        acked: Mapping[str, np.ndarray] | None = None,
+    ) -> list[tuple[str, np.ndarray | None, np.ndarray]]:
+        """Where a write of ``keys`` goes: (node, key positions, shards) for every node
+        holding a writable replica of one of their shards, skipping nodes the map marks
+        down (they catch up from their peers). ``only``: the shards to write (a retry),
+        ``acked``: per node, the shards it already applied (not sent again)."""
+        route = self.route
+        owners = route.owners.get(table)
+        writable = route.writable.get(table)
+        if owners is None or writable is None or len(owners) != schema.shards:
+            raise KvstoreError(f"no route for table {table!r} in the cluster map")
+        shard_of_key = keys.shard_ids(schema.shards)
+        wanted = np.ones(len(shard_of_key), bool)
+        if only is not None:
+            wanted = np.isin(shard_of_key, only)
+        holders = writable[shard_of_key]  # (keys, width)
+        out: list[tuple[str, np.ndarray | None, np.ndarray]] = []
+        for node in np.unique(holders[holders >= 0]).tolist():
+            address = route.nodes[node]
+            if not address or (node < len(route.down) and route.down[node]):
+                continue
+            mask = (holders == node).any(axis=1) & wanted
+            if acked is not None and address in acked:
+                mask &= ~np.isin(shard_of_key, acked[address])
+            if not mask.any():
+                continue
+            positions = None if mask.all() else np.flatnonzero(mask)
+            out.append((address, positions, np.unique(shard_of_key[mask])))
+        return out
 
     def plan_delete(
         self,
@@ -393,14 +460,17 @@ class ClientCore:
         keys: KeyBatch,
         event_time_us: int = 0,
         position: pb.ConsumerPosition | None = None,
+        only: np.ndarray | None = None,
+        acked: Mapping[str, np.ndarray] | None = None,
     ) -> list[NodeCall]:
+        """One Delete per node holding a writable replica (see ``fan_out``)."""
         calls = []
-        for address, positions in self._split(table, schema, keys):
+        for address, positions, shards in self.fan_out(table, schema, keys, only, acked):
             part = keys if positions is None else keys.take(positions)
             request = pb.DeleteRequest(
                 table=table, keys=part.to_proto(), event_time_us=event_time_us, position=position
             )
-            calls.append(NodeCall(address, "Delete", request, positions))
+            calls.append(NodeCall(address, "Delete", request, positions, shards))
         return calls
 
 

@@ -203,9 +203,14 @@ class FastConnections:
         request_id = self._send(conn, body, deadline, timeout)
         return read_answer(*self._receive(conn, request_id, deadline, timeout))
 
-    def get_many(self, calls: list[tuple[str, pb.GetRequest]], timeout: float) -> list[Any]:
+    def get_many(
+        self, calls: list[tuple[str, pb.GetRequest]], timeout: float, settled: bool = False
+    ) -> list[Any]:
         """GetResponses for (fast address, request) pairs; errors as KvstoreError. Every
-        request is sent before any answer is read, so the nodes work in parallel."""
+        request is sent before any answer is read, so the nodes work in parallel.
+        ``settled``: each call's KvstoreError in its place instead of raising the first."""
+        if settled:
+            return self._get_settled(calls, timeout)
         deadline = time.monotonic() + timeout
         sent: list[tuple[_Connection, int]] = []
         try:
@@ -225,6 +230,29 @@ class FastConnections:
                 if request_id >= 0:
                     self._drop(conn)
             raise
+
+    def _get_settled(self, calls: list[tuple[str, pb.GetRequest]], timeout: float) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        sent: list[Any] = []  # per call: (connection, request id) or its error
+        for address, request in calls:
+            try:
+                conn = self._connection(address, timeout)
+                sent.append(
+                    (conn, self._send(conn, request.SerializeToString(), deadline, timeout))
+                )
+            except KvstoreError as exc:
+                sent.append(exc)
+        out: list[Any] = []
+        for item in sent:
+            if isinstance(item, KvstoreError):
+                out.append(item)
+                continue
+            conn, request_id = item
+            try:  # _receive drops the connection on a failure
+                out.append(read_answer(*self._receive(conn, request_id, deadline, timeout)))
+            except KvstoreError as exc:
+                out.append(exc)
+        return out
 
     def _send(self, conn: _Connection, body: bytes, deadline: float, timeout: float) -> int:
         try:

@@ -12,14 +12,16 @@ from typing import Any
 import numpy as np
 
 from kvstore.client.core import (
+    MAX_ROUTE_RETRIES,
     STALE_ROUTE,
     STALE_SCHEMA,
-    ClientCore,
     GetPlan,
     MixedVersions,
     NodeCall,
+    Settled,
     read_once,
 )
+from kvstore.client.replication import ReplicaFlows
 from kvstore.clock import now_us
 from kvstore.columns import encode_rows
 from kvstore.errors import (
@@ -57,7 +59,7 @@ __all__ = ["Flow", "Operations"]
 Flow = Any  # Generator[list[NodeCall], list[Any], T]
 
 
-class Operations(ClientCore):
+class Operations(ReplicaFlows):
     """The client's calls as sans-I/O generators (see the comment above)."""
 
     def _one(self, method: str, request: Any, address: str | None = None) -> Flow:
@@ -97,13 +99,14 @@ class Operations(ClientCore):
             assert error is not None
             raise error
         self.apply_cluster_map(best)
+        self.route_doubted = False  # the newest map any node has: nothing newer to ask for
         return best
 
     def schema_flow(self, table: str, refresh: bool = False) -> Flow:
         if refresh or table not in self.schemas:
             info = yield from self._any("DescribeTable", pb.DescribeTableRequest(table=table))
             self.schemas[table] = schema_from_proto(info.schema)
-        if not self.knows_route(table):
+        if not self.knows_route(table) or self.route_doubted:
             yield from self.refresh_map_flow()
         return self.schemas[table]
 
@@ -127,13 +130,21 @@ class Operations(ClientCore):
             raise
 
     def _routed(self, body, schema: TableSchema, rerouted: bool) -> Flow:
-        if rerouted:
-            return (yield from body(schema))
-        try:
-            return (yield from body(schema))
-        except STALE_ROUTE as exc:
-            yield from self.refresh_map_flow(getattr(exc, "epoch", 0))
-            return (yield from body(schema))
+        """``body(schema)``; on a stale route, refresh the map and run it again: once,
+        then again each time the map's epoch rose meanwhile (a request that meets
+        several hand-overs of a move in a row), at most MAX_ROUTE_RETRIES times."""
+        retries = int(rerouted)
+        while True:
+            try:
+                return (yield from body(schema))
+            except STALE_ROUTE as exc:
+                retries += 1
+                before = self.route.epoch
+                if retries > MAX_ROUTE_RETRIES:
+                    raise
+                yield from self.refresh_map_flow(getattr(exc, "epoch", 0))
+                if retries > 1 and self.route.epoch <= before:
+                    raise
 
     def create_table_flow(
         self,
@@ -142,9 +153,13 @@ class Operations(ClientCore):
         features: dict[str, str],
         shards: int,
         ttl: dict[str, float] | None = None,
+        replicas: int = 1,
+        write_quorum: int | None = None,
     ) -> Flow:
         schema = TableSchema.build(name, key, features, shards, ttl=ttl)
-        request = pb.CreateTableRequest(schema=schema_to_proto(schema))
+        request = pb.CreateTableRequest(
+            schema=schema_to_proto(schema), replicas=replicas, write_quorum=write_quorum or 0
+        )
         info = TableInfo.from_proto((yield from self._any("CreateTable", request)))
         self.schemas[name] = info.schema
         self.route = self.route.without(name)
@@ -192,20 +207,22 @@ class Operations(ClientCore):
         version: int = 0,
         refresh: bool = False,
         stale_route: KvstoreError | None = None,
+        avoid: frozenset[str] = frozenset(),
     ) -> Flow:
         """``stale_route``: the STALE_ROUTE error a get without the flow met (Client.get's
-        own read): the map is refreshed first, and that was the one retry."""
+        own read): the map is refreshed first, and that was the one retry. ``avoid``:
+        nodes that failed that read: their parts go to other replicas first."""
         keys, features = read_once(keys), read_once(features)
 
         def body(schema: TableSchema) -> Flow:
-            plan, batch, calls = self.start_get(table, schema, keys, features, version)
-            responses = (yield calls) if calls else []
+            plan = self.get_plan(schema, features)
+            batch = KeyBatch.from_values(schema.key_type, keys, table)
+            if not batch.count:
+                return self.finish_get(table, plan, batch, [], [])
             try:
-                return self.finish_get(table, plan, batch, calls, responses)
+                return (yield from self.read_flow(table, schema, plan, batch, version, avoid))
             except MixedVersions as mixed:
-                calls = self.plan_get(table, schema, batch, plan.names, mixed.version)
-                responses = yield calls
-                return self.finish_get(table, plan, batch, calls, responses)
+                return (yield from self.read_flow(table, schema, plan, batch, mixed.version))
 
         if isinstance(stale_route, MixedVersions):  # Client.get's own read met one
             if not version:
@@ -231,6 +248,8 @@ class Operations(ClientCore):
         owners = route.owners.get(table)
         if schema is None or owners is None or len(owners) != schema.shards:
             return None
+        if self.route_doubted:
+            return None
         sole = route.sole.get(table) if fast else None
         if sole is not None and (address := route.fast.get(sole)):
             plan = self.get_plan(schema, features)
@@ -241,16 +260,44 @@ class Operations(ClientCore):
         return plan, batch, None, calls
 
     def get_retry_flow(
-        self, error: Exception, table: str, keys: Any, features: Any, version: int
+        self,
+        error: Exception,
+        table: str,
+        keys: Any,
+        features: Any,
+        version: int,
+        failed: frozenset[str] = frozenset(),
     ) -> Flow:
         """The get_flow that finishes a quick get that failed with ``error``: a stale
-        schema (or a dropped table) describes the table again first, a stale route
-        refreshes the map first (that is the one retry); anything else is raised."""
+        schema (or a dropped table) describes the table again first; a stale route
+        from the nodes ``failed`` reads their parts from other replicas at once when
+        the table has some, else refreshes the map first (that is the one retry);
+        anything else is raised."""
         if isinstance(error, (*STALE_SCHEMA, TableNotFound)):
             return self.get_flow(table, keys, features, version, refresh=True)
         if isinstance(error, STALE_ROUTE):
+            readable = self.route.readable.get(table)
+            if failed and readable is not None and readable.shape[1] > 1:
+                self.counters.failovers += len(failed)
+                self.route_doubted = True
+                return self.get_flow(table, keys, features, version, avoid=failed)
             return self.get_flow(table, keys, features, version, stale_route=error)
         raise error
+
+    def quick_outcomes(
+        self, calls: list[NodeCall], outcomes: list[Any]
+    ) -> tuple[KvstoreError | None, frozenset[str]]:
+        """The first error of a quick get's settled calls (None: all answered) and the
+        nodes whose calls failed with a stale route."""
+        first = None
+        failed = set()
+        for call, outcome in zip(calls, outcomes, strict=True):
+            if isinstance(outcome, KvstoreError):
+                if not isinstance(outcome, STALE_ROUTE):
+                    return outcome, frozenset()
+                first = first or outcome
+                failed.add(call.address)
+        return first, frozenset(failed)
 
     def write_flow(
         self,
@@ -269,12 +316,12 @@ class Operations(ClientCore):
             rows = encode_rows(schema, data, key_column, stamp)
             if not len(rows):
                 return 0
-            calls = self.plan_write(table, schema, rows, pos)
-            writes = len(calls)
-            if pos is not None:
-                calls += self._position_only(table, schema, pos, {c.address for c in calls})
-            responses = yield calls
-            return sum(r.rows_written for r in responses[:writes])
+
+            def plan(only: Any, acked: Any) -> list[NodeCall]:
+                return self.plan_write(table, schema, rows, pos, only, acked)
+
+            yield from self.quorum_flow(table, schema, rows.keys, plan, pos)
+            return len(rows)
 
         return (yield from self._with_schema(table, body))
 
@@ -290,36 +337,14 @@ class Operations(ClientCore):
                 if pos is not None:  # a consumer's batch that wrote nothing
                     yield self._position_only(table, schema, pos, set())
                 return 0
-            calls = self.plan_delete(table, schema, batch, stamp, pos)
-            if pos is not None:
-                calls += self._position_only(table, schema, pos, {c.address for c in calls})
-            responses = yield calls
-            return sum(r.keys_deleted for r in responses)  # 0 from the keyless ones
+
+            def plan(only: Any, acked: Any) -> list[NodeCall]:
+                return self.plan_delete(table, schema, batch, stamp, pos, only, acked)
+
+            yield from self.quorum_flow(table, schema, batch, plan, pos)
+            return batch.count
 
         return (yield from self._with_schema(table, body))
-
-    def _position_only(
-        self, table: str, schema: TableSchema, pos: pb.ConsumerPosition, skip: set[str]
-    ) -> list[NodeCall]:
-        """A keyless request storing ``pos`` on each node serving ``table`` but those in
-        ``skip`` (they store it with their keys): every owner then holds the position of
-        every batch, and the minimum over them (positions_flow) is never past a write
-        that a node missed."""
-        request = pb.DeleteRequest(
-            table=table,
-            keys=KeyBatch.from_values(schema.key_type, [], table).to_proto(),
-            position=pos,
-        )
-        return [
-            NodeCall(node, "Delete", request)
-            for node in self._owner_nodes(table)
-            if node not in skip
-        ]
-
-    def _owner_nodes(self, table: str) -> list[str]:
-        """The nodes serving a shard of ``table`` in the cached map, each once."""
-        route = self.route
-        return list(dict.fromkeys(route.nodes[i] for i in route.owners[table].tolist()))
 
     def positions_flow(self, table: str, consumer: str, source: str) -> Flow:
         """partition → last offset stored, as the minimum over every node serving the
@@ -329,7 +354,19 @@ class Operations(ClientCore):
 
         def body(schema: TableSchema) -> Flow:
             nodes = self._owner_nodes(table)
-            responses = yield [NodeCall(n, "GetConsumerPositions", request) for n in nodes]
+            outcomes = yield Settled(NodeCall(n, "GetConsumerPositions", request) for n in nodes)
+            responses = [r for r in outcomes if not isinstance(r, KvstoreError)]
+            errors = [r for r in outcomes if isinstance(r, KvstoreError)]
+            for error in errors:
+                if not isinstance(error, STALE_ROUTE):
+                    raise error
+            # A node that cannot answer is left out when every shard has a replica on a
+            # node that did: the positions are stored with every write's quorum.
+            answered = {
+                n for n, r in zip(nodes, outcomes, strict=True) if not isinstance(r, KvstoreError)
+            }
+            if errors and not self._covered(table, answered):
+                raise errors[0]
             held = [{p.partition: p.offset for p in r.positions} for r in responses]
             partitions = sorted(set().union(*held))
             return {p: min(offsets.get(p, -1) for offsets in held) for p in partitions}

@@ -12,8 +12,9 @@ on another port), the stream refreshes the map, opens new calls and sends again 
 batch that some node has not acknowledged, whole, to the nodes the new map names.
 Each batch keeps the event time it was stamped with when first sent, so a part that
 had landed before the error is written again at the same event time, which changes
-nothing. As for a unary call, that is one retry: a stale route met again before any
-batch was acknowledged since the last refresh ends the stream with the error. Any
+nothing. As for a unary call, that is one retry, then more while the map's epoch keeps rising:
+a stale route met again before any batch was acknowledged since the last refresh,
+with no newer map, ends the stream with the error. Any
 other error ends the stream: the batches acknowledged before it stand, the error names
 the node's batch (``update N of the stream``) and is raised by the next
 ``send``/``flush``. ``AsyncUpdateStream`` does the same on the event loop.
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import STALE_ROUTE
+from kvstore.client.core import MAX_ROUTE_RETRIES, STALE_ROUTE
 from kvstore.columns import EncodedRows, encode_rows
 from kvstore.errors import KvstoreError, Unavailable, from_rpc_error
 from kvstore.schema import TableSchema
@@ -138,6 +139,8 @@ class UpdateStream:
         #: The oldest unacknowledged batch at the last reroute: meeting a stale route
         #: again with the same one means no progress since, and the stream gives up.
         self._rerouted_at: int | None = None
+        #: Reroutes in a row with no batch acknowledged, each after the map's epoch rose.
+        self._reroutes = 0
         #: Rows acknowledged by the calls ended by reroutes.
         self._rows_acked_before = 0
         self.batches_sent = 0
@@ -196,15 +199,15 @@ class UpdateStream:
                 self._streams.pop(address).close()
             return
         oldest = min(resend)
-        if self._rerouted_at == oldest:
-            raise error
-        self._rerouted_at = oldest
+        ops = self._client._ops
+        before = ops.route.epoch
         for stream in self._streams.values():
             self._rows_acked_before += stream.rows_acked
             stream.cancel()
         self._streams.clear()
-        epoch = getattr(error, "epoch", 0)
-        self._client._run(self._client._ops.refresh_map_flow(epoch), None)
+        self._client._run(ops.refresh_map_flow(getattr(error, "epoch", 0)), None)
+        if not _again(self, oldest, before, ops.route.epoch):
+            raise error
         try:
             for batch in sorted(resend):
                 self._send_parts(batch)
@@ -338,6 +341,8 @@ class AsyncUpdateStream:
         self._streams: dict[str, _AsyncNodeStream] = {}
         self._batches: dict[int, EncodedRows] = {}
         self._rerouted_at: int | None = None
+        #: Reroutes in a row with no batch acknowledged, each after the map's epoch rose.
+        self._reroutes = 0
         self._rows_acked_before = 0
         self._progress = asyncio.Condition()
         self.batches_sent = 0
@@ -394,15 +399,15 @@ class AsyncUpdateStream:
                 await stream.cancel()
             return
         oldest = min(resend)
-        if self._rerouted_at == oldest:
-            raise error
-        self._rerouted_at = oldest
+        ops = self._client._ops
+        before = ops.route.epoch
         for stream in self._streams.values():
             self._rows_acked_before += stream.rows_acked
             await stream.cancel()
         self._streams.clear()
-        epoch = getattr(error, "epoch", 0)
-        await self._client._run(self._client._ops.refresh_map_flow(epoch), None)
+        await self._client._run(ops.refresh_map_flow(getattr(error, "epoch", 0)), None)
+        if not _again(self, oldest, before, ops.route.epoch):
+            raise error
         try:
             for batch in sorted(resend):
                 await self._send_parts(batch)
@@ -443,3 +448,17 @@ class AsyncUpdateStream:
             for stream in self._streams.values():
                 await stream.cancel()
             self._streams.clear()
+
+
+def _again(stream: Any, oldest: int, before: int, after: int) -> bool:
+    """Whether a stream that met a stale route sends its unacknowledged batches again
+    (oldest: ``oldest``) after a map refresh took the epoch from ``before`` to
+    ``after``: yes when a batch was acknowledged since the last reroute; else yes while
+    the epoch rises (moves hand shards over one after another), at most
+    MAX_ROUTE_RETRIES times in a row."""
+    if stream._rerouted_at != oldest:
+        stream._rerouted_at = oldest
+        stream._reroutes = 0
+        return True
+    stream._reroutes += 1
+    return after > before and stream._reroutes < MAX_ROUTE_RETRIES

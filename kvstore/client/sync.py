@@ -12,13 +12,17 @@ from kvstore.client.core import (
     STALE_ROUTE,
     STALE_SCHEMA,
     NodeCall,
+    Settled,
     read_once,
 )
 from kvstore.client.fast import FastConnections
 from kvstore.client.flows import Operations
+from kvstore.client.health import HedgePolicy
+from kvstore.client.hedging import HedgedRead
 from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
-from kvstore.errors import KvstoreError, TableNotFound, from_rpc_error
+from kvstore.client.sync_hedging import drive_fast, drive_grpc
+from kvstore.errors import KvstoreError, TableNotFound, Unavailable, from_rpc_error
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -35,8 +39,16 @@ class Client:
     fast read path (plain TCP, docs/fast-path.md) when it has one, everything else
     over gRPC; ``"grpc"`` uses gRPC only. Connecting is lazy: an unreachable node is
     reported by the first call, as ``kvstore.Unavailable``, within its deadline.
+    ``zone``: reads prefer replicas on nodes of this zone (``kvstore serve --zone``).
+    On a table with replicas, a read part that fails goes at once to another replica,
+    and one slower than its node's recent p95 is hedged (``hedging``: a HedgePolicy;
+    ``HedgePolicy(enabled=False)`` turns hedges off); see ``counters()``.
     Thread-safe for concurrent calls.
     """
+
+    #: Channels replaced after an Unavailable kept open (calls of other threads may
+    #: still run on them) up to this many; beyond, the oldest is closed.
+    MAX_RETIRED_CHANNELS = 16
 
     def __init__(
         self,
@@ -44,11 +56,14 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: str = "auto",
+        zone: str = "",
+        hedging: HedgePolicy | None = None,
     ) -> None:
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport must be 'auto' or 'grpc', not {transport!r}")
-        self._ops = Operations(address, timeout)
+        self._ops = Operations(address, timeout, zone, hedging)
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.FeatureStoreStub]] = {}
+        self._retired: list[grpc.Channel] = []
         self._fast = FastConnections() if transport == "auto" else None
 
     @property
@@ -65,15 +80,20 @@ class Client:
         features: dict[str, str],
         shards: int = 8,
         ttl: dict[str, float] | None = None,
+        replicas: int = 1,
+        write_quorum: int | None = None,
         timeout: float | None = None,
     ) -> TableInfo:
         """Create a table; ``features`` maps names to dtypes (``"float32[64]"`` …).
 
         ``ttl`` maps features to a time to live in seconds: an older value (by its
-        event time) reads as null at once. Creating the same definition again is a
-        no-op; another definition under an existing name raises ``AlreadyExists``.
+        event time) reads as null at once. ``replicas``: copies of each shard, on
+        distinct nodes; a write is acknowledged once ``write_quorum`` of them applied
+        it (default: a majority). Creating the same definition again is a no-op;
+        another definition under an existing name raises ``AlreadyExists``.
         """
-        return self._run(self._ops.create_table_flow(name, key, features, shards, ttl), timeout)
+        flow = self._ops.create_table_flow(name, key, features, shards, ttl, replicas, write_quorum)
+        return self._run(flow, timeout)
 
     def describe_table(self, name: str, *, timeout: float | None = None) -> TableInfo:
         """Schema, current version, estimated rows and bytes on disk of a table."""
@@ -121,8 +141,25 @@ class Client:
                 assert self._fast is not None
                 response = self._fast.get(fast, plan.request(batch, version), timeout)
                 return ops.finish_one(table, plan, batch, fast, response)
-            responses = self._send(calls, timeout) if calls else []
-            return ops.finish_get(table, plan, batch, calls, responses)
+            if calls and ops.replicated(table):
+                read = HedgedRead(ops, table, plan.schema, plan, batch, version, calls=calls)
+                try:
+                    self._drive(read, timeout)
+                except STALE_ROUTE as exc:
+                    flow = ops.get_retry_flow(
+                        exc, table, keys, features, version, read.failed_nodes()
+                    )
+                    return self._run(flow, timeout)
+                return ops.finish_get(table, plan, batch, *read.answers())
+            if calls:
+                outcomes = self._send_settled(calls, timeout)
+                error, failed = ops.quick_outcomes(calls, outcomes)
+                if error is not None:
+                    flow = ops.get_retry_flow(error, table, keys, features, version, failed)
+                    return self._run(flow, timeout)
+            else:
+                outcomes = []
+            return ops.finish_get(table, plan, batch, calls, outcomes)
         except (*STALE_SCHEMA, *STALE_ROUTE, TableNotFound) as exc:
             flow = ops.get_retry_flow(exc, table, keys, features, version)
         return self._run(flow, timeout)
@@ -189,6 +226,11 @@ class Client:
         """Partition → offset of the last message a stream consumer applied everywhere."""
         return self._run(self._ops.positions_flow(table, consumer, source), timeout)
 
+    def counters(self) -> dict[str, int]:
+        """What this client did to route around failed or slow replicas: failovers,
+        hedges sent and won, hedges the budget refused, write rounds sent again."""
+        return self._ops.counters.as_dict()
+
     def stats(self, *, timeout: float | None = None) -> dict:
         """Per-table activity and freshness of the node (times in µs); see ``kvstore status``."""
         return self._run(self._ops.stats_flow(), timeout)
@@ -226,7 +268,33 @@ class Client:
             self._channels[address] = entry
         return entry[1]
 
-    def _send(self, calls: list[NodeCall], timeout: float) -> list[Any]:
+    def _rpc_error(self, exc: grpc.RpcError, address: str, timeout: float) -> KvstoreError:
+        error = from_rpc_error(exc, address, timeout)
+        if isinstance(error, Unavailable):
+            # A channel that failed to connect waits out gRPC's reconnect backoff (1 s,
+            # growing to 2 min) and fails every call meanwhile, even once the node is
+            # back on the same port: the next call gets a new one (as AsyncClient does).
+            entry = self._channels.pop(address, None)
+            if entry is not None:
+                self._retired.append(entry[0])
+                if len(self._retired) > self.MAX_RETIRED_CHANNELS:
+                    self._retired.pop(0).close()
+        return error
+
+    def _send_settled(self, calls: list[NodeCall], timeout: float) -> list[Any]:
+        """The outcome of each call, sent in parallel: its response, or its KvstoreError.
+        Every call has ended when this returns (none is left running)."""
+        ops = self._ops
+        outstanding = ops.outstanding
+        for c in calls:
+            outstanding[c.address] = outstanding.get(c.address, 0) + 1
+        try:
+            return self._send_all(calls, timeout)
+        finally:
+            for c in calls:
+                outstanding[c.address] -= 1
+
+    def _send_all(self, calls: list[NodeCall], timeout: float) -> list[Any]:
         if self._fast is not None and calls[0].method == "Get":
             fast = self._ops.fast
             try:
@@ -234,7 +302,7 @@ class Client:
             except KeyError:
                 pass  # a node without a fast path: gRPC
             else:
-                return self._fast.get_many(pairs, timeout)
+                return self._fast.get_many(pairs, timeout, settled=True)
         if len(calls) == 1:
             call = calls[0]
             try:
@@ -242,24 +310,52 @@ class Client:
                     getattr(self._stub(call.address), call.method)(call.request, timeout=timeout)
                 ]
             except grpc.RpcError as exc:
-                raise from_rpc_error(exc, call.address, timeout) from None
+                return [self._rpc_error(exc, call.address, timeout)]
         futures = [
             getattr(self._stub(c.address), c.method).future(c.request, timeout=timeout)
             for c in calls
         ]
-        responses = []
+        outcomes: list[Any] = []
         for call, future in zip(calls, futures, strict=True):
             try:
-                responses.append(future.result())
+                outcomes.append(future.result())
             except grpc.RpcError as exc:
-                raise from_rpc_error(exc, call.address, timeout) from None
-        return responses
+                outcomes.append(self._rpc_error(exc, call.address, timeout))
+        return outcomes
+
+    def _drive(self, read: HedgedRead, timeout: float) -> None:
+        """Run ``read`` to its end within ``timeout`` s: over the fast read path when
+        every node has one, else gRPC."""
+        fast = self._ops.fast
+        if self._fast is not None and all(n in fast for n in self._ops.nodes if n):
+            drive_fast(read, self._fast, fast, timeout)
+        else:
+            drive_grpc(read, self._stub, self._rpc_error, timeout)
+
+    def _send(self, calls: list[NodeCall], timeout: float) -> list[Any]:
+        """The responses to ``calls``, sent in parallel; the first error once all ended."""
+        outcomes = self._send_settled(calls, timeout)
+        for outcome in outcomes:
+            if isinstance(outcome, KvstoreError):
+                raise outcome
+        return outcomes
 
     def _run(self, flow: Any, timeout: float | None) -> Any:
         timeout = self._ops.call_timeout(timeout)
         try:
             calls = next(flow)
             while True:
+                if isinstance(calls, HedgedRead):
+                    try:
+                        self._drive(calls, timeout)
+                    except KvstoreError as exc:
+                        calls = flow.throw(exc)
+                    else:
+                        calls = flow.send(None)
+                    continue
+                if isinstance(calls, Settled):
+                    calls = flow.send(self._send_settled(calls, timeout) if calls else [])
+                    continue
                 try:
                     responses = self._send(calls, timeout)
                 except KvstoreError as exc:
@@ -274,6 +370,9 @@ class Client:
         for channel, _ in self._channels.values():
             channel.close()
         self._channels.clear()
+        for channel in self._retired:
+            channel.close()
+        self._retired.clear()
         if self._fast is not None:
             self._fast.close()
 

@@ -1,0 +1,225 @@
+"""The cluster map as the client routes by it: each shard's readable and writable
+replicas, the acks a write needs, and which replica a read picks.
+
+A ``Route`` is built from one ClusterMap message and never changed (a new map
+replaces it whole), so a call that reads ``ClientCore.route`` once routes by one map.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from kvstore.client.health import NodeHealth
+from kvstore.errors import Unavailable
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.wire.dial import dial_address
+
+__all__ = [
+    "READABLE_STATES",
+    "WRITABLE_STATES",
+    "NoReplica",
+    "Route",
+    "read_choice",
+    "route_from_map",
+]
+
+#: Replica states (ShardReplicas.state) that serve reads, in order of preference.
+READABLE_STATES = ("Available", "Leaving")
+#: Replica states that take writes.
+WRITABLE_STATES = ("Available", "Leaving", "Initializing")
+
+
+class NoReplica(Unavailable):
+    """No replica of a shard is left to ask (every readable one failed or is avoided)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One cluster map as the client routes by it; replaced whole, never changed, so a
+    thread that reads ``ClientCore.route`` once sees one map's nodes and owners."""
+
+    #: The placement epoch of the map (0: none yet).
+    epoch: int = 0
+    nodes: tuple[str, ...] = ()
+    #: gRPC address → fast read path address, for nodes that serve one.
+    fast: Mapping[str, str] = field(default_factory=dict)
+    #: table → the node index of each shard's owner.
+    owners: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: table → the one node that owns every shard, for tables served by one node.
+    sole: Mapping[str, str] = field(default_factory=dict)
+    #: table → (shards, width) node indexes of each shard's readable replicas
+    #: (Available, then Leaving), -1 where a shard has fewer.
+    readable: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: table → True where ``readable`` holds a Leaving replica (a move's source).
+    leaving: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: table → the same for the replicas that take writes (Initializing too).
+    writable: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: table → acks a write needs per shard (write_quorum; 0: a majority).
+    quorum: Mapping[str, int] = field(default_factory=dict)
+    #: Per node: its zone, and whether the map marks it down (its lease lapsed).
+    zones: tuple[str, ...] = ()
+    down: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+    def without(self, table: str) -> Route:
+        """This route with no entry for ``table``."""
+
+        def drop(m: Mapping) -> dict:
+            return {t: v for t, v in m.items() if t != table}
+
+        return replace(
+            self,
+            owners=drop(self.owners),
+            sole=drop(self.sole),
+            readable=drop(self.readable),
+            leaving=drop(self.leaving),
+            writable=drop(self.writable),
+            quorum=drop(self.quorum),
+        )
+
+    def needed(self, table: str) -> np.ndarray:
+        """Per shard, the acks of readable replicas (Available, Leaving) a write needs:
+        the table's write_quorum, default a majority of them (an Initializing replica
+        takes the write but does not count: it serves no reads yet), at most those on
+        nodes not marked down, at least 1."""
+        readable = self.readable[table]
+        count = (readable >= 0).sum(axis=1)
+        padded = np.append(self.down, False)
+        live = ((readable >= 0) & ~padded[readable]).sum(axis=1)
+        quorum = self.quorum.get(table, 0)
+        want = np.full(len(readable), quorum) if quorum else count // 2 + 1
+        return np.maximum(np.minimum(want, live), 1)
+
+    def acks(self, table: str, acked: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Per shard, how many of its readable replicas applied a write, from ``acked``
+        (node address → the shards it applied); for a shard with no readable replica,
+        how many writable ones did."""
+        readable = self.readable[table]
+        writable = self.writable[table]
+        index = {a: i for i, a in enumerate(self.nodes)}
+        counted = np.zeros(len(readable), np.int64)
+        fallback = np.zeros(len(readable), np.int64)
+        for address, shards in acked.items():
+            node = index.get(address)
+            if node is None or not len(shards):
+                continue
+            counted[shards[(readable[shards] == node).any(axis=1)]] += 1
+            fallback[shards[(writable[shards] == node).any(axis=1)]] += 1
+        none_readable = (readable < 0).all(axis=1)
+        counted[none_readable] = fallback[none_readable]
+        return counted
+
+
+def _replica_matrix(shards: Any, states: tuple[str, ...], owners: np.ndarray) -> np.ndarray:
+    """Per shard, the node indexes of its replicas in ``states`` (in that order of
+    state), -1 padded; the owner alone for a map without replica lists."""
+    if not len(shards):
+        return owners.reshape(-1, 1).astype(np.int32)
+    rows = [
+        [n for state in states for n, s in zip(r.node, r.state, strict=True) if s == state]
+        for r in shards
+    ]
+    width = max(1, *(len(r) for r in rows))
+    out = np.full((len(rows), width), -1, np.int32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def _leaving(shards: Any, readable: np.ndarray) -> np.ndarray:
+    """True where ``readable`` (from ``shards``) holds a Leaving replica."""
+    out = np.zeros(readable.shape, bool)
+    for i, r in enumerate(shards):
+        gone = {n for n, s in zip(r.node, r.state, strict=True) if s == "Leaving"}
+        out[i] = [n in gone for n in readable[i].tolist()]
+    return out
+
+
+def route_from_map(msg: pb.ClusterMap, seed: str) -> Route:
+    """The Route of ``msg``; node addresses as ``seed``'s client dials them."""
+    nodes = tuple(dial_address(n.address, seed) for n in msg.nodes)
+    fast = {
+        dial_address(n.address, seed): dial_address(n.fast_address, seed)
+        for n in msg.nodes
+        if n.fast_address
+    }
+    owners = {t.table: np.asarray(t.owner, dtype=np.int32) for t in msg.tables}
+    readable = {
+        t.table: _replica_matrix(t.replicas, READABLE_STATES, owners[t.table]) for t in msg.tables
+    }
+    leaving = {t.table: _leaving(t.replicas, readable[t.table]) for t in msg.tables}
+    writable = {
+        t.table: _replica_matrix(t.replicas, WRITABLE_STATES, owners[t.table]) for t in msg.tables
+    }
+    quorum = {t.table: getattr(t, "write_quorum", 0) for t in msg.tables}
+    sole = {
+        table: nodes[o[0]]
+        for table, o in owners.items()
+        if len(o) and (o == o[0]).all() and readable[table].shape[1] == 1
+    }
+    zones = tuple(n.zone for n in msg.nodes)
+    down = np.array([n.state == "down" for n in msg.nodes], dtype=bool)
+    return Route(
+        msg.epoch, nodes, fast, owners, sole, readable, leaving, writable, quorum, zones, down
+    )
+
+
+#: What reading a Leaving replica (a move's source) costs in read_choice's scores:
+#: as much as 100 calls outstanding, less than reading from another zone.
+LEAVING_PENALTY = 1e5
+
+
+def read_choice(
+    route: Route,
+    table: str,
+    readable: np.ndarray,
+    avoid: frozenset[str],
+    health: NodeHealth,
+    zone: str,
+    spin: int,
+    wanted: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per shard, the node index of the replica to read: not in ``avoid``, then one
+    the map does not mark down, then one no hedge beat and that did not fail in the
+    last second (``health``), then in the client's ``zone``, then Available before
+    Leaving, then with the fewest
+    calls outstanding and the least slow (``health``: 1 call ≈ 1 ms of mean latency),
+    then the client's own order of nodes (``spin``): one client sends a batch to few
+    nodes, many clients spread over all. NoReplica when a shard of ``wanted`` (None:
+    every shard) has no replica left."""
+    n = len(route.nodes)
+    outstanding = health.outstanding
+    now = time.monotonic()
+    score = np.empty(n + 1)  # the last entry: the -1 padding, never chosen
+    for i, address in enumerate(route.nodes):
+        if address in avoid or not address:
+            score[i] = math.inf
+            continue
+        far = bool(zone) and i < len(route.zones) and route.zones[i] != zone
+        down = i < len(route.down) and route.down[i]
+        suspect = health.suspected(address, now)
+        busy = outstanding.get(address, 0) + health.slowness(address, now) * 1e3
+        score[i] = down * 1e9 + suspect * 1e7 + far * 1e6 + busy * 1e3 + (i + spin) % n
+    score[n] = math.inf
+    per_replica = score[readable]
+    leaving = route.leaving.get(table)
+    if leaving is not None and leaving.shape == readable.shape:
+        per_replica = per_replica + leaving * LEAVING_PENALTY
+    best = per_replica.argmin(axis=1)
+    rows = np.arange(len(readable))
+    chosen = readable[rows, best]
+    missing = np.isinf(per_replica[rows, best])
+    if wanted is not None:
+        missing &= np.isin(rows, wanted)
+    if missing.any():
+        shard = int(np.flatnonzero(missing)[0])
+        raise NoReplica(
+            f"table {table!r}, shard {shard}: no readable replica left to ask "
+            f"(failed: {', '.join(sorted(avoid)) or 'none'})"
+        )
+    return chosen
