@@ -238,6 +238,11 @@ class ClientCore:
                 route, table, readable, avoid, self.health, self.zone, self.spin, wanted
             )
             node_of_key = chosen[shard_of_key]
+        first = node_of_key[0]
+        if node_of_key.size == 1 or (node_of_key == first).all():
+            # every key on one node (a 1-key get, always): one request with the keys as
+            # they are, no split to take and no merge to undo
+            return [(route.nodes[int(first)], None)]
         out: list[tuple[str, np.ndarray | None]] = []
         for node in np.unique(node_of_key).tolist():
             out.append((route.nodes[node], np.flatnonzero(node_of_key == node)))
