@@ -72,6 +72,9 @@ APPLY_TIMEOUT_S = 15.0
 #: How long a request naming a table this node does not have waits for the placement
 #: to bring it (s): other nodes see a new epoch within milliseconds of each other.
 CATCH_UP_S = 1.0
+#: How often a node checks the replicas: catch-ups whose source went, nodes gone past
+#: the grace period (s).
+REPLICA_CHECK_S = 1.0
 
 
 class ClusterAgent:
@@ -85,8 +88,13 @@ class ClusterAgent:
         me: NodeInfo,
         ttl_s: int = DEFAULT_TTL_S,
         on_failure: Callable[[], None] | None = None,
+        replica_grace_s: float = 30.0,
     ) -> None:
         self.node = node
+        #: How long a node's lease may be gone before its replicas are copied elsewhere (s).
+        self.replica_grace_s = replica_grace_s
+        #: node id → when this node first saw it gone (time.monotonic()).
+        self._gone_since: dict[str, float] = {}
         #: Called when following the cluster stopped unexpectedly: the node must not
         #: serve on with a view nobody updates (kvstore.server.app stops it).
         self.on_failure = on_failure
@@ -120,15 +128,20 @@ class ClusterAgent:
                 current, _ = await self.store.read()
                 check_identity(data_dir, kept, ClusterIdentity(self.cluster, current.cluster_uuid))
             self.membership = Membership(self.etcd, self.me, self.ttl_s)
+            self.membership.on_registered_again = self._registered_again
             await self.membership.start()
             joined = await self.store.join(self.me.node_id)
             self.identity = ClusterIdentity(self.cluster, joined.cluster_uuid)
             if kept is None:
                 record_identity(data_dir, self.identity)
+            # Before the first placement is applied (nothing is served yet): replicas
+            # that may have missed writes while this node was down catch up first.
+            await self._catch_up_replicas()
             self.node.view = self.view
             self._tasks = [
                 asyncio.create_task(self._follow_placement(), name="cluster-placement"),
                 asyncio.create_task(self._follow_nodes(), name="cluster-nodes"),
+                asyncio.create_task(self._look_after_replicas(), name="cluster-replicas"),
             ]
             for task in self._tasks:
                 task.add_done_callback(self._task_ended)
@@ -180,11 +193,17 @@ class ClusterAgent:
 
     # -- table changes, cluster-wide -------------------------------------------------
 
-    async def create_table(self, schema: TableSchema) -> None:
-        """Place ``schema``'s table over the live joined nodes (a CAS on the placement);
+    async def create_table(
+        self, schema: TableSchema, replicas: int = 1, write_quorum: int = 0
+    ) -> None:
+        """Place ``schema``'s table over the live joined nodes (a CAS on the placement),
+        ``replicas`` copies of each shard on distinct nodes (zones where they allow);
         return once this node has created it. AlreadyExists for another schema."""
         assert self.store is not None
-        placed = await self.store.create_table(schema, among=self.view.live)
+        zones = {node: info.zone for node, info in self.view.known.items()}
+        placed = await self.store.create_table(
+            schema, self.view.live, replicas or 1, write_quorum, zones
+        )
         await self._wait(
             lambda: self.view.placement.tables.get(schema.name) == placed,
             f"table {schema.name!r} to be applied",
@@ -272,8 +291,8 @@ class ClusterAgent:
         me = self.me.node_id
 
         def change(placement: Placement) -> Placement:
-            moving = moving_to(placement, table, shard, source)
-            if moving is None or moving.node != me or moving.attempt != attempt:
+            moving = moving_to(placement, table, shard, source, me)
+            if moving is None or moving.attempt != attempt:
                 raise InvalidArgument(
                     f"table {table!r} shard {shard}: the placement no longer moves it from "
                     f"{source} to {me} (attempt {attempt})"
@@ -303,6 +322,88 @@ class ClusterAgent:
         written = await self.store.update(lambda p: restart_move(p, table, shard, me))
         await self._take(written)
         return moving_to(written, table, shard, me) is not None
+
+    # -- replicas (docs/cluster.md, "Replicas") ---------------------------------------
+
+    async def _catch_up_replicas(self) -> None:
+        """Make this node's replicas of tables with several replicas catch up from a live
+        Available peer (one CAS, ``assignment.catch_up``): it may have missed writes the
+        others acknowledged. Until they finish they take writes and serve no reads."""
+        assert self.membership is not None and self.store is not None
+        from kvstore.cluster.assignment import catch_up
+
+        me = self.me.node_id
+        with contextlib.suppress(TimeoutError):
+            await self.membership.wait_for(lambda nodes: me in nodes, CATCH_UP_S * 5)
+        live = frozenset(self.membership.nodes) | {me}
+        written = await self.store.update(lambda p: catch_up(p, me, live))
+        if self.view.epoch:
+            await self._take(written)
+
+    def _registered_again(self) -> None:
+        """The membership registered again after this node's lease lapsed (etcd away, or
+        the process stopped): writes may have been missed meanwhile."""
+        task = asyncio.create_task(self._catch_up_again(), name="cluster-catch-up")
+        self._drops.add(task)
+        task.add_done_callback(self._drops.discard)
+
+    async def _catch_up_again(self) -> None:
+        try:
+            await self._catch_up_replicas()
+        except Unavailable as exc:
+            log.warning("node %s: cannot mark its replicas to catch up: %s", self.me.node_id, exc)
+
+    async def _look_after_replicas(self) -> None:
+        """Every REPLICA_CHECK_S: re-point this node's catch-ups whose source went, and, on
+        the live node with the lowest id only, replace the replicas of nodes gone longer
+        than the grace period (``assignment.re_replicate``)."""
+        while True:
+            await asyncio.sleep(REPLICA_CHECK_S)
+            try:
+                await self._check_replicas()
+            except asyncio.CancelledError:
+                raise
+            except Unavailable as exc:
+                log.warning("node %s: replicas not checked: %s", self.me.node_id, exc)
+            except Exception:  # the next round tries again; the node must serve on
+                log.exception("node %s: checking replicas", self.me.node_id)
+
+    async def _check_replicas(self) -> None:
+        assert self.store is not None
+        from kvstore.cluster.assignment import catch_up, re_replicate
+
+        me = self.me.node_id
+        placement, live = self.view.placement, self.view.live
+        if me not in live:
+            return  # etcd lost, or this node not registered: its view of who is gone is old
+        now = time.monotonic()
+        holders = set(placement.nodes) | {
+            r.node for t in placement.tables.values() for rs in t.shards for r in rs
+        }
+        for node in holders - live:
+            self._gone_since.setdefault(node, now)
+        for node in list(self._gone_since):
+            if node in live or node not in holders:
+                del self._gone_since[node]
+        if catch_up(placement, me, live, returning=False) != placement:
+            await self._take(await self.store.update(lambda p: catch_up(p, me, live, False)))
+        if me != min(live):
+            return
+        zones = {node: info.zone for node, info in self.view.known.items()}
+        for dead, since in sorted(self._gone_since.items()):
+            if now - since < self.replica_grace_s:
+                continue
+            written = await self.store.update(lambda p, d=dead: re_replicate(p, d, live, zones))
+            if written.epoch > placement.epoch:
+                log.warning(
+                    "node %s has been gone %.0f s (grace %g s): its replicas are copied to "
+                    "other nodes (placement epoch %d)",
+                    dead,
+                    now - since,
+                    self.replica_grace_s,
+                    written.epoch,
+                )
+            await self._take(written)
 
     def _holds(self, table: str, shard: int) -> bool:
         writable = self.view.writable.get(table)
