@@ -71,6 +71,9 @@ FAULT_EXIT_AFTER_COPY_CHUNKS = "KVSTORE_FAULT_EXIT_AFTER_COPY_CHUNKS"
 #: ... and with this one set (to anything), it exits on the answer to its first seal,
 #: before the final CAS: its source's writes wait, then the source gives it up.
 FAULT_EXIT_AT_HANDOVER = "KVSTORE_FAULT_EXIT_AT_HANDOVER"
+#: ... and with this one set to a path, a catch-up waits before its copy while that file
+#: exists: a test sees the replica Initializing (writes taken, reads refused) meanwhile.
+FAULT_HOLD_CATCH_UP = "KVSTORE_FAULT_HOLD_CATCH_UP"
 
 
 class Mover:
@@ -89,6 +92,7 @@ class Mover:
         self._exit_at_chunk = int(os.environ.get(FAULT_EXIT_AFTER_COPY_CHUNKS) or 0)
         self._exit_at_handover = bool(os.environ.get(FAULT_EXIT_AT_HANDOVER))
         self._chunks = 0
+        self._hold_catch_up = os.environ.get(FAULT_HOLD_CATCH_UP) or ""
 
     def see(self, placement: Placement) -> None:
         """Start the moves ``placement`` gives this node (up to MAX_MOVES at once); cancel
@@ -213,6 +217,8 @@ class Mover:
         started = time.monotonic()
         receiver = ShardReceiver(agent.node, table, shard)
         catch_up = _catches_up(agent.view.placement, table, shard, source)
+        while catch_up and self._hold_catch_up and os.path.exists(self._hold_catch_up):
+            await asyncio.sleep(0.1)  # a test's fault hook: polls a file, test only
         async with open_aio_channel(dial_address(info.address, agent.me.address)) as channel:
             stub = pb_grpc.FeatureStoreStub(channel)
             try:

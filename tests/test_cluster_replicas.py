@@ -1,0 +1,246 @@
+"""Tables with several replicas, server side (docs/cluster.md, "Replicas"), through real
+node processes on a real etcd: R replicas of each shard on distinct nodes; a write sent
+to every replica lands on each; a node killed and restarted catches up from a peer
+before it serves reads (refusing them with StaleMap meanwhile, taking writes); a node
+whose data directory was wiped copies its shards back; a node gone past the grace
+period has its replicas copied to the other nodes.
+
+Writes go to each replica node directly here (the client's fan-out is the client
+side's part of issue 16); answers are compared replica against replica, byte for byte.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cluster_fixtures import FEATURES, SHARDS, Cluster, check_all, feature_rows
+from etcd_server import EtcdServer
+
+from kvstore import Client
+from kvstore.cluster.moves import FAULT_HOLD_CATCH_UP
+from kvstore.columns import encode_rows
+from kvstore.errors import StaleMap, from_rpc_error
+from kvstore.keys import KeyBatch
+from kvstore.schema import TableSchema
+from kvstore.server.process import wait_until
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_channel
+from kvstore.wire.messages import schema_to_proto
+
+TABLE = "replicated"
+CATCH_UP_TIMEOUT_S = 90.0
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path / "nodes", etcd)
+    try:
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop()
+
+
+def _call(address: str, method: str, request):
+    with open_channel(address) as channel:
+        return getattr(pb_grpc.FeatureStoreStub(channel), method)(request, timeout=30)
+
+
+def _create(address: str, replicas: int) -> None:
+    schema = TableSchema.build(TABLE, "int64", FEATURES, SHARDS)
+    _call(
+        address,
+        "CreateTable",
+        pb.CreateTableRequest(schema=schema_to_proto(schema), replicas=replicas),
+    )
+
+
+def _map(address: str) -> pb.ClusterMap:
+    return _call(address, "GetClusterMap", pb.GetClusterMapRequest())
+
+
+def _replicas(cmap: pb.ClusterMap) -> list[list[tuple[str, str, str]]]:
+    """Per shard of TABLE: (node id, address, state) of each replica."""
+    table = next(t for t in cmap.tables if t.table == TABLE)
+    return [
+        [
+            (cmap.nodes[i].node_id, cmap.nodes[i].address, state)
+            for i, state in zip(r.node, r.state, strict=True)
+        ]
+        for r in table.replicas
+    ]
+
+
+def _shards(keys: np.ndarray) -> np.ndarray:
+    return KeyBatch.from_values("int64", keys, TABLE).shard_ids(SHARDS)
+
+
+def _write(cmap: pb.ClusterMap, schema: TableSchema, keys: np.ndarray, skip: str = "") -> None:
+    """Write ``feature_rows(keys)`` to every replica of each key's shard (but ``skip``)."""
+    shard_of = _shards(keys)
+    for shard, replicas in enumerate(_replicas(cmap)):
+        mine = keys[shard_of == shard]
+        if not len(mine):
+            continue
+        rows = encode_rows(schema, feature_rows(mine), "key")
+        request = pb.WriteRequest(
+            table=TABLE,
+            schema_id=schema.schema_id,
+            keys=rows.keys.to_proto(),
+            rows=rows.rows,
+            row_offsets=rows.offsets.astype("<i8").tobytes(),
+            features=rows.features,
+        )
+        for node_id, address, _ in replicas:
+            if node_id != skip:
+                _call(address, "Write", request)
+
+
+def _get(address: str, keys: np.ndarray) -> pb.GetResponse:
+    keys_proto = KeyBatch.from_values("int64", keys, TABLE).to_proto()
+    return _call(address, "Get", pb.GetRequest(table=TABLE, keys=keys_proto))
+
+
+def _same_on_every_replica(cmap: pb.ClusterMap, keys: np.ndarray) -> None:
+    """Every replica of each shard answers its keys, found, byte for byte the same."""
+    shard_of = _shards(keys)
+    for shard, replicas in enumerate(_replicas(cmap)):
+        mine = keys[shard_of == shard]
+        assert len(replicas) == 2 and all(state == "Available" for *_, state in replicas)
+        answers = [_get(address, mine) for _, address, _ in replicas]
+        lengths = np.frombuffer(answers[0].lengths, "<i4")
+        assert (lengths >= 0).all(), f"shard {shard}: a key is missing"
+        for other in answers[1:]:
+            assert (other.values, other.lengths, other.order) == (
+                answers[0].values,
+                answers[0].lengths,
+                answers[0].order,
+            ), f"shard {shard}: the replicas {[r[0] for r in replicas]} differ"
+
+
+def _wait_map(seed: str, condition, timeout_s: float, what: str) -> pb.ClusterMap:
+    """The cluster map once ``condition(map)`` holds (polled)."""
+
+    def satisfied() -> pb.ClusterMap | None:
+        cmap = _map(seed)
+        return cmap if condition(cmap) else None
+
+    return wait_until(satisfied, timeout_s, what)
+
+
+def _states_on(node_id: str):
+    def states(cmap: pb.ClusterMap) -> set[str]:
+        return {s for rs in _replicas(cmap) for n, _, s in rs if n == node_id}
+
+    return states
+
+
+def test_replicas_take_writes_catch_up_after_a_restart_and_after_a_wiped_disk(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    for i in range(3):
+        cluster.start(f"n{i}", env={"KVSTORE_REPLICA_GRACE_S": "600"})
+    seed = cluster.nodes["n0"].address
+    _create(seed, replicas=2)
+
+    # Two replicas of every shard, on distinct nodes, both Available; spread evenly.
+    cmap = _map(seed)
+    table = next(t for t in cmap.tables if t.table == TABLE)
+    assert (table.replica_count, table.write_quorum) == (2, 2)
+    placed = _replicas(cmap)
+    assert all(len({n for n, _, _ in rs}) == 2 for rs in placed)
+    counts = [sum(n == f"n{i}" for rs in placed for n, _, _ in rs) for i in range(3)]
+    assert sorted(counts) == [8, 8, 8], counts
+
+    with Client(seed, timeout=10) as client:
+        schema = client.describe_table(TABLE).schema
+        first = np.arange(0, 300, dtype=np.int64)
+        _write(cmap, schema, first)
+        _same_on_every_replica(cmap, first)
+        check_all(client.get(TABLE, first), first)
+
+        # n1 is killed; writes go on to the other replicas only.
+        cluster.nodes["n1"].kill()
+        missed = np.arange(300, 600, dtype=np.int64)
+        _write(cmap, schema, missed, skip="n1")
+
+        # Restarted, n1 marks its replicas Initializing before it serves anything, and
+        # (held by the fault hook) refuses reads of them while it takes writes.
+        hold = tmp_path / "hold-catch-up"
+        hold.touch()
+        cluster.start("n1", env={FAULT_HOLD_CATCH_UP: str(hold)})
+        cmap = _wait_map(
+            seed,
+            lambda m: _states_on("n1")(m) == {"Initializing"},
+            30,
+            "n1's replicas to be Initializing",
+        )
+        n1 = cluster.nodes["n1"].address
+        n1_keys = first[[("n1" in {n for n, _, _ in placed[s]}) for s in _shards(first)]]
+        with pytest.raises(grpc.RpcError) as caught:
+            _get(n1, n1_keys[:5])
+        assert isinstance(from_rpc_error(caught.value, n1, 30), StaleMap)
+        during = np.arange(600, 900, dtype=np.int64)
+        _write(cmap, schema, during)
+
+        hold.unlink()
+        cmap = _wait_map(
+            seed,
+            lambda m: _states_on("n1")(m) == {"Available"},
+            CATCH_UP_TIMEOUT_S,
+            "n1 to catch up",
+        )
+        every = np.arange(0, 900, dtype=np.int64)
+        _same_on_every_replica(cmap, every)
+        check_all(client.get(TABLE, every), every)
+
+        # n1's disk is wiped while it is down: it copies its shards from the peers.
+        cluster.nodes["n1"].kill()
+        shutil.rmtree(cluster.workdir / "n1")
+        more = np.arange(900, 1000, dtype=np.int64)
+        _write(cmap, schema, more, skip="n1")
+        cluster.start("n1")
+        cmap = _wait_map(
+            seed,
+            lambda m: _states_on("n1")(m) == {"Available"},
+            CATCH_UP_TIMEOUT_S,
+            "the wiped n1 to copy its shards back",
+        )
+        every = np.arange(0, 1000, dtype=np.int64)
+        _same_on_every_replica(cmap, every)
+        check_all(client.get(TABLE, every), every)
+
+
+def test_a_node_gone_past_the_grace_period_is_re_replicated(cluster: Cluster) -> None:
+    for i in range(3):
+        cluster.start(f"n{i}", env={"KVSTORE_REPLICA_GRACE_S": "2"})
+    seed = cluster.nodes["n0"].address
+    _create(seed, replicas=2)
+    cmap = _map(seed)
+    keys = np.arange(0, 500, dtype=np.int64)
+    with Client(seed, timeout=10) as client:
+        schema = client.describe_table(TABLE).schema
+        _write(cmap, schema, keys)
+        cluster.nodes["n2"].kill()
+        # Its lease lapses (5 s), the grace passes (2 s): its replicas go to n0 and n1,
+        # copied from the surviving replica of each shard.
+        cmap = _wait_map(
+            seed,
+            lambda m: (
+                not _states_on("n2")(m)
+                and _states_on("n0")(m) == _states_on("n1")(m) == {"Available"}
+            ),
+            CATCH_UP_TIMEOUT_S,
+            "n2's replicas to be replaced",
+        )
+        assert all({n for n, _, _ in rs} == {"n0", "n1"} for rs in _replicas(cmap))
+        _same_on_every_replica(cmap, keys)
+        check_all(client.get(TABLE, keys), keys)
