@@ -17,6 +17,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from cluster_fixtures import FEATURES, SHARDS, Cluster, check_all, feature_rows
 from etcd_server import EtcdServer
@@ -25,6 +27,7 @@ from kvstore import Client
 from kvstore.cluster.moves import FAULT_HOLD_CATCH_UP
 from kvstore.columns import encode_rows
 from kvstore.errors import StaleMap, from_rpc_error
+from kvstore.ingest.bulk import load
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.server.process import wait_until
@@ -110,7 +113,8 @@ def _get(address: str, keys: np.ndarray) -> pb.GetResponse:
 
 
 def _same_on_every_replica(cmap: pb.ClusterMap, keys: np.ndarray) -> None:
-    """Every replica of each shard answers its keys, found, byte for byte the same."""
+    """Every replica of each shard answers its keys, found, from the same version, byte
+    for byte the same."""
     shard_of = _shards(keys)
     for shard, replicas in enumerate(_replicas(cmap)):
         mine = keys[shard_of == shard]
@@ -119,7 +123,8 @@ def _same_on_every_replica(cmap: pb.ClusterMap, keys: np.ndarray) -> None:
         lengths = np.frombuffer(answers[0].lengths, "<i4")
         assert (lengths >= 0).all(), f"shard {shard}: a key is missing"
         for other in answers[1:]:
-            assert (other.values, other.lengths, other.order) == (
+            assert (other.version, other.values, other.lengths, other.order) == (
+                answers[0].version,
                 answers[0].values,
                 answers[0].lengths,
                 answers[0].order,
@@ -244,3 +249,48 @@ def test_a_node_gone_past_the_grace_period_is_re_replicated(cluster: Cluster) ->
         assert all({n for n, _, _ in rs} == {"n0", "n1"} for rs in _replicas(cmap))
         _same_on_every_replica(cmap, keys)
         check_all(client.get(TABLE, keys), keys)
+
+
+def test_a_bulk_load_while_a_replica_is_down_commits_and_the_replica_installs_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    for i in range(3):
+        cluster.start(f"n{i}", env={"KVSTORE_REPLICA_GRACE_S": "600"})
+    seed = cluster.nodes["n0"].address
+    _create(seed, replicas=2)
+
+    # Every replica of a shard gets the load's files and installs the version.
+    first = np.arange(0, 500, dtype=np.int64)
+    _parquet(tmp_path / "first.parquet", first)
+    load(seed, TABLE, str(tmp_path / "first.parquet"), progress=False)
+    _same_on_every_replica(_map(seed), first)
+
+    # n1 is down (its lease lapsed): a load commits on the replicas that are up.
+    cluster.nodes["n1"].kill()
+    _wait_map(seed, lambda m: _node_state(m, "n1") == "down", 30, "n1 to be down")
+    every = np.arange(0, 1000, dtype=np.int64)
+    _parquet(tmp_path / "second.parquet", every)
+    load(seed, TABLE, str(tmp_path / "second.parquet"), progress=False)
+    version = next(t.version for t in _map(seed).tables if t.table == TABLE)
+    assert version == 2
+
+    # Back, n1 copies version 2 of its shards from the peers before it serves them.
+    cluster.start("n1")
+    cmap = _wait_map(
+        seed,
+        lambda m: _node_state(m, "n1") == "live" and _states_on("n1")(m) == {"Available"},
+        CATCH_UP_TIMEOUT_S,
+        "n1 to install the version",
+    )
+    _same_on_every_replica(cmap, every)
+    with Client(seed, timeout=10) as client:
+        check_all(client.get(TABLE, every), every)
+        assert client.get(TABLE, every).version == version
+
+
+def _parquet(path: Path, keys: np.ndarray) -> None:
+    pq.write_table(pa.table(feature_rows(keys)), path)
+
+
+def _node_state(cmap: pb.ClusterMap, node_id: str) -> str:
+    return next(n.state for n in cmap.nodes if n.node_id == node_id)
