@@ -24,9 +24,11 @@ from cluster_fixtures import FEATURES, SHARDS, Cluster, check_all, feature_rows
 from etcd_server import EtcdServer
 
 from kvstore import Client
+from kvstore.cluster.assignment import catch_up, drain, finish_move, place_table, re_replicate
 from kvstore.cluster.moves import FAULT_HOLD_CATCH_UP
+from kvstore.cluster.placement import Placement, ShardState
 from kvstore.columns import encode_rows
-from kvstore.errors import StaleMap, from_rpc_error
+from kvstore.errors import InvalidArgument, StaleMap, from_rpc_error
 from kvstore.ingest.bulk import load
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
@@ -38,6 +40,79 @@ from kvstore.wire.messages import schema_to_proto
 
 TABLE = "replicated"
 CATCH_UP_TIMEOUT_S = 90.0
+AVAILABLE, INITIALIZING = ShardState.AVAILABLE, ShardState.INITIALIZING
+
+
+# --------------------------------------------------------------------------------------
+# The placement's pure functions (kvstore.cluster.assignment)
+
+
+def _placed(nodes=("n0", "n1", "n2"), replicas=2, shards=6, zones=None) -> Placement:
+    schema = TableSchema.build(TABLE, "int64", FEATURES, shards).with_id(1)
+    return place_table(Placement(nodes=tuple(nodes)), schema, replicas, 0, zones)
+
+
+def _holders(placement: Placement) -> list[list[tuple[str, ShardState, str]]]:
+    return [[(r.node, r.state, r.source) for r in rs] for rs in placement.table(TABLE).shards]
+
+
+def test_place_table_puts_replicas_on_distinct_nodes_and_zones() -> None:
+    placed = _placed()
+    assert placed.table(TABLE).replicas == 2 and placed.table(TABLE).quorum == 2
+    assert all(len({n for n, _, _ in rs}) == 2 for rs in _holders(placed))
+    zoned = _placed(nodes=("n0", "n1", "n2"), zones={"n0": "a", "n1": "a", "n2": "b"})
+    # Two zones: every shard has a replica in each, so n2 (zone b alone) holds them all.
+    assert all("n2" in {n for n, _, _ in rs} for rs in _holders(zoned))
+    with pytest.raises(InvalidArgument, match="3 replicas on 2 nodes"):
+        _placed(nodes=("n0", "n1"), replicas=3)
+    schema = TableSchema.build("t", "int64", FEATURES, 2).with_id(1)
+    with pytest.raises(InvalidArgument, match="write quorum"):
+        place_table(Placement(nodes=("n0", "n1")), schema, 2, 3)
+
+
+def test_catch_up_marks_a_returning_nodes_replicas_and_finishing_keeps_the_peer() -> None:
+    placed = _placed()
+    live = {"n0", "n1", "n2"}
+    back = catch_up(placed, "n1", live)
+    for before, after in zip(_holders(placed), _holders(back), strict=True):
+        for (node, _, _), (node_after, state, source) in zip(before, after, strict=True):
+            assert node == node_after
+            if node == "n1":
+                assert state == INITIALIZING and source in live - {"n1"}
+            else:
+                assert state == AVAILABLE
+    # Only a start (or a lapsed lease) marks them: the periodic check leaves them.
+    assert catch_up(placed, "n1", live, returning=False) == placed
+    # Its peer gone: another live peer if any, else Available again.
+    shard = next(s for s, rs in enumerate(_holders(back)) if "n1" in {n for n, _, _ in rs})
+    peer = next(source for n, _, source in _holders(back)[shard] if n == "n1")
+    alone = catch_up(back, "n1", {"n1"}, returning=False)
+    assert ("n1", AVAILABLE, "") in _holders(alone)[shard]
+    # (with 2 replicas the peer is the only other one)
+    without_peer = catch_up(back, "n1", live - {peer}, returning=False)
+    assert _holders(without_peer)[shard] == _holders(alone)[shard]
+    # The catch-up's finish makes it Available and keeps the (Available) peer.
+    done = finish_move(back, TABLE, shard, "n1")
+    assert sorted(_holders(done)[shard]) == sorted([("n1", AVAILABLE, ""), (peer, AVAILABLE, "")])
+    # A table with one replica has no peer to catch up from: nothing changes.
+    assert catch_up(_placed(replicas=1), "n1", live) == _placed(replicas=1)
+
+
+def test_re_replicate_replaces_a_dead_nodes_replicas_from_live_peers() -> None:
+    placed = _placed(nodes=("n0", "n1", "n2", "n3"))
+    live = {"n0", "n1", "n3"}
+    replaced = re_replicate(placed, "n2", live, {})
+    assert "n2" not in replaced.nodes and not replaced.replicas_on("n2")
+    for rs in _holders(replaced):
+        assert len({n for n, _, _ in rs}) == 2
+        for node, state, source in rs:
+            assert state == AVAILABLE or (source in live and node in live)
+    # A shard whose other replica is down too keeps the dead node's replica.
+    kept = re_replicate(placed, "n2", {"n0"}, {})
+    assert kept.replicas_on("n2")
+    # Draining one of two nodes holding a table with 2 replicas is refused.
+    with pytest.raises(InvalidArgument, match="the last node that can hold"):
+        drain(_placed(nodes=("n0", "n1")), "n1", {})
 
 
 @pytest.fixture
