@@ -11,7 +11,9 @@ side's part of issue 16); answers are compared replica against replica, byte for
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -369,3 +371,46 @@ def _parquet(path: Path, keys: np.ndarray) -> None:
 
 def _node_state(cmap: pb.ClusterMap, node_id: str) -> str:
     return next(n.state for n in cmap.nodes if n.node_id == node_id)
+
+
+def test_a_node_stopped_past_its_lease_catches_up_once_continued(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    hold = tmp_path / "hold-catch-up"  # absent until the node is stopped
+    for i in range(3):
+        env = {"KVSTORE_REPLICA_GRACE_S": "600", FAULT_HOLD_CATCH_UP: str(hold)}
+        cluster.start(f"n{i}", env=env)
+    seed = cluster.nodes["n0"].address
+    _create(seed, replicas=2)
+    cmap = _map(seed)
+    first = np.arange(0, 300, dtype=np.int64)
+    with Client(seed, timeout=10) as client:
+        schema = client.describe_table(TABLE).schema
+        _write(cmap, schema, first)
+        stopped = cluster.nodes["n1"]
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            _wait_map(seed, lambda m: _node_state(m, "n1") == "down", 30, "n1's lease to lapse")
+            missed = np.arange(300, 600, dtype=np.int64)
+            _write(cmap, schema, missed, skip="n1")
+            hold.touch()
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+        # It registers again, marks its replicas Initializing (held here) ...
+        _wait_map(
+            seed,
+            lambda m: _node_state(m, "n1") == "live" and _states_on("n1")(m) == {"Initializing"},
+            30,
+            "n1 to register again and catch up",
+        )
+        hold.unlink()
+        # ... and serves them once caught up: the writes it missed included.
+        cmap = _wait_map(
+            seed,
+            lambda m: _states_on("n1")(m) == {"Available"},
+            CATCH_UP_TIMEOUT_S,
+            "n1 to catch up",
+        )
+        every = np.arange(0, 600, dtype=np.int64)
+        _same_on_every_replica(cmap, every)
+        check_all(client.get(TABLE, every), every)
