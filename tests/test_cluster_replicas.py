@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -299,6 +301,17 @@ def test_replicas_take_writes_catch_up_after_a_restart_and_after_a_wiped_disk(
         every = np.arange(0, 1000, dtype=np.int64)
         _same_on_every_replica(cmap, every)
         check_all(client.get(TABLE, every), every)
+
+    # kvstore cluster status shows the table's replicas, all Available.
+    status = subprocess.run(
+        [sys.executable, "-m", "kvstore.cli", "cluster", "status", "-a", seed],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if x.startswith(TABLE))
+    assert "2 (quorum 2)" in line and f"{2 * SHARDS}/{2 * SHARDS}" in line, line
 
 
 def test_a_node_gone_past_the_grace_period_is_re_replicated(cluster: Cluster) -> None:
