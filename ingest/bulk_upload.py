@@ -215,12 +215,12 @@ class LoadSession:
         )
 
     def _replica_holders(self, owners: list[int], nodes: list[str]) -> list[list[str]]:
-        """Per shard, the addresses its files go to: the live Available replicas in the
-        seed's map (docs/cluster.md, "Replicas"); the owner alone when the map has no
-        replica list. A replica on a node the map says is down is out of the count, as
-        for writes (R=2: both, or one when the other is down): it installs the version
-        from a peer when it comes back. KvstoreError when a shard has fewer live
-        Available replicas than that quorum, or none."""
+        """Per shard, the addresses its files go to: its live serving replicas in the
+        seed's map (Available, and a move's Leaving source; docs/cluster.md, "Replicas");
+        the owner alone when the map has no replica list. A replica on a node the map
+        says is down is out of the count, as for writes (R=2: both, or one when the
+        other is down): it installs the version from a peer when it comes back.
+        KvstoreError when a shard has fewer live serving replicas than that quorum."""
         cmap = self._call(self.seed, "GetClusterMap", pb.GetClusterMapRequest())
         table = next((t for t in cmap.tables if t.table == self.table), None)
         if table is None or len(table.replicas) != len(owners) or len(cmap.nodes) != len(nodes):
@@ -231,12 +231,12 @@ class LoadSession:
             live = [
                 nodes[i]
                 for i, state in zip(replicas.node, replicas.state, strict=True)
-                if state == "Available" and i in up
+                if state in ("Available", "Leaving") and i in up
             ]
             quorum = max(1, min(table.write_quorum or 1, len(up)))
             if len(live) < quorum:
                 raise KvstoreError(
-                    f"table {self.table!r} shard {shard}: {len(live)} live Available "
+                    f"table {self.table!r} shard {shard}: {len(live)} live serving "
                     f"replica(s), the write quorum is {quorum}; load again once enough "
                     "nodes are back"
                 )

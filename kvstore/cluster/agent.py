@@ -370,7 +370,7 @@ class ClusterAgent:
 
     async def _check_replicas(self) -> None:
         assert self.store is not None
-        from kvstore.cluster.assignment import catch_up, re_replicate
+        from kvstore.cluster.assignment import catch_up
 
         me = self.me.node_id
         placement, live = self.view.placement, self.view.live
@@ -393,7 +393,7 @@ class ClusterAgent:
         for dead, since in sorted(self._gone_since.items()):
             if now - since < self.replica_grace_s:
                 continue
-            written = await self.store.update(lambda p, d=dead: re_replicate(p, d, live, zones))
+            written = await self.store.update(_re_replicating(dead, live, zones))
             if written.epoch > placement.epoch:
                 log.warning(
                     "node %s has been gone %.0f s (grace %g s): its replicas are copied to "
@@ -549,3 +549,12 @@ class ClusterAgent:
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._applied.wait(), left)
+
+
+def _re_replicating(
+    dead: str, live: frozenset[str], zones: dict[str, str]
+) -> Callable[[Placement], Placement]:
+    """The placement change replacing ``dead``'s replicas (a closure per dead node)."""
+    from kvstore.cluster.assignment import re_replicate
+
+    return lambda placement: re_replicate(placement, dead, live, zones)
