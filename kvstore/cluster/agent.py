@@ -139,9 +139,9 @@ class ClusterAgent:
             await self._catch_up_replicas()
             self.node.view = self.view
             self._tasks = [
+                asyncio.create_task(self._look_after_replicas(), name="cluster-replicas"),
                 asyncio.create_task(self._follow_placement(), name="cluster-placement"),
                 asyncio.create_task(self._follow_nodes(), name="cluster-nodes"),
-                asyncio.create_task(self._look_after_replicas(), name="cluster-replicas"),
             ]
             for task in self._tasks:
                 task.add_done_callback(self._task_ended)
