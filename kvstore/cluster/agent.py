@@ -34,6 +34,9 @@
   applied here at once); as a source it serves the copy and the seal
   (``kvstore.server.transfer.ShardTransfers``), and a shard the placement moved away
   loses its data here. A restart or a lease renewal moves nothing.
+* Replicas (docs/cluster.md, "Replicas"): ``kvstore.cluster.replicas.ReplicaKeeper``
+  makes this node's replicas catch up when it starts or registers again, and replaces
+  the replicas of nodes gone past the grace period.
 * ``stop()``: revoke the lease, so the node leaves the live set at once.
 """
 
@@ -55,6 +58,7 @@ from kvstore.cluster.identity import (
 from kvstore.cluster.membership import DEFAULT_TTL_S, Membership, NodeInfo, watch_nodes
 from kvstore.cluster.moves import Mover
 from kvstore.cluster.placement import Placement, PlacementStore, ShardState, watch_placement
+from kvstore.cluster.replicas import ReplicaKeeper
 from kvstore.errors import InvalidArgument, LoadConflict, NotFound, Unavailable
 from kvstore.schema import TableSchema
 from kvstore.server.cluster_view import ClusterView
@@ -72,9 +76,6 @@ APPLY_TIMEOUT_S = 15.0
 #: How long a request naming a table this node does not have waits for the placement
 #: to bring it (s): other nodes see a new epoch within milliseconds of each other.
 CATCH_UP_S = 1.0
-#: How often a node checks the replicas: catch-ups whose source went, nodes gone past
-#: the grace period (s).
-REPLICA_CHECK_S = 1.0
 
 
 class ClusterAgent:
@@ -91,10 +92,6 @@ class ClusterAgent:
         replica_grace_s: float = 30.0,
     ) -> None:
         self.node = node
-        #: How long a node's lease may be gone before its replicas are copied elsewhere (s).
-        self.replica_grace_s = replica_grace_s
-        #: node id → when this node first saw it gone (time.monotonic()).
-        self._gone_since: dict[str, float] = {}
         #: Called when following the cluster stopped unexpectedly: the node must not
         #: serve on with a view nobody updates (kvstore.server.app stops it).
         self.on_failure = on_failure
@@ -113,6 +110,8 @@ class ClusterAgent:
         #: The source side of moves (copy, change log, seal) and the target side.
         self.transfers = ShardTransfers(node, self.give_up_handover)
         self.mover = Mover(self)
+        #: Catch-ups of this node's replicas, re-replication of nodes gone too long.
+        self.replicas = ReplicaKeeper(self, replica_grace_s)
         #: (table, shard) this node held at the last epoch applied (None: none yet).
         self._held: frozenset[tuple[str, int]] | None = None
         self._drops: set[asyncio.Task] = set()
@@ -128,7 +127,7 @@ class ClusterAgent:
                 current, _ = await self.store.read()
                 check_identity(data_dir, kept, ClusterIdentity(self.cluster, current.cluster_uuid))
             self.membership = Membership(self.etcd, self.me, self.ttl_s)
-            self.membership.on_registered_again = self._registered_again
+            self.membership.on_registered_again = self.replicas.registered_again
             await self.membership.start()
             joined = await self.store.join(self.me.node_id)
             self.identity = ClusterIdentity(self.cluster, joined.cluster_uuid)
@@ -136,10 +135,10 @@ class ClusterAgent:
                 record_identity(data_dir, self.identity)
             # Before the first placement is applied (nothing is served yet): replicas
             # that may have missed writes while this node was down catch up first.
-            await self._catch_up_replicas()
+            await self.replicas.catch_up()
             self.node.view = self.view
             self._tasks = [
-                asyncio.create_task(self._look_after_replicas(), name="cluster-replicas"),
+                asyncio.create_task(self.replicas.run(), name="cluster-replicas"),
                 asyncio.create_task(self._follow_placement(), name="cluster-placement"),
                 asyncio.create_task(self._follow_nodes(), name="cluster-nodes"),
             ]
@@ -323,88 +322,6 @@ class ClusterAgent:
         await self._take(written)
         return moving_to(written, table, shard, me) is not None
 
-    # -- replicas (docs/cluster.md, "Replicas") ---------------------------------------
-
-    async def _catch_up_replicas(self) -> None:
-        """Make this node's replicas of tables with several replicas catch up from a live
-        Available peer (one CAS, ``assignment.catch_up``): it may have missed writes the
-        others acknowledged. Until they finish they take writes and serve no reads."""
-        assert self.membership is not None and self.store is not None
-        from kvstore.cluster.assignment import catch_up
-
-        me = self.me.node_id
-        with contextlib.suppress(TimeoutError):
-            await self.membership.wait_for(lambda nodes: me in nodes, CATCH_UP_S * 5)
-        live = frozenset(self.membership.nodes) | {me}
-        written = await self.store.update(lambda p: catch_up(p, me, live))
-        if self.view.epoch:
-            await self._take(written)
-
-    def _registered_again(self) -> None:
-        """The membership registered again after this node's lease lapsed (etcd away, or
-        the process stopped): writes may have been missed meanwhile."""
-        task = asyncio.create_task(self._catch_up_again(), name="cluster-catch-up")
-        self._drops.add(task)
-        task.add_done_callback(self._drops.discard)
-
-    async def _catch_up_again(self) -> None:
-        try:
-            await self._catch_up_replicas()
-        except Unavailable as exc:
-            log.warning("node %s: cannot mark its replicas to catch up: %s", self.me.node_id, exc)
-
-    async def _look_after_replicas(self) -> None:
-        """Every REPLICA_CHECK_S: re-point this node's catch-ups whose source went, and, on
-        the live node with the lowest id only, replace the replicas of nodes gone longer
-        than the grace period (``assignment.re_replicate``)."""
-        while True:
-            await asyncio.sleep(REPLICA_CHECK_S)
-            try:
-                await self._check_replicas()
-            except asyncio.CancelledError:
-                raise
-            except Unavailable as exc:
-                log.warning("node %s: replicas not checked: %s", self.me.node_id, exc)
-            except Exception:  # the next round tries again; the node must serve on
-                log.exception("node %s: checking replicas", self.me.node_id)
-
-    async def _check_replicas(self) -> None:
-        assert self.store is not None
-        from kvstore.cluster.assignment import catch_up
-
-        me = self.me.node_id
-        placement, live = self.view.placement, self.view.live
-        if me not in live:
-            return  # etcd lost, or this node not registered: its view of who is gone is old
-        now = time.monotonic()
-        holders = set(placement.nodes) | {
-            r.node for t in placement.tables.values() for rs in t.shards for r in rs
-        }
-        for node in holders - live:
-            self._gone_since.setdefault(node, now)
-        for node in list(self._gone_since):
-            if node in live or node not in holders:
-                del self._gone_since[node]
-        if catch_up(placement, me, live, returning=False) != placement:
-            await self._take(await self.store.update(lambda p: catch_up(p, me, live, False)))
-        if me != min(live):
-            return
-        zones = {node: info.zone for node, info in self.view.known.items()}
-        for dead, since in sorted(self._gone_since.items()):
-            if now - since < self.replica_grace_s:
-                continue
-            written = await self.store.update(_re_replicating(dead, live, zones))
-            if written.epoch > placement.epoch:
-                log.warning(
-                    "node %s has been gone %.0f s (grace %g s): its replicas are copied to "
-                    "other nodes (placement epoch %d)",
-                    dead,
-                    now - since,
-                    self.replica_grace_s,
-                    written.epoch,
-                )
-            await self._take(written)
-
     def _holds(self, table: str, shard: int) -> bool:
         writable = self.view.writable.get(table)
         return writable is not None and shard < len(writable) and bool(writable[shard])
@@ -549,12 +466,3 @@ class ClusterAgent:
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._applied.wait(), left)
-
-
-def _re_replicating(
-    dead: str, live: frozenset[str], zones: dict[str, str]
-) -> Callable[[Placement], Placement]:
-    """The placement change replacing ``dead``'s replicas (a closure per dead node)."""
-    from kvstore.cluster.assignment import re_replicate
-
-    return lambda placement: re_replicate(placement, dead, live, zones)
