@@ -556,3 +556,53 @@ def delta_info(Layout layout not None, bytes row):
     _view_delta(c, row, 0, &v)
     times = {f: _feature_time(&v, f) for f in range(c.n_features) if _bit(v.present, f)}
     return v.event_time, v.deleted_at, times
+
+
+def delta_merge_rows(Layout layout not None, list stored_rows, list incoming_rows):
+    """Merges delta rows of the same keys from another copy: per feature the newest
+    event time wins (equal times: the incoming row), deletes as the newer of the two.
+
+    ``stored_rows[i]`` is this copy's delta row of key i or None; ``incoming_rows[i]``
+    the other copy's (a replica's or a move source's change). The result is the row
+    both copies would hold had each applied every write and delete of the other, so
+    merging converges whatever the order and however often a row is merged again.
+    A bad row raises CorruptRow/SchemaMismatch naming its index.
+    """
+    cdef const RowLayout* c = &layout.c
+    cdef Py_ssize_t n = len(stored_rows)
+    if len(incoming_rows) != n:
+        raise ValueError(f"{n} stored rows but {len(incoming_rows)} incoming ones")
+    cdef _Scratch scratch = _Scratch(c.n_features)
+    cdef RowView old, new
+    cdef Py_ssize_t i, f
+    cdef int64_t t_old, t_new, deleted_at, event_time
+    cdef bint in_old, in_new
+    cdef list out = [None] * n
+    for i in range(n):
+        _view_delta(c, incoming_rows[i], i, &new)
+        value = stored_rows[i]
+        if value is None:
+            old = new
+            old.deleted_at = INT64_MIN
+            old.event_time = INT64_MIN
+            old.present = NULL
+        else:
+            _view_delta(c, value, i, &old)
+        deleted_at = old.deleted_at if old.deleted_at > new.deleted_at else new.deleted_at
+        event_time = old.event_time if old.event_time > new.event_time else new.event_time
+        for f in range(c.n_features):
+            t_old = _feature_time(&old, f) if old.present != NULL and _bit(old.present, f) else 0
+            t_new = _feature_time(&new, f) if _bit(new.present, f) else 0
+            in_old = old.present != NULL and _bit(old.present, f) and t_old > deleted_at
+            in_new = _bit(new.present, f) and t_new > deleted_at
+            if in_new and (not in_old or t_new >= t_old):
+                scratch.choice[f] = FROM_B
+                scratch.times[f] = t_new
+            elif in_old:
+                scratch.choice[f] = FROM_A
+                scratch.times[f] = t_old
+            else:
+                scratch.choice[f] = FROM_NONE
+        out[i] = _assemble(c, &old, &new, scratch.choice, True, event_time, deleted_at,
+                           scratch.times)
+    return out

@@ -5,7 +5,9 @@ drops) the table and says which node owns each shard. ``BeginLoad`` opens the lo
 on the node of shard 0, which names the version it will become and the table format
 to build; in a cluster (the node says so) the load is then begun with that version on
 every other node holding a shard. Each file of a shard's database is streamed with
-``UploadShardFile`` to the node that owns its shard, in chunks of ``CHUNK_BYTES`` with
+``UploadShardFile`` to each live Available replica of its shard (one node without
+replicas; a load refuses to begin when a shard has fewer live replicas than the
+table's write quorum), in chunks of ``CHUNK_BYTES`` with
 the file's crc32 in the last chunk, by a few uploader threads per node, while the
 loader goes on writing: a table file as soon as it is flushed (it never changes
 again), the database's other files when it is closed. Alone, ``CommitLoad`` makes the
@@ -141,6 +143,11 @@ class LoadSession:
         self._nodes = _Nodes(timeout)
         self._uploaders: dict[str, _Uploader] = {}
         self._owner_of: list[str] = []
+        #: Per shard, the addresses its files go to: every live Available replica.
+        self._holders_of: list[list[str]] = []
+        #: path → uploads of it still to confirm (a file goes to every replica holder).
+        self._uploads_left: dict[str, int] = {}
+        self._files_lock = threading.Lock()
         self.files_per_shard: list[int] = []
         #: node address → the load's id there (one node alone; every holder of a
         #: shard in a cluster, the first one being the one that allocated the version).
@@ -170,9 +177,10 @@ class LoadSession:
         ``schema_id``: the schema the rows were encoded with (the node refuses another).
         """
         self._owner_of = [nodes[i] for i in owners]
+        self._holders_of = self._replica_holders(owners, nodes)
         self.files_per_shard = [0] * len(owners)
         # Nodes in order of their first shard, so the first one allocates the version.
-        holders = list(dict.fromkeys(self._owner_of)) or [self.seed]
+        holders = list(dict.fromkeys(a for shard in self._holders_of for a in shard)) or [self.seed]
         first = self._begin_on(holders[0], label, snapshot_time_us, schema_id, 0)
         self.load_id = first.load_id
         self.version = first.version
@@ -206,6 +214,35 @@ class LoadSession:
             self.lease_s,
         )
 
+    def _replica_holders(self, owners: list[int], nodes: list[str]) -> list[list[str]]:
+        """Per shard, the addresses its files go to: its live serving replicas in the
+        seed's map (Available, and a move's Leaving source; docs/cluster.md, "Replicas");
+        the owner alone when the map has no replica list. A replica on a node the map
+        says is down is out of the count, as for writes (R=2: both, or one when the
+        other is down): it installs the version from a peer when it comes back.
+        KvstoreError when a shard has fewer live serving replicas than that quorum."""
+        cmap = self._call(self.seed, "GetClusterMap", pb.GetClusterMapRequest())
+        table = next((t for t in cmap.tables if t.table == self.table), None)
+        if table is None or len(table.replicas) != len(owners) or len(cmap.nodes) != len(nodes):
+            return [[nodes[i]] for i in owners]
+        holders = []
+        for shard, replicas in enumerate(table.replicas):
+            up = [i for i in replicas.node if cmap.nodes[i].state in ("", "live")]
+            live = [
+                nodes[i]
+                for i, state in zip(replicas.node, replicas.state, strict=True)
+                if state in ("Available", "Leaving") and i in up
+            ]
+            quorum = max(1, min(table.write_quorum or 1, len(up)))
+            if len(live) < quorum:
+                raise KvstoreError(
+                    f"table {self.table!r} shard {shard}: {len(live)} live serving "
+                    f"replica(s), the write quorum is {quorum}; load again once enough "
+                    "nodes are back"
+                )
+            holders.append(live)
+        return holders
+
     def _begin_on(
         self, address: str, label: str, snapshot_time_us: int, schema_id: int, version: int
     ) -> pb.BeginLoadResponse:
@@ -230,14 +267,28 @@ class LoadSession:
 
     def upload(self, shard: int, name: str, path: str, size: int) -> None:
         """Queue one file of a shard's database (a flushed table file, or one of the
-        files written at close) for upload to the shard's node; deleted once sent."""
-        address = self._owner_of[shard]
-        uploader = self._uploaders.get(address)
-        if uploader is None:
-            uploader = _Uploader(self, address)
-            self._uploaders[address] = uploader
+        files written at close) for upload to each of the shard's replica nodes;
+        deleted once every one of them has it."""
+        addresses = self._holders_of[shard] if self._holders_of else [self._owner_of[shard]]
+        with self._files_lock:
+            self._uploads_left[path] = len(addresses)
         self.files_per_shard[shard] += 1
-        uploader.submit((shard, name, path, size))
+        for address in addresses:
+            uploader = self._uploaders.get(address)
+            if uploader is None:
+                uploader = _Uploader(self, address)
+                self._uploaders[address] = uploader
+            uploader.submit((shard, name, path, size))
+
+    def file_sent(self, path: str) -> None:
+        """One node confirmed ``path``: deleted once every node it goes to has it."""
+        with self._files_lock:
+            left = self._uploads_left.get(path, 1) - 1
+            if left > 0:
+                self._uploads_left[path] = left
+                return
+            self._uploads_left.pop(path, None)
+        os.unlink(path)
 
     def check(self) -> None:
         """Raise the first upload error, if any (the loader calls it between files)."""
@@ -296,7 +347,8 @@ class LoadSession:
     ) -> pb.CommitLoadResponse:
         """CommitLoad on one node, with the counts of the shards sent to it (zero for
         the others: the node makes them empty databases it never serves)."""
-        mine = [owner == address for owner in self._owner_of]
+        holders = self._holders_of or [[owner] for owner in self._owner_of]
+        mine = [address in shard for shard in holders]
         rows = [r if m else 0 for r, m in zip(rows_per_shard, mine, strict=True)]
         files = [f if m else 0 for f, m in zip(self.files_per_shard, mine, strict=True)]
         request = pb.CommitLoadRequest(
@@ -431,7 +483,7 @@ class _Uploader:
                 continue
             with self._lock:
                 self.bytes_sent += size
-            os.unlink(path)
+            self.session.file_sent(path)
 
     def _fail(self, error: KvstoreError) -> None:
         """Keep the first error: it is the cause (a full disk aborts the load on the

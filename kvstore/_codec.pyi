@@ -205,6 +205,13 @@ def delta_compact(
     nothing is left (the key's delta entry can go). Reads of that version do not change.
     """
 
+def delta_merge_rows(
+    layout: Layout, stored_rows: list[bytes | None], incoming_rows: list[bytes]
+) -> list[bytes]:
+    """Merges another copy's delta rows of the same keys into this copy's (None: none
+    here): per feature the newest event time wins (equal: the incoming one), the newer
+    delete holds. Converges whatever the order and however often a row is merged."""
+
 def delta_info(layout: Layout, row: bytes) -> tuple[int, int, dict[int, int]]:
     """(event time, deleted_at, {feature index: event time}) of a delta row, all in µs."""
 

@@ -234,6 +234,11 @@ class NodeConfig:
     zone: str = _setting(
         "", "this node's failure domain (rack, zone): replicas of a shard go to distinct zones"
     )
+    replica_grace_s: float = _setting(
+        30.0,
+        "a node whose lease has been gone this long (s) has its replicas copied to other "
+        'nodes; back sooner, it catches up instead (docs/cluster.md, "Replicas")',
+    )
     demo: bool = _setting(False, "create and fill the demo_users table on first start")
     port_file: Path | None = _setting(  # noqa: RUF009 - it returns a dataclasses.field
         None, "write the bound port to this file once serving (finds port 0 from a parent)"

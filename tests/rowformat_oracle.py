@@ -499,6 +499,34 @@ def delta_delete(
     return encode_delta(layout(kinds, dims), schema_id, delta)
 
 
+def delta_merge(
+    kinds: list[int], dims: list[int], schema_id: int, stored: bytes | None, incoming: bytes
+) -> bytes:
+    """The key's delta row with another copy's merged in: the newer delete; per feature
+    the newer time among those newer than it (equal times: the incoming one)."""
+    a = stored_delta(kinds, dims, schema_id, stored)
+    b = stored_delta(kinds, dims, schema_id, incoming)
+    deleted_at = max(a.deleted_at, b.deleted_at)
+    times: list[int | None] = []
+    cells: list = []
+    for ta, ca, tb, cb in zip(a.times, a.cells, b.times, b.cells, strict=True):
+        a_live = ta is not None and ta > deleted_at
+        b_live = tb is not None and tb > deleted_at
+        if b_live and (not a_live or tb >= ta):
+            times.append(tb)
+            cells.append(cb)
+        elif a_live:
+            times.append(ta)
+            cells.append(ca)
+        else:
+            times.append(None)
+            cells.append(None)
+    event_time = max(a.event_time, b.event_time)
+    return encode_delta(
+        layout(kinds, dims), schema_id, DeltaRow(event_time, deleted_at, times, cells)
+    )
+
+
 def expired(time: int, now: int, ttl: int) -> bool:
     """Whether a value of event time ``time`` reads as null at ``now`` under ``ttl`` (µs)."""
     return ttl > 0 and time < now - ttl

@@ -1,5 +1,6 @@
-"""``kvstore cluster status`` and ``kvstore drain``: the cluster's nodes, tables and
-placement epoch; moving a node's shards away.
+"""``kvstore cluster status`` and ``kvstore drain``: the cluster's nodes, tables (with
+their replicas: how many are Available) and placement epoch; moving a node's shards
+away.
 
 Status is read from the cluster map of the node asked (any node answers it from its
 watch of the placement) and from each reachable node's own ``Stats``. ``drain`` asks
@@ -44,7 +45,7 @@ def status(as_json: bool, address: str, timeout: float) -> None:
     with open_client(address, timeout) as client:
         cmap = client.cluster_map()
         seed = client.address
-    moving = _moving(seed, timeout)
+    moving, replication = _moving(seed, timeout)
     held: Counter[int] = Counter()
     for owners in cmap["tables"].values():
         held.update(owners)
@@ -83,10 +84,18 @@ def status(as_json: bool, address: str, timeout: float) -> None:
         )
     print_table(rows)
     click.echo("")
-    rows = [("TABLE", "SHARDS", "VERSION", "NODES")]
+    rows = [("TABLE", "SHARDS", "VERSION", "NODES", "REPLICAS", "AVAILABLE")]
     for name, owners in sorted(cmap["tables"].items()):
+        count, quorum, available, placed = replication.get(name, (1, 1, 0, 0))
         rows.append(
-            (name, str(len(owners)), str(cmap["versions"].get(name, 0)), str(len(set(owners))))
+            (
+                name,
+                str(len(owners)),
+                str(cmap["versions"].get(name, 0)),
+                str(len(set(owners))),
+                f"{count} (quorum {quorum})",
+                f"{available}/{placed}",
+            )
         )
     print_table(rows)
 
@@ -156,9 +165,12 @@ def drain(node_id: str, no_wait: bool, wait_timeout: float, address: str, timeou
     click.echo(f"node {node_id} holds no shard: it may stop")
 
 
-def _moving(address: str, timeout: float) -> dict[str, tuple[int, int]]:
-    """Node id → (shards moving to it, shards moving away from it), from the map's
-    replica states (Initializing, Leaving)."""
+def _moving(
+    address: str, timeout: float
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int, int, int]]]:
+    """Node id → (shards moving to it or catching up there, shards moving away from it),
+    from the map's replica states (Initializing, Leaving); and table → (replicas per
+    shard, write quorum, Available replicas, replicas placed)."""
     from kvstore.v1 import feature_store_pb2 as pb
     from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 
@@ -171,7 +183,15 @@ def _moving(address: str, timeout: float) -> dict[str, tuple[int, int]]:
             raise from_rpc_error(exc, address, timeout) from None
     ids = [n.node_id for n in cmap.nodes]
     moves: dict[str, tuple[int, int]] = {}
+    replication: dict[str, tuple[int, int, int, int]] = {}
     for table in cmap.tables:
+        states = [state for replicas in table.replicas for state in replicas.state]
+        replication[table.table] = (
+            table.replica_count or 1,
+            table.write_quorum or 1,
+            states.count("Available"),
+            len(states),
+        )
         for replicas in table.replicas:
             for index, state in zip(replicas.node, replicas.state, strict=True):
                 into, away = moves.get(ids[index], (0, 0))
@@ -179,7 +199,7 @@ def _moving(address: str, timeout: float) -> dict[str, tuple[int, int]]:
                     into + (state == "Initializing"),
                     away + (state == "Leaving"),
                 )
-    return moves
+    return moves, replication
 
 
 def _replicas_on(cmap, node_id: str) -> int:

@@ -87,6 +87,19 @@ def describe(table: str, address: str, timeout: float) -> None:
     metavar="NAME=SECONDS",
     help="a time to live for a feature: older values read as null (repeat the option)",
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="copies of each shard, on distinct nodes (a cluster: kvstore serve --etcd)",
+)
+@click.option(
+    "--write-quorum",
+    type=click.IntRange(min=0),
+    default=0,
+    help="replicas a write must reach before it is acknowledged  [default: a majority]",
+)
 @node_options()
 def create_table(
     table: str,
@@ -94,6 +107,8 @@ def create_table(
     shards: int,
     feature_specs: tuple[str, ...],
     ttl_specs: tuple[str, ...],
+    replicas: int,
+    write_quorum: int,
     address: str,
     timeout: float,
 ) -> None:
@@ -115,7 +130,13 @@ def create_table(
         if not sep:
             raise ValueError(f"--ttl {spec!r}: expected NAME=SECONDS, e.g. ctr_7d=86400")
     with open_client(address, timeout) as client:
-        info = client.create_table(table, key=key, features=features, shards=shards, ttl=ttl)
+        # Passed only when set: Client.create_table takes them from issue 16 on.
+        placement = {"replicas": replicas} if replicas != 1 else {}
+        if write_quorum:
+            placement["write_quorum"] = write_quorum
+        info = client.create_table(
+            table, key=key, features=features, shards=shards, ttl=ttl, **placement
+        )
     click.echo(json.dumps(info_json(info), indent=1))
 
 

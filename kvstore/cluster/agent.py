@@ -34,6 +34,9 @@
   applied here at once); as a source it serves the copy and the seal
   (``kvstore.server.transfer.ShardTransfers``), and a shard the placement moved away
   loses its data here. A restart or a lease renewal moves nothing.
+* Replicas (docs/cluster.md, "Replicas"): ``kvstore.cluster.replicas.ReplicaKeeper``
+  makes this node's replicas catch up when it starts or registers again, and replaces
+  the replicas of nodes gone past the grace period.
 * ``stop()``: revoke the lease, so the node leaves the live set at once.
 """
 
@@ -55,6 +58,7 @@ from kvstore.cluster.identity import (
 from kvstore.cluster.membership import DEFAULT_TTL_S, Membership, NodeInfo, watch_nodes
 from kvstore.cluster.moves import Mover
 from kvstore.cluster.placement import Placement, PlacementStore, ShardState, watch_placement
+from kvstore.cluster.replicas import ReplicaKeeper
 from kvstore.cluster.sizes import REPORT_EVERY_S, read_sizes, report_sizes
 from kvstore.errors import InvalidArgument, LoadConflict, NotFound, Unavailable
 from kvstore.schema import TableSchema
@@ -86,6 +90,7 @@ class ClusterAgent:
         me: NodeInfo,
         ttl_s: int = DEFAULT_TTL_S,
         on_failure: Callable[[], None] | None = None,
+        replica_grace_s: float = 30.0,
     ) -> None:
         self.node = node
         #: Called when following the cluster stopped unexpectedly: the node must not
@@ -106,6 +111,8 @@ class ClusterAgent:
         #: The source side of moves (copy, change log, seal) and the target side.
         self.transfers = ShardTransfers(node, self.give_up_handover)
         self.mover = Mover(self)
+        #: Catch-ups of this node's replicas, re-replication of nodes gone too long.
+        self.replicas = ReplicaKeeper(self, replica_grace_s)
         #: (table, shard) this node held at the last epoch applied (None: none yet).
         self._held: frozenset[tuple[str, int]] | None = None
         self._drops: set[asyncio.Task] = set()
@@ -124,13 +131,18 @@ class ClusterAgent:
                 current, _ = await self.store.read()
                 check_identity(data_dir, kept, ClusterIdentity(self.cluster, current.cluster_uuid))
             self.membership = Membership(self.etcd, self.me, self.ttl_s)
+            self.membership.on_registered_again = self.replicas.registered_again
             await self.membership.start()
             joined = await self.store.join(self.me.node_id, await self._sizes())
             self.identity = ClusterIdentity(self.cluster, joined.cluster_uuid)
             if kept is None:
                 record_identity(data_dir, self.identity)
+            # Before the first placement is applied (nothing is served yet): replicas
+            # that may have missed writes while this node was down catch up first.
+            await self.replicas.catch_up()
             self.node.view = self.view
             self._tasks = [
+                asyncio.create_task(self.replicas.run(), name="cluster-replicas"),
                 asyncio.create_task(self._follow_placement(), name="cluster-placement"),
                 asyncio.create_task(self._follow_nodes(), name="cluster-nodes"),
                 asyncio.create_task(self._report_sizes(), name="cluster-sizes"),
@@ -185,11 +197,17 @@ class ClusterAgent:
 
     # -- table changes, cluster-wide -------------------------------------------------
 
-    async def create_table(self, schema: TableSchema) -> None:
-        """Place ``schema``'s table over the live joined nodes (a CAS on the placement);
+    async def create_table(
+        self, schema: TableSchema, replicas: int = 1, write_quorum: int = 0
+    ) -> None:
+        """Place ``schema``'s table over the live joined nodes (a CAS on the placement),
+        ``replicas`` copies of each shard on distinct nodes (zones where they allow);
         return once this node has created it. AlreadyExists for another schema."""
         assert self.store is not None
-        placed = await self.store.create_table(schema, among=self.view.live)
+        zones = {node: info.zone for node, info in self.view.known.items()}
+        placed = await self.store.create_table(
+            schema, self.view.live, replicas or 1, write_quorum, zones
+        )
         await self._wait(
             lambda: self.view.placement.tables.get(schema.name) == placed,
             f"table {schema.name!r} to be applied",
@@ -278,8 +296,8 @@ class ClusterAgent:
         me = self.me.node_id
 
         def change(placement: Placement) -> Placement:
-            moving = moving_to(placement, table, shard, source)
-            if moving is None or moving.node != me or moving.attempt != attempt:
+            moving = moving_to(placement, table, shard, source, me)
+            if moving is None or moving.attempt != attempt:
                 raise InvalidArgument(
                     f"table {table!r} shard {shard}: the placement no longer moves it from "
                     f"{source} to {me} (attempt {attempt})"

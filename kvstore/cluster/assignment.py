@@ -16,6 +16,13 @@
   move's attempt (its source gave a hand-over up), so a finish of the earlier attempt
   is refused.
 
+Replicas (docs/cluster.md, "Replicas"): ``catch_up`` makes a returning node's replicas
+of tables with several replicas Initializing, each copying from an Available peer that
+is live (or re-points a catch-up whose peer went); ``re_replicate`` replaces the
+replicas of a node gone past the grace period by new Initializing ones on other
+nodes. Such an Initializing replica names an *Available* source (a move's names a
+Leaving one): it is filled without a seal, and its finish leaves the source in place.
+
 Everything is deterministic: the same input gives the same placement on every node.
 Sizes are bytes per (table, shard) as the nodes report them; a missing size is 0.
 Only Available and Initializing replicas count as a node's load (Leaving ones go).
@@ -24,7 +31,7 @@ Only Available and Initializing replicas count as a node's load (Leaving ones go
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from kvstore.cluster.placement import Placement, Replica, ShardState, TablePlacement
@@ -33,12 +40,14 @@ from kvstore.schema import TableSchema
 
 __all__ = [
     "Move",
+    "catch_up",
     "drain",
     "finish_move",
     "join",
     "moving_to",
     "place_table",
     "plan_moves",
+    "re_replicate",
     "restart_move",
 ]
 
@@ -92,8 +101,23 @@ class _Loads:
         return min(free, key=lambda n: (self.count[n], self.bytes[n], self.per_table[n, table], n))
 
 
-def place_table(placement: Placement, schema: TableSchema, replicas: int = 1) -> Placement:
-    """``placement`` with ``schema``'s table added, its shards spread over the nodes."""
+def place_table(
+    placement: Placement,
+    schema: TableSchema,
+    replicas: int = 1,
+    write_quorum: int = 0,
+    zones: Mapping[str, str] | None = None,
+) -> Placement:
+    """``placement`` with ``schema``'s table added, its shards spread over the nodes:
+    ``replicas`` of each on distinct nodes, and in distinct ``zones`` (node id → zone)
+    as long as a zone without one is left; ``write_quorum`` 0 means a majority."""
+    if replicas < 1:
+        raise InvalidArgument(f"a table has at least 1 replica, not {replicas}")
+    if not 0 <= write_quorum <= replicas:
+        raise InvalidArgument(
+            f"the write quorum of a table with {replicas} replicas is between 1 and "
+            f"{replicas} (0: a majority), not {write_quorum}"
+        )
     if not placement.nodes:
         raise InvalidArgument(
             f"cannot place table {schema.name!r}: no node has joined the cluster yet"
@@ -106,14 +130,26 @@ def place_table(placement: Placement, schema: TableSchema, replicas: int = 1) ->
     loads = _Loads(placement, placement.nodes, {})
     shards = []
     for shard in range(schema.shards):
-        holders = []
+        holders: list[Replica] = []
         for _ in range(replicas):
-            node = loads.emptiest(schema.name, shard, placement.nodes)
+            used = {(zones or {}).get(r.node, "") for r in holders}
+            spread = [n for n in placement.nodes if not zones or zones.get(n, "") not in used]
+            node = loads.emptiest(schema.name, shard, spread) or loads.emptiest(
+                schema.name, shard, placement.nodes
+            )
             assert node is not None  # replicas <= nodes: a node without this shard remains
             loads.add(node, schema.name, shard)
             holders.append(Replica(node, ShardState.AVAILABLE))
         shards.append(tuple(holders))
-    return placement.with_table(TablePlacement(schema.to_json(), 0, tuple(shards)))
+    return placement.with_table(
+        TablePlacement(
+            schema.to_json(),
+            0,
+            tuple(shards),
+            replicas=replicas,
+            write_quorum=write_quorum,
+        )
+    )
 
 
 def plan_moves(placement: Placement, nodes: Iterable[str], sizes: Sizes) -> list[Move]:
@@ -242,8 +278,11 @@ def finish_move(placement: Placement, table: str, shard: int, node: str) -> Plac
     return placement.with_table(placed.with_shard(shard, done))
 
 
-def moving_to(placement: Placement, table: str, shard: int, source: str) -> Replica | None:
-    """The Initializing replica of (table, shard) copying from ``source``, if any."""
+def moving_to(
+    placement: Placement, table: str, shard: int, source: str, node: str = ""
+) -> Replica | None:
+    """The Initializing replica of (table, shard) copying from ``source`` (on ``node``,
+    when given: with replicas, several may copy from one source), if any."""
     placed = placement.tables.get(table)
     if placed is None or not 0 <= shard < len(placed.shards):
         return None
@@ -251,7 +290,9 @@ def moving_to(placement: Placement, table: str, shard: int, source: str) -> Repl
         (
             r
             for r in placed.shards[shard]
-            if r.state == ShardState.INITIALIZING and r.source == source
+            if r.state == ShardState.INITIALIZING
+            and r.source == source
+            and (not node or r.node == node)
         ),
         None,
     )
@@ -268,3 +309,94 @@ def restart_move(placement: Placement, table: str, shard: int, source: str) -> P
         replace(r, attempt=r.attempt + 1) if r == moving else r for r in placed.shards[shard]
     )
     return placement.with_table(placed.with_shard(shard, replicas))
+
+
+def _live_peer(replicas: tuple[Replica, ...], node: str, live: Collection[str]) -> str:
+    """An Available replica's node other than ``node`` that is live ("" if none)."""
+    return next(
+        (
+            r.node
+            for r in replicas
+            if r.node != node and r.node in live and r.state == ShardState.AVAILABLE
+        ),
+        "",
+    )
+
+
+def catch_up(
+    placement: Placement, node: str, live: Collection[str], returning: bool = True
+) -> Placement:
+    """``placement`` with ``node``'s replicas that may have missed writes made to catch
+    up (when ``returning``: the node starts, or registers again after its lease
+    lapsed): each Available replica of a table with several replicas, whose shard has
+    an Available replica on another live node, becomes Initializing from that peer (it
+    takes writes, serves no reads). Always: a catch-up already placed whose peer is not
+    live any more copies from another live Available peer, or, with none left, is
+    Available again (this node's copy is then the best there is)."""
+    tables = dict(placement.tables)
+    for name, table in placement.tables.items():
+        if table.replicas < 2:
+            continue
+        for shard, replicas in enumerate(table.shards):
+            mine = next((r for r in replicas if r.node == node), None)
+            if mine is None or mine.state == ShardState.LEAVING:
+                continue
+            if mine.state == ShardState.INITIALIZING:
+                source = next((r for r in replicas if r.node == mine.source), None)
+                if source is None or source.state != ShardState.AVAILABLE:
+                    continue  # a move's target (its source is Leaving): the move goes on
+                if mine.source in live:
+                    continue
+            elif not returning:
+                continue
+            peer = _live_peer(replicas, node, live)
+            if peer:
+                changed = Replica(node, ShardState.INITIALIZING, source=peer)
+            elif mine.state == ShardState.INITIALIZING:
+                changed = Replica(node, ShardState.AVAILABLE)
+            else:
+                continue
+            if changed == mine:
+                continue
+            table = table.with_shard(
+                shard, tuple(changed if r.node == node else r for r in replicas)
+            )
+        tables[name] = table
+    return replace(placement, tables=tables)
+
+
+def re_replicate(
+    placement: Placement, dead: str, live: Collection[str], zones: Mapping[str, str]
+) -> Placement:
+    """``placement`` with the replicas of node ``dead`` (gone past the grace period)
+    replaced: each Available or Initializing one whose shard has an Available replica
+    on a live node is dropped, and a new Initializing replica copying from that peer
+    goes to the live node with the fewest replicas that holds none of the shard
+    (another zone than the shard's other replicas where one is left). A replica with no
+    live Available peer stays (its data is only there). ``dead`` leaves the nodes that
+    take shards once it holds nothing (it joins again when it comes back)."""
+    targets = sorted(n for n in placement.nodes if n in live and n != dead)
+    loads = _Loads(placement, targets, {})
+    tables = dict(placement.tables)
+    for name, table in sorted(placement.tables.items()):
+        for shard, replicas in enumerate(table.shards):
+            gone = next((r for r in replicas if r.node == dead), None)
+            if gone is None or gone.state == ShardState.LEAVING:
+                continue
+            peer = _live_peer(replicas, dead, live)
+            if not peer:
+                continue
+            used = {zones.get(r.node, "") for r in replicas if r.node != dead}
+            spread = [n for n in targets if zones.get(n, "") not in used]
+            target = loads.emptiest(name, shard, spread) or loads.emptiest(name, shard, targets)
+            if target is None:
+                continue  # no node left to take it: it catches up when it is back
+            loads.add(target, name, shard)
+            kept = tuple(r for r in replicas if r.node != dead)
+            kept = (*kept, Replica(target, ShardState.INITIALIZING, source=peer))
+            table = table.with_shard(shard, kept)
+        tables[name] = table
+    changed = replace(placement, tables=tables)
+    if not changed.replicas_on(dead):
+        changed = replace(changed, nodes=tuple(n for n in changed.nodes if n != dead))
+    return changed

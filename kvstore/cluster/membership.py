@@ -144,6 +144,9 @@ class Membership:
         self._nodes: dict[str, NodeInfo] = {}
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
+        #: Called after the node registered again because its lease had lapsed (etcd
+        #: away, or the process stopped longer than the TTL): it may have missed writes.
+        self.on_registered_again: Callable[[], None] | None = None
 
     @property
     def nodes(self) -> Mapping[str, NodeInfo]:
@@ -258,6 +261,8 @@ class Membership:
                     )
                     self.lease_id = None
                     await self._register()
+                    if self.on_registered_again is not None:
+                        self.on_registered_again()
                 if lost:
                     log.warning(
                         "etcd at %s is reachable again; node %s is registered",

@@ -17,6 +17,13 @@ A move, against the source node's CopyShard and ShardChanges RPCs
    once, before any client can learn it. The source, at that epoch, refuses the shard
    (StaleMap: its waiting writes come here) and drops its copy.
 
+**Catch-up** (docs/cluster.md, "Replicas"): an Initializing replica whose source is
+*Available* (a replica that may have missed writes, or a new copy replacing a dead
+node's) runs the same copy and catch-up without emptying its own rows first (clients
+write to it meanwhile; everything is merged by event time) and without a seal (the
+source stays Available and clients write to both): its finish makes it Available and
+leaves the source as it is, then the source's log is released.
+
 Anything failing (the source restarted and lost its log, the log overflowed, a version
 appeared, the CAS refused) gives the seal back and starts the move over after
 ``RETRY_S``; a target that restarts sees its Initializing replica again and starts over.
@@ -64,6 +71,9 @@ FAULT_EXIT_AFTER_COPY_CHUNKS = "KVSTORE_FAULT_EXIT_AFTER_COPY_CHUNKS"
 #: ... and with this one set (to anything), it exits on the answer to its first seal,
 #: before the final CAS: its source's writes wait, then the source gives it up.
 FAULT_EXIT_AT_HANDOVER = "KVSTORE_FAULT_EXIT_AT_HANDOVER"
+#: ... and with this one set to a path, a catch-up waits before its copy while that file
+#: exists: a test sees the replica Initializing (writes taken, reads refused) meanwhile.
+FAULT_HOLD_CATCH_UP = "KVSTORE_FAULT_HOLD_CATCH_UP"
 
 
 class Mover:
@@ -82,6 +92,7 @@ class Mover:
         self._exit_at_chunk = int(os.environ.get(FAULT_EXIT_AFTER_COPY_CHUNKS) or 0)
         self._exit_at_handover = bool(os.environ.get(FAULT_EXIT_AT_HANDOVER))
         self._chunks = 0
+        self._hold_catch_up = os.environ.get(FAULT_HOLD_CATCH_UP) or ""
 
     def see(self, placement: Placement) -> None:
         """Start the moves ``placement`` gives this node (up to MAX_MOVES at once); cancel
@@ -148,6 +159,47 @@ class Mover:
                 del self.running[(table, shard)]
                 self.see(self.agent.view.placement)  # the next move waiting, if any
 
+    async def _finish_catch_up(
+        self,
+        stub: pb_grpc.FeatureStoreStub,
+        receiver: ShardReceiver,
+        ask: pb.ShardChangesRequest,
+        source: str,
+        attempt: int,
+    ) -> int:
+        """A catch-up's end: the changes left, then the CAS making this replica
+        Available (the source stays); the source's log is released either way."""
+        table, shard = receiver.table.schema.name, receiver.shard
+        started = time.monotonic()
+        try:
+            answer = await stub.ShardChanges(ask, timeout=CALL_S)
+            last = receiver.apply(answer.changes)
+            self._finishing.add((table, shard))
+            try:
+                versions = set(receiver.versions)
+                await self.agent.finish_move(table, shard, source, attempt, versions)
+            except BaseException:
+                self._finishing.discard((table, shard))
+                raise
+        finally:
+            with contextlib.suppress(grpc.RpcError):
+                release = pb.ShardChangesRequest(
+                    table=table, shard=shard, log_id=ask.log_id, release=True
+                )
+                await stub.ShardChanges(release, timeout=CALL_S)
+        log.info(
+            "table %r shard %d caught up from %s: %d delta rows, %d version(s), %d "
+            "change(s) at the end, %.2f s for the end",
+            table,
+            shard,
+            source,
+            receiver.rows,
+            len(receiver.versions),
+            last,
+            time.monotonic() - started,
+        )
+        return last
+
     def _fault_exit_check(self) -> None:
         self._chunks += 1
         if self._chunks >= self._exit_at_chunk:
@@ -164,10 +216,14 @@ class Mover:
         info = agent.view.known[source]
         started = time.monotonic()
         receiver = ShardReceiver(agent.node, table, shard)
+        catch_up = _catches_up(agent.view.placement, table, shard, source)
+        while catch_up and self._hold_catch_up and os.path.exists(self._hold_catch_up):
+            await asyncio.sleep(0.1)  # a test's fault hook: polls a file, test only
         async with open_aio_channel(dial_address(info.address, agent.me.address)) as channel:
             stub = pb_grpc.FeatureStoreStub(channel)
             try:
-                await receiver.empty()
+                if not catch_up:
+                    await receiver.empty()
                 log_id, seq = "", 0
                 request = pb.CopyShardRequest(table=table, shard=shard, target=agent.me.node_id)
                 async for chunk in stub.CopyShard(request):
@@ -190,6 +246,10 @@ class Mover:
                     seq = max(seq, answer.changes[-1].seq) if answer.changes else seq
                     if len(answer.changes) < CATCH_UP_CHANGES:
                         break
+                if catch_up:
+                    ask.since = seq
+                    await self._finish_catch_up(stub, receiver, ask, source, attempt)
+                    return
                 async with self._handover:
                     ask.since, ask.seal = seq, True
                     answer = await stub.ShardChanges(ask, timeout=CALL_S)
@@ -223,6 +283,15 @@ class Mover:
             last,
             time.monotonic() - started,
         )
+
+
+def _catches_up(placement: Placement, table: str, shard: int, source: str) -> bool:
+    """Whether this node's Initializing replica copies from an Available source (a
+    catch-up or a re-replication: no seal) rather than a Leaving one (a move)."""
+    placed = placement.tables.get(table)
+    if placed is None or not 0 <= shard < len(placed.shards):
+        return False
+    return any(r.node == source and r.state == ShardState.AVAILABLE for r in placed.shards[shard])
 
 
 def _fault_exit(where: str) -> None:

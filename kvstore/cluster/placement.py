@@ -11,12 +11,15 @@ One JSON document at ``/kvstore/<cluster>/placement`` (kvstore.cluster.etcd)::
          "schema": {...},                 TableSchema.to_json(), with its schema id
          "version": 0,                    the current bulk version (0: none yet)
          "next_version": 1,               the number the next bulk load gets
+         "replicas": 2,                   copies of each shard, on distinct nodes
+         "write_quorum": 0,               replicas a write must reach (0: a majority)
          "shards": [[{"node": "n1", "state": "Available"}], ...]}}}
                                           (an Initializing replica also has "source":
                                           the node it copies from, and "attempt" once
                                           a hand-over of it was given up)
 
-Every shard has a list of replicas (one per shard until replication comes); a replica
+Every shard has a list of replicas (the table's ``replicas`` of them, on distinct nodes,
+one more while a move is in flight); a replica
 is ``Initializing`` (being filled: a move's target), ``Available`` (serving) or
 ``Leaving`` (a move's source, until the target is Available). The document changes
 only through ``PlacementStore.update``: read it with its mod revision, apply a pure
@@ -97,10 +100,19 @@ class TablePlacement:
     #: The number the next bulk load of the table gets (never reused, even by a load
     #: that failed: a node may hold that load's files until it tidies up).
     next_version: int = 1
+    #: Copies of each shard, on distinct nodes (docs/cluster.md, "Replicas").
+    replicas: int = 1
+    #: Replicas a write must reach before the client acknowledges it (0: a majority).
+    write_quorum: int = 0
 
     @property
     def name(self) -> str:
         return self.schema["name"]
+
+    @property
+    def quorum(self) -> int:
+        """The write quorum: as set, else a majority of the replicas (R // 2 + 1)."""
+        return self.write_quorum or self.replicas // 2 + 1
 
     def table_schema(self) -> TableSchema:
         return TableSchema.from_json(dict(self.schema))
@@ -158,6 +170,8 @@ class Placement:
                     "schema": dict(table.schema),
                     "version": table.version,
                     "next_version": table.next_version,
+                    "replicas": table.replicas,
+                    "write_quorum": table.write_quorum,
                     "shards": [
                         [replica.to_json() for replica in replicas] for replicas in table.shards
                     ],
@@ -175,6 +189,8 @@ class Placement:
                 schema=table["schema"],
                 version=table["version"],
                 next_version=table.get("next_version", table["version"] + 1),
+                replicas=table.get("replicas", 1),
+                write_quorum=table.get("write_quorum", 0),
                 shards=tuple(
                     tuple(Replica.from_json(r) for r in replicas) for replicas in table["shards"]
                 ),
@@ -244,10 +260,17 @@ class PlacementStore:
                 await asyncio.sleep(RETRY_INTERVAL_S)
 
     async def create_table(
-        self, schema: TableSchema, among: Collection[str] | None = None
+        self,
+        schema: TableSchema,
+        among: Collection[str] | None = None,
+        replicas: int = 1,
+        write_quorum: int = 0,
+        zones: Mapping[str, str] | None = None,
     ) -> TablePlacement:
         """Add ``schema``'s table, its shards spread over the nodes (only those of them
         in ``among``, e.g. the live ones, when given and not disjoint); the placed table.
+        Each shard gets ``replicas`` copies on distinct nodes (in distinct ``zones``,
+        node id → zone, where there are enough); ``write_quorum`` 0 means a majority.
 
         The same definition twice is no error (the table is returned as placed). Of two
         concurrent creates with different definitions one wins and the other raises
@@ -272,6 +295,9 @@ class PlacementStore:
             placed = place_table(
                 replace(placement, last_schema_id=schema_id, nodes=live or nodes),
                 schema.with_id(schema_id),
+                replicas,
+                write_quorum,
+                zones,
             )
             return replace(placed, nodes=nodes)
 

@@ -173,7 +173,14 @@ class NodeServer:
             zone=cfg.zone,
             data_dir=str(cfg.data_dir),
         )
-        agent = ClusterAgent(self.node, cfg.etcd, cfg.cluster, me, on_failure=self._cluster_lost)
+        agent = ClusterAgent(
+            self.node,
+            cfg.etcd,
+            cfg.cluster,
+            me,
+            on_failure=self._cluster_lost,
+            replica_grace_s=cfg.replica_grace_s,
+        )
         await agent.start()
         return agent
 

@@ -99,8 +99,13 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def CreateTable(self, request: pb.CreateTableRequest, context: Any) -> pb.TableInfo:
         schema = schema_from_proto(request.schema)
         if self.cluster is None:
+            if request.replicas > 1:
+                raise InvalidArgument(
+                    f"table {schema.name!r}: {request.replicas} replicas need a cluster "
+                    "(kvstore serve --etcd); this node runs alone"
+                )
             return _table_info(self.node.create_table(schema))
-        await self.cluster.create_table(schema)
+        await self.cluster.create_table(schema, request.replicas, request.write_quorum)
         return _table_info(self.node.table(schema.name))
 
     async def _catch_up(self, table: str) -> None:
@@ -243,7 +248,13 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             state="live",
         )
         tables = [
-            pb.TableShards(table=name, owner=[0] * t.schema.shards, version=t.current)
+            pb.TableShards(
+                table=name,
+                owner=[0] * t.schema.shards,
+                version=t.current,
+                replica_count=1,
+                write_quorum=1,
+            )
             for name, t in sorted(self.node.tables.items())
         ]
         return pb.ClusterMap(epoch=1, nodes=[node], tables=tables)
@@ -444,6 +455,8 @@ def _cluster_map(view: ClusterView) -> pb.ClusterMap:
                 table=name,
                 owner=[index[o] if o else 0 for o in owners],
                 version=table.version,
+                replica_count=table.replicas,
+                write_quorum=table.quorum,
                 replicas=[
                     pb.ShardReplicas(
                         node=[index[r.node] for r in replicas],

@@ -19,9 +19,15 @@ Source (``ShardTransfers``, behind the CopyShard and ShardChanges RPCs):
   log goes, the seal ends, and the waiting writes are refused with StaleMap.
 * ``drop_shard``: a shard moved away loses its delta rows and its base files.
 
-Target (``ShardReceiver``): empties its copy of the shard, takes the streamed files
-into the staging area, writes delta rows and changes raw, and installs the bases into
-each version (``Table.replace_base_shard`` / ``add_version``).
+Target (``ShardReceiver``): empties its copy of the shard (a move; a replica catching
+up keeps its own, see below), takes the streamed files into the staging area, merges
+the delta rows and changes into its own by event time (``_codec.delta_merge_rows``:
+per feature the newest wins, deletes with their times), and installs the bases into
+each version (``Table.replace_base_shard`` / ``add_version``). Merging rather than
+writing raw matters with replicas: the target takes clients' writes directly while it
+copies, and a logged row older than such a write must not overwrite it. The raw
+deletes of the log (the source's compaction dropping rows its current version
+supersedes) are not replayed: a delta row the version supersedes reads the same.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvstore import _codec
 from kvstore.errors import InvalidArgument, NotFound, StaleMap, Unavailable
 from kvstore.server.node import Node
-from kvstore.storage.shard import Shard
+from kvstore.storage.shard import SYSTEM_PREFIX, Shard
 from kvstore.storage.table import Table
 from kvstore.storage.versions import VersionMeta
 from kvstore.v1 import feature_store_pb2 as pb
@@ -421,18 +428,33 @@ class ShardReceiver:
                 with open(path, "ab") as f:
                     f.write(chunk.data)
         if chunk.keys:
-            self.table.delta[self.shard].write(list(zip(chunk.keys, chunk.values, strict=True)))
+            self.merge(list(zip(chunk.keys, chunk.values, strict=True)))
             self.rows += len(chunk.keys)
 
-    def apply(self, changes: Iterable[pb.ShardChange]) -> int:
-        """Write recorded changes raw, in order; returns how many."""
+    def merge(self, puts: list[tuple[bytes, bytes]]) -> None:
+        """Merge the source's delta rows into this node's, per feature by event time (no
+        await: a client's write to the same keys cannot come in between); the node's
+        own keys (consumer positions) are taken as they come."""
         delta = self.table.delta[self.shard]
+        rows = [(k, v) for k, v in puts if not (k.startswith(SYSTEM_PREFIX) and len(k) != 8)]
+        own = [(k, v) for k, v in puts if k.startswith(SYSTEM_PREFIX) and len(k) != 8]
+        keys = [k for k, _ in rows]
+        merged = (
+            _codec.delta_merge_rows(
+                self.table.schema.layout, delta.multi_get(keys), [v for _, v in rows]
+            )
+            if keys
+            else []
+        )
+        if keys or own:
+            delta.write(list(zip(keys, merged, strict=True)) + own)
+
+    def apply(self, changes: Iterable[pb.ShardChange]) -> int:
+        """Merge recorded changes in, in order (their raw deletes are not replayed: see
+        the module doc); returns how many."""
         n = 0
         for change in changes:
-            delta.write(
-                list(zip(change.put_keys, change.put_values, strict=True)),
-                list(change.delete_keys),
-            )
+            self.merge(list(zip(change.put_keys, change.put_values, strict=True)))
             n += 1
         return n
 
