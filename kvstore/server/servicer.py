@@ -317,6 +317,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     @_translate_errors
     async def BeginLoad(self, request: pb.BeginLoadRequest, context: Any) -> pb.BeginLoadResponse:
         version = request.version
+        # A loader may reach this node right after the table was created on another
+        # (its watch a moment behind): wait for it as Get and Write do.
+        await self._catch_up(request.table)
         if self.cluster is not None and not version:
             # One number for the version on every node: allocated in the placement.
             version = await self.cluster.allocate_version(request.table)
