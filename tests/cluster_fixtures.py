@@ -8,12 +8,17 @@ Shared by the cluster test modules (tests/test_cluster_*.py): each starts its ow
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from etcd_server import EtcdServer
 
 from kvstore.server.process import NodeProcess
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_channel
 
 FEATURES = {"score": "float32", "clicks": "int64"}
 KEYS = np.arange(1_000, dtype=np.int64)
@@ -62,6 +67,52 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- {i}:\n{n.log_tail()}" for i, n in self.nodes.items())
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Stop every node; on a failure, print their logs first (pytest shows them)."""
+        if kind is not None:
+            print(self.logs())
+        self.stop()
+
+
+class Placed(NamedTuple):
+    """One replica of a shard, as the cluster map shows it."""
+
+    node: str
+    address: str
+    state: str
+
+
+def cluster_map(address: str, timeout_s: float = 10.0) -> pb.ClusterMap:
+    """The node at ``address``'s GetClusterMap answer (the message: every replica)."""
+    with open_channel(address) as channel:
+        stub = pb_grpc.FeatureStoreStub(channel)
+        return stub.GetClusterMap(pb.GetClusterMapRequest(), timeout=timeout_s)
+
+
+def placed_replicas(cmap: pb.ClusterMap, table: str) -> list[list[Placed]]:
+    """Per shard of ``table``, each replica with its node, address and state."""
+    (shards,) = [t for t in cmap.tables if t.table == table]
+    nodes = cmap.nodes
+    return [
+        [
+            Placed(nodes[i].node_id, nodes[i].address, state)
+            for i, state in zip(r.node, r.state, strict=True)
+        ]
+        for r in shards.replicas
+    ]
+
+
+def settled_counts(address: str, table: str) -> Counter | None:
+    """Shards per node once every shard has one Available replica (None while a move
+    or a catch-up is in flight)."""
+    replicas = placed_replicas(cluster_map(address), table)
+    if any(len(r) != 1 or r[0].state != "Available" for r in replicas):
+        return None
+    return Counter(r[0].node for r in replicas)
 
 
 def check_all(result, keys: np.ndarray) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cluster_fixtures import Cluster
 from etcd_server import EtcdServer
 
 from kvstore import Client
@@ -115,3 +116,18 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
+    """An empty test cluster on the module's etcd (tests/cluster_fixtures.py): start its
+    nodes with ``cluster.start(node_id)``; stopped, with their logs printed on a
+    failure, at the end of the test."""
+    cluster = Cluster(tmp_path / "nodes", etcd)
+    try:
+        yield cluster
+    finally:
+        # pytest does not raise a test's failure into its fixtures: print always;
+        # pytest shows a test's captured output only when it fails.
+        print(cluster.logs())
+        cluster.stop()

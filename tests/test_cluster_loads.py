@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cluster_fixtures import START_TIMEOUT_S, Cluster
-from etcd_server import EtcdServer
 
 from kvstore import Client
 from kvstore.errors import KvstoreError
@@ -33,15 +31,11 @@ SHARDS = 12
 
 
 @pytest.fixture
-def three(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
+def three(cluster: Cluster) -> Cluster:
     """Three nodes of a fresh cluster (a test may stop and restart them)."""
-    cluster = Cluster(tmp_path / "nodes", etcd)
-    try:
-        for i in range(3):
-            cluster.start(f"n{i}")
-        yield cluster
-    finally:
-        cluster.stop()
+    for i in range(3):
+        cluster.start(f"n{i}")
+    return cluster
 
 
 def _snapshot(path: Path, number: int) -> str:

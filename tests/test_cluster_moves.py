@@ -11,8 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,8 +18,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cluster_fixtures import FEATURES, KEYS, SHARDS, Cluster, check_all, feature_rows
-from etcd_server import EtcdServer
+from cluster_fixtures import (
+    FEATURES,
+    KEYS,
+    SHARDS,
+    Cluster,
+    check_all,
+    cluster_map,
+    feature_rows,
+    placed_replicas,
+    settled_counts,
+)
 
 from kvstore import Client
 from kvstore.cluster.moves import FAULT_EXIT_AFTER_COPY_CHUNKS, FAULT_EXIT_AT_HANDOVER
@@ -37,18 +44,6 @@ from kvstore.wire.dial import open_channel
 #: Keys the writer thread writes during a move: apart from the reader's KEYS.
 WRITER_BASE = 100_000
 MOVES_TIMEOUT_S = 120.0
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path / "nodes", etcd)
-    try:
-        yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
 
 
 def _table_with_data(client: Client, name: str, tmp_path: Path) -> None:
@@ -125,25 +120,6 @@ class Traffic:
         check_all(client.get(self.table, written), written)
 
 
-def _replicas(client: Client, table: str) -> list[list[tuple[str, str]]]:
-    """Per shard, (node id, state) of each replica, from the cluster map."""
-    with open_channel(client.address) as channel:
-        cmap = pb_grpc.FeatureStoreStub(channel).GetClusterMap(pb.GetClusterMapRequest())
-    ids = [n.node_id for n in cmap.nodes]
-    (shards,) = [t for t in cmap.tables if t.table == table]
-    return [
-        [(ids[n], state) for n, state in zip(r.node, r.state, strict=True)] for r in shards.replicas
-    ]
-
-
-def _settled(client: Client, table: str) -> Counter | None:
-    """Shards per node once no move is in flight (None while one is)."""
-    replicas = _replicas(client, table)
-    if any(len(r) != 1 or r[0][1] != "Available" for r in replicas):
-        return None
-    return Counter(r[0][0] for r in replicas)
-
-
 def test_a_fourth_node_joins_during_reads_and_writes_and_takes_its_share(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -158,7 +134,9 @@ def test_a_fourth_node_joins_during_reads_and_writes_and_takes_its_share(
             wait_until(lambda: traffic.reads > 2 and traffic.writes > 2, 30, "traffic")
             cluster.start("n3")
             counts = wait_until(
-                lambda: _settled(client, name), MOVES_TIMEOUT_S, "the join's moves to finish"
+                lambda: settled_counts(client.address, name),
+                MOVES_TIMEOUT_S,
+                "the join's moves to finish",
             )
             reads_at_end = traffic.reads
             wait_until(lambda: traffic.reads > reads_at_end + 2, 30, "reads after the moves")
@@ -231,7 +209,7 @@ def test_kvstore_drain_moves_a_nodes_shards_away_during_reads_and_writes(
             out = _drain(seed, "n2")
             assert out.returncode == 0, out.stdout + out.stderr
             assert "n2 holds no shard: it may stop" in out.stdout
-            counts = _settled(client, name)
+            counts = settled_counts(client.address, name)
             assert counts == {"n0": 6, "n1": 6}, counts
             # n2 stops; nothing fails.
             cluster.nodes["n2"].stop()
@@ -273,8 +251,10 @@ def test_a_target_killed_mid_copy_starts_the_move_over_once_restarted(
     if crashed is not None:
         wait_until(lambda: not crashed.running(), 60, "the fault hook to stop n2")
     with Client(seed, timeout=10) as client:
-        replicas = _replicas(client, name)
-        assert any(("n2", "Initializing") in r for r in replicas)  # the move is pending
+        replicas = placed_replicas(cluster_map(client.address), name)
+        assert any(
+            (p.node, p.state) == ("n2", "Initializing") for r in replicas for p in r
+        )  # the move is pending
         # A bulk load of a table with a shard moving is refused until the move is done.
         file = tmp_path / "during.parquet"
         pq.write_table(pa.table(feature_rows(KEYS[:10])), file)
@@ -282,7 +262,9 @@ def test_a_target_killed_mid_copy_starts_the_move_over_once_restarted(
             load(seed, name, str(file), progress=False)
         cluster.start("n2")
         counts = wait_until(
-            lambda: _settled(client, name), MOVES_TIMEOUT_S, "the moves to n2 to finish"
+            lambda: settled_counts(client.address, name),
+            MOVES_TIMEOUT_S,
+            "the moves to n2 to finish",
         )
         assert sorted(counts.values()) == [4, 4, 4], counts
         check_all(client.get(name, KEYS), KEYS)
@@ -319,7 +301,9 @@ def test_a_target_dead_after_the_seal_loses_no_write_and_the_move_finishes_later
             wait_until(lambda: traffic.writes > writes_then + 3, 30, "writes after it")
             cluster.start("n2")
             counts = wait_until(
-                lambda: _settled(client, name), MOVES_TIMEOUT_S, "the moves to n2 to finish"
+                lambda: settled_counts(client.address, name),
+                MOVES_TIMEOUT_S,
+                "the moves to n2 to finish",
             )
         assert sorted(counts.values()) == [4, 4, 4], counts
         traffic.check(client)

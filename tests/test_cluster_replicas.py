@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,8 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cluster_fixtures import FEATURES, SHARDS, Cluster, check_all, feature_rows
-from etcd_server import EtcdServer
+from cluster_fixtures import (
+    FEATURES,
+    SHARDS,
+    Cluster,
+    check_all,
+    cluster_map,
+    feature_rows,
+    placed_replicas,
+)
 
 from kvstore import Client
 from kvstore.cluster.assignment import catch_up, drain, finish_move, place_table, re_replicate
@@ -119,18 +125,6 @@ def test_re_replicate_replaces_a_dead_nodes_replicas_from_live_peers() -> None:
         drain(_placed(nodes=("n0", "n1")), "n1", {})
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path / "nodes", etcd)
-    try:
-        yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
-
-
 def _call(address: str, method: str, request):
     with open_channel(address) as channel:
         return getattr(pb_grpc.FeatureStoreStub(channel), method)(request, timeout=30)
@@ -145,22 +139,6 @@ def _create(address: str, replicas: int) -> None:
     )
 
 
-def _map(address: str) -> pb.ClusterMap:
-    return _call(address, "GetClusterMap", pb.GetClusterMapRequest())
-
-
-def _replicas(cmap: pb.ClusterMap) -> list[list[tuple[str, str, str]]]:
-    """Per shard of TABLE: (node id, address, state) of each replica."""
-    table = next(t for t in cmap.tables if t.table == TABLE)
-    return [
-        [
-            (cmap.nodes[i].node_id, cmap.nodes[i].address, state)
-            for i, state in zip(r.node, r.state, strict=True)
-        ]
-        for r in table.replicas
-    ]
-
-
 def _shards(keys: np.ndarray) -> np.ndarray:
     return KeyBatch.from_values("int64", keys, TABLE).shard_ids(SHARDS)
 
@@ -168,7 +146,7 @@ def _shards(keys: np.ndarray) -> np.ndarray:
 def _write(cmap: pb.ClusterMap, schema: TableSchema, keys: np.ndarray, skip: str = "") -> None:
     """Write ``feature_rows(keys)`` to every replica of each key's shard (but ``skip``)."""
     shard_of = _shards(keys)
-    for shard, replicas in enumerate(_replicas(cmap)):
+    for shard, replicas in enumerate(placed_replicas(cmap, TABLE)):
         mine = keys[shard_of == shard]
         if not len(mine):
             continue
@@ -195,7 +173,7 @@ def _same_on_every_replica(cmap: pb.ClusterMap, keys: np.ndarray) -> None:
     """Every replica of each shard answers its keys, found, from the same version, byte
     for byte the same."""
     shard_of = _shards(keys)
-    for shard, replicas in enumerate(_replicas(cmap)):
+    for shard, replicas in enumerate(placed_replicas(cmap, TABLE)):
         mine = keys[shard_of == shard]
         assert len(replicas) == 2 and all(state == "Available" for *_, state in replicas)
         answers = [_get(address, mine) for _, address, _ in replicas]
@@ -214,7 +192,7 @@ def _wait_map(seed: str, condition, timeout_s: float, what: str) -> pb.ClusterMa
     """The cluster map once ``condition(map)`` holds (polled)."""
 
     def satisfied() -> pb.ClusterMap | None:
-        cmap = _map(seed)
+        cmap = cluster_map(seed)
         return cmap if condition(cmap) else None
 
     return wait_until(satisfied, timeout_s, what)
@@ -222,7 +200,7 @@ def _wait_map(seed: str, condition, timeout_s: float, what: str) -> pb.ClusterMa
 
 def _states_on(node_id: str):
     def states(cmap: pb.ClusterMap) -> set[str]:
-        return {s for rs in _replicas(cmap) for n, _, s in rs if n == node_id}
+        return {s for rs in placed_replicas(cmap, TABLE) for n, _, s in rs if n == node_id}
 
     return states
 
@@ -236,10 +214,10 @@ def test_replicas_take_writes_catch_up_after_a_restart_and_after_a_wiped_disk(
     _create(seed, replicas=2)
 
     # Two replicas of every shard, on distinct nodes, both Available; spread evenly.
-    cmap = _map(seed)
+    cmap = cluster_map(seed)
     table = next(t for t in cmap.tables if t.table == TABLE)
     assert (table.replica_count, table.write_quorum) == (2, 2)
-    placed = _replicas(cmap)
+    placed = placed_replicas(cmap, TABLE)
     assert all(len({n for n, _, _ in rs}) == 2 for rs in placed)
     counts = [sum(n == f"n{i}" for rs in placed for n, _, _ in rs) for i in range(3)]
     assert sorted(counts) == [8, 8, 8], counts
@@ -319,7 +297,7 @@ def test_a_node_gone_past_the_grace_period_is_re_replicated(cluster: Cluster) ->
         cluster.start(f"n{i}", env={"KVSTORE_REPLICA_GRACE_S": "2"})
     seed = cluster.nodes["n0"].address
     _create(seed, replicas=2)
-    cmap = _map(seed)
+    cmap = cluster_map(seed)
     keys = np.arange(0, 500, dtype=np.int64)
     with Client(seed, timeout=10) as client:
         schema = client.describe_table(TABLE).schema
@@ -336,7 +314,7 @@ def test_a_node_gone_past_the_grace_period_is_re_replicated(cluster: Cluster) ->
             CATCH_UP_TIMEOUT_S,
             "n2's replicas to be replaced",
         )
-        assert all({n for n, _, _ in rs} == {"n0", "n1"} for rs in _replicas(cmap))
+        assert all({n for n, _, _ in rs} == {"n0", "n1"} for rs in placed_replicas(cmap, TABLE))
         _same_on_every_replica(cmap, keys)
         check_all(client.get(TABLE, keys), keys)
 
@@ -353,7 +331,7 @@ def test_a_bulk_load_while_a_replica_is_down_commits_and_the_replica_installs_it
     first = np.arange(0, 500, dtype=np.int64)
     _parquet(tmp_path / "first.parquet", first)
     load(seed, TABLE, str(tmp_path / "first.parquet"), progress=False)
-    _same_on_every_replica(_map(seed), first)
+    _same_on_every_replica(cluster_map(seed), first)
 
     # n1 is down (its lease lapsed): a load commits on the replicas that are up.
     cluster.nodes["n1"].kill()
@@ -361,7 +339,7 @@ def test_a_bulk_load_while_a_replica_is_down_commits_and_the_replica_installs_it
     every = np.arange(0, 1000, dtype=np.int64)
     _parquet(tmp_path / "second.parquet", every)
     load(seed, TABLE, str(tmp_path / "second.parquet"), progress=False)
-    version = next(t.version for t in _map(seed).tables if t.table == TABLE)
+    version = next(t.version for t in cluster_map(seed).tables if t.table == TABLE)
     assert version == 2
 
     # Back, n1 copies version 2 of its shards from the peers before it serves them.
@@ -395,7 +373,7 @@ def test_a_node_stopped_past_its_lease_catches_up_once_continued(
         cluster.start(f"n{i}", env=env)
     seed = cluster.nodes["n0"].address
     _create(seed, replicas=2)
-    cmap = _map(seed)
+    cmap = cluster_map(seed)
     first = np.arange(0, 300, dtype=np.int64)
     with Client(seed, timeout=10) as client:
         schema = client.describe_table(TABLE).schema

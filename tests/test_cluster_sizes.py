@@ -8,20 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pytest
-from cluster_fixtures import FEATURES, Cluster
-from etcd_server import EtcdServer
+from cluster_fixtures import FEATURES, Cluster, cluster_map, placed_replicas, settled_counts
 
 from kvstore import Client
 from kvstore.keys import KeyBatch
 from kvstore.server.process import wait_until
-from kvstore.v1 import feature_store_pb2 as pb
-from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
-from kvstore.wire.dial import open_channel
 
 SHARDS = 6
 TIMEOUT_S = 120.0
@@ -45,27 +38,6 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path / "nodes", etcd)
-    try:
-        yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
-
-
-def _owners(address: str, table: str) -> list[list[tuple[str, str]]]:
-    """Per shard, (node id, state) of each replica."""
-    with open_channel(address) as channel:
-        cmap = pb_grpc.FeatureStoreStub(channel).GetClusterMap(pb.GetClusterMapRequest())
-    ids = [n.node_id for n in cmap.nodes]
-    (shards,) = [t for t in cmap.tables if t.table == table]
-    return [[(ids[n], s) for n, s in zip(r.node, r.state, strict=True)] for r in shards.replicas]
-
-
 def _sizes(cluster: Cluster) -> dict[int, int]:
     out = subprocess.run(
         [sys.executable, "-c", READ_SIZES, cluster.etcd.url, cluster.name],
@@ -82,8 +54,8 @@ def test_a_joining_node_takes_the_shard_that_evens_out_the_bytes(cluster: Cluste
     cluster.start("n1")
     client = Client(n0.address)
     client.create_table("t", key="int64", features=FEATURES, shards=SHARDS)
-    placed = _owners(n0.address, "t")
-    on_n0 = [s for s, r in enumerate(placed) if r[0][0] == "n0"]
+    placed = placed_replicas(cluster_map(n0.address), "t")
+    on_n0 = [s for s, r in enumerate(placed) if r[0].node == "n0"]
     assert len(on_n0) == SHARDS // 2
     # Two of n0's three shards hold nearly all the bytes: not its first, the one count
     # alone would move (ties go to the lowest shard), so this test fails without sizes.
@@ -118,13 +90,11 @@ def test_a_joining_node_takes_the_shard_that_evens_out_the_bytes(cluster: Cluste
     cluster.start("n2")
 
     def settled() -> bool:
-        owners = _owners(n0.address, "t")
-        return all(len(r) == 1 and r[0][1] == "Available" for r in owners) and any(
-            r[0][0] == "n2" for r in owners
-        )
+        counts = settled_counts(n0.address, "t")
+        return counts is not None and "n2" in counts
 
     wait_until(settled, TIMEOUT_S, "the join's moves to finish")
-    owners = [r[0][0] for r in _owners(n0.address, "t")]
+    owners = [r[0].node for r in placed_replicas(cluster_map(n0.address), "t")]
     by_node = {n: {s for s, o in enumerate(owners) if o == n} for n in ("n0", "n1", "n2")}
     assert sorted(len(s) for s in by_node.values()) == [2, 2, 2]
     # Balanced by bytes too: each heavy shard on its own node (by count alone, n2 would

@@ -13,13 +13,10 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 from cluster_fixtures import FEATURES, SHARDS, Cluster
-from etcd_server import EtcdServer
 
 from kvstore import AsyncClient, Client
 from kvstore.errors import Unavailable
@@ -30,17 +27,10 @@ BATCHES = 20
 
 
 @pytest.fixture
-def two(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, etcd)
-    try:
-        cluster.start("n0")
-        cluster.start("n1")
-        yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
+def two(cluster: Cluster) -> Cluster:
+    cluster.start("n0")
+    cluster.start("n1")
+    return cluster
 
 
 def clicks_of(round_: int, keys: np.ndarray) -> np.ndarray:
