@@ -20,7 +20,7 @@ bulk-loaded from the same zstd Parquet file of the bench's rows.
    core's worth of RPCs).
 2. **Reads while a shard moves** (``loadtests/shard_moves.py``), on the same cluster:
    p99 of 100-key reads idle against p99 while a joining node takes its share of the
-   shards. Skipped, saying so, while shard moves are not built.
+   shards.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from kvstore import Client
 from kvstore.cluster.local import LocalCluster, LocalClusterConfig
 from loadtests.bulkload import write_parquet
 from loadtests.servers import KvstoreNode, proc_cpu_seconds
-from loadtests.shard_moves import MoveSettings, measure_move, moves_built
+from loadtests.shard_moves import MoveSettings, measure_move
 from loadtests.systems import TABLE, KvstoreSystem
 from loadtests.workers import ClientProcesses
 
@@ -261,12 +261,8 @@ def measure_cluster(s: ClusterSettings, workdir: Path, parquet: dict | None = No
                 "target_ratio": TARGET_SCALE,
                 "met": scale["measured_ratio"] >= TARGET_SCALE,
             }
-        if moves_built():
-            print(f"  reads while a shard moves ({s.moves.readers} readers)", flush=True)
-            out["moves"] = measure_move(cluster, workdir / "cluster", s.moves, s.rows, s.seed)
-        else:
-            print("  shard moves: not built yet", flush=True)
-            out["moves"] = {"skipped": "not built yet"}
+        print(f"  reads while a shard moves ({s.moves.readers} readers)", flush=True)
+        out["moves"] = measure_move(cluster, workdir / "cluster", s.moves, s.rows, s.seed)
     return out
 
 
@@ -317,17 +313,14 @@ def render_cluster(res: dict) -> str:
             f"{sc['ratio']:.2f}x, {verdict} on this machine"
         )
     mv = res["moves"]
+    verdict = "met" if mv["met"] else "missed"
     lines.append("")
-    if "skipped" in mv:
-        lines.append(f"shard moves: {mv['skipped']}")
-    else:
-        verdict = "met" if mv["met"] else "missed"
-        lines.append(
-            f"reads while a shard moves ({mv['readers']} readers x {mv['batch_size']} keys, "
-            f"{mv['joined']} joining; moves {mv['move_s']:.1f} s of {mv['join_s']:.1f} s from "
-            f"its start{'' if mv['finished'] else ', NOT finished'}): p99 idle "
-            f"{mv['idle_p99_ms']:.3f} ms, during the moves {mv['move_p99_ms']:.3f} ms = "
-            f"{mv['p99_ratio']:.2f}x (target <= {mv['target_ratio']}x: {verdict}); from the "
-            f"join's start {mv['join_p99_ms']:.3f} ms; {mv['failed_reads']} failed reads"
-        )
+    lines.append(
+        f"reads while a shard moves ({mv['readers']} readers x {mv['batch_size']} keys, "
+        f"{mv['joined']} joining; moves {mv['move_s']:.1f} s of {mv['join_s']:.1f} s from "
+        f"its start{'' if mv['finished'] else ', NOT finished'}): p99 idle "
+        f"{mv['idle_p99_ms']:.3f} ms, during the moves {mv['move_p99_ms']:.3f} ms = "
+        f"{mv['p99_ratio']:.2f}x (target <= {mv['target_ratio']}x: {verdict}); from the "
+        f"join's start {mv['join_p99_ms']:.3f} ms; {mv['failed_reads']} failed reads"
+    )
     return "\n".join(lines)
