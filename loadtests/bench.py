@@ -716,9 +716,6 @@ def main(argv: list[str] | None = None) -> int:
     results["elapsed_s"] = time.monotonic() - started
     print()
     print(report.render(results))
-    if "cluster" in results:
-        print()
-        print(render_cluster(results["cluster"]))
     s.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = report.write_json(results, s.out_dir / "results.json")
     png_path = report.plot(results, s.out_dir / "latency.png")
