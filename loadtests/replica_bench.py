@@ -27,17 +27,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from kvstore import Client
 from kvstore.client import HedgePolicy
+from kvstore.server.process import wait_until
 from loadtests.cluster_bench import running_cluster
+from loadtests.shard_moves import cluster_map
 
 __all__ = ["ReplicaSettings", "measure_replicas", "render_replicas"]
 
 TABLE = "replica_bench"
 FEATURES = {"score": "float32", "clicks": "int64", "emb": "float32[16]"}
 TIMEOUT_S = 5.0
+#: How long a node given back (restarted, continued) may take to be live and caught up.
+RECOVER_TIMEOUT_S = 120.0
 #: The issue's targets.
 TARGET_KILL_P99 = 3.0
 TARGET_STOP_P99 = 2.0
@@ -140,6 +145,18 @@ def _write_rate(address: str, table: str, s: ReplicaSettings) -> float:
         return written / (time.monotonic() - start)
 
 
+def _recovered(address: str, node_id: str) -> bool:
+    """Whether ``node_id`` is live and every replica of the bench table Available."""
+    try:
+        cmap = cluster_map(address)
+    except grpc.RpcError:
+        return False
+    if any(n.node_id == node_id and n.state != "live" for n in cmap.nodes):
+        return False
+    table = next(t for t in cmap.tables if t.table == TABLE)
+    return all(state == "Available" for r in table.replicas for state in r.state)
+
+
 def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
     """The whole step (see the module docstring); {"skipped": why} without etcd."""
     if shutil.which("etcd") is None:
@@ -152,7 +169,14 @@ def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
             client.create_table(TABLE, features=FEATURES, shards=s.shards, replicas=2)
             for part in np.array_split(np.arange(s.rows, dtype=np.int64), 20):
                 client.write(TABLE, _rows(part))
-        victim = nodes[-1]
+        victim_id, victim = list(cluster.nodes.items())[-1]
+
+        def recovered() -> None:
+            """Each phase starts on a whole cluster: a SIGSTOP past the lease (5 s) makes
+            the node register again, and R = 3 cannot be placed on 2 live nodes."""
+            what = f"{victim_id} to be live and caught up"
+            wait_until(lambda: _recovered(address, victim_id), RECOVER_TIMEOUT_S, what)
+
         out["idle"] = _read_phase(address, s, hedge=True)
 
         def kill() -> Any:
@@ -160,14 +184,17 @@ def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
             return None
 
         out["kill"] = _read_phase(address, s, hedge=True, fault=kill)
-        victim.start()  # back, to catch up before the next phase
+        victim.start()
+        recovered()
 
         def stop() -> Any:
             os.kill(victim.pid, signal.SIGSTOP)
             return lambda: os.kill(victim.pid, signal.SIGCONT)
 
         out["sigstop_hedged"] = _read_phase(address, s, hedge=True, fault=stop)
+        recovered()
         out["sigstop_unhedged"] = _read_phase(address, s, hedge=False, fault=stop)
+        recovered()
         rates = {}
         with Client(address, timeout=60) as client:
             for r in (1, 2, 3):

@@ -32,7 +32,7 @@ from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
 from loadtests.systems import TABLE, KeyPool, KvstoreReader
 
-__all__ = ["MoveSettings", "MoveWatch", "measure_move", "move_state"]
+__all__ = ["MoveSettings", "MoveWatch", "cluster_map", "measure_move", "move_state"]
 
 #: The issue's target: p99 while a shard moves / p99 idle.
 TARGET_MOVE_P99 = 2.0
@@ -86,7 +86,8 @@ def _move_reader(
     )
 
 
-def _raw_map(address: str) -> pb.ClusterMap:
+def cluster_map(address: str) -> pb.ClusterMap:
+    """The cluster map as the node at ``address`` serves it (raises grpc.RpcError)."""
     with open_channel(address) as channel:
         return pb_grpc.FeatureStoreStub(channel).GetClusterMap(
             pb.GetClusterMapRequest(), timeout=10
@@ -98,7 +99,7 @@ def move_state(address: str, node_id: str) -> tuple[bool, bool]:
     Available; ``node_id`` owning a shard with every replica Available. (False, False)
     while the seed does not answer."""
     try:
-        cmap = _raw_map(address)
+        cmap = cluster_map(address)
     except grpc.RpcError:
         return False, False
     ids = [n.node_id for n in cmap.nodes]
