@@ -76,9 +76,17 @@ def _rows(keys: np.ndarray) -> dict:
 
 
 def _reader(
-    address: str, rows: int, batch: int, seconds: float, hedge: bool, seed: int, out: Any
+    address: str,
+    rows: int,
+    batch: int,
+    seconds: float,
+    hedge: bool,
+    seed: int,
+    out: Any,
+    go: Any,
 ) -> None:
-    """A reader process: reads for ``seconds``; sends (latencies in s, failures)."""
+    """A reader process: once ``go`` is set, reads for ``seconds``; sends (latencies in
+    s, failures)."""
     rng = np.random.default_rng(seed)
     policy = HedgePolicy() if hedge else HedgePolicy(enabled=False)
     latencies: list[float] = []
@@ -86,6 +94,7 @@ def _reader(
     with Client(address, timeout=TIMEOUT_S, hedging=policy) as client:
         client.get(TABLE, [0])
         out.put("ready")
+        go.wait(120)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             keys = rng.integers(0, rows, batch, dtype=np.int64)
@@ -102,10 +111,11 @@ def _reader(
 def _read_phase(address: str, s: ReplicaSettings, hedge: bool, fault: Any = None) -> dict:
     """Readers for one window; ``fault()`` (then its undo) a quarter of the way in."""
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+    out, go = ctx.Queue(), ctx.Event()
     procs = [
         ctx.Process(
-            target=_reader, args=(address, s.rows, s.batch, s.window_s, hedge, s.seed + i, out)
+            target=_reader,
+            args=(address, s.rows, s.batch, s.window_s, hedge, s.seed + i, out, go),
         )
         for i in range(s.readers)
     ]
@@ -113,6 +123,9 @@ def _read_phase(address: str, s: ReplicaSettings, hedge: bool, fault: Any = None
         p.start()
     for _ in procs:
         out.get(timeout=120)  # each reader has its schema and map
+    # One window for all: a reader ready early would otherwise read (and send its
+    # figures, taken here for a "ready") before the others, and before the fault.
+    go.set()
     undo = None
     if fault is not None:
         time.sleep(s.window_s / 4)  # a duration of the benchmark, not a synchronisation
