@@ -26,6 +26,7 @@ __all__ = [
     "machine_busy_seconds",
     "proc_cpu_seconds",
     "proc_memory_bytes",
+    "stop_process",
     "wait_until",
     "wait_until_idle",
 ]
@@ -115,7 +116,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Signal ``proc`` and wait for it up to 30 s, then kill it."""
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -214,7 +215,7 @@ class RedisServer:
             except RuntimeError:
                 continue
             except BaseException:
-                _stop(self.proc, signal.SIGKILL)
+                stop_process(self.proc, signal.SIGKILL)
                 raise
         log = self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
         raise RuntimeError(f"redis-server did not start:\n{log}")
@@ -231,4 +232,4 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
