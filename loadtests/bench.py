@@ -58,12 +58,14 @@ from loadtests.mixed import MixedSettings, measure_mixed_dtypes, render_mixed
 from loadtests.redis_client import HiredisMissing, connect, require_hiredis
 from loadtests.replica_bench import ReplicaSettings, measure_replicas, render_replicas
 from loadtests.servers import (
+    SETTLE_TIMEOUT_S,
     KvstoreNode,
     RedisServer,
     dir_bytes,
     machine_busy_seconds,
     proc_cpu_seconds,
     proc_memory_bytes,
+    wait_until_idle,
 )
 from loadtests.serving import ServingSettings, measure_serving, render_serving
 from loadtests.systems import (
@@ -76,17 +78,11 @@ from loadtests.systems import (
     redis_key,
 )
 from loadtests.updates import UpdateSettings, measure_updates
-from loadtests.workers import CellRun, ClientProcesses, ClientThreads
+from loadtests.workers import ClientProcesses, ClientThreads, cell_figures, medians_of_rounds
 
 LOAD_CHUNK_ROWS = 20_000
 #: How many rows are checked to be identical in the three systems after the load.
 VERIFY_ROWS = 200
-#: After the load, wait (at most this long, s) for the servers' background work
-#: (RocksDB flushes and compactions) to settle before measuring.
-SETTLE_TIMEOUT_S = 180.0
-#: A server counts as idle below this CPU use, in cores, over SETTLE_SAMPLE_S.
-SETTLE_IDLE_CORES = 0.05
-SETTLE_SAMPLE_S = 1.0
 
 CONCURRENCY_MODELS = {
     "processes": (
@@ -434,7 +430,7 @@ def measure_throughput(systems: list[Any], s: Settings) -> dict:
                         cell = clients.run(
                             name, b, conc, s.throughput_warmup_s, s.throughput_window_s, pids[name]
                         )
-                        runs[name].setdefault(f"{conc}x{b}", []).append(_cell_figures(cell, b))
+                        runs[name].setdefault(f"{conc}x{b}", []).append(cell_figures(cell, b))
                 biggest = max(s.batch_sizes)
                 print(
                     f"  throughput round {r + 1}/{s.throughput_rounds}, concurrency {conc}, "
@@ -445,50 +441,7 @@ def measure_throughput(systems: list[Any], s: Settings) -> dict:
                     ),
                     flush=True,
                 )
-    out: dict[str, dict[str, dict]] = {}
-    for name, cells in runs.items():
-        out[name] = {}
-        for key, cell_runs in cells.items():
-            conc, b = (int(x) for x in key.split("x"))
-            med = {f: float(np.median([run[f] for run in cell_runs])) for f in CELL_FIGURES}
-            out[name][key] = {"concurrency": conc, "batch_size": b, **med, "rounds": cell_runs}
-    return out
-
-
-CELL_FIGURES = (
-    "batches_per_s",
-    "keys_per_s",
-    "p50_ms",
-    "p99_ms",
-    "client_cpu_cores",
-    "server_cpu_cores",
-    "other_cpu_cores",
-)
-
-
-def _cell_figures(cell: CellRun, batch_size: int) -> dict:
-    """The figures of one cell run: rates per second, latencies in ms, CPU in cores."""
-    calls = sum(c["calls"] for c in cell.clients)
-    span_s = (
-        max(c["end_ns"] for c in cell.clients) - min(c["start_ns"] for c in cell.clients)
-    ) / 1e9
-    lat_ms = np.concatenate([c["latencies_ns"] for c in cell.clients]) / 1e6
-    return {
-        "clients": len(cell.clients),
-        "calls": calls,
-        "span_s": span_s,
-        "batches_per_s": calls / span_s,
-        "keys_per_s": calls * batch_size / span_s,
-        "p50_ms": float(np.percentile(lat_ms, 50)),
-        "p99_ms": float(np.percentile(lat_ms, 99)),
-        "client_cpu_cores": cell.client_cpu_cores,
-        "server_cpu_cores": cell.server_cpu_cores,
-        "machine_cpu_cores": cell.machine_cpu_cores,
-        # what the rest of the machine (other work, the idle servers) used meanwhile
-        "other_cpu_cores": max(
-            0.0, cell.machine_cpu_cores - cell.client_cpu_cores - cell.server_cpu_cores
-        ),
-    }
+    return medians_of_rounds(runs)
 
 
 def measure_memory(
@@ -546,24 +499,6 @@ def measure_memory(
 
 
 # -- the run ------------------------------------------------------------------------
-
-
-def wait_until_idle(pids: list[int], timeout_s: float) -> float:
-    """Wait until processes ``pids`` use under 0.05 core together for 1 s; seconds waited.
-
-    Gives up (and says so) after ``timeout_s`` s: the run goes on, busier.
-    """
-    started = time.monotonic()
-    deadline = started + timeout_s
-    while time.monotonic() < deadline:
-        cpu0 = sum(proc_cpu_seconds(p) for p in pids)
-        t0 = time.monotonic()
-        time.sleep(SETTLE_SAMPLE_S)  # a measuring interval, not a synchronisation
-        cores = (sum(proc_cpu_seconds(p) for p in pids) - cpu0) / (time.monotonic() - t0)
-        if cores < SETTLE_IDLE_CORES:
-            return time.monotonic() - started
-    print(f"  the servers were still busy after {timeout_s:.0f} s; measuring anyway", flush=True)
-    return time.monotonic() - started
 
 
 def run(s: Settings) -> dict:
@@ -781,9 +716,6 @@ def main(argv: list[str] | None = None) -> int:
     results["elapsed_s"] = time.monotonic() - started
     print()
     print(report.render(results))
-    if "cluster" in results:
-        print()
-        print(render_cluster(results["cluster"]))
     s.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = report.write_json(results, s.out_dir / "results.json")
     png_path = report.plot(results, s.out_dir / "latency.png")

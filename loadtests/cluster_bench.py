@@ -20,7 +20,7 @@ bulk-loaded from the same zstd Parquet file of the bench's rows.
    core's worth of RPCs).
 2. **Reads while a shard moves** (``loadtests/shard_moves.py``), on the same cluster:
    p99 of 100-key reads idle against p99 while a joining node takes its share of the
-   shards. Skipped, saying so, while shard moves are not built.
+   shards.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ import numpy as np
 from kvstore import Client
 from kvstore.cluster.local import LocalCluster, LocalClusterConfig
 from loadtests.bulkload import write_parquet
-from loadtests.servers import KvstoreNode, proc_cpu_seconds
-from loadtests.shard_moves import MoveSettings, measure_move, moves_built
+from loadtests.servers import SETTLE_TIMEOUT_S, KvstoreNode, proc_cpu_seconds, wait_until_idle
+from loadtests.shard_moves import MoveSettings, measure_move
 from loadtests.systems import TABLE, KvstoreSystem
-from loadtests.workers import ClientProcesses
+from loadtests.workers import CELL_FIGURES, ClientProcesses, cell_figures, medians_of_rounds
 
 __all__ = ["ClusterSettings", "measure_cluster", "render_cluster"]
 
@@ -145,8 +145,6 @@ def measure_throughput(
     endpoints: dict[str, str], pids: dict[str, list[int]], s: ClusterSettings
 ) -> dict[str, dict[str, dict]]:
     """Rounds alternating the systems: system → "CxB" → median figures and the rounds."""
-    from loadtests.bench import CELL_FIGURES, _cell_figures  # bench imports this module
-
     clients = ClientProcesses(
         s.clients, endpoints, [s.clients], s.seed, s.rows, s.batch_sizes, s.pool_keys
     )
@@ -158,7 +156,7 @@ def measure_throughput(
                 order = list(endpoints) if r % 2 == 0 else list(endpoints)[::-1]
                 for name in order:
                     cell = clients.run(name, b, s.clients, s.warmup_s, s.window_s, pids[name])
-                    figures = _cell_figures(cell, b)
+                    figures = cell_figures(cell, b)
                     runs[name].setdefault(f"{s.clients}x{b}", []).append(
                         {**figures, **_per_call(figures)}
                     )
@@ -169,15 +167,9 @@ def measure_throughput(
                 + ", ".join(f"{n} {runs[n][big][-1]['keys_per_s']:,.0f} keys/s" for n in runs),
                 flush=True,
             )
-    figures = (*CELL_FIGURES, "client_cpu_us_per_call", "node_cpu_us_per_call")
-    out: dict[str, dict[str, dict]] = {}
-    for name, cells in runs.items():
-        out[name] = {}
-        for key, cell_runs in cells.items():
-            conc, b = (int(x) for x in key.split("x"))
-            med = {f: float(np.median([run[f] for run in cell_runs])) for f in figures}
-            out[name][key] = {"concurrency": conc, "batch_size": b, **med, "rounds": cell_runs}
-    return out
+    return medians_of_rounds(
+        runs, (*CELL_FIGURES, "client_cpu_us_per_call", "node_cpu_us_per_call")
+    )
 
 
 def ceilings(lone: dict, cluster: dict, nodes: int, cores: int) -> dict:
@@ -238,8 +230,6 @@ def measure_cluster(s: ClusterSettings, workdir: Path, parquet: dict | None = No
             LONE: load_table(lone.address, lone.pid, parquet, s.shards),
             many: load_table(seed_address, node_pids[0], parquet, s.shards),
         }
-        from loadtests.bench import SETTLE_TIMEOUT_S, wait_until_idle
-
         out["settle_s"] = wait_until_idle([lone.pid, *node_pids], SETTLE_TIMEOUT_S)
         endpoints = {LONE: lone.address, many: seed_address}
         pids = {LONE: [lone.pid], many: node_pids}
@@ -261,12 +251,8 @@ def measure_cluster(s: ClusterSettings, workdir: Path, parquet: dict | None = No
                 "target_ratio": TARGET_SCALE,
                 "met": scale["measured_ratio"] >= TARGET_SCALE,
             }
-        if moves_built():
-            print(f"  reads while a shard moves ({s.moves.readers} readers)", flush=True)
-            out["moves"] = measure_move(cluster, workdir / "cluster", s.moves, s.rows, s.seed)
-        else:
-            print("  shard moves: not built yet", flush=True)
-            out["moves"] = {"skipped": "not built yet"}
+        print(f"  reads while a shard moves ({s.moves.readers} readers)", flush=True)
+        out["moves"] = measure_move(cluster, workdir / "cluster", s.moves, s.rows, s.seed)
     return out
 
 
@@ -317,17 +303,14 @@ def render_cluster(res: dict) -> str:
             f"{sc['ratio']:.2f}x, {verdict} on this machine"
         )
     mv = res["moves"]
+    verdict = "met" if mv["met"] else "missed"
     lines.append("")
-    if "skipped" in mv:
-        lines.append(f"shard moves: {mv['skipped']}")
-    else:
-        verdict = "met" if mv["met"] else "missed"
-        lines.append(
-            f"reads while a shard moves ({mv['readers']} readers x {mv['batch_size']} keys, "
-            f"{mv['joined']} joining; moves {mv['move_s']:.1f} s of {mv['join_s']:.1f} s from "
-            f"its start{'' if mv['finished'] else ', NOT finished'}): p99 idle "
-            f"{mv['idle_p99_ms']:.3f} ms, during the moves {mv['move_p99_ms']:.3f} ms = "
-            f"{mv['p99_ratio']:.2f}x (target <= {mv['target_ratio']}x: {verdict}); from the "
-            f"join's start {mv['join_p99_ms']:.3f} ms; {mv['failed_reads']} failed reads"
-        )
+    lines.append(
+        f"reads while a shard moves ({mv['readers']} readers x {mv['batch_size']} keys, "
+        f"{mv['joined']} joining; moves {mv['move_s']:.1f} s of {mv['join_s']:.1f} s from "
+        f"its start{'' if mv['finished'] else ', NOT finished'}): p99 idle "
+        f"{mv['idle_p99_ms']:.3f} ms, during the moves {mv['move_p99_ms']:.3f} ms = "
+        f"{mv['p99_ratio']:.2f}x (target <= {mv['target_ratio']}x: {verdict}); from the "
+        f"join's start {mv['join_p99_ms']:.3f} ms; {mv['failed_reads']} failed reads"
+    )
     return "\n".join(lines)

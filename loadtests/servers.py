@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import redis
@@ -18,18 +19,27 @@ import redis
 from kvstore.server.process import NodeProcess, wait_until
 
 __all__ = [
+    "SETTLE_TIMEOUT_S",
     "KvstoreNode",
     "RedisServer",
     "dir_bytes",
     "machine_busy_seconds",
     "proc_cpu_seconds",
     "proc_memory_bytes",
+    "stop_process",
     "wait_until",
+    "wait_until_idle",
 ]
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: After the load, wait (at most this long, s) for the servers' background work
+#: (RocksDB flushes and compactions) to settle before measuring.
+SETTLE_TIMEOUT_S = 180.0
+#: A server counts as idle below this CPU use, in cores, over SETTLE_SAMPLE_S.
+SETTLE_IDLE_CORES = 0.05
+SETTLE_SAMPLE_S = 1.0
 
 
 def proc_memory_bytes(pid: int) -> dict[str, int]:
@@ -69,6 +79,24 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - idle) / CLOCK_TICKS
 
 
+def wait_until_idle(pids: list[int], timeout_s: float) -> float:
+    """Wait until processes ``pids`` use under 0.05 core together for 1 s; seconds waited.
+
+    Gives up (and says so) after ``timeout_s`` s: the run goes on, busier.
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while time.monotonic() < deadline:
+        cpu0 = sum(proc_cpu_seconds(p) for p in pids)
+        t0 = time.monotonic()
+        time.sleep(SETTLE_SAMPLE_S)  # a measuring interval, not a synchronisation
+        cores = (sum(proc_cpu_seconds(p) for p in pids) - cpu0) / (time.monotonic() - t0)
+        if cores < SETTLE_IDLE_CORES:
+            return time.monotonic() - started
+    print(f"  the servers were still busy after {timeout_s:.0f} s; measuring anyway", flush=True)
+    return time.monotonic() - started
+
+
 def dir_bytes(path: Path) -> int:
     """Total size of the regular files under ``path``, in bytes."""
     total = 0
@@ -88,7 +116,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Signal ``proc`` and wait for it up to 30 s, then kill it."""
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -187,7 +215,7 @@ class RedisServer:
             except RuntimeError:
                 continue
             except BaseException:
-                _stop(self.proc, signal.SIGKILL)
+                stop_process(self.proc, signal.SIGKILL)
                 raise
         log = self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
         raise RuntimeError(f"redis-server did not start:\n{log}")
@@ -204,4 +232,4 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 import uvloop
 
 from kvstore.server.process import wait_until
+from loadtests.servers import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,13 +125,8 @@ class ServingApp:
             return False
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 def score_request(port: int, user: int, items: list[int]) -> tuple[int, Any]:

@@ -9,17 +9,12 @@ map meanwhile: the moves' window runs from the first map showing a replica in fl
 (else from the joining node serving: it can all happen between two polls) to the map
 showing them done. Every read records its start on time.monotonic_ns, one clock for
 every process, so each falls in the idle window, the moves' window, or neither.
-
-While shard moves are not built (``kvstore drain --help`` fails) the cluster step skips
-this half and says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -37,7 +32,7 @@ from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
 from loadtests.systems import TABLE, KeyPool, KvstoreReader
 
-__all__ = ["MoveSettings", "MoveWatch", "measure_move", "move_state", "moves_built"]
+__all__ = ["MoveSettings", "MoveWatch", "cluster_map", "measure_move", "move_state"]
 
 #: The issue's target: p99 while a shard moves / p99 idle.
 TARGET_MOVE_P99 = 2.0
@@ -53,16 +48,6 @@ class MoveSettings:
     readers: int = 4
     idle_s: float = 5.0
     batch: int = 100
-
-
-def moves_built() -> bool:
-    """Whether this kvstore moves shards (``kvstore drain --help`` succeeds)."""
-    probe = subprocess.run(
-        [sys.executable, "-m", "kvstore.cli", "drain", "--help"],
-        capture_output=True,
-        timeout=60,
-    )
-    return probe.returncode == 0
 
 
 def _move_reader(
@@ -101,7 +86,8 @@ def _move_reader(
     )
 
 
-def _raw_map(address: str) -> pb.ClusterMap:
+def cluster_map(address: str) -> pb.ClusterMap:
+    """The cluster map as the node at ``address`` serves it (raises grpc.RpcError)."""
     with open_channel(address) as channel:
         return pb_grpc.FeatureStoreStub(channel).GetClusterMap(
             pb.GetClusterMapRequest(), timeout=10
@@ -113,7 +99,7 @@ def move_state(address: str, node_id: str) -> tuple[bool, bool]:
     Available; ``node_id`` owning a shard with every replica Available. (False, False)
     while the seed does not answer."""
     try:
-        cmap = _raw_map(address)
+        cmap = cluster_map(address)
     except grpc.RpcError:
         return False, False
     ids = [n.node_id for n in cmap.nodes]

@@ -30,7 +30,15 @@ import numpy as np
 from loadtests.servers import machine_busy_seconds, proc_cpu_seconds
 from loadtests.systems import KeyPool, open_reader
 
-__all__ = ["CellRun", "ClientProcesses", "ClientThreads", "run_cell"]
+__all__ = [
+    "CELL_FIGURES",
+    "CellRun",
+    "ClientProcesses",
+    "ClientThreads",
+    "cell_figures",
+    "medians_of_rounds",
+    "run_cell",
+]
 
 #: A client waits at most this long for the others at the start barrier, in seconds.
 BARRIER_TIMEOUT_S = 120.0
@@ -51,6 +59,56 @@ class CellRun:
     server_cpu_cores: float
     #: Every core of the machine, busy (clients, server and anything else running).
     machine_cpu_cores: float
+
+
+CELL_FIGURES = (
+    "batches_per_s",
+    "keys_per_s",
+    "p50_ms",
+    "p99_ms",
+    "client_cpu_cores",
+    "server_cpu_cores",
+    "other_cpu_cores",
+)
+
+
+def cell_figures(cell: CellRun, batch_size: int) -> dict:
+    """The figures of one cell run: rates per second, latencies in ms, CPU in cores."""
+    calls = sum(c["calls"] for c in cell.clients)
+    span_s = (
+        max(c["end_ns"] for c in cell.clients) - min(c["start_ns"] for c in cell.clients)
+    ) / 1e9
+    lat_ms = np.concatenate([c["latencies_ns"] for c in cell.clients]) / 1e6
+    return {
+        "clients": len(cell.clients),
+        "calls": calls,
+        "span_s": span_s,
+        "batches_per_s": calls / span_s,
+        "keys_per_s": calls * batch_size / span_s,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "client_cpu_cores": cell.client_cpu_cores,
+        "server_cpu_cores": cell.server_cpu_cores,
+        "machine_cpu_cores": cell.machine_cpu_cores,
+        # what the rest of the machine (other work, the idle servers) used meanwhile
+        "other_cpu_cores": max(
+            0.0, cell.machine_cpu_cores - cell.client_cpu_cores - cell.server_cpu_cores
+        ),
+    }
+
+
+def medians_of_rounds(
+    runs: dict[str, dict[str, list[dict]]], figures: tuple[str, ...] = CELL_FIGURES
+) -> dict[str, dict[str, dict]]:
+    """system → "CxB" → each of ``figures``' median over the rounds, and the rounds."""
+    out: dict[str, dict[str, dict]] = {}
+    for name, cells in runs.items():
+        out[name] = {}
+        for key, cell_runs in cells.items():
+            conc, b = (int(x) for x in key.split("x"))
+            med = {f: float(np.median([run[f] for run in cell_runs])) for f in figures}
+            out[name][key] = {"concurrency": conc, "batch_size": b, **med, "rounds": cell_runs}
+    return out
 
 
 def run_cell(

@@ -1,6 +1,7 @@
 """make bench's cluster step (loadtests/cluster_bench.py) end to end at a tiny size: a
 lone node and a 2-node cluster on a real etcd, the same rows bulk-loaded into both,
-client processes against each; the result's shape and its sums, never its timings."""
+client processes against each; and its replica step (loadtests/replica_bench.py) on 3
+nodes. The results' shape and their sums, never their timings."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from loadtests import bench, cluster_bench, shard_moves  # noqa: E402
+from loadtests import bench, cluster_bench  # noqa: E402
 from loadtests.cluster_bench import ClusterSettings, measure_cluster, render_cluster  # noqa: E402
+from loadtests.replica_bench import ReplicaSettings, measure_replicas, render_replicas  # noqa: E402
 from loadtests.shard_moves import MoveSettings  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -59,18 +61,15 @@ def test_the_cluster_step_measures_one_node_against_two_on_the_same_rows(
     assert c["measured_ratio"] == pytest.approx(many["batches_per_s"] / lone["batches_per_s"])
     assert c["cores"] >= 1 and c["shared_ratio"] > 0 and c["clients_elsewhere_ratio"] > 0
     assert res["scale"]["met"] == (res["scale"]["ratio"] >= cluster_bench.TARGET_SCALE)
-    if shard_moves.moves_built():
-        mv = res["moves"]
-        assert mv["finished"], mv
-        assert mv["idle_calls"] > 0 and mv["move_calls"] > 0
-        assert 0 < mv["move_s"] <= mv["join_s"]
-        assert mv["p99_ratio"] == pytest.approx(mv["move_p99_ms"] / mv["idle_p99_ms"])
-        assert mv["failed_reads"] == 0, mv["failures_sample"]
-    else:
-        assert res["moves"] == {"skipped": "not built yet"}
+    mv = res["moves"]
+    assert mv["finished"], mv
+    assert mv["idle_calls"] > 0 and mv["move_calls"] > 0
+    assert 0 < mv["move_s"] <= mv["join_s"]
+    assert mv["p99_ratio"] == pytest.approx(mv["move_p99_ms"] / mv["idle_p99_ms"])
+    assert mv["failed_reads"] == 0, mv["failures_sample"]
     text = render_cluster(res)
     assert "| 100 | 2 |" in text and "| 100 | 1 |" in text
-    assert "shard moves" in text or "reads while a shard moves" in text
+    assert "reads while a shard moves" in text
 
 
 def test_make_bench_runs_the_cluster_step_unless_told_not_to() -> None:
@@ -78,3 +77,25 @@ def test_make_bench_runs_the_cluster_step_unless_told_not_to() -> None:
     assert bench.parse_args(["--quick"]).cluster.rows == 100_000
     assert bench.parse_args(["--quick", "--cluster-nodes", "3"]).cluster.nodes == 3
     assert bench.parse_args(["--cluster-nodes", "0"]).cluster.nodes == 0
+
+
+def test_the_replica_step_reads_through_a_kill_and_a_sigstop_and_writes_with_r_1_2_3(
+    tmp_path: Path,
+) -> None:
+    """make bench's replica step (loadtests/replica_bench.py) at a tiny size: every phase
+    read, every R written, the targets' ratios those of the figures; never a timing."""
+    s = ReplicaSettings(readers=2, rows=2000, window_s=0.6, write_batch=200, shards=4)
+    res = measure_replicas(s, tmp_path)
+    for phase in ("idle", "kill", "sigstop_hedged", "sigstop_unhedged"):
+        r = res[phase]
+        assert r["reads"] > 0, phase
+        assert 0 < r["p50_ms"] <= r["p99_ms"], phase
+    assert set(res["write_rows_per_s"]) == {1, 2, 3}
+    assert all(rate > 0 for rate in res["write_rows_per_s"].values())
+    t = res["targets"]
+    assert t["kill_p99_ratio"] == pytest.approx(res["kill"]["p99_ms"] / res["idle"]["p99_ms"])
+    assert t["r2_write_ratio"] == pytest.approx(
+        res["write_rows_per_s"][2] / res["write_rows_per_s"][1]
+    )
+    text = render_replicas(res)
+    assert "sigstop_unhedged" in text and "R=2" in text
