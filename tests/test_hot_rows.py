@@ -25,8 +25,10 @@ from kvstore.columns import encode_rows
 from kvstore.config import NodeConfig
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
+from kvstore.server.hot_rows import HotRowCache, TableRows
 from kvstore.server.node import Node, run_steps
 from kvstore.server.servicer import get_response
+from kvstore.server.stats import StatsByTable
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.wire.frames import RESPONSE_HEADER, STATUS_OK
 
@@ -182,6 +184,27 @@ def test_compaction_after_a_swap_and_a_dropped_table_answer_as_without_the_cache
         _write(node, "t", [1], [5], 3_000)
     assert _answers(nodes[0], "t", keys) == _answers(nodes[1], "t", keys)
     assert _answers(nodes[0], "t", keys)[0] is not None
+
+
+def test_a_table_view_forgets_the_prefixes_of_versions_the_table_no_longer_keeps() -> None:
+    class _Table:  # what TableRows reads of a Table
+        delta: list = []
+        versions = {1: None, 2: None}
+        current = 2
+
+    table = _Table()
+    rows = TableRows(HotRowCache(MiB, StatsByTable(), 100), table)  # type: ignore[arg-type]
+    bases = [object() for _ in range(4)]
+    p1, p2 = rows.prefix(1, bases[1]), rows.prefix(2, bases[2])
+    assert rows.prefix(1, bases[1]) == p1 and len({p1, p2}) == 2
+    # A load makes version 3 current and drops version 1: every delta write would
+    # otherwise go on discarding its keys under version 1's prefix.
+    table.versions = {2: None, 3: None}
+    table.current = 3
+    p3 = rows.prefix(3, bases[3])
+    assert sorted(rows.prefixes()) == sorted([p2, p3])
+    # A dropped version read again (pinned while it was dropped) gets a new prefix.
+    assert rows.prefix(1, bases[1]) not in (p1, p2, p3)
 
 
 # -- the fast path's answers in C ------------------------------------------------------

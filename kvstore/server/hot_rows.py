@@ -69,6 +69,14 @@ class TableRows:
             return held[1]
         prefix = _PREFIX.pack(next(self._cache.counter))
         self._prefixes[version] = (base, prefix)
+        # Forget the prefixes of versions the table no longer keeps: every delta write
+        # discards its keys under each prefix held, and a node that takes a load an hour
+        # would otherwise hold thousands. Their entries age out of the LRU; a version
+        # read again gets a new prefix, so none of them is reached again.
+        kept = self.table.versions
+        held_now = (version, self.table.current)
+        for old in [v for v in self._prefixes if v not in kept and v not in held_now]:
+            del self._prefixes[old]
         return prefix
 
     def prefixes(self) -> list[bytes]:
