@@ -42,8 +42,14 @@ MiB = 1 << 20
 def _store(cache, prefix, keys, rows, lo=-(2**63), hi=2**63 - 1, admit=False):
     out = [None] * len(keys)
     valid = np.array([lo, hi] * len(keys), np.int64)
-    cache.store(prefix, keys, rows, valid, out, list(range(len(keys))), admit)
+    cache.store_groups(prefix, [(0, keys)], rows, valid, out, list(range(len(keys))), admit)
     return out
+
+
+def _lookup(cache, prefix, keys, now_us):
+    """(rows, misses): each key's cached row and the positions of those not cached."""
+    rows, _, misses = cache.lookup_groups(prefix, [(0, keys)], now_us)
+    return rows, misses
 
 
 def test_the_cache_is_bounded_in_bytes_and_drops_the_least_recently_used():
@@ -52,29 +58,29 @@ def test_the_cache_is_bounded_in_bytes_and_drops_the_least_recently_used():
     keys = [b"k%07d" % i for i in range(12)]
     _store(cache, b"p" * 8, keys[:10], [bytes(100)] * 10)
     assert len(cache) == 10 and cache.used == 10 * entry
-    cache.lookup(b"p" * 8, [keys[0]], 0)  # k0 is now the most recently used
+    _lookup(cache, b"p" * 8, [keys[0]], 0)  # k0 is now the most recently used
     _store(cache, b"p" * 8, keys[10:], [bytes(100)] * 2)
     assert cache.used <= cache.capacity and cache.evictions == 2
-    _, misses = cache.lookup(b"p" * 8, keys, 0)
+    _, misses = _lookup(cache, b"p" * 8, keys, 0)
     assert misses == [1, 2]  # the two least recently used went; k0 stayed
     # Full: with admit, a key goes in on its second miss only (the doorkeeper).
     _store(cache, b"p" * 8, [b"new"], [bytes(100)], admit=True)
-    assert cache.lookup(b"p" * 8, [b"new"], 0)[1] == [0] and cache.refused == 1
+    assert _lookup(cache, b"p" * 8, [b"new"], 0)[1] == [0] and cache.refused == 1
     _store(cache, b"p" * 8, [b"new"], [bytes(100)], admit=True)
-    assert cache.lookup(b"p" * 8, [b"new"], 0)[1] == []
+    assert _lookup(cache, b"p" * 8, [b"new"], 0)[1] == []
     _store(cache, b"p" * 8, [b"huge"], [bytes(20 * entry)])  # larger than the cache
-    assert cache.lookup(b"p" * 8, [b"huge"], 0)[1] == [0]
+    assert _lookup(cache, b"p" * 8, [b"huge"], 0)[1] == [0]
 
 
 def test_an_entry_holds_only_inside_its_window_and_writes_forget_keys():
     cache = codec.HotRows(1 * MiB)
     _store(cache, b"a" * 8, [b"k1", b"k2"], [b"row1", None], lo=100, hi=200)
     _store(cache, b"b" * 8, [b"k1"], [b"other"])
-    assert cache.lookup(b"a" * 8, [b"k1", b"k2"], 150) == ([b"row1", None], [])
-    assert cache.lookup(b"a" * 8, [b"k1"], 201) == ([None], [0])  # expired: dropped
-    assert cache.lookup(b"a" * 8, [b"k2"], 99) == ([None], [0])
+    assert _lookup(cache, b"a" * 8, [b"k1", b"k2"], 150) == ([b"row1", None], [])
+    assert _lookup(cache, b"a" * 8, [b"k1"], 201) == ([None], [0])  # expired: dropped
+    assert _lookup(cache, b"a" * 8, [b"k2"], 99) == ([None], [0])
     cache.discard([b"a" * 8, b"b" * 8], [(b"k1", b"new")], ())
-    assert cache.lookup(b"b" * 8, [b"k1"], 0) == ([None], [0])
+    assert _lookup(cache, b"b" * 8, [b"k1"], 0) == ([None], [0])
     assert len(cache) == 0 and cache.used == 0
 
 
@@ -82,13 +88,13 @@ def test_a_cache_that_keeps_missing_is_skipped_but_for_samples_until_it_hits_aga
     cache = codec.HotRows(1 * MiB)
     keys = [b"k%07d" % i for i in range(codec.HOT_WINDOW_KEYS)]
     assert not cache.cold and all(cache.use() for _ in range(100))
-    cache.lookup(b"p" * 8, keys, 0)  # a whole window of misses
+    _lookup(cache, b"p" * 8, keys, 0)  # a whole window of misses
     assert cache.cold
     assert sum(cache.use() for _ in range(160)) == 10  # 1 read in 16
     hot = keys[:16]
     _store(cache, b"p" * 8, hot, [b"row"] * 16)
     for _ in range(codec.HOT_WINDOW_KEYS // 16 // 16):
-        cache.lookup(b"p" * 8, hot, 0)  # the sampled reads hit: warm again
+        _lookup(cache, b"p" * 8, hot, 0)  # the sampled reads hit: warm again
     assert not cache.cold
 
 
