@@ -272,6 +272,38 @@ def test_the_fast_path_answers_cached_keys_in_c_as_the_full_path_does(nodes) -> 
     assert _frame(cache, request, node.tables) is None
 
 
+def test_the_fast_path_parser_answers_any_bytes_as_the_full_path_or_not_at_all(nodes) -> None:
+    """The request body comes off the network: cut short or with any byte changed, it
+    gets no frame (the full path answers it, errors included) or the full path's rows."""
+    node = nodes[0]
+    node.create_table(TableSchema.build("t", "int64", FEATURES, shards=4))
+    _write(node, "t", list(range(8)), list(range(8)), 1_000)
+    cache = node.reads.hot.rows  # type: ignore[union-attr]
+    keys = pb.Keys(count=3, int64_le=np.array([1, 2, 3], "<i8").tobytes())
+    body = pb.GetRequest(table="t", keys=keys, features=["a"]).SerializeToString()
+    get_response(node, pb.GetRequest.FromString(body))  # caches keys 1-3
+    rng = random.Random(3)
+    bodies = [body[:i] for i in range(len(body))]
+    for _ in range(400):
+        changed = bytearray(body)
+        for _ in range(rng.choice((1, 1, 2))):
+            changed[rng.randrange(len(changed))] = rng.randrange(256)
+        bodies.append(bytes(changed))
+    bodies += [body.replace(b"t", b"\xff", 1), body + b"\x08", body + b"\x80" * 11]
+    answered = 0
+    for other in bodies:
+        frame = cache.answer_frame(b"xx" + other, 9, node.tables, 2)
+        if frame is None:
+            continue
+        answered += 1
+        full = get_response(node, pb.GetRequest.FromString(other))
+        fast = pb.GetResponse.FromString(frame[RESPONSE_HEADER.size :])
+        assert _in_order(fast) == _in_order(full), other
+    assert answered >= 1  # the whole body, at least
+    with pytest.raises(ValueError, match="outside"):
+        cache.answer_frame(body, 9, node.tables, len(body) + 1)
+
+
 # -- real node processes: versions, TTL, the wire -------------------------------------
 
 
