@@ -129,16 +129,3 @@ class HotRowCache:
             self._stats[name],
             self._max_keys,
         )
-
-    def usage(self) -> dict[str, int]:
-        """Bytes held and capacity, entries, and hits, misses, evictions since start."""
-        r = self.rows
-        return {
-            "bytes": r.used,
-            "capacity_bytes": r.capacity,
-            "entries": len(r),
-            "hits": r.hits,
-            "misses": r.misses,
-            "evictions": r.evictions,
-            "discarded": r.discarded,
-        }
