@@ -400,7 +400,7 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
     time, and compaction drops those (a read must not change when it does).
     Raises CorruptRow/SchemaMismatch naming the key's index.
 
-    ``valid_us``: None, or an int64 array that receives, for row i, the times (µs,
+    ``valid_us``: None, or a writable int64 ndarray that receives, for row i, the times (µs,
     inclusive) between which a read at another ``now_us`` returns the same: at
     ``[2 (valid_at + i)]`` from, at the next index until (INT64_MIN and INT64_MAX when
     no TTL bounds it). The node's hot-row cache keeps an answer that long.
@@ -416,7 +416,16 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
     cdef int64_t* valid = NULL
     cdef Py_ssize_t k
     if valid_us is not None:
-        valid_us = _int64_array(valid_us, -1, "valid_us")
+        # An output: a converted copy would take the windows and drop them unseen.
+        if not (
+            cnp.PyArray_Check(valid_us)
+            and cnp.PyArray_TYPE(<cnp.ndarray>valid_us) == cnp.NPY_INT64
+            and cnp.PyArray_NDIM(<cnp.ndarray>valid_us) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>valid_us)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>valid_us)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>valid_us)
+        ):
+            raise ValueError("valid_us must be a writable, contiguous 1-d int64 ndarray")
         if valid_at < 0 or valid_us.shape[0] < 2 * (valid_at + n):
             raise ValueError(
                 f"valid_us has {valid_us.shape[0]} entries, {2 * (valid_at + n)} needed"

@@ -141,7 +141,10 @@ cdef object _answer_frame(HotRows cache, body, uint32_t request_id, dict tables,
             return None
     if ints_at < 0 or count == 0 or <uint64_t>ints_len != 8 * count:
         return None
-    name = PyUnicode_DecodeUTF8(<const char*>p + name_at, name_len, "strict")
+    try:
+        name = PyUnicode_DecodeUTF8(<const char*>p + name_at, name_len, "strict")
+    except UnicodeDecodeError:
+        return None  # the full path answers it (InvalidArgument), the connection kept
     cdef PyObject* found = PyDict_GetItem(cache.published, name)
     if found == NULL:
         return None

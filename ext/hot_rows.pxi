@@ -73,10 +73,11 @@ cdef class HotRows:
 
     * ``present``: a count of cached entries per hash bucket; a key whose bucket is 0
       is not cached, and is known to be without a Python object;
-    * the doorkeeper (after TinyLFU's): once the cache is full, ``store(admit=True)``
-      caches a key only the second time it misses within a window of about 2 entries
-      per bucket; the first time it sets the key's bit. A key read once (most keys,
-      when they are drawn uniformly from a large table) then evicts nothing.
+    * the doorkeeper (after TinyLFU's): once the cache is full,
+      ``store_groups(admit=True)`` caches a key only the second time it misses within a
+      window of about 2 entries per bucket; the first time it sets the key's bit. A key
+      read once (most keys, when they are drawn uniformly from a large table) then
+      evicts nothing.
     """
     cdef readonly Py_ssize_t capacity
     cdef readonly Py_ssize_t used
@@ -200,25 +201,6 @@ cdef class HotRows:
         self._count(e.hash, -1)
         return 0
 
-    def lookup(self, bytes prefix not None, list keys not None, int64_t now_us):
-        """(rows, misses): the cached row of each key (None where missing or not
-        cached) and the positions of those not cached, in order."""
-        cdef Py_ssize_t i, n = len(keys)
-        cdef const char* p = PyBytes_AS_STRING(prefix)
-        cdef Py_ssize_t lp = PyBytes_GET_SIZE(prefix)
-        cdef list rows = [None] * n
-        cdef list misses = []
-        cdef bytes key
-        for i in range(n):
-            key = <bytes?>keys[i]
-            e = self._get(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), now_us)
-            if e is None:
-                misses.append(i)
-            else:
-                rows[i] = (<_HotEntry>e).row
-        self._tally(n, n - len(misses))
-        return rows, misses
-
     def lookup_groups(self, bytes prefix not None, list groups not None, int64_t now_us):
         """A read's keys by shard, ``groups`` of (shard, keys), looked up at once:
         (rows, missed, positions). ``rows``: every key's cached row in group order (None
@@ -231,12 +213,11 @@ cdef class HotRows:
         cdef list positions = []
         cdef list keys, miss_keys
         cdef bytes key
-        cdef Py_ssize_t i, n, at = 0, first
+        cdef Py_ssize_t i, n, at = 0
         for group in groups:
             keys = <list?>group[1]
             n = len(keys)
             miss_keys = None
-            first = len(positions)
             for i in range(n):
                 key = <bytes?>keys[i]
                 e = self._get(p, lp, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), now_us)
@@ -257,9 +238,12 @@ cdef class HotRows:
 
     def store_groups(self, bytes prefix not None, list missed not None, list answers not None,
                      valid_us, list rows not None, list positions not None, bint admit=False):
-        """``lookup_groups``' misses answered: ``answers`` (flat, in ``missed`` order)
-        put in ``rows`` at ``positions`` and cached with their windows (``valid_us``,
-        flat too), as ``store`` does."""
+        """``lookup_groups``' misses answered: ``answers[j]`` (a row or None; flat, in
+        ``missed`` order) put in ``rows[positions[j]]`` and cached for its key between
+        ``valid_us[2j]`` and ``valid_us[2j + 1]`` (µs, as ``overlay`` gives them).
+        ``admit``: when an entry would have to go for it, only keys the doorkeeper has
+        seen miss before. Least recently used entries go to make room; a row larger
+        than the whole cache is not kept."""
         cdef Py_ssize_t j = 0, n
         valid_us = _int64_array(valid_us, 2 * len(answers), "valid_us")
         if len(answers) != len(positions):
@@ -273,20 +257,6 @@ cdef class HotRows:
             j += n
         if j != len(answers):
             raise ValueError("fewer missed keys than answers")
-
-    def store(self, bytes prefix not None, list keys not None, list answers not None,
-              valid_us, list rows not None, list positions not None, bint admit=False):
-        """Puts ``answers[j]`` (a row or None) in ``rows[positions[j]]`` and caches it for
-        ``keys[j]``, between ``valid_us[2j]`` and ``valid_us[2j + 1]`` (µs, as
-        ``overlay`` gives them). ``admit``: when an entry would have to go for it, only
-        keys the doorkeeper has seen miss before. Least recently used entries go to
-        make room; a row larger than the whole cache is not kept."""
-        if len(answers) != len(keys) or len(positions) != len(keys):
-            raise ValueError(
-                f"{len(answers)} answers and {len(positions)} positions for {len(keys)} keys"
-            )
-        valid_us = _int64_array(valid_us, 2 * len(keys), "valid_us")
-        self._store(prefix, keys, answers, 0, valid_us, rows, positions, admit)
 
     cdef int _store(self, bytes prefix, list keys, list answers, Py_ssize_t first,
                     valid_us, list rows, list positions, bint admit) except -1:
@@ -379,17 +349,6 @@ cdef class HotRows:
         for full in gone:
             self._drop(full, <_HotEntry>self._entries[full])
         self.discarded += len(gone)
-
-    def clear(self):
-        self._entries.clear()
-        self.used = 0
-        self.cold = False
-        self._window_keys = 0
-        self._window_hits = 0
-        memset(self._present, 0, self._mask + 1)
-        memset(self._door, 0, (self._mask + 1) // 8 + 1)
-        self._door_sets = 0
-        self.published.clear()
 
     def answer_frame(self, body, uint32_t request_id, dict tables not None,
                      Py_ssize_t offset=0):

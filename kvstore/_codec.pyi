@@ -294,11 +294,6 @@ class HotRows:
     def published(self) -> dict[str, HotTable]: ...
     def __init__(self, capacity: int) -> None: ...
     def __len__(self) -> int: ...
-    def lookup(
-        self, prefix: bytes, keys: list[bytes], now_us: int
-    ) -> tuple[list[bytes | None], list[int]]:
-        """(rows, misses): each key's cached row (None where missing or not cached) and
-        the positions of those not cached."""
     def lookup_groups(
         self, prefix: bytes, groups: list[tuple[int, list[bytes]]], now_us: int
     ) -> tuple[list[bytes | None], list[tuple[int, list[bytes]]], list[int]]:
@@ -314,26 +309,14 @@ class HotRows:
         positions: list[int],
         admit: bool = False,
     ) -> None:
-        """``lookup_groups``' misses answered: put in rows and cached, as ``store``."""
-    def store(
-        self,
-        prefix: bytes,
-        keys: list[bytes],
-        answers: list[bytes | None],
-        valid_us: npt.NDArray[np.int64],
-        rows: list[bytes | None],
-        positions: list[int],
-        admit: bool = False,
-    ) -> None:
-        """Put ``answers[j]`` in ``rows[positions[j]]`` and cache it for ``keys[j]`` in its
-        window; ``admit``: only keys the doorkeeper saw miss before."""
+        """``lookup_groups``' misses answered: ``answers[j]`` put in ``rows[positions[j]]``
+        and cached in its window; ``admit``: only keys the doorkeeper saw miss before."""
     def discard(
         self, prefixes: list[bytes], puts: Iterable[tuple[bytes, bytes]], deletes: Iterable[bytes]
     ) -> None:
         """Forget a delta write's keys under every prefix."""
     def discard_prefixes(self, prefixes: set[bytes]) -> None:
         """Forget every entry under the prefixes."""
-    def clear(self) -> None: ...
     def answer_frame(
         self, body: bytes, request_id: int, tables: dict[str, Any], offset: int = 0
     ) -> bytes | None:

@@ -727,6 +727,21 @@ def test_bad_arguments():
         codec.overlay(layout, [BASE], [None], 0, 0, np.ones(3, np.int64))
     with pytest.raises(TypeError, match="row 0 must be bytes or None"):
         codec.overlay(layout, [bytearray(BASE)], [None], 0, 0, None)
+    # valid_us receives the windows: an array it would have to convert (a copy that
+    # the caller never sees) or could not write is refused, as is one too short.
+    for bad in (
+        np.zeros(2, np.int32),
+        np.zeros(4, np.int64)[::2],
+        np.frombuffer(bytes(16), np.int64),
+        np.zeros(2, ">i8"),
+        [0, 0],
+    ):
+        with pytest.raises(ValueError, match="valid_us must be a writable"):
+            codec.overlay(layout, [BASE], [None], 0, 0, None, bad)
+    with pytest.raises(ValueError, match="valid_us has 2 entries, 4 needed"):
+        codec.overlay(layout, [BASE], [None], 0, 0, None, np.zeros(2, np.int64), 1)
+    with pytest.raises(ValueError, match="valid_us has 2 entries"):
+        codec.overlay(layout, [BASE], [None], 0, 0, None, np.zeros(2, np.int64), -2)
     with pytest.raises(TypeError, match="delta row 1 must be bytes or None"):
         codec.delta_compact(layout, [None, bytearray(DELTA)], 0)
     with pytest.raises(TypeError):

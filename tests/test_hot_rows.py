@@ -25,8 +25,10 @@ from kvstore.columns import encode_rows
 from kvstore.config import NodeConfig
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
+from kvstore.server.hot_rows import HotRowCache, TableRows
 from kvstore.server.node import Node, run_steps
 from kvstore.server.servicer import get_response
+from kvstore.server.stats import StatsByTable
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.wire.frames import RESPONSE_HEADER, STATUS_OK
 
@@ -40,8 +42,14 @@ MiB = 1 << 20
 def _store(cache, prefix, keys, rows, lo=-(2**63), hi=2**63 - 1, admit=False):
     out = [None] * len(keys)
     valid = np.array([lo, hi] * len(keys), np.int64)
-    cache.store(prefix, keys, rows, valid, out, list(range(len(keys))), admit)
+    cache.store_groups(prefix, [(0, keys)], rows, valid, out, list(range(len(keys))), admit)
     return out
+
+
+def _lookup(cache, prefix, keys, now_us):
+    """(rows, misses): each key's cached row and the positions of those not cached."""
+    rows, _, misses = cache.lookup_groups(prefix, [(0, keys)], now_us)
+    return rows, misses
 
 
 def test_the_cache_is_bounded_in_bytes_and_drops_the_least_recently_used():
@@ -50,29 +58,29 @@ def test_the_cache_is_bounded_in_bytes_and_drops_the_least_recently_used():
     keys = [b"k%07d" % i for i in range(12)]
     _store(cache, b"p" * 8, keys[:10], [bytes(100)] * 10)
     assert len(cache) == 10 and cache.used == 10 * entry
-    cache.lookup(b"p" * 8, [keys[0]], 0)  # k0 is now the most recently used
+    _lookup(cache, b"p" * 8, [keys[0]], 0)  # k0 is now the most recently used
     _store(cache, b"p" * 8, keys[10:], [bytes(100)] * 2)
     assert cache.used <= cache.capacity and cache.evictions == 2
-    _, misses = cache.lookup(b"p" * 8, keys, 0)
+    _, misses = _lookup(cache, b"p" * 8, keys, 0)
     assert misses == [1, 2]  # the two least recently used went; k0 stayed
     # Full: with admit, a key goes in on its second miss only (the doorkeeper).
     _store(cache, b"p" * 8, [b"new"], [bytes(100)], admit=True)
-    assert cache.lookup(b"p" * 8, [b"new"], 0)[1] == [0] and cache.refused == 1
+    assert _lookup(cache, b"p" * 8, [b"new"], 0)[1] == [0] and cache.refused == 1
     _store(cache, b"p" * 8, [b"new"], [bytes(100)], admit=True)
-    assert cache.lookup(b"p" * 8, [b"new"], 0)[1] == []
+    assert _lookup(cache, b"p" * 8, [b"new"], 0)[1] == []
     _store(cache, b"p" * 8, [b"huge"], [bytes(20 * entry)])  # larger than the cache
-    assert cache.lookup(b"p" * 8, [b"huge"], 0)[1] == [0]
+    assert _lookup(cache, b"p" * 8, [b"huge"], 0)[1] == [0]
 
 
 def test_an_entry_holds_only_inside_its_window_and_writes_forget_keys():
     cache = codec.HotRows(1 * MiB)
     _store(cache, b"a" * 8, [b"k1", b"k2"], [b"row1", None], lo=100, hi=200)
     _store(cache, b"b" * 8, [b"k1"], [b"other"])
-    assert cache.lookup(b"a" * 8, [b"k1", b"k2"], 150) == ([b"row1", None], [])
-    assert cache.lookup(b"a" * 8, [b"k1"], 201) == ([None], [0])  # expired: dropped
-    assert cache.lookup(b"a" * 8, [b"k2"], 99) == ([None], [0])
+    assert _lookup(cache, b"a" * 8, [b"k1", b"k2"], 150) == ([b"row1", None], [])
+    assert _lookup(cache, b"a" * 8, [b"k1"], 201) == ([None], [0])  # expired: dropped
+    assert _lookup(cache, b"a" * 8, [b"k2"], 99) == ([None], [0])
     cache.discard([b"a" * 8, b"b" * 8], [(b"k1", b"new")], ())
-    assert cache.lookup(b"b" * 8, [b"k1"], 0) == ([None], [0])
+    assert _lookup(cache, b"b" * 8, [b"k1"], 0) == ([None], [0])
     assert len(cache) == 0 and cache.used == 0
 
 
@@ -80,13 +88,13 @@ def test_a_cache_that_keeps_missing_is_skipped_but_for_samples_until_it_hits_aga
     cache = codec.HotRows(1 * MiB)
     keys = [b"k%07d" % i for i in range(codec.HOT_WINDOW_KEYS)]
     assert not cache.cold and all(cache.use() for _ in range(100))
-    cache.lookup(b"p" * 8, keys, 0)  # a whole window of misses
+    _lookup(cache, b"p" * 8, keys, 0)  # a whole window of misses
     assert cache.cold
     assert sum(cache.use() for _ in range(160)) == 10  # 1 read in 16
     hot = keys[:16]
     _store(cache, b"p" * 8, hot, [b"row"] * 16)
     for _ in range(codec.HOT_WINDOW_KEYS // 16 // 16):
-        cache.lookup(b"p" * 8, hot, 0)  # the sampled reads hit: warm again
+        _lookup(cache, b"p" * 8, hot, 0)  # the sampled reads hit: warm again
     assert not cache.cold
 
 
@@ -184,6 +192,27 @@ def test_compaction_after_a_swap_and_a_dropped_table_answer_as_without_the_cache
     assert _answers(nodes[0], "t", keys)[0] is not None
 
 
+def test_a_table_view_forgets_the_prefixes_of_versions_the_table_no_longer_keeps() -> None:
+    class _Table:  # what TableRows reads of a Table
+        delta: list = []
+        versions = {1: None, 2: None}
+        current = 2
+
+    table = _Table()
+    rows = TableRows(HotRowCache(MiB, StatsByTable(), 100), table)  # type: ignore[arg-type]
+    bases = [object() for _ in range(4)]
+    p1, p2 = rows.prefix(1, bases[1]), rows.prefix(2, bases[2])
+    assert rows.prefix(1, bases[1]) == p1 and len({p1, p2}) == 2
+    # A load makes version 3 current and drops version 1: every delta write would
+    # otherwise go on discarding its keys under version 1's prefix.
+    table.versions = {2: None, 3: None}
+    table.current = 3
+    p3 = rows.prefix(3, bases[3])
+    assert sorted(rows.prefixes()) == sorted([p2, p3])
+    # A dropped version read again (pinned while it was dropped) gets a new prefix.
+    assert rows.prefix(1, bases[1]) not in (p1, p2, p3)
+
+
 # -- the fast path's answers in C ------------------------------------------------------
 
 
@@ -241,6 +270,38 @@ def test_the_fast_path_answers_cached_keys_in_c_as_the_full_path_does(nodes) -> 
     # A dropped table is not answered, even with its entries still cached.
     node.drop_table("t")
     assert _frame(cache, request, node.tables) is None
+
+
+def test_the_fast_path_parser_answers_any_bytes_as_the_full_path_or_not_at_all(nodes) -> None:
+    """The request body comes off the network: cut short or with any byte changed, it
+    gets no frame (the full path answers it, errors included) or the full path's rows."""
+    node = nodes[0]
+    node.create_table(TableSchema.build("t", "int64", FEATURES, shards=4))
+    _write(node, "t", list(range(8)), list(range(8)), 1_000)
+    cache = node.reads.hot.rows  # type: ignore[union-attr]
+    keys = pb.Keys(count=3, int64_le=np.array([1, 2, 3], "<i8").tobytes())
+    body = pb.GetRequest(table="t", keys=keys, features=["a"]).SerializeToString()
+    get_response(node, pb.GetRequest.FromString(body))  # caches keys 1-3
+    rng = random.Random(3)
+    bodies = [body[:i] for i in range(len(body))]
+    for _ in range(400):
+        changed = bytearray(body)
+        for _ in range(rng.choice((1, 1, 2))):
+            changed[rng.randrange(len(changed))] = rng.randrange(256)
+        bodies.append(bytes(changed))
+    bodies += [body.replace(b"t", b"\xff", 1), body + b"\x08", body + b"\x80" * 11]
+    answered = 0
+    for other in bodies:
+        frame = cache.answer_frame(b"xx" + other, 9, node.tables, 2)
+        if frame is None:
+            continue
+        answered += 1
+        full = get_response(node, pb.GetRequest.FromString(other))
+        fast = pb.GetResponse.FromString(frame[RESPONSE_HEADER.size :])
+        assert _in_order(fast) == _in_order(full), other
+    assert answered >= 1  # the whole body, at least
+    with pytest.raises(ValueError, match="outside"):
+        cache.answer_frame(body, 9, node.tables, len(body) + 1)
 
 
 # -- real node processes: versions, TTL, the wire -------------------------------------

@@ -32,7 +32,6 @@ from collections.abc import Iterable
 
 from kvstore import _codec
 from kvstore.server.stats import StatsByTable
-from kvstore.storage.shard import Shard
 from kvstore.storage.table import Table
 
 __all__ = ["HOT_ROWS_MAX_KEYS", "HotRowCache", "TableRows"]
@@ -51,23 +50,17 @@ class TableRows:
     """The cache's view of one table object: a prefix per version read, and the hook its
     delta shards call on every write."""
 
-    __slots__ = ("_cache", "_prefixes", "hook", "published", "table")
+    __slots__ = ("_cache", "_prefixes", "published", "table")
 
     def __init__(self, cache: HotRowCache, table: Table) -> None:
         self._cache = cache
         self.table = table
         #: version → (the base shards object it was read from, its prefix).
         self._prefixes: dict[int, tuple[object, bytes]] = {}
-        #: The bound method the delta shards hold (one object, compared by identity).
-        self.hook = self.on_delta_write
         #: The prefix the fast read path answers from (HotRowCache.publish), if any.
         self.published: bytes | None = None
         for shard in table.delta:
-            shard.on_write = self.hook
-
-    def attached(self, shard: Shard) -> bool:
-        """Whether ``shard`` still reports its writes here (not a shard put in its place)."""
-        return shard.on_write is self.hook
+            shard.on_write = self.on_delta_write
 
     def prefix(self, version: int, base: object) -> bytes:
         """The prefix of ``version`` read from ``base`` (its shard list; None without one)."""
@@ -76,6 +69,14 @@ class TableRows:
             return held[1]
         prefix = _PREFIX.pack(next(self._cache.counter))
         self._prefixes[version] = (base, prefix)
+        # Forget the prefixes of versions the table no longer keeps: every delta write
+        # discards its keys under each prefix held, and a node that takes a load an hour
+        # would otherwise hold thousands. Their entries age out of the LRU; a version
+        # read again gets a new prefix, so none of them is reached again.
+        kept = self.table.versions
+        held_now = (version, self.table.current)
+        for old in [v for v in self._prefixes if v not in kept and v not in held_now]:
+            del self._prefixes[old]
         return prefix
 
     def prefixes(self) -> list[bytes]:
@@ -96,20 +97,14 @@ class HotRowCache:
         self._stats = stats
         self._max_keys = max_keys
 
-    def table_rows(self, table: Table, groups: list[tuple[int, list[bytes]]]) -> TableRows:
+    def table_rows(self, table: Table) -> TableRows:
         """The cache's view of ``table``, made (and the delta shards hooked) on first use,
-        and again for a new table object of the same name or when a shard of ``groups``
-        (a read's (shard, keys)) is not one the view hooked (a shard put in its place)."""
+        and again for a new table object of the same name. A Table opens its delta shards
+        once, in its constructor, and keeps them: the hooks stay in place."""
         name = table.schema.name
         held = self._tables.get(name)
         if held is not None and held.table is table:
-            delta = table.delta
-            hook = held.hook
-            for s, _ in groups:
-                if delta[s].on_write is not hook:
-                    break
-            else:
-                return held
+            return held
         if held is not None:
             self.rows.discard_prefixes(set(held.prefixes()))
             self.rows.published.pop(name, None)
@@ -134,16 +129,3 @@ class HotRowCache:
             self._stats[name],
             self._max_keys,
         )
-
-    def usage(self) -> dict[str, int]:
-        """Bytes held and capacity, entries, and hits, misses, evictions since start."""
-        r = self.rows
-        return {
-            "bytes": r.used,
-            "capacity_bytes": r.capacity,
-            "entries": len(r),
-            "hits": r.hits,
-            "misses": r.misses,
-            "evictions": r.evictions,
-            "discarded": r.discarded,
-        }

@@ -193,7 +193,7 @@ class Reads:
         read from RocksDB, and cached when the doorkeeper has seen them miss before."""
         hot = self.hot
         assert hot is not None
-        rows = hot.table_rows(table, groups)
+        rows = hot.table_rows(table)
         prefix = rows.prefix(version, base)
         cache = hot.rows
         values, missed, positions = cache.lookup_groups(prefix, groups, now)
