@@ -142,8 +142,8 @@ class LoadSession:
         self.base_format = ""
         self._nodes = _Nodes(timeout)
         self._uploaders: dict[str, _Uploader] = {}
-        self._owner_of: list[str] = []
-        #: Per shard, the addresses its files go to: every live Available replica.
+        #: Per shard, the addresses its files go to: every live Available replica (the
+        #: owner alone when the map lists no replicas).
         self._holders_of: list[list[str]] = []
         #: path → uploads of it still to confirm (a file goes to every replica holder).
         self._uploads_left: dict[str, int] = {}
@@ -176,7 +176,6 @@ class LoadSession:
 
         ``schema_id``: the schema the rows were encoded with (the node refuses another).
         """
-        self._owner_of = [nodes[i] for i in owners]
         self._holders_of = self._replica_holders(owners, nodes)
         self.files_per_shard = [0] * len(owners)
         # Nodes in order of their first shard, so the first one allocates the version.
@@ -269,7 +268,7 @@ class LoadSession:
         """Queue one file of a shard's database (a flushed table file, or one of the
         files written at close) for upload to each of the shard's replica nodes;
         deleted once every one of them has it."""
-        addresses = self._holders_of[shard] if self._holders_of else [self._owner_of[shard]]
+        addresses = self._holders_of[shard]
         with self._files_lock:
             self._uploads_left[path] = len(addresses)
         self.files_per_shard[shard] += 1
@@ -321,9 +320,9 @@ class LoadSession:
         publishes the version (one etcd transaction) and the loader waits until every
         node serves it. The response of the first node (``cold_bytes_written``: the
         sum over the nodes)."""
+        addresses = list(self.load_ids)  # the node the load began on first
         if not self.clustered:
-            return self._commit_on(self.seed_address, rows_per_shard, stage=False)
-        addresses = list(self.load_ids)
+            return self._commit_on(addresses[0], rows_per_shard, stage=False)
         responses = self._on_each(addresses, lambda a: self._commit_on(a, rows_per_shard, True))
         self._call(
             addresses[0],
@@ -337,18 +336,12 @@ class LoadSession:
         first.ingest_s = max(r.ingest_s for r in responses)
         return first
 
-    @property
-    def seed_address(self) -> str:
-        """The node the load began on (alone: the only one)."""
-        return next(iter(self.load_ids), self.seed)
-
     def _commit_on(
         self, address: str, rows_per_shard: list[int], stage: bool
     ) -> pb.CommitLoadResponse:
         """CommitLoad on one node, with the counts of the shards sent to it (zero for
         the others: the node makes them empty databases it never serves)."""
-        holders = self._holders_of or [[owner] for owner in self._owner_of]
-        mine = [address in shard for shard in holders]
+        mine = [address in shard for shard in self._holders_of]
         rows = [r if m else 0 for r, m in zip(rows_per_shard, mine, strict=True)]
         files = [f if m else 0 for f, m in zip(self.files_per_shard, mine, strict=True)]
         request = pb.CommitLoadRequest(

@@ -567,11 +567,23 @@ def run(op: str, rows: list, position: int):
         return codec.overlay(layout, rows, [DELTA, None, None, DELTA], 0, 0, None)
     if op == "delta_compact":
         return codec.delta_compact(layout, rows, 0)
+    if op == "delta_merge_rows stored":
+        return codec.delta_merge_rows(layout, rows, [DELTA] * len(rows))
+    if op == "delta_merge_rows incoming":  # a move's rows and changes: never None
+        return codec.delta_merge_rows(layout, [DELTA] * len(rows), [r or DELTA for r in rows])
     assert op == "delta_info"
     return codec.delta_info(layout, rows[position])
 
 
-DELTA_OPS = ["delta_apply", "delta_delete", "overlay delta", "delta_compact", "delta_info"]
+DELTA_OPS = [
+    "delta_apply",
+    "delta_delete",
+    "overlay delta",
+    "delta_compact",
+    "delta_merge_rows stored",
+    "delta_merge_rows incoming",
+    "delta_info",
+]
 
 
 @pytest.mark.parametrize("case", sorted(DELTA_CORRUPTIONS))
@@ -746,6 +758,8 @@ def test_bad_arguments():
         codec.delta_compact(layout, [None, bytearray(DELTA)], 0)
     with pytest.raises(TypeError):
         codec.delta_info(layout, None)
+    with pytest.raises(ValueError, match="2 stored rows but 1 incoming ones"):
+        codec.delta_merge_rows(layout, [None, DELTA], [DELTA])
 
 
 @examples

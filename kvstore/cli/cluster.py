@@ -19,9 +19,9 @@ import grpc
 
 from kvstore.cli.connection import node_options, open_client
 from kvstore.cli.output import examples, print_table
-from kvstore.config import DEFAULT_ADDRESS
 from kvstore.errors import DeadlineExceeded, KvstoreError, from_rpc_error
 from kvstore.wire.dial import dial_address, open_channel
+from kvstore.wire.messages import cluster_map_json
 
 __all__ = ["cluster", "drain"]
 
@@ -42,10 +42,12 @@ def status(as_json: bool, address: str, timeout: float) -> None:
     """Every node of the cluster map (id, address, zone, live or down, the shards it
     serves, the shards moving to it and away from it, uptime), every table (shards,
     version) and the placement epoch."""
-    with open_client(address, timeout) as client:
-        cmap = client.cluster_map()
-        seed = client.address
-    moving, replication = _moving(seed, timeout)
+    from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+
+    with open_channel(address) as channel:
+        raw = _cluster_map(pb_grpc.FeatureStoreStub(channel), address, timeout)
+    cmap = cluster_map_json(raw)
+    moving, replication = _moving(raw)
     held: Counter[int] = Counter()
     for owners in cmap["tables"].values():
         held.update(owners)
@@ -55,7 +57,7 @@ def status(as_json: bool, address: str, timeout: float) -> None:
         node["uptime_s"] = None
         if node["state"] == "live" and node["address"]:
             try:
-                with open_client(dial_address(node["address"], seed), timeout) as other:
+                with open_client(dial_address(node["address"], address), timeout) as other:
                     node["uptime_s"] = other.stats()["uptime_s"]
             except KvstoreError as exc:
                 node["error"] = str(exc)
@@ -114,16 +116,7 @@ def status(as_json: bool, address: str, timeout: float) -> None:
     show_default=True,
     help="give up waiting for the moves after this many seconds",
 )
-@click.option(
-    "--address",
-    "-a",
-    default=DEFAULT_ADDRESS,
-    show_default=True,
-    envvar="KVSTORE_ADDRESS",
-    show_envvar=True,
-    help="any node of the cluster, HOST:PORT",
-)
-@click.option("--timeout", type=float, default=15.0, show_default=True, help="deadline per call, s")
+@node_options(timeout_default_s=15.0)
 def drain(node_id: str, no_wait: bool, wait_timeout: float, address: str, timeout: float) -> None:
     """Move every shard of node NODE_ID to the other nodes (reads and writes go on), wait
     until it holds none, and say it may stop. Refused: an unknown node, or the last node
@@ -146,10 +139,7 @@ def drain(node_id: str, no_wait: bool, wait_timeout: float, address: str, timeou
         deadline = time.monotonic() + wait_timeout
         last = -1
         while True:
-            try:
-                cmap = stub.GetClusterMap(pb.GetClusterMapRequest(), timeout=timeout)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc, address, timeout) from None
+            cmap = _cluster_map(stub, address, timeout)
             left = _replicas_on(cmap, node_id)
             if left != last:
                 click.echo(f"node {node_id}: {left} shard replica(s) left (epoch {cmap.epoch})")
@@ -165,22 +155,22 @@ def drain(node_id: str, no_wait: bool, wait_timeout: float, address: str, timeou
     click.echo(f"node {node_id} holds no shard: it may stop")
 
 
+def _cluster_map(stub, address: str, timeout: float):
+    """The cluster map (the proto) as node ``address`` has it."""
+    from kvstore.v1 import feature_store_pb2 as pb
+
+    try:
+        return stub.GetClusterMap(pb.GetClusterMapRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc, address, timeout) from None
+
+
 def _moving(
-    address: str, timeout: float
+    cmap,
 ) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int, int, int]]]:
     """Node id → (shards moving to it or catching up there, shards moving away from it),
     from the map's replica states (Initializing, Leaving); and table → (replicas per
     shard, write quorum, Available replicas, replicas placed)."""
-    from kvstore.v1 import feature_store_pb2 as pb
-    from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
-
-    with open_channel(address) as channel:
-        try:
-            cmap = pb_grpc.FeatureStoreStub(channel).GetClusterMap(
-                pb.GetClusterMapRequest(), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, address, timeout) from None
     ids = [n.node_id for n in cmap.nodes]
     moves: dict[str, tuple[int, int]] = {}
     replication: dict[str, tuple[int, int, int, int]] = {}

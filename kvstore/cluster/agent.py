@@ -48,6 +48,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from kvstore.cluster import assignment
 from kvstore.cluster.etcd import Etcd, connect
 from kvstore.cluster.identity import (
     ClusterIdentity,
@@ -264,7 +265,6 @@ class ClusterAgent:
         under way changes nothing. InvalidArgument: an unknown node, the last node that
         can hold a shard, a node still the target of a move."""
         assert self.store is not None
-        from kvstore.cluster.assignment import drain
 
         def change(placement: Placement) -> Placement:
             if node not in placement.nodes and placement.replicas_on(node):
@@ -275,7 +275,7 @@ class ClusterAgent:
                     f"node {node!r} is not one of the cluster's nodes (nodes: {known}); "
                     "nothing to drain"
                 )
-            return drain(placement, node, sizes=sizes)
+            return assignment.drain(placement, node, sizes=sizes)
 
         sizes = await self._sizes()
         placement = await self.store.update(change)
@@ -291,12 +291,10 @@ class ClusterAgent:
         this ``attempt`` (the source gave the hand-over up), or its table version is not
         among the ``versions`` copied."""
         assert self.store is not None
-        from kvstore.cluster.assignment import finish_move, moving_to
-
         me = self.me.node_id
 
         def change(placement: Placement) -> Placement:
-            moving = moving_to(placement, table, shard, source, me)
+            moving = assignment.moving_to(placement, table, shard, source, me)
             if moving is None or moving.attempt != attempt:
                 raise InvalidArgument(
                     f"table {table!r} shard {shard}: the placement no longer moves it from "
@@ -308,7 +306,7 @@ class ClusterAgent:
                     f"table {table!r}: version {placed.version} became current during the "
                     f"move of shard {shard}; copying again"
                 )
-            return finish_move(placement, table, shard, me)
+            return assignment.finish_move(placement, table, shard, me)
 
         written = await self.store.update(change)
         await self._take(written)
@@ -321,12 +319,10 @@ class ClusterAgent:
         here: the writes go to the target). Unavailable while etcd does not answer: the
         shard stays sealed (a write applied here then could be lost)."""
         assert self.store is not None
-        from kvstore.cluster.assignment import moving_to, restart_move
-
         me = self.me.node_id
-        written = await self.store.update(lambda p: restart_move(p, table, shard, me))
+        written = await self.store.update(lambda p: assignment.restart_move(p, table, shard, me))
         await self._take(written)
-        return moving_to(written, table, shard, me) is not None
+        return assignment.moving_to(written, table, shard, me) is not None
 
     def _holds(self, table: str, shard: int) -> bool:
         writable = self.view.writable.get(table)

@@ -159,6 +159,17 @@ class Mover:
                 del self.running[(table, shard)]
                 self.see(self.agent.view.placement)  # the next move waiting, if any
 
+    async def _finish(self, receiver: ShardReceiver, source: str, attempt: int) -> None:
+        """The final CAS (``ClusterAgent.finish_move``), the move marked as finishing
+        meanwhile: the placement it writes drops the move, and must not cancel it."""
+        key = (receiver.table.schema.name, receiver.shard)
+        self._finishing.add(key)
+        try:
+            await self.agent.finish_move(*key, source, attempt, set(receiver.versions))
+        except BaseException:
+            self._finishing.discard(key)
+            raise
+
     async def _finish_catch_up(
         self,
         stub: pb_grpc.FeatureStoreStub,
@@ -174,19 +185,9 @@ class Mover:
         try:
             answer = await stub.ShardChanges(ask, timeout=CALL_S)
             last = receiver.apply(answer.changes)
-            self._finishing.add((table, shard))
-            try:
-                versions = set(receiver.versions)
-                await self.agent.finish_move(table, shard, source, attempt, versions)
-            except BaseException:
-                self._finishing.discard((table, shard))
-                raise
+            await self._finish(receiver, source, attempt)
         finally:
-            with contextlib.suppress(grpc.RpcError):
-                release = pb.ShardChangesRequest(
-                    table=table, shard=shard, log_id=ask.log_id, release=True
-                )
-                await stub.ShardChanges(release, timeout=CALL_S)
+            await _release(stub, table, shard, ask.log_id)
         log.info(
             "table %r shard %d caught up from %s: %d delta rows, %d version(s), %d "
             "change(s) at the end, %.2f s for the end",
@@ -257,16 +258,9 @@ class Mover:
                         _fault_exit(f"{FAULT_EXIT_AT_HANDOVER}: the seal's answer")
                     last = receiver.apply(answer.changes)
                     try:
-                        self._finishing.add((table, shard))
-                        versions = set(receiver.versions)
-                        await agent.finish_move(table, shard, source, attempt, versions)
+                        await self._finish(receiver, source, attempt)
                     except BaseException:
-                        self._finishing.discard((table, shard))
-                        with contextlib.suppress(grpc.RpcError):
-                            release = pb.ShardChangesRequest(
-                                table=table, shard=shard, log_id=log_id, release=True
-                            )
-                            await stub.ShardChanges(release, timeout=CALL_S)
+                        await _release(stub, table, shard, log_id)
                         raise
                     await asyncio.sleep(HANDOVER_GAP_S)  # see HANDOVER_GAP_S
             finally:
@@ -283,6 +277,13 @@ class Mover:
             last,
             time.monotonic() - started,
         )
+
+
+async def _release(stub: pb_grpc.FeatureStoreStub, table: str, shard: int, log_id: str) -> None:
+    """Best effort: tell the source to drop the shard's change log (and its seal)."""
+    with contextlib.suppress(grpc.RpcError):
+        release = pb.ShardChangesRequest(table=table, shard=shard, log_id=log_id, release=True)
+        await stub.ShardChanges(release, timeout=CALL_S)
 
 
 def _catches_up(placement: Placement, table: str, shard: int, source: str) -> bool:

@@ -1,6 +1,7 @@
 """gRPC methods of FeatureStore: each only translates between protobuf and the Node.
 
-Errors are mapped to gRPC status codes in exactly one place, ``_translate_errors``.
+Errors are mapped to gRPC status codes in exactly one place, ``_abort``: unary methods
+through ``_translate_errors``, the CopyShard stream directly.
 """
 
 from __future__ import annotations
@@ -45,15 +46,21 @@ def _translate_errors(method: Handler) -> Handler:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except KvstoreError as exc:
-            await context.abort(exc.code, str(exc), error_metadata(exc))
-        except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
-            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         except Exception as exc:
-            logger.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            await _abort(context, exc, method.__name__)
 
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    """End the call with ``exc``'s status (raises); called from the ``except`` that caught
+    it, so an unexpected error is logged with its traceback."""
+    if isinstance(exc, KvstoreError):
+        await context.abort(exc.code, str(exc), error_metadata(exc))
+    if isinstance(exc, (_codec.CorruptRow, _codec.SchemaMismatch)):
+        await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+    logger.exception("%s failed", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
 def get_response(node: Node, request: pb.GetRequest) -> pb.GetResponse:
@@ -271,11 +278,8 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             transfers = self._transfers()
             async for chunk in transfers.copy(request.table, request.shard, request.target):
                 yield chunk
-        except KvstoreError as exc:
-            await context.abort(exc.code, str(exc), error_metadata(exc))
-        except Exception as exc:
-            logger.exception("CopyShard failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a stream: _translate_errors wraps unary methods only
+            await _abort(context, exc, "CopyShard")
 
     @_translate_errors
     async def ShardChanges(

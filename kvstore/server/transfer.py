@@ -33,6 +33,7 @@ supersedes) are not replayed: a delta row the version supersedes reads the same.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import shutil
@@ -189,15 +190,8 @@ class ShardTransfers:
                         yield chunk
                     meta_json = ""
             rows = delta.raw_items()
-            while True:
-                keys, values = [], []
-                for key, value in rows:
-                    keys.append(key)
-                    values.append(value)
-                    if len(keys) >= ROWS_CHUNK:
-                        break
-                if not keys:
-                    break
+            while batch := list(itertools.islice(rows, ROWS_CHUNK)):
+                keys, values = zip(*batch, strict=True)
                 yield pb.CopyShardChunk(keys=keys, values=values)
             yield pb.CopyShardChunk(done=True, log_id=changes.log_id, seq=changes.seq)
         except FileNotFoundError as exc:
@@ -376,7 +370,7 @@ async def empty_delta(table: Table, shard: int, go_on=lambda: True) -> int:
     delta = table.delta[shard]
     deleted = 0
     while go_on():
-        keys = [key for key, _ in _first(delta.raw_items(), ROWS_CHUNK)]
+        keys = [key for key, _ in itertools.islice(delta.raw_items(), ROWS_CHUNK)]
         if not keys:
             break
         delta.write([], keys)
@@ -386,17 +380,8 @@ async def empty_delta(table: Table, shard: int, go_on=lambda: True) -> int:
     return deleted
 
 
-def _first(items: Iterable, n: int) -> list:
-    out = []
-    for item in items:
-        out.append(item)
-        if len(out) >= n:
-            break
-    return out
-
-
 class ShardReceiver:
-    """The target's side of one copy: files staged, rows and changes written raw."""
+    """The target's side of one copy: files staged, rows and changes merged by event time."""
 
     def __init__(self, node: Node, table: str, shard: int) -> None:
         self.node = node
