@@ -25,7 +25,7 @@ from cluster_fixtures import FEATURES, KEYS, Cluster, check_all, feature_rows
 from etcd_server import EtcdServer, free_port
 from tcp_proxy import TcpProxy
 
-from kvstore import AsyncClient, Client, Unavailable
+from kvstore import AsyncClient, Client, InvalidArgument, Unavailable
 from kvstore.client import HedgePolicy
 from kvstore.client.core import ClientCore
 from kvstore.client.health import NodeHealth
@@ -183,6 +183,23 @@ def test_a_node_s_hedge_delay_follows_its_latency_and_hedges_keep_to_the_budget(
     health.suspect(slow)
     assert health.suspected(slow, time.monotonic())
     assert not health.suspected(slow, time.monotonic() + 5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"min_delay": 0.0}, "hedge delays"),
+        ({"min_delay": 0.01, "max_delay": 0.005}, "hedge delays"),
+        ({"max_delay": float("inf")}, "hedge delays"),
+        ({"budget": -0.1}, "hedge budget"),
+        ({"budget": 1.5}, "hedge budget"),
+    ],
+)
+def test_a_hedge_policy_refuses_delays_out_of_order_and_a_budget_outside_0_to_1(
+    kwargs: dict[str, float], named: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=named):
+        HedgePolicy(**kwargs)  # type: ignore[arg-type]
 
 
 # -- failover and hedging against a node and a proxy in front of it ----------------------
