@@ -26,7 +26,7 @@ from cluster_fixtures import FEATURES, KEYS, Cluster, check_all, feature_rows
 from etcd_server import EtcdServer, free_port
 from tcp_proxy import TcpProxy
 
-from kvstore import AsyncClient, Client, InvalidArgument, Unavailable
+from kvstore import AsyncClient, Client, DeadlineExceeded, InvalidArgument, Unavailable
 from kvstore.client import HedgePolicy
 from kvstore.client.core import ClientCore, NodeCall
 from kvstore.client.fast import FastConnections
@@ -524,7 +524,7 @@ def _load(
                 batch = keys[(version * 16) % len(keys) :][:16]
                 try:
                     client.write(table, {"key": batch, "clicks": batch * 3 + version})
-                except Unavailable:
+                except (Unavailable, DeadlineExceeded):
                     continue  # not acknowledged: nothing promised
                 with lock:
                     acked.update((int(k), int(k) * 3 + version) for k in batch)
