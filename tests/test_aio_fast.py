@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from cluster_fixtures import FEATURES as CLUSTER_FEATURES
 from cluster_fixtures import KEYS, SHARDS, Cluster, check_all, feature_rows
-from etcd_server import EtcdServer
+from etcd_server import EtcdServer, free_port
 
 import kvstore
 from kvstore import AsyncClient, Client
 from kvstore.client import aio_fast
 from kvstore.client.aio_fast import AsyncFastConnections
+from kvstore.client.fast import FastConnections
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES = {"x": "float32", "s": "string", "v": "float32[3]", "l": "int64[]"}
@@ -211,6 +212,25 @@ def test_a_cancelled_get_leaves_the_connection_usable(start_node) -> None:
             assert only_connection(c) is conn  # the same connection throughout
 
     asyncio.run(scenario())
+
+
+def test_a_fast_address_nobody_listens_on_is_unavailable_alike_in_both_clients() -> None:
+    address = f"127.0.0.1:{free_port()}"  # bound and released: refused
+    sync = FastConnections()
+    with pytest.raises(kvstore.Unavailable, match="is unavailable") as sync_error:
+        sync.get(address, b"", 2.0)
+    sync.close()
+
+    async def main() -> None:
+        conns = AsyncFastConnections()
+        with pytest.raises(kvstore.Unavailable, match="is unavailable") as async_error:
+            await conns.get(address, b"", 2.0)
+        conns.close()
+        message = str(async_error.value)
+        assert message.split(":")[:2] == str(sync_error.value).split(":")[:2]
+        assert f"fast read path of node {address}" in message
+
+    asyncio.run(main())
 
 
 def test_a_paused_node_fails_the_call_at_its_deadline_and_serves_once_resumed(

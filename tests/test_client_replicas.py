@@ -13,6 +13,7 @@ the map does not show two replicas.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import threading
@@ -25,11 +26,13 @@ from cluster_fixtures import FEATURES, KEYS, Cluster, check_all, feature_rows
 from etcd_server import EtcdServer, free_port
 from tcp_proxy import TcpProxy
 
-from kvstore import AsyncClient, Client, Unavailable
+from kvstore import AsyncClient, Client, DeadlineExceeded, InvalidArgument, Unavailable
 from kvstore.client import HedgePolicy
-from kvstore.client.core import ClientCore
+from kvstore.client.core import ClientCore, NodeCall
+from kvstore.client.fast import FastConnections
 from kvstore.client.health import NodeHealth
 from kvstore.client.routes import NoReplica, read_choice, route_from_map
+from kvstore.client.sync_hedging import drive_fast
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.server.process import NodeProcess, wait_until
@@ -183,6 +186,79 @@ def test_a_node_s_hedge_delay_follows_its_latency_and_hedges_keep_to_the_budget(
     health.suspect(slow)
     assert health.suspected(slow, time.monotonic())
     assert not health.suspected(slow, time.monotonic() + 5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"min_delay": 0.0}, "hedge delays"),
+        ({"min_delay": 0.01, "max_delay": 0.005}, "hedge delays"),
+        ({"max_delay": float("inf")}, "hedge delays"),
+        ({"budget": -0.1}, "hedge budget"),
+        ({"budget": 1.5}, "hedge budget"),
+    ],
+)
+def test_a_hedge_policy_refuses_delays_out_of_order_and_a_budget_outside_0_to_1(
+    kwargs: dict[str, float], named: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=named):
+        HedgePolicy(**kwargs)  # type: ignore[arg-type]
+
+
+class _TwoCallsToOneNode:
+    """A read whose two calls go to one node at once, as a failover or a hedge sent to a
+    node that has a call of the read waiting: the part of HedgedRead drive_fast uses."""
+
+    def __init__(self, core: ClientCore, calls: list[NodeCall]) -> None:
+        self.core = core
+        self.calls = calls
+        self.got: dict[int, object] = {}
+
+    def start(self) -> list[int]:
+        return [0, 1]
+
+    @property
+    def done(self) -> bool:
+        return len(self.got) == len(self.calls)
+
+    def next_due(self) -> float:
+        return math.inf
+
+    def answered(self, call_id: int, outcome: object) -> list[int]:
+        self.got[call_id] = outcome
+        return []
+
+    def hedge(self) -> list[int]:
+        return []
+
+
+def test_two_calls_of_a_read_to_one_node_go_on_fast_connections_of_their_own(
+    client: Client, shared_node: NodeProcess, table_name: str
+) -> None:
+    # A blocking connection reads one answer per receive: a second request on it had its
+    # answer land in the same receive ("bytes after an answer"), failing a live node.
+    client.create_table(table_name, key="int64", features={"x": "int32"}, shards=2)
+    client.write(table_name, {"key": [1, 2], "x": [10, 20]})
+    fast = _real_map(shared_node.address).nodes[0].fast_address
+    keys = KeyBatch.from_values("int64", [1, 2], table_name).to_proto()
+    request = pb.GetRequest(table=table_name, keys=keys, features=["x"])
+    calls = [NodeCall(shared_node.address, "Get", request) for _ in range(2)]
+    read = _TwoCallsToOneNode(ClientCore(shared_node.address, TIMEOUT_S), calls)
+    connections = FastConnections()
+    used: list[object] = []
+    send = connections._send
+
+    def recording_send(conn, *args):  # type: ignore[no-untyped-def]
+        used.append(conn)
+        return send(conn, *args)
+
+    connections._send = recording_send  # type: ignore[method-assign]
+    try:
+        drive_fast(read, connections, {shared_node.address: fast}, TIMEOUT_S)  # type: ignore[arg-type]
+    finally:
+        connections.close()
+    assert len(used) == 2 and used[0] is not used[1]
+    assert all(isinstance(r, pb.GetResponse) for r in read.got.values()), read.got
 
 
 # -- failover and hedging against a node and a proxy in front of it ----------------------
@@ -448,7 +524,7 @@ def _load(
                 batch = keys[(version * 16) % len(keys) :][:16]
                 try:
                     client.write(table, {"key": batch, "clicks": batch * 3 + version})
-                except Unavailable:
+                except (Unavailable, DeadlineExceeded):
                     continue  # not acknowledged: nothing promised
                 with lock:
                     acked.update((int(k), int(k) * 3 + version) for k in batch)

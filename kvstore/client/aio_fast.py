@@ -18,7 +18,8 @@ import math
 import socket
 from typing import Any
 
-from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
+from kvstore.client.fast import connect_error, late
+from kvstore.errors import KvstoreError, Unavailable
 from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
 
 __all__ = ["AsyncFastConnections"]
@@ -39,10 +40,6 @@ ID_MASK = 0xFFFFFFFF
 #: this many times the calls still waiting (plus PRUNE_SLACK).
 PRUNE_FACTOR = 4
 PRUNE_SLACK = 256
-
-
-def _late(address: str, timeout: float) -> DeadlineExceeded:
-    return DeadlineExceeded(f"node {address} did not answer within the deadline of {timeout} s")
 
 
 class _Pipeline(asyncio.BufferedProtocol):
@@ -190,7 +187,7 @@ class _Pipeline(asyncio.BufferedProtocol):
             _, request_id, timeout = heapq.heappop(deadlines)
             future = waiting.pop(request_id, None)
             if future is not None and not future.done():
-                future.set_exception(_late(self.address, timeout))
+                future.set_exception(late(self.address, timeout))
         if deadlines:
             self._arm(loop, deadlines[0][0])
 
@@ -247,12 +244,8 @@ class AsyncFastConnections:
                 _, conn = await loop.create_connection(
                     lambda: _Pipeline(address), host.strip("[]"), int(port)
                 )
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"fast read path of node {address}: no connection within {timeout} s"
-            ) from None
-        except OSError as exc:
-            raise Unavailable(f"fast read path of node {address} is unavailable: {exc}") from None
+        except OSError as exc:  # asyncio.timeout's TimeoutError too
+            raise connect_error(address, timeout, exc) from None
         return conn
 
     async def get(self, address: str, body: bytes, timeout: float) -> Any:

@@ -31,6 +31,21 @@ ARM_LIMIT = 0.9
 MAX_ARM = 0.1
 
 
+def connect_error(address: str, timeout: float, exc: OSError) -> KvstoreError:
+    """What a failed connection to the fast-path address ``address`` raises, for both
+    clients: a timeout (``timeout`` s) is DeadlineExceeded, anything else Unavailable."""
+    if isinstance(exc, TimeoutError):
+        return DeadlineExceeded(
+            f"fast read path of node {address}: no connection within {timeout} s"
+        )
+    return Unavailable(f"fast read path of node {address} is unavailable: {exc}")
+
+
+def late(address: str, timeout: float) -> DeadlineExceeded:
+    """What a fast-path call that ``address`` did not answer within ``timeout`` s raises."""
+    return DeadlineExceeded(f"node {address} did not answer within the deadline of {timeout} s")
+
+
 def _timeval(seconds: float) -> bytes:
     """A socket timeout as the kernel's struct timeval (never 0, which means none)."""
     usec = max(1, int(seconds * 1e6))
@@ -60,12 +75,8 @@ class _Connection:
         self.next_id = 0
         try:
             self.sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"fast read path of node {address}: no connection within {timeout} s"
-            ) from None
         except OSError as exc:
-            raise Unavailable(f"fast read path of node {address} is unavailable: {exc}") from None
+            raise connect_error(address, timeout, exc) from None
         self.sock.settimeout(None)  # blocking: each call's deadline is armed (see arm)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         #: The kernel's wait for one send or receive, s (0: not armed yet).
@@ -259,7 +270,7 @@ class FastConnections:
             return conn.send(body, deadline)
         except TimeoutError:
             self._drop(conn)
-            raise self._late(conn, timeout) from None
+            raise late(conn.address, timeout) from None
         except OSError as exc:
             self._drop(conn)
             raise Unavailable(f"fast read path of node {conn.address}: {exc}") from None
@@ -271,16 +282,10 @@ class FastConnections:
             return conn.receive(request_id, deadline)
         except TimeoutError:
             self._drop(conn)
-            raise self._late(conn, timeout) from None
+            raise late(conn.address, timeout) from None
         except (OSError, KvstoreError) as exc:
             self._drop(conn)
             raise Unavailable(f"fast read path of node {conn.address}: {exc}") from None
-
-    @staticmethod
-    def _late(conn: _Connection, timeout: float) -> DeadlineExceeded:
-        return DeadlineExceeded(
-            f"node {conn.address} did not answer within the deadline of {timeout} s"
-        )
 
     def close(self) -> None:
         with self._lock:

@@ -46,21 +46,47 @@ __all__ = ["AsyncUpdateStream", "UpdateStream"]
 _END = object()
 
 
-class _NodeStream:
-    """One UpdateStream call to one node, fed from a queue, acks read by a thread.
+class _NodeAcks:
+    """What a node's update call keeps, sync or async: parts sent, acknowledged (and
+    their rows), and the stream batch number of every part sent and not acknowledged
+    yet, oldest first (the node acknowledges in order), in ``unacked``."""
 
-    ``unacked`` holds the stream batch number of every part sent and not acknowledged
-    yet, oldest first (the node acknowledges in order)."""
-
-    def __init__(self, stub: Any, address: str, max_in_flight: int) -> None:
+    def __init__(self, address: str) -> None:
         self.address = address
-        self.window = threading.Semaphore(max_in_flight)
-        self.requests: queue.Queue = queue.Queue()
         self.sent = 0
         self.acked = 0
         self.rows_acked = 0
         self.unacked: collections.deque[int] = collections.deque()
         self.error: KvstoreError | None = None
+
+    def _take(self, ack: Any) -> None:
+        """The node acknowledged every part up to ``ack.seq``."""
+        for _ in range(ack.seq - self.acked):
+            self.unacked.popleft()
+        self.acked = ack.seq
+        self.rows_acked += ack.rows_written
+
+    def _failed(self, exc: grpc.RpcError) -> None:
+        """The call ended with ``exc``: a cancel of ours keeps the error that caused it."""
+        if exc.code() != grpc.StatusCode.CANCELLED or self.error is None:
+            self.error = from_rpc_error(exc, self.address, None)
+
+    def _ended(self) -> None:
+        """The call ended: parts it never acknowledged make it an Unavailable."""
+        if self.error is None and self.acked < self.sent:
+            self.error = Unavailable(
+                f"node {self.address} ended the update stream after {self.acked} of "
+                f"{self.sent} batches"
+            )
+
+
+class _NodeStream(_NodeAcks):
+    """One UpdateStream call to one node, fed from a queue, acks read by a thread."""
+
+    def __init__(self, stub: Any, address: str, max_in_flight: int) -> None:
+        super().__init__(address)
+        self.window = threading.Semaphore(max_in_flight)
+        self.requests: queue.Queue = queue.Queue()
         self.done = threading.Condition()
         self.call = stub.UpdateStream(iter(self.requests.get, _END))
         self.reader = threading.Thread(target=self._read_acks, daemon=True)
@@ -70,21 +96,13 @@ class _NodeStream:
         try:
             for ack in self.call:
                 with self.done:
-                    for _ in range(ack.seq - self.acked):
-                        self.unacked.popleft()
-                    self.acked = ack.seq
-                    self.rows_acked += ack.rows_written
+                    self._take(ack)
                     self.done.notify_all()
                 self.window.release()
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED or self.error is None:
-                self.error = from_rpc_error(exc, self.address, None)
+            self._failed(exc)
         with self.done:
-            if self.error is None and self.acked < self.sent:
-                self.error = Unavailable(
-                    f"node {self.address} ended the update stream after {self.acked} of "
-                    f"{self.sent} batches"
-                )
+            self._ended()
             self.done.notify_all()
         # Unblock a producer waiting for the window.
         for _ in range(self.sent - self.acked + 1):
@@ -122,17 +140,19 @@ class _NodeStream:
         self.close()
 
 
-class UpdateStream:
-    """``with client.update_stream("t") as s: s.send({"key": [...], "ctr": [...]})``."""
+class _Rerouting:
+    """What UpdateStream and AsyncUpdateStream share: the batches some node may not
+    have acknowledged, the rows acknowledged, and when a reroute gives up."""
 
-    def __init__(self, client: Client, table: str, schema: TableSchema, max_in_flight: int):
+    _streams: dict[str, Any]
+
+    def __init__(self, client: Any, table: str, schema: TableSchema, max_in_flight: int):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._client = client
         self._table = table
         self._schema = schema
         self._max_in_flight = max_in_flight
-        self._streams: dict[str, _NodeStream] = {}
         #: The encoded rows of every batch that some node may not have acknowledged
         #: (its event times included), by batch number: what a reroute sends again.
         self._batches: dict[int, EncodedRows] = {}
@@ -145,16 +165,58 @@ class UpdateStream:
         self._rows_acked_before = 0
         self.batches_sent = 0
 
+    def _new_batch(self, data: Any, key_column: str, event_time: Any) -> int:
+        """Encode a batch (its event times stamped now, once) and number it."""
+        rows = encode_rows(self._schema, data, key_column, event_time)
+        self.batches_sent += 1
+        self._batches[self.batches_sent] = rows
+        return self.batches_sent
+
+    @property
+    def rows_acked(self) -> int:
+        """Rows the node(s) have acknowledged as durable so far (a batch sent again after
+        a stale route counts again)."""
+        return self._rows_acked_before + sum(s.rows_acked for s in self._streams.values())
+
+    def _unacknowledged(self) -> set[int]:
+        raise NotImplementedError
+
+    def _forget_acknowledged(self) -> None:
+        """Drop the rows of the batches every node has acknowledged."""
+        oldest = min(self._unacknowledged(), default=self.batches_sent + 1)
+        for batch in [b for b in self._batches if b < oldest]:
+            del self._batches[batch]
+
+    def _again(self, oldest: int, before: int, after: int) -> bool:
+        """Whether the stream, having met a stale route, sends its unacknowledged
+        batches (oldest: ``oldest``) again after a map refresh took the epoch from
+        ``before`` to ``after``: yes when a batch was acknowledged since the last
+        reroute; else yes while the epoch rises (moves hand shards over one after
+        another), at most MAX_ROUTE_RETRIES times in a row."""
+        if self._rerouted_at != oldest:
+            self._rerouted_at = oldest
+            self._reroutes = 0
+            return True
+        self._reroutes += 1
+        return after > before and self._reroutes < MAX_ROUTE_RETRIES
+
+
+class UpdateStream(_Rerouting):
+    """``with client.update_stream("t") as s: s.send({"key": [...], "ctr": [...]})``."""
+
+    _client: Client
+
+    def __init__(self, client: Client, table: str, schema: TableSchema, max_in_flight: int):
+        super().__init__(client, table, schema, max_in_flight)
+        self._streams: dict[str, _NodeStream] = {}
+
     def send(
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
     ) -> int:
         """Queue one batch of (partial) rows; returns its number (1, 2, …) in this stream.
 
         ``event_time`` in µs since the epoch (default: now, stamped here once)."""
-        rows = encode_rows(self._schema, data, key_column, event_time)
-        self.batches_sent += 1
-        batch = self.batches_sent
-        self._batches[batch] = rows
+        batch = self._new_batch(data, key_column, event_time)
         try:
             self._send_parts(batch)
         except STALE_ROUTE as exc:
@@ -180,12 +242,6 @@ class UpdateStream:
                 found.update(stream.unacked)
         return found
 
-    def _forget_acknowledged(self) -> None:
-        """Drop the rows of the batches every node has acknowledged."""
-        oldest = min(self._unacknowledged(), default=self.batches_sent + 1)
-        for batch in [b for b in self._batches if b < oldest]:
-            del self._batches[batch]
-
     def _reroute(self, error: KvstoreError, sending: frozenset[int] = frozenset()) -> None:
         """After a stale route: refresh the map and send every unacknowledged batch (and
         ``sending``, those being sent) again over new calls; raise ``error`` (or the
@@ -206,7 +262,7 @@ class UpdateStream:
             stream.cancel()
         self._streams.clear()
         self._client._run(ops.refresh_map_flow(getattr(error, "epoch", 0)), None)
-        if not _again(self, oldest, before, ops.route.epoch):
+        if not self._again(oldest, before, ops.route.epoch):
             raise error
         try:
             for batch in sorted(resend):
@@ -215,12 +271,6 @@ class UpdateStream:
             self._reroute(
                 exc, frozenset(resend)
             )  # raises, unless some batch was acknowledged meanwhile
-
-    @property
-    def rows_acked(self) -> int:
-        """Rows the node(s) have acknowledged as durable so far (a batch sent again after
-        a stale route counts again)."""
-        return self._rows_acked_before + sum(s.rows_acked for s in self._streams.values())
 
     def flush(self, timeout: float | None = 60.0) -> None:
         """Wait until every batch sent is acknowledged (durable), ``timeout`` s at most;
@@ -257,23 +307,18 @@ class UpdateStream:
             self._streams.clear()
 
 
-class _AsyncNodeStream:
+class _AsyncNodeStream(_NodeAcks):
     """One UpdateStream call to one node on the event loop; a task reads the acks.
 
-    ``unacked`` as in ``_NodeStream``; ``progress`` is the stream's condition, notified
-    at every ack and at the end of the call."""
+    ``progress`` is the stream's condition, notified at every ack and at the end of the
+    call."""
 
     def __init__(
         self, stub: Any, address: str, max_in_flight: int, progress: asyncio.Condition
     ) -> None:
-        self.address = address
+        super().__init__(address)
         self.window = asyncio.Semaphore(max_in_flight)
         self.progress = progress
-        self.sent = 0
-        self.acked = 0
-        self.rows_acked = 0
-        self.unacked: collections.deque[int] = collections.deque()
-        self.error: KvstoreError | None = None
         self.call = stub.UpdateStream()
         self.reader = asyncio.create_task(self._read_acks())
 
@@ -281,20 +326,12 @@ class _AsyncNodeStream:
         try:
             async for ack in self.call:
                 async with self.progress:
-                    for _ in range(ack.seq - self.acked):
-                        self.unacked.popleft()
-                    self.acked = ack.seq
-                    self.rows_acked += ack.rows_written
+                    self._take(ack)
                     self.progress.notify_all()
                 self.window.release()
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED or self.error is None:
-                self.error = from_rpc_error(exc, self.address, None)
-        if self.error is None and self.acked < self.sent:
-            self.error = Unavailable(
-                f"node {self.address} ended the update stream after {self.acked} of "
-                f"{self.sent} batches"
-            )
+            self._failed(exc)
+        self._ended()
         async with self.progress:
             self.progress.notify_all()
         for _ in range(self.sent - self.acked + 1):  # unblock a producer waiting
@@ -327,39 +364,22 @@ class _AsyncNodeStream:
         await asyncio.wait([self.reader])
 
 
-class AsyncUpdateStream:
+class AsyncUpdateStream(_Rerouting):
     """``async with await client.update_stream("t") as s: await s.send({...})``; follows
     the map as ``UpdateStream`` does (see the module docstring)."""
 
-    def __init__(self, client: AsyncClient, table: str, schema: TableSchema, max_in_flight: int):
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self._client = client
-        self._table = table
-        self._schema = schema
-        self._max_in_flight = max_in_flight
-        self._streams: dict[str, _AsyncNodeStream] = {}
-        self._batches: dict[int, EncodedRows] = {}
-        self._rerouted_at: int | None = None
-        #: Reroutes in a row with no batch acknowledged, each after the map's epoch rose.
-        self._reroutes = 0
-        self._rows_acked_before = 0
-        self._progress = asyncio.Condition()
-        self.batches_sent = 0
+    _client: AsyncClient
 
-    @property
-    def rows_acked(self) -> int:
-        """Rows the node(s) have acknowledged as durable so far."""
-        return self._rows_acked_before + sum(s.rows_acked for s in self._streams.values())
+    def __init__(self, client: AsyncClient, table: str, schema: TableSchema, max_in_flight: int):
+        super().__init__(client, table, schema, max_in_flight)
+        self._streams: dict[str, _AsyncNodeStream] = {}
+        self._progress = asyncio.Condition()
 
     async def send(
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
     ) -> int:
         """Queue one batch of (partial) rows; returns its number in this stream."""
-        rows = encode_rows(self._schema, data, key_column, event_time)
-        self.batches_sent += 1
-        batch = self.batches_sent
-        self._batches[batch] = rows
+        batch = self._new_batch(data, key_column, event_time)
         try:
             await self._send_parts(batch)
         except STALE_ROUTE as exc:
@@ -384,11 +404,6 @@ class AsyncUpdateStream:
     def _unacknowledged(self) -> set[int]:
         return {b for stream in self._streams.values() for b in stream.unacked}
 
-    def _forget_acknowledged(self) -> None:
-        oldest = min(self._unacknowledged(), default=self.batches_sent + 1)
-        for batch in [b for b in self._batches if b < oldest]:
-            del self._batches[batch]
-
     async def _reroute(self, error: KvstoreError, sending: frozenset[int] = frozenset()) -> None:
         """``UpdateStream._reroute`` on the event loop."""
         resend = self._unacknowledged() | sending
@@ -406,7 +421,7 @@ class AsyncUpdateStream:
             await stream.cancel()
         self._streams.clear()
         await self._client._run(ops.refresh_map_flow(getattr(error, "epoch", 0)), None)
-        if not _again(self, oldest, before, ops.route.epoch):
+        if not self._again(oldest, before, ops.route.epoch):
             raise error
         try:
             for batch in sorted(resend):
@@ -448,17 +463,3 @@ class AsyncUpdateStream:
             for stream in self._streams.values():
                 await stream.cancel()
             self._streams.clear()
-
-
-def _again(stream: Any, oldest: int, before: int, after: int) -> bool:
-    """Whether a stream that met a stale route sends its unacknowledged batches again
-    (oldest: ``oldest``) after a map refresh took the epoch from ``before`` to
-    ``after``: yes when a batch was acknowledged since the last reroute; else yes while
-    the epoch rises (moves hand shards over one after another), at most
-    MAX_ROUTE_RETRIES times in a row."""
-    if stream._rerouted_at != oldest:
-        stream._rerouted_at = oldest
-        stream._reroutes = 0
-        return True
-    stream._reroutes += 1
-    return after > before and stream._reroutes < MAX_ROUTE_RETRIES

@@ -87,6 +87,12 @@ def drive_fast(
     selector = selectors.DefaultSelector()
     #: connection → (call id, request id) in the order sent (a node answers in order).
     waiting: dict[_Connection, deque[tuple[int, int]]] = {}
+    #: Connections of this read's own, closed once answered: a blocking connection
+    #: reads one answer per receive (a second one already in its socket buffer would
+    #: be "bytes after an answer"), so a call to a node that has one of this read's
+    #: calls waiting on the thread's connection (a failover or hedge sent to it) goes
+    #: on a connection of its own.
+    spare: set[_Connection] = set()
     failed: deque[tuple[int, KvstoreError]] = deque()
     outstanding = read.core.outstanding
 
@@ -94,19 +100,21 @@ def drive_fast(
         for i in ids:
             call = read.calls[i]
             outstanding[call.address] = outstanding.get(call.address, 0) + 1
-            conn = None
+            address = fast[call.address]
             try:
                 try:
-                    conn = connections._connection(fast[call.address], CONNECT_TIMEOUT_S)
+                    conn = connections._connection(address, CONNECT_TIMEOUT_S)
+                    if conn in waiting:  # see spare
+                        conn = _Connection(address, CONNECT_TIMEOUT_S)
+                        spare.add(conn)
                 except DeadlineExceeded as exc:  # a hung node's full backlog: fail over
                     raise Unavailable(str(exc)) from None
                 body = call.request.SerializeToString()
+                # conn has no request waiting: a failed send loses only this call
                 request_id = connections._send(conn, body, deadline, timeout)
             except KvstoreError as exc:  # _send dropped the connection
                 outstanding[call.address] -= 1
                 failed.append((i, exc))
-                if conn is not None and conn in waiting:
-                    lost(conn, exc)
                 continue
             if conn not in waiting:
                 waiting[conn] = deque()
@@ -116,6 +124,9 @@ def drive_fast(
     def forget(conn: _Connection) -> None:
         selector.unregister(conn.sock)
         del waiting[conn]
+        if conn in spare:
+            spare.discard(conn)
+            conn.close()
 
     def lost(conn: _Connection, error: KvstoreError) -> None:
         """``conn`` was dropped: every request still waiting on it failed."""
