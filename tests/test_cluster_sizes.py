@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from cluster_fixtures import FEATURES, Cluster, cluster_map, placed_replicas, settled_counts
@@ -15,6 +16,7 @@ from cluster_fixtures import FEATURES, Cluster, cluster_map, placed_replicas, se
 from kvstore import Client
 from kvstore.keys import KeyBatch
 from kvstore.server.process import wait_until
+from kvstore.storage.shard import files_bytes
 
 SHARDS = 6
 TIMEOUT_S = 120.0
@@ -103,3 +105,15 @@ def test_a_joining_node_takes_the_shard_that_evens_out_the_bytes(cluster: Cluste
     # every row still answers
     got = client.get("t", chosen)
     assert got.found.all()
+
+
+def test_a_shards_bytes_count_nested_files_and_a_missing_directory_as_none(
+    tmp_path: Path,
+) -> None:
+    """What a node reports: every file under a shard's directory (a base shard's files
+    sit in subdirectories of its version), and 0, not an error, for a directory gone."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "one").write_bytes(b"x" * 10)
+    (tmp_path / "a" / "b" / "two").write_bytes(b"y" * 32)
+    assert files_bytes(tmp_path / "a") == 42
+    assert files_bytes(tmp_path / "gone") == 0

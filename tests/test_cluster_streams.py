@@ -138,12 +138,6 @@ def test_the_async_stream_follows_the_map_too(two: Cluster) -> None:
     asyncio.run(scenario())
 
 
-def _moves_built() -> bool:
-    probe = [sys.executable, "-m", "kvstore.cli", "drain", "--help"]
-    return subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
-
-
-@pytest.mark.skipif(not _moves_built(), reason="shard moves (kvstore drain) are not built")
 def test_a_stream_open_across_a_drain_sends_to_the_new_owner(two: Cluster) -> None:
     """The node drained refuses the stream's next parts with StaleMap (it holds the
     shards no more): the stream refreshes its map and sends them to n0."""

@@ -42,7 +42,7 @@ from kvstore.errors import (
 from kvstore.schema import TableSchema
 from kvstore.server.node import Node
 from kvstore.storage.catalog import fsync_dir
-from kvstore.storage.shard import Shard, create_empty_base
+from kvstore.storage.shard import Shard, create_empty_base, files_bytes
 from kvstore.storage.table import VersionMeta
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class LoadStaging:
         try:
             self._check_commit(load, table.schema, files_per_shard, rows, rows_per_shard, stage)
             opened = self._open_shards(load, version_dir, rows_per_shard)
-            cold_bytes = sum(p.stat().st_size for p in version_dir.rglob("*") if p.is_file())
+            cold_bytes = files_bytes(version_dir)
             meta = VersionMeta(
                 load.version,
                 load.label,

@@ -37,6 +37,7 @@ __all__ = [
     "build_options",
     "create_empty_base",
     "delta_options",
+    "files_bytes",
     "rocksdb_options",
 ]
 
@@ -248,6 +249,20 @@ def create_empty_base(path: Path, options: rocksdict.Options) -> None:
     rocksdict.Rdict(str(path), options, column_families={"default": options}).close()
 
 
+def files_bytes(root: Path) -> int:
+    """Bytes of the files under ``root``, 0 when it does not exist. A file RocksDB
+    deletes meanwhile (a compaction's input, an old WAL) counts as gone, not as an error:
+    the sizes reported to the cluster are read while the shards are written."""
+    total = 0
+    for path in root.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def base_read_options(verify_checksums: bool) -> rocksdict.ReadOptions:
     """Read options of the base versions' shards.
 
@@ -452,7 +467,8 @@ class Shard:
         return self._db.property_int_value("rocksdb.estimate-num-keys") or 0
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        """Bytes of the shard's files."""
+        return files_bytes(self.path)
 
     def close(self) -> None:
         self._db.close()

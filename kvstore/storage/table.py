@@ -22,7 +22,7 @@ from pathlib import Path
 from kvstore.schema import TableSchema
 from kvstore.storage.catalog import fsync_dir
 from kvstore.storage.engine import Engine
-from kvstore.storage.shard import Shard, create_empty_base
+from kvstore.storage.shard import Shard, create_empty_base, files_bytes
 from kvstore.storage.versions import TableEntry, VersionMeta
 
 logger = logging.getLogger(__name__)
@@ -171,19 +171,13 @@ class Table:
         """Bytes of shard ``index``: its delta and its base in the current version."""
         total = self.delta[index].disk_bytes()
         if self.current:
-            root = self.version_dir(self.current) / f"shard-{index:04d}"
-            if root.exists():
-                total += sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+            total += files_bytes(self.version_dir(self.current) / f"shard-{index:04d}")
         return total
 
     def disk_bytes(self) -> int:
         """Bytes of the delta and of every kept version."""
         total = sum(s.disk_bytes() for s in self.delta)
-        for version in self.versions:
-            root = self.version_dir(version)
-            if root.exists():
-                total += sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-        return total
+        return total + sum(files_bytes(self.version_dir(v)) for v in self.versions)
 
     def close(self) -> None:
         for shard in self.delta:
