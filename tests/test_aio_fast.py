@@ -324,13 +324,10 @@ def test_a_node_restarted_on_a_new_fast_port_is_found_again(start_node, tmp_path
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path_factory.mktemp("two"), etcd)
-    try:
+    with Cluster(tmp_path_factory.mktemp("two"), etcd) as cluster:
         cluster.start("n0")
         cluster.start("n1")
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_a_get_split_over_two_nodes_goes_to_both_at_once(two_nodes: Cluster) -> None:

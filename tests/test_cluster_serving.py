@@ -42,13 +42,10 @@ from kvstore.wire.dial import open_channel
 @pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iterator[Cluster]:
     """Three nodes of one cluster, for the tests that do not stop any of them."""
-    cluster = Cluster(tmp_path_factory.mktemp("three"), etcd)
-    try:
+    with Cluster(tmp_path_factory.mktemp("three"), etcd) as cluster:
         for i in range(3):
             cluster.start(f"n{i}")
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def _create(client: Client, name: str) -> None:
@@ -206,7 +203,7 @@ def test_a_killed_node_restarted_on_new_ports_is_followed_by_existing_clients(
         wait_until(seed_sees_new_address, 30, "n2's new address in the seed's map")
         return restarted
 
-    try:
+    with cluster:
         for i in range(3):
             cluster.start(f"n{i}")
         seed = cluster.nodes["n0"].address
@@ -238,18 +235,12 @@ def test_a_killed_node_restarted_on_new_ports_is_followed_by_existing_clients(
                     assert await aclient.write("followed", feature_rows(KEYS[:100])) == 100
 
         asyncio.run(scenario())
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop()
 
 
 def test_the_same_node_id_twice_is_refused_naming_the_holder(
     tmp_path: Path, etcd: EtcdServer
 ) -> None:
-    cluster = Cluster(tmp_path, etcd)
-    try:
+    with Cluster(tmp_path, etcd) as cluster:
         first = cluster.start("twin")
         second = NodeProcess(
             tmp_path / "other",
@@ -266,8 +257,6 @@ def test_the_same_node_id_twice_is_refused_naming_the_holder(
         message = str(caught.value)
         assert "'twin' is already registered" in message and first.address in message
         assert "Traceback" not in second.output()
-    finally:
-        cluster.stop()
 
 
 def test_etcd_unreachable_at_start_is_a_clear_error_naming_the_url(tmp_path: Path) -> None:
@@ -300,59 +289,55 @@ def test_nodes_keep_serving_while_etcd_is_lost_and_change_tables_once_it_is_back
     etcd = EtcdServer(tmp_path / "etcd-work")
     etcd.workdir.mkdir()
     etcd.start()
-    cluster = Cluster(tmp_path, etcd)
     try:
-        for i in range(3):
-            cluster.start(f"n{i}")
-        with Client(cluster.nodes["n1"].address, timeout=10) as client:
-            _create(client, "before")
-            client.write("before", feature_rows(KEYS))
-            etcd.kill()
-            killed = time.monotonic()
-            # Serve through the loss itself: once a node has noticed etcd is gone, and
-            # for longer than a lease lives, so every registration would have lapsed.
-            wait_until(
-                lambda: any(
-                    f"etcd at {etcd.url} is unreachable" in n.log_tail(100_000)
-                    for n in cluster.nodes.values()
-                ),
-                30,
-                "a node to log that etcd is unreachable",
-            )
-            wait_until(
-                lambda: time.monotonic() - killed > DEFAULT_TTL_S + 0.5,
-                DEFAULT_TTL_S + 5,
-                "one lease TTL to pass",
-            )
-            assert all(n.running() for n in cluster.nodes.values())
-            for _ in range(5):
-                check_all(client.get("before", KEYS), KEYS)
-                assert client.write("before", feature_rows(KEYS[:50])) == 50
-            with Client(cluster.nodes["n2"].address, timeout=10) as other:
-                check_all(other.get("before", KEYS), KEYS)
-            etcd.start()
-            # Every node follows etcd again within seconds (not after gRPC's reconnect
-            # backoff, which grows to minutes), and all are live in the map.
-            back = f"is reachable again; watching /kvstore/{cluster.name}/placement"
-            wait_until(
-                lambda: all(back in n.log_tail(100_000) for n in cluster.nodes.values()),
-                15,
-                "every node to watch the placement again",
-            )
-            wait_until(
-                lambda: [n["state"] for n in client.cluster_map()["nodes"]] == ["live"] * 3,
-                15,
-                "every node to be live again",
-            )
-            client.create_table("after", features=FEATURES, shards=6, timeout=30)
-            client.write("after", feature_rows(KEYS))
-            check_all(client.get("after", KEYS), KEYS)
-            assert len(set(client.cluster_map()["tables"]["after"])) == 3
-    except BaseException:
-        print(cluster.logs())
-        raise
+        with Cluster(tmp_path, etcd) as cluster:
+            for i in range(3):
+                cluster.start(f"n{i}")
+            with Client(cluster.nodes["n1"].address, timeout=10) as client:
+                _create(client, "before")
+                client.write("before", feature_rows(KEYS))
+                etcd.kill()
+                killed = time.monotonic()
+                # Serve through the loss itself: once a node has noticed etcd is gone, and
+                # for longer than a lease lives, so every registration would have lapsed.
+                wait_until(
+                    lambda: any(
+                        f"etcd at {etcd.url} is unreachable" in n.log_tail(100_000)
+                        for n in cluster.nodes.values()
+                    ),
+                    30,
+                    "a node to log that etcd is unreachable",
+                )
+                wait_until(
+                    lambda: time.monotonic() - killed > DEFAULT_TTL_S + 0.5,
+                    DEFAULT_TTL_S + 5,
+                    "one lease TTL to pass",
+                )
+                assert all(n.running() for n in cluster.nodes.values())
+                for _ in range(5):
+                    check_all(client.get("before", KEYS), KEYS)
+                    assert client.write("before", feature_rows(KEYS[:50])) == 50
+                with Client(cluster.nodes["n2"].address, timeout=10) as other:
+                    check_all(other.get("before", KEYS), KEYS)
+                etcd.start()
+                # Every node follows etcd again within seconds (not after gRPC's reconnect
+                # backoff, which grows to minutes), and all are live in the map.
+                back = f"is reachable again; watching /kvstore/{cluster.name}/placement"
+                wait_until(
+                    lambda: all(back in n.log_tail(100_000) for n in cluster.nodes.values()),
+                    15,
+                    "every node to watch the placement again",
+                )
+                wait_until(
+                    lambda: [n["state"] for n in client.cluster_map()["nodes"]] == ["live"] * 3,
+                    15,
+                    "every node to be live again",
+                )
+                client.create_table("after", features=FEATURES, shards=6, timeout=30)
+                client.write("after", feature_rows(KEYS))
+                check_all(client.get("after", KEYS), KEYS)
+                assert len(set(client.cluster_map()["tables"]["after"])) == 3
     finally:
-        cluster.stop()
         etcd.stop()
 
 
