@@ -11,6 +11,11 @@ On a cluster of 3 node processes on a real etcd (``loadtests.cluster_bench``'s
    the hedge's effect shows. Each phase is its own window of ``window_s``.
 2. **Writes**: one client writes batches of ``write_batch`` rows for ``window_s`` to
    a table with R = 1, 2, 3 replicas: rows/s of each, and R = 2 against R = 1.
+3. **Catch-up**: one node is killed, updates of existing rows go on at
+   ``update_rate`` rows/s for ``down_s`` (the rate reached and the batches not
+   acknowledged are reported: until the dead node's lease lapses, a shard with R = 2
+   has no quorum), then the node is restarted: seconds until it serves, and until the
+   map shows every replica Available again (it caught up from its peers).
 
 Targets (the issue's): during a kill, p99 <= 3x idle and 0 failed reads; during a
 SIGSTOP with hedging, p99 <= 2x idle; writes with R = 2 at >= 60% of R = 1.
@@ -60,10 +65,13 @@ class ReplicaSettings:
     write_batch: int = 1000
     shards: int = 12
     seed: int = 20261206
+    #: The catch-up phase: how long the node is down, and the updates meanwhile (rows/s).
+    down_s: float = 10.0
+    update_rate: int = 50_000
 
     @classmethod
     def quick(cls) -> ReplicaSettings:
-        return cls(readers=4, rows=20_000, window_s=2.0)
+        return cls(readers=4, rows=20_000, window_s=2.0, down_s=3.0, update_rate=10_000)
 
 
 def _rows(keys: np.ndarray) -> dict:
@@ -158,6 +166,41 @@ def _write_rate(address: str, table: str, s: ReplicaSettings) -> float:
         return written / (time.monotonic() - start)
 
 
+def _catch_up(address: str, victim: Any, recovered: Any, s: ReplicaSettings) -> dict:
+    """Kill ``victim``, update rows at ``update_rate`` for ``down_s``, restart it: the
+    updates sent and acknowledged, and the seconds from the restart until it serves
+    and until it has caught up (``recovered()`` returns)."""
+    rng = np.random.default_rng(s.seed + 1)
+    victim.proc.kill()
+    victim.proc.wait()
+    sent = acked = failed_batches = 0
+    with Client(address, timeout=TIMEOUT_S) as client:
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < s.down_s:
+            ahead = sent / s.update_rate - elapsed
+            if ahead > 0:
+                time.sleep(ahead)  # pacing the offered rate, not a synchronisation
+            keys = rng.integers(0, s.rows, s.write_batch, dtype=np.int64)
+            sent += len(keys)
+            try:
+                acked += client.write(TABLE, {"key": keys, "clicks": keys * 5})
+            except Exception:  # not acknowledged: what this counts
+                failed_batches += 1
+        down = time.monotonic() - start
+    restarted = time.monotonic()
+    victim.start()
+    serving = time.monotonic() - restarted
+    recovered()
+    return {
+        "down_s": down,
+        "offered_rows_per_s": sent / down,
+        "acked_rows": acked,
+        "unacked_batches": failed_batches,
+        "serving_s": serving,
+        "caught_up_s": time.monotonic() - restarted,
+    }
+
+
 def _recovered(address: str, node_id: str) -> bool:
     """Whether ``node_id`` is live and every replica of the bench table Available."""
     try:
@@ -215,6 +258,7 @@ def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
         for r in (1, 2, 3):
             rates[r] = _write_rate(address, f"{TABLE}_r{r}", s)
         out["write_rows_per_s"] = rates
+        out["catch_up"] = _catch_up(address, victim, recovered, s)
     idle = out["idle"]["p99_ms"]
     out["targets"] = {
         "kill_p99_ratio": out["kill"]["p99_ms"] / idle,
@@ -235,6 +279,12 @@ def render_replicas(res: dict) -> str:
         lines.append(f"  {phase:<17} {r['p50_ms']:.2f} / {r['p99_ms']:.2f}  failed {r['failed']}")
     rates = res["write_rows_per_s"]
     lines.append("  writes, rows/s: " + ", ".join(f"R={r} {v:,.0f}" for r, v in rates.items()))
+    c = res["catch_up"]
+    lines.append(
+        f"  catch-up: down {c['down_s']:.1f} s at {c['offered_rows_per_s']:,.0f} updates/s "
+        f"offered ({c['acked_rows']:,} acked, {c['unacked_batches']} batches not acked); "
+        f"restarted: serving in {c['serving_s']:.1f} s, caught up in {c['caught_up_s']:.1f} s"
+    )
     t = res["targets"]
     lines.append(
         f"  targets: kill p99 {t['kill_p99_ratio']:.2f}x idle (<= {TARGET_KILL_P99}), "

@@ -84,7 +84,9 @@ def test_the_replica_step_reads_through_a_kill_and_a_sigstop_and_writes_with_r_1
 ) -> None:
     """make bench's replica step (loadtests/replica_bench.py) at a tiny size: every phase
     read, every R written, the targets' ratios those of the figures; never a timing."""
-    s = ReplicaSettings(readers=2, rows=2000, window_s=0.6, write_batch=200, shards=4)
+    s = ReplicaSettings(
+        readers=2, rows=2000, window_s=0.6, write_batch=200, shards=4, down_s=0.6, update_rate=2000
+    )
     res = measure_replicas(s, tmp_path)
     for phase in ("idle", "kill", "sigstop_hedged", "sigstop_unhedged"):
         r = res[phase]
@@ -97,5 +99,8 @@ def test_the_replica_step_reads_through_a_kill_and_a_sigstop_and_writes_with_r_1
     assert t["r2_write_ratio"] == pytest.approx(
         res["write_rows_per_s"][2] / res["write_rows_per_s"][1]
     )
+    c = res["catch_up"]
+    assert c["down_s"] >= s.down_s and c["offered_rows_per_s"] > 0
+    assert 0 < c["serving_s"] <= c["caught_up_s"]
     text = render_replicas(res)
-    assert "sigstop_unhedged" in text and "R=2" in text
+    assert "sigstop_unhedged" in text and "R=2" in text and "caught up in" in text
