@@ -37,7 +37,8 @@
 * Replicas (docs/cluster.md, "Replicas"): ``kvstore.cluster.replicas.ReplicaKeeper``
   makes this node's replicas catch up when it starts or registers again, and replaces
   the replicas of nodes gone past the grace period.
-* ``stop()``: revoke the lease, so the node leaves the live set at once.
+* ``stop()``: revoke the lease, so the node leaves the live set at once; every step of
+  it bounded (STOP_TASKS_S, then the membership's and the etcd client's own bounds).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from kvstore.schema import TableSchema
 from kvstore.server.cluster_view import ClusterView
 from kvstore.server.node import Node
 from kvstore.server.transfer import ShardTransfers
+from kvstore.shutdown import cancel_and_wait, within
 from kvstore.storage.versions import VersionMeta
 
 __all__ = ["ClusterAgent"]
@@ -78,6 +80,8 @@ APPLY_TIMEOUT_S = 15.0
 #: How long a request naming a table this node does not have waits for the placement
 #: to bring it (s): other nodes see a new epoch within milliseconds of each other.
 CATCH_UP_S = 1.0
+#: How long the moves, and then the following tasks, may take to end at a stop (s).
+STOP_TASKS_S = 2.0
 
 
 class ClusterAgent:
@@ -180,15 +184,11 @@ class ClusterAgent:
 
     async def stop(self) -> None:
         """Stop following the cluster and deregister (the lease is revoked)."""
-        await self.mover.stop()
+        await within("stopping the shard moves", self.mover.stop(), STOP_TASKS_S)
         tasks, self._tasks = self._tasks, []
         tasks += list(self._drops)
         self._drops.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks, STOP_TASKS_S, f"the cluster tasks of node {self.me.node_id}")
         if self.membership is not None:
             await self.membership.stop()
             self.membership = None
@@ -389,8 +389,10 @@ class ClusterAgent:
         tries again."""
         assert self.etcd is not None
         while True:
+            # Not wait_for: on 3.11 it can drop the stop's cancel (kvstore.shutdown).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sizes_changed.wait(), REPORT_EVERY_S)
+                async with asyncio.timeout(REPORT_EVERY_S):
+                    await self._sizes_changed.wait()
             self._sizes_changed.clear()
             sizes: dict[str, dict[int, int]] = {}
             for table, shard in sorted(self._held or ()):

@@ -20,6 +20,10 @@ one host, so ``Etcd`` holds one client per URL and uses one at a time. ``connect
 takes the first member that answers; a call or a watch that finds its member
 unreachable moves on to the next (``Etcd.fail_over``), and the retries go there. The
 members share one replicated keyspace, leases included, so nothing else changes.
+
+Stopping is bounded whatever etcd does: a watch ends on its task's cancellation even
+when aetcd swallowed it (``watch_range``), and ``Etcd.close`` gives up on a client whose
+close does not finish in time (kvstore.shutdown).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -38,6 +43,7 @@ import aetcd
 import aetcd.exceptions
 
 from kvstore.errors import InvalidArgument, Unavailable
+from kvstore.shutdown import cancel_requested, within
 
 __all__ = [
     "ClusterKeys",
@@ -55,6 +61,9 @@ log = logging.getLogger(__name__)
 # call still open after this is a lost etcd, and the node must get on with serving.
 CALL_TIMEOUT_S = 3
 CONNECT_TIMEOUT_S = 5.0
+# Closing the clients at a node's stop (s): aetcd's close tears a watch stream down
+# under a lock and can wait on it forever; past this the process exit ends them.
+CLOSE_TIMEOUT_S = 2.0
 # Between attempts to reach a lost etcd (s): short enough that a restarted etcd is
 # noticed within a lease TTL, long enough not to spin.
 RETRY_INTERVAL_S = 0.5
@@ -67,6 +76,11 @@ _CHANNEL_OPTIONS = {
     "grpc.min_reconnect_backoff_ms": 250,
     "grpc.max_reconnect_backoff_ms": 1000,
 }
+
+#: A fault hook for tests (docs/operations.md, "Fault hooks"): with this variable set,
+#: each watch, once made, waits for its task's cancellation and drops it, as aetcd's
+#: watch creation does on Python 3.11 when the cancel lands as etcd answers.
+FAULT_WATCH_DROPS_CANCEL = "KVSTORE_FAULT_WATCH_DROPS_CANCEL"
 
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
@@ -210,7 +224,13 @@ class Etcd:
             got = await self.client.get(key)
         return None if got is None else Entry(got.value, got.mod_revision, got.lease)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close every member's client, giving up (logged) after ``timeout_s`` s."""
+        await within(
+            f"closing the etcd client ({', '.join(self._clients)})", self._close(), timeout_s
+        )
+
+    async def _close(self) -> None:
         for client in self._clients.values():
             await client.close()
 
@@ -258,7 +278,13 @@ async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dic
     range_end = aetcd.utils.prefix_range_end(key) if prefix else key + b"\0"
     last: dict[bytes, Entry] | None = None
     lost = False
+    drops_cancel = bool(os.environ.get(FAULT_WATCH_DROPS_CANCEL))
     while True:
+        # aetcd creates a watch under asyncio.wait_for, which on Python 3.11 drops a
+        # cancellation landing as etcd answers (kvstore.shutdown): this task would go on
+        # watching, and the node's stop would wait for it forever. End as asked instead.
+        if cancel_requested():
+            raise asyncio.CancelledError
         client = etcd.client
         try:
             got = await client.get_range(key, range_end)
@@ -272,7 +298,13 @@ async def watch_range(etcd: Etcd, key: bytes, prefix: bool) -> AsyncIterator[dic
                 yield dict(state)
             # From the revision read: no change between the read and the watch is missed.
             watch = await client.watch(key, range_end=range_end, start_revision=revision + 1)
+            if drops_cancel:
+                drops_cancel = False
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.Event().wait()  # until the stop cancels this task
             try:
+                if cancel_requested():
+                    raise asyncio.CancelledError
                 async for event in watch:
                     if event.kind == "PUT":
                         state[event.kv.key] = Entry(
@@ -306,4 +338,5 @@ async def _cancel_quietly(watch: aetcd.rtypes.Watch) -> None:
     # After an outage the stream is already gone with the etcd that served it; after
     # the client was closed aetcd's cancel finds no watcher (AttributeError).
     with contextlib.suppress(aetcd.exceptions.ClientError, TimeoutError, AttributeError):
-        await asyncio.wait_for(watch.cancel(), CALL_TIMEOUT_S)
+        async with asyncio.timeout(CALL_TIMEOUT_S):  # not wait_for: it can drop a cancel
+            await watch.cancel()

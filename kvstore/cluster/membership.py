@@ -17,7 +17,9 @@ goes: the node is out of the serving set within one TTL.
 * etcd lost while running: the node keeps its last view of the live nodes, retries the
   keep-alive, and registers again when etcd is back (if its lease lapsed meanwhile or
   etcd came back empty). Nothing of this raises into the node; it is logged.
-* A clean stop revokes the lease: the node leaves the live set at once.
+* A clean stop revokes the lease: the node leaves the live set at once. The stop is
+  bounded (``STOP_TASKS_S`` for the tasks, then one etcd call): with etcd away it gives
+  up, and the registration lapses within the TTL.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from pathlib import Path
 
 import aetcd.exceptions
 
-from kvstore.cluster.etcd import RETRY_INTERVAL_S, Etcd, watch_range
+from kvstore.cluster.etcd import CALL_TIMEOUT_S, RETRY_INTERVAL_S, Etcd, watch_range
 from kvstore.errors import AlreadyExists, InvalidArgument, Unavailable
+from kvstore.shutdown import cancel_and_wait, cancel_requested, within
 
 __all__ = ["DEFAULT_TTL_S", "Membership", "NodeInfo", "stable_node_id", "watch_nodes"]
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 # The lease's time to live (s): a dead node leaves the serving set within this; the
 # keep-alive runs every third of it, so two lost refreshes in a row are survived.
 DEFAULT_TTL_S = 5
+#: How long the keep-alive and watch tasks may take to end at a stop (s).
+STOP_TASKS_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -162,20 +167,28 @@ class Membership:
         ]
 
     async def stop(self) -> None:
-        """Stop the tasks and revoke the lease, so the node leaves the live set now."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        """Stop the tasks and revoke the lease, so the node leaves the live set now;
+        at most STOP_TASKS_S + CALL_TIMEOUT_S + 1 s, whatever etcd does."""
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(
+            tasks, STOP_TASKS_S, f"the membership tasks of node {self.me.node_id}"
+        )
         if self.lease_id is not None:
-            try:
-                with self.etcd.calls(f"revoking the lease of node {self.me.node_id}"):
-                    await self.etcd.client.revoke_lease(self.lease_id)
-            except Unavailable as exc:
-                log.warning("%s; the registration lapses within %d s", exc, self.ttl_s)
+            doing = f"revoking the lease of node {self.me.node_id}"
+            # aetcd's call deadline bounds the revoke; this bounds the rest (a reconnect).
+            if not await within(doing, self._revoke(doing), CALL_TIMEOUT_S + 1):
+                log.warning(
+                    "the registration of node %s lapses within %d s", self.me.node_id, self.ttl_s
+                )
             self.lease_id = None
+
+    async def _revoke(self, doing: str) -> None:
+        assert self.lease_id is not None
+        try:
+            with self.etcd.calls(doing):
+                await self.etcd.client.revoke_lease(self.lease_id)
+        except Unavailable as exc:
+            log.warning("%s; the registration lapses within %d s", exc, self.ttl_s)
 
     async def wait_for(
         self, condition: Callable[[Mapping[str, NodeInfo]], bool], timeout_s: float
@@ -245,6 +258,8 @@ class Membership:
     async def _keep_alive(self) -> None:
         lost = refused = False
         while True:
+            if cancel_requested():  # swallowed by a library: end as asked (kvstore.shutdown)
+                raise asyncio.CancelledError
             await asyncio.sleep(self.ttl_s / 3 if not lost else RETRY_INTERVAL_S)
             try:
                 alive = False

@@ -3,7 +3,10 @@
 SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused, in-flight calls get
 ``shutdown_grace_s`` to finish, then the databases close. A second signal cancels the
 calls still in flight instead of waiting out the grace period; the databases are closed
-(flushed) all the same (``kvstore.shutdown``).
+(flushed) all the same (``kvstore.shutdown``). Every step after the first signal has a
+deadline, whatever etcd does (down, just back, hanging): a step that runs over is logged
+by name and cut short, so the node exits within LEAVE_TIMEOUT_S + the grace period + a
+few seconds, and still closes its databases.
 
 With ``--etcd`` the node joins a cluster once it has opened its tables and bound its
 ports, before it turns SERVING (``kvstore.cluster.agent``), and leaves it first when
@@ -32,7 +35,7 @@ from kvstore.server.fast import FastServer
 from kvstore.server.loads import LoadStaging
 from kvstore.server.node import Node
 from kvstore.server.servicer import FeatureStoreServicer
-from kvstore.shutdown import Shutdown
+from kvstore.shutdown import Shutdown, cancel_and_wait, within
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 
@@ -44,6 +47,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["NodeServer", "serve"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStore"].full_name
+
+#: How long leaving the cluster may take at a stop (s): the tasks end, then one etcd
+#: call revokes the lease (3 s deadline). Past it the lease lapses on its own (its TTL).
+LEAVE_TIMEOUT_S = 6.0
+#: How long any other step of a stop may take, or overrun the grace period (s).
+STEP_TIMEOUT_S = 3.0
 
 
 class NodeServer:
@@ -200,26 +209,35 @@ class NodeServer:
         await self.stopping.requested.wait()
 
     async def shutdown(self) -> None:
-        logger.info(
-            "shutting down: draining in-flight calls (grace %.1f s)", self.config.shutdown_grace_s
+        grace = self.config.shutdown_grace_s
+        logger.info("shutting down: draining in-flight calls (grace %.1f s)", grace)
+        # Local and quick, but bounded like every step; a second signal does not skip it.
+        await within(
+            "turning health NOT_SERVING", self._health.enter_graceful_shutdown(), STEP_TIMEOUT_S
         )
-        await self._health.enter_graceful_shutdown()
         if self.agent is not None:
-            # Leave the live set first: nothing new is placed on a node going away.
-            await self.agent.stop()
+            # Leave the live set first: nothing new is placed on a node going away. A
+            # second signal cuts it short (the lease then lapses within its TTL).
+            await self.stopping.step("leaving the cluster", self.agent.stop(), LEAVE_TIMEOUT_S)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self._fast is not None:
             self._fast.close()
         if self._server is not None:
-            draining = asyncio.ensure_future(self._server.stop(self.config.shutdown_grace_s))
-            if not await self.stopping.finished_unhurried(draining):
+            draining = asyncio.ensure_future(self._server.stop(grace))
+            if not await self.stopping.finished_unhurried(draining, grace + STEP_TIMEOUT_S):
                 # grpc.aio: a stop without grace, while one is waiting, cancels every call.
-                await self._server.stop(None)
-            await draining
+                await within(
+                    "cancelling the calls in flight", self._server.stop(None), STEP_TIMEOUT_S
+                )
+            await within("draining the calls in flight", draining, STEP_TIMEOUT_S)
         for load_id in list(self.loads.loads):
             self.loads.abort(load_id)
         self.node.close()
+        # asyncio.run cancels what is left once and waits for it without a limit: a task
+        # that swallowed that cancel would keep the process alive. Cancel here, bounded.
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        await cancel_and_wait(left, STEP_TIMEOUT_S, "the tasks left at the stop")
         logger.info("stopped; databases closed")
 
     async def run(self) -> None:
