@@ -1,7 +1,7 @@
 """make bench's replica step (issue 16): reads of a table with 2 replicas per shard while
 one of 3 nodes is killed or hangs, and write throughput with R = 1, 2 and 3.
 
-On a cluster of 3 node processes on a real etcd (``loadtests.cluster_bench``'s
+On a cluster of 3 node processes on a real etcd (``loadtests.servers``'s
 ``running_cluster``):
 
 1. **Reads**: ``readers`` client processes look up 100 random existing keys back to
@@ -27,14 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from kvstore import Client
 from kvstore.client import HedgePolicy
 from kvstore.server.process import wait_until
-from loadtests.cluster_bench import running_cluster
-from loadtests.shard_moves import cluster_map
+from loadtests.servers import replicas_available, running_cluster
 
 __all__ = ["ReplicaSettings", "measure_replicas", "render_replicas"]
 
@@ -158,18 +156,6 @@ def _write_rate(address: str, table: str, s: ReplicaSettings) -> float:
         return written / (time.monotonic() - start)
 
 
-def _recovered(address: str, node_id: str) -> bool:
-    """Whether ``node_id`` is live and every replica of the bench table Available."""
-    try:
-        cmap = cluster_map(address)
-    except grpc.RpcError:
-        return False
-    if any(n.node_id == node_id and n.state != "live" for n in cmap.nodes):
-        return False
-    table = next(t for t in cmap.tables if t.table == TABLE)
-    return all(state == "Available" for r in table.replicas for state in r.state)
-
-
 def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
     """The whole step (see the module docstring); {"skipped": why} without etcd."""
     if shutil.which("etcd") is None:
@@ -188,7 +174,9 @@ def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
             """Each phase starts on a whole cluster: a SIGSTOP past the lease (5 s) makes
             the node register again, and R = 3 cannot be placed on 2 live nodes."""
             what = f"{victim_id} to be live and caught up"
-            wait_until(lambda: _recovered(address, victim_id), RECOVER_TIMEOUT_S, what)
+            wait_until(
+                lambda: replicas_available(address, victim_id, TABLE), RECOVER_TIMEOUT_S, what
+            )
 
         out["idle"] = _read_phase(address, s, hedge=True)
 
