@@ -49,7 +49,7 @@ from kvstore.wire.dial import open_channel
 from loadtests.servers import replicas_available, running_cluster
 from loadtests.shard_moves import cluster_map
 
-__all__ = ["SoakSettings", "check_acked_rows", "main", "render_soak", "run_soak"]
+__all__ = ["SoakSettings", "check_acked_rows", "main", "measure_soak", "render_soak", "run_soak"]
 
 TABLE = "kill_soak"
 FEATURES = {"score": "float32", "clicks": "int64"}
@@ -427,8 +427,23 @@ def run_soak(s: SoakSettings, workdir: Path, progress: TextIO | None = sys.stder
     return out
 
 
+def measure_soak(s: SoakSettings, workdir: Path) -> dict:
+    """``run_soak`` as a step of ``make bench``: {"skipped": why} without etcd, {"error":
+    what} when the soak could not finish (the rest of the bench goes on)."""
+    if shutil.which("etcd") is None:
+        return {"skipped": "etcd is not installed"}
+    try:
+        return run_soak(s, workdir)
+    except (RuntimeError, TimeoutError) as exc:
+        return {"error": f"{exc}"[:2000], "workdir": str(workdir)}
+
+
 def render_soak(res: dict) -> str:
     """The soak's counts and figures as text."""
+    if "skipped" in res:
+        return f"kill -9 soak: skipped ({res['skipped']})"
+    if "error" in res:
+        return f"kill -9 soak: did not finish ({res['error']}); node logs in {res['workdir']}"
     s = res["settings"]
     c = res["check"]
     lines = [
