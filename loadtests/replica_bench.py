@@ -156,6 +156,11 @@ def _write_rate(address: str, table: str, s: ReplicaSettings) -> float:
         return written / (time.monotonic() - start)
 
 
+def _recovered(address: str, node_id: str) -> bool:
+    """Whether ``node_id`` is live and every replica of the bench table Available."""
+    return replicas_available(address, node_id, TABLE)
+
+
 def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
     """The whole step (see the module docstring); {"skipped": why} without etcd."""
     if shutil.which("etcd") is None:
@@ -174,9 +179,7 @@ def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
             """Each phase starts on a whole cluster: a SIGSTOP past the lease (5 s) makes
             the node register again, and R = 3 cannot be placed on 2 live nodes."""
             what = f"{victim_id} to be live and caught up"
-            wait_until(
-                lambda: replicas_available(address, victim_id, TABLE), RECOVER_TIMEOUT_S, what
-            )
+            wait_until(lambda: _recovered(address, victim_id), RECOVER_TIMEOUT_S, what)
 
         out["idle"] = _read_phase(address, s, hedge=True)
 
