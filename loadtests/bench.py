@@ -21,7 +21,9 @@ arrives, from a zstd Parquet file of the same rows through the bulk loader
 2. freshness and updates (``loadtests/updates.py``): update → readable latency,
    update rows/s unary and streaming, read latency while updates run;
 3. the cluster step (``loadtests/cluster_bench.py``): one node process against N on a
-   real etcd, same rows, 32 client processes; reads while a shard moves;
+   real etcd, same rows, 32 client processes; reads while a shard moves; the replica
+   step (``loadtests/replica_bench.py``) and the kill -9 soak (``loadtests/kill_soak.py``,
+   also ``make soak``): failed reads and acked writes lost over kills in a row;
 4. bulk loads of more rows (``--load-rows``, 10M in the full run) into other tables.
 
 Redis is read as its docs advise, with redis-py on the hiredis reply parser, both
@@ -53,6 +55,7 @@ from loadtests.aio_reads import AsyncSettings, measure_async_reads, render_async
 from loadtests.bulkload import ParquetSink, run_loader, write_parquet
 from loadtests.cluster_bench import ClusterSettings, measure_cluster, render_cluster
 from loadtests.floors import EchoFloor, EchoServer, PingFloor, floor_ratios
+from loadtests.kill_soak import SoakSettings, measure_soak, render_soak
 from loadtests.machine import machine_info
 from loadtests.mixed import MixedSettings, measure_mixed_dtypes, render_mixed
 from loadtests.redis_client import HiredisMissing, connect, require_hiredis
@@ -143,6 +146,8 @@ class Settings:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     #: The replica step (issue 16, loadtests/replica_bench.py); run with the cluster step.
     replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
+    #: The kill -9 soak (issue 16, loadtests/kill_soak.py, make soak); run with the cluster step.
+    soak: SoakSettings = field(default_factory=SoakSettings)
     #: More bulk-load sizes, each into a table of its own after the other sections.
     load_rows: list[int] = field(default_factory=lambda: [10_000_000])
     out_dir: Path = Path("bench")
@@ -168,6 +173,7 @@ class Settings:
             mixed=MixedSettings(rows=2000, rounds=4, samples=300, warmup=100),
             cluster=ClusterSettings.quick(),
             replicas=ReplicaSettings.quick(),
+            soak=SoakSettings(kills=2, readers=4, rows=5000),
             aio=AsyncSettings.quick(),
             serving=ServingSettings.quick(),
             load_rows=[],
@@ -589,6 +595,9 @@ def run(s: Settings) -> dict:
             print("replicas: reads while a node dies or hangs, writes with R = 1, 2, 3")
             results["replicas"] = measure_replicas(s.replicas, workdir / "replicas")
             print(render_replicas(results["replicas"]), flush=True)
+            print(f"kill -9 soak: {s.soak.kills} kills in a row of 1 of 3 nodes (R=2) under load")
+            results["kill_soak"] = measure_soak(s.soak, workdir / "soak")
+            print(render_soak(results["kill_soak"]), flush=True)
         results["bulk_load"]["runs"] += extra_bulk_loads(kv, node, workdir, s)
         results["load_average_end"] = os.getloadavg()
         print("stopping the servers", flush=True)

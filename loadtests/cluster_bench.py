@@ -28,8 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,14 @@ from typing import Any
 import numpy as np
 
 from kvstore import Client
-from kvstore.cluster.local import LocalCluster, LocalClusterConfig
 from loadtests.bulkload import write_parquet
-from loadtests.servers import SETTLE_TIMEOUT_S, KvstoreNode, proc_cpu_seconds, wait_until_idle
+from loadtests.servers import (
+    SETTLE_TIMEOUT_S,
+    KvstoreNode,
+    proc_cpu_seconds,
+    running_cluster,
+    wait_until_idle,
+)
 from loadtests.shard_moves import MoveSettings, measure_move
 from loadtests.systems import TABLE, KvstoreSystem
 from loadtests.workers import CELL_FIGURES, ClientProcesses, cell_figures, medians_of_rounds
@@ -86,27 +90,6 @@ class ClusterSettings:
 
 
 # -- the processes ------------------------------------------------------------------
-
-
-@contextmanager
-def running_cluster(workdir: Path, nodes: int) -> Iterator[LocalCluster]:
-    """etcd and ``nodes`` node processes on free ports under ``workdir``; stopped after."""
-    config = LocalClusterConfig(
-        data_dir=workdir,
-        nodes=nodes,
-        base_port=0,
-        etcd_port=0,
-        etcd_peer_port=0,
-        cluster="bench",
-        serve_args=("--log-level", "warning"),
-    )
-    cluster = LocalCluster(config)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop_nodes([i for i, n in cluster.nodes.items() if n.running()])
-        cluster.etcd.stop()
 
 
 def load_table(address: str, pid: int, parquet: dict, shards: int) -> float:

@@ -1,7 +1,7 @@
 """make bench's replica step (issue 16): reads of a table with 2 replicas per shard while
 one of 3 nodes is killed or hangs, and write throughput with R = 1, 2 and 3.
 
-On a cluster of 3 node processes on a real etcd (``loadtests.cluster_bench``'s
+On a cluster of 3 node processes on a real etcd (``loadtests.servers``'s
 ``running_cluster``):
 
 1. **Reads**: ``readers`` client processes look up 100 random existing keys back to
@@ -32,14 +32,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from kvstore import Client
 from kvstore.client import HedgePolicy
 from kvstore.server.process import wait_until
-from loadtests.cluster_bench import running_cluster
-from loadtests.shard_moves import cluster_map
+from loadtests.servers import replicas_available, running_cluster
 
 __all__ = ["ReplicaSettings", "measure_replicas", "render_replicas"]
 
@@ -203,14 +201,7 @@ def _catch_up(address: str, victim: Any, recovered: Any, s: ReplicaSettings) -> 
 
 def _recovered(address: str, node_id: str) -> bool:
     """Whether ``node_id`` is live and every replica of the bench table Available."""
-    try:
-        cmap = cluster_map(address)
-    except grpc.RpcError:
-        return False
-    if any(n.node_id == node_id and n.state != "live" for n in cmap.nodes):
-        return False
-    table = next(t for t in cmap.tables if t.table == TABLE)
-    return all(state == "Available" for r in table.replicas for state in r.state)
+    return replicas_available(address, node_id, TABLE)
 
 
 def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:

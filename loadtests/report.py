@@ -3,9 +3,10 @@
 Sections: load, latency and its floors (each system over the round trip that bounds
 it), throughput, CPU, memory (side by side with Redis); bulk load (issue 3) and
 freshness and updates (issue 4), kvstore alone; the mixed-dtype get, the asyncio
-reads and the served example (issue 18); the cluster step (15) and the replica step
-(16); each with its targets printed beside the measurements. The first line names
-the versions measured (redis-py, hiredis, redis-server, uvloop, grpcio).
+reads and the served example (issue 18); the cluster step (15), the replica step
+and the kill -9 soak (16); each with its targets printed beside the measurements. The
+first line names the versions measured (redis-py, hiredis, redis-server, uvloop,
+grpcio).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from loadtests.aio_reads import render_async_reads
 from loadtests.cluster_bench import render_cluster
 from loadtests.floors import FLOOR_OF
+from loadtests.kill_soak import render_soak
 from loadtests.machine import versions_line
 from loadtests.mixed import render_mixed
 from loadtests.replica_bench import render_replicas
@@ -189,6 +191,8 @@ def render(results: dict[str, Any]) -> str:
         parts += ["", render_cluster(results["cluster"])]
     if "replicas" in results:
         parts += ["", render_replicas(results["replicas"])]
+    if "kill_soak" in results:
+        parts += ["", render_soak(results["kill_soak"])]
     return "\n".join(parts)
 
 

@@ -1,7 +1,9 @@
 """The servers a benchmark talks to, as real subprocesses on 127.0.0.1, and /proc readings.
 
-Both servers are context managers: leaving the ``with`` block (normally, on an error
-or on Ctrl-C) stops the process and waits for it.
+A lone node, a redis-server and a cluster (etcd and node processes,
+``running_cluster``) are context managers: leaving the ``with`` block (normally, on
+an error or on Ctrl-C) stops the processes and waits for them. ``replicas_available``
+says when a cluster's node is back and caught up after a fault.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import redis
 
+from kvstore.cluster.local import LocalCluster, LocalClusterConfig
 from kvstore.server.process import NodeProcess, wait_until
+from loadtests.shard_moves import cluster_map
 
 __all__ = [
     "SETTLE_TIMEOUT_S",
@@ -26,6 +33,8 @@ __all__ = [
     "machine_busy_seconds",
     "proc_cpu_seconds",
     "proc_memory_bytes",
+    "replicas_available",
+    "running_cluster",
     "stop_process",
     "wait_until",
     "wait_until_idle",
@@ -233,3 +242,42 @@ class RedisServer:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+
+
+@contextmanager
+def running_cluster(workdir: Path, nodes: int) -> Iterator[LocalCluster]:
+    """etcd and ``nodes`` node processes on free ports under ``workdir``; stopped after."""
+    config = LocalClusterConfig(
+        data_dir=workdir,
+        nodes=nodes,
+        base_port=0,
+        etcd_port=0,
+        etcd_peer_port=0,
+        cluster="bench",
+        serve_args=("--log-level", "warning"),
+    )
+    cluster = LocalCluster(config)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop_nodes([i for i, n in cluster.nodes.items() if n.running()])
+        cluster.etcd.stop()
+
+
+def replicas_available(address: str, node_id: str, table: str, after_epoch: int = 0) -> bool:
+    """Whether the map the node at ``address`` serves shows ``node_id`` live and every
+    replica of ``table`` Available (a node given back has caught up); False while that
+    node does not answer or its map's epoch is not above ``after_epoch`` (a restarted
+    node marks its replicas to catch up in a new epoch: a map from before shows them
+    Available)."""
+    try:
+        cmap = cluster_map(address)
+    except grpc.RpcError:
+        return False
+    if cmap.epoch <= after_epoch:
+        return False
+    if any(n.node_id == node_id and n.state != "live" for n in cmap.nodes):
+        return False
+    entry = next(t for t in cmap.tables if t.table == table)
+    return all(state == "Available" for r in entry.replicas for state in r.state)
