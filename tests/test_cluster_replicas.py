@@ -292,6 +292,52 @@ def test_replicas_take_writes_catch_up_after_a_restart_and_after_a_wiped_disk(
     assert "2 (quorum 2)" in line and f"{2 * SHARDS}/{2 * SHARDS}" in line, line
 
 
+def test_a_client_that_takes_a_returned_node_for_down_is_refused_and_writes_to_both(
+    cluster: Cluster,
+) -> None:
+    """A client's map marks n1 down (its writes failed there, it refreshed once the lease
+    lapsed) and stays so while n1 returns and catches up: its writes carry that map's
+    epoch, n1's peers refuse them with StaleMap, the client refreshes and writes to both.
+    Without the epoch its peers' acks made the quorum and n1 never got the rows (seen in
+    make soak: 489 acked rows lost over 10 kills)."""
+    for i in range(3):
+        cluster.start(f"n{i}", env={"KVSTORE_REPLICA_GRACE_S": "600"})
+    seed = cluster.nodes["n0"].address
+    _create(seed, replicas=2)
+    with Client(seed, timeout=10) as client:
+        client.write(TABLE, feature_rows(np.arange(0, 300, dtype=np.int64)))
+        cluster.nodes["n1"].kill()
+        _wait_map(
+            seed,
+            lambda m: any(n.node_id == "n1" and n.state == "down" for n in m.nodes),
+            30,
+            "n1's lease to lapse",
+        )
+        during = np.arange(300, 600, dtype=np.int64)
+        assert client.write(TABLE, feature_rows(during)) == len(during)  # n1 counted out
+        stale = client._ops.route.epoch
+        assert client._ops.route.down.any()
+
+        cluster.start("n1")
+        cmap = _wait_map(
+            seed,
+            lambda m: (
+                m.epoch > stale
+                and _states_on("n1")(m) == {"Available"}
+                and all(n.state == "live" for n in m.nodes)
+            ),
+            CATCH_UP_TIMEOUT_S,
+            "n1 to come back and catch up",
+        )
+        assert client._ops.route.epoch == stale and client._ops.route.down.any()
+        after = np.arange(600, 900, dtype=np.int64)
+        assert client.write(TABLE, feature_rows(after)) == len(after)
+        assert client._ops.route.epoch > stale  # refused, refreshed
+        every = np.arange(0, 900, dtype=np.int64)
+        _same_on_every_replica(cmap, every)
+        check_all(client.get(TABLE, every), every)
+
+
 def test_a_node_gone_past_the_grace_period_is_re_replicated(cluster: Cluster) -> None:
     for i in range(3):
         cluster.start(f"n{i}", env={"KVSTORE_REPLICA_GRACE_S": "2"})

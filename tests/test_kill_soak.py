@@ -23,15 +23,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None, reason="etcd is not installed (make test installs it)"
 )
 
-#: The known defect behind acked rows lost, until the client (kvstore/client) fixes it.
-STALE_DOWN_MARK = (
-    "a client that refreshed its map while the killed node's lease was lapsed keeps that "
-    "map (the node marked down) after the node is back and Available: its writes go to "
-    "the peer alone and are acked with a quorum of 1, and the returned node never gets "
-    "them (no write response carries the node's epoch to make the client refresh)"
-)
-
-
 def test_two_kills_in_a_row_fail_no_read_and_lose_no_acked_write(tmp_path: Path) -> None:
     s = SoakSettings(kills=2, readers=2, writers=2, rows=2000, shards=6, idle_s=1.0)
     res = run_soak(s, tmp_path, progress=None)
@@ -43,6 +34,4 @@ def test_two_kills_in_a_row_fail_no_read_and_lose_no_acked_write(tmp_path: Path)
     check = res["check"]
     assert check["replicas_checked"] == 2 * s.shards and not check["unread_shards"], text
     assert 0 < res["acked_rows"] <= s.rows, text
-    if res["lost_rows"]:
-        pytest.xfail(f"{STALE_DOWN_MARK}:\n{text}")
-    assert res["ok"], text
+    assert res["lost_rows"] == 0 and res["ok"], text

@@ -418,6 +418,7 @@ class ClientCore:
                 row_offsets=offsets.astype("<i8", copy=False).tobytes(),
                 features=rows.features,
                 position=position,
+                epoch=self.route.epoch,
             )
             calls.append(NodeCall(address, "Write", request, positions, shards))
         return calls
@@ -473,7 +474,11 @@ class ClientCore:
         for address, positions, shards in self.fan_out(table, schema, keys, only, acked):
             part = keys if positions is None else keys.take(positions)
             request = pb.DeleteRequest(
-                table=table, keys=part.to_proto(), event_time_us=event_time_us, position=position
+                table=table,
+                keys=part.to_proto(),
+                event_time_us=event_time_us,
+                position=position,
+                epoch=self.route.epoch,
             )
             calls.append(NodeCall(address, "Delete", request, positions, shards))
         return calls

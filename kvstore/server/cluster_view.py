@@ -68,6 +68,9 @@ class ClusterView:
         #: table → tokens of the writes that passed the check and are being applied.
         self.writing: dict[str, set[int]] = {}
         self._tokens = itertools.count()
+        #: table → the epoch at which its replicas (nodes, states) last changed, as this
+        #: node saw them: a write planned on an older map is refused (``check``).
+        self.changed: dict[str, int] = {}
 
     @property
     def epoch(self) -> int:
@@ -76,10 +79,13 @@ class ClusterView:
     def apply(self, placement: Placement, withheld: Collection[str] = ()) -> None:
         """Make ``placement`` the one requests are checked against; the tables in
         ``withheld`` (local ones that disagree with it) are refused whole."""
-        readable, writable = {}, {}
+        readable, writable, changed = {}, {}, {}
+        before = self.placement.tables
         for name, table in placement.tables.items():
             if name in withheld:
                 continue
+            same = name in before and before[name].shards == table.shards
+            changed[name] = self.changed.get(name, placement.epoch) if same else placement.epoch
             read = np.zeros(len(table.shards), dtype=bool)
             write = np.zeros(len(table.shards), dtype=bool)
             for shard, replicas in enumerate(table.shards):
@@ -90,7 +96,7 @@ class ClusterView:
             readable[name], writable[name] = read, write
         # Assigned one by one, each a whole new dict: a request sees the old masks or
         # the new ones (the node's calls all run on the event loop thread anyway).
-        self.readable, self.writable = readable, writable
+        self.readable, self.writable, self.changed = readable, writable, changed
         self.placement = placement
 
     def seal(self, table: str, shard: int) -> None:
@@ -135,9 +141,13 @@ class ClusterView:
         self.known.update(registrations)
         self.live = frozenset(registrations)
 
-    def check(self, table: str, keys: KeyBatch, writing: bool) -> None:
+    def check(self, table: str, keys: KeyBatch, writing: bool, epoch: int = 0) -> None:
         """StaleMap unless this node holds the shard of every key in ``keys`` (a read:
-        Available or Leaving; a write: any state)."""
+        Available or Leaving; a write: any state); and for a write planned on a map of
+        ``epoch`` (0: not said), unless the table's replicas are as they were then. A
+        client that still takes a returned node for down would otherwise count this
+        replica's ack as the quorum, and the other replica, caught up already, would
+        never get the row."""
         mask = (self.writable if writing else self.readable).get(table)
         if mask is None:
             raise StaleMap(
@@ -145,7 +155,15 @@ class ClusterView:
                 f"epoch {self.epoch}; refresh the cluster map",
                 self.epoch,
             )
-        if not keys.count or mask.all():
+        if not keys.count:
+            return
+        if epoch and epoch < (since := self.changed.get(table, 0)):
+            raise StaleMap(
+                f"the replicas of table {table!r} changed at placement epoch {since}, "
+                f"after the write's map (epoch {epoch}); refresh the cluster map",
+                self.epoch,
+            )
+        if mask.all():
             return
         shard_ids = keys.shard_ids(len(mask))
         held = mask[shard_ids]

@@ -274,12 +274,14 @@ class Node:
         row_offsets: np.ndarray,
         features: list[str],
         position: Position | None = None,
+        epoch: int = 0,
     ) -> Generator[Any, None, int]:
         """Apply full or partial rows to the delta in steps of at most 32 keys of one
         shard (``Writes.write_steps``); the number of rows written. Nothing runs before
         the first step, whose first act is to refuse (StaleMap) keys of shards the node
-        does not hold."""
-        token = yield from self._admit_write(name, keys)
+        does not hold, and a write planned on a map of ``epoch`` older than the table's
+        replicas (``ClusterView.check``)."""
+        token = yield from self._admit_write(name, keys, epoch)
         try:
             return (
                 yield from self.writes.write_steps(
@@ -296,11 +298,12 @@ class Node:
         keys: KeyBatch,
         event_time_us: int = 0,
         position: Position | None = None,
+        epoch: int = 0,
     ) -> Generator[Any, None, int]:
         """Tombstone ``keys`` at ``event_time_us`` (µs, default now) in steps of at most 32
         keys of one shard (``Writes.delete_steps``); the number of keys. StaleMap, before
-        anything is applied, for keys of shards the node does not hold."""
-        token = yield from self._admit_write(name, keys)
+        anything is applied, as for ``write_steps``."""
+        token = yield from self._admit_write(name, keys, epoch)
         try:
             return (
                 yield from self.writes.delete_steps(self.table(name), keys, event_time_us, position)
@@ -309,16 +312,19 @@ class Node:
             if token is not None:
                 self.view.end_write(name, token)  # type: ignore[union-attr]
 
-    def _admit_write(self, name: str, keys: KeyBatch) -> Generator[Any, None, int | None]:
-        """In a cluster: StaleMap unless this node holds every key's shard; while one of
-        them is sealed by a move's hand-over, yield the future to await (``_drive``
-        awaits it) and check again. Returns the write's token in ``view.writing``."""
+    def _admit_write(
+        self, name: str, keys: KeyBatch, epoch: int
+    ) -> Generator[Any, None, int | None]:
+        """In a cluster: StaleMap unless this node holds every key's shard (and the
+        table's replicas are as at ``epoch``); while one of them is sealed by a move's
+        hand-over, yield the future to await (``_drive`` awaits it) and check again.
+        Returns the write's token in ``view.writing``."""
         if self.view is None:
             return None
-        self.view.check(name, keys, writing=True)
+        self.view.check(name, keys, writing=True, epoch=epoch)
         while (sealed := self.view.sealed_wait(name, keys)) is not None:
             yield sealed
-            self.view.check(name, keys, writing=True)
+            self.view.check(name, keys, writing=True, epoch=epoch)
         return self.view.begin_write(name)
 
     def consumer_positions(self, name: str, consumer: str, source: str) -> dict[int, int]:

@@ -160,6 +160,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             np.frombuffer(request.row_offsets, dtype="<i8"),
             list(request.features),
             _position(request),
+            request.epoch,
         )
         return await _drive(steps)
 
@@ -193,7 +194,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         table = self.node.table(request.table)
         keys = KeyBatch.from_proto(request.keys, table.schema.key_type, request.table)
         steps = self.node.delete_steps(
-            request.table, keys, request.event_time_us, _position(request)
+            request.table, keys, request.event_time_us, _position(request), request.epoch
         )
         return pb.DeleteResponse(keys_deleted=await _drive(steps))
 
