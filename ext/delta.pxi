@@ -382,6 +382,7 @@ cdef inline void _window(int64_t* valid, const int64_t* ttls, Py_ssize_t n_featu
             if end < valid[1]:
                 valid[1] = end
         elif end + 1 > valid[0]:
+            # No overflow: TTL dropped it, so t + ttl < now_us <= INT64_MAX (unsaturated).
             valid[0] = end + 1
 
 

@@ -246,6 +246,17 @@ def test_overlay_matches_oracle(schema, n, data):
         assert same_read(got[i], want, base[i]), i
 
 
+def assert_window_holds(answer_at, now: int, lo: int, hi: int, got, others=()) -> None:
+    """A read at ``now`` answered ``got`` with the window [lo, hi] (µs): ``now`` is inside,
+    and ``answer_at(t)``, the oracle's answer at t (µs), is ``got`` at both ends, in the
+    middle and at every time of ``others``."""
+    assert INT64_MIN <= lo <= now <= hi <= INT64_MAX
+    # Python's integers do not overflow, so (lo + hi) // 2 is inside [lo, hi]; halving each
+    # first (lo // 2 + hi // 2) is not: with lo == hi odd it is lo - 1, outside the window.
+    for other in {lo, hi, (lo + hi) // 2, now, *others}:
+        assert answer_at(other) == got, other
+
+
 @examples
 @given(schemas(max_features=8), st.integers(1, 4), st.data())
 def test_overlay_valid_window_holds_the_same_answer(schema, n, data):
@@ -261,12 +272,62 @@ def test_overlay_valid_window_holds_the_same_answer(schema, n, data):
     got = codec.overlay(layout, base, delta, snapshot_time, now, ttl_array(ttl), valid)
     for i in range(n):
         lo, hi = int(valid[2 * i]), int(valid[2 * i + 1])
-        assert lo <= now <= hi, i
-        for other in {lo, hi, lo // 2 + hi // 2, now}:
-            want = oracle.overlay(
-                kinds, dims, schema_id, base[i], delta[i], snapshot_time, other, ttl
-            )
-            assert want == got[i], (i, other)
+        somewhere = data.draw(st.integers(lo, hi)) if lo <= hi else now
+
+        def answer_at(t: int, i: int = i) -> bytes | None:
+            return oracle.overlay(kinds, dims, schema_id, base[i], delta[i], snapshot_time, t, ttl)
+
+        assert_window_holds(answer_at, now, lo, hi, got[i], (somewhere,))
+
+
+# The int64 edges of the window, each as (feature time t, TTL, now, the window): t + ttl
+# (the last µs a value lives) saturates at INT64_MAX, now - ttl is below INT64_MIN near
+# the smallest clock, and a value dropped at now came back one µs after t + ttl.
+WINDOW_EDGES = {
+    # hypothesis's find: dropped at INT64_MAX, back at INT64_MAX - 1 = t + ttl
+    "dropped at the largest now": (-1, INT64_MAX, INT64_MAX, (INT64_MAX, INT64_MAX)),
+    "kept until the largest now": (0, INT64_MAX, INT64_MAX, (INT64_MIN, INT64_MAX)),
+    "t + ttl past INT64_MAX": (INT64_MAX, INT64_MAX, INT64_MAX, (INT64_MIN, INT64_MAX)),
+    "oldest value, longest ttl": (INT64_MIN, INT64_MAX, INT64_MAX, (0, INT64_MAX)),
+    "oldest value, largest now, ttl 1": (INT64_MIN, 1, INT64_MAX, (INT64_MIN + 2, INT64_MAX)),
+    "smallest now, ttl 1": (INT64_MIN, 1, INT64_MIN, (INT64_MIN, INT64_MIN + 1)),
+    "smallest now, longest ttl": (INT64_MIN, INT64_MAX, INT64_MIN, (INT64_MIN, -1)),
+    "newest value, smallest now": (INT64_MAX, 1, INT64_MIN, (INT64_MIN, INT64_MAX)),
+    # the oldest a delta value read over a snapshot at INT64_MIN can be
+    "oldest delta time, longest ttl": (INT64_MIN + 1, INT64_MAX, INT64_MAX, (1, INT64_MAX)),
+    "oldest delta time, smallest now": (INT64_MIN + 1, 1, INT64_MIN, (INT64_MIN, INT64_MIN + 2)),
+}
+
+
+@pytest.mark.parametrize("source", ["base", "delta"])
+@pytest.mark.parametrize("case", WINDOW_EDGES.values(), ids=WINDOW_EDGES.keys())
+def test_overlay_valid_window_at_the_int64_edges(case, source):
+    """The window at the int64 edges, exactly, and the answer changes just outside it;
+    checked on every run, not when hypothesis happens to draw these times."""
+    t, ttl_us, now, (lo, hi) = case
+    kinds, dims = [codec.KIND_BOOL, codec.KIND_BOOL], [0, 0]  # feature 1: no TTL
+    layout = codec.Layout(0, kinds, dims)
+    ttl = [ttl_us, 0]
+    if source == "base":
+        base, delta = oracle.encode_row(kinds, dims, 0, t, [True, True]), None
+    else:
+        base = None
+        delta = oracle.encode_delta_row(kinds, dims, 0, t, INT64_MIN, [t, t], [True, True])
+    valid = np.empty(2, np.int64)
+    (got,) = codec.overlay(layout, [base], [delta], INT64_MIN, now, ttl_array(ttl), valid)
+    if source == "delta" and t == INT64_MIN:
+        # never newer than the snapshot: the key is missing, whatever the time
+        assert got is None
+        lo, hi = INT64_MIN, INT64_MAX
+    assert (int(valid[0]), int(valid[1])) == (lo, hi)
+
+    def answer_at(t: int) -> bytes | None:
+        return oracle.overlay(kinds, dims, 0, base, delta, INT64_MIN, t, ttl)
+
+    assert_window_holds(answer_at, now, lo, hi, got)
+    for outside in (lo - 1, hi + 1):
+        if INT64_MIN <= outside <= INT64_MAX:
+            assert answer_at(outside) != got, outside
 
 
 def test_overlay_valid_window_without_ttl_is_for_ever():
