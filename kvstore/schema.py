@@ -26,6 +26,9 @@ from kvstore.errors import InvalidArgument, UnknownFeature
 __all__ = ["DType", "Feature", "KeyType", "TableSchema"]
 
 MAX_FEATURES = 4096
+#: The longest TTL, s (about 290,000 years): TTLs are int64 µs in the codec, and a
+#: longer, infinite or NaN one would fail every read of the table.
+MAX_TTL_S = 9.2e12
 MAX_SHARDS = 4096
 MAX_STRING_KEY_BYTES = 1024
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
@@ -179,9 +182,10 @@ class TableSchema:
         for fname, seconds in (ttl or {}).items():
             if fname not in seen:
                 raise UnknownFeature(f"table {name!r}: a TTL for {fname!r}, which is not a feature")
-            if not isinstance(seconds, (int, float)) or seconds < 0:
+            if not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_TTL_S:
                 raise InvalidArgument(
-                    f"table {name!r}, feature {fname!r}: the TTL must be a number of seconds >= 0"
+                    f"table {name!r}, feature {fname!r}: the TTL must be a number of seconds "
+                    f"from 0 to {MAX_TTL_S:.4g} (0: none), not {seconds!r}"
                 )
             i = [f.name for f in out].index(fname)
             out[i] = Feature(fname, out[i].dtype, float(seconds))

@@ -241,7 +241,11 @@ def test_bad_schemas_are_refused_with_the_reason(client: Client) -> None:
         client.create_table("bad3", features={})
     with pytest.raises(kvstore.InvalidArgument, match="'key' is reserved"):
         client.create_table("bad4", features={"key": "int32"})
-    assert not {"bad1", "bad2", "bad3", "bad4"} & {t.schema.name for t in client.list_tables()}
+    for ttl in (-1, float("inf"), float("nan"), 1e20, "60"):
+        with pytest.raises(kvstore.InvalidArgument, match="feature 'x': the TTL must be"):
+            client.create_table("bad5", features={"x": "int32"}, ttl={"x": ttl})
+    created = {t.schema.name for t in client.list_tables()}
+    assert not {"bad1", "bad2", "bad3", "bad4", "bad5"} & created
 
 
 def test_garbage_rows_sent_to_the_node_are_refused(shared_node, table: str, client: Client) -> None:

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None, reason="etcd is not installed (make test installs it)"
 )
 
+
 def test_two_kills_in_a_row_fail_no_read_and_lose_no_acked_write(tmp_path: Path) -> None:
     s = SoakSettings(kills=2, readers=2, writers=2, rows=2000, shards=6, idle_s=1.0)
     res = run_soak(s, tmp_path, progress=None)
