@@ -446,8 +446,35 @@ def test_a_black_holed_replica_is_hedged_within_the_hedge_delay(
         # Far below the 10 s deadline: a hedge answered (after at most 20 ms), and the
         # reads after it avoid the node that stopped answering.
         assert max(took) < 2.0, took
+        # It stays suspect while it does not answer: a read a second probes it, and
+        # that read's hedge is not charged to the budget.
+        health = client._ops.health
+        proxy = cmap.nodes[0].address
+        assert health.is_suspect(proxy)
+
+        def read_until(condition: Callable[[], bool]) -> bool:
+            check_all(client.get(table, KEYS[:100]), KEYS[:100])
+            return condition()
+
+        wait_until(
+            lambda: read_until(lambda: client.counters()["hedges_off_budget"] >= 1),
+            10 * PROBE_S,
+            "a probe of the black-holed replica, hedged off the budget",
+        )
+        assert health.is_suspect(proxy)
+        # Healed, it answers its next probe and is read from again.
         grpc_proxy.heal()
         fast_proxy.heal()
+        wait_until(
+            lambda: read_until(lambda: not health.is_suspect(proxy)),
+            10 * PROBE_S,
+            "the healed replica cleared by an answer",
+        )
+        hedges = client.counters()["hedges_sent"]
+        for _ in range(5):
+            check_all(client.get(table, KEYS[:100]), KEYS[:100])
+        assert not health.is_suspect(proxy)
+        assert client.counters()["hedges_sent"] - hedges <= 1  # no longer hedged around
 
 
 def test_hedges_stop_at_the_budget_but_for_a_node_that_stalls(
@@ -686,6 +713,15 @@ def test_a_sigstopped_node_is_hedged_around(replicated: tuple[Cluster, str]) -> 
     # Reads keep their p99 within the hedge delay plus a call (a generous bound on a
     # shared 2-core machine; the benchmark measures it).
     assert float(np.percentile(load.latencies, 99)) < 1.0
+    # The hung node stayed suspect, probed a read at a time: a probe's part was hedged
+    # off the budget, or failed over (its fast-path connection timed out).
+    probed = load.counters["hedges_off_budget"] + load.counters["failovers"]
+    assert probed >= 1, load.counters
+    # R = 2 acks a write on both replicas, or on one once the other is marked down (its
+    # lease lapsed, 5 s here): the writes stalled on the hung node are acknowledged
+    # then, within their deadline, not failed at its end.
+    assert load.write_latencies and not load.write_failures, load.write_failures[:5]
+    assert max(load.write_latencies) < TIMEOUT_S
 
 
 def test_a_split_between_client_and_node_is_hedged_around(replicated: tuple[Cluster, str]) -> None:

@@ -18,7 +18,7 @@ from kvstore.client.core import (
     Settled,
 )
 from kvstore.client.hedging import HedgedRead
-from kvstore.errors import KvstoreError, Unavailable
+from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
@@ -26,6 +26,12 @@ from kvstore.v1 import feature_store_pb2 as pb
 __all__ = ["ReplicaFlows"]
 
 Flow = Any  # Generator[list[NodeCall], list[Any], T]
+
+#: A write waits for its replicas in rounds, each this share of the deadline, and
+#: refreshes the map between them: a hung replica is dropped from the quorum once the
+#: map marks it down (its lease lapsed), not at the end of the deadline. The first
+#: round is long: a slow replica's write is not cut off and sent again lightly.
+ROUND_SHARES = (0.5, 0.25, 0.25)
 
 
 class ReplicaFlows(ClientCore):
@@ -71,18 +77,28 @@ class ReplicaFlows(ClientCore):
         makes the calls) and return once each shard has the acks its quorum needs
         (``Route.needed``). Shards short of it after a stale route are sent again,
         after a map refresh, to the replicas that have not applied it: once, then
-        while the map's epoch rises. Unavailable names the shards and failed nodes."""
+        while the map's epoch rises. Unavailable names the shards and failed nodes.
+
+        A replica that does not answer within a share of the deadline (a hung node,
+        SIGSTOPped or cut off) does not end the write: the map is refreshed, and once
+        it marks the node down the write is acknowledged without it (R = 2: by the one
+        replica left); until then the lacking replicas are asked again, within the
+        deadline in all (ROUND_SHARES). DeadlineExceeded names the node."""
         present = np.unique(keys.shard_ids(schema.shards))
         acked: dict[str, np.ndarray] = {}
         failures: dict[str, KvstoreError] = {}
         calls = plan(None, None)
         if pos is not None:
             calls += self._position_only(table, schema, pos, {c.address for c in calls})
-        rounds = 0
+        rounds = stalls = 0
         while True:
-            outcomes = (yield Settled(calls)) if calls else []
+            patience = ROUND_SHARES[min(stalls, len(ROUND_SHARES) - 1)]
+            outcomes = (yield Settled(calls, patience)) if calls else []
+            stalled: dict[str, KvstoreError] = {}
             for call, outcome in zip(calls, outcomes, strict=True):
-                if isinstance(outcome, KvstoreError):
+                if isinstance(outcome, DeadlineExceeded):
+                    stalled[call.address] = failures[call.address] = outcome
+                elif isinstance(outcome, KvstoreError):
                     if not isinstance(outcome, STALE_ROUTE):
                         raise outcome
                     failures[call.address] = outcome
@@ -95,6 +111,18 @@ class ReplicaFlows(ClientCore):
             lacking = self._lacking(table, schema, present, acked)
             if not len(lacking):
                 return
+            if stalled and len(stalled) == len(failures):
+                # Only replicas that did not answer in time: is the node marked out yet?
+                stalls += 1
+                yield from self.refresh_map_flow()
+                lacking = self._lacking(table, schema, present, acked)
+                if not len(lacking):
+                    return
+                calls = plan(lacking, acked)
+                if stalls >= len(ROUND_SHARES) or not calls:
+                    raise next(iter(stalled.values()))
+                self.counters.write_retries += 1
+                continue
             rounds += 1
             before = self.route.epoch
             stale = [getattr(e, "epoch", 0) for e in failures.values()]
