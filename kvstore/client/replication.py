@@ -83,7 +83,8 @@ class ReplicaFlows(ClientCore):
         SIGSTOPped or cut off) does not end the write: the map is refreshed, and once
         it marks the node down the write is acknowledged without it (R = 2: by the one
         replica left); until then the lacking replicas are asked again, within the
-        deadline in all (ROUND_SHARES). DeadlineExceeded names the node."""
+        deadline in all (ROUND_SHARES). DeadlineExceeded names the node. A table with
+        one replica per shard waits the whole deadline in one round."""
         present = np.unique(keys.shard_ids(schema.shards))
         acked: dict[str, np.ndarray] = {}
         failures: dict[str, KvstoreError] = {}
@@ -91,8 +92,10 @@ class ReplicaFlows(ClientCore):
         if pos is not None:
             calls += self._position_only(table, schema, pos, {c.address for c in calls})
         rounds = stalls = 0
+        replicated = self.replicated(table)
         while True:
-            patience = ROUND_SHARES[min(stalls, len(ROUND_SHARES) - 1)]
+            # One replica per shard: nothing to wait out, the whole deadline at once.
+            patience = ROUND_SHARES[min(stalls, len(ROUND_SHARES) - 1)] if replicated else 1.0
             outcomes = (yield Settled(calls, patience)) if calls else []
             stalled: dict[str, KvstoreError] = {}
             for call, outcome in zip(calls, outcomes, strict=True):
@@ -111,7 +114,7 @@ class ReplicaFlows(ClientCore):
             lacking = self._lacking(table, schema, present, acked)
             if not len(lacking):
                 return
-            if stalled and len(stalled) == len(failures):
+            if replicated and stalled and len(stalled) == len(failures):
                 # Only replicas that did not answer in time: is the node marked out yet?
                 stalls += 1
                 yield from self.refresh_map_flow()
