@@ -509,6 +509,37 @@ def test_hedges_stop_at_the_budget_but_for_a_node_that_stalls(
         grpc_proxy.heal()
 
 
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+def test_a_write_waits_for_a_hung_replica_within_its_deadline_and_names_it(
+    proxied: tuple[NodeProcess, TcpProxy, TcpProxy, str], transport: str
+) -> None:
+    """R = 2, one replica black-holed and not marked down: no quorum (2 of 2). The write
+    asks it again in rounds, refreshing the map between them, and fails at its
+    deadline naming it, not later; marked down, the other replica's ack is enough."""
+    node, grpc_proxy, fast_proxy, table = proxied
+    cmap = _proxy_map(node, grpc_proxy, fast_proxy, table)
+    with _client(node, transport, cmap) as client:
+        rows = feature_rows(KEYS[:100])
+        assert client.write(table, rows) == 100
+        grpc_proxy.blackhole()
+        deadline = 1.0
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="no quorum.*" + grpc_proxy.address):
+            client.write(table, rows, timeout=deadline)
+        took = time.monotonic() - start
+        # Its rounds (half, a quarter, a quarter) fill the deadline; map refreshes from
+        # the node, on its own, take milliseconds.
+        assert deadline * 0.9 <= took < deadline + 2.0, took
+        assert client.counters()["write_retries"] == 2
+        cmap.nodes[0].state = "down"
+        cmap.epoch += 1
+        client._ops.apply_cluster_map(cmap)
+        rows["clicks"] = rows["clicks"] + 1
+        assert client.write(table, rows, timeout=deadline) == 100
+        grpc_proxy.heal()
+        assert (client.get(table, KEYS[:100]).to_numpy()["clicks"] == KEYS[:100] * 3 + 1).all()
+
+
 def test_the_async_client_fails_over_and_hedges(
     proxied: tuple[NodeProcess, TcpProxy, TcpProxy, str],
 ) -> None:
@@ -587,8 +618,15 @@ class _Load:
     counters: Counter[str] = field(default_factory=Counter)
 
 
-def _load(cluster: Cluster, table: str, seconds: float, fault: Callable[[], None]) -> _Load:
-    """8 reader and 2 writer threads for ``seconds``, ``fault()`` a third of the way in."""
+def _load(
+    cluster: Cluster,
+    table: str,
+    seconds: float,
+    fault: Callable[[], None],
+    policy: HedgePolicy = POLICY,
+) -> _Load:
+    """8 reader and 2 writer threads for ``seconds``, ``fault()`` a third of the way in;
+    the readers hedge by ``policy``."""
     address = next(iter(cluster.nodes.values())).address
     stop = threading.Event()
     done = _Load()
@@ -597,7 +635,7 @@ def _load(cluster: Cluster, table: str, seconds: float, fault: Callable[[], None
 
     def reader(seed: int) -> None:
         rng = np.random.default_rng(seed)
-        with Client(address, timeout=TIMEOUT_S, hedging=POLICY) as client:
+        with Client(address, timeout=TIMEOUT_S, hedging=policy) as client:
             while not stop.is_set():
                 keys = rng.choice(KEYS, 100, replace=False)
                 start = time.monotonic()
@@ -696,11 +734,22 @@ def test_kill_9_of_one_of_three_nodes_fails_no_read_and_loses_no_acked_write(
     _check_on_every_replica(cluster, table, load.acked)
 
 
-def test_a_sigstopped_node_is_hedged_around(replicated: tuple[Cluster, str]) -> None:
+#: No hedge budget at all, as when a loaded cluster's slow calls have spent it.
+SPENT = HedgePolicy(min_delay=0.005, max_delay=0.02, budget=0.0, burst=0.0)
+
+
+@pytest.mark.parametrize("policy", [POLICY, SPENT], ids=["budget", "budget-spent"])
+def test_a_sigstopped_node_is_hedged_around(
+    replicated: tuple[Cluster, str], policy: HedgePolicy
+) -> None:
+    """Reads go on within the hedge delay plus a call, even with the budget spent: a
+    hedge away from a node suspect of hanging (a hedge beat it, or it held a call for
+    the stall time) costs no budget; writes are acknowledged by the replica left once
+    the map marks the node down."""
     cluster, table = replicated
     victim = list(cluster.nodes.values())[2]
     try:
-        load = _load(cluster, table, 6.0, lambda: os.kill(victim.pid, signal.SIGSTOP))
+        load = _load(cluster, table, 6.0, lambda: os.kill(victim.pid, signal.SIGSTOP), policy)
     finally:
         os.kill(victim.pid, signal.SIGCONT)
     print(

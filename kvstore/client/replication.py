@@ -99,7 +99,7 @@ class ReplicaFlows(ClientCore):
             outcomes = (yield Settled(calls, patience)) if calls else []
             stalled: dict[str, KvstoreError] = {}
             for call, outcome in zip(calls, outcomes, strict=True):
-                if isinstance(outcome, DeadlineExceeded):
+                if replicated and isinstance(outcome, DeadlineExceeded):
                     stalled[call.address] = failures[call.address] = outcome
                 elif isinstance(outcome, KvstoreError):
                     if not isinstance(outcome, STALE_ROUTE):
@@ -117,13 +117,13 @@ class ReplicaFlows(ClientCore):
             if replicated and stalled and len(stalled) == len(failures):
                 # Only replicas that did not answer in time: is the node marked out yet?
                 stalls += 1
-                yield from self.refresh_map_flow()
+                yield from self._map_from(acked)
                 lacking = self._lacking(table, schema, present, acked)
                 if not len(lacking):
                     return
                 calls = plan(lacking, acked)
                 if stalls >= len(ROUND_SHARES) or not calls:
-                    raise next(iter(stalled.values()))
+                    raise self._stalled(table, lacking, stalled)
                 self.counters.write_retries += 1
                 continue
             rounds += 1
@@ -148,6 +148,27 @@ class ReplicaFlows(ClientCore):
         route = self.route
         acks = route.acks(table, acked)
         return present[acks[present] < route.needed(table)[present]]
+
+    def _map_from(self, acked: dict[str, np.ndarray]) -> Flow:
+        """Refresh the map from a node that applied this write (it answers; the seed may
+        be the hung node), else as any refresh does; a map older than the cached one is
+        not applied."""
+        if not acked:
+            yield from self.refresh_map_flow()
+            return
+        cmap = yield [NodeCall(next(iter(acked)), "GetClusterMap", pb.GetClusterMapRequest())]
+        self.apply_cluster_map(cmap[0])
+
+    def _stalled(
+        self, table: str, lacking: np.ndarray, stalled: dict[str, KvstoreError]
+    ) -> DeadlineExceeded:
+        shards = ", ".join(str(s) for s in lacking[:8].tolist())
+        nodes = "; ".join(f"{a}: {e}" for a, e in stalled.items())
+        return DeadlineExceeded(
+            f"table {table!r}: the write reached no quorum on shard(s) {shards} within its "
+            f"deadline, and the map does not mark the replicas that did not answer down "
+            f"({nodes})"
+        )
 
     def _no_quorum(
         self,
