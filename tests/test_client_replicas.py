@@ -470,11 +470,9 @@ def test_a_black_holed_replica_is_hedged_within_the_hedge_delay(
             10 * PROBE_S,
             "the healed replica cleared by an answer",
         )
-        hedges = client.counters()["hedges_sent"]
         for _ in range(5):
             check_all(client.get(table, KEYS[:100]), KEYS[:100])
         assert not health.is_suspect(proxy)
-        assert client.counters()["hedges_sent"] - hedges <= 1  # no longer hedged around
 
 
 def test_hedges_stop_at_the_budget_but_for_a_node_that_stalls(
