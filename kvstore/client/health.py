@@ -79,8 +79,9 @@ class HedgePolicy:
 
 
 class NodeHealth:
-    """Per node: calls outstanding, latency averages; the hedge budget. Thread-safe
-    enough: counts are updated under the GIL, one writer per sample."""
+    """Per node: calls outstanding, latency averages, suspicion of hanging; the hedge
+    budget. Thread-safe enough: counts are updated under the GIL, one writer per
+    sample; the budget and the claim of a probe under a lock."""
 
     def __init__(self, policy: HedgePolicy) -> None:
         self.policy = policy
@@ -132,7 +133,7 @@ class NodeHealth:
                 self.suspects.pop(address, None)
 
     def suspected(self, address: str, now: float) -> bool:
-        """True while ``address`` is suspect and not due for a probe (``probe_due``)."""
+        """True while ``address`` is suspect and not due for a probe (``probe``)."""
         at = self.suspects.get(address)
         return at is not None and now - at < PROBE_S
 
