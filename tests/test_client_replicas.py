@@ -18,7 +18,9 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ from kvstore import AsyncClient, Client, DeadlineExceeded, InvalidArgument, Unav
 from kvstore.client import HedgePolicy
 from kvstore.client.core import ClientCore, NodeCall
 from kvstore.client.fast import FastConnections
-from kvstore.client.health import NodeHealth
+from kvstore.client.health import PROBE_S, NodeHealth
 from kvstore.client.routes import NoReplica, read_choice, route_from_map
 from kvstore.client.sync_hedging import drive_fast
 from kvstore.keys import KeyBatch
@@ -182,10 +184,54 @@ def test_a_node_s_hedge_delay_follows_its_latency_and_hedges_keep_to_the_budget(
     assert health.spend() and not health.spend()
     health.earn(1000)  # capped at the burst
     assert [health.spend() for _ in range(3)] == [True, True, False]
-    # A node a hedge beat is avoided for a while, then tried again.
-    health.suspect(slow)
-    assert health.suspected(slow, time.monotonic())
-    assert not health.suspected(slow, time.monotonic() + 5)
+
+
+def test_a_suspect_node_stays_suspect_until_it_answers_and_is_probed_once_at_a_time() -> None:
+    health = NodeHealth(HedgePolicy())
+    hung, other = "127.0.0.1:1", "127.0.0.1:2"
+    health.suspect(hung)
+    now = time.monotonic()
+    # Suspect however long it stays silent; avoided but for a probe every PROBE_S.
+    assert health.is_suspect(hung) and health.is_suspect(hung)
+    assert health.suspected(hung, now)
+    later = now + PROBE_S
+    assert not health.suspected(hung, later) and health.is_suspect(hung)
+    # One read claims the probe: the suspicion is renewed, the next read does not get it.
+    assert health.probe(hung, later)
+    assert not health.probe(hung, later) and health.suspected(hung, later)
+    assert health.probe(hung, later + PROBE_S)
+    # An answer clears it; a node never suspected needs no probe.
+    health.cleared(hung)
+    assert not health.is_suspect(hung) and not health.suspected(hung, later)
+    assert health.probe(other, now) and not health.is_suspect(other)
+
+
+def test_reads_avoid_a_suspect_replica_and_only_one_read_probes_it() -> None:
+    nodes = [_node_info(f"127.0.0.1:{7000 + i}", "", "") for i in range(2)]
+    cmap = _two_replica_map("t", nodes, lambda i: [0, 1], SHARDS)
+    route = route_from_map(cmap, "127.0.0.1:7000")
+    readable = route.readable["t"]
+    health = NodeHealth(HedgePolicy())
+    hung = route.nodes[0]
+
+    def choice() -> list[int]:
+        return read_choice(route, "t", readable, frozenset(), health, "", 0).tolist()
+
+    assert choice() == [0] * SHARDS  # the client's own order first
+    health.suspect(hung)
+    assert choice() == [1] * SHARDS  # avoided while suspect
+    # Its probe is due: one read goes to it, and renews the suspicion ...
+    health.suspects[hung] -= PROBE_S
+    assert choice() == [0] * SHARDS
+    assert health.suspected(hung, time.monotonic())
+    assert choice() == [1] * SHARDS  # ... so the next reads keep away
+    # Every replica suspect: the read goes to one and renews it, the next to the other.
+    health.suspect(route.nodes[1])
+    first = choice()[0]
+    assert choice() == [1 - first] * SHARDS
+    # An answer clears it.
+    health.cleared(hung)
+    assert choice() == [0] * SHARDS
 
 
 @pytest.mark.parametrize(
@@ -400,28 +446,96 @@ def test_a_black_holed_replica_is_hedged_within_the_hedge_delay(
         # Far below the 10 s deadline: a hedge answered (after at most 20 ms), and the
         # reads after it avoid the node that stopped answering.
         assert max(took) < 2.0, took
+        # It stays suspect while it does not answer: a read a second probes it, and
+        # that read's hedge is not charged to the budget.
+        health = client._ops.health
+        proxy = cmap.nodes[0].address
+        assert health.is_suspect(proxy)
+
+        def read_until(condition: Callable[[], bool]) -> bool:
+            check_all(client.get(table, KEYS[:100]), KEYS[:100])
+            return condition()
+
+        wait_until(
+            lambda: read_until(lambda: client.counters()["hedges_off_budget"] >= 1),
+            10 * PROBE_S,
+            "a probe of the black-holed replica, hedged off the budget",
+        )
+        assert health.is_suspect(proxy)
+        # Healed, it answers its next probe and is read from again.
         grpc_proxy.heal()
         fast_proxy.heal()
+        wait_until(
+            lambda: read_until(lambda: not health.is_suspect(proxy)),
+            10 * PROBE_S,
+            "the healed replica cleared by an answer",
+        )
+        for _ in range(5):
+            check_all(client.get(table, KEYS[:100]), KEYS[:100])
+        assert not health.is_suspect(proxy)
 
 
-def test_hedges_stop_at_the_budget(
+def test_hedges_stop_at_the_budget_but_for_a_node_that_stalls(
     proxied: tuple[NodeProcess, TcpProxy, TcpProxy, str],
 ) -> None:
-    """With a budget of 0 no hedge is sent: a black-holed part waits for its deadline,
-    and the refusal is counted."""
+    """With a budget of 0 no hedge is sent to a node that is slow: a black-holed part
+    waits, and the refusal is counted; once its call has been out for the stall time
+    (10 x max_delay) the node is suspect and the hedge goes, off the budget."""
     node, grpc_proxy, fast_proxy, table = proxied
     cmap = _proxy_map(node, grpc_proxy, fast_proxy, table)
     policy = HedgePolicy(min_delay=0.005, max_delay=0.02, budget=0.0, burst=0.0)
+    stall = NodeHealth(policy).stall_s()
     with _client(node, "grpc", cmap, policy) as client:
         check_all(client.get(table, KEYS[:10]), KEYS[:10])
         grpc_proxy.blackhole()
         start = time.monotonic()
         with pytest.raises(Exception, match="deadline"):
-            client.get(table, KEYS[:10], timeout=0.5)
-        assert time.monotonic() - start >= 0.5
+            client.get(table, KEYS[:10], timeout=stall / 2)
+        assert time.monotonic() - start >= stall / 2
         counters = client.counters()
         assert counters["hedges_sent"] == 0 and counters["budget_exhausted"] >= 1, counters
+        start = time.monotonic()
+        check_all(client.get(table, KEYS[:10]), KEYS[:10])
+        assert stall <= time.monotonic() - start < TIMEOUT_S / 2
+        counters = client.counters()
+        assert counters["hedges_sent"] == counters["hedges_off_budget"] == 1, counters
+        # Suspect now: reads go to the other replica, none waits for the stall again.
+        start = time.monotonic()
+        for _ in range(5):
+            check_all(client.get(table, KEYS[:10]), KEYS[:10])
+        assert time.monotonic() - start < stall * 5
         grpc_proxy.heal()
+
+
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+def test_a_write_waits_for_a_hung_replica_within_its_deadline_and_names_it(
+    proxied: tuple[NodeProcess, TcpProxy, TcpProxy, str], transport: str
+) -> None:
+    """R = 2, one replica black-holed and not marked down: no quorum (2 of 2). The write
+    asks it again in rounds, refreshing the map between them, and fails at its
+    deadline naming it, not later; marked down, the other replica's ack is enough."""
+    node, grpc_proxy, fast_proxy, table = proxied
+    cmap = _proxy_map(node, grpc_proxy, fast_proxy, table)
+    with _client(node, transport, cmap) as client:
+        rows = feature_rows(KEYS[:100])
+        assert client.write(table, rows) == 100
+        grpc_proxy.blackhole()
+        deadline = 1.0
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="no quorum.*" + grpc_proxy.address):
+            client.write(table, rows, timeout=deadline)
+        took = time.monotonic() - start
+        # Its rounds (half, a quarter, a quarter) fill the deadline; map refreshes from
+        # the node, on its own, take milliseconds.
+        assert deadline * 0.9 <= took < deadline + 2.0, took
+        assert client.counters()["write_retries"] == 2
+        cmap.nodes[0].state = "down"
+        cmap.epoch += 1
+        client._ops.apply_cluster_map(cmap)
+        rows["clicks"] = rows["clicks"] + 1
+        assert client.write(table, rows, timeout=deadline) == 100
+        grpc_proxy.heal()
+        assert (client.get(table, KEYS[:100]).to_numpy()["clicks"] == KEYS[:100] * 3 + 1).all()
 
 
 def test_the_async_client_fails_over_and_hedges(
@@ -485,22 +599,41 @@ def replicated(
         cluster.stop()
 
 
+@dataclass
+class _Load:
+    """What _load's readers and writers did."""
+
+    reads: int = 0
+    #: Reads that failed, and writes that missed their deadline or quorum (repr).
+    failures: list[str] = field(default_factory=list)
+    write_failures: list[str] = field(default_factory=list)
+    #: Read latencies (s), and of the acknowledged writes (s).
+    latencies: list[float] = field(default_factory=list)
+    write_latencies: list[float] = field(default_factory=list)
+    #: key → clicks of each acked write.
+    acked: dict[int, int] = field(default_factory=dict)
+    #: The readers' Client.counters(), summed.
+    counters: Counter[str] = field(default_factory=Counter)
+
+
 def _load(
-    cluster: Cluster, table: str, seconds: float, fault: Callable[[], None]
-) -> tuple[int, list[str], list[float], dict[int, int]]:
-    """8 reader and 2 writer threads for ``seconds``, ``fault()`` a third of the way in:
-    (reads done, read failures, read latencies s, key → clicks of each acked write)."""
+    cluster: Cluster,
+    table: str,
+    seconds: float,
+    fault: Callable[[], None],
+    policy: HedgePolicy = POLICY,
+) -> _Load:
+    """8 reader and 2 writer threads for ``seconds``, ``fault()`` a third of the way in;
+    the readers hedge by ``policy``."""
     address = next(iter(cluster.nodes.values())).address
     stop = threading.Event()
-    failures: list[str] = []
-    latencies: list[float] = []
-    acked: dict[int, int] = {}
-    reads = [0]
+    done = _Load()
+    failures, latencies, acked = done.failures, done.latencies, done.acked
     lock = threading.Lock()
 
     def reader(seed: int) -> None:
         rng = np.random.default_rng(seed)
-        with Client(address, timeout=TIMEOUT_S, hedging=POLICY) as client:
+        with Client(address, timeout=TIMEOUT_S, hedging=policy) as client:
             while not stop.is_set():
                 keys = rng.choice(KEYS, 100, replace=False)
                 start = time.monotonic()
@@ -513,7 +646,9 @@ def _load(
                     continue
                 with lock:
                     latencies.append(time.monotonic() - start)
-                    reads[0] += 1
+                    done.reads += 1
+            with lock:
+                done.counters.update(client.counters())
 
     def writer(part: int) -> None:
         keys = KEYS[part::2]
@@ -522,11 +657,15 @@ def _load(
             while not stop.is_set():
                 version += 1
                 batch = keys[(version * 16) % len(keys) :][:16]
+                start = time.monotonic()
                 try:
                     client.write(table, {"key": batch, "clicks": batch * 3 + version})
-                except (Unavailable, DeadlineExceeded):
-                    continue  # not acknowledged: nothing promised
+                except (Unavailable, DeadlineExceeded) as exc:
+                    with lock:  # not acknowledged: nothing promised
+                        done.write_failures.append(repr(exc))
+                    continue
                 with lock:
+                    done.write_latencies.append(time.monotonic() - start)
                     acked.update((int(k), int(k) * 3 + version) for k in batch)
 
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
@@ -539,7 +678,7 @@ def _load(
     stop.set()
     for t in threads:
         t.join(TIMEOUT_S * 2)
-    return reads[0], failures, latencies, acked
+    return done
 
 
 def _replica_lists(address: str, table: str) -> list[list[tuple[int, str]]]:
@@ -588,24 +727,48 @@ def test_kill_9_of_one_of_three_nodes_fails_no_read_and_loses_no_acked_write(
 ) -> None:
     cluster, table = replicated
     victim = list(cluster.nodes.values())[2]
-    reads, failures, _, acked = _load(cluster, table, 6.0, victim.kill)
-    assert reads > 0 and not failures, failures[:5]
-    _check_on_every_replica(cluster, table, acked)
+    load = _load(cluster, table, 6.0, victim.kill)
+    assert load.reads > 0 and not load.failures, load.failures[:5]
+    _check_on_every_replica(cluster, table, load.acked)
 
 
-def test_a_sigstopped_node_is_hedged_around(replicated: tuple[Cluster, str]) -> None:
+#: No hedge budget at all, as when a loaded cluster's slow calls have spent it.
+SPENT = HedgePolicy(min_delay=0.005, max_delay=0.02, budget=0.0, burst=0.0)
+
+
+@pytest.mark.parametrize("policy", [POLICY, SPENT], ids=["budget", "budget-spent"])
+def test_a_sigstopped_node_is_hedged_around(
+    replicated: tuple[Cluster, str], policy: HedgePolicy
+) -> None:
+    """Reads go on within the hedge delay plus a call, even with the budget spent: a
+    hedge away from a node suspect of hanging (a hedge beat it, or it held a call for
+    the stall time) costs no budget; writes are acknowledged by the replica left once
+    the map marks the node down."""
     cluster, table = replicated
     victim = list(cluster.nodes.values())[2]
     try:
-        reads, failures, latencies, _ = _load(
-            cluster, table, 6.0, lambda: os.kill(victim.pid, signal.SIGSTOP)
-        )
+        load = _load(cluster, table, 6.0, lambda: os.kill(victim.pid, signal.SIGSTOP), policy)
     finally:
         os.kill(victim.pid, signal.SIGCONT)
-    assert reads > 0 and not failures, failures[:5]
+    print(
+        f"reads {load.reads} failed {len(load.failures)} "
+        f"p99 {np.percentile(load.latencies, 99):.3f} max {max(load.latencies):.3f} "
+        f"writes {len(load.write_latencies)} failed {len(load.write_failures)} "
+        f"{load.write_failures[:1]} {dict(load.counters)}"
+    )
+    assert load.reads > 0 and not load.failures, load.failures[:5]
     # Reads keep their p99 within the hedge delay plus a call (a generous bound on a
     # shared 2-core machine; the benchmark measures it).
-    assert float(np.percentile(latencies, 99)) < 1.0
+    assert float(np.percentile(load.latencies, 99)) < 1.0
+    # The hung node stayed suspect, probed a read at a time: a probe's part was hedged
+    # off the budget, or failed over (its fast-path connection timed out).
+    probed = load.counters["hedges_off_budget"] + load.counters["failovers"]
+    assert probed >= 1, load.counters
+    # R = 2 acks a write on both replicas, or on one once the other is marked down (its
+    # lease lapsed, 5 s here): the writes stalled on the hung node are acknowledged
+    # then, within their deadline, not failed at its end.
+    assert load.write_latencies and not load.write_failures, load.write_failures[:5]
+    assert max(load.write_latencies) < TIMEOUT_S
 
 
 def test_a_split_between_client_and_node_is_hedged_around(replicated: tuple[Cluster, str]) -> None:

@@ -344,7 +344,8 @@ class AsyncClient:
                         calls = flow.send(None)
                     continue
                 if isinstance(calls, Settled):
-                    outcomes = await self._send_settled(calls, timeout) if calls else []
+                    wait = timeout * calls.patience
+                    outcomes = await self._send_settled(calls, wait) if calls else []
                     calls = flow.send(outcomes)
                     continue
                 try:

@@ -63,7 +63,15 @@ MAX_ROUTE_RETRIES = 8
 class Settled(list):
     """Node calls whose outcomes the flow wants one by one: the client sends them all,
     waits for all, and sends back a list of responses with the KvstoreError of each
-    call that failed in its place (instead of throwing the first error in)."""
+    call that failed in its place (instead of throwing the first error in).
+
+    ``patience``: the share of the call's timeout the client waits for them; a call not
+    answered by then ends with DeadlineExceeded (a write waits for a hung replica in
+    rounds, to see between them whether the map marked it out)."""
+
+    def __init__(self, calls: Any = (), patience: float = 1.0) -> None:
+        super().__init__(calls)
+        self.patience = patience
 
 
 class MixedVersions(StaleMap):

@@ -1,7 +1,8 @@
 """What a client learns about the nodes while it calls them, and what it did about it:
 calls outstanding per node (reads prefer the least busy replica), each node's recent
-latency (a read part slower than its node's usual hedges), the hedge budget, and the
-counters of failovers, hedges and write retries (``Client.counters()``)."""
+latency (a read part slower than its node's usual hedges), the nodes suspected of
+hanging (reads avoid them until they answer, but for one probe a second), the hedge
+budget, and the counters of failovers, hedges and write retries (``Client.counters()``)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,15 @@ DEVIATIONS = 3.0
 MAX_SAMPLE_S = 1.0
 #: How fast a node's slowness is forgotten when no call measures it (s).
 SLOW_HALF_LIFE_S = 1.0
-#: How long reads avoid a node that a hedge beat or that failed (s): then one read
-#: tries it again (and pays one hedge delay if it still does not answer).
-SUSPECT_S = 1.0
+#: A node that a hedge beat, that failed, or that kept a call past its stall time stays
+#: suspect until it answers a call; reads avoid it but for one probe per PROBE_S (s):
+#: that read tries it again, and pays one hedge delay (off the budget) if it still does
+#: not answer. A timer that lifted the suspicion sent every reader back to a hung node
+#: at once, each with a hedge the budget might not have left.
+PROBE_S = 1.0
+#: A call outstanding this many times the policy's max_delay makes its node suspect:
+#: its part's hedge then goes out even when the budget is spent (s, per max_delay s).
+STALL_DELAYS = 10.0
 
 
 @dataclass(slots=True)
@@ -37,7 +44,11 @@ class ReplicaCounters:
     #: Hedges sent (a slow part's keys sent to a second replica) and those that won.
     hedges_sent: int = 0
     hedges_won: int = 0
-    #: Hedges not sent because the budget was spent.
+    #: Of hedges_sent, those sent away from a suspect node to one that is not: they
+    #: are not charged to the budget (it caps load on slow clusters, not failover).
+    hedges_off_budget: int = 0
+    #: Times a hedge was held back because the budget was spent (it is tried again
+    #: after max_delay, in case the node has become suspect meanwhile).
     budget_exhausted: int = 0
     #: Write rounds sent again after a map refresh (a shard lacked its quorum).
     write_retries: int = 0
@@ -68,8 +79,9 @@ class HedgePolicy:
 
 
 class NodeHealth:
-    """Per node: calls outstanding, latency averages; the hedge budget. Thread-safe
-    enough: counts are updated under the GIL, one writer per sample."""
+    """Per node: calls outstanding, latency averages, suspicion of hanging; the hedge
+    budget. Thread-safe enough: counts are updated under the GIL, one writer per
+    sample; the budget and the claim of a probe under a lock."""
 
     def __init__(self, policy: HedgePolicy) -> None:
         self.policy = policy
@@ -78,7 +90,7 @@ class NodeHealth:
         #: address → (mean latency s, mean deviation s, time.monotonic of the last sample).
         self.latency: dict[str, tuple[float, float, float]] = {}
         self.counters = ReplicaCounters()
-        #: address → time.monotonic until which reads avoid it (see suspect).
+        #: address → time.monotonic of its suspicion, renewed by each probe (PROBE_S).
         self.suspects: dict[str, float] = {}
         self._tokens = policy.burst
         self._lock = threading.Lock()
@@ -109,11 +121,51 @@ class NodeHealth:
         return mean * 0.5 ** ((now - at) / SLOW_HALF_LIFE_S)
 
     def suspect(self, address: str) -> None:
-        """A hedge beat ``address``, or it failed: reads avoid it for SUSPECT_S."""
-        self.suspects[address] = time.monotonic() + SUSPECT_S
+        """A hedge beat ``address``, it failed, or it stalled: reads avoid it until it
+        answers (``cleared``), but for a probe every PROBE_S."""
+        with self._lock:
+            self.suspects[address] = time.monotonic()
+
+    def cleared(self, address: str) -> None:
+        """``address`` answered a call: it is no longer suspect."""
+        if address in self.suspects:
+            with self._lock:
+                self.suspects.pop(address, None)
 
     def suspected(self, address: str, now: float) -> bool:
-        return self.suspects.get(address, 0.0) > now
+        """True while ``address`` is suspect and not due for a probe (``probe``)."""
+        at = self.suspects.get(address)
+        return at is not None and now - at < PROBE_S
+
+    def suspicion(self, address: str, now: float) -> float:
+        """0 for a node not suspect or due for a probe; else from 1 (suspected PROBE_S
+        ago) to 2 (just now): of two suspect replicas, reads try the older suspicion."""
+        at = self.suspects.get(address)
+        if at is None or now - at >= PROBE_S:
+            return 0.0
+        return 2.0 - max(now - at, 0.0) / PROBE_S
+
+    def is_suspect(self, address: str) -> bool:
+        """True while ``address`` is suspect (probe due or not)."""
+        return address in self.suspects
+
+    def probe(self, address: str, now: float) -> bool:
+        """Claim the probe of suspect ``address`` for one read: True when its suspicion
+        was PROBE_S old or more (it is renewed, so concurrent reads keep avoiding it and
+        the next probe waits PROBE_S) or it answered meanwhile, False when another read
+        probes it already."""
+        with self._lock:
+            at = self.suspects.get(address)
+            if at is None:
+                return True
+            if now - at < PROBE_S:
+                return False
+            self.suspects[address] = now
+            return True
+
+    def stall_s(self) -> float:
+        """How long a call may be outstanding before its node is suspect, s."""
+        return STALL_DELAYS * self.policy.max_delay
 
     def earn(self, parts: int) -> None:
         """``parts`` read parts were sent: the budget grows by their share."""

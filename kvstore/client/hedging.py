@@ -1,6 +1,7 @@
 """One read of a table with replicas, as a state machine the clients drive: its parts
 (one per node), a failed part sent at once to another replica, a slow part hedged to
-another replica after its node's recent p95 (first answer wins), within the budget.
+another replica after its node's recent p95 (first answer wins), within the budget
+(but for a hedge away from a node suspect of hanging: kvstore.client.health).
 
 Sans I/O: ``Client`` (gRPC futures or fast-path sockets, on the calling thread) and
 ``AsyncClient`` (tasks) send the calls it gives them and hand back each outcome
@@ -120,6 +121,7 @@ class HedgedRead:
         now = time.monotonic()
         if not isinstance(outcome, KvstoreError):
             self.core.health.record(call.address, now - self.sent_at[call_id])
+            self.core.health.cleared(call.address)  # it answers: no longer suspect
         if part.winner is not None or attempt.dead:
             return []  # a loser's late answer
         attempt.pending.discard(call_id)
@@ -152,28 +154,54 @@ class HedgedRead:
 
     def hedge(self) -> list[int]:
         """The ids of the hedges due now: each part outstanding past its delay gets its
-        keys sent to other replicas (once), if the budget allows."""
+        keys sent to other replicas (once). A hedge is charged to the budget unless it
+        goes away from nodes suspect of hanging (a hedge beat them, or this part's call
+        stalled past ``NodeHealth.stall_s``) to nodes that are not; one the budget holds
+        back is tried again after max_delay."""
         now = time.monotonic()
+        health = self.core.health
         ids: list[int] = []
         for index, part in enumerate(self._parts):
             if part.winner is not None or part.due > now:
                 continue
-            part.due = np.inf  # one hedge per part
-            busy = {c.address for a in part.attempts for i in a.pending for c in (self.calls[i],)}
+            busy = self._busy(part, now)
             try:
                 calls = self._plan(
                     self.batch.take(part.positions), part.positions, frozenset(self.avoid | busy)
                 )
             except NoReplica:
+                part.due = np.inf
                 continue
-            if not self.core.health.spend():
+            away = (
+                bool(busy)
+                and all(map(health.is_suspect, busy))
+                and not any(health.is_suspect(c.address) for c in calls)
+            )
+            if not away and not health.spend():
                 self.core.counters.budget_exhausted += 1
+                part.due = now + health.policy.max_delay
                 continue
+            part.due = np.inf  # one hedge per part
             attempt = _Attempt(index, hedge=True)
             part.attempts.append(attempt)
             self.core.counters.hedges_sent += 1
+            self.core.counters.hedges_off_budget += away
             ids += [self._add(c, attempt, now) for c in calls]
         return ids
+
+    def _busy(self, part: _Part, now: float) -> set[str]:
+        """The nodes with a call of ``part`` still out; those out past the stall time
+        become suspect."""
+        health = self.core.health
+        stall = health.stall_s()
+        busy = set()
+        for attempt in part.attempts:
+            for i in attempt.pending:
+                address = self.calls[i].address
+                busy.add(address)
+                if now - self.sent_at[i] >= stall and not health.is_suspect(address):
+                    health.suspect(address)
+        return busy
 
     def pending(self) -> list[int]:
         """Ids of calls sent and not answered whose answer nobody needs any more."""

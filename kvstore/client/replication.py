@@ -18,7 +18,7 @@ from kvstore.client.core import (
     Settled,
 )
 from kvstore.client.hedging import HedgedRead
-from kvstore.errors import KvstoreError, Unavailable
+from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
@@ -26,6 +26,12 @@ from kvstore.v1 import feature_store_pb2 as pb
 __all__ = ["ReplicaFlows"]
 
 Flow = Any  # Generator[list[NodeCall], list[Any], T]
+
+#: A write waits for its replicas in rounds, each this share of the deadline, and
+#: refreshes the map between them: a hung replica is dropped from the quorum once the
+#: map marks it down (its lease lapsed), not at the end of the deadline. The first
+#: round is long: a slow replica's write is not cut off and sent again lightly.
+ROUND_SHARES = (0.5, 0.25, 0.25)
 
 
 class ReplicaFlows(ClientCore):
@@ -71,18 +77,31 @@ class ReplicaFlows(ClientCore):
         makes the calls) and return once each shard has the acks its quorum needs
         (``Route.needed``). Shards short of it after a stale route are sent again,
         after a map refresh, to the replicas that have not applied it: once, then
-        while the map's epoch rises. Unavailable names the shards and failed nodes."""
+        while the map's epoch rises. Unavailable names the shards and failed nodes.
+
+        A replica that does not answer within a share of the deadline (a hung node,
+        SIGSTOPped or cut off) does not end the write: the map is refreshed, and once
+        it marks the node down the write is acknowledged without it (R = 2: by the one
+        replica left); until then the lacking replicas are asked again, within the
+        deadline in all (ROUND_SHARES). DeadlineExceeded names the node. A table with
+        one replica per shard waits the whole deadline in one round."""
         present = np.unique(keys.shard_ids(schema.shards))
         acked: dict[str, np.ndarray] = {}
         failures: dict[str, KvstoreError] = {}
         calls = plan(None, None)
         if pos is not None:
             calls += self._position_only(table, schema, pos, {c.address for c in calls})
-        rounds = 0
+        rounds = stalls = 0
+        replicated = self.replicated(table)
         while True:
-            outcomes = (yield Settled(calls)) if calls else []
+            # One replica per shard: nothing to wait out, the whole deadline at once.
+            patience = ROUND_SHARES[min(stalls, len(ROUND_SHARES) - 1)] if replicated else 1.0
+            outcomes = (yield Settled(calls, patience)) if calls else []
+            stalled: dict[str, KvstoreError] = {}
             for call, outcome in zip(calls, outcomes, strict=True):
-                if isinstance(outcome, KvstoreError):
+                if replicated and isinstance(outcome, DeadlineExceeded):
+                    stalled[call.address] = failures[call.address] = outcome
+                elif isinstance(outcome, KvstoreError):
                     if not isinstance(outcome, STALE_ROUTE):
                         raise outcome
                     failures[call.address] = outcome
@@ -95,6 +114,18 @@ class ReplicaFlows(ClientCore):
             lacking = self._lacking(table, schema, present, acked)
             if not len(lacking):
                 return
+            if replicated and stalled and len(stalled) == len(failures):
+                # Only replicas that did not answer in time: is the node marked out yet?
+                stalls += 1
+                yield from self._map_from(acked)
+                lacking = self._lacking(table, schema, present, acked)
+                if not len(lacking):
+                    return
+                calls = plan(lacking, acked)
+                if stalls >= len(ROUND_SHARES) or not calls:
+                    raise self._stalled(table, lacking, stalled)
+                self.counters.write_retries += 1
+                continue
             rounds += 1
             before = self.route.epoch
             stale = [getattr(e, "epoch", 0) for e in failures.values()]
@@ -117,6 +148,27 @@ class ReplicaFlows(ClientCore):
         route = self.route
         acks = route.acks(table, acked)
         return present[acks[present] < route.needed(table)[present]]
+
+    def _map_from(self, acked: dict[str, np.ndarray]) -> Flow:
+        """Refresh the map from a node that applied this write (it answers; the seed may
+        be the hung node), else as any refresh does; a map older than the cached one is
+        not applied."""
+        if not acked:
+            yield from self.refresh_map_flow()
+            return
+        cmap = yield [NodeCall(next(iter(acked)), "GetClusterMap", pb.GetClusterMapRequest())]
+        self.apply_cluster_map(cmap[0])
+
+    def _stalled(
+        self, table: str, lacking: np.ndarray, stalled: dict[str, KvstoreError]
+    ) -> DeadlineExceeded:
+        shards = ", ".join(str(s) for s in lacking[:8].tolist())
+        nodes = "; ".join(f"{a}: {e}" for a, e in stalled.items())
+        return DeadlineExceeded(
+            f"table {table!r}: the write reached no quorum on shard(s) {shards} within its "
+            f"deadline, and the map does not mark the replicas that did not answer down "
+            f"({nodes})"
+        )
 
     def _no_quorum(
         self,

@@ -185,13 +185,18 @@ def read_choice(
     wanted: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per shard, the node index of the replica to read: not in ``avoid``, then one
-    the map does not mark down, then one no hedge beat and that did not fail in the
-    last second (``health``), then in the client's ``zone``, then Available before
-    Leaving, then with the fewest
+    the map does not mark down, then one not suspect of hanging (``health``: a hedge
+    beat it or it failed, and it has not answered since) unless its probe is due, then
+    in the client's ``zone``, then Available before Leaving, then with the fewest
     calls outstanding and the least slow (``health``: 1 call ≈ 1 ms of mean latency),
     then the client's own order of nodes (``spin``): one client sends a batch to few
     nodes, many clients spread over all. NoReplica when a shard of ``wanted`` (None:
-    every shard) has no replica left."""
+    every shard) has no replica left.
+
+    A suspect node chosen is probed: its suspicion is renewed (``NodeHealth.probe``),
+    so concurrent reads keep away from it and one read at a time tries it; a node
+    whose probe another read claimed first is scored as suspect and the choice made
+    again."""
     n = len(route.nodes)
     outstanding = health.outstanding
     now = time.monotonic()
@@ -202,17 +207,22 @@ def read_choice(
             continue
         far = bool(zone) and i < len(route.zones) and route.zones[i] != zone
         down = i < len(route.down) and route.down[i]
-        suspect = health.suspected(address, now)
+        suspect = health.suspicion(address, now)
         busy = outstanding.get(address, 0) + health.slowness(address, now) * 1e3
-        score[i] = down * 1e9 + suspect * 1e7 + far * 1e6 + busy * 1e3 + (i + spin) % n
+        score[i] = down * 1e9 + suspect * SUSPECT_PENALTY + far * 1e6 + busy * 1e3 + (i + spin) % n
     score[n] = math.inf
-    per_replica = score[readable]
     leaving = route.leaving.get(table)
-    if leaving is not None and leaving.shape == readable.shape:
-        per_replica = per_replica + leaving * LEAVING_PENALTY
-    best = per_replica.argmin(axis=1)
     rows = np.arange(len(readable))
-    chosen = readable[rows, best]
+    while True:
+        per_replica = score[readable]
+        if leaving is not None and leaving.shape == readable.shape:
+            per_replica = per_replica + leaving * LEAVING_PENALTY
+        best = per_replica.argmin(axis=1)
+        chosen = readable[rows, best]
+        taken = _probe_suspects(route, health, chosen if wanted is None else chosen[wanted], now)
+        if taken is None:
+            break
+        score[taken] += SUSPECT_PENALTY  # another read probes it: avoid it as a suspect
     missing = np.isinf(per_replica[rows, best])
     if wanted is not None:
         missing &= np.isin(rows, wanted)
@@ -223,3 +233,24 @@ def read_choice(
             f"(failed: {', '.join(sorted(avoid)) or 'none'})"
         )
     return chosen
+
+
+#: What a suspect node costs in read_choice's scores (1 to 2 times this, the newer its
+#: suspicion the more): more than another zone, less than a node the map marks down.
+SUSPECT_PENALTY = 1e7
+
+
+def _probe_suspects(route: Route, health: NodeHealth, chosen: np.ndarray, now: float) -> int | None:
+    """Renew the suspicion of each suspect node in ``chosen`` (node indexes): this read
+    probes it. The index of one whose probe another read claimed first, else None."""
+    if not health.suspects:
+        return None
+    for node in np.unique(chosen[chosen >= 0]).tolist():
+        address = route.nodes[node]
+        if not health.is_suspect(address):
+            continue
+        if health.suspected(address, now):
+            health.suspect(address)  # every replica is suspect: still, one read at a time
+        elif not health.probe(address, now):
+            return node
+    return None

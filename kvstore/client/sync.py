@@ -354,7 +354,8 @@ class Client:
                         calls = flow.send(None)
                     continue
                 if isinstance(calls, Settled):
-                    calls = flow.send(self._send_settled(calls, timeout) if calls else [])
+                    wait = timeout * calls.patience
+                    calls = flow.send(self._send_settled(calls, wait) if calls else [])
                     continue
                 try:
                     responses = self._send(calls, timeout)
