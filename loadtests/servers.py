@@ -153,19 +153,10 @@ class KvstoreNode(NodeProcess):
             env=env,
             log_path=workdir / "kvstore-node.log",
             port_file=workdir / "kvstore-node.port",
-            preexec_fn=self._join_cgroup,
+            cgroup_procs=cgroup_procs,  # memcap.py: the node joins it before it starts
             start_timeout_s=START_TIMEOUT_S,
         )
         self.workdir = workdir
-        #: A cgroup's ``cgroup.procs``: the node joins it before it starts (memcap.py).
-        self.cgroup_procs = cgroup_procs
-
-    def _join_cgroup(self) -> None:
-        """In the child, before exec: move into ``cgroup_procs`` so that every page the
-        node touches, from the interpreter on, is charged to that cgroup."""
-        if self.cgroup_procs is not None:
-            with open(self.cgroup_procs, "w") as f:
-                f.write(str(os.getpid()))
 
 
 class RedisServer:

@@ -61,7 +61,11 @@ class NodeProcess:
     * ``env``: environment variables set for the node (``KVSTORE_*`` settings).
     * ``log_path`` / ``port_file``: default ``<data_dir>.log`` / ``<data_dir>.port``
       beside the data directory; the log is appended to across restarts.
-    * ``preexec_fn``: run in the child before exec (e.g. to join a cgroup).
+    * ``cgroup_procs``: a cgroup's ``cgroup.procs``; the node joins it before the
+      interpreter starts (``sh`` writes its pid there, then execs the node), so every
+      page it touches is charged there. Not a ``preexec_fn``: that makes subprocess
+      fork() instead of vfork(), which runs gRPC's fork handlers in this process, and
+      they can hang when a gRPC client of this process is busy.
     * ``new_session``: run the node in its own session, so a Ctrl-C in the terminal
       reaches only the supervisor, which then stops the node in its own order.
     """
@@ -74,7 +78,7 @@ class NodeProcess:
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         port_file: Path | None = None,
-        preexec_fn: Callable[[], None] | None = None,
+        cgroup_procs: Path | None = None,
         new_session: bool = False,
         start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
@@ -84,7 +88,7 @@ class NodeProcess:
         self.env = dict(env or {})
         self.log_path = log_path or self.data_dir.with_name(f"{self.data_dir.name}.log")
         self.port_file = port_file or self.data_dir.with_name(f"{self.data_dir.name}.port")
-        self.preexec_fn = preexec_fn
+        self.cgroup_procs = cgroup_procs
         self.new_session = new_session
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
@@ -121,6 +125,8 @@ class NodeProcess:
             str(self.port_file),
             *self.args,
         ]
+        if self.cgroup_procs is not None:
+            cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.cgroup_procs), *cmd]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
@@ -128,7 +134,6 @@ class NodeProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env},
-                preexec_fn=self.preexec_fn,
                 start_new_session=self.new_session,
             )
         try:
