@@ -165,6 +165,46 @@ def test_reads_prefer_the_zone_then_the_least_busy_replica_and_writes_need_their
         assert set(shard_of_key[positions].tolist()) == set(held)
 
 
+def test_a_write_refused_at_a_newer_epoch_by_an_uncounted_replica_is_judged_by_the_new_map() -> (
+    None
+):
+    """Shard replicas on a (Available) and b (Initializing: catching up, its ack not
+    counted). a applies the write; b, which already finished its catch-up and is
+    Available at epoch 9, refuses the client's epoch-5 write with StaleMap. The quorum
+    of the old map (a alone) is not enough: the client refreshes, and under the new map
+    b counts, so the write goes to b again. (Acked on a alone, the row would be missing
+    on b for good: its catch-up had ended before a took the write.)"""
+    from kvstore.client.flows import Operations
+    from kvstore.errors import StaleMap
+
+    nodes = [_node_info("a:1", "", ""), _node_info("b:1", "", "")]
+
+    def cmap(epoch: int, b_state: str) -> pb.ClusterMap:
+        shard = pb.ShardReplicas(node=[0, 1], state=["Available", b_state])
+        table = pb.TableShards(table="t", owner=[0] * SHARDS, replicas=[shard] * SHARDS)
+        return pb.ClusterMap(epoch=epoch, nodes=nodes, tables=[table])
+
+    ops = Operations("a:1", TIMEOUT_S)
+    ops.schemas["t"] = TableSchema.build("t", "int64", {"x": "int64"}, SHARDS).with_id(1)
+    ops.apply_cluster_map(cmap(5, "Initializing"))
+    keys = np.arange(8, dtype=np.int64)
+    flow = ops.write_flow("t", {"key": keys, "x": keys}, "key", None)
+    calls = next(flow)
+    assert sorted(c.address for c in calls) == ["a:1", "b:1"]
+    assert all(c.request.epoch == 5 for c in calls)
+    outcomes = [
+        pb.WriteResponse(rows_written=8) if c.address == "a:1" else StaleMap("caught up", 9)
+        for c in calls
+    ]
+    refresh = flow.send(outcomes)
+    assert [c.method for c in refresh] == ["GetClusterMap"]
+    again = flow.send([cmap(9, "Available")])
+    assert [(c.address, c.request.epoch) for c in again] == [("b:1", 9)]
+    with pytest.raises(StopIteration) as done:
+        flow.send([pb.WriteResponse(rows_written=8)])
+    assert done.value.value == 8
+
+
 def test_a_node_s_hedge_delay_follows_its_latency_and_hedges_keep_to_the_budget() -> None:
     health = NodeHealth(HedgePolicy(min_delay=0.001, max_delay=0.05, budget=0.1, burst=2))
     fast, slow = "127.0.0.1:1", "127.0.0.1:2"

@@ -18,7 +18,7 @@ from kvstore.client.core import (
     Settled,
 )
 from kvstore.client.hedging import HedgedRead
-from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
+from kvstore.errors import DeadlineExceeded, KvstoreError, StaleMap, Unavailable
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
@@ -98,6 +98,7 @@ class ReplicaFlows(ClientCore):
             patience = ROUND_SHARES[min(stalls, len(ROUND_SHARES) - 1)] if replicated else 1.0
             outcomes = (yield Settled(calls, patience)) if calls else []
             stalled: dict[str, KvstoreError] = {}
+            newer = 0  # a replica refused at an epoch after this map's: it is out of date
             for call, outcome in zip(calls, outcomes, strict=True):
                 if replicated and isinstance(outcome, DeadlineExceeded):
                     stalled[call.address] = failures[call.address] = outcome
@@ -105,6 +106,8 @@ class ReplicaFlows(ClientCore):
                     if not isinstance(outcome, STALE_ROUTE):
                         raise outcome
                     failures[call.address] = outcome
+                    if isinstance(outcome, StaleMap):
+                        newer = max(newer, outcome.epoch)
                 elif call.shards is not None:  # not a position-only request
                     done = acked.get(call.address)
                     acked[call.address] = (
@@ -112,7 +115,10 @@ class ReplicaFlows(ClientCore):
                     )
                     failures.pop(call.address, None)
             lacking = self._lacking(table, schema, present, acked)
-            if not len(lacking):
+            # The quorum is the current map's: a replica the old map did not count (an
+            # Initializing one) that refused with a newer epoch may count now (it caught
+            # up, and its peer, not there yet, took the write alone).
+            if not len(lacking) and newer <= self.route.epoch:
                 return
             if replicated and stalled and len(stalled) == len(failures):
                 # Only replicas that did not answer in time: is the node marked out yet?
