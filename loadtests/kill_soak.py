@@ -332,12 +332,8 @@ def _caught_up(nodes: dict[str, NodeProcess], node_id: str, after_epoch: int) ->
 
 
 def _create_table(address: str, s: SoakSettings) -> None:
-    """The table, with 2 replicas per shard on the 3 nodes, every row written."""
-    wait_until(
-        lambda: [n.state for n in cluster_map(address).nodes] == ["live"] * NODES,
-        RECOVER_TIMEOUT_S,
-        f"{NODES} live nodes in the map",
-    )
+    """The table, with 2 replicas per shard on the 3 nodes (all live: running_cluster
+    waits for that), every row written."""
     with Client(address, timeout=60) as client:
         client.create_table(TABLE, features=FEATURES, shards=s.shards, replicas=REPLICAS)
         entry = next(t for t in cluster_map(address).tables if t.table == TABLE)
