@@ -57,7 +57,13 @@ from kvstore.cluster.identity import (
     read_identity,
     record_identity,
 )
-from kvstore.cluster.membership import DEFAULT_TTL_S, Membership, NodeInfo, watch_nodes
+from kvstore.cluster.membership import (
+    DEFAULT_TTL_S,
+    Membership,
+    NodeInfo,
+    read_nodes,
+    watch_nodes,
+)
 from kvstore.cluster.moves import Mover
 from kvstore.cluster.placement import Placement, PlacementStore, ShardState, watch_placement
 from kvstore.cluster.replicas import ReplicaKeeper
@@ -204,10 +210,13 @@ class ClusterAgent:
         """Place ``schema``'s table over the live joined nodes (a CAS on the placement),
         ``replicas`` copies of each shard on distinct nodes (zones where they allow);
         return once this node has created it. AlreadyExists for another schema."""
-        assert self.store is not None
-        zones = {node: info.zone for node, info in self.view.known.items()}
+        assert self.store is not None and self.etcd is not None
+        # The registrations as etcd has them: this node's watch may not have brought a
+        # node that just joined, and the table would be placed on fewer nodes for good.
+        live = await read_nodes(self.etcd)
+        zones = {node: info.zone for node, info in {**self.view.known, **live}.items()}
         placed = await self.store.create_table(
-            schema, self.view.live, replicas or 1, write_quorum, zones
+            schema, frozenset(live), replicas or 1, write_quorum, zones
         )
         await self._wait(
             lambda: self.view.placement.tables.get(schema.name) == placed,

@@ -31,11 +31,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aetcd.exceptions
+import aetcd.utils
 
 from kvstore.cluster.etcd import CALL_TIMEOUT_S, RETRY_INTERVAL_S, Etcd, watch_range
 from kvstore.errors import AlreadyExists, InvalidArgument, Unavailable
@@ -123,13 +124,26 @@ async def watch_nodes(etcd: Etcd) -> AsyncIterator[dict[str, NodeInfo]]:
     """
     prefix = etcd.keys.nodes
     async for state in watch_range(etcd, prefix, prefix=True):
-        nodes = {}
-        for key, entry in state.items():
-            try:
-                nodes[key[len(prefix) :].decode()] = NodeInfo.from_json(entry.value)
-            except (ValueError, TypeError) as exc:
-                log.warning("ignoring the unreadable registration at %s: %s", key.decode(), exc)
-        yield nodes
+        yield _registrations(prefix, ((key, entry.value) for key, entry in state.items()))
+
+
+async def read_nodes(etcd: Etcd) -> dict[str, NodeInfo]:
+    """The live nodes as etcd has them now (a node's watch may not have delivered a
+    registration yet); Unavailable if etcd is lost."""
+    prefix = etcd.keys.nodes
+    with etcd.calls(f"reading {prefix.decode()}"):
+        got = await etcd.client.get_range(prefix, aetcd.utils.prefix_range_end(prefix))
+    return _registrations(prefix, ((kv.key, kv.value) for kv in got))
+
+
+def _registrations(prefix: bytes, entries: Iterable[tuple[bytes, bytes]]) -> dict[str, NodeInfo]:
+    nodes = {}
+    for key, value in entries:
+        try:
+            nodes[key[len(prefix) :].decode()] = NodeInfo.from_json(value)
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring the unreadable registration at %s: %s", key.decode(), exc)
+    return nodes
 
 
 class Membership:
