@@ -1,6 +1,10 @@
 """An update stream follows the cluster map: a node that restarts on other ports
 mid-stream gets the stream's batches again, and nothing is lost or applied wrong.
 
+On a table with two replicas per shard, a batch is acknowledged at the write quorum:
+a kill -9 of one replica ends nothing, and every acknowledged row is on the replica left
+and, once the killed node is back and caught up, on it too.
+
 Real etcd and two node processes on 127.0.0.1 (tests/cluster_fixtures.py). The batches
 a node had not acknowledged are made certain by stopping it (SIGSTOP) while they are
 sent, then killing it: they reached no disk, and only a resend can land them.
@@ -16,11 +20,15 @@ import sys
 
 import numpy as np
 import pytest
-from cluster_fixtures import FEATURES, SHARDS, Cluster
+from cluster_fixtures import FEATURES, SHARDS, Cluster, cluster_map, placed_replicas
 
 from kvstore import AsyncClient, Client
 from kvstore.errors import Unavailable
+from kvstore.keys import KeyBatch
 from kvstore.server.process import NodeProcess, wait_until
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_channel
 
 KEYS = np.arange(2_000, dtype=np.int64)
 BATCHES = 20
@@ -158,3 +166,103 @@ def test_a_stream_open_across_a_drain_sends_to_the_new_owner(two: Cluster) -> No
         assert got.found.all()
         np.testing.assert_array_equal(got.to_numpy()["clicks"], clicks_of(2, KEYS))
     assert n1.running()
+
+
+# -- two replicas per shard: acknowledged at the quorum ---------------------------------
+
+
+def two_replicas(client: Client, table: str) -> None:
+    """Create ``table`` with two replicas per shard once the map shows both nodes live;
+    check that every shard has them."""
+    wait_until(
+        lambda: [n["state"] for n in client.cluster_map()["nodes"]] == ["live"] * 2,
+        30,
+        "2 live nodes in the map",
+    )
+    client.create_table(table, key="int64", features=FEATURES, shards=SHARDS, replicas=2)
+    replicas = placed_replicas(cluster_map(client._ops.seed), table)
+    assert all(sorted(r.node for r in shard) == ["n0", "n1"] for shard in replicas)
+
+
+def live_in_map(seed: str, node_id: str) -> bool:
+    return any(n.node_id == node_id and n.state == "live" for n in cluster_map(seed).nodes)
+
+
+def clicks_on(client: Client, address: str, table: str) -> np.ndarray:
+    """The clicks of every key of KEYS as the node at ``address`` alone holds them (it
+    holds a replica of every shard); fails on a key it does not hold."""
+    batch = KeyBatch.from_values("int64", KEYS, table)
+    plan = client._ops.get_plan(client._ops.schemas[table], ["clicks"])
+    request = pb.GetRequest(table=table, keys=batch.to_proto(), features=["clicks"])
+    with open_channel(address) as channel:
+        response = pb_grpc.FeatureStoreStub(channel).Get(request, timeout=10)
+    result = client._ops.finish_one(table, plan, batch, address, response)
+    assert result.found.all(), f"{address} misses {int((~result.found).sum())} keys"
+    return result.to_numpy()["clicks"]
+
+
+def caught_up(seed: str, table: str, node_id: str, address: str) -> bool:
+    """True once ``node_id`` is live at ``address`` and every shard of ``table`` has both
+    replicas Available (the returned node caught up from its peer)."""
+    cmap = cluster_map(seed)
+    if not any(n.node_id == node_id and n.address == address for n in cmap.nodes):
+        return False
+    replicas = placed_replicas(cmap, table)
+    return all(len(r) == 2 and all(p.state == "Available" for p in r) for r in replicas)
+
+
+def back_and_caught_up(cluster: Cluster, table: str, node_id: str) -> NodeProcess:
+    """Start ``node_id`` again and wait until its replicas of ``table`` caught up."""
+    node = cluster.start(node_id)
+    seed = cluster.nodes["n0"].address
+    wait_until(lambda: caught_up(seed, table, node_id, node.address), 60, f"{node_id} caught up")
+    return node
+
+
+def test_a_stream_on_two_replicas_goes_on_through_a_kill_9_of_one(two: Cluster) -> None:
+    """The sends after the kill do not raise, though the map lists the dead node live
+    for its lease (5 s); flush returns once the map marks it down and the replica left
+    is the quorum. Every acknowledged row is on both replicas in the end."""
+    n0, n1 = two.nodes["n0"], two.nodes["n1"]
+    with Client(n0.address, timeout=10) as client:
+        two_replicas(client, "quorum")
+        with client.update_stream("quorum", max_in_flight=4 * BATCHES) as stream:
+            send_round(stream, 1)
+            stream.flush()
+            n1.kill()
+            send_round(stream, 2)
+            assert live_in_map(n0.address, "n1")  # sent before the dead node's lease lapsed
+            stream.flush()
+            assert stream.rows_acked == 2 * len(KEYS)
+            assert not live_in_map(n0.address, "n1")  # the quorum is n0's ack alone
+        np.testing.assert_array_equal(clicks_on(client, n0.address, "quorum"), clicks_of(2, KEYS))
+        back = back_and_caught_up(two, "quorum", "n1")
+        np.testing.assert_array_equal(clicks_on(client, back.address, "quorum"), clicks_of(2, KEYS))
+
+
+def test_the_async_stream_on_two_replicas_goes_on_through_a_kill_9_of_one(two: Cluster) -> None:
+    n0, n1 = two.nodes["n0"], two.nodes["n1"]
+
+    async def scenario() -> None:
+        async with AsyncClient(n0.address, timeout=10) as client:
+            stream = await client.update_stream("async_quorum", max_in_flight=4 * BATCHES)
+            async with stream:
+                for part in np.array_split(KEYS, BATCHES):
+                    await stream.send({"key": part, "clicks": clicks_of(1, part)})
+                await stream.flush()
+                n1.kill()
+                for part in np.array_split(KEYS, BATCHES):
+                    await stream.send({"key": part, "clicks": clicks_of(2, part)})
+                assert live_in_map(n0.address, "n1")
+                await stream.flush()
+                assert stream.rows_acked == 2 * len(KEYS)
+                assert not live_in_map(n0.address, "n1")
+
+    with Client(n0.address, timeout=10) as client:
+        two_replicas(client, "async_quorum")
+        asyncio.run(scenario())
+        rows = clicks_on(client, n0.address, "async_quorum")
+        np.testing.assert_array_equal(rows, clicks_of(2, KEYS))
+        back = back_and_caught_up(two, "async_quorum", "n1")
+        rows = clicks_on(client, back.address, "async_quorum")
+        np.testing.assert_array_equal(rows, clicks_of(2, KEYS))
