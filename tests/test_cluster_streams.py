@@ -17,14 +17,18 @@ import re
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from cluster_fixtures import FEATURES, SHARDS, Cluster, cluster_map, placed_replicas
 
 from kvstore import AsyncClient, Client
-from kvstore.errors import Unavailable
+from kvstore.client.flows import Operations
+from kvstore.client.stream_acks import Rerouting
+from kvstore.errors import StaleMap, Unavailable
 from kvstore.keys import KeyBatch
+from kvstore.schema import TableSchema
 from kvstore.server.process import NodeProcess, wait_until
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
@@ -266,3 +270,53 @@ def test_the_async_stream_on_two_replicas_goes_on_through_a_kill_9_of_one(two: C
         back = back_and_caught_up(two, "async_quorum", "n1")
         rows = clicks_on(client, back.address, "async_quorum")
         np.testing.assert_array_equal(rows, clicks_of(2, KEYS))
+
+
+# -- the bookkeeping, sans I/O --------------------------------------------------------
+
+
+def test_a_batch_refused_at_a_newer_epoch_by_an_uncounted_replica_waits_for_the_new_map() -> None:
+    """The stream's twin of the unary flow test in tests/test_client_replicas.py. Shard
+    replicas on a (Available) and b (Initializing: its ack not counted). a applies the
+    batch; b, Available at epoch 9 already, refuses the epoch-5 part with StaleMap. a
+    alone is the old map's quorum, but the batch does not count until the map is at
+    epoch 9, and then it needs b: it is sent to b again, at epoch 9."""
+    nodes = [pb.NodeInfo(node_id=a, address=a, state="live") for a in ("a:1", "b:1")]
+
+    def cmap(epoch: int, b_state: str) -> pb.ClusterMap:
+        shard = pb.ShardReplicas(node=[0, 1], state=["Available", b_state])
+        table = pb.TableShards(table="t", owner=[0] * SHARDS, replicas=[shard] * SHARDS)
+        return pb.ClusterMap(epoch=epoch, nodes=nodes, tables=[table])
+
+    ops = Operations("a:1", 10)
+    schema = TableSchema.build("t", "int64", FEATURES, SHARDS).with_id(1)
+    ops.schemas["t"] = schema
+    ops.apply_cluster_map(cmap(5, "Initializing"))
+    acks = Rerouting(SimpleNamespace(_ops=ops), "t", schema, max_in_flight=4)
+    keys = np.arange(8, dtype=np.int64)
+    number = acks._new_batch({"key": keys, "clicks": keys}, "key", None)
+    parts = acks._plan(number)
+    assert sorted(call.address for _, call in parts) == ["a:1", "b:1"]
+    assert all(call.request.epoch == 5 for _, call in parts)
+    for _, call in parts:
+        acks._batches[number].sent(call.address, call.shards)
+    (a_shards,) = [call.shards for _, call in parts if call.address == "a:1"]
+    acks._take_applied("a:1", [(number, a_shards)])
+    acks._settle()
+    assert acks.rows_acked == 0  # b has not answered
+
+    acks._drop("b:1", StaleMap("caught up", 9))
+    acks._settle()
+    assert acks.rows_acked == 0  # the old map's quorum (a alone) is met, but stale
+
+    ops.apply_cluster_map(cmap(9, "Available"))  # the refresh
+    acks._shelve(["b:1"], 5)
+    acks._settle()
+    assert acks.rows_acked == 0  # b counts now, and lacks the batch
+    again = acks._plan(number)
+    assert [(call.address, call.request.epoch) for _, call in again] == [("b:1", 9)]
+    for _, call in again:
+        acks._batches[number].sent(call.address, call.shards)
+        acks._take_applied(call.address, [(number, call.shards)])
+    acks._settle()
+    assert acks.rows_acked == len(keys) and not acks._batches

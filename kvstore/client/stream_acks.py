@@ -127,6 +127,9 @@ class Rerouting:
         self._failures: dict[str, KvstoreError] = {}
         self._dropped_at: dict[str, int] = {}
         self._refreshed = 0.0
+        #: The newest epoch a node refused a part at: no batch counts as acknowledged
+        #: under an older map (the new one may count a replica the old one did not).
+        self._newer = 0
         self._rows_acked = 0
         self.batches_sent = 0
 
@@ -182,6 +185,8 @@ class Rerouting:
     def _drop(self, address: str, error: KvstoreError) -> None:
         """Forget node ``address``'s call (its parts in flight are lost) after ``error``."""
         self._failures[address] = error
+        if isinstance(error, StaleMap):
+            self._newer = max(self._newer, error.epoch)
         for batch in self._batches.values():
             batch.pending.pop(address, None)
 
@@ -216,6 +221,8 @@ class Rerouting:
         """Count the batches whose every shard has its quorum by the current map and
         whose parts are all answered (or on nodes the map marks down) as acknowledged."""
         ops = self._client._ops
+        if self._newer > ops.route.epoch:
+            return
         for number in list(self._batches):
             batch = self._batches[number]
             if any(not self._gone(a) for a in batch.pending):
