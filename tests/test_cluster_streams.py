@@ -310,7 +310,7 @@ def test_a_batch_refused_at_a_newer_epoch_by_an_uncounted_replica_waits_for_the_
     assert acks.rows_acked == 0  # the old map's quorum (a alone) is met, but stale
 
     ops.apply_cluster_map(cmap(9, "Available"))  # the refresh
-    acks._shelve(["b:1"], 5)
+    acks._shelve({"b:1": 5})  # its part was planned at epoch 5
     acks._settle()
     assert acks.rows_acked == 0  # b counts now, and lacks the batch
     again = acks._plan(number)

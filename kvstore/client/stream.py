@@ -95,8 +95,7 @@ class _NodeStream(NodeAcks):
         with self.done:
             if self.error is not None:
                 return False
-            self.sent += 1
-            self.unacked.append((batch, shards))
+            self._queued(batch, shards, request.epoch)
         self.requests.put(request)
         return True
 
@@ -161,22 +160,24 @@ class UpdateStream(Rerouting):
                 failed[address] = error
         return failed
 
-    def _progress(self) -> None:
+    def _progress(self, quiet: bool = False) -> None:
         """Take acks; drop failed calls, refresh the map, send what lacks its quorum
         again; count the batches acknowledged; raise when one cannot reach its quorum."""
         for _ in range(MAX_ROUTE_RETRIES):
             failed = self._harvest()
-            if not failed and not self._refresh_due():
+            if not failed and not self._refresh_due(quiet):
                 break
             errors = self._rerouted(list(failed.values()))
+            ops = self._client._ops
+            failed_at = {}
             for address, error in failed.items():
+                with self._events:
+                    failed_at[address] = self._streams[address].failed_at(ops.route.epoch)
                 self._drop(address, error)
                 self._streams.pop(address).cancel()
             self._refreshed = time.monotonic()
-            ops = self._client._ops
-            before = ops.route.epoch
             self._client._run(ops.refresh_map_flow(self._refresh_epoch(errors)), None)
-            self._shelve(list(failed), before)
+            self._shelve(failed_at)
             for stream in [s for a, s in self._streams.items() if self._gone(a)]:
                 self._streams.pop(stream.address).cancel()  # a hung node marked down
             for number in list(self._batches):
@@ -190,15 +191,16 @@ class UpdateStream(Rerouting):
         """Wait until every batch sent is acknowledged by its quorum, ``timeout`` s at
         most; raise the error of a batch that cannot reach it."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        quiet = False
         while True:
-            self._progress()
+            self._progress(quiet)
             if not self._batches:
                 return
             left = TICK_S if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise self._overdue(timeout)
             with self._events:
-                self._events.wait_for(self._news, min(left, TICK_S))
+                quiet = not self._events.wait_for(self._news, min(left, TICK_S))
 
     def _news(self) -> bool:
         return any(s.applied or s.error is not None for s in self._streams.values())
@@ -263,8 +265,7 @@ class _AsyncNodeStream(NodeAcks):
             return False
         if self.error is not None:
             return False
-        self.sent += 1
-        self.unacked.append((batch, shards))
+        self._queued(batch, shards, request.epoch)
         try:
             await self.call.write(request)
         except grpc.RpcError as exc:  # the call had ended: its status says why
@@ -331,21 +332,22 @@ class AsyncUpdateStream(Rerouting):
                 failed[address] = stream.error
         return failed
 
-    async def _progress(self) -> None:
+    async def _progress(self, quiet: bool = False) -> None:
         """``UpdateStream._progress`` on the event loop."""
         for _ in range(MAX_ROUTE_RETRIES):
             failed = self._harvest()
-            if not failed and not self._refresh_due():
+            if not failed and not self._refresh_due(quiet):
                 break
             errors = self._rerouted(list(failed.values()))
+            ops = self._client._ops
+            failed_at = {}
             for address, error in failed.items():
+                failed_at[address] = self._streams[address].failed_at(ops.route.epoch)
                 self._drop(address, error)
                 await self._streams.pop(address).cancel()
             self._refreshed = time.monotonic()
-            ops = self._client._ops
-            before = ops.route.epoch
             await self._client._run(ops.refresh_map_flow(self._refresh_epoch(errors)), None)
-            self._shelve(list(failed), before)
+            self._shelve(failed_at)
             for stream in [s for a, s in self._streams.items() if self._gone(a)]:
                 await self._streams.pop(stream.address).cancel()
             for number in list(self._batches):
@@ -359,20 +361,22 @@ class AsyncUpdateStream(Rerouting):
         """Wait until every batch sent is acknowledged by its quorum, ``timeout`` s at
         most; raise the error of a batch that cannot reach it."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        quiet = False
         while True:
-            await self._progress()
+            await self._progress(quiet)
             if not self._batches:
                 return
             left = TICK_S if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise self._overdue(timeout)
+            quiet = False
             try:
                 async with self._progress_cv:
                     await asyncio.wait_for(
                         self._progress_cv.wait_for(self._news), min(left, TICK_S)
                     )
             except TimeoutError:
-                pass
+                quiet = True
 
     def _news(self) -> bool:
         return any(s.applied or s.error is not None for s in self._streams.values())

@@ -38,14 +38,15 @@ REFRESH_EVERY_S = 0.5
 class NodeAcks:
     """What a node's update call keeps, sync or async: parts sent and acknowledged, the
     (batch number, shards) of every part sent and not acknowledged yet, oldest first
-    (the node acknowledges in order), and the parts acknowledged since the stream last
-    took them (``applied``)."""
+    (the node acknowledges in order) with the map epoch each was planned at, and the
+    parts acknowledged since the stream last took them (``applied``)."""
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.sent = 0
         self.acked = 0
         self.unacked: collections.deque[tuple[int, np.ndarray]] = collections.deque()
+        self.epochs: collections.deque[int] = collections.deque()
         self.applied: list[tuple[int, np.ndarray]] = []
         self.error: KvstoreError | None = None
 
@@ -53,7 +54,19 @@ class NodeAcks:
         """The node acknowledged every part up to ``ack.seq``."""
         for _ in range(ack.seq - self.acked):
             self.applied.append(self.unacked.popleft())
+            self.epochs.popleft()
         self.acked = ack.seq
+
+    def _queued(self, batch: int, shards: np.ndarray, epoch: int) -> None:
+        """A part of ``batch`` (``shards``, planned at map ``epoch``) was sent."""
+        self.sent += 1
+        self.unacked.append((batch, shards))
+        self.epochs.append(epoch)
+
+    def failed_at(self, default: int) -> int:
+        """The map epoch of the part the call failed on: the oldest unacknowledged (the
+        node acknowledges in order and stops at its first error); else ``default``."""
+        return self.epochs[0] if self.epochs else default
 
     def _failed(self, exc: grpc.RpcError) -> None:
         """The call ended with ``exc``: a cancel of ours keeps the error that caused it."""
@@ -103,7 +116,8 @@ class _Batch:
         """Per node, the shards it applied or has in flight (not sent to it again)."""
         out = dict(self.acked)
         for address, parts in self.pending.items():
-            out[address] = np.unique(np.concatenate([out.get(address, []), *parts]))
+            done = out.get(address, np.empty(0, np.int64))
+            out[address] = np.unique(np.concatenate([done, *parts]))
         return out
 
 
@@ -190,11 +204,10 @@ class Rerouting:
         for batch in self._batches.values():
             batch.pending.pop(address, None)
 
-    def _shelve(self, addresses: list[str], epoch: int) -> None:
-        """Do not ask ``addresses``, whose calls failed under the map of ``epoch``, again
-        before a refresh brings a newer map."""
-        for address in addresses:
-            self._dropped_at[address] = epoch
+    def _shelve(self, failed_at: dict[str, int]) -> None:
+        """Do not ask the nodes of ``failed_at`` again before a refresh brings a map
+        newer than the one their failed part was planned with (its epoch)."""
+        self._dropped_at.update(failed_at)
 
     def _rerouted(self, errors: list[Any]) -> list[KvstoreError]:
         """``errors`` of failed calls, if each is one a map refresh may cure; else raise
@@ -238,10 +251,12 @@ class Rerouting:
         failed node the map may still mark down."""
         if self._waiting_on_failed():
             return None
+        ops = self._client._ops
         for number, batch in self._batches.items():
             if any(not self._gone(a) for a in batch.pending) or self._plan(number):
                 continue
-            return self._no_quorum(batch)
+            if len(ops._lacking(self._table, self._schema, batch.present, batch.acked)):
+                return self._no_quorum(batch)
         return None
 
     def _no_quorum(self, batch: _Batch) -> KvstoreError:
@@ -258,5 +273,8 @@ class Rerouting:
             f"acknowledged within {timeout} s"
         )
 
-    def _refresh_due(self) -> bool:
-        return self._waiting_on_failed() and (time.monotonic() - self._refreshed >= REFRESH_EVERY_S)
+    def _refresh_due(self, quiet: bool) -> bool:
+        """Whether to refresh the map now: a failed node may be marked down by now, or
+        (``quiet``: a flush waited a tick for an ack in vain) a hung one may be."""
+        waiting = quiet or self._waiting_on_failed()
+        return waiting and time.monotonic() - self._refreshed >= REFRESH_EVERY_S
