@@ -1,29 +1,34 @@
 """Update streams: many update batches over one client-streaming gRPC call per node.
 
-Each batch sent is split by shard over the nodes that hold its keys; each node's part
-is one WriteRequest on that node's call, and the node answers each with an ack, in
-order, once it is durable. ``max_in_flight`` parts per node may await their ack;
-``send`` blocks beyond that, which is the flow control a fast producer needs.
+Each batch sent is split by shard over every writable replica of its keys' shards;
+each node's part is one WriteRequest on that node's call, and the node answers each
+with an ack, in order, once it is durable. ``max_in_flight`` parts per node may await
+their ack; ``send`` blocks beyond that, which is the flow control a fast producer needs.
 
-A ``UpdateStream`` follows the cluster map as the unary calls do (docs/cluster.md,
-"Clients follow the map"): when a node refuses a part with StaleMap (it does not hold
-the shard: nothing was applied) or cannot be reached (Unavailable: gone, or restarted
-on another port), the stream refreshes the map, opens new calls and sends again every
-batch that some node has not acknowledged, whole, to the nodes the new map names.
-Each batch keeps the event time it was stamped with when first sent, so a part that
-had landed before the error is written again at the same event time, which changes
-nothing. As for a unary call, that is one retry, then more while the map's epoch keeps rising:
-a stale route met again before any batch was acknowledged since the last refresh,
-with no newer map, ends the stream with the error. Any
-other error ends the stream: the batches acknowledged before it stand, the error names
-the node's batch (``update N of the stream``) and is raised by the next
-``send``/``flush``. ``AsyncUpdateStream`` does the same on the event loop.
+A batch is acknowledged (``rows_acked``, ``flush`` returning) once each shard it
+touches has the acks of the write quorum the current cluster map asks for
+(``Route.needed``, counted by ``ReplicaFlows._lacking``: the rule unary writes follow)
+and every node it was sent to has acked or failed, or is marked down by the map.
+
+A node's call that fails (StaleMap: it does not hold the shard, nothing was applied;
+Unavailable: gone, or restarted on another port; DeadlineExceeded: its window stayed
+full for the client's timeout, a hung node) is dropped and the map refreshed (to at
+least the epoch a StaleMap named) before any batch counts as acknowledged; the shards
+of each batch that lack their quorum are then sent again to the replicas that have not
+applied them, at the event time the batch was stamped with when first sent (a part
+that had landed is written again at the same event time, which changes nothing). The
+failed node is not asked again until the map's epoch rises or it returns on another
+address. A kill -9 of one of R = 2 replicas therefore ends nothing: batches wait for
+the map to mark the node down (its lease lapsed), then the replica left is the quorum.
+The stream raises (``send``/``flush``) only when a batch cannot reach its quorum:
+no replica left to send it to, or ``flush``'s timeout passed; the error names the
+shards and the nodes that failed. ``AsyncUpdateStream`` does the same on the event loop.
+The bookkeeping both share, sans I/O, is kvstore.client.stream_acks's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import queue
 import threading
 import time
@@ -32,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import MAX_ROUTE_RETRIES, STALE_ROUTE
-from kvstore.columns import EncodedRows, encode_rows
-from kvstore.errors import KvstoreError, Unavailable, from_rpc_error
+from kvstore.client.core import MAX_ROUTE_RETRIES, NodeCall
+from kvstore.client.stream_acks import NodeAcks, Rerouting
+from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.schema import TableSchema
 
 if TYPE_CHECKING:
@@ -45,49 +50,21 @@ __all__ = ["AsyncUpdateStream", "UpdateStream"]
 
 _END = object()
 
-
-class _NodeAcks:
-    """What a node's update call keeps, sync or async: parts sent, acknowledged (and
-    their rows), and the stream batch number of every part sent and not acknowledged
-    yet, oldest first (the node acknowledges in order), in ``unacked``."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.sent = 0
-        self.acked = 0
-        self.rows_acked = 0
-        self.unacked: collections.deque[int] = collections.deque()
-        self.error: KvstoreError | None = None
-
-    def _take(self, ack: Any) -> None:
-        """The node acknowledged every part up to ``ack.seq``."""
-        for _ in range(ack.seq - self.acked):
-            self.unacked.popleft()
-        self.acked = ack.seq
-        self.rows_acked += ack.rows_written
-
-    def _failed(self, exc: grpc.RpcError) -> None:
-        """The call ended with ``exc``: a cancel of ours keeps the error that caused it."""
-        if exc.code() != grpc.StatusCode.CANCELLED or self.error is None:
-            self.error = from_rpc_error(exc, self.address, None)
-
-    def _ended(self) -> None:
-        """The call ended: parts it never acknowledged make it an Unavailable."""
-        if self.error is None and self.acked < self.sent:
-            self.error = Unavailable(
-                f"node {self.address} ended the update stream after {self.acked} of "
-                f"{self.sent} batches"
-            )
+#: How long ``flush`` waits for an ack before it looks at the map again (s).
+TICK_S = 0.25
 
 
-class _NodeStream(_NodeAcks):
-    """One UpdateStream call to one node, fed from a queue, acks read by a thread."""
+class _NodeStream(NodeAcks):
+    """One UpdateStream call to one node, fed from a queue, acks read by a thread;
+    ``events`` is the stream's condition, notified at every ack and at the call's end."""
 
-    def __init__(self, stub: Any, address: str, max_in_flight: int) -> None:
+    def __init__(
+        self, stub: Any, address: str, max_in_flight: int, events: threading.Condition
+    ) -> None:
         super().__init__(address)
         self.window = threading.Semaphore(max_in_flight)
         self.requests: queue.Queue = queue.Queue()
-        self.done = threading.Condition()
+        self.done = events
         self.call = stub.UpdateStream(iter(self.requests.get, _END))
         self.reader = threading.Thread(target=self._read_acks, daemon=True)
         self.reader.start()
@@ -108,27 +85,19 @@ class _NodeStream(_NodeAcks):
         for _ in range(self.sent - self.acked + 1):
             self.window.release()
 
-    def send(self, batch: int, request: Any) -> None:
-        """Queue part of stream batch ``batch``; the stream's error if it has ended."""
-        self.window.acquire()
-        if self.error is not None:
-            raise self.error
+    def send(self, batch: int, shards: np.ndarray, request: Any, timeout: float) -> bool:
+        """Queue part of stream batch ``batch``; False if the call has failed (or its
+        window stayed full ``timeout`` s: a hung node)."""
+        if not self.window.acquire(timeout=timeout):
+            with self.done:
+                self._hung(timeout)
+            return False
         with self.done:
-            self.sent += 1
-            self.unacked.append(batch)
+            if self.error is not None:
+                return False
+            self._queued(batch, shards, request.epoch)
         self.requests.put(request)
-
-    def flush(self, timeout: float | None) -> None:
-        with self.done:
-            if not self.done.wait_for(
-                lambda: self.acked >= self.sent or self.error is not None, timeout
-            ):
-                raise KvstoreError(
-                    f"node {self.address}: {self.sent - self.acked} update batches were not "
-                    f"acknowledged within {timeout} s"
-                )
-        if self.error is not None:
-            raise self.error
+        return True
 
     def close(self) -> None:
         self.requests.put(_END)
@@ -140,68 +109,7 @@ class _NodeStream(_NodeAcks):
         self.close()
 
 
-class _Rerouting:
-    """What UpdateStream and AsyncUpdateStream share: the batches some node may not
-    have acknowledged, the rows acknowledged, and when a reroute gives up."""
-
-    _streams: dict[str, Any]
-
-    def __init__(self, client: Any, table: str, schema: TableSchema, max_in_flight: int):
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self._client = client
-        self._table = table
-        self._schema = schema
-        self._max_in_flight = max_in_flight
-        #: The encoded rows of every batch that some node may not have acknowledged
-        #: (its event times included), by batch number: what a reroute sends again.
-        self._batches: dict[int, EncodedRows] = {}
-        #: The oldest unacknowledged batch at the last reroute: meeting a stale route
-        #: again with the same one means no progress since, and the stream gives up.
-        self._rerouted_at: int | None = None
-        #: Reroutes in a row with no batch acknowledged, each after the map's epoch rose.
-        self._reroutes = 0
-        #: Rows acknowledged by the calls ended by reroutes.
-        self._rows_acked_before = 0
-        self.batches_sent = 0
-
-    def _new_batch(self, data: Any, key_column: str, event_time: Any) -> int:
-        """Encode a batch (its event times stamped now, once) and number it."""
-        rows = encode_rows(self._schema, data, key_column, event_time)
-        self.batches_sent += 1
-        self._batches[self.batches_sent] = rows
-        return self.batches_sent
-
-    @property
-    def rows_acked(self) -> int:
-        """Rows the node(s) have acknowledged as durable so far (a batch sent again after
-        a stale route counts again)."""
-        return self._rows_acked_before + sum(s.rows_acked for s in self._streams.values())
-
-    def _unacknowledged(self) -> set[int]:
-        raise NotImplementedError
-
-    def _forget_acknowledged(self) -> None:
-        """Drop the rows of the batches every node has acknowledged."""
-        oldest = min(self._unacknowledged(), default=self.batches_sent + 1)
-        for batch in [b for b in self._batches if b < oldest]:
-            del self._batches[batch]
-
-    def _again(self, oldest: int, before: int, after: int) -> bool:
-        """Whether the stream, having met a stale route, sends its unacknowledged
-        batches (oldest: ``oldest``) again after a map refresh took the epoch from
-        ``before`` to ``after``: yes when a batch was acknowledged since the last
-        reroute; else yes while the epoch rises (moves hand shards over one after
-        another), at most MAX_ROUTE_RETRIES times in a row."""
-        if self._rerouted_at != oldest:
-            self._rerouted_at = oldest
-            self._reroutes = 0
-            return True
-        self._reroutes += 1
-        return after > before and self._reroutes < MAX_ROUTE_RETRIES
-
-
-class UpdateStream(_Rerouting):
+class UpdateStream(Rerouting):
     """``with client.update_stream("t") as s: s.send({"key": [...], "ctr": [...]})``."""
 
     _client: Client
@@ -209,6 +117,7 @@ class UpdateStream(_Rerouting):
     def __init__(self, client: Client, table: str, schema: TableSchema, max_in_flight: int):
         super().__init__(client, table, schema, max_in_flight)
         self._streams: dict[str, _NodeStream] = {}
+        self._events = threading.Condition()
 
     def send(
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
@@ -216,75 +125,85 @@ class UpdateStream(_Rerouting):
         """Queue one batch of (partial) rows; returns its number (1, 2, …) in this stream.
 
         ``event_time`` in µs since the epoch (default: now, stamped here once)."""
-        batch = self._new_batch(data, key_column, event_time)
-        try:
-            self._send_parts(batch)
-        except STALE_ROUTE as exc:
-            self._reroute(exc, frozenset({batch}))
-        self._forget_acknowledged()
-        return batch
+        number = self._new_batch(data, key_column, event_time)
+        self._progress()
+        self._send(self._plan(number))
+        self._progress()
+        return number
 
-    def _send_parts(self, batch: int) -> None:
-        rows = self._batches[batch]
-        for call in self._client._ops.plan_write(self._table, self._schema, rows):
+    def _send(self, parts: list[tuple[int, NodeCall]]) -> None:
+        timeout = self._client._ops.timeout
+        for number, call in parts:
             stream = self._streams.get(call.address)
             if stream is None:
                 stream = _NodeStream(
-                    self._client._stub(call.address), call.address, self._max_in_flight
+                    self._client._stub(call.address),
+                    call.address,
+                    self._max_in_flight,
+                    self._events,
                 )
                 self._streams[call.address] = stream
-            stream.send(batch, call.request)
+            shards = call.shards
+            assert shards is not None  # a Write's: plan_write names its shards
+            if stream.send(number, shards, call.request, timeout):
+                self._batches[number].sent(call.address, shards)
 
-    def _unacknowledged(self) -> set[int]:
-        found: set[int] = set()
-        for stream in self._streams.values():
-            with stream.done:
-                found.update(stream.unacked)
-        return found
+    def _harvest(self) -> dict[str, KvstoreError]:
+        """Take the acks the calls received; the nodes whose call failed, with why."""
+        failed = {}
+        for address, stream in self._streams.items():
+            with self._events:
+                applied, stream.applied = stream.applied, []
+                error = stream.error
+            self._take_applied(address, applied)
+            if error is not None:
+                failed[address] = error
+        return failed
 
-    def _reroute(self, error: KvstoreError, sending: frozenset[int] = frozenset()) -> None:
-        """After a stale route: refresh the map and send every unacknowledged batch (and
-        ``sending``, those being sent) again over new calls; raise ``error`` (or the
-        retry's) when no batch was acknowledged since the last reroute."""
-        resend = self._unacknowledged() | sending
-        broken = [a for a, s in self._streams.items() if s.error is not None]
-        if not resend:
-            # Nothing to send again: drop the ended calls; the next send opens new ones.
-            for address in broken:
-                self._rows_acked_before += self._streams[address].rows_acked
-                self._streams.pop(address).close()
-            return
-        oldest = min(resend)
-        ops = self._client._ops
-        before = ops.route.epoch
-        for stream in self._streams.values():
-            self._rows_acked_before += stream.rows_acked
-            stream.cancel()
-        self._streams.clear()
-        self._client._run(ops.refresh_map_flow(getattr(error, "epoch", 0)), None)
-        if not self._again(oldest, before, ops.route.epoch):
-            raise error
-        try:
-            for batch in sorted(resend):
-                self._send_parts(batch)
-        except STALE_ROUTE as exc:
-            self._reroute(
-                exc, frozenset(resend)
-            )  # raises, unless some batch was acknowledged meanwhile
+    def _progress(self, quiet: bool = False) -> None:
+        """Take acks; drop failed calls, refresh the map, send what lacks its quorum
+        again; count the batches acknowledged; raise when one cannot reach its quorum."""
+        for _ in range(MAX_ROUTE_RETRIES):
+            failed = self._harvest()
+            if not failed and not self._refresh_due(quiet):
+                break
+            errors = self._rerouted(list(failed.values()))
+            ops = self._client._ops
+            failed_at = {}
+            for address, error in failed.items():
+                with self._events:
+                    failed_at[address] = self._streams[address].failed_at(ops.route.epoch)
+                self._drop(address, error)
+                self._streams.pop(address).cancel()
+            self._refreshed = time.monotonic()
+            self._client._run(ops.refresh_map_flow(self._refresh_epoch(errors)), None)
+            self._shelve(failed_at)
+            for stream in [s for a, s in self._streams.items() if self._gone(a)]:
+                self._streams.pop(stream.address).cancel()  # a hung node marked down
+            for number in list(self._batches):
+                self._send(self._plan(number))
+        self._settle()
+        stuck = self._stuck()
+        if stuck is not None:
+            raise stuck
 
     def flush(self, timeout: float | None = 60.0) -> None:
-        """Wait until every batch sent is acknowledged (durable), ``timeout`` s at most;
-        raise the stream's error."""
+        """Wait until every batch sent is acknowledged by its quorum, ``timeout`` s at
+        most; raise the error of a batch that cannot reach it."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        quiet = False
         while True:
-            try:
-                for stream in list(self._streams.values()):
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    stream.flush(left)
-                break
-            except STALE_ROUTE as exc:
-                self._reroute(exc)
-        self._forget_acknowledged()
+            self._progress(quiet)
+            if not self._batches:
+                return
+            left = TICK_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise self._overdue(timeout)
+            with self._events:
+                quiet = not self._events.wait_for(self._news, min(left, TICK_S))
+
+    def _news(self) -> bool:
+        return any(s.applied or s.error is not None for s in self._streams.values())
 
     def close(self) -> None:
         """Flush, then end the stream."""
@@ -307,7 +226,7 @@ class UpdateStream(_Rerouting):
             self._streams.clear()
 
 
-class _AsyncNodeStream(_NodeAcks):
+class _AsyncNodeStream(NodeAcks):
     """One UpdateStream call to one node on the event loop; a task reads the acks.
 
     ``progress`` is the stream's condition, notified at every ack and at the end of the
@@ -337,20 +256,22 @@ class _AsyncNodeStream(_NodeAcks):
         for _ in range(self.sent - self.acked + 1):  # unblock a producer waiting
             self.window.release()
 
-    async def send(self, batch: int, request: Any) -> None:
-        await self.window.acquire()
+    async def send(self, batch: int, shards: np.ndarray, request: Any, timeout: float) -> bool:
+        """``_NodeStream.send`` on the event loop."""
+        try:
+            await asyncio.wait_for(self.window.acquire(), timeout)
+        except TimeoutError:
+            self._hung(timeout)
+            return False
         if self.error is not None:
-            raise self.error
-        self.sent += 1
-        self.unacked.append(batch)
+            return False
+        self._queued(batch, shards, request.epoch)
         try:
             await self.call.write(request)
         except grpc.RpcError as exc:  # the call had ended: its status says why
             self.error = self.error or from_rpc_error(exc, self.address, None)
-            raise self.error from None
-
-    def finished(self) -> bool:
-        return self.acked >= self.sent or self.error is not None
+            return False
+        return True
 
     async def close(self) -> None:
         if not self.reader.done():
@@ -364,85 +285,101 @@ class _AsyncNodeStream(_NodeAcks):
         await asyncio.wait([self.reader])
 
 
-class AsyncUpdateStream(_Rerouting):
-    """``async with await client.update_stream("t") as s: await s.send({...})``; follows
-    the map as ``UpdateStream`` does (see the module docstring)."""
+class AsyncUpdateStream(Rerouting):
+    """``async with await client.update_stream("t") as s: await s.send({...})``;
+    acknowledged at the quorum as ``UpdateStream`` (see the module docstring)."""
 
     _client: AsyncClient
 
     def __init__(self, client: AsyncClient, table: str, schema: TableSchema, max_in_flight: int):
         super().__init__(client, table, schema, max_in_flight)
         self._streams: dict[str, _AsyncNodeStream] = {}
-        self._progress = asyncio.Condition()
+        self._progress_cv = asyncio.Condition()
 
     async def send(
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
     ) -> int:
         """Queue one batch of (partial) rows; returns its number in this stream."""
-        batch = self._new_batch(data, key_column, event_time)
-        try:
-            await self._send_parts(batch)
-        except STALE_ROUTE as exc:
-            await self._reroute(exc, frozenset({batch}))
-        self._forget_acknowledged()
-        return batch
+        number = self._new_batch(data, key_column, event_time)
+        await self._progress()
+        await self._send(self._plan(number))
+        await self._progress()
+        return number
 
-    async def _send_parts(self, batch: int) -> None:
-        rows = self._batches[batch]
-        for call in self._client._ops.plan_write(self._table, self._schema, rows):
+    async def _send(self, parts: list[tuple[int, NodeCall]]) -> None:
+        timeout = self._client._ops.timeout
+        for number, call in parts:
             stream = self._streams.get(call.address)
             if stream is None:
                 stream = _AsyncNodeStream(
                     self._client._stub(call.address),
                     call.address,
                     self._max_in_flight,
-                    self._progress,
+                    self._progress_cv,
                 )
                 self._streams[call.address] = stream
-            await stream.send(batch, call.request)
+            shards = call.shards
+            assert shards is not None  # a Write's: plan_write names its shards
+            if await stream.send(number, shards, call.request, timeout):
+                self._batches[number].sent(call.address, shards)
 
-    def _unacknowledged(self) -> set[int]:
-        return {b for stream in self._streams.values() for b in stream.unacked}
+    def _harvest(self) -> dict[str, KvstoreError]:
+        failed = {}
+        for address, stream in self._streams.items():
+            applied, stream.applied = stream.applied, []
+            self._take_applied(address, applied)
+            if stream.error is not None:
+                failed[address] = stream.error
+        return failed
 
-    async def _reroute(self, error: KvstoreError, sending: frozenset[int] = frozenset()) -> None:
-        """``UpdateStream._reroute`` on the event loop."""
-        resend = self._unacknowledged() | sending
-        if not resend:
-            for address in [a for a, s in self._streams.items() if s.error is not None]:
-                stream = self._streams.pop(address)
-                self._rows_acked_before += stream.rows_acked
-                await stream.cancel()
-            return
-        oldest = min(resend)
-        ops = self._client._ops
-        before = ops.route.epoch
-        for stream in self._streams.values():
-            self._rows_acked_before += stream.rows_acked
-            await stream.cancel()
-        self._streams.clear()
-        await self._client._run(ops.refresh_map_flow(getattr(error, "epoch", 0)), None)
-        if not self._again(oldest, before, ops.route.epoch):
-            raise error
-        try:
-            for batch in sorted(resend):
-                await self._send_parts(batch)
-        except STALE_ROUTE as exc:
-            await self._reroute(exc, frozenset(resend))
-
-    async def flush(self) -> None:
-        """Wait until every batch sent is acknowledged; raise the stream's error."""
-        while True:
-            async with self._progress:
-                await self._progress.wait_for(
-                    lambda: all(s.finished() for s in self._streams.values())
-                )
-            error = next((s.error for s in self._streams.values() if s.error), None)
-            if error is None:
+    async def _progress(self, quiet: bool = False) -> None:
+        """``UpdateStream._progress`` on the event loop."""
+        for _ in range(MAX_ROUTE_RETRIES):
+            failed = self._harvest()
+            if not failed and not self._refresh_due(quiet):
                 break
-            if not isinstance(error, STALE_ROUTE):
-                raise error
-            await self._reroute(error)
-        self._forget_acknowledged()
+            errors = self._rerouted(list(failed.values()))
+            ops = self._client._ops
+            failed_at = {}
+            for address, error in failed.items():
+                failed_at[address] = self._streams[address].failed_at(ops.route.epoch)
+                self._drop(address, error)
+                await self._streams.pop(address).cancel()
+            self._refreshed = time.monotonic()
+            await self._client._run(ops.refresh_map_flow(self._refresh_epoch(errors)), None)
+            self._shelve(failed_at)
+            for stream in [s for a, s in self._streams.items() if self._gone(a)]:
+                await self._streams.pop(stream.address).cancel()
+            for number in list(self._batches):
+                await self._send(self._plan(number))
+        self._settle()
+        stuck = self._stuck()
+        if stuck is not None:
+            raise stuck
+
+    async def flush(self, timeout: float | None = 60.0) -> None:
+        """Wait until every batch sent is acknowledged by its quorum, ``timeout`` s at
+        most; raise the error of a batch that cannot reach it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        quiet = False
+        while True:
+            await self._progress(quiet)
+            if not self._batches:
+                return
+            left = TICK_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise self._overdue(timeout)
+            quiet = False
+            try:
+                async with self._progress_cv:
+                    await asyncio.wait_for(
+                        self._progress_cv.wait_for(self._news), min(left, TICK_S)
+                    )
+            except TimeoutError:
+                quiet = True
+
+    def _news(self) -> bool:
+        return any(s.applied or s.error is not None for s in self._streams.values())
 
     async def close(self) -> None:
         """Flush, then end the stream."""
