@@ -38,6 +38,7 @@ from kvstore import Client
 from kvstore.client import HedgePolicy
 from kvstore.server.process import wait_until
 from loadtests.servers import replicas_available, running_cluster
+from loadtests.shard_moves import cluster_map
 
 __all__ = ["ReplicaSettings", "measure_replicas", "render_replicas"]
 
@@ -185,10 +186,11 @@ def _catch_up(address: str, victim: Any, recovered: Any, s: ReplicaSettings) -> 
             except Exception:  # not acknowledged: what this counts
                 failed_batches += 1
         down = time.monotonic() - start
+    before = cluster_map(address).epoch
     restarted = time.monotonic()
     victim.start()
     serving = time.monotonic() - restarted
-    recovered()
+    recovered(before)
     return {
         "down_s": down,
         "offered_rows_per_s": sent / down,
@@ -199,9 +201,11 @@ def _catch_up(address: str, victim: Any, recovered: Any, s: ReplicaSettings) -> 
     }
 
 
-def _recovered(address: str, node_id: str) -> bool:
-    """Whether ``node_id`` is live and every replica of the bench table Available."""
-    return replicas_available(address, node_id, TABLE)
+def _recovered(address: str, node_id: str, after_epoch: int = 0) -> bool:
+    """Whether ``node_id`` is live and every replica of the bench table Available in a
+    map newer than ``after_epoch`` (a restarted node marks its replicas to catch up in a
+    new epoch: a map from before shows them Available)."""
+    return replicas_available(address, node_id, TABLE, after_epoch)
 
 
 def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
@@ -218,11 +222,11 @@ def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
                 client.write(TABLE, _rows(part))
         victim_id, victim = list(cluster.nodes.items())[-1]
 
-        def recovered() -> None:
+        def recovered(after_epoch: int = 0) -> None:
             """Each phase starts on a whole cluster: a SIGSTOP past the lease (5 s) makes
             the node register again, and R = 3 cannot be placed on 2 live nodes."""
             what = f"{victim_id} to be live and caught up"
-            wait_until(lambda: _recovered(address, victim_id), RECOVER_TIMEOUT_S, what)
+            wait_until(lambda: _recovered(address, victim_id, after_epoch), RECOVER_TIMEOUT_S, what)
 
         out["idle"] = _read_phase(address, s, hedge=True)
 
@@ -231,8 +235,9 @@ def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
             return None
 
         out["kill"] = _read_phase(address, s, hedge=True, fault=kill)
+        before = cluster_map(address).epoch
         victim.start()
-        recovered()
+        recovered(before)
 
         def stop() -> Any:
             os.kill(victim.pid, signal.SIGSTOP)
