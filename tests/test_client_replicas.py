@@ -3,11 +3,11 @@ fails over at once to another replica, a slow part is hedged within the budget, 
 goes to every writable replica and is acknowledged at its quorum (docs/cluster.md,
 "Reads and writes with replicas").
 
-Until the nodes place tables with R > 1 replicas, most tests give the client a cluster
-map with two replicas per shard on two addresses of real processes: the node itself
-and a TCP proxy in front of it (tests/tcp_proxy.py), or a node that does not hold the
-shard (it answers StaleMap). The tests of a real R = 2 cluster skip, saying why, while
-the map does not show two replicas.
+Most tests give the client a cluster map with two replicas per shard on two addresses
+of real processes: the node itself and a TCP proxy in front of it (tests/tcp_proxy.py),
+which can stop forwarding, or a node that does not hold the shard (it answers
+StaleMap); the faults (kill -9, SIGSTOP, a split) run on a real cluster of three nodes
+with R = 2.
 """
 
 from __future__ import annotations
@@ -428,8 +428,7 @@ def test_a_read_fails_over_at_once_from_a_replica_that_cannot_be_reached(
 def test_a_read_fails_over_from_a_node_that_does_not_hold_the_shard(
     tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer
 ) -> None:
-    cluster = Cluster(tmp_path_factory.mktemp("stale"), etcd)
-    try:
+    with Cluster(tmp_path_factory.mktemp("stale"), etcd) as cluster:
         n0 = cluster.start("n0")
         cluster.start("n1")
         table = "stale"
@@ -461,8 +460,6 @@ def test_a_read_fails_over_from_a_node_that_does_not_hold_the_shard(
                 for _ in range(3):
                     check_all(client.get(table, mine), mine)
                 assert client.counters()["failovers"] >= 1
-    finally:
-        cluster.stop()
 
 
 @pytest.mark.parametrize("transport", ["auto", "grpc"])
@@ -618,10 +615,8 @@ def test_the_async_client_fails_over_and_hedges(
 def replicated(
     tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer
 ) -> Iterator[tuple[Cluster, str]]:
-    """Three nodes and a table with 2 replicas per shard, its rows written; skips while
-    the nodes place one replica only."""
-    cluster = Cluster(tmp_path_factory.mktemp("replicated"), etcd)
-    try:
+    """Three nodes and a table with 2 replicas per shard, its rows written."""
+    with Cluster(tmp_path_factory.mktemp("replicated"), etcd) as cluster:
         for i in range(3):
             cluster.start(f"n{i}")
         table = "replicated"
@@ -629,14 +624,9 @@ def replicated(
         with Client(first.address, timeout=TIMEOUT_S) as client:
             _wait_for_nodes(client, 3)
             client.create_table(table, key="int64", features=FEATURES, shards=12, replicas=2)
-            if any(len(r) != 2 for r in _replica_lists(first.address, table)):
-                pytest.skip(
-                    "the nodes do not place 2 replicas per shard yet (server side of issue 16)"
-                )
+            assert all(len(r) == 2 for r in _replica_lists(first.address, table))
             client.write(table, feature_rows(KEYS))
         yield cluster, table
-    finally:
-        cluster.stop()
 
 
 @dataclass
@@ -841,8 +831,7 @@ def test_the_map_refresh_follows_a_node_that_dies_under_r1(
 ) -> None:
     """R = 1: a write to a dead node's shards reaches no quorum and names them; reads
     of the other shards go on; a table call fails over from a dead seed to another node."""
-    cluster = Cluster(tmp_path_factory.mktemp("r1"), etcd)
-    try:
+    with Cluster(tmp_path_factory.mktemp("r1"), etcd) as cluster:
         n0, n1 = cluster.start("n0"), cluster.start("n1")
         table = "r1"
         with Client(n0.address, timeout=TIMEOUT_S) as client:
@@ -860,5 +849,3 @@ def test_the_map_refresh_follows_a_node_that_dies_under_r1(
         with Client(n1.address, timeout=TIMEOUT_S) as client:  # the seed is dead
             client._ops.apply_cluster_map(_real_map(n0.address))
             assert client.describe_table(table).schema.name == table
-    finally:
-        cluster.stop()

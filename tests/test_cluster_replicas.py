@@ -309,7 +309,7 @@ def test_a_client_that_takes_a_returned_node_for_down_is_refused_and_writes_to_b
         cluster.nodes["n1"].kill()
         _wait_map(
             seed,
-            lambda m: any(n.node_id == "n1" and n.state == "down" for n in m.nodes),
+            lambda m: _node_state(m, "n1") == "down",
             30,
             "n1's lease to lapse",
         )
@@ -324,7 +324,7 @@ def test_a_client_that_takes_a_returned_node_for_down_is_refused_and_writes_to_b
             lambda m: (
                 m.epoch > stale
                 and _states_on("n1")(m) == {"Available"}
-                and all(n.state == "live" for n in m.nodes)
+                and _node_state(m, "n1") == "live"
             ),
             CATCH_UP_TIMEOUT_S,
             "n1 to come back and catch up",
