@@ -244,8 +244,11 @@ def test_bad_schemas_are_refused_with_the_reason(client: Client) -> None:
     for ttl in (-1, float("inf"), float("nan"), 1e20, "60"):
         with pytest.raises(kvstore.InvalidArgument, match="feature 'x': the TTL must be"):
             client.create_table("bad5", features={"x": "int32"}, ttl={"x": ttl})
+    for more in ({"replicas": 2}, {"write_quorum": 2}):
+        with pytest.raises(kvstore.InvalidArgument, match="need a cluster"):
+            client.create_table("bad6", features={"x": "int32"}, **more)
     created = {t.schema.name for t in client.list_tables()}
-    assert not {"bad1", "bad2", "bad3", "bad4", "bad5"} & created
+    assert not {"bad1", "bad2", "bad3", "bad4", "bad5", "bad6"} & created
 
 
 def test_garbage_rows_sent_to_the_node_are_refused(shared_node, table: str, client: Client) -> None:

@@ -106,10 +106,11 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def CreateTable(self, request: pb.CreateTableRequest, context: Any) -> pb.TableInfo:
         schema = schema_from_proto(request.schema)
         if self.cluster is None:
-            if request.replicas > 1:
+            if request.replicas > 1 or request.write_quorum > 1:
                 raise InvalidArgument(
-                    f"table {schema.name!r}: {request.replicas} replicas need a cluster "
-                    "(kvstore serve --etcd); this node runs alone"
+                    f"table {schema.name!r}: {request.replicas} replicas (write quorum "
+                    f"{request.write_quorum}) need a cluster (kvstore serve --etcd); this "
+                    "node runs alone"
                 )
             return _table_info(self.node.create_table(schema))
         await self.cluster.create_table(schema, request.replicas, request.write_quorum)
