@@ -120,6 +120,8 @@ class ReplicaKeeper:
         for dead, since in sorted(self._gone_since.items()):
             if now - since < self.grace_s:
                 continue
+            if re_replicate(placement, dead, live, zones) == placement:
+                continue  # nothing it can replace (no live peer or target): no etcd read
             written = await agent.store.update(_re_replicating(dead, live, zones))
             if written.epoch > placement.epoch:
                 log.warning(
