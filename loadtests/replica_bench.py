@@ -170,8 +170,7 @@ def _catch_up(address: str, victim: Any, recovered: Any, s: ReplicaSettings) -> 
     updates sent and acknowledged, and the seconds from the restart until it serves
     and until it has caught up (``recovered()`` returns)."""
     rng = np.random.default_rng(s.seed + 1)
-    victim.proc.kill()
-    victim.proc.wait()
+    victim.kill()
     sent = acked = failed_batches = 0
     with Client(address, timeout=TIMEOUT_S) as client:
         start = time.monotonic()
@@ -201,17 +200,19 @@ def _catch_up(address: str, victim: Any, recovered: Any, s: ReplicaSettings) -> 
     }
 
 
-def _recovered(address: str, node_id: str, after_epoch: int = 0) -> bool:
-    """Whether ``node_id`` is live and every replica of the bench table Available in a
-    map newer than ``after_epoch`` (a restarted node marks its replicas to catch up in a
-    new epoch: a map from before shows them Available)."""
-    return replicas_available(address, node_id, TABLE, after_epoch)
-
-
 def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
-    """The whole step (see the module docstring); {"skipped": why} without etcd."""
+    """The whole step (see the module docstring); {"skipped": why} without etcd,
+    {"error": what, "workdir": …} when a node did not come back in time (the rest of
+    make bench goes on, as for the soak)."""
     if shutil.which("etcd") is None:
         return {"skipped": "etcd is not installed"}
+    try:
+        return _measure(s, workdir)
+    except (RuntimeError, TimeoutError) as exc:
+        return {"error": f"{exc}"[:2000], "workdir": str(workdir)}
+
+
+def _measure(s: ReplicaSettings, workdir: Path) -> dict:
     out: dict[str, Any] = {"settings": asdict(s)}
     with running_cluster(workdir, 3) as cluster:
         nodes = list(cluster.nodes.values())
@@ -226,12 +227,16 @@ def measure_replicas(s: ReplicaSettings, workdir: Path) -> dict:
             """Each phase starts on a whole cluster: a SIGSTOP past the lease (5 s) makes
             the node register again, and R = 3 cannot be placed on 2 live nodes."""
             what = f"{victim_id} to be live and caught up"
-            wait_until(lambda: _recovered(address, victim_id, after_epoch), RECOVER_TIMEOUT_S, what)
+            wait_until(
+                lambda: replicas_available(address, victim_id, TABLE, after_epoch),
+                RECOVER_TIMEOUT_S,
+                what,
+            )
 
         out["idle"] = _read_phase(address, s, hedge=True)
 
         def kill() -> Any:
-            victim.proc.kill()
+            victim.kill()
             return None
 
         out["kill"] = _read_phase(address, s, hedge=True, fault=kill)
@@ -269,6 +274,8 @@ def render_replicas(res: dict) -> str:
     """The step's figures as text."""
     if "skipped" in res:
         return f"replicas: skipped ({res['skipped']})"
+    if "error" in res:
+        return f"replicas: did not finish ({res['error']}); node logs in {res['workdir']}"
     lines = ["replicas (3 nodes, R = 2): 100-key reads, p50 / p99 ms, failed reads"]
     for phase in ("idle", "kill", "sigstop_hedged", "sigstop_unhedged"):
         r = res[phase]
