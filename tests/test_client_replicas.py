@@ -155,6 +155,26 @@ def test_reads_prefer_the_zone_then_the_least_busy_replica_and_writes_need_their
         assert set(shard_of_key[positions].tolist()) == set(held)
 
 
+def test_a_read_that_failed_on_every_replica_asks_them_again_after_the_map_refresh() -> None:
+    """Client.get's own read failed on both replicas (a blip): the flow avoids them,
+    finds no replica left, refreshes the map, and then reads from the new map's
+    replicas instead of avoiding them for good (it raised NoReplica before)."""
+    from kvstore.client.flows import Operations
+    from kvstore.client.hedging import HedgedRead
+
+    nodes = [_node_info("a:1", "", ""), _node_info("b:1", "", "")]
+    shard = pb.ShardReplicas(node=[0, 1], state=["Available", "Available"])
+    table = pb.TableShards(table="t", owner=[0] * SHARDS, replicas=[shard] * SHARDS)
+    cmap = pb.ClusterMap(epoch=5, nodes=nodes, tables=[table])
+    ops = Operations("a:1", TIMEOUT_S)
+    ops.schemas["t"] = TableSchema.build("t", "int64", {"x": "int64"}, SHARDS).with_id(1)
+    ops.apply_cluster_map(cmap)
+    flow = ops.get_flow("t", np.arange(8), None, avoid=frozenset({"a:1", "b:1"}))
+    refresh = next(flow)
+    assert [c.method for c in refresh] == ["GetClusterMap"]
+    assert isinstance(flow.send([cmap]), HedgedRead)
+
+
 def test_a_write_refused_at_a_newer_epoch_by_an_uncounted_replica_is_judged_by_the_new_map() -> (
     None
 ):

@@ -213,14 +213,18 @@ class Operations(ReplicaFlows):
         own read): the map is refreshed first, and that was the one retry. ``avoid``:
         nodes that failed that read: their parts go to other replicas first."""
         keys, features = read_once(keys), read_once(features)
+        # ``avoid`` is what the read before this flow saw: after a map refresh (_routed
+        # runs body again), every replica of the new map may be asked.
+        avoiding = [avoid]
 
         def body(schema: TableSchema) -> Flow:
             plan = self.get_plan(schema, features)
             batch = KeyBatch.from_values(schema.key_type, keys, table)
             if not batch.count:
                 return self.finish_get(table, plan, batch, [], [])
+            now, avoiding[0] = avoiding[0], frozenset()
             try:
-                return (yield from self.read_flow(table, schema, plan, batch, version, avoid))
+                return (yield from self.read_flow(table, schema, plan, batch, version, now))
             except MixedVersions as mixed:
                 return (yield from self.read_flow(table, schema, plan, batch, mixed.version))
 
