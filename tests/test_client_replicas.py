@@ -292,6 +292,8 @@ def test_reads_avoid_a_suspect_replica_and_only_one_read_probes_it() -> None:
         ({"max_delay": float("inf")}, "hedge delays"),
         ({"budget": -0.1}, "hedge budget"),
         ({"budget": 1.5}, "hedge budget"),
+        ({"burst": -1.0}, "hedge burst"),
+        ({"burst": float("inf")}, "hedge burst"),
     ],
 )
 def test_a_hedge_policy_refuses_delays_out_of_order_and_a_budget_outside_0_to_1(

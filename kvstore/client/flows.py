@@ -280,8 +280,7 @@ class Operations(ReplicaFlows):
         if isinstance(error, (*STALE_SCHEMA, TableNotFound)):
             return self.get_flow(table, keys, features, version, refresh=True)
         if isinstance(error, STALE_ROUTE):
-            readable = self.route.readable.get(table)
-            if failed and readable is not None and readable.shape[1] > 1:
+            if failed and self.replicated(table):
                 self.counters.failovers += len(failed)
                 self.route_doubted = True
                 return self.get_flow(table, keys, features, version, avoid=failed)

@@ -76,6 +76,8 @@ class HedgePolicy:
             )
         if not 0 <= self.budget <= 1:
             raise InvalidArgument(f"hedge budget must be in [0, 1], not {self.budget}")
+        if not 0 <= self.burst < math.inf:  # 0: no budgeted hedge at all (budget spent)
+            raise InvalidArgument(f"hedge burst must be >= 0 and finite, not {self.burst}")
 
 
 class NodeHealth:

@@ -203,17 +203,6 @@ class HedgedRead:
                     health.suspect(address)
         return busy
 
-    def pending(self) -> list[int]:
-        """Ids of calls sent and not answered whose answer nobody needs any more."""
-        return [
-            i
-            for part in self._parts
-            if part.winner is not None
-            for a in part.attempts
-            if a is not part.winner
-            for i in a.pending
-        ]
-
     def answers(self) -> tuple[list[NodeCall], list[Any]]:
         """The winning calls and their responses, for ``ClientCore.finish_get``."""
         calls, responses = [], []
