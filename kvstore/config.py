@@ -188,6 +188,15 @@ class NodeConfig:
         flag_unit=MiB,
         flag_unit_name="MiB",
     )
+    delta_memory_bytes: int = _setting(
+        64 * MiB,
+        "a table's delta rows also kept in memory while they total at most this (split "
+        "over its shards; a shard past its share reads from RocksDB alone): reads of "
+        "online-written rows skip the delta's RocksDB lookups; 0 = off",
+        flag="--delta-memory-mb",
+        flag_unit=MiB,
+        flag_unit_name="MiB",
+    )
     max_keys_per_request: int = _setting(
         100_000, "a Get, Write or Delete naming more keys is refused (RequestTooLarge)"
     )
@@ -287,6 +296,8 @@ class NodeConfig:
             raise ValueError("row_cache_bytes must be at least 0")
         if self.hot_rows_bytes < 0:
             raise ValueError("hot_rows_bytes must be at least 0")
+        if self.delta_memory_bytes < 0:
+            raise ValueError("delta_memory_bytes must be at least 0")
         if self.read_threads < 0:
             raise ValueError("read_threads must be at least 0")
         if self.parallel_read_keys < 1:

@@ -27,6 +27,8 @@ class Engine:
         )
         #: Options of every delta shard.
         self.delta_options = delta_options(self._block_cache, config.bloom_bits_per_key)
+        #: Bytes of delta rows each table also keeps in memory at most (DeltaMemory).
+        self.delta_memory_bytes = config.delta_memory_bytes
         self._base_options: dict[str, rocksdict.Options] = {}
         #: Read options of every base shard (see ``base_read_options``).
         self.base_read_options = base_read_options(config.verify_base_checksums)

@@ -23,6 +23,7 @@ import rocksdict
 
 from kvstore.config import BASE_FORMATS
 from kvstore.errors import CorruptValue
+from kvstore.storage.delta_memory import DeltaMemory
 
 logger = logging.getLogger(__name__)
 
@@ -297,9 +298,11 @@ class Shard:
 
     __slots__ = (
         "_db",
+        "_memory_limit",
         "_scan_options",
         "empty",
         "index",
+        "memory",
         "on_write",
         "path",
         "recorder",
@@ -314,8 +317,12 @@ class Shard:
         read_options: rocksdict.ReadOptions | None = None,
         base: bool = False,
         table: str = "",
+        memory_bytes: int = 0,
     ) -> None:
         """Open (or create) the shard at ``path``; ``table`` names it in errors.
+
+        ``memory_bytes`` (a delta shard): keep its rows in memory too while they total
+        at most that many bytes (``DeltaMemory``); 0 = never.
 
         ``base``: a bulk version's immutable shard, opened read-only: it must exist (a
         lost directory or file is an error, never an empty shard), and opening it
@@ -356,9 +363,22 @@ class Shard:
         # Scans see every key in order even under a prefix extractor (delta_options).
         self._scan_options = rocksdict.ReadOptions()
         self._scan_options.set_total_order_seek(True)
+        #: The delta's rows in a dict, which reads use instead of RocksDB (None: too
+        #: large, or a base shard).
+        self.memory: DeltaMemory | None = None
+        self._memory_limit = 0 if base else memory_bytes
+        self._load_memory()
         #: True while the shard surely holds no key: reads then skip it (a bulk-loaded
         #: table with an empty delta pays for one lookup per key, not two).
         self.empty = self.estimate_keys() == 0 if base else self._first_key() is None
+
+    def _load_memory(self) -> None:
+        """Make the in-memory copy of the rows, if the shard has a limit and they fit."""
+        if self._memory_limit > 0:
+            self.memory = DeltaMemory.load(self._items(), self._memory_limit, self._name())
+
+    def _name(self) -> str:
+        return f"table {self.table!r}, delta shard {self.index}"
 
     def _first_key(self) -> bytes | None:
         return next((key for key, _ in self._items()), None)
@@ -385,14 +405,21 @@ class Shard:
             raise
 
     def recheck_empty(self) -> None:
-        """Look again whether the shard holds any key (after deletes or compaction)."""
+        """Look again whether the shard holds any key (after deletes or compaction); a
+        shard whose rows outgrew memory keeps them there again if they fit now."""
+        if self.memory is None:
+            self._load_memory()
         self.empty = self._first_key() is None
 
     def multi_get(self, keys: list[bytes]) -> list[bytes | None]:
         """Values of ``keys`` (None where missing): one batched MultiGet, GIL released.
 
         (Measured: point gets in a loop are no faster here for a dozen keys a shard.)
+        A delta shard held in memory (``memory``) answers from there.
         """
+        memory = self.memory
+        if memory is not None:
+            return memory.get(keys)
         try:  # free unless it raises (zero-cost try since Python 3.11)
             # The stub types a list key as an invariant list of a union and the result as
             # Optional: a list of bytes keys is a MultiGet, which returns a list.
@@ -409,8 +436,9 @@ class Shard:
     ) -> None:
         """Apply puts and deletes atomically: one WriteBatch, through the WAL; the hot-row
         cache forgets the keys first, and the recorder, if any, gets the batch after (the
-        one place every delta change passes)."""
-        if self.on_write is not None or self.recorder is not None:
+        one place every delta change passes): the in-memory copy, if any, takes it
+        once RocksDB has."""
+        if self.on_write is not None or self.recorder is not None or self.memory is not None:
             deletes = list(deletes)
         if self.on_write is not None:
             self.on_write(self.index, puts, deletes)
@@ -428,6 +456,9 @@ class Shard:
         except Exception as exc:
             _raise_for_status(exc, self, "write", _DAMAGED)
             raise
+        memory = self.memory
+        if memory is not None and not memory.apply(puts, deletes, self._name()):
+            self.memory = None
         if self.recorder is not None:
             self.recorder(puts, deletes)  # type: ignore[arg-type]  # a list, made above
 
@@ -471,6 +502,7 @@ class Shard:
         return files_bytes(self.path)
 
     def close(self) -> None:
+        self.memory = None
         self._db.close()
         # Dropped at once (the handle holds the DB lock); a use after close then fails on
         # None, as callers rely on, instead of reaching a closed RocksDB. Not Optional in

@@ -54,6 +54,7 @@ class Table:
                 i,
                 engine.delta_options,
                 table=schema.name,
+                memory_bytes=engine.delta_memory_bytes // schema.shards,
             )
             for i in range(schema.shards)
         ]
