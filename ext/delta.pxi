@@ -337,6 +337,23 @@ def delta_delete(Layout layout not None, list old_rows, times):
     return out
 
 
+cdef extern from *:
+    void __builtin_prefetch(const void* address) nogil
+
+
+cdef inline void _prefetch_rows(list rows, Py_ssize_t n):
+    """Asks for every cache line of the bytes in ``rows`` (None skipped) at once."""
+    cdef Py_ssize_t i, at, length
+    cdef const char* p
+    for i in range(n):
+        value = rows[i]
+        if type(value) is bytes:
+            p = PyBytes_AS_STRING(value)
+            length = PyBytes_GET_SIZE(value)
+            for at in range(0, length, 64):
+                __builtin_prefetch(p + at)
+
+
 cdef inline bint _expired(int64_t t, int64_t now_us, int64_t ttl) noexcept nogil:
     """Whether a value of event time t is older than now_us - ttl (µs), for ttl > 0.
 
@@ -435,6 +452,10 @@ def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t sna
         for k in range(n):
             valid[2 * k] = INT64_MIN
             valid[2 * k + 1] = INT64_MAX
+    # Delta rows (from the shard's dict, kvstore.storage.delta_memory) are mostly not in
+    # the CPU's caches: asked for all at once, their lines arrive in parallel rather
+    # than one miss after another in the loop below.
+    _prefetch_rows(delta_rows, n)
     # Only rows the delta or a TTL changes need scratch space: made for the first one.
     cdef _Scratch scratch = None
     cdef RowView base, delta
