@@ -44,7 +44,7 @@ from loadtests.updates import UPDATE_FEATURES
 #: Issue 17's target: a row written online reads within 1.1x of a bulk-loaded one.
 DELTA_TARGET = 1.1
 
-__all__ = ["SETS", "main", "measure", "prepare"]
+__all__ = ["SETS", "delta_memory", "main", "measure", "prepare"]
 
 SETS = ("base", "base+delta", "delta")
 WRITE_ROWS = 1000
@@ -133,6 +133,18 @@ def measure(
     return out
 
 
+def delta_memory(node: Node) -> dict:
+    """How many of the table's delta shards answer from their in-memory copy
+    (kvstore.storage.delta_memory), and the bytes those copies count."""
+    shards = node.table(TABLE).delta
+    kept = [s.memory for s in shards if s.memory is not None]
+    return {
+        "shards": len(shards),
+        "shards_in_memory": len(kept),
+        "bytes": sum(m.bytes for m in kept),
+    }
+
+
 def step_holds(node: Node, sets: dict[str, tuple[int, int]], writes: int, seed: int) -> dict:
     """How long each step of a ``WRITE_ROWS``-row partial update holds the thread (µs):
     the time a server's event loop could not answer a read (``_drive`` awaits between
@@ -197,6 +209,11 @@ def main(argv: list[str] | None = None) -> None:
                     shard.flush()
             result = measure(node, sets, args.batch, args.rounds, args.calls, args.seed)
             result["settings"] = {**vars(args), "out": str(args.out), "emb_dim": EMB_DIM}
+            result["delta_memory"] = memory = delta_memory(node)
+            print(
+                f"delta shards read from memory (--delta-memory-mb): {memory['shards_in_memory']}"
+                f" of {memory['shards']}, {memory['bytes'] / 2**20:.1f} MiB counted"
+            )
             for name in SETS:
                 r = result[name]
                 ratio = f"  x{r['ratio_round_p50']:.2f} of base" if "ratio_p50" in r else ""
