@@ -211,7 +211,8 @@ class Writes:
         """The one read-modify-write of the delta, behind writes and deletes.
 
         Per pass: the keys in step order (shard by shard), a step; ``regroup(order)``
-        given their positions, which returns the pass's ``merge``, a step; then, shard by
+        given their positions, which returns the pass's ``merge``, a step (both in the
+        first write step when the pass has at most ``STEP_KEYS`` keys); then, shard by
         shard, ``STEP_KEYS`` keys a step: read the keys' delta rows, ``merge(shard, lo,
         hi, old_rows)`` them (the keys at ``order[lo:hi]``) into new rows, write those in
         one WriteBatch, yield. No key is in two steps of one pass, and nothing else runs
@@ -237,10 +238,13 @@ class Writes:
                 order, counts = _codec.group_by_shard(shard_ids[index], len(table.delta))
                 order = index[order]
             round_keys = [encoded[i] for i in order.tolist()]
-            yield  # the pass's keys in step order (~0.1 ms for 1,000): a step of their own
-            self._check_not_dropped(table)
+            large = len(round_keys) > STEP_KEYS  # a small pass is prepared in its first step
+            if large:
+                yield  # the pass's keys in step order (~0.1 ms for 1,000): a step of their own
+                self._check_not_dropped(table)
             merge = regroup(order)
-            yield  # and its rows (as long again)
+            if large:
+                yield  # and its rows (as long again)
             end = 0
             for s, count in enumerate(counts):
                 if not count:
