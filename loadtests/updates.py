@@ -40,6 +40,8 @@ BATCH_ROWS = 1000
 #: Targets of issue 4, printed beside the measurements.
 TARGET_FRESHNESS_P99_MS = 10.0
 TARGET_STREAM_ROWS_PER_S = 100_000
+#: Target of issue 17 (part 4): 100-key read p99 under updates / idle p99.
+TARGET_READ_P99_RATIO = 1.5
 #: Keys per lookup for the reads-under-updates measurement.
 READ_BATCH = 100
 #: A poller gives up on one update after this long, seconds.
@@ -369,6 +371,7 @@ def measure_reads_under_updates(
         "updates": updates,
         "node_cpu_cores": node_cores,
         "p99_ratio": busy["p99_ms"] / idle["p99_ms"],
+        "target_p99_ratio": TARGET_READ_P99_RATIO,
     }
 
 
@@ -400,10 +403,12 @@ def measure_updates(address: str, node_pid: int, rows: int, seed: int, u: Update
         address, node_pid, rows, seed, rate, u.read_window_s, u.max_in_flight
     )
     out["reads_under_updates"] = r
+    idle, busy = r["no_updates"], r["under_updates"]
     print(
-        f"  {READ_BATCH}-key reads: p99 {r['no_updates']['p99_ms']:.2f} ms without updates, "
-        f"{r['under_updates']['p99_ms']:.2f} ms with {r['updates']['rows_per_s']:,.0f} "
-        f"update rows/s",
+        f"  {READ_BATCH}-key reads: p99 {idle['p99_ms']:.2f} ms without updates, "
+        f"{busy['p99_ms']:.2f} ms with {r['updates']['rows_per_s']:,.0f} update rows/s: "
+        f"{r['p99_ratio']:.2f}x (target <= {TARGET_READ_P99_RATIO}x); p50 "
+        f"{idle['p50_ms']:.2f} -> {busy['p50_ms']:.2f} ms; node {r['node_cpu_cores']:.2f} cores",
         flush=True,
     )
     return out

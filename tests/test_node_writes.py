@@ -62,7 +62,9 @@ def _shard_counts(node: Node, table: str, keys: np.ndarray) -> np.ndarray:
     return np.bincount(batch.shard_ids(len(node.table(table).delta)), minlength=4)
 
 
-def test_a_write_yields_after_its_checks_and_every_step_of_a_shard(node: Node) -> None:
+def test_a_write_yields_after_its_checks_its_preparations_and_every_step_of_a_shard(
+    node: Node,
+) -> None:
     node.create_table(TableSchema.build("t", "int64", {"x": "int64"}, shards=4))
     keys = np.arange(1000, dtype=np.int64)
     steps = _steps(node, "t", keys, keys * 10)
@@ -74,10 +76,12 @@ def test_a_write_yields_after_its_checks_and_every_step_of_a_shard(node: Node) -
             assert done.value == 1000
             break
         found_after_each_step.append(int((_read(node, "t", keys) >= 0).sum()))
-    # The checks, then each shard's keys STEP_KEYS at a time.
-    expected_steps = 1 + sum(-(-int(c) // STEP_KEYS) for c in _shard_counts(node, "t", keys))
+    # The checks, the keys and then the rows put in step order, then each shard's keys
+    # STEP_KEYS at a time.
+    expected_steps = 3 + sum(-(-int(c) // STEP_KEYS) for c in _shard_counts(node, "t", keys))
     assert len(found_after_each_step) == expected_steps
-    assert found_after_each_step[0] == 0  # the checks write nothing
+    assert found_after_each_step[:3] == [0, 0, 0]  # the checks and preparations write nothing
+    found_after_each_step = found_after_each_step[2:]
     # Between steps a reader sees whole steps: the count grows by at most STEP_KEYS.
     grown = np.diff(found_after_each_step)
     assert (grown >= 1).all() and (grown <= STEP_KEYS).all()
@@ -151,3 +155,37 @@ def test_a_table_dropped_during_a_write_is_reported(node: Node) -> None:
     node.drop_table("t")
     with pytest.raises(kvstore.TableNotFound, match="dropped during the write"):
         next(steps)
+
+
+def _corrupt_delta_row(node: Node, table: str, key: int) -> None:
+    """Replace ``key``'s delta row with bytes that are not a row."""
+    batch = KeyBatch("int64", ints=np.array([key], np.int64))
+    t = node.table(table)
+    shard = t.delta[int(batch.shard_ids(len(t.delta))[0])]
+    shard.write([(batch.encoded()[0], b"\x7fnot a row")])
+
+
+def test_a_corrupt_stored_row_is_named_by_its_key_in_any_step(node: Node) -> None:
+    # The damaged key is the last of the request: in its shard's last step, not its
+    # first, so the key named is found through the step's place in the shard's keys.
+    node.create_table(TableSchema.build("t", "int64", {"x": "int64", "y": "int64"}, shards=4))
+    schema = node.table("t").schema
+    keys = np.arange(1000, dtype=np.int64)
+    run_steps(_steps(node, "t", keys, keys))
+    _corrupt_delta_row(node, "t", 999)
+    partial = encode_rows(schema, {"key": keys, "y": keys})
+    with pytest.raises(kvstore.CorruptValue, match=r"table 't', shard \d, key 999: the stored"):
+        run_steps(
+            node.write_steps(
+                "t", schema.schema_id, partial.keys, partial.rows, partial.offsets, partial.features
+            )
+        )
+    with pytest.raises(kvstore.CorruptValue, match=r"table 't', shard \d, key 999: the stored"):
+        run_steps(node.delete_steps("t", KeyBatch("int64", ints=keys)))
+    # A write of every feature replaces the damaged row (and the others) in place.
+    full = encode_rows(schema, {"key": keys, "x": keys * 3, "y": keys})
+    run_steps(
+        node.write_steps("t", schema.schema_id, full.keys, full.rows, full.offsets, full.features)
+    )
+    answer = node.get("t", KeyBatch("int64", ints=np.array([999, 5], np.int64)), ["x"])
+    assert (answer.lengths > 0).all()

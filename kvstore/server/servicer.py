@@ -101,6 +101,8 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         self.fast_address = fast_address
         #: The node's part in a cluster (--etcd): table changes go through the placement.
         self.cluster = cluster
+        #: Held by a write step and over the pass of the event loop after it (``_drive``).
+        self._write_turn = asyncio.Lock()
 
     @_translate_errors
     async def CreateTable(self, request: pb.CreateTableRequest, context: Any) -> pb.TableInfo:
@@ -163,7 +165,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             _position(request),
             request.epoch,
         )
-        return await _drive(steps)
+        return await _drive(steps, self._write_turn)
 
     @_translate_errors
     async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
@@ -197,7 +199,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         steps = self.node.delete_steps(
             request.table, keys, request.event_time_us, _position(request), request.epoch
         )
-        return pb.DeleteResponse(keys_deleted=await _drive(steps))
+        return pb.DeleteResponse(keys_deleted=await _drive(steps, self._write_turn))
 
     @_translate_errors
     async def GetConsumerPositions(
@@ -414,18 +416,28 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return _version_info(meta, self.node.table(request.table).current)
 
 
-async def _drive(steps: Generator[Any, None, int]) -> int:
+async def _drive(steps: Generator[Any, None, int], turn: asyncio.Lock) -> int:
     """Run a write or delete, letting other calls (reads above all) run between its steps;
-    a step that yields a future (a shard sealed by a move's hand-over) waits for it."""
+    a step that yields a future (a shard sealed by a move's hand-over) waits for it.
+
+    A step holds ``turn`` (the servicer's one lock) while it runs and over the next pass
+    of the event loop: writes in flight take turns, at most one step a pass, so a read
+    that arrives waits for one step at most, not one step of every write in flight (n
+    writes, each ready after its step, ran n steps in one pass). The lock is fair:
+    the turns go round in the order the writes asked for them.
+    """
     while True:
-        try:
-            waited = next(steps)
-        except StopIteration as done:
-            return done.value
-        if waited is None:
-            await asyncio.sleep(0)
-        else:  # shielded: a cancelled write must not end the seal for the others
-            await asyncio.shield(waited)
+        async with turn:
+            try:
+                waited = next(steps)
+            except StopIteration as done:
+                return done.value
+            if waited is None:
+                await asyncio.sleep(0)  # the pass in which reads run, other writes wait
+                continue
+        # Without the turn (the other writes go on); shielded: a cancelled write must not
+        # end the seal for the others.
+        await asyncio.shield(waited)
 
 
 def _position(request: pb.WriteRequest | pb.DeleteRequest) -> Position | None:

@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["STEP_KEYS", "Position", "Writes", "position_prefix", "run_steps"]
 
+#: A pass's merge: ``merge(shard, lo, hi, old_rows)`` → the new delta rows of the keys
+#: at ``order[lo:hi]`` (the positions given to ``regroup``), ``old_rows`` their stored ones.
+Merge = Callable[[int, int, int, list], list[bytes]]
+
 #: Keys of one shard a write step reads, merges and writes before yielding to reads.
 #: A step holds the event loop ~5 us a key (1,000-row partial updates of the
 #: benchmark's table, in-process): one step per shard (125 keys on 8 shards) held it
@@ -129,32 +133,41 @@ class Writes:
             present[:] = 0
             for feature in features:
                 present[schema.index_of(feature)] = 1
-        parts = _codec.split_rows(rows, row_offsets)
         layout = schema.layout
-        yield  # the checks of a 1,000-row request take ~0.4 ms: a step of their own
+        yield  # the checks: a step of their own (~0.16 ms of CPU for 1,000 rows)
+        parts: list[bytes] = []
 
-        def merge(shard: int, positions: list[int], old_rows: list) -> list[bytes]:
-            group_rows = [parts[i] for i in positions]
-            offsets = np.zeros(len(group_rows) + 1, np.int64)
-            np.cumsum([len(r) for r in group_rows], out=offsets[1:])
-            buf = b"".join(group_rows)
-            while True:
-                try:
-                    return _codec.delta_apply(layout, old_rows, buf, offsets, present)
-                except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
-                    where = (
-                        f"table {name!r}, shard {shard}, key {keys.describe(positions[exc.index])}"
-                    )
-                    if not present.all():
-                        raise CorruptValue(
-                            f"{where}: the stored value is corrupt ({exc}); a write of every "
-                            "feature replaces it"
-                        ) from None
-                    # A write of every feature needs nothing from the old row: replace it.
-                    logger.warning("%s: replacing a corrupt stored value (%s)", where, exc)
-                    old_rows[exc.index] = None
+        def regroup(order: np.ndarray) -> Merge:
+            # The pass's rows in step order, once: each step then hands delta_apply a
+            # slice of one buffer (gathering each step's rows cost as much as the merge
+            # itself: py-spy, 1,000-row partial updates).
+            if not parts:
+                parts.extend(_codec.split_rows(rows, row_offsets))
+            buf = b"".join([parts[i] for i in order.tolist()])
+            offsets = np.zeros(len(order) + 1, np.int64)
+            np.cumsum(lengths[order], out=offsets[1:])
 
-        yield from self._update_steps(table, keys, merge, position)
+            def merge(shard: int, lo: int, hi: int, old_rows: list) -> list[bytes]:
+                while True:
+                    try:
+                        return _codec.delta_apply(
+                            layout, old_rows, buf, offsets[lo : hi + 1], present
+                        )
+                    except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+                        at = keys.describe(order[lo + exc.index])
+                        where = f"table {name!r}, shard {shard}, key {at}"
+                        if not present.all():
+                            raise CorruptValue(
+                                f"{where}: the stored value is corrupt ({exc}); a write of "
+                                "every feature replaces it"
+                            ) from None
+                        # A write of every feature needs nothing from the old row: replace it.
+                        logger.warning("%s: replacing a corrupt stored value (%s)", where, exc)
+                        old_rows[exc.index] = None
+
+            return merge
+
+        yield from self._update_steps(table, keys, regroup, position)
         self._stats[name].record_updates(event_times, now_us())
         return n
 
@@ -192,49 +205,61 @@ class Writes:
         self,
         table: Table,
         keys: KeyBatch,
-        merge: Callable[[int, list[int], list], list[bytes]],
+        regroup: Callable[[np.ndarray], Merge],
         position: Position | None,
     ) -> Generator[None, None, None]:
         """The one read-modify-write of the delta, behind writes and deletes.
 
-        Shard by shard, ``STEP_KEYS`` keys a step: read the keys' delta rows,
-        ``merge(shard, positions, old_rows)`` them into new rows, write those in one
-        WriteBatch, yield. No key is in two steps of one pass, and nothing else runs
-        during a step, so each key's read-modify-write is atomic. Repeated keys go in
-        later passes (``_rounds``), so they apply in request order. The position, if
-        any, is written with the last step of each shard in the last pass, so it
-        never runs ahead of the data (a crash in between re-applies the shard's rows
-        on replay: idempotent, the newest event time wins); shards without keys
-        record it at the end.
+        Per pass: the keys in step order (shard by shard), a step; ``regroup(order)``
+        given their positions, which returns the pass's ``merge``, a step (both in the
+        first write step when the pass has at most ``STEP_KEYS`` keys); then, shard by
+        shard, ``STEP_KEYS`` keys a step: read the keys' delta rows, ``merge(shard, lo,
+        hi, old_rows)`` them (the keys at ``order[lo:hi]``) into new rows, write those in
+        one WriteBatch, yield. No key is in two steps of one pass, and nothing else runs
+        during a step (other writes above all), so each key's
+        read-modify-write is atomic. Repeated keys go in later passes (``_rounds``), so
+        they apply in request order. The position, if any, is written with the last
+        step of each shard in the last pass, so it never runs ahead of the data (a crash
+        in between re-applies the shard's rows on replay: idempotent, the newest event
+        time wins); shards without keys record it at the end.
         """
-        name = table.schema.name
         encoded = keys.encoded()
         shard_ids = keys.shard_ids(len(table.delta))
         rounds = _rounds(encoded)
         touched: set[int] = set()
         for r, positions in enumerate(rounds):
+            self._check_not_dropped(table)
             pos = position if r == len(rounds) - 1 else None
             extra = [] if pos is None else [(pos.key(), struct.pack("<q", pos.offset))]
-            index = np.arange(len(encoded)) if positions is None else np.asarray(positions)
-            order, counts = _codec.group_by_shard(shard_ids[index], len(table.delta))
-            grouped = index[order].tolist()
+            if positions is None:
+                order, counts = _codec.group_by_shard(shard_ids, len(table.delta))
+            else:
+                index = np.asarray(positions)
+                order, counts = _codec.group_by_shard(shard_ids[index], len(table.delta))
+                order = index[order]
+            round_keys = [encoded[i] for i in order.tolist()]
+            large = len(round_keys) > STEP_KEYS  # a small pass is prepared in its first step
+            if large:
+                yield  # the pass's keys in step order (~0.1 ms for 1,000): a step of their own
+                self._check_not_dropped(table)
+            merge = regroup(order)
+            if large:
+                yield  # and its rows (as long again)
             end = 0
             for s, count in enumerate(counts):
                 if not count:
                     continue
-                shard_positions = grouped[end : end + count]
-                end += count
+                start, end = end, end + count
                 shard = table.delta[s]
-                for lo in range(0, count, STEP_KEYS):
-                    if self._tables.get(name) is not table:
-                        raise TableNotFound(f"table {name!r} was dropped during the write")
-                    step = shard_positions[lo : lo + STEP_KEYS]
-                    old_rows = shard.multi_get([encoded[i] for i in step])
-                    new_rows = merge(s, step, old_rows)
-                    puts = [(encoded[i], row) for i, row in zip(step, new_rows, strict=True)]
+                for lo in range(start, end, STEP_KEYS):
+                    self._check_not_dropped(table)
+                    hi = min(lo + STEP_KEYS, end)
+                    step_keys = round_keys[lo:hi]
+                    new_rows = merge(s, lo, hi, shard.multi_get(step_keys))
+                    puts = list(zip(step_keys, new_rows, strict=True))
                     # The position goes with the shard's last step only, never ahead of
                     # the rows before it.
-                    last = lo + STEP_KEYS >= count
+                    last = hi == end
                     shard.write(puts + extra if last else puts, (), self._write_options)
                     if extra and last:
                         touched.add(s)
@@ -243,6 +268,12 @@ class Writes:
                 for shard in table.delta:
                     if shard.index not in touched:
                         shard.write(extra, (), self._write_options)
+
+    def _check_not_dropped(self, table: Table) -> None:
+        """Stop a write whose table was dropped since its last step."""
+        name = table.schema.name
+        if self._tables.get(name) is not table:
+            raise TableNotFound(f"table {name!r} was dropped during the write")
 
     def consumer_positions(
         self, table: Table, consumer: str, source: str, held: np.ndarray | None = None
@@ -282,16 +313,21 @@ class Writes:
         self._check_not_ahead(name, keys, np.full(keys.count, when, np.int64), now)
         layout = table.schema.layout
 
-        def merge(shard: int, positions: list[int], old_rows: list) -> list[bytes]:
-            try:
-                return _codec.delta_delete(layout, old_rows, np.full(len(old_rows), when, np.int64))
-            except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
-                raise CorruptValue(
-                    f"table {name!r}, shard {shard}, key {keys.describe(positions[exc.index])}: "
-                    f"the stored delta value is corrupt ({exc})"
-                ) from None
+        def regroup(order: np.ndarray) -> Merge:
+            def merge(shard: int, lo: int, hi: int, old_rows: list) -> list[bytes]:
+                times = np.full(len(old_rows), when, np.int64)
+                try:
+                    return _codec.delta_delete(layout, old_rows, times)
+                except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+                    at = keys.describe(order[lo + exc.index])
+                    raise CorruptValue(
+                        f"table {name!r}, shard {shard}, key {at}: the stored delta value is "
+                        f"corrupt ({exc})"
+                    ) from None
 
-        yield from self._update_steps(table, keys, merge, position)
+            return merge
+
+        yield from self._update_steps(table, keys, regroup, position)
         self._stats[name].keys_deleted += keys.count
         return keys.count
 
