@@ -267,6 +267,42 @@ class HotTable:
     ) -> None: ...
 
 @disjoint_base
+class ReadTable:
+    """What the fast read path needs to answer a table's small gets from its shards in C."""
+
+    @property
+    def table(self) -> Any: ...
+    @property
+    def version(self) -> int: ...
+    def __init__(
+        self,
+        table: Any,
+        entry: Any,
+        schema: Any,
+        version: int,
+        base: list[Any] | None,
+        delta: list[Any],
+        snapshot_time: int,
+        layout: Layout,
+        ttl_us: npt.NDArray[np.int64] | None,
+        schema_id: int,
+        feature_names: Iterable[str],
+        stats: Any,
+        max_keys: int,
+    ) -> None: ...
+    def holds(self, tables: dict[str, Any]) -> bool:
+        """Whether this is still what ``tables`` (the node's, by name) reads by default."""
+
+def answer_read(
+    published: dict[str, ReadTable],
+    body: bytes,
+    request_id: int,
+    tables: dict[str, Any],
+    offset: int = 0,
+) -> bytes | None:
+    """The fast read path's response frame read from the shards in C, or None (full path)."""
+
+@disjoint_base
 class HotRows:
     """Answers of reads by (prefix, stored key), LRU, at most ``capacity`` bytes; a
     count per hash bucket makes most misses free, a doorkeeper admits a key on its
