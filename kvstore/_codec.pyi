@@ -302,6 +302,15 @@ def answer_read(
 ) -> bytes | None:
     """The fast read path's response frame read from the shards in C, or None (full path)."""
 
+def get_request(prefix: bytes, keys: npt.NDArray[np.int64], version: int) -> bytes:
+    """``prefix`` plus the serialized GetRequest fields of int64 ``keys`` and ``version``."""
+
+def decode_answer(
+    projection: Projection, body: bytes, n: int
+) -> tuple[int, int, Decoded | None] | None:
+    """(schema_id, version, Decoded or None for another schema) of a GetResponse body
+    read in C; None for a body it leaves to protobuf."""
+
 @disjoint_base
 class HotRows:
     """Answers of reads by (prefix, stored key), LRU, at most ``capacity`` bytes; a
