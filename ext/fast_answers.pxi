@@ -340,9 +340,31 @@ def answer_read(dict published not None, body, uint32_t request_id, dict tables 
     """
     if not PyBytes_CheckExact(body):
         body = bytes(body)
+    if offset < 0 or offset > PyBytes_GET_SIZE(body):
+        raise ValueError(f"offset {offset} is outside the {len(body)}-byte body")
+    return _answer_read(published, <bytes>body, request_id, tables, offset)
+
+
+def answer_request(dict published not None, data, dict tables not None,
+                   Py_ssize_t max_request_bytes):
+    """``answer_read`` of ``data`` when it is exactly one whole request frame (``u32``
+    body length, ``u32`` request id, a body of at most ``max_request_bytes``), the
+    common read of a fast-path connection; else None."""
+    if not PyBytes_CheckExact(data):
+        return None
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    if n < 8:
+        return None
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(data)
+    cdef uint32_t length = load_u32(p)
+    if <Py_ssize_t>length != n - 8 or <Py_ssize_t>length > max_request_bytes:
+        return None
+    return _answer_read(published, <bytes>data, load_u32(p + 4), tables, 8)
+
+
+cdef object _answer_read(dict published, bytes body, uint32_t request_id, dict tables,
+                         Py_ssize_t offset):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
-    if offset < 0 or offset > n:
-        raise ValueError(f"offset {offset} is outside the {n}-byte body")
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(body) + offset
     cdef _Request r
     cdef list features = []

@@ -311,6 +311,11 @@ def decode_answer(
     """(schema_id, version, Decoded or None for another schema) of a GetResponse body
     read in C; None for a body it leaves to protobuf."""
 
+def answer_request(
+    published: dict[str, ReadTable], data: bytes, tables: dict[str, Any], max_request_bytes: int
+) -> bytes | None:
+    """``answer_read`` of ``data`` when it is exactly one whole request frame, else None."""
+
 @disjoint_base
 class HotRows:
     """Answers of reads by (prefix, stored key), LRU, at most ``capacity`` bytes; a

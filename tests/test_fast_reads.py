@@ -301,3 +301,23 @@ def test_frames_that_arrive_together_are_answered_in_order(start_node) -> None:
         assert response.order == b""  # answered in C (the full path sends 4 shards' order)
         rows = _in_order(response)
         assert [r is not None for r in rows] == [True, i + 1 < 10]
+
+
+def test_a_whole_frame_in_one_read_is_answered_from_its_header(node: Node) -> None:
+    node.create_table(TableSchema.build("t", "int64", FEATURES, shards=4))
+    _write(node, "t", [1, 2], [10, 20], 1_000)
+    read_tables = {"t": read_table(node, "t")}
+    body = _request("t", [2, 1, 5]).SerializeToString()
+    frame = struct.pack("<II", len(body), 77) + body
+    answer = codec.answer_request(read_tables, frame, node.tables, 1 << 20)
+    assert answer == codec.answer_read(read_tables, body, 77, node.tables)
+    assert answer is not None and RESPONSE_HEADER.unpack_from(answer)[1:] == (77, STATUS_OK)
+    # Anything but exactly one frame within the limit: the protocol's other ways.
+    for other, limit in (
+        (frame[:-1], 1 << 20),  # cut short
+        (frame + frame, 1 << 20),  # two frames
+        (frame[:7], 1 << 20),  # not even a header
+        (frame, len(body) - 1),  # over the limit: RequestTooLarge
+        (bytearray(frame), 1 << 20),  # not bytes (the protocol gets bytes)
+    ):
+        assert codec.answer_request(read_tables, other, node.tables, limit) is None

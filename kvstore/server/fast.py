@@ -115,6 +115,14 @@ class FastGetProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         node = self.node
+        read_tables = self.read_tables
+        if read_tables is not None and not self.buffer and node.view is None:
+            # The common case first, with as little Python as it takes: one whole small
+            # get in one read, answered in C (None: anything else, handled below).
+            frame = _codec.answer_request(read_tables, data, node.tables, self.max_request_bytes)
+            if frame is not None:
+                self.transport.write(frame)  # type: ignore[union-attr]
+                return
         # Requests whose keys are all in the hot-row cache, or (without the cache) small
         # gets, are answered in C; a node in a cluster checks each key's shard against
         # the placement first: full path.
@@ -129,11 +137,7 @@ class FastGetProtocol(asyncio.Protocol):
             length, request_id = REQUEST_HEADER.unpack_from(data)
             if len(data) == REQUEST_HEADER.size + length and length <= self.max_request_bytes:
                 frame = None
-                if read_tables is not None:
-                    frame = _codec.answer_read(
-                        read_tables, data, request_id, tables, REQUEST_HEADER.size
-                    )
-                elif hot is not None and not hot.cold:
+                if hot is not None and not hot.cold:
                     frame = hot.answer_frame(data, request_id, tables, REQUEST_HEADER.size)
                 if frame is None:
                     frame = self.answer(request_id, data[REQUEST_HEADER.size :])
