@@ -103,5 +103,7 @@ include "keys.pxi"
 include "delta.pxi"
 # The hot-row cache.
 include "hot_rows.pxi"
-# The fast read path's answers from it, in C.
+# The fast read path's answers, in C: from the cache or from the shards.
 include "fast_answers.pxi"
+# The fast read path's client end, in C: the request written, the answer read.
+include "fast_client.pxi"

@@ -267,6 +267,56 @@ class HotTable:
     ) -> None: ...
 
 @disjoint_base
+class ReadTable:
+    """What the fast read path needs to answer a table's small gets from its shards in C."""
+
+    @property
+    def table(self) -> Any: ...
+    @property
+    def version(self) -> int: ...
+    def __init__(
+        self,
+        table: Any,
+        entry: Any,
+        schema: Any,
+        version: int,
+        base: list[Any] | None,
+        delta: list[Any],
+        snapshot_time: int,
+        layout: Layout,
+        ttl_us: npt.NDArray[np.int64] | None,
+        schema_id: int,
+        feature_names: Iterable[str],
+        stats: Any,
+        max_keys: int,
+    ) -> None: ...
+    def holds(self, tables: dict[str, Any]) -> bool:
+        """Whether this is still what ``tables`` (the node's, by name) reads by default."""
+
+def answer_read(
+    published: dict[str, ReadTable],
+    body: bytes,
+    request_id: int,
+    tables: dict[str, Any],
+    offset: int = 0,
+) -> bytes | None:
+    """The fast read path's response frame read from the shards in C, or None (full path)."""
+
+def get_request(prefix: bytes, keys: npt.NDArray[np.int64], version: int) -> bytes:
+    """``prefix`` plus the serialized GetRequest fields of int64 ``keys`` and ``version``."""
+
+def decode_answer(
+    projection: Projection, body: bytes, n: int
+) -> tuple[int, int, Decoded | None] | None:
+    """(schema_id, version, Decoded or None for another schema) of a GetResponse body
+    read in C; None for a body it leaves to protobuf."""
+
+def answer_request(
+    published: dict[str, ReadTable], data: bytes, tables: dict[str, Any], max_request_bytes: int
+) -> bytes | None:
+    """``answer_read`` of ``data`` when it is exactly one whole request frame, else None."""
+
+@disjoint_base
 class HotRows:
     """Answers of reads by (prefix, stored key), LRU, at most ``capacity`` bytes; a
     count per hash bucket makes most misses free, a doorkeeper admits a key on its

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore import Client
+from kvstore import Client, _codec
 from kvstore.client.core import NodeCall
 from kvstore.client.fast import RECEIVE_BUFFER, FastConnections
 from kvstore.client.flows import Operations
@@ -312,3 +312,68 @@ def test_a_plans_request_is_the_get_request_a_node_parses(keys, features, versio
     plan = Operations("127.0.0.1:1", timeout=5).get_plan(schema, features)
     whole = pb.GetRequest(table="t", keys=keys.to_proto(), features=plan.names, version=version)
     assert pb.GetRequest.FromString(plan.request(keys, version)) == whole
+
+
+@pytest.mark.parametrize("keys", [[5], [5, -1, 2**40, 5]], ids=["one", "four"])
+@pytest.mark.parametrize("version", [0, 12, 2**40])
+def test_a_request_written_in_c_is_the_bytes_protobuf_writes(keys, version) -> None:
+    schema = TableSchema.build("t", "int64", {"x": "float32", "v": "float32[3]"})
+    plan = Operations("127.0.0.1:1", timeout=5).get_plan(schema, ["v"])
+    batch = KeyBatch("int64", ints=np.array(keys, np.int64))
+    rest = pb.GetRequest(version=version)
+    batch.fill_proto(rest.keys)
+    assert plan.request(batch, version) == plan.prefix + rest.SerializeToString()
+
+
+def _response_of(rows: list[bytes | None], order: list[int] | None = None, **fields):
+    lengths = [-1 if r is None else len(r) for r in rows]
+    return pb.GetResponse(
+        values=b"".join(r for r in rows if r is not None),
+        lengths=np.array(lengths, "<i4").tobytes(),
+        order=b"" if order is None else np.array(order, "<i4").tobytes(),
+        **fields,
+    )
+
+
+def test_an_answer_read_in_c_decodes_as_the_protobuf_one() -> None:
+    schema = TableSchema.build("t", "int64", {"x": "float32", "s": "string"})
+    ops = Operations("127.0.0.1:1", timeout=5)
+    plan = ops.get_plan(schema, None)
+    encoded = kvstore.columns.encode_rows(
+        schema, {"key": np.arange(3), "x": [1.5, 2.5, 3.5], "s": ["a", None, "ccc"]}
+    )
+    rows = _codec.split_rows(encoded.rows, encoded.offsets)
+    keys = KeyBatch("int64", ints=np.arange(4, dtype=np.int64))
+    sid = schema.schema_id
+    for response in (
+        _response_of([rows[0], None, rows[2], rows[1]], schema_id=sid, version=7),
+        _response_of([rows[2], rows[0], None, rows[1]], [2, 0, 3, 1], schema_id=sid),
+        _response_of([None, None, None, None], schema_id=sid, version=2**40),
+    ):
+        body = response.SerializeToString()
+        got = ops.finish_frame("t", plan, keys, "n:1", 0, body)
+        want = ops.finish_one("t", plan, keys, "n:1", response)
+        assert got.version == want.version == response.version
+        assert got.to_pylist() == want.to_pylist()
+        assert _codec.decode_answer(plan.projection, body, 4) is not None  # read in C
+    # Another schema: SchemaMismatch, as finish_one raises (the client describes again).
+    other = _response_of([rows[0]] * 4, schema_id=sid + 1).SerializeToString()
+    with pytest.raises(_codec.SchemaMismatch):
+        ops.finish_frame("t", plan, keys, "n:1", 0, other)
+    # Rows that do not fit the request name the node, as finish_one does.
+    short = _response_of([rows[0]] * 3, schema_id=sid).SerializeToString()
+    with pytest.raises(kvstore.KvstoreError, match=r"\(part 0 from n:1\): part 0: 3 rows for 4"):
+        ops.finish_frame("t", plan, keys, "n:1", 0, short)
+    # What C does not read (an unknown field, a field twice) is read by protobuf.
+    response = _response_of([rows[0], None, rows[2], rows[1]], schema_id=sid, version=3)
+    body = response.SerializeToString()
+    for unusual in (body + b"\x30\x01", body + b"\x10\x05"):
+        assert _codec.decode_answer(plan.projection, unusual, 4) is None
+        got = ops.finish_frame("t", plan, keys, "n:1", 0, unusual)
+        want = ops.finish_one("t", plan, keys, "n:1", pb.GetResponse.FromString(unusual))
+        assert (got.version, got.to_pylist()) == (want.version, want.to_pylist())
+    assert got.version == 5  # protobuf: the last of a field given twice
+    # The node's error frame: its KvstoreError.
+    error = pb.FastError(type="UnknownFeature", message="no feature 'y'").SerializeToString()
+    with pytest.raises(kvstore.UnknownFeature, match="no feature 'y'"):
+        ops.finish_frame("t", plan, keys, "n:1", 1, error)

@@ -209,10 +209,15 @@ class FastConnections:
     def get(self, address: str, body: bytes, timeout: float) -> Any:
         """The GetResponse to one serialized GetRequest sent to ``address``; errors as
         KvstoreError."""
+        return read_answer(*self.get_answer(address, body, timeout))
+
+    def get_answer(self, address: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+        """The answer's status and body (``kvstore.wire.frames``) to one serialized
+        GetRequest sent to ``address``; the transport's errors as KvstoreError."""
         deadline = time.monotonic() + timeout
         conn = self._connection(address, timeout)
         request_id = self._send(conn, body, deadline, timeout)
-        return read_answer(*self._receive(conn, request_id, deadline, timeout))
+        return self._receive(conn, request_id, deadline, timeout)
 
     def get_many(
         self, calls: list[tuple[str, pb.GetRequest]], timeout: float, settled: bool = False

@@ -139,8 +139,8 @@ class Client:
         try:
             if fast is not None:
                 assert self._fast is not None
-                response = self._fast.get(fast, plan.request(batch, version), timeout)
-                return ops.finish_one(table, plan, batch, fast, response)
+                status, body = self._fast.get_answer(fast, plan.request(batch, version), timeout)
+                return ops.finish_frame(table, plan, batch, fast, status, body)
             if calls and ops.replicated(table):
                 read = HedgedRead(ops, table, plan.schema, plan, batch, version, calls=calls)
                 try:

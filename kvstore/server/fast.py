@@ -5,9 +5,13 @@ gRPC in Python costs about 400 µs a round trip on loopback here, raw TCP about 
 framing that works (``kvstore.wire.frames``, docs/fast-path.md): a GetRequest in, a
 GetResponse or a FastError out. Requests on one connection are answered in order.
 The answer is built by the same ``get_response`` the gRPC servicer uses; only the
-transport differs. A request whose keys are all in the node's hot-row cache is
-answered in C from the cache (``HotRows.answer_frame``, kvstore.server.hot_rows),
-rows in request order; any other request, error or doubt takes that full path.
+transport differs. Two shortcuts answer the common requests in C, without a protobuf
+object, with the rows in request order: with the hot-row cache on, a request whose keys
+are all cached is answered from it (``HotRows.answer_frame``, kvstore.server.hot_rows);
+with it off, a small get of an int64-keyed table's current version is read from the
+shards (``_codec.answer_read``, the ``ReadTable`` a full-path answer of the table
+left in ``FastServer.read_tables``). Any other request, error or doubt takes the full
+path.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 
 from google.protobuf.message import DecodeError
 
+from kvstore import _codec
 from kvstore.errors import InvalidArgument, KvstoreError, RequestTooLarge
 from kvstore.server.node import Node
 from kvstore.server.servicer import get_response
@@ -25,13 +30,66 @@ from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, STATUS_OK, erro
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastGetProtocol", "FastServer"]
+__all__ = ["FastGetProtocol", "FastServer", "read_table", "refresh_read_table"]
+
+
+def read_table(node: Node, name: str) -> _codec.ReadTable | None:
+    """What ``_codec.answer_read`` answers ``name``'s small gets with: its current version's
+    shards as the node holds them now; None for a table it cannot answer (string keys,
+    gone). Gets of ``parallel_read_keys`` keys or more keep the full path, which reads
+    them on several threads."""
+    table = node.tables.get(name)
+    if table is None or table.schema.key_type != "int64":
+        return None
+    config = node.config
+    max_keys = config.max_keys_per_request
+    if node.reads.pool is not None:
+        max_keys = min(max_keys, config.parallel_read_keys - 1)
+    entry = table.entry
+    schema = entry.schema
+    version = entry.current
+    base = table.base(version) if version else None
+    snapshot = table.versions[version].snapshot_time_us if version else _codec.NO_DELETE
+    return _codec.ReadTable(
+        table,
+        entry,
+        schema,
+        version,
+        base,
+        table.delta,
+        snapshot,
+        schema.layout,
+        schema.ttl_us,
+        schema.schema_id,
+        [f.name for f in schema.features],
+        node.stats[name],
+        max_keys,
+    )
+
+
+def refresh_read_table(read_tables: dict[str, _codec.ReadTable], node: Node, name: str) -> None:
+    """After a full-path answer of table ``name``: its ReadTable made again if it no
+    longer ``holds`` (the table's first read, a new version, a dropped table...), so that
+    the next gets are answered in C."""
+    held = read_tables.get(name)
+    if held is None or not held.holds(node.tables):
+        fresh = read_table(node, name)
+        if fresh is None:
+            read_tables.pop(name, None)
+        else:
+            read_tables[name] = fresh
 
 
 class FastGetProtocol(asyncio.Protocol):
     """One client connection of the fast read path."""
 
-    def __init__(self, node: Node, max_request_bytes: int, open_: set) -> None:
+    def __init__(
+        self,
+        node: Node,
+        max_request_bytes: int,
+        open_: set,
+        read_tables: dict[str, _codec.ReadTable],
+    ) -> None:
         self.node = node
         self.max_request_bytes = max_request_bytes
         self.buffer = bytearray()
@@ -39,6 +97,9 @@ class FastGetProtocol(asyncio.Protocol):
         self.open = open_
         cache = node.reads.hot
         self.hot = None if cache is None else cache.rows
+        #: The node's ReadTables (FastServer.read_tables); unused with the hot-row cache
+        #: on, whose full-path reads fill the cache.
+        self.read_tables = read_tables if cache is None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open.discard(self)
@@ -54,9 +115,20 @@ class FastGetProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         node = self.node
-        # Requests whose keys are all in the hot-row cache are answered in C; a node in
-        # a cluster checks each key's shard against the placement first: full path.
-        hot = self.hot if node.view is None else None
+        read_tables = self.read_tables
+        if read_tables is not None and not self.buffer and node.view is None:
+            # The common case first, with as little Python as it takes: one whole small
+            # get in one read, answered in C (None: anything else, handled below).
+            frame = _codec.answer_request(read_tables, data, node.tables, self.max_request_bytes)
+            if frame is not None:
+                self.transport.write(frame)  # type: ignore[union-attr]
+                return
+        # Requests whose keys are all in the hot-row cache, or (without the cache) small
+        # gets, are answered in C; a node in a cluster checks each key's shard against
+        # the placement first: full path.
+        in_cluster = node.view is not None
+        hot = None if in_cluster else self.hot
+        read_tables = None if in_cluster else self.read_tables
         tables = node.tables
         buffer = self.buffer
         if not buffer and len(data) >= REQUEST_HEADER.size:
@@ -95,7 +167,9 @@ class FastGetProtocol(asyncio.Protocol):
             body = bytes(buffer[REQUEST_HEADER.size : end])
             del buffer[:end]
             frame = None
-            if hot is not None and not hot.cold:
+            if read_tables is not None:
+                frame = _codec.answer_read(read_tables, body, request_id, tables)
+            elif hot is not None and not hot.cold:
                 frame = hot.answer_frame(body, request_id, tables)
             out.append(self.answer(request_id, body) if frame is None else frame)
         self._send(out)
@@ -111,6 +185,8 @@ class FastGetProtocol(asyncio.Protocol):
             except DecodeError:
                 raise InvalidArgument("the fast-path request is not a GetRequest") from None
             response = get_response(self.node, request).SerializeToString()
+            if self.read_tables is not None and self.node.view is None:
+                refresh_read_table(self.read_tables, self.node, request.table)
         except KvstoreError as exc:
             return error_frame(request_id, exc)
         except Exception as exc:
@@ -125,6 +201,9 @@ class FastServer:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.connections: set[FastGetProtocol] = set()
+        #: What each int64-keyed table's small gets are answered from in C, by name
+        #: (``read_table``), shared by the connections.
+        self.read_tables: dict[str, _codec.ReadTable] = {}
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -133,7 +212,9 @@ class FastServer:
         loop = asyncio.get_running_loop()
         limit = self.node.config.max_request_bytes
         self.server = await loop.create_server(
-            lambda: FastGetProtocol(self.node, limit, self.connections), host, port
+            lambda: FastGetProtocol(self.node, limit, self.connections, self.read_tables),
+            host,
+            port,
         )
         self.port = self.server.sockets[0].getsockname()[1]
 

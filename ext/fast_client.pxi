@@ -1,0 +1,106 @@
+# The client's end of the fast read path in C: a get's GetRequest written after its
+# plan's serialized prefix (get_request), and an answer's GetResponse read and its rows
+# decoded (decode_answer), without a protobuf object. Included by codec.pyx, after
+# fast_answers.pxi (its varint helpers).
+
+
+def get_request(bytes prefix not None, keys, uint64_t version):
+    """The serialized GetRequest of int64 ``keys`` (a non-empty int64 array) at
+    ``version``: ``prefix`` (a serialized GetRequest of the table and features) followed
+    by what protobuf would write for ``keys=Keys(count, int64_le)`` and ``version`` (left
+    out when 0); protobuf merges concatenated messages."""
+    keys = _int64_array(keys, -1, "keys")
+    cdef Py_ssize_t n = cnp.PyArray_DIMS(<cnp.ndarray>keys)[0]
+    if n == 0:
+        raise ValueError("get_request needs at least one key")
+    cdef uint8_t head[32]
+    cdef uint8_t inner[24]
+    cdef Py_ssize_t h = 0, k = 0
+    inner[k] = (1 << 3)  # Keys.count
+    k += 1
+    k += _put_varint(inner + k, <uint64_t>n)
+    inner[k] = (2 << 3) | 2  # Keys.int64_le
+    k += 1
+    k += _put_varint(inner + k, <uint64_t>(8 * n))
+    head[h] = (2 << 3) | 2  # GetRequest.keys
+    h += 1
+    h += _put_varint(head + h, <uint64_t>(k + 8 * n))
+    cdef uint8_t tail[12]
+    cdef Py_ssize_t t = 0
+    if version:
+        tail[t] = (4 << 3)  # GetRequest.version
+        t += 1
+        t += _put_varint(tail + t, version)
+    cdef Py_ssize_t lp = PyBytes_GET_SIZE(prefix)
+    out = PyBytes_FromStringAndSize(NULL, lp + h + k + 8 * n + t)
+    cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
+    memcpy(o, PyBytes_AS_STRING(prefix), lp)
+    o += lp
+    memcpy(o, head, h)
+    o += h
+    memcpy(o, inner, k)
+    o += k
+    memcpy(o, _int64_data(keys), 8 * n)  # little-endian host (checked at import)
+    o += 8 * n
+    memcpy(o, tail, t)
+    return out
+
+
+def decode_answer(Projection projection not None, body, Py_ssize_t n):
+    """A fast-path answer's GetResponse ``body`` to the get of ``n`` keys, read without a
+    protobuf object: (schema_id, version, Decoded), the Decoded None when the rows are of
+    another schema than ``projection``'s (the caller raises SchemaMismatch).
+
+    None when the body holds anything but the five fields of a GetResponse, each once
+    (the caller then reads it with protobuf). A body whose rows do not fit the request
+    raises ValueError (``response_layout``'s), a bad row CorruptRow (``decode``'s).
+    """
+    cdef bytes data = _as_bytes(body, "body")
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data), i = 0
+    cdef uint64_t tag, v, field_no, wire, schema_id = 0, version = 0
+    cdef Py_ssize_t at[6]
+    cdef Py_ssize_t length[6]
+    cdef uint8_t seen = 0
+    for k in range(6):
+        at[k] = 0
+        length[k] = 0
+    while i < size:
+        i = _varint(p, size, i, &tag)
+        if i < 0:
+            return None
+        field_no = tag >> 3
+        wire = tag & 7
+        if field_no < 1 or field_no > 5 or seen & (1 << field_no):
+            return None
+        seen |= 1 << field_no
+        if field_no <= 2:
+            if wire != 0:
+                return None
+            i = _varint(p, size, i, &v)
+            if i < 0:
+                return None
+            if field_no == 1:
+                if v > 0xFFFFFFFF:
+                    return None
+                schema_id = v
+            else:
+                version = v
+        else:
+            if wire != 2:
+                return None
+            i = _varint(p, size, i, &v)
+            if i < 0 or v > <uint64_t>(size - i):
+                return None
+            at[field_no] = i
+            length[field_no] = <Py_ssize_t>v
+            i += <Py_ssize_t>v
+    if schema_id != projection.layout.c.schema_id:
+        return schema_id, version, None
+    lengths_part = PyBytes_FromStringAndSize(<const char*>p + at[4], length[4])
+    order_part = PyBytes_FromStringAndSize(<const char*>p + at[5], length[5])
+    starts, lengths = response_layout(n, [(lengths_part, order_part, None, length[3])])
+    cdef int64_t* st = _int64_data(starts)
+    for k in range(n):
+        st[k] += at[3]
+    return schema_id, version, decode(projection, data, starts, lengths)
