@@ -321,3 +321,27 @@ def test_a_whole_frame_in_one_read_is_answered_from_its_header(node: Node) -> No
         (bytearray(frame), 1 << 20),  # not bytes (the protocol gets bytes)
     ):
         assert codec.answer_request(read_tables, other, node.tables, limit) is None
+
+
+def test_a_dropped_table_is_let_go_and_a_table_that_cannot_be_held_keeps_the_full_path(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node.create_table(TableSchema.build("t", "int64", FEATURES, shards=2))
+    node.create_table(TableSchema.build("u", "int64", FEATURES, shards=2))
+    read_tables: dict = {}
+    refresh_read_table(read_tables, node, "t")
+    refresh_read_table(read_tables, node, "u")
+    assert set(read_tables) == {"t", "u"}
+    node.drop_table("t")
+    node.create_table(TableSchema.build("v", "int64", FEATURES, shards=2))
+    refresh_read_table(read_tables, node, "v")
+    assert set(read_tables) == {"u", "v"}  # "t", never asked for again, is not kept
+
+    def cannot_open(node: Node, name: str):
+        raise OSError("the current version's base cannot be opened")
+
+    monkeypatch.setattr("kvstore.server.fast.read_table", cannot_open)
+    node.drop_table("u")
+    node.create_table(TableSchema.build("u", "int64", FEATURES, shards=2))
+    refresh_read_table(read_tables, node, "u")  # logged, not raised: the answer stands
+    assert set(read_tables) == {"v"}

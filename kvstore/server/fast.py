@@ -72,12 +72,21 @@ def refresh_read_table(read_tables: dict[str, _codec.ReadTable], node: Node, nam
     longer ``holds`` (the table's first read, a new version, a dropped table...), so that
     the next gets are answered in C."""
     held = read_tables.get(name)
-    if held is None or not held.holds(node.tables):
+    if held is not None and held.holds(node.tables):
+        return
+    for gone in [held_name for held_name in read_tables if held_name not in node.tables]:
+        del read_tables[gone]  # a dropped table's shards and stats are not kept alive
+    try:
         fresh = read_table(node, name)
-        if fresh is None:
-            read_tables.pop(name, None)
-        else:
-            read_tables[name] = fresh
+    except Exception:
+        # The full path answered; only the C path's copy could not be made (e.g. the
+        # current version's base cannot be opened while a pinned read succeeded).
+        logger.exception("fast path: table %r stays on the full path", name)
+        fresh = None
+    if fresh is None:
+        read_tables.pop(name, None)
+    else:
+        read_tables[name] = fresh
 
 
 class FastGetProtocol(asyncio.Protocol):
@@ -185,13 +194,13 @@ class FastGetProtocol(asyncio.Protocol):
             except DecodeError:
                 raise InvalidArgument("the fast-path request is not a GetRequest") from None
             response = get_response(self.node, request).SerializeToString()
-            if self.read_tables is not None and self.node.view is None:
-                refresh_read_table(self.read_tables, self.node, request.table)
         except KvstoreError as exc:
             return error_frame(request_id, exc)
         except Exception as exc:
             logger.exception("fast-path Get failed")
             return error_frame(request_id, KvstoreError(f"{type(exc).__name__}: {exc}"))
+        if self.read_tables is not None and self.node.view is None:
+            refresh_read_table(self.read_tables, self.node, request.table)
         return RESPONSE_HEADER.pack(len(response), request_id, STATUS_OK) + response
 
 
