@@ -2,9 +2,9 @@
 
 One connection per node per event loop, shared by every task of that loop. Each
 request frame carries a request id (``kvstore.wire.frames``); the connection's
-protocol hands each answer, as it arrives, to the future waiting on that id, so 64
-tasks have 64 requests in flight on one connection and none waits for another's
-answer to be read. A node answers one connection's requests in order, but nothing
+protocol parses each answer as it arrives and hands it to the future waiting on that
+id, so 64 tasks have 64 requests in flight on one connection and none waits for
+another's answer to be read. A node answers one connection's requests in order, but nothing
 here relies on it: an answer whose id nobody waits on (its call was cancelled or
 ran past its deadline) is dropped, and the connection serves on.
 """
@@ -20,7 +20,8 @@ from typing import Any
 
 from kvstore.client.fast import connect_error, late
 from kvstore.errors import KvstoreError, Unavailable
-from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, STATUS_OK, read_answer
 
 __all__ = ["AsyncFastConnections"]
 
@@ -40,9 +41,10 @@ class _Pipeline(asyncio.BufferedProtocol):
     """One connection to one node's fast path: requests written as they come, answers
     matched to their waiting futures by request id.
 
-    A BufferedProtocol: the loop reads straight into ``buffer``, and each answer's body
-    is copied out once (a plain Protocol's ``data_received`` gets a new bytes object
-    per read, and an answer that spans reads was copied twice more to join it)."""
+    A BufferedProtocol: the loop reads straight into ``buffer``, and each answer is
+    parsed from there into its GetResponse, which copies out what it keeps (a plain
+    Protocol's ``data_received`` gets a new bytes object per read, and an answer that
+    spans reads was copied twice more to join it)."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -92,6 +94,7 @@ class _Pipeline(asyncio.BufferedProtocol):
         waiting = self.waiting
         self.need = 0
         header = RESPONSE_HEADER.size
+        parse = pb.GetResponse.FromString
         while have - pos >= header:
             length, request_id, status = RESPONSE_HEADER.unpack_from(view, pos)
             stop = pos + header + length
@@ -100,7 +103,17 @@ class _Pipeline(asyncio.BufferedProtocol):
                 break
             call = waiting.pop(request_id, None)
             if call is not None and not call[0].done():
-                call[0].set_result((status, bytes(view[pos + header : stop])))
+                # Parsed here, straight from the buffer (the message copies out what it
+                # keeps): no bytes copy of the body first, ~2 µs for a 100-key answer.
+                try:
+                    if status == STATUS_OK:
+                        answer = parse(view[pos + header : stop])
+                    else:
+                        answer = read_answer(status, bytes(view[pos + header : stop]))
+                except Exception as exc:  # the node's error, or a body that does not parse
+                    call[0].set_exception(exc)
+                else:
+                    call[0].set_result(answer)
             pos = stop
         if pos == have:  # everything handed out: read into the buffer from its start
             self.start = self.have = self.need = 0
@@ -145,8 +158,9 @@ class _Pipeline(asyncio.BufferedProtocol):
     def submit(
         self, body: bytes, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float
     ) -> tuple[int, asyncio.Future]:
-        """Write a request frame of ``body``; its id and the future of its answer
-        ``(status, body)``, failed with DeadlineExceeded at ``deadline`` (loop time, s)
+        """Write a request frame of ``body``; its id and the future of its answer (the
+        GetResponse, or the node's error as its KvstoreError), failed with
+        DeadlineExceeded at ``deadline`` (loop time, s)
         naming ``timeout`` (s), the call's.
 
         One timer per connection, not one per call (a loop timer costs several µs to
@@ -274,11 +288,10 @@ class AsyncFastConnections:
             conn = await self._connection(loop, address, timeout)
         request_id, future = conn.submit(body, loop, loop.time() + timeout, timeout)
         try:
-            answer = await future
+            return await future
         finally:
             # Cancelled, expired or answered: nobody waits on this id any more.
             conn.waiting.pop(request_id, None)
-        return read_answer(*answer)
 
     async def get_many(
         self, calls: list[tuple[str, Any]], timeout: float, settled: bool = False
@@ -297,7 +310,7 @@ class AsyncFastConnections:
             for conn, (_, request) in zip(conns, calls, strict=True):
                 body = request.SerializeToString()
                 sent.append((conn, *conn.submit(body, loop, deadline, timeout)))
-            return [read_answer(*(await future)) for _, _, future in sent]
+            return [await future for _, _, future in sent]
         finally:
             for conn, request_id, future in sent:
                 conn.waiting.pop(request_id, None)
@@ -322,7 +335,7 @@ class AsyncFastConnections:
                     out.append(item)
                     continue
                 try:
-                    out.append(read_answer(*(await item[2])))
+                    out.append(await item[2])
                 except KvstoreError as exc:
                     out.append(exc)
             return out
