@@ -100,13 +100,10 @@ def test_64_tasks_pipeline_their_gets_on_one_connection(
 
             await asyncio.gather(*(task(i) for i in range(64)))
             conn = only_connection(c)
-            assert not conn.waiting  # every answer went to its call
+            # every answer went to its call, and took its deadline along: nothing of
+            # the 1,281 calls is kept
+            assert not conn.waiting
             assert conn.lost is None
-            # answered calls' deadlines do not pile up until they pass: after any call,
-            # at most PRUNE_FACTOR x the calls then waiting (64 tasks, at most 64) plus
-            # the slack, well under the 1,281 calls made (without pruning, all of them)
-            bound = aio_fast.PRUNE_FACTOR * 64 + aio_fast.PRUNE_SLACK + 1
-            assert len(conn.deadlines) <= bound < 64 * 20
 
     asyncio.run(scenario())
     assert len(in_flight) == 64 * 20 + 1
@@ -270,6 +267,80 @@ def test_a_paused_node_fails_the_call_at_its_deadline_and_serves_once_resumed(
             check(await patient, [4])  # answered once the node runs again
             # the expired calls' answers arrived first and were dropped
             check(await c.get("paused", [2, 3, 900]), [2, 3, 900])
+            assert only_connection(c) is conn
+
+    asyncio.run(scenario())
+
+
+def test_a_deadline_after_an_answered_earlier_one_still_fails_its_call(start_node) -> None:
+    """The connection's one timer is armed at the first call's deadline; that call is
+    answered, a later one with a longer timeout is not: the timer, waking for nothing,
+    is armed again at the later call's deadline, and fails it then (not before)."""
+    node = start_node()
+    with Client(node.address) as sync:
+        sync.create_table("rearm", key="int64", features=FEATURES, shards=2)
+        sync.write("rearm", rows(np.arange(ROWS)))
+
+    async def scenario() -> None:
+        async with AsyncClient(node.address, timeout=10) as c:
+            check(await c.get("rearm", [1]), [1])  # the map and the connection
+            check(await c.get("rearm", [2], timeout=0.3), [2])  # arms the timer at +0.3 s
+            conn = only_connection(c)
+            node.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(kvstore.DeadlineExceeded, match=r"deadline of 0\.8 s"):
+                    # wait_for: a timer never armed again would wait for ever
+                    await asyncio.wait_for(c.get("rearm", [3], timeout=0.8), 5)
+                assert 0.79 <= time.monotonic() - started < 2.0
+                assert not conn.waiting
+            finally:
+                node.proc.send_signal(signal.SIGCONT)
+            check(await c.get("rearm", [4, 5]), [4, 5])  # the late answer was dropped
+            assert only_connection(c) is conn
+
+    asyncio.run(scenario())
+
+
+def test_requests_queued_behind_a_full_socket_keep_their_order(start_node) -> None:
+    """With the node stopped, large requests fill the socket's buffers: a request is
+    sent in part and the rest queued in the transport, and those after it wait behind
+    it (none is sent straight to the socket ahead of queued bytes). Once the node runs
+    again every call gets its own answer."""
+    node = start_node()
+    with Client(node.address) as sync:
+        sync.create_table("queued", key="int64", features=FEATURES, shards=2)
+        sync.write("queued", rows(np.arange(ROWS)))
+    # ~720 KB a request, 16 of them: more than the socket buffers hold (a few MB)
+    # while the node reads nothing; most keys are missing, so the answers stay small
+    many = list(range(ROWS - 50, ROWS + 90_000))
+
+    async def scenario() -> None:
+        async with AsyncClient(node.address, timeout=30) as c:
+            check(await c.get("queued", [1]), [1])
+            conn = only_connection(c)
+            assert conn.transport is not None
+            node.proc.send_signal(signal.SIGSTOP)
+            try:
+                calls = [
+                    asyncio.create_task(c.get("queued", many[i:] if i % 2 else [i]))
+                    for i in range(32)
+                ]
+                await until(
+                    lambda: conn.transport.get_write_buffer_size() > 0,
+                    5,
+                    "requests to queue behind the full socket",
+                )
+                assert len(conn.waiting) == 32
+            finally:
+                node.proc.send_signal(signal.SIGCONT)
+            answers = await asyncio.gather(*calls)
+            for i, got in enumerate(answers):
+                keys = many[i:] if i % 2 else [i]
+                assert np.array_equal(got.found, np.array(keys) < ROWS)
+                x = got.to_numpy()["x"]
+                assert np.array_equal(x[got.found], np.array(keys)[got.found] * 0.5)
+            check(await c.get("queued", [6, 7]), [6, 7])
             assert only_connection(c) is conn
 
     asyncio.run(scenario())
