@@ -81,16 +81,9 @@ class GetResult:
         call returns new array objects over the same memory, so changing one in place
         changes what later calls (and ``to_arrow``) see.
         """
-        decoded = self._decoded
-        names = self._names
-        out = decoded.values_dict(names)  # float kinds are final: NaN where invalid
-        projection = decoded.projection
-        for k in projection.masked_columns:
-            out[names[k]] = decoded.masked(k)
-        for k in projection.var_columns:
-            out[names[k]] = decoded.objects(k)
-        # values_dict's None entries are the var columns, each replaced just above.
-        return out  # type: ignore[return-value]
+        # One C call builds every column (Decoded.numpy_dict): a 1-key answer's cost is
+        # then NumPy's array objects, not a Python loop over the features.
+        return self._decoded.numpy_dict(self._names)
 
     def to_arrow(self) -> pa.Table:
         """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing.
