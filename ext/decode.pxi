@@ -176,6 +176,10 @@ cdef class Decoded:
         """Var column k as a list: str, bytes or a list of ints per row; None where not
         valid (what Arrow's ``to_pylist`` gives, without an Arrow array)."""
         self._var_check(k)
+        return self._pylist(k)
+
+    cdef list _pylist(self, Py_ssize_t k):
+        """``pylist(k)`` for a var column k, unchecked."""
         offsets, data = self.var[k]
         cdef uint8_t kind = self.projection.cols[k].kind
         cdef Py_ssize_t n = self.n, i
@@ -188,6 +192,31 @@ cdef class Decoded:
         for i in range(n):
             if valid[i]:
                 out[i] = _var_value(kind, base + off[i], off[i + 1] - off[i], data, True)
+        return out
+
+    def pylists(self):
+        """Every column as a list of Python values, in column order, what
+        ``GetResult.to_pylist`` puts in its rows: fixed columns as ``values(k).tolist()``
+        (a list per row for float32[N]) and var columns as ``pylist(k)``, None where not
+        valid. One call, so that a small answer pays no Python loop over its columns."""
+        self._check()
+        cdef Projection p = self.projection
+        cdef const int64_t* positions = _int64_data(self.positions)
+        cdef Py_ssize_t n = self.n, k, i
+        cdef list out = [None] * p.n_cols
+        cdef list values
+        cdef const uint8_t* valid
+        for k in range(p.n_cols):
+            if p.cols[k].width == 0:
+                out[k] = self._pylist(k)
+                continue
+            values = self._view(<cnp.dtype>p.dtypes[k], p.cdims[k], positions[k]).tolist()
+            if not self.complete[k]:
+                valid = <const uint8_t*>cnp.PyArray_BYTES(<cnp.ndarray>self.valid_block) + k * n
+                for i in range(n):
+                    if not valid[i]:
+                        values[i] = None
+            out[k] = values
         return out
 
     def arrow_buffers(self, Py_ssize_t k):

@@ -549,6 +549,17 @@ def test_numpy_dict_is_values_masked_and_objects_in_one_call():
     assert one["c"].tolist() == ["é", None] and one["h"].tolist() == [b"\x00z", None]
     assert one["f"][0].tolist() == [4, -5] and one["f"][1] is None
     assert one["g"].tolist() == [2**40, None] and np.isnan(one["i"][1])
+    lists = codec.decode(codec.Projection(layout, range(9)), *packed([nulls, full])).pylists()
+    assert lists == [
+        [None, 1.5], [None, -3], [None, "é"], [None, True], [None, [1.0, 2.0]],
+        [None, [4, -5]], [None, 2**40], [None, b"\x00z"], [None, 0.25],
+    ]  # fmt: skip
+    assert [type(column[1]) for column in lists] == [
+        float, int, str, bool, list, list, int, bytes, float
+    ]  # fmt: skip
+    assert codec.decode(codec.Projection(layout, [2, 0]), *packed([])).pylists() == [[], []]
+    with pytest.raises(TypeError, match=r"comes from kvstore\._codec\.decode"):
+        codec.Decoded().pylists()
     with pytest.raises(ValueError, match="8 names for 9 columns"):
         decoded.numpy_dict(names[:8])
     with pytest.raises(TypeError, match=r"comes from kvstore\._codec\.decode"):

@@ -107,20 +107,10 @@ class GetResult:
         Values are Python objects (what ``to_arrow().to_pylist()`` gives: None where
         null, lists for float32[N] and int64[]), built column by column.
         """
-        decoded = self._decoded
         keys = self._keys
-        columns = [keys.ints.tolist() if keys.ints is not None else self._keys_arrow().to_pylist()]
-        var = set(decoded.projection.var_columns)
-        for k in range(len(self._names)):
-            if k in var:
-                columns.append(decoded.pylist(k))
-                continue
-            valid = decoded.valid(k)
-            values = decoded.values(k).tolist()
-            if not decoded.complete[k]:
-                for i in np.flatnonzero(valid == 0).tolist():
-                    values[i] = None
-            columns.append(values)
+        key_column = keys.ints.tolist() if keys.ints is not None else self._keys_arrow().to_pylist()
+        # Decoded.pylists builds every feature's list in one C call (no Python loop).
+        columns = [key_column, *self._decoded.pylists()]
         return _codec.rows_of(["key", *self._names], columns, self.found)
 
     def _keys_arrow(self) -> pa.Array:
