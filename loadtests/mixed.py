@@ -6,12 +6,20 @@ The table has the demo table's six features (int32, float32, string, bool,
 float32[8], int64[]); the mixed get asks for all six, the float-only get for the
 float32 one, each followed by ``to_numpy()``. Rounds alternate the two (and which
 goes first), so that drift on the shared machine hits both alike.
+
+``make bench`` runs it among the other sections; ``python -m loadtests.mixed`` runs it
+alone against a node of its own (``--help``: sizes), printing the same table.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,3 +125,34 @@ def render_mixed(m: dict[str, Any]) -> str:
         f"(target p50 <= {m['target_ratio']}x: {verdict})"
     )
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run this section alone: a node of its own in a temporary directory, the same
+    measurement as ``make bench``'s, the table printed (and the figures as JSON)."""
+    from loadtests.servers import KvstoreNode
+
+    d = MixedSettings()
+    p = argparse.ArgumentParser(prog="python -m loadtests.mixed", description=__doc__)
+    p.add_argument("--rows", type=int, default=d.rows, help=f"rows in the table ({d.rows})")
+    p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds ({d.rounds})")
+    p.add_argument(
+        "--samples", type=int, default=d.samples, help=f"gets of each kind a round ({d.samples})"
+    )
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"warm-up gets ({d.warmup})")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+    a = p.parse_args(argv)
+    s = MixedSettings(rows=a.rows, rounds=a.rounds, samples=a.samples, warmup=a.warmup)
+    with (
+        tempfile.TemporaryDirectory(prefix="kvstore-mixed-") as tmp,
+        KvstoreNode(Path(tmp)) as node,
+    ):
+        m = measure_mixed_dtypes(node.address, s)
+    print(render_mixed(m))
+    if a.json is not None:
+        a.json.write_text(json.dumps(m, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

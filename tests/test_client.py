@@ -70,6 +70,45 @@ def test_round_trip_every_dtype(client: Client, table: str) -> None:
     assert rows[0]["premium"] is False and rows[0]["score"] == pytest.approx(1.0)
 
 
+def _numpy_as_python(column: np.ndarray) -> list:
+    """A to_numpy() column as to_arrow().to_pylist() reads it: None where masked, NaN
+    (all NaN for a vector) or None; int64[] arrays as lists."""
+    out = []
+    for i in range(len(column)):
+        if np.ma.isMaskedArray(column):
+            out.append(None if column.mask[i] else column.data[i].item())
+            continue
+        value = column[i]
+        if value is None or (column.dtype != object and np.isnan(value).all()):
+            out.append(None)
+        elif isinstance(value, np.ndarray):
+            out.append(value.tolist())
+        else:
+            out.append(value.item() if isinstance(value, np.generic) else value)
+    return out
+
+
+def test_one_key_gets_read_the_same_in_numpy_arrow_and_python(client: Client, table: str) -> None:
+    # The small gets a model server makes (one key, through the node's fast path):
+    # to_numpy's columns, built in one C call, say what to_arrow and to_pylist say.
+    client.write(table, {"key": [12], "age": [None], "country": [None], "items": [None]})
+    for features in (None, ["items", "age", "ctr_7d"], ["premium", "country", "emb"]):
+        for key in (1, 2, 12, 99):
+            res = client.get(table, [key], features)
+            cols = res.to_numpy()
+            arrow = res.to_arrow().to_pylist()[0]
+            assert list(cols) == res.features
+            for name, column in cols.items():
+                assert _numpy_as_python(column) == [arrow[name]], (key, name)
+            row = res.to_pylist()[0]
+            if key == 99:
+                assert row is None and not res.found[0]
+            else:
+                assert row == {"key": key, **{name: arrow[name] for name in cols}}
+            assert np.ma.isMaskedArray(cols.get("age", np.ma.masked_array([])))
+            assert cols.get("items", np.empty(0, object)).dtype == object
+
+
 def test_projection_and_arrow(client: Client, table: str) -> None:
     res = client.get(table, keys=[2, 5], features=["emb", "age"])
     assert res.features == ["emb", "age"]

@@ -509,6 +509,63 @@ def test_decode_reports_found_complete_and_column_kinds():
         codec.Projection(layout, [4])
 
 
+def test_numpy_dict_is_values_masked_and_objects_in_one_call():
+    kinds = [codec.KIND_FLOAT32, codec.KIND_INT32, codec.KIND_STRING, codec.KIND_BOOL]
+    kinds += [codec.KIND_FLOAT32_VECTOR, codec.KIND_INT64_LIST, codec.KIND_INT64]
+    kinds += [codec.KIND_BYTES, codec.KIND_FLOAT64]
+    dims = [0, 0, 0, 0, 2, 0, 0, 0, 0]
+    layout = codec.Layout(1, kinds, dims)
+    full = oracle.encode_row(
+        kinds, dims, 1, 7, [1.5, -3, "é", True, [1.0, 2.0], [4, -5], 2**40, b"\x00z", 0.25]
+    )
+    nulls = oracle.encode_row(kinds, dims, 1, 8, [None] * 9)
+    names = list("abcdefghi")
+    for rows in ([full, None, nulls], [full], []):
+        decoded = codec.decode(codec.Projection(layout, range(9)), *packed(rows))
+        got = decoded.numpy_dict(names)
+        assert list(got) == names
+        want = decoded.values_dict(names)
+        for k in decoded.projection.masked_columns:
+            want[names[k]] = decoded.masked(k)
+        for k in decoded.projection.var_columns:
+            want[names[k]] = decoded.objects(k)
+        for k, name in enumerate(names):
+            g, w = got[name], want[name]
+            assert type(g) is type(w) and g.dtype == w.dtype and g.shape == w.shape, name
+            if k in decoded.projection.masked_columns:
+                assert g.mask.tolist() == w.mask.tolist() and g.data.tolist() == w.data.tolist()
+                assert g.mask is not w.mask and g.fill_value == w.fill_value
+                assert not rows or np.shares_memory(g.data, decoded.values(k))
+            elif k in decoded.projection.var_columns:
+                assert [v if v is None or k != 5 else v.tolist() for v in g] == [
+                    v if v is None or k != 5 else v.tolist() for v in w
+                ]
+            else:
+                assert np.array_equal(g, w, equal_nan=True)
+                assert not rows or np.shares_memory(g, decoded.values(k))
+    assert got["a"].shape == (0,) and got["e"].shape == (0, 2) and got["c"].shape == (0,)
+    one = codec.decode(codec.Projection(layout, range(9)), *packed([full, nulls])).numpy_dict(names)
+    assert one["b"].tolist() == [-3, None] and one["d"].tolist() == [True, None]
+    assert one["c"].tolist() == ["é", None] and one["h"].tolist() == [b"\x00z", None]
+    assert one["f"][0].tolist() == [4, -5] and one["f"][1] is None
+    assert one["g"].tolist() == [2**40, None] and np.isnan(one["i"][1])
+    lists = codec.decode(codec.Projection(layout, range(9)), *packed([nulls, full])).pylists()
+    assert lists == [
+        [None, 1.5], [None, -3], [None, "é"], [None, True], [None, [1.0, 2.0]],
+        [None, [4, -5]], [None, 2**40], [None, b"\x00z"], [None, 0.25],
+    ]  # fmt: skip
+    assert [type(column[1]) for column in lists] == [
+        float, int, str, bool, list, list, int, bytes, float
+    ]  # fmt: skip
+    assert codec.decode(codec.Projection(layout, [2, 0]), *packed([])).pylists() == [[], []]
+    with pytest.raises(TypeError, match=r"comes from kvstore\._codec\.decode"):
+        codec.Decoded().pylists()
+    with pytest.raises(ValueError, match="8 names for 9 columns"):
+        decoded.numpy_dict(names[:8])
+    with pytest.raises(TypeError, match=r"comes from kvstore\._codec\.decode"):
+        codec.Decoded().numpy_dict([])
+
+
 def test_decode_fills_nan_in_every_float_kind_of_a_repeated_projection():
     kinds = [codec.KIND_FLOAT64, codec.KIND_FLOAT32_VECTOR, codec.KIND_BOOL]
     layout = codec.Layout(1, kinds, [0, 3, 0])

@@ -81,16 +81,9 @@ class GetResult:
         call returns new array objects over the same memory, so changing one in place
         changes what later calls (and ``to_arrow``) see.
         """
-        decoded = self._decoded
-        names = self._names
-        out = decoded.values_dict(names)  # float kinds are final: NaN where invalid
-        projection = decoded.projection
-        for k in projection.masked_columns:
-            out[names[k]] = decoded.masked(k)
-        for k in projection.var_columns:
-            out[names[k]] = decoded.objects(k)
-        # values_dict's None entries are the var columns, each replaced just above.
-        return out  # type: ignore[return-value]
+        # One C call builds every column (Decoded.numpy_dict): a 1-key answer's cost is
+        # then NumPy's array objects, not a Python loop over the features.
+        return self._decoded.numpy_dict(self._names)
 
     def to_arrow(self) -> pa.Table:
         """A ``pyarrow.Table``: the ``key`` column, then the features; nulls where missing.
@@ -114,20 +107,10 @@ class GetResult:
         Values are Python objects (what ``to_arrow().to_pylist()`` gives: None where
         null, lists for float32[N] and int64[]), built column by column.
         """
-        decoded = self._decoded
         keys = self._keys
-        columns = [keys.ints.tolist() if keys.ints is not None else self._keys_arrow().to_pylist()]
-        var = set(decoded.projection.var_columns)
-        for k in range(len(self._names)):
-            if k in var:
-                columns.append(decoded.pylist(k))
-                continue
-            valid = decoded.valid(k)
-            values = decoded.values(k).tolist()
-            if not decoded.complete[k]:
-                for i in np.flatnonzero(valid == 0).tolist():
-                    values[i] = None
-            columns.append(values)
+        key_column = keys.ints.tolist() if keys.ints is not None else self._keys_arrow().to_pylist()
+        # Decoded.pylists builds every feature's list in one C call (no Python loop).
+        columns = [key_column, *self._decoded.pylists()]
         return _codec.rows_of(["key", *self._names], columns, self.found)
 
     def _keys_arrow(self) -> pa.Array:
