@@ -101,6 +101,8 @@ include "decode.pxi"
 include "keys.pxi"
 # Delta rows and the read-time overlay of delta over base.
 include "delta.pxi"
+# A delta shard's rows in memory: a hash table of stored keys and values.
+include "delta_rows.pxi"
 # The hot-row cache.
 include "hot_rows.pxi"
 # The fast read path's answers from it, in C.

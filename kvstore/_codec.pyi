@@ -215,6 +215,25 @@ def delta_merge_rows(
 def delta_info(layout: Layout, row: bytes) -> tuple[int, int, dict[int, int]]:
     """(event time, deleted_at, {feature index: event time}) of a delta row, all in µs."""
 
+# A delta shard's rows in memory (ext/delta_rows.pxi; kvstore.storage.delta_memory).
+
+@disjoint_base
+class DeltaRows:
+    """Stored key -> stored value of one delta shard: a C hash table, 8-byte keys inline."""
+
+    def __len__(self) -> int: ...
+    def get(self, key: bytes) -> bytes | None:
+        """The value of ``key``, or None."""
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """The values of ``keys``, None where absent: a MultiGet's answer."""
+    def apply(
+        self, puts: list[tuple[bytes, bytes]], deletes: Iterable[bytes], overhead: int
+    ) -> int:
+        """Puts in order, then deletes (as a WriteBatch); the change in counted bytes
+        (values' lengths plus ``overhead`` bytes a key)."""
+    def values(self) -> list[bytes]: ...
+    def items(self) -> list[tuple[bytes, bytes]]: ...
+
 def encode_int_keys(keys: npt.NDArray[np.int64]) -> list[bytes]: ...
 def encode_str_keys(buf: Any, offsets: npt.NDArray[np.int64]) -> list[bytes]: ...
 def shard_ids_int(keys: npt.NDArray[np.int64], n_shards: int) -> npt.NDArray[np.int32]: ...
