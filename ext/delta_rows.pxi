@@ -157,12 +157,13 @@ cdef class DeltaRows:
 
     def get_many(self, list keys not None):
         """The values of ``keys`` (bytes), None where absent: a MultiGet's answer."""
-        cdef Py_ssize_t i, n = len(keys), size
-        cdef const char* p
-        cdef DeltaSlot* s
-        cdef uint64_t* hashes = <uint64_t*>PyMem_Malloc((n + 1) * sizeof(uint64_t))
+        cdef Py_ssize_t i, n = len(keys)
+        cdef PyObject* value
+        # One allocation: n hashes, then n found values (NULL: absent).
+        cdef uint64_t* hashes = <uint64_t*>PyMem_Malloc((2 * n + 1) * sizeof(uint64_t))
         if hashes == NULL:
             raise MemoryError()
+        cdef PyObject** found = <PyObject**>(hashes + n)
         cdef list out = [None] * n
         try:
             for i in range(n):
@@ -174,11 +175,15 @@ cdef class DeltaRows:
                 __builtin_prefetch(&self.slots[hashes[i] & <uint64_t>self.mask])
             for i in range(n):
                 key = keys[i]
-                p = PyBytes_AS_STRING(key)
-                size = PyBytes_GET_SIZE(key)
-                s = &self.slots[self._find(hashes[i], p, size)]
-                if s.value != NULL:
-                    out[i] = <object>s.value
+                value = self.slots[
+                    self._find(hashes[i], PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+                ].value
+                found[i] = value
+                if value != NULL:
+                    __builtin_prefetch(value)  # its reference count, written below
+            for i in range(n):
+                if found[i] != NULL:
+                    out[i] = <object>found[i]
         finally:
             PyMem_Free(hashes)
         return out
