@@ -196,6 +196,17 @@ def overlay(
     next until) in which a read at another ``now_us`` answers the same.
     """
 
+def overlay_join(
+    layout: Layout,
+    fetched: list[tuple[list[bytes | None], list[bytes | None]]],
+    snapshot_time: int,
+    now_us: int,
+    ttl_us: npt.NDArray[np.int64] | None = None,
+) -> tuple[bytes, npt.NDArray[np.int32]]:
+    """``join_values`` of ``overlay`` of each (delta rows, base rows) group, in one pass:
+    (block, int32 lengths, -1 = missing). A combined row is written into the block, never
+    a bytes object of its own. Errors as ``overlay``'s, indexed across the groups."""
+
 def delta_compact(
     layout: Layout, rows: list[bytes] | list[bytes | None], snapshot_time: int
 ) -> list[bytes | None]:
