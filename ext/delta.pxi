@@ -176,11 +176,10 @@ cdef void _assemble_into(const RowLayout* c, const RowView* a, const RowView* b,
     """Writes at ``row`` (_assembled_size bytes) the row (format 1, or a delta row when
     ``delta``) taking feature f from a (choice FROM_A), b (FROM_B) or nowhere
     (FROM_NONE: null / absent)."""
-    cdef Py_ssize_t f, j, width
+    cdef Py_ssize_t f, width
     cdef Py_ssize_t shift = _delta_shift(c) if delta else 0
     cdef Py_ssize_t bitmap_at = DELTA_FIXED_HEADER if delta else ROW_HEADER_SIZE
     cdef const RowView* src
-    cdef uint32_t length, end = 0, start
     cdef uint8_t* present = NULL
     memset(row, 0, c.min_row_size + shift)
     row[0] = DELTA_FORMAT if delta else ROW_FORMAT
@@ -204,6 +203,16 @@ cdef void _assemble_into(const RowLayout* c, const RowView* a, const RowView* b,
         width = c.widths[f]
         if width:
             copy_fixed(row + c.offsets[f] + shift, src.row + c.offsets[f] + src.shift, width)
+    _assemble_var(c, a, b, choice, shift, row)
+
+
+cdef inline void _assemble_var(const RowLayout* c, const RowView* a, const RowView* b,
+                               const uint8_t* choice, Py_ssize_t shift,
+                               uint8_t* row) noexcept nogil:
+    """The var ends and data of an assembled row (body shifted by ``shift`` bytes)."""
+    cdef Py_ssize_t f, j
+    cdef const RowView* src
+    cdef uint32_t length, end = 0, start
     for j in range(c.n_var):
         f = c.var_features[j]
         if choice[f] != FROM_NONE:
@@ -216,6 +225,35 @@ cdef void _assemble_into(const RowLayout* c, const RowView* a, const RowView* b,
                            src.row + c.min_row_size + src.shift + start, length)
                 end += length
         store_u32(row + c.ends_start + shift + 4 * j, end)
+
+
+cdef void _combine_into(const RowLayout* c, const RowView* base, const RowView* b,
+                        const uint8_t* choice, int64_t event_time, uint8_t* row) noexcept nogil:
+    """What _assemble_into(c, base, b, choice, False, event_time, 0, NULL, row) writes,
+    for ``base`` a checked format-1 row: its header, bitmap and fixed section copied
+    whole, then only the features not taken from it rewritten (most of a row read
+    with a partial update comes from its base)."""
+    cdef Py_ssize_t f, width
+    cdef uint8_t* bitmap = row + ROW_HEADER_SIZE
+    memcpy(row, base.row, c.ends_start)
+    store_i64(row + 5, event_time)
+    if c.n_features & 7:  # padding bits of the bitmap's last byte: 0, as assembled
+        bitmap[c.bitmap_size - 1] &= <uint8_t>((1 << (c.n_features & 7)) - 1)
+    for f in range(c.n_features):
+        width = c.widths[f]
+        if choice[f] == FROM_A:
+            if width and _bit(bitmap, f):
+                zero_fixed(row + c.offsets[f], width)  # a null's bytes: 0, as assembled
+            continue
+        if choice[f] == FROM_NONE or _src_null(b, f):
+            _set_bit(bitmap, f)
+            if width:
+                zero_fixed(row + c.offsets[f], width)
+            continue
+        bitmap[f >> 3] &= <uint8_t>~(1 << (f & 7))
+        if width:
+            copy_fixed(row + c.offsets[f], b.row + c.offsets[f] + b.shift, width)
+    _assemble_var(c, base, b, choice, 0, row)
 
 
 cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,

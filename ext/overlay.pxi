@@ -277,6 +277,7 @@ def overlay_join(Layout layout not None, list fetched, int64_t snapshot_time, in
             for i in range(m):
                 b = base_rows[i]
                 d = delta_rows[i]
+                views[2 * k].row = NULL  # stays NULL without a base row
                 if d is None and (b is None or ttls == NULL):
                     if b is None:
                         kind = OUT_NONE
@@ -315,8 +316,12 @@ def overlay_join(Layout layout not None, list fetched, int64_t snapshot_time, in
             else:
                 size = _assembled_size(c, &views[2 * k], &views[2 * k + 1],
                                        choices + F * k, False)
-                _assemble_into(c, &views[2 * k], &views[2 * k + 1], choices + F * k, False,
-                               event_times[k], 0, NULL, <uint8_t*>out + at)
+                if views[2 * k].row != NULL:  # a base row: the template of the answer
+                    _combine_into(c, &views[2 * k], &views[2 * k + 1], choices + F * k,
+                                  event_times[k], <uint8_t*>out + at)
+                else:
+                    _assemble_into(c, &views[2 * k], &views[2 * k + 1], choices + F * k,
+                                   False, event_times[k], 0, NULL, <uint8_t*>out + at)
             lengths_view[k] = <int32_t>size
             at += size
     finally:

@@ -889,3 +889,29 @@ def test_replicas_converge_by_merging(schema, data):
         return
     (merged,) = codec.delta_merge_rows(layout, [a], [b])
     assert merged == replay(layout, ops)
+
+
+def test_overlay_join_combines_on_a_base_row_with_stray_bytes_as_overlay_does():
+    """overlay_join writes a combined row over a copy of its base row: a null feature's
+    fixed bytes and the bitmap's padding bits, whatever the stored row holds there, come
+    out as overlay's freshly assembled row has them."""
+    layout = codec.Layout(SCHEMA_ID, KINDS, DIMS)
+    clean = oracle.encode_row(KINDS, DIMS, SCHEMA_ID, 10, [None, "abc", [1.0, 2.0], b"xy"])
+    stray = bytearray(clean)
+    stray[13] |= 0xF0  # the 4 features' bitmap byte: bits 4-7 are padding
+    at = LAYOUT.ends_start - 8 - 4  # feature 0's int32, before the float32[2] vector
+    stray[at : at + 4] = b"\x07\x07\x07\x07"
+    deltas = [
+        oracle.encode_delta_row(
+            KINDS, DIMS, SCHEMA_ID, 20, 5, [None, 20, None, None], [None, "de", None, None]
+        ),
+        oracle.encode_delta_row(
+            KINDS, DIMS, SCHEMA_ID, 20, 5, [20, None, 20, None], [3, None, None, None]
+        ),
+    ]
+    for base in (clean, bytes(stray)):
+        for delta in deltas:
+            rows = codec.overlay(layout, [base], [delta], 0, 0, None)
+            assert rows[0] is not base  # combined
+            block, lengths = codec.overlay_join(layout, [([delta], [base])], 0, 0)
+            assert (block, lengths.tolist()) == (rows[0], [len(rows[0])])
