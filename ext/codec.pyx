@@ -99,8 +99,12 @@ include "encode.pxi"
 include "decode.pxi"
 # Stored keys and shards; row lists and where each row of a response is.
 include "keys.pxi"
-# Delta rows and the read-time overlay of delta over base.
+# Delta rows: updates, deletes, compaction, merging copies.
 include "delta.pxi"
+# The read-time overlay of delta over base, per key or into a response's block.
+include "overlay.pxi"
+# A delta shard's rows in memory: a hash table of stored keys and values.
+include "delta_rows.pxi"
 # The hot-row cache.
 include "hot_rows.pxi"
 # The fast read path's answers, in C: from the cache or from the shards.

@@ -1,5 +1,6 @@
-# Delta rows (format 2) and the read-time overlay of delta over base
-# (docs/row-format.md, "Delta rows"); included by codec.pyx.
+# Delta rows (format 2): applying updates and deletes, compaction, merging copies
+# (docs/row-format.md, "Delta rows"); included by codec.pyx. The read-time overlay of
+# delta over base is overlay.pxi.
 #
 # A delta row is a format-1 body behind a longer header: deleted_at, a present
 # bitmap and one event time per feature. Every function here builds its output rows
@@ -151,19 +152,13 @@ cdef inline uint32_t _src_var_len(const RowLayout* c, const RowView* v,
     return load_u32(ends + 4 * j) - start
 
 
-cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,
-                      const uint8_t* choice, bint delta, int64_t event_time,
-                      int64_t deleted_at, const int64_t* times):
-    """A new row (format 1, or a delta row when ``delta``) taking feature f from a
-    (choice FROM_A), b (FROM_B) or nowhere (FROM_NONE: null / absent)."""
-    cdef Py_ssize_t f, j, width
-    cdef Py_ssize_t shift = _delta_shift(c) if delta else 0
-    cdef Py_ssize_t bitmap_at = DELTA_FIXED_HEADER if delta else ROW_HEADER_SIZE
+cdef Py_ssize_t _assembled_size(const RowLayout* c, const RowView* a, const RowView* b,
+                                const uint8_t* choice, bint delta) except -1:
+    """Bytes of the row _assemble_into writes for these choices; ValueError past the
+    var section's limit."""
+    cdef Py_ssize_t f, j
     cdef uint64_t var_bytes = 0
     cdef const RowView* src
-    cdef uint32_t length, end = 0, start
-    cdef uint8_t* row
-    cdef uint8_t* present = NULL
     for j in range(c.n_var):
         f = c.var_features[j]
         if choice[f] != FROM_NONE:
@@ -172,8 +167,20 @@ cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,
                 var_bytes += _src_var_len(c, src, j)
     if var_bytes > MAX_VAR_BYTES:
         raise ValueError(f"the combined row's var data exceeds {MAX_VAR_BYTES} bytes")
-    out = PyBytes_FromStringAndSize(NULL, c.min_row_size + shift + <Py_ssize_t>var_bytes)
-    row = <uint8_t*>PyBytes_AS_STRING(out)
+    return c.min_row_size + (_delta_shift(c) if delta else 0) + <Py_ssize_t>var_bytes
+
+
+cdef void _assemble_into(const RowLayout* c, const RowView* a, const RowView* b,
+                         const uint8_t* choice, bint delta, int64_t event_time,
+                         int64_t deleted_at, const int64_t* times, uint8_t* row) noexcept nogil:
+    """Writes at ``row`` (_assembled_size bytes) the row (format 1, or a delta row when
+    ``delta``) taking feature f from a (choice FROM_A), b (FROM_B) or nowhere
+    (FROM_NONE: null / absent)."""
+    cdef Py_ssize_t f, width
+    cdef Py_ssize_t shift = _delta_shift(c) if delta else 0
+    cdef Py_ssize_t bitmap_at = DELTA_FIXED_HEADER if delta else ROW_HEADER_SIZE
+    cdef const RowView* src
+    cdef uint8_t* present = NULL
     memset(row, 0, c.min_row_size + shift)
     row[0] = DELTA_FORMAT if delta else ROW_FORMAT
     store_u32(row + 1, c.schema_id)
@@ -196,6 +203,16 @@ cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,
         width = c.widths[f]
         if width:
             copy_fixed(row + c.offsets[f] + shift, src.row + c.offsets[f] + src.shift, width)
+    _assemble_var(c, a, b, choice, shift, row)
+
+
+cdef inline void _assemble_var(const RowLayout* c, const RowView* a, const RowView* b,
+                               const uint8_t* choice, Py_ssize_t shift,
+                               uint8_t* row) noexcept nogil:
+    """The var ends and data of an assembled row (body shifted by ``shift`` bytes)."""
+    cdef Py_ssize_t f, j
+    cdef const RowView* src
+    cdef uint32_t length, end = 0, start
     for j in range(c.n_var):
         f = c.var_features[j]
         if choice[f] != FROM_NONE:
@@ -208,6 +225,44 @@ cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,
                            src.row + c.min_row_size + src.shift + start, length)
                 end += length
         store_u32(row + c.ends_start + shift + 4 * j, end)
+
+
+cdef void _combine_into(const RowLayout* c, const RowView* base, const RowView* b,
+                        const uint8_t* choice, int64_t event_time, uint8_t* row) noexcept nogil:
+    """What _assemble_into(c, base, b, choice, False, event_time, 0, NULL, row) writes,
+    for ``base`` a checked format-1 row: its header, bitmap and fixed section copied
+    whole, then only the features not taken from it rewritten (most of a row read
+    with a partial update comes from its base)."""
+    cdef Py_ssize_t f, width
+    cdef uint8_t* bitmap = row + ROW_HEADER_SIZE
+    memcpy(row, base.row, c.ends_start)
+    store_i64(row + 5, event_time)
+    if c.n_features & 7:  # padding bits of the bitmap's last byte: 0, as assembled
+        bitmap[c.bitmap_size - 1] &= <uint8_t>((1 << (c.n_features & 7)) - 1)
+    for f in range(c.n_features):
+        width = c.widths[f]
+        if choice[f] == FROM_A:
+            if width and _bit(bitmap, f):
+                zero_fixed(row + c.offsets[f], width)  # a null's bytes: 0, as assembled
+            continue
+        if choice[f] == FROM_NONE or _src_null(b, f):
+            _set_bit(bitmap, f)
+            if width:
+                zero_fixed(row + c.offsets[f], width)
+            continue
+        bitmap[f >> 3] &= <uint8_t>~(1 << (f & 7))
+        if width:
+            copy_fixed(row + c.offsets[f], b.row + c.offsets[f] + b.shift, width)
+    _assemble_var(c, base, b, choice, 0, row)
+
+
+cdef object _assemble(const RowLayout* c, const RowView* a, const RowView* b,
+                      const uint8_t* choice, bint delta, int64_t event_time,
+                      int64_t deleted_at, const int64_t* times):
+    """_assemble_into a new bytes object."""
+    out = PyBytes_FromStringAndSize(NULL, _assembled_size(c, a, b, choice, delta))
+    _assemble_into(c, a, b, choice, delta, event_time, deleted_at, times,
+                   <uint8_t*>PyBytes_AS_STRING(out))
     return out
 
 
@@ -334,205 +389,6 @@ def delta_delete(Layout layout not None, list old_rows, times):
                 scratch.choice[f] = FROM_NONE
         out[i] = _assemble(c, &old, &old, scratch.choice, True, event_time, deleted_at,
                            scratch.times)
-    return out
-
-
-cdef extern from *:
-    void __builtin_prefetch(const void* address) nogil
-
-
-cdef inline void _prefetch_rows(list rows, Py_ssize_t n):
-    """Asks for every cache line of the bytes in ``rows`` (None skipped) at once."""
-    cdef Py_ssize_t i, at, length
-    cdef const char* p
-    for i in range(n):
-        value = rows[i]
-        if type(value) is bytes:
-            p = PyBytes_AS_STRING(value)
-            length = PyBytes_GET_SIZE(value)
-            for at in range(0, length, 64):
-                __builtin_prefetch(p + at)
-
-
-cdef inline bint _expired(int64_t t, int64_t now_us, int64_t ttl) noexcept nogil:
-    """Whether a value of event time t is older than now_us - ttl (µs), for ttl > 0.
-
-    When now_us - ttl would be below INT64_MIN, nothing is older than it: checking that
-    first keeps the subtraction from overflowing.
-    """
-    return ttl > 0 and now_us >= INT64_MIN + ttl and t < now_us - ttl
-
-
-cdef object _ttl_array(object ttl_us, Py_ssize_t n_features):
-    if ttl_us is None:
-        return None
-    ttl = _int64_array(ttl_us, n_features, "ttl_us")
-    if not ttl.any():
-        return None
-    return ttl
-
-
-cdef inline int64_t _ttl_end(int64_t t, int64_t ttl) noexcept nogil:
-    """The last µs at which a value of event time t is not yet expired (ttl > 0):
-    t + ttl, saturating at INT64_MAX."""
-    if t > INT64_MAX - ttl:
-        return INT64_MAX
-    return t + ttl
-
-
-cdef inline void _window(int64_t* valid, const int64_t* ttls, Py_ssize_t n_features,
-                         const uint8_t* choice, const int64_t* times, int64_t t_all,
-                         const uint8_t* was_chosen) noexcept nogil:
-    """Narrows [valid[0], valid[1]] (µs) to the times at which the features TTL keeps
-    and drops stay the same: a kept feature expires after _ttl_end, a dropped one
-    came back before _ttl_end + 1 (only a clock set back reaches that)."""
-    cdef Py_ssize_t f
-    cdef int64_t t, end
-    for f in range(n_features):
-        if ttls[f] <= 0:
-            continue
-        if was_chosen != NULL and was_chosen[f] == FROM_NONE:
-            continue  # not in the answer for another reason than TTL: time-independent
-        t = times[f] if times != NULL else t_all
-        end = _ttl_end(t, ttls[f])
-        if choice[f] != FROM_NONE:
-            if end < valid[1]:
-                valid[1] = end
-        elif end + 1 > valid[0]:
-            # No overflow: TTL dropped it, so t + ttl < now_us <= INT64_MAX (unsaturated).
-            valid[0] = end + 1
-
-
-def overlay(Layout layout not None, list base_rows, list delta_rows, int64_t snapshot_time,
-            int64_t now_us, ttl_us=None, valid_us=None, Py_ssize_t valid_at=0):
-    """The rows a read returns: delta over base (docs/row-format.md, "Reading").
-
-    ``base_rows[i]``: the key's format-1 row in the version read (None if absent);
-    ``delta_rows[i]``: its delta row (None if absent); ``snapshot_time``: the
-    version's snapshot time in µs (NO_DELETE, i.e. INT64_MIN, without a version);
-    ``ttl_us``: None or an int64 array of F TTLs in µs (0 or less = none), applied
-    against ``now_us`` (µs). Returns format-1
-    rows or None (missing); a base row the read changes nothing in (no newer delta
-    feature, nothing expired) is returned as is. A delete hides the base row only when
-    it is newer than ``snapshot_time``: a version holds every delete up to its snapshot
-    time, and compaction drops those (a read must not change when it does).
-    Raises CorruptRow/SchemaMismatch naming the key's index.
-
-    ``valid_us``: None, or a writable int64 ndarray that receives, for row i, the times (µs,
-    inclusive) between which a read at another ``now_us`` returns the same: at
-    ``[2 (valid_at + i)]`` from, at the next index until (INT64_MIN and INT64_MAX when
-    no TTL bounds it). The node's hot-row cache keeps an answer that long.
-    """
-    cdef const RowLayout* c = &layout.c
-    cdef Py_ssize_t n = len(base_rows)
-    if len(delta_rows) != n:
-        raise ValueError(f"{len(delta_rows)} delta rows for {n} base rows")
-    ttl = _ttl_array(ttl_us, c.n_features)
-    cdef const int64_t* ttls = NULL
-    if ttl is not None:
-        ttls = _int64_data(ttl)
-    cdef int64_t* valid = NULL
-    cdef Py_ssize_t k
-    if valid_us is not None:
-        # An output: a converted copy would take the windows and drop them unseen.
-        if not (
-            cnp.PyArray_Check(valid_us)
-            and cnp.PyArray_TYPE(<cnp.ndarray>valid_us) == cnp.NPY_INT64
-            and cnp.PyArray_NDIM(<cnp.ndarray>valid_us) == 1
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>valid_us)
-            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>valid_us)
-            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>valid_us)
-        ):
-            raise ValueError("valid_us must be a writable, contiguous 1-d int64 ndarray")
-        if valid_at < 0 or valid_us.shape[0] < 2 * (valid_at + n):
-            raise ValueError(
-                f"valid_us has {valid_us.shape[0]} entries, {2 * (valid_at + n)} needed"
-            )
-        valid = _int64_data(valid_us) + 2 * valid_at
-        for k in range(n):
-            valid[2 * k] = INT64_MIN
-            valid[2 * k + 1] = INT64_MAX
-    # Delta rows (from the shard's dict, kvstore.storage.delta_memory) are mostly not in
-    # the CPU's caches: asked for all at once, their lines arrive in parallel rather
-    # than one miss after another in the loop below.
-    _prefetch_rows(delta_rows, n)
-    # Only rows the delta or a TTL changes need scratch space: made for the first one.
-    cdef _Scratch scratch = None
-    cdef RowView base, delta
-    cdef Py_ssize_t i, f
-    cdef bint base_counts, any_delta, expired
-    cdef int64_t t, tb, event_time
-    cdef list out = [None] * n
-    for i in range(n):
-        b = base_rows[i]
-        d = delta_rows[i]
-        if d is None:
-            if b is None:
-                continue
-            _view_base(c, b, i, &base)
-            if ttls == NULL:
-                out[i] = b
-                continue
-            if scratch is None:
-                scratch = _Scratch(c.n_features)
-            expired = False
-            for f in range(c.n_features):
-                if _expired(base.event_time, now_us, ttls[f]):
-                    scratch.choice[f] = FROM_NONE
-                    expired = True
-                else:
-                    scratch.choice[f] = FROM_A
-            if valid != NULL:
-                _window(valid + 2 * i, ttls, c.n_features, scratch.choice, NULL,
-                        base.event_time, NULL)
-            out[i] = _assemble(c, &base, &base, scratch.choice, False, base.event_time,
-                               0, NULL) if expired else b
-            continue
-        _view_delta(c, d, i, &delta)
-        if scratch is None:
-            scratch = _Scratch(c.n_features)
-        base_counts = False
-        if b is not None:
-            _view_base(c, b, i, &base)
-            # Only a delete after the snapshot hides the base: the version already holds
-            # the earlier ones, and compaction drops them from the delta.
-            base_counts = (base.event_time > delta.deleted_at
-                           or delta.deleted_at <= snapshot_time)
-        tb = base.event_time if base_counts else INT64_MIN
-        any_delta = False
-        event_time = tb
-        for f in range(c.n_features):
-            if _bit(delta.present, f):
-                t = _feature_time(&delta, f)
-                if t > snapshot_time and t > tb:
-                    scratch.choice[f] = FROM_B
-                    scratch.times[f] = t
-                    any_delta = True
-                    if t > event_time:
-                        event_time = t
-                    continue
-            if base_counts:
-                scratch.choice[f] = FROM_A
-                scratch.times[f] = tb
-            else:
-                scratch.choice[f] = FROM_NONE
-        if not any_delta and not base_counts:
-            continue
-        expired = False
-        if ttls != NULL:
-            if valid != NULL:
-                memcpy(scratch.chosen, scratch.choice, c.n_features)
-            for f in range(c.n_features):
-                if scratch.choice[f] != FROM_NONE and _expired(scratch.times[f], now_us, ttls[f]):
-                    scratch.choice[f] = FROM_NONE
-                    expired = True
-            if valid != NULL:
-                _window(valid + 2 * i, ttls, c.n_features, scratch.choice, scratch.times,
-                        0, scratch.chosen)
-        if not any_delta and not expired:
-            out[i] = b  # the delta holds nothing newer: the base row as stored
-            continue
-        out[i] = _assemble(c, &base, &delta, scratch.choice, False, event_time, 0, NULL)
     return out
 
 

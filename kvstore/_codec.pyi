@@ -198,6 +198,17 @@ def overlay(
     next until) in which a read at another ``now_us`` answers the same.
     """
 
+def overlay_join(
+    layout: Layout,
+    fetched: list[tuple[list[bytes | None], list[bytes | None]]],
+    snapshot_time: int,
+    now_us: int,
+    ttl_us: npt.NDArray[np.int64] | None = None,
+) -> tuple[bytes, npt.NDArray[np.int32]]:
+    """``join_values`` of ``overlay`` of each (delta rows, base rows) group, in one pass:
+    (block, int32 lengths, -1 = missing). A combined row is written into the block, never
+    a bytes object of its own. Errors as ``overlay``'s, indexed across the groups."""
+
 def delta_compact(
     layout: Layout, rows: list[bytes] | list[bytes | None], snapshot_time: int
 ) -> list[bytes | None]:
@@ -216,6 +227,25 @@ def delta_merge_rows(
 
 def delta_info(layout: Layout, row: bytes) -> tuple[int, int, dict[int, int]]:
     """(event time, deleted_at, {feature index: event time}) of a delta row, all in µs."""
+
+# A delta shard's rows in memory (ext/delta_rows.pxi; kvstore.storage.delta_memory).
+
+@disjoint_base
+class DeltaRows:
+    """Stored key -> stored value of one delta shard: a C hash table, 8-byte keys inline."""
+
+    def __len__(self) -> int: ...
+    def get(self, key: bytes) -> bytes | None:
+        """The value of ``key``, or None."""
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """The values of ``keys``, None where absent: a MultiGet's answer."""
+    def apply(
+        self, puts: list[tuple[bytes, bytes]], deletes: Iterable[bytes], overhead: int
+    ) -> int:
+        """Puts in order, then deletes (as a WriteBatch); the change in counted bytes
+        (values' lengths plus ``overhead`` bytes a key)."""
+    def values(self) -> list[bytes]: ...
+    def items(self) -> list[tuple[bytes, bytes]]: ...
 
 def encode_int_keys(keys: npt.NDArray[np.int64]) -> list[bytes]: ...
 def encode_str_keys(buf: Any, offsets: npt.NDArray[np.int64]) -> list[bytes]: ...

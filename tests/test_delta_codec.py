@@ -246,6 +246,28 @@ def test_overlay_matches_oracle(schema, n, data):
         assert same_read(got[i], want, base[i]), i
 
 
+@examples
+@given(schemas(max_features=10), st.lists(st.integers(0, 4), max_size=4), st.data())
+def test_overlay_join_is_join_values_of_overlay(schema, group_sizes, data):
+    """The one-pass read of several shard groups (Reads without the hot-row cache) answers
+    the block and lengths that overlay of each group then join_values would, and those
+    rows are the oracle's."""
+    kinds, dims, schema_id = schema
+    layout = codec.Layout(schema_id, kinds, dims)
+    snapshot_time, now = data.draw(snapshot_times), data.draw(event_times)
+    ttl = ttl_array(data.draw(ttl_arrays(len(kinds))))
+    fetched, answers = [], []
+    for size in group_sizes:
+        base = [data.draw(st.none() | base_rows(kinds, dims, schema_id)) for _ in range(size)]
+        delta = [data.draw(st.none() | delta_rows(kinds, dims, schema_id)) for _ in range(size)]
+        fetched.append((delta, base))
+        answers.extend(codec.overlay(layout, base, delta, snapshot_time, now, ttl))
+    block, lengths = codec.overlay_join(layout, fetched, snapshot_time, now, ttl)
+    want_block, want_lengths = codec.join_values(answers)
+    assert block == want_block
+    assert lengths.dtype == np.int32 and lengths.tolist() == want_lengths.tolist()
+
+
 def assert_window_holds(answer_at, now: int, lo: int, hi: int, got, others=()) -> None:
     """A read at ``now`` answered ``got`` with the window [lo, hi] (µs): ``now`` is inside,
     and ``answer_at(t)``, the oracle's answer at t (µs), is ``got`` at both ends, in the
@@ -626,6 +648,11 @@ def run(op: str, rows: list, position: int):
         return codec.overlay(layout, [BASE] * len(rows), rows, 0, 0, None)
     if op == "overlay base":
         return codec.overlay(layout, rows, [DELTA, None, None, DELTA], 0, 0, None)
+    if op == "overlay_join delta":  # two shard groups: the index counts across both
+        return codec.overlay_join(layout, [(rows[:2], [BASE] * 2), (rows[2:], [BASE] * 2)], 0, 0)
+    if op == "overlay_join base":
+        groups = [([DELTA, None], rows[:2]), ([None, DELTA], rows[2:])]
+        return codec.overlay_join(layout, groups, 0, 0)
     if op == "delta_compact":
         return codec.delta_compact(layout, rows, 0)
     if op == "delta_merge_rows stored":
@@ -640,6 +667,7 @@ DELTA_OPS = [
     "delta_apply",
     "delta_delete",
     "overlay delta",
+    "overlay_join delta",
     "delta_compact",
     "delta_merge_rows stored",
     "delta_merge_rows incoming",
@@ -664,20 +692,22 @@ def test_corrupt_delta_rows_are_named(case, op, position):
 
 @pytest.mark.parametrize("case", sorted(BASE_CORRUPTIONS))
 @pytest.mark.parametrize("position", [0, 1, 3])  # with a delta row (0, 3) and without (1)
-def test_corrupt_base_rows_are_named(case, position):
+@pytest.mark.parametrize("op", ["overlay base", "overlay_join base"])
+def test_corrupt_base_rows_are_named(case, position, op):
     bad, reason = BASE_CORRUPTIONS[case]
     assert "base row: " + oracle.check_row(KINDS, DIMS, SCHEMA_ID, bad) == reason
     rows = [BASE, None, BASE, BASE]
     rows[position] = bad
     with pytest.raises(codec.CorruptRow) as raised:
-        run("overlay base", rows, position)
+        run(op, rows, position)
     assert (raised.value.index, raised.value.reason) == (position, reason)
 
 
-@pytest.mark.parametrize("op", [*DELTA_OPS, "overlay base"])
+@pytest.mark.parametrize("op", [*DELTA_OPS, "overlay base", "overlay_join base"])
 def test_rows_of_another_schema_are_a_schema_mismatch(op):
-    foreign = with_u32(BASE if op == "overlay base" else DELTA, 1, 9)
-    rows = [DELTA if op != "overlay base" else BASE] * 4
+    base = op.endswith(" base")
+    foreign = with_u32(BASE if base else DELTA, 1, 9)
+    rows = [BASE if base else DELTA] * 4
     rows[2] = foreign
     with pytest.raises(codec.SchemaMismatch) as raised:
         run(op, rows, 2)
@@ -859,3 +889,29 @@ def test_replicas_converge_by_merging(schema, data):
         return
     (merged,) = codec.delta_merge_rows(layout, [a], [b])
     assert merged == replay(layout, ops)
+
+
+def test_overlay_join_combines_on_a_base_row_with_stray_bytes_as_overlay_does():
+    """overlay_join writes a combined row over a copy of its base row: a null feature's
+    fixed bytes and the bitmap's padding bits, whatever the stored row holds there, come
+    out as overlay's freshly assembled row has them."""
+    layout = codec.Layout(SCHEMA_ID, KINDS, DIMS)
+    clean = oracle.encode_row(KINDS, DIMS, SCHEMA_ID, 10, [None, "abc", [1.0, 2.0], b"xy"])
+    stray = bytearray(clean)
+    stray[13] |= 0xF0  # the 4 features' bitmap byte: bits 4-7 are padding
+    at = LAYOUT.ends_start - 8 - 4  # feature 0's int32, before the float32[2] vector
+    stray[at : at + 4] = b"\x07\x07\x07\x07"
+    deltas = [
+        oracle.encode_delta_row(
+            KINDS, DIMS, SCHEMA_ID, 20, 5, [None, 20, None, None], [None, "de", None, None]
+        ),
+        oracle.encode_delta_row(
+            KINDS, DIMS, SCHEMA_ID, 20, 5, [20, None, 20, None], [3, None, None, None]
+        ),
+    ]
+    for base in (clean, bytes(stray)):
+        for delta in deltas:
+            rows = codec.overlay(layout, [base], [delta], 0, 0, None)
+            assert rows[0] is not base  # combined
+            block, lengths = codec.overlay_join(layout, [([delta], [base])], 0, 0)
+            assert (block, lengths.tolist()) == (rows[0], [len(rows[0])])

@@ -11,9 +11,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import rocksdict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore import Client
+from kvstore._codec import DeltaRows
 from kvstore.storage.delta_memory import ENTRY_OVERHEAD_BYTES
 from kvstore.storage.shard import Shard, delta_options
 
@@ -189,3 +193,48 @@ def test_nodes_answer_the_same_with_the_copy_off_on_and_outgrown(
         nodes[name].stop()
         nodes[name] = start_node(*settings[name], data_dir=tmp_path / name, env=env.get(name))
     assert answers() == second
+
+
+_KEYS = st.one_of(
+    st.integers(0, 40).map(lambda k: k.to_bytes(8, "little")),  # int64 keys: kept in the slot
+    st.binary(max_size=12),  # string keys, 8 bytes long too, and the empty key
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("put"), st.lists(st.tuples(_KEYS, st.binary(max_size=20)))),
+            st.tuples(st.just("delete"), st.lists(_KEYS)),
+        ),
+        max_size=30,
+    )
+)
+def test_the_hash_table_maps_keys_as_a_dict_does(ops: list) -> None:
+    """``DeltaRows`` (open addressing, rows moved back on delete) against a dict: the
+    same values, length, items and counted bytes after any puts and deletes."""
+    rows, oracle, counted = DeltaRows(), {}, 0
+    for kind, arg in ops:
+        if kind == "put":
+            counted += rows.apply(arg, (), ENTRY_OVERHEAD_BYTES)
+            oracle.update(arg)
+        else:
+            counted += rows.apply([], arg, ENTRY_OVERHEAD_BYTES)
+            for key in arg:
+                oracle.pop(key, None)
+        probe = [*oracle, b"", b"\0" * 8, (99).to_bytes(8, "little"), b"absent-key"]
+        assert rows.get_many(probe) == [oracle.get(k) for k in probe]
+        assert [rows.get(k) for k in probe] == [oracle.get(k) for k in probe]
+        assert len(rows) == len(oracle)
+        assert sorted(rows.items()) == sorted(oracle.items())
+        assert counted == sum(len(v) + ENTRY_OVERHEAD_BYTES for v in oracle.values())
+
+
+def test_the_hash_table_refuses_what_is_not_bytes() -> None:
+    rows = DeltaRows()
+    with pytest.raises(TypeError):
+        rows.get_many(["k"])
+    with pytest.raises(TypeError):
+        rows.apply([("k", b"v")], (), 0)
+    assert len(rows) == 0

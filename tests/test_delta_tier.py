@@ -16,6 +16,7 @@ import rocksdict
 from kvstore import Client
 from kvstore.columns import encode_rows
 from kvstore.config import NodeConfig
+from kvstore.errors import CorruptValue
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.server.node import Node, Position, run_steps
@@ -182,3 +183,33 @@ def test_the_delta_answers_and_scans_as_with_the_previous_options(
     finally:
         for node in nodes.values():
             node.close()
+
+
+@pytest.mark.parametrize("hot_rows_bytes", [0, 1 << 20])  # overlay_join / the cache's path
+def test_a_corrupt_delta_row_is_named_by_its_shard_and_key(
+    tmp_path: Path, hot_rows_bytes: int
+) -> None:
+    config = NodeConfig(data_dir=tmp_path / "data", hot_rows_bytes=hot_rows_bytes)
+    config.load()
+    node = Node(config)
+    node.open()
+    try:
+        _apply(node, 0)
+        keys = np.arange(0, 60, dtype=np.int64)
+        before = node.get("t", KeyBatch("int64", ints=keys), [])
+        # The delta row of a key of the last shard, damaged behind the node's back.
+        order, groups = KeyBatch("int64", ints=keys).shard_groups(3)
+        # The first key of shard 2: at a boundary between two shards in the answer.
+        stored = dict(groups)[2][0]
+        damaged = int(keys[order[sum(len(k) for s, k in groups if s < 2)]])
+        node.table("t").delta[2].write([(stored, b"\x02garbage")])
+        with pytest.raises(CorruptValue, match=rf"^table 't', shard 2, key {damaged}: .*corrupt"):
+            node.get("t", KeyBatch("int64", ints=keys), [])
+        # The other keys still read as before.
+        others = keys[keys != damaged]
+        after = node.get("t", KeyBatch("int64", ints=others), [])
+        assert sorted(after.lengths.tolist()) == sorted(
+            np.delete(before.lengths, np.argsort(before.order)[damaged]).tolist()
+        )
+    finally:
+        node.close()

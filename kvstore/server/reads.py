@@ -81,6 +81,25 @@ def _split_groups(
     return [groups[a:b] for a, b in pairwise(bounds) if b > a]
 
 
+def _corrupt(
+    table: Table,
+    shard: int,
+    position: int,
+    order: np.ndarray | None,
+    keys: KeyBatch,
+    exc: Exception,
+) -> CorruptValue:
+    """The error (logged) for the codec's ``exc`` about the key at ``position`` in the
+    shard order of ``keys``."""
+    position = int(order[position]) if order is not None else position
+    message = (
+        f"table {table.schema.name!r}, shard {shard}, key {keys.describe(position)}: "
+        f"the stored value is corrupt ({exc})"
+    )
+    logger.error("%s", message)
+    return CorruptValue(message)
+
+
 class Reads:
     """The node's read path, and the threads that read part of a large batch."""
 
@@ -128,12 +147,37 @@ class Reads:
             order, groups = keys.shard_groups(len(shards))
         hot = self.hot
         if hot is None or n > HOT_ROWS_MAX_KEYS or not hot.rows.use():
-            values = self._read(table, groups, base, snapshot, now, order, keys, n)
+            block, lengths = self._read_block(table, groups, base, snapshot, now, order, keys, n)
         else:
             values = self._read_through(table, groups, base, version, snapshot, now, order, keys)
-        block, lengths = _codec.join_values(values)
+            block, lengths = _codec.join_values(values)
         self._stats[name].keys_read += n
         return GetAnswer(schema.schema_id, version, block, lengths, order)
+
+    def _read_block(
+        self,
+        table: Table,
+        groups: list[tuple[int, list[bytes]]],
+        base: list[Shard] | None,
+        snapshot: int,
+        now: int,
+        order: np.ndarray | None,
+        keys: KeyBatch,
+        n: int,
+    ) -> tuple[bytes, np.ndarray]:
+        """``_read`` and ``join_values`` of its answers in one pass of the codec
+        (``overlay_join``): a row the delta changes is written straight into the block,
+        never a bytes object of its own (the path of every read the hot-row cache does
+        not take)."""
+        schema = table.schema
+        fetched = self.fetch(groups, table.delta, base, n)
+        try:
+            return _codec.overlay_join(schema.layout, fetched, snapshot, now, schema.ttl_us)
+        except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
+            # The shard of the key the codec names (its index counts across the groups).
+            ends = np.cumsum([len(shard_keys) for _, shard_keys in groups])
+            shard = groups[int(np.searchsorted(ends, exc.index, side="right"))][0]
+            raise _corrupt(table, shard, exc.index, order, keys, exc) from None
 
     def _read(
         self,
@@ -168,13 +212,7 @@ class Reads:
                 position = done + exc.index
                 if places is not None:
                     position = places[position]
-                position = int(order[position]) if order is not None else position
-                message = (
-                    f"table {schema.name!r}, shard {s}, key {keys.describe(position)}: "
-                    f"the stored value is corrupt ({exc})"
-                )
-                logger.error("%s", message)
-                raise CorruptValue(message) from None
+                raise _corrupt(table, s, position, order, keys, exc) from None
             done += len(shard_keys)
         return values
 
