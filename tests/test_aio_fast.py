@@ -161,6 +161,47 @@ def test_the_grpc_transport_and_the_fast_path_answer_alike(shared_node, table: s
         AsyncClient(shared_node.address, transport="tcp")
 
 
+def test_both_clients_read_a_fast_answer_with_the_one_reader(
+    client: Client, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncClient reads a fast-path answer as Client does (``Operations.finish_frame``:
+    the GetResponse read in C), with the same results, projections, pinned versions
+    and missing keys; a table redefined under the same name is described again."""
+    from kvstore.client.flows import Operations
+
+    read = Operations.finish_frame
+    reads: list[str] = []
+
+    def counted(self, table, plan, keys, address, status, body):  # type: ignore[no-untyped-def]
+        reads.append(table)
+        return read(self, table, plan, keys, address, status, body)
+
+    monkeypatch.setattr(Operations, "finish_frame", counted)
+    asks = [([3], None), ([7, 7, -1, 499, 10_000], None), ([5, 2], ["l", "x"]), ([1], ["s"])]
+
+    async def scenario() -> None:
+        async with AsyncClient(client.address, timeout=10) as c:
+            version = (await c.get(table, [0])).version
+            reads.clear()
+            for keys, features in asks:
+                a = await c.get(table, keys, features)
+                b = client.get(table, keys, features)
+                assert a.to_arrow().equals(b.to_arrow())
+                assert a.to_pylist() == b.to_pylist() and a.version == b.version
+                pinned = await c.get(table, keys, features, version=version)
+                assert pinned.to_arrow().equals(a.to_arrow())
+            assert reads == [table] * (3 * len(asks))  # every get of both: the C reader
+            # the same name, another schema: the old plan's reader raises
+            # SchemaMismatch, the client describes the table again and reads anew
+            client.drop_table(table)
+            client.create_table(table, key="int64", features={"y": "int64"}, shards=2)
+            client.write(table, {"key": np.arange(4), "y": np.arange(4) * 10})
+            got = await c.get(table, [3, 9])
+            assert got.to_pylist() == [{"key": 3, "y": 30}, None]
+
+    asyncio.run(scenario())
+
+
 def test_node_errors_arrive_with_their_class(client: Client, table: str) -> None:
     async def scenario() -> None:
         async with AsyncClient(client.address, timeout=10) as c:

@@ -124,8 +124,8 @@ class AsyncClient:
             if fast is not None:
                 assert self._fast is not None
                 body = plan.request(batch, version)
-                response = await self._fast.get(fast, body, timeout)
-                return ops.finish_one(table, plan, batch, fast, response)
+                status, answer = await self._fast.get_answer(fast, body, timeout)
+                return ops.finish_frame(table, plan, batch, fast, status, answer)
             if calls and ops.replicated(table):
                 read = HedgedRead(ops, table, plan.schema, plan, batch, version, calls=calls)
                 try:
