@@ -17,6 +17,7 @@ cdef extern from *:
     #include "xxhash.h"
     """
     uint64_t XXH3_64bits(const void* data, size_t length) nogil
+    uint64_t XXH3_64bits_withSeed(const void* data, size_t length, uint64_t seed) nogil
 
 
 # IEEE 754 half <-> single without branches, after Marat Dukhan's FP16 library

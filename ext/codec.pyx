@@ -63,6 +63,7 @@ from codec cimport (
     ROW_TOO_SHORT,
     ROW_VAR_LENGTH,
     XXH3_64bits,
+    XXH3_64bits_withSeed,
     RowCheck,
     RowFault,
     RowLayout,

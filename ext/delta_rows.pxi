@@ -8,6 +8,8 @@
 # object and are compared only on a full 64-bit hash match. The slots of a whole batch
 # are asked for (prefetched) before any is probed.
 
+import os
+
 from cpython.ref cimport Py_DECREF
 from libc.string cimport memcmp
 
@@ -19,6 +21,16 @@ cdef struct DeltaSlot:
 
 cdef enum:
     DELTA_ROWS_MIN_SLOTS = 16
+
+
+# The slots' hash is seeded per process: a shard's keys all share the low bits of their
+# unseeded XXH3 (the shard is XXH3 % shards), which would crowd them into a fraction of
+# the slots, and a seed keeps chosen keys from building long probe runs on purpose.
+cdef uint64_t _delta_seed = int.from_bytes(os.urandom(8), "little")
+
+
+cdef inline uint64_t _delta_hash(const char* p, Py_ssize_t n) noexcept nogil:
+    return XXH3_64bits_withSeed(p, <size_t>n, _delta_seed)
 
 
 cdef inline uint64_t _key_head(const char* p) noexcept nogil:
@@ -96,7 +108,9 @@ cdef class DeltaRows:
             raise TypeError("delta rows map bytes keys to bytes values")
         cdef const char* p = PyBytes_AS_STRING(key)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
-        cdef uint64_t h = XXH3_64bits(p, n)
+        cdef uint64_t h = _delta_hash(p, n)
+        if 2 * (self.count + 1) > self.mask + 1:  # at most half full: short probes
+            self._grow()  # first: a grow that fails (MemoryError) changes nothing
         cdef Py_ssize_t i = self._find(h, p, n)
         cdef DeltaSlot* s = &self.slots[i]
         if s.value != NULL:
@@ -116,8 +130,6 @@ cdef class DeltaRows:
             Py_INCREF(key)
             s.key = <PyObject*>key
         self.count += 1
-        if 2 * self.count > self.mask + 1:  # at most half full: short probes
-            self._grow()
         return None
 
     cdef object _pop(self, object key):
@@ -127,7 +139,7 @@ cdef class DeltaRows:
             raise TypeError("delta rows map bytes keys to bytes values")
         cdef const char* p = PyBytes_AS_STRING(key)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
-        cdef Py_ssize_t i = self._find(XXH3_64bits(p, n), p, n), j, home
+        cdef Py_ssize_t i = self._find(_delta_hash(p, n), p, n), j, home
         cdef DeltaSlot* s = &self.slots[i]
         if s.value == NULL:
             return None
@@ -152,7 +164,7 @@ cdef class DeltaRows:
         """The value of ``key``, or None."""
         cdef const char* p = PyBytes_AS_STRING(key)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
-        cdef DeltaSlot* s = &self.slots[self._find(XXH3_64bits(p, n), p, n)]
+        cdef DeltaSlot* s = &self.slots[self._find(_delta_hash(p, n), p, n)]
         return None if s.value == NULL else <object>s.value
 
     def get_many(self, list keys not None):
@@ -170,7 +182,7 @@ cdef class DeltaRows:
                 key = keys[i]
                 if type(key) is not bytes:
                     raise TypeError(f"key {i} must be bytes, got {type(key).__name__}")
-                hashes[i] = XXH3_64bits(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+                hashes[i] = _delta_hash(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
                 # Every slot asked for first: the misses overlap instead of queueing.
                 __builtin_prefetch(&self.slots[hashes[i] & <uint64_t>self.mask])
             for i in range(n):

@@ -220,7 +220,11 @@ cdef object _response_frame(list rows, Py_ssize_t m, Py_ssize_t total, uint32_t 
                             int64_t version, uint32_t request_id):
     """The response frame (``kvstore.wire.frames``) of a GetResponse holding ``rows``
     (``total`` bytes; None = missing) in request order: schema_id (1), version (2),
-    values (3), lengths (4); order (5) left out, as the rows are in request order."""
+    values (3), lengths (4); order (5) left out, as the rows are in request order.
+    None when the lengths would not fit the frame's u32 and the rows' i32 fields: the
+    full path answers (with its error)."""
+    if total > INT32_MAX - 4 * m - 64:
+        return None
     cdef uint8_t head[40]
     cdef Py_ssize_t h = 0, k
     head[h] = (1 << 3)
@@ -319,7 +323,8 @@ cdef object _answer_frame(HotRows cache, body, uint32_t request_id, dict tables,
             total += PyBytes_GET_SIZE(row)
     cache._tally(m, m)
     frame = _response_frame(rows, m, total, t.schema_id, t.version, request_id)
-    t.stats.keys_read += m
+    if frame is not None:
+        t.stats.keys_read += m
     return frame
 
 
@@ -445,5 +450,6 @@ cdef object _answer_read(dict published, bytes body, uint32_t request_id, dict t
         PyMem_Free(start)
         PyMem_Free(keys)
     frame = _response_frame(rows, m, total, t.schema_id, t.version, request_id)
-    t.stats.keys_read += m
+    if frame is not None:
+        t.stats.keys_read += m
     return frame

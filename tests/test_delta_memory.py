@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kvstore import Client
 from kvstore._codec import DeltaRows
-from kvstore.storage.delta_memory import ENTRY_OVERHEAD_BYTES
+from kvstore.storage.delta_memory import ENTRY_OVERHEAD_BYTES, DeltaMemory
 from kvstore.storage.shard import Shard, delta_options
 
 HOUR_US = 3600 * 1_000_000
@@ -87,6 +87,29 @@ def test_the_copy_is_dropped_past_its_limit_and_made_again_when_the_rows_fit(
         assert shard.memory is not None and not shard.empty
         assert shard.multi_get(keys) == [b"v" * 50] * 5 + [None] * 26
         assert shard.memory.bytes == _counted_bytes(shard)
+    finally:
+        shard.close()
+
+
+def test_a_copy_that_fails_half_way_through_a_write_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RocksDB took the batch, then the copy ran out of memory after its first put: reads
+    must come from RocksDB alone, never from a copy holding half the batch."""
+    shard = _shard(tmp_path / "d", 1 << 20)
+    try:
+        shard.write([(b"a", b"1"), (b"b", b"1")])
+        apply = DeltaMemory.apply
+
+        def out_of_memory(self, puts, deletes, name):
+            apply(self, puts[:1], [], name)
+            raise MemoryError
+
+        monkeypatch.setattr(DeltaMemory, "apply", out_of_memory)
+        with pytest.raises(MemoryError):
+            shard.write([(b"a", b"2"), (b"b", b"2")], [b"c"])
+        assert shard.memory is None
+        assert shard.multi_get([b"a", b"b"]) == [b"2", b"2"]
     finally:
         shard.close()
 

@@ -457,8 +457,14 @@ class Shard:
             _raise_for_status(exc, self, "write", _DAMAGED)
             raise
         memory = self.memory
-        if memory is not None and not memory.apply(puts, deletes, self._name()):
-            self.memory = None
+        if memory is not None:
+            try:
+                fits = memory.apply(puts, deletes, self._name())
+            except BaseException:
+                self.memory = None  # half-applied: RocksDB alone is right now
+                raise
+            if not fits:
+                self.memory = None
         if self.recorder is not None:
             self.recorder(puts, deletes)  # type: ignore[arg-type]  # a list, made above
 
