@@ -377,3 +377,32 @@ def test_an_answer_read_in_c_decodes_as_the_protobuf_one() -> None:
     error = pb.FastError(type="UnknownFeature", message="no feature 'y'").SerializeToString()
     with pytest.raises(kvstore.UnknownFeature, match="no feature 'y'"):
         ops.finish_frame("t", plan, keys, "n:1", 1, error)
+
+
+def test_a_bad_row_in_an_answer_read_in_c_raises_what_the_client_acts_on() -> None:
+    """A row of another schema raises SchemaMismatch (the client describes the table
+    again and retries), a corrupt row CorruptValue naming its key, a garbled body a
+    KvstoreError: never a bare ValueError or protobuf's DecodeError."""
+    schema = TableSchema.build("t", "int64", {"x": "float32", "s": "string"})
+    ops = Operations("127.0.0.1:1", timeout=5)
+    plan = ops.get_plan(schema, None)
+    sid = schema.schema_id
+    newer = schema.with_id(sid + 1)
+    data = {"key": np.arange(2), "x": [1.5, 2.5], "s": ["a", "bb"]}
+    encoded = kvstore.columns.encode_rows(schema, data)
+    rows = _codec.split_rows(encoded.rows, encoded.offsets)
+    other = kvstore.columns.encode_rows(newer, data)
+    other_rows = _codec.split_rows(other.rows, other.offsets)
+    keys = KeyBatch("int64", ints=np.array([10, 11], np.int64))
+    mixed = _response_of([rows[0], other_rows[1]], schema_id=sid).SerializeToString()
+    with pytest.raises(_codec.SchemaMismatch):
+        ops.finish_frame("t", plan, keys, "n:1", 0, mixed)
+    corrupt = _response_of([rows[0], rows[1][:3]], schema_id=sid).SerializeToString()
+    with pytest.raises(kvstore.CorruptValue, match="key 11"):
+        ops.finish_frame("t", plan, keys, "n:1", 0, corrupt)
+    with pytest.raises(kvstore.KvstoreError, match="malformed fast-path answer"):
+        ops.finish_frame("t", plan, keys, "n:1", 0, b"\x1a\xff\xff\xff\x0f")
+    batch = KeyBatch("int64", ints=np.array([1], np.int64))
+    for bad in (-1, 1 << 64, 1.5):
+        with pytest.raises(kvstore.InvalidArgument, match="version must be 0"):
+            plan.request(batch, bad)

@@ -189,3 +189,18 @@ def test_a_corrupt_stored_row_is_named_by_its_key_in_any_step(node: Node) -> Non
     )
     answer = node.get("t", KeyBatch("int64", ints=np.array([999, 5], np.int64)), ["x"])
     assert (answer.lengths > 0).all()
+
+
+def test_a_delete_that_waited_while_its_table_was_made_again_with_other_keys_applies_nothing(
+    node: Node,
+) -> None:
+    """The servicer reads a Delete's keys for the table as it is, then the delete waits
+    for its write turn; a table dropped and made again with string keys meanwhile must
+    not get tombstones of int64-encoded keys."""
+    node.create_table(TableSchema.build("t", "int64", {"a": "int64"}, shards=2))
+    steps = node.delete_steps("t", KeyBatch("int64", ints=np.array([1, 2], np.int64)))
+    node.drop_table("t")
+    node.create_table(TableSchema.build("t", "string", {"a": "int64"}, shards=2))
+    with pytest.raises(kvstore.SchemaChanged, match="now has string keys"):
+        run_steps(steps)
+    assert all(shard.empty for shard in node.table("t").delta)

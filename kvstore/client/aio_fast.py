@@ -77,6 +77,9 @@ class _Pipeline(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # The same open socket (a dup shares its non-blocking mode), for send()
             self.sock = socket.socket(fileno=os.dup(sock.fileno()))
+            # Not a timed socket under socket.setdefaulttimeout(): a full send buffer must
+            # give EAGAIN (the transport takes the frame), never a wait on the loop.
+            self.sock.setblocking(False)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         have = self.have

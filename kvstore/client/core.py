@@ -132,13 +132,22 @@ class GetPlan:
     prefix: bytes
 
     def request(self, keys: KeyBatch, version: int) -> bytes:
-        """The serialized GetRequest of ``keys`` at ``version``."""
+        """The serialized GetRequest of ``keys`` at ``version`` (checked: check_version)."""
+        check_version(version)
         if keys.ints is not None and keys.count:
             # Written in C, without a protobuf object (the same bytes).
             return _codec.get_request(self.prefix, keys.ints, version)
         rest = pb.GetRequest(version=version)
         keys.fill_proto(rest.keys)  # in place: a Keys message passed in would be copied
         return self.prefix + rest.SerializeToString()
+
+
+def check_version(version: int) -> None:
+    """Refuse a pinned version that is not 0 (the current one) or a version number."""
+    if not isinstance(version, numbers.Integral) or not 0 <= version < 1 << 64:
+        raise InvalidArgument(
+            f"version must be 0 (the current version) or a bulk version number, got {version!r}"
+        )
 
 
 #: Get plans a client keeps (distinct tables and feature lists); beyond, it starts over.
@@ -384,14 +393,16 @@ class ClientCore:
             read_answer(status, body)  # raises
         try:
             read = _codec.decode_answer(plan.projection, body, keys.count)
-        except ValueError as exc:
-            raise KvstoreError(
-                f"table {table!r}: a malformed Get response (part 0 from {address}): {exc}"
-            ) from None
-        except _codec.CorruptRow as exc:
+        except _codec.SchemaMismatch:
+            raise  # a row of another schema: the caller describes the table again
+        except _codec.CorruptRow as exc:  # before ValueError, its base class
             raise CorruptValue(
                 f"table {table!r}, key {keys.describe(exc.index)}: the value the node sent "
                 f"is corrupt ({exc.reason})"
+            ) from None
+        except ValueError as exc:
+            raise KvstoreError(
+                f"table {table!r}: a malformed Get response (part 0 from {address}): {exc}"
             ) from None
         if read is None:  # not what decode_answer reads: protobuf does
             return self.finish_one(table, plan, keys, address, read_answer(status, body))

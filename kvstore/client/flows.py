@@ -19,6 +19,7 @@ from kvstore.client.core import (
     MixedVersions,
     NodeCall,
     Settled,
+    check_version,
     read_once,
 )
 from kvstore.client.replication import ReplicaFlows
@@ -213,6 +214,7 @@ class Operations(ReplicaFlows):
         own read): the map is refreshed first, and that was the one retry. ``avoid``:
         nodes that failed that read: their parts go to other replicas first."""
         keys, features = read_once(keys), read_once(features)
+        check_version(version)
         # ``avoid`` is what the read before this flow saw: after a map refresh (_routed
         # runs body again), every replica of the new map may be asked.
         avoiding = [avoid]

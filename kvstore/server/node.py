@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvstore.config import NodeConfig
-from kvstore.errors import AlreadyExists, NotFound, StaleMap, TableNotFound, Unavailable
+from kvstore.errors import (
+    AlreadyExists,
+    NotFound,
+    SchemaChanged,
+    StaleMap,
+    TableNotFound,
+    Unavailable,
+)
 from kvstore.keys import KeyBatch
 from kvstore.schema import TableSchema
 from kvstore.server.demo import DEMO_TABLE, load_demo
@@ -305,9 +312,15 @@ class Node:
         anything is applied, as for ``write_steps``."""
         token = yield from self._admit_write(name, keys, epoch)
         try:
-            return (
-                yield from self.writes.delete_steps(self.table(name), keys, event_time_us, position)
-            )
+            table = self.table(name)
+            if keys.key_type != table.schema.key_type:
+                # Dropped and made again with other keys while this delete waited for its
+                # turn (the servicer parsed the keys for the table before): not its keys.
+                raise SchemaChanged(
+                    f"table {name!r} now has {table.schema.key_type} keys; this delete's "
+                    f"keys were read as {keys.key_type}"
+                )
+            return (yield from self.writes.delete_steps(table, keys, event_time_us, position))
         finally:
             if token is not None:
                 self.view.end_write(name, token)  # type: ignore[union-attr]

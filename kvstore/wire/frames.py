@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+from google.protobuf.message import DecodeError
+
 from kvstore.errors import KvstoreError, StaleMap, error_from_name
 from kvstore.v1 import feature_store_pb2 as pb
 
@@ -38,7 +40,11 @@ def error_frame(request_id: int, exc: KvstoreError) -> bytes:
 
 def read_answer(status: int, body: bytes) -> pb.GetResponse:
     """The GetResponse of an answer's body; the node's error, raised as its KvstoreError."""
-    if status != STATUS_OK:
-        error = pb.FastError.FromString(body)
-        raise error_from_name(error.type, error.message, error.epoch)
-    return pb.GetResponse.FromString(body)
+    try:
+        if status != STATUS_OK:
+            error = pb.FastError.FromString(body)
+        else:
+            return pb.GetResponse.FromString(body)
+    except DecodeError:
+        raise KvstoreError(f"a malformed fast-path answer (status {status})") from None
+    raise error_from_name(error.type, error.message, error.epoch)
