@@ -238,7 +238,7 @@ class RedisServer:
 @contextmanager
 def running_cluster(workdir: Path, nodes: int) -> Iterator[LocalCluster]:
     """etcd and ``nodes`` node processes on free ports under ``workdir``, yielded once
-    every node's map shows them all live; stopped after."""
+    every node's map shows them all live (``LocalCluster.start``); stopped after."""
     config = LocalClusterConfig(
         data_dir=workdir,
         nodes=nodes,
@@ -250,17 +250,7 @@ def running_cluster(workdir: Path, nodes: int) -> Iterator[LocalCluster]:
     )
     cluster = LocalCluster(config)
     try:
-        cluster.start()
-        # Every node serves once it joined, but its view of the others may lag: a table
-        # created before would be placed on fewer nodes (or refused with R > 1).
-        for node in cluster.nodes.values():
-            wait_until(
-                lambda node=node: (
-                    [n.state for n in cluster_map(node.address).nodes] == ["live"] * nodes
-                ),
-                START_TIMEOUT_S,
-                f"{nodes} live nodes in {node.address}'s map",
-            )
+        cluster.start()  # returns once every node's map shows them all live
         yield cluster
     finally:
         cluster.stop_nodes([i for i, n in cluster.nodes.items() if n.running()])

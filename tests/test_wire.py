@@ -87,6 +87,7 @@ def test_dial_address_reaches_wildcard_nodes_on_the_seeds_host() -> None:
     assert dial_address("[::]:7071", "10.1.2.3:7070") == "10.1.2.3:7071"
     assert dial_address(":7071", "[fe80::1]:7070") == "[fe80::1]:7071"
     assert dial_address("10.9.9.9:7071", "10.1.2.3:7070") == "10.9.9.9:7071"
+    assert dial_address("", "10.1.2.3:7070") == ""  # listed, not registered: down
 
 
 def test_resolve_address_order(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,15 +21,20 @@ import logging
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import grpc
 
 from kvstore.cluster.etcd_process import EtcdProcess, EtcdProcessError
-from kvstore.server.process import STOP_TIMEOUT_S, NodeProcess, NodeProcessError
+from kvstore.server.process import START_TIMEOUT_S, STOP_TIMEOUT_S, NodeProcess, NodeProcessError
 from kvstore.shutdown import Shutdown
+from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
+from kvstore.wire.dial import open_channel
 
 __all__ = ["LocalCluster", "LocalClusterConfig", "main", "run"]
 
@@ -87,14 +92,41 @@ class LocalCluster:
         self._reported: set[str] = set()
 
     def start(self) -> None:
-        """Start etcd, then every node at once; return when all serve. On an error, what
-        started is left running: ``stop()`` stops it."""
+        """Start etcd, then every node at once; return when all serve and each node's map
+        shows them all live. On an error, what started is left running: ``stop()`` stops
+        it."""
         self.etcd.start()
         with ThreadPoolExecutor(max_workers=len(self.nodes)) as pool:
             starts = [pool.submit(node.start) for node in self.nodes.values()]
             errors = [exc for exc in (start.exception() for start in starts) if exc]
         if errors:
             raise errors[0]
+        self._wait_all_live(START_TIMEOUT_S)
+
+    def _wait_all_live(self, timeout_s: float) -> None:
+        """A node serves once it joined, but its view of the others may lag by a moment:
+        a client's first map (or a table created at once) would miss a node. Wait until
+        every node's cluster map shows every node of this cluster live."""
+        deadline = time.monotonic() + timeout_s
+        for node_id, node in self.nodes.items():
+            missing: set[str] = set(self.nodes)
+            while True:
+                try:
+                    with open_channel(node.address) as channel:
+                        cmap = pb_grpc.FeatureStoreStub(channel).GetClusterMap(
+                            pb.GetClusterMapRequest(), timeout=2
+                        )
+                    missing = set(self.nodes) - {n.node_id for n in cmap.nodes if n.state == "live"}
+                except grpc.RpcError:
+                    pass
+                if not missing:
+                    break
+                if time.monotonic() > deadline:
+                    raise NodeProcessError(
+                        f"node {node_id}'s cluster map does not show {sorted(missing)} live "
+                        f"{timeout_s:.0f} s after they started serving"
+                    )
+                time.sleep(0.02)
 
     def exited(self) -> list[tuple[str, int, str]]:
         """The children that exited since the last call: (name, exit status, log tail)."""

@@ -38,7 +38,11 @@ def resolve_address(address: str | None) -> str:
 
 def dial_address(advertised: str, seed: str) -> str:
     """How to reach a node the cluster map lists (host:port): a node bound to a
-    wildcard address advertises it, so dial it on the host the ``seed`` was reached at."""
+    wildcard address advertises it, so dial it on the host the ``seed`` was reached at.
+    A node the map lists without an address (not registered: down) stays "" (routes skip
+    it), never the seed's host with no port (gRPC then dials port 443)."""
+    if not advertised:
+        return ""
     host, _, port = advertised.rpartition(":")
     if host in _WILDCARD_HOSTS:
         return f"{seed.rpartition(':')[0]}:{port}"
