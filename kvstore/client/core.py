@@ -144,10 +144,12 @@ class GetPlan:
 
 def check_version(version: int) -> None:
     """Refuse a pinned version that is not 0 (the current one) or a version number."""
-    if not isinstance(version, numbers.Integral) or not 0 <= version < 1 << 64:
-        raise InvalidArgument(
-            f"version must be 0 (the current version) or a bulk version number, got {version!r}"
-        )
+    # type() first: an ABC isinstance costs ~0.3 µs, on every get.
+    if (type(version) is int or isinstance(version, numbers.Integral)) and 0 <= version < 1 << 64:
+        return
+    raise InvalidArgument(
+        f"version must be 0 (the current version) or a bulk version number, got {version!r}"
+    )
 
 
 #: Get plans a client keeps (distinct tables and feature lists); beyond, it starts over.
