@@ -3,7 +3,8 @@
 ``python -m kvstore.cluster.local`` starts etcd (``EtcdProcess``, data in
 ``<data>/etcd``), then N ``kvstore serve --etcd URL --node-id nI`` processes through
 the node supervisor (``NodeProcess``, data in ``<data>/nI``, gRPC on consecutive ports
-from ``--base-port``), waits until every node serves, and prints where they are. The
+from ``--base-port``), waits until every node serves and every node's cluster map shows
+them all live, and prints where they are. The
 ids and directories depend only on the position, so a restart reuses the same ids and
 the same data. It then watches: a node or etcd that exits is reported with the tail
 of its log. SIGINT or SIGTERM (``kvstore.shutdown``) stops the nodes gracefully and in
