@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import rocksdict
+from helpers import SMALL_FEATURES as FEATURES
+from helpers import small_version
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +22,6 @@ from kvstore.storage.delta_memory import ENTRY_OVERHEAD_BYTES, DeltaMemory
 from kvstore.storage.shard import Shard, delta_options
 
 HOUR_US = 3600 * 1_000_000
-FEATURES = {"a": "int64", "s": "string", "x": "float32"}
 
 
 def _shard(path: Path, limit: int) -> Shard:
@@ -132,28 +131,13 @@ def test_the_copy_is_made_from_the_files_when_the_shard_opens(tmp_path: Path) ->
             again.close()
 
 
-def _version(path: Path, keys: range, salt: int) -> str:
-    pq.write_table(
-        pa.table(
-            {
-                "key": pa.array(list(keys), pa.int64()),
-                "a": pa.array([k + salt for k in keys], pa.int64()),
-                "s": [f"base{salt}-{k}" for k in keys],
-                "x": pa.array([k / 2 for k in keys], pa.float32()),
-            }
-        ),
-        path,
-    )
-    return str(path)
-
-
 def _online_writes(client: Client, tmp_path: Path, now: int) -> None:
     """Updates of bulk rows, whole rows only the delta holds (some with an expired
     feature), deletes of all three kinds, a version swap and writes after it."""
     client.create_table("t", key="int64", features=FEATURES, shards=4, ttl={"x": 3600})
     client.load(
         "t",
-        _version(tmp_path / "v1.parquet", range(300), 0),
+        small_version(tmp_path / "v1.parquet", range(300), 0),
         progress=False,
         snapshot_time_us=now - 3 * HOUR_US,
     )
@@ -204,7 +188,9 @@ def test_nodes_answer_the_same_with_the_copy_off_on_and_outgrown(
     for name, node in nodes.items():
         with Client(node.address) as client:
             client.load(
-                "t", _version(tmp_path / name / "v2.parquet", range(100, 400), 7), progress=False
+                "t",
+                small_version(tmp_path / name / "v2.parquet", range(100, 400), 7),
+                progress=False,
             )
             client.write("t", {"key": [150, 2000], "s": ["late", "late"]})
             client.delete("t", [151])

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import rocksdict
+from helpers import SMALL_FEATURES as FEATURES
+from helpers import small_version
 
 from kvstore import Client
 from kvstore.columns import encode_rows
@@ -23,22 +23,6 @@ from kvstore.server.node import Node, Position, run_steps
 from kvstore.storage.shard import rocksdb_options
 
 HOUR_US = 3600 * 1_000_000
-FEATURES = {"a": "int64", "s": "string", "x": "float32"}
-
-
-def _version(path: Path, keys: range, salt: int) -> str:
-    pq.write_table(
-        pa.table(
-            {
-                "key": pa.array(list(keys), pa.int64()),
-                "a": pa.array([k + salt for k in keys], pa.int64()),
-                "s": [f"base{salt}-{k}" for k in keys],
-                "x": pa.array([k / 2 for k in keys], pa.float32()),
-            }
-        ),
-        path,
-    )
-    return str(path)
 
 
 def _rows(client: Client, keys: list[int]) -> dict[int, dict | None]:
@@ -57,7 +41,7 @@ def test_online_rows_read_back_through_a_node_before_and_after_a_version_swap(
     with Client(node.address) as client:
         client.create_table("t", key="int64", features=FEATURES, shards=4, ttl={"x": 3600})
         # Snapshot 3 h ago: rows written online 2 h ago are newer than it.
-        v1 = _version(tmp_path / "v1.parquet", range(300), 0)
+        v1 = small_version(tmp_path / "v1.parquet", range(300), 0)
         client.load("t", v1, progress=False, snapshot_time_us=now - 3 * HOUR_US)
         # Their event time is the snapshot's: x, with a TTL of 1 h, has expired in them.
         expect: dict[int, dict | None] = {
@@ -100,7 +84,7 @@ def test_online_rows_read_back_through_a_node_before_and_after_a_version_swap(
         assert _rows(client, keys) == {k: expect[k] for k in keys}
 
         # A new version, snapshot now: it holds everything written before it.
-        client.load("t", _version(tmp_path / "v2.parquet", range(100, 400), 7), progress=False)
+        client.load("t", small_version(tmp_path / "v2.parquet", range(100, 400), 7), progress=False)
         after = {k: None for k in keys}
         after.update({k: {"a": k + 7, "s": f"base7-{k}", "x": k / 2} for k in range(100, 400)})
         keys2 = [*keys, *range(300, 400)]

@@ -9,14 +9,12 @@ from __future__ import annotations
 import random
 import socket
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from helpers import wait_for
+from helpers import SMALL_FEATURES as FEATURES
+from helpers import check_ttl_expiry, reads_alike_through_random_changes
 
 from kvstore import Client
 from kvstore import _codec as codec
@@ -29,8 +27,6 @@ from kvstore.server.node import Node, run_steps
 from kvstore.server.servicer import get_response
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.wire.frames import RESPONSE_HEADER, STATUS_OK
-
-FEATURES = {"a": "int64", "s": "string", "x": "float32"}
 
 
 @pytest.fixture
@@ -190,85 +186,16 @@ def test_the_parser_answers_any_bytes_as_the_full_path_or_not_at_all(node: Node)
 # -- real node processes: the wire, versions, TTL ------------------------------------------
 
 
-def _version(path: Path, keys: range, salt: int) -> str:
-    pq.write_table(
-        pa.table(
-            {
-                "key": pa.array(list(keys), pa.int64()),
-                "a": pa.array([k + salt for k in keys], pa.int64()),
-                "s": [f"base{salt}-{k}" for k in keys],
-                "x": pa.array([k / 2 for k in keys], pa.float32()),
-            }
-        ),
-        path,
-    )
-    return str(path)
-
-
 def test_loads_rollbacks_writes_and_deletes_read_alike_over_both_transports(
     start_node, tmp_path: Path
 ) -> None:
     node = start_node()
-    rng = random.Random(5)
-    now = int(time.time() * 1e6)
     with Client(node.address) as fast, Client(node.address, transport="grpc") as full:
-        fast.create_table("t", key="int64", features=FEATURES, shards=4)
-        files = [
-            _version(tmp_path / f"v{i}.parquet", range(i * 10, 60 + i * 10), i) for i in range(3)
-        ]
-        snapshot = now - 10_000_000
-        for step in range(240):
-            op = rng.random()
-            keys = [rng.randrange(-5, 100) for _ in range(rng.choice((1, 1, 2, 10)))]
-            when = now + step * 1000 + rng.randrange(-20_000, 1000)
-            kept = [v.version for v in fast.versions("t") if not v.current]
-            if op < 0.03:
-                fast.load("t", files[step % 3], progress=False, snapshot_time_us=snapshot + step)
-            elif op < 0.05 and kept:
-                fast.rollback("t", rng.choice(kept))
-            elif op < 0.25:
-                distinct = sorted(set(keys))
-                fast.write(
-                    "t",
-                    {"key": distinct, "a": [step] * len(distinct), "s": ["w"] * len(distinct)},
-                    event_time=when,
-                )
-            elif op < 0.32:
-                fast.delete("t", keys, event_time=when)
-            else:
-                got = fast.get("t", keys)
-                want = full.get("t", keys)
-                assert (got.to_pylist(), got.version) == (want.to_pylist(), want.version), step
-                versions = [v.version for v in fast.versions("t")]
-                if versions and op > 0.9:  # a pinned, older version: the full path
-                    pinned = versions[0]
-                    assert (
-                        fast.get("t", keys, version=pinned).to_pylist()
-                        == full.get("t", keys, version=pinned).to_pylist()
-                    ), step
+        reads_alike_through_random_changes(fast, full, (fast,), tmp_path)
 
 
 def test_a_row_is_not_served_after_its_ttl(start_node) -> None:
-    node = start_node()
-    ttl_s = 1.0
-    with Client(node.address) as client:
-        client.create_table("t", key="int64", features=FEATURES, shards=2, ttl={"x": ttl_s})
-        written = int(time.time() * 1e6) - 300_000
-        client.write("t", {"key": [1], "x": [1.5], "a": [7]}, event_time=written)
-        expires = written + int(ttl_s * 1e6)
-
-        def expired_and_consistent() -> bool:
-            asked = int(time.time() * 1e6)
-            (row,) = client.get("t", [1]).to_pylist()
-            assert row["a"] == 7
-            if row["x"] is not None:
-                # Served with x: the read began before x's time was up.
-                assert asked <= expires, (asked - expires, row)
-                return False
-            return True
-
-        wait_for(expired_and_consistent, 10.0, "x to expire")
-        assert client.get("t", [1]).to_pylist()[0]["x"] is None
+    check_ttl_expiry(start_node().address)
 
 
 def test_frames_that_arrive_together_are_answered_in_order(start_node) -> None:

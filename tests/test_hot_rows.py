@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from helpers import wait_for
+from helpers import SMALL_FEATURES as FEATURES
+from helpers import check_ttl_expiry, reads_alike_through_random_changes
 
 from kvstore import Client
 from kvstore import _codec as codec
@@ -32,7 +31,6 @@ from kvstore.server.stats import StatsByTable
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.wire.frames import RESPONSE_HEADER, STATUS_OK
 
-FEATURES = {"a": "int64", "s": "string", "x": "float32"}
 MiB = 1 << 20
 
 
@@ -307,87 +305,17 @@ def test_the_fast_path_parser_answers_any_bytes_as_the_full_path_or_not_at_all(n
 # -- real node processes: versions, TTL, the wire -------------------------------------
 
 
-def _version(path: Path, keys: range, salt: int) -> str:
-    pq.write_table(
-        pa.table(
-            {
-                "key": pa.array(list(keys), pa.int64()),
-                "a": pa.array([k + salt for k in keys], pa.int64()),
-                "s": [f"base{salt}-{k}" for k in keys],
-                "x": pa.array([k / 2 for k in keys], pa.float32()),
-            }
-        ),
-        path,
-    )
-    return str(path)
-
-
 def test_loads_rollbacks_writes_and_deletes_over_the_wire_answer_as_without_the_cache(
     start_node, tmp_path: Path
 ) -> None:
     hot = start_node("--hot-rows-mb", "8")
     cold = start_node("--hot-rows-mb", "0")
-    rng = random.Random(5)
-    now = int(time.time() * 1e6)
     with Client(hot.address) as a, Client(cold.address) as b:
-        for c in (a, b):
-            c.create_table("t", key="int64", features=FEATURES, shards=4)
-        files = [
-            _version(tmp_path / f"v{i}.parquet", range(i * 10, 60 + i * 10), i) for i in range(3)
-        ]
-        snapshot = now - 10_000_000
-        for step in range(240):
-            op = rng.random()
-            keys = [rng.randrange(-5, 100) for _ in range(rng.choice((1, 1, 2, 10)))]
-            when = now + step * 1000 + rng.randrange(-20_000, 1000)
-            kept = [v.version for v in a.versions("t") if not v.current]
-            back = rng.choice(kept) if kept else 0
-            for c in (a, b):
-                if op < 0.03:
-                    c.load("t", files[step % 3], progress=False, snapshot_time_us=snapshot + step)
-                elif op < 0.05 and back:
-                    c.rollback("t", back)
-                elif op < 0.25:
-                    distinct = sorted(set(keys))
-                    c.write(
-                        "t",
-                        {"key": distinct, "a": [step] * len(distinct), "s": ["w"] * len(distinct)},
-                        event_time=when,
-                    )
-                elif op < 0.32:
-                    c.delete("t", keys, event_time=when)
-            if op >= 0.32:
-                assert a.get("t", keys).to_pylist() == b.get("t", keys).to_pylist(), step
-                versions = [v.version for v in a.versions("t")]
-                if versions and op > 0.9:  # a pinned, older version
-                    pinned = versions[0]
-                    assert (
-                        a.get("t", keys, version=pinned).to_pylist()
-                        == b.get("t", keys, version=pinned).to_pylist()
-                    ), step
+        reads_alike_through_random_changes(a, b, (a, b), tmp_path)
 
 
 def test_a_cached_row_is_not_served_after_its_ttl(start_node) -> None:
-    node = start_node("--hot-rows-mb", "8")
-    ttl_s = 1.0
-    with Client(node.address) as client:
-        client.create_table("t", key="int64", features=FEATURES, shards=2, ttl={"x": ttl_s})
-        written = int(time.time() * 1e6) - 300_000
-        client.write("t", {"key": [1], "x": [1.5], "a": [7]}, event_time=written)
-        expires = written + int(ttl_s * 1e6)
-
-        def expired_and_consistent() -> bool:
-            asked = int(time.time() * 1e6)
-            (row,) = client.get("t", [1]).to_pylist()
-            assert row["a"] == 7
-            if row["x"] is not None:
-                # Served with x: the read began before x's time was up.
-                assert asked <= expires, (asked - expires, row)
-                return False
-            return True
-
-        wait_for(expired_and_consistent, 10.0, "x to expire")
-        assert client.get("t", [1]).to_pylist()[0]["x"] is None
+    check_ttl_expiry(start_node("--hot-rows-mb", "8").address)
 
 
 def test_the_hot_row_cache_setting_is_checked(tmp_path: Path) -> None:
