@@ -5,10 +5,10 @@ obvious: one ``struct`` call per field, one feature at a time, no numpy. Values 
 Python objects: bool, int, float, str, bytes, list[float] (float32[N], stored as
 float32, float16 or int8) and list[int] (int64[]); None is a null.
 
-Delta rows (format 3, and format 2 as read) and the operations on them (apply, delete, overlay, compact)
-work on a feature's stored bytes (a "cell": its fixed field or its var data, None for
-a null) rather than on values, because the codec copies those bytes as they are: a
-sloppy row's true bool 0x80 stays 0x80, while the bytes of a null become zero.
+Delta rows (format 3, and format 2 as read) and the operations on them (apply, delete,
+overlay, compact) work on a feature's stored bytes (a "cell": its fixed field or its var
+data, None for a null) rather than on values, because the codec copies those bytes as
+they are: a sloppy row's true bool 0x80 stays 0x80, while the bytes of a null become zero.
 Event times, snapshot times and TTLs are int64 microseconds.
 """
 

@@ -1,4 +1,5 @@
-"""Delta rows (format 3; format 2 as written before it) and reads of delta over base, checked against the oracle.
+"""Delta rows (format 3; format 2 as written before it) and reads of delta over base,
+checked against the oracle.
 
 The node applies every online write with ``delta_apply``, every delete with
 ``delta_delete``, reads with ``overlay`` and compacts the delta with ``delta_compact``
@@ -211,7 +212,7 @@ def test_oracle_example_delta_row():
         + b"\x02"  # null bitmap: feature 1
         + b"\x0b"  # present bitmap: features 0, 1 and 3
         + struct.pack("<3q", 5, 7, 6)  # the present features' times, in order
-        + b"\xfe\xff\xff\xff" + (3).to_bytes(8, "little")  # their fixed values: the int32, the int64
+        + b"\xfe\xff\xff\xff" + (3).to_bytes(8, "little")  # fixed values: the int32, int64
         + b"\x00\x00\x00\x00"  # the null string ends at 0
     )  # fmt: skip
     assert len(row) == 21 + 2 * 1 + 8 * 3 + 4 + 8 + 4
