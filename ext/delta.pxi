@@ -39,6 +39,8 @@ cdef struct RowView:
     const uint8_t* present   # delta rows only: the present bitmap
     const uint8_t* times     # delta rows only: F i64 feature times (sparse: P, in order)
     bint sparse              # a format-3 delta row: only present features are stored
+    bint whole               # sparse, with every feature present: its values are a
+                             # format-1 body (fixed section, var ends, var data)
     const uint8_t* fixed     # sparse: the present fixed-width values, in feature order
     const uint8_t* ends      # the u32 var ends (sparse: of the present var features)
     const uint8_t* var_data  # where the var data starts
@@ -110,6 +112,14 @@ cdef inline void _sparse_sizes(const RowLayout* c, const uint8_t* present, Py_ss
     cdef Py_ssize_t i, f, p = 0, w = 0, v = 0
     cdef uint32_t bits
     for i in range(c.bitmap_size):
+        if _bits_at(c, present, i) != (_last_byte_mask(c) if i == c.bitmap_size - 1 else 0xFF):
+            break
+    else:  # every feature present (a row written whole): the schema's own sizes
+        n_present[0] = c.n_features
+        fixed_bytes[0] = c.fixed_size
+        n_var[0] = c.n_var
+        return
+    for i in range(c.bitmap_size):
         bits = _bits_at(c, present, i)
         while bits:
             f = 8 * i + __builtin_ctz(bits)
@@ -142,7 +152,7 @@ cdef RowFault _check_sparse_delta_row(const RowLayout* c, const uint8_t* row, Py
         check.b = min_size
         return ROW_TOO_SHORT
     k = 0
-    for j in range(c.n_var):
+    for j in range(c.n_var if v else 0):
         if not _bit(present, c.var_features[j]):
             continue
         end = load_u32(row + min_size - 4 * v + 4 * k)
@@ -159,13 +169,17 @@ cdef RowFault _check_sparse_delta_row(const RowLayout* c, const uint8_t* row, Py
         check.a = previous
         check.b = length - min_size
         return ROW_VAR_LENGTH
+    check.a = p  # for _view_delta
+    check.b = w
+    check.c = v
     return ROW_OK
 
 
 cdef RowFault _check_delta_row(const RowLayout* c, const uint8_t* row, Py_ssize_t length,
                                RowCheck* check) noexcept nogil:
     """Whether a stored delta row (format 3, or 2 as written before) is valid; on a fault,
-    fills check (a too-short row's minimum in check.b)."""
+    fills check (a too-short row's minimum in check.b). A valid format-3 row leaves its
+    P, bytes of present fixed values and present var features in check.a, .b and .c."""
     cdef uint32_t schema_id
     if length < DELTA_FIXED_HEADER:
         check.fault = ROW_TOO_SHORT
@@ -214,6 +228,7 @@ cdef int _view_base(const RowLayout* c, object value, Py_ssize_t index, RowView*
     v.present = NULL
     v.times = NULL
     v.sparse = False
+    v.whole = False
     v.fixed = NULL
     v.ends = v.row + c.ends_start
     v.var_data = v.row + c.min_row_size
@@ -223,6 +238,7 @@ cdef int _view_base(const RowLayout* c, object value, Py_ssize_t index, RowView*
 cdef int _view_delta(const RowLayout* c, object value, Py_ssize_t index, RowView* v) except -1:
     """Points v at a stored delta row; CorruptRow/SchemaMismatch names ``index``."""
     cdef RowCheck check
+    cdef Py_ssize_t p, w, n_var
     if type(value) is not bytes:
         raise TypeError(f"delta row {index} must be bytes or None, got {type(value).__name__}")
     v.row = <const uint8_t*>PyBytes_AS_STRING(value)
@@ -231,7 +247,6 @@ cdef int _view_delta(const RowLayout* c, object value, Py_ssize_t index, RowView
         if check.fault == ROW_OTHER_SCHEMA:
             raise SchemaMismatch(index, check.a, c.schema_id)
         raise CorruptRow(index, _delta_reason(c, &check))
-    cdef Py_ssize_t p, w, n_var
     v.bitmap_at = DELTA_FIXED_HEADER
     v.event_time = load_i64(v.row + 5)
     v.deleted_at = load_i64(v.row + 13)
@@ -239,12 +254,14 @@ cdef int _view_delta(const RowLayout* c, object value, Py_ssize_t index, RowView
     v.times = v.row + DELTA_FIXED_HEADER + 2 * c.bitmap_size
     v.sparse = v.row[0] == DELTA_FORMAT
     if v.sparse:
-        _sparse_sizes(c, v.present, &p, &w, &n_var)
+        p, w, n_var = check.a, check.b, check.c  # _check_sparse_delta_row's sizes
+        v.whole = p == c.n_features
         v.shift = 0  # no fixed offsets: values are found by walking the present features
         v.fixed = v.times + 8 * p
         v.ends = v.fixed + w
         v.var_data = v.ends + 4 * n_var
     else:
+        v.whole = False
         v.shift = _delta_shift(c)
         v.fixed = NULL
         v.ends = v.row + c.ends_start + v.shift
@@ -391,32 +408,72 @@ cdef inline void _assemble_var(const RowLayout* c, const RowView* a, const RowVi
         k += 1
 
 
+cdef inline bint _all_from(const uint8_t* choice, Py_ssize_t n, uint8_t source) noexcept nogil:
+    cdef Py_ssize_t f
+    for f in range(n):
+        if choice[f] != source:
+            return False
+    return True
+
+
 cdef void _assemble_row_into(const RowLayout* c, const RowView* a, const RowView* b,
                              const uint8_t* choice, int64_t event_time,
                              uint8_t* row) noexcept nogil:
     """Writes at ``row`` (_assembled_size bytes) the format-1 row taking feature f from a
-    (choice FROM_A), b (FROM_B) or nowhere (FROM_NONE: null)."""
-    cdef Py_ssize_t f, width, taken_a = 0, taken_b = 0
-    cdef const uint8_t* pa
-    cdef const uint8_t* pb
+    (choice FROM_A; a format-1 row), b (FROM_B; a delta row of either format, or a
+    format-1 row) or nowhere (FROM_NONE: null). A delta row's features are walked by
+    its present bitmap, as a sparse row stores them."""
+    cdef Py_ssize_t i, f, width, taken = 0
+    cdef uint32_t bits
+    cdef const uint8_t* p
+    cdef const RowView* src
+    cdef uint8_t* bitmap = row + ROW_HEADER_SIZE
+    if b.row != NULL and b.whole and _all_from(choice, c.n_features, FROM_B):
+        # A row written whole, read whole (an online-written key): its values, var ends
+        # and var data are the answer's body as they are stored.
+        row[0] = ROW_FORMAT
+        store_u32(row + 1, c.schema_id)
+        store_i64(row + 5, event_time)
+        memcpy(bitmap, b.row + b.bitmap_at, c.bitmap_size)
+        if c.n_features & 7:  # padding bits: 0, as assembled
+            bitmap[c.bitmap_size - 1] &= _last_byte_mask(c)
+        memcpy(row + ROW_HEADER_SIZE + c.bitmap_size, b.fixed, b.row + b.length - b.fixed)
+        for i in range(c.bitmap_size):  # a null's bytes: 0, as assembled
+            bits = bitmap[i]
+            while bits:
+                f = 8 * i + __builtin_ctz(bits)
+                bits &= bits - 1
+                if c.widths[f]:
+                    zero_fixed(row + c.offsets[f], c.widths[f])
+        return
     memset(row, 0, c.min_row_size)
     row[0] = ROW_FORMAT
     store_u32(row + 1, c.schema_id)
     store_i64(row + 5, event_time)
     for f in range(c.n_features):
-        width = c.widths[f]
-        pa = pb = NULL
-        if width:
-            pa = _fixed_at(c, a, f, &taken_a)
-            pb = _fixed_at(c, b, f, &taken_b)
         if choice[f] == FROM_NONE:
-            _set_bit(row + ROW_HEADER_SIZE, f)
-            continue
-        if _src_null(a if choice[f] == FROM_A else b, f):
-            _set_bit(row + ROW_HEADER_SIZE, f)
-            continue
-        if width:
-            copy_fixed(row + c.offsets[f], pa if choice[f] == FROM_A else pb, width)
+            _set_bit(bitmap, f)
+        elif choice[f] == FROM_A or (choice[f] == FROM_B and b.present == NULL):
+            src = a if choice[f] == FROM_A else b
+            if _src_null(src, f):
+                _set_bit(bitmap, f)
+            elif c.widths[f]:
+                copy_fixed(row + c.offsets[f], src.row + c.offsets[f] + src.shift, c.widths[f])
+    for i in range(c.bitmap_size if b.row != NULL and b.present != NULL else 0):
+        bits = _bits_at(c, b.present, i)
+        while bits:
+            f = 8 * i + __builtin_ctz(bits)
+            bits &= bits - 1
+            width = c.widths[f]
+            p = NULL
+            if width:
+                p = _fixed_at(c, b, f, &taken)
+            if choice[f] != FROM_B:
+                continue
+            if _src_null(b, f):
+                _set_bit(bitmap, f)
+            elif width:
+                copy_fixed(row + c.offsets[f], p, width)
     _assemble_var(c, a, b, choice, row + c.ends_start, row + c.min_row_size, True)
 
 
