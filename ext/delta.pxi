@@ -39,8 +39,7 @@ cdef struct RowView:
     const uint8_t* present   # delta rows only: the present bitmap
     const uint8_t* times     # delta rows only: F i64 feature times (sparse: P, in order)
     bint sparse              # a format-3 delta row: only present features are stored
-    bint whole               # sparse, with every feature present: its values are a
-                             # format-1 body (fixed section, var ends, var data)
+    bint whole               # sparse, every feature present: the rest is a format-1 body
     const uint8_t* fixed     # sparse: the present fixed-width values, in feature order
     const uint8_t* ends      # the u32 var ends (sparse: of the present var features)
     const uint8_t* var_data  # where the var data starts
@@ -66,8 +65,8 @@ cdef inline int64_t _feature_time(const RowView* v, Py_ssize_t f) noexcept nogil
     return load_i64(v.times + 8 * f)
 
 
-cdef RowFault _check_dense_delta_row(const RowLayout* c, const uint8_t* row, Py_ssize_t length,
-                               RowCheck* check) noexcept nogil:
+cdef RowFault _check_dense_delta_row(const RowLayout* c, const uint8_t* row,
+                                     Py_ssize_t length, RowCheck* check) noexcept nogil:
     cdef Py_ssize_t j, shift = _delta_shift(c)
     cdef Py_ssize_t min_size = c.min_row_size + shift
     cdef uint32_t end, previous = 0
