@@ -348,7 +348,8 @@ def answer_read(dict published not None, body, uint32_t request_id, dict tables 
     version and base shards), int64 keys, at most the ReadTable's key limit, known
     features, the current version or no version asked. Keys are grouped by shard
     (xxh3, as ``group_int_keys``), each group read with one MultiGet of the delta
-    shard (skipped while it is empty) and one of the base shard, and ``overlay`` gives
+    shard (skipped while it is empty) and one of the base shard, its keys in key order
+    (``_sort_key_runs``), and ``overlay`` gives
     each key's row (delta over base, TTLs against now), put back in request order.
     Anything that raises (RocksDB's errors, a corrupt row) gives None: the full path
     then reads again and reports it, with the key it is about.
@@ -438,17 +439,19 @@ cdef object _answer_read(dict published, bytes body, uint32_t request_id, dict t
     cdef int64_t* start = <int64_t*>PyMem_Calloc(<size_t>shards + 1, sizeof(int64_t))
     cdef int32_t* order
     cdef int64_t* keys = <int64_t*>PyMem_Malloc(m * sizeof(int64_t))
+    cdef _KeyAt* pairs = <_KeyAt*>PyMem_Malloc(2 * m * sizeof(_KeyAt))
     cdef list rows = [None] * m
     cdef Py_ssize_t i, k, g, total = 0
     cdef int32_t s
     cdef int64_t now_us = _now_us()
     try:
-        if ids == NULL or start == NULL or keys == NULL:
+        if ids == NULL or start == NULL or keys == NULL or pairs == NULL:
             raise MemoryError()
         order = ids + m
         memcpy(keys, p + r.ints_at, 8 * m)
         _int_shard_ids(keys, m, shards, ids)
         _sort_by_shard(ids, m, shards, order, start)
+        _sort_key_runs(keys, order, start, shards, pairs, pairs + m)
         base = t.base
         try:
             if m >= t.parallel_keys and t.fetch is not None:
@@ -492,6 +495,7 @@ cdef object _answer_read(dict published, bytes body, uint32_t request_id, dict t
         PyMem_Free(ids)
         PyMem_Free(start)
         PyMem_Free(keys)
+        PyMem_Free(pairs)
     frame = _response_frame(rows, m, total, t.schema_id, t.version, request_id)
     if frame is not None:
         t.stats.keys_read += m
