@@ -341,6 +341,9 @@ def answer_read(
 ) -> bytes | None:
     """The fast read path's response frame read from the shards in C, or None (full path)."""
 
+def unfilled_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new bytes object of ``size`` bytes, not yet filled, and a writable view of it."""
+
 def get_request(prefix: bytes, keys: npt.NDArray[np.int64], version: int) -> bytes:
     """``prefix`` plus the serialized GetRequest fields of int64 ``keys`` and ``version``."""
 
