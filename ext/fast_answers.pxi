@@ -6,6 +6,7 @@
 # the client's end is fast_client.pxi.
 
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport INT64_MAX
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 
@@ -42,9 +43,12 @@ cdef class HotTable:
 
 
 cdef class ReadTable:
-    """What the fast read path needs to answer a table's small gets from its shards in
-    C (``answer_read``): the node's Table, TableEntry and schema, the version read, its
+    """What the fast read path needs to answer a table's gets from its shards in C
+    (``answer_read``): the node's Table, TableEntry and schema, the version read, its
     base shards and snapshot time, the delta shards, and the request limits.
+
+    ``fetch`` (``Reads.fetch``, or None): what reads the shards of a get of at least
+    ``parallel_keys`` keys, on several threads (rocksdict's MultiGets release the GIL).
 
     An answer is given only while the node still has that table object, its entry still
     has that schema and current version, and ``table.base(version)`` is still that shard
@@ -65,10 +69,13 @@ cdef class ReadTable:
     cdef object feature_names
     cdef object stats
     cdef Py_ssize_t max_keys
+    cdef object fetch
+    cdef Py_ssize_t parallel_keys
 
     def __init__(self, table, entry, schema, int64_t version, base, list delta not None,
                  int64_t snapshot_time, Layout layout not None, ttl_us, uint32_t schema_id,
-                 feature_names, stats, Py_ssize_t max_keys):
+                 feature_names, stats, Py_ssize_t max_keys, fetch=None,
+                 Py_ssize_t parallel_keys=INT64_MAX):
         if base is not None and len(base) != len(delta):
             raise ValueError(f"{len(base)} base shards for {len(delta)} delta shards")
         if not delta:
@@ -86,6 +93,8 @@ cdef class ReadTable:
         self.feature_names = frozenset(n.encode() for n in feature_names)
         self.stats = stats
         self.max_keys = max_keys
+        self.fetch = fetch
+        self.parallel_keys = parallel_keys
 
     def holds(self, tables):
         """Whether this is still what ``tables`` (the node's, by name) reads by default."""
@@ -339,7 +348,8 @@ def answer_read(dict published not None, body, uint32_t request_id, dict tables 
     version and base shards), int64 keys, at most the ReadTable's key limit, known
     features, the current version or no version asked. Keys are grouped by shard
     (xxh3, as ``group_int_keys``), each group read with one MultiGet of the delta
-    shard (skipped while it is empty) and one of the base shard, and ``overlay`` gives
+    shard (skipped while it is empty) and one of the base shard, its keys in key order
+    (``_sort_key_runs``), and ``overlay`` gives
     each key's row (delta over base, TTLs against now), put back in request order.
     Anything that raises (RocksDB's errors, a corrupt row) gives None: the full path
     then reads again and reports it, with the key it is about.
@@ -366,6 +376,31 @@ def answer_request(dict published not None, data, dict tables not None,
     if <Py_ssize_t>length != n - 8 or <Py_ssize_t>length > max_request_bytes:
         return None
     return _answer_read(published, <bytes>data, load_u32(p + 4), tables, 8)
+
+
+cdef list _stored_int_keys(const int64_t* keys, const int32_t* order, Py_ssize_t g):
+    """The stored form (``_int_key``) of keys[order[0]], ..., keys[order[g - 1]]."""
+    cdef list group = [None] * g
+    cdef uint8_t stored[8]
+    cdef Py_ssize_t k
+    for k in range(g):
+        _int_key(stored, keys[order[k]])
+        group[k] = PyBytes_FromStringAndSize(<char*>stored, 8)
+    return group
+
+
+cdef Py_ssize_t _place(ReadTable t, base_rows, delta_rows, int64_t now_us, list rows,
+                       const int32_t* order, Py_ssize_t g) except -1:
+    """``overlay`` of one shard's g keys (delta over base, TTLs against now), each
+    answer put at its request position ``order[k]`` of ``rows``; their bytes."""
+    answers = overlay(t.layout, base_rows, delta_rows, t.snapshot_time, now_us, t.ttl_us)
+    cdef Py_ssize_t k, total = 0
+    for k in range(g):
+        row = answers[k]
+        if row is not None:
+            rows[order[k]] = row
+            total += PyBytes_GET_SIZE(row)
+    return total
 
 
 cdef object _answer_read(dict published, bytes body, uint32_t request_id, dict tables,
@@ -404,51 +439,63 @@ cdef object _answer_read(dict published, bytes body, uint32_t request_id, dict t
     cdef int64_t* start = <int64_t*>PyMem_Calloc(<size_t>shards + 1, sizeof(int64_t))
     cdef int32_t* order
     cdef int64_t* keys = <int64_t*>PyMem_Malloc(m * sizeof(int64_t))
+    cdef _KeyAt* pairs = <_KeyAt*>PyMem_Malloc(2 * m * sizeof(_KeyAt))
     cdef list rows = [None] * m
     cdef Py_ssize_t i, k, g, total = 0
     cdef int32_t s
-    cdef uint8_t stored[8]
     cdef int64_t now_us = _now_us()
     try:
-        if ids == NULL or start == NULL or keys == NULL:
+        if ids == NULL or start == NULL or keys == NULL or pairs == NULL:
             raise MemoryError()
         order = ids + m
         memcpy(keys, p + r.ints_at, 8 * m)
         _int_shard_ids(keys, m, shards, ids)
         _sort_by_shard(ids, m, shards, order, start)
+        _sort_key_runs(keys, order, start, shards, pairs, pairs + m)
         base = t.base
-        i = 0  # start[s] is now the end of shard s's run in order
         try:
-            for s in range(shards):
-                if start[s] == i:
-                    continue
-                g = start[s] - i
-                group = [None] * g
-                for k in range(g):
-                    _int_key(stored, keys[order[i + k]])
-                    group[k] = PyBytes_FromStringAndSize(<char*>stored, 8)
-                nones = [None] * g
-                delta = t.delta[s]
-                delta_rows = nones if delta.empty else delta.multi_get(group)
-                if base is None:
-                    base_rows = nones
-                else:
-                    shard = base[s]
-                    base_rows = nones if shard.empty else shard.multi_get(group)
-                answers = overlay(t.layout, base_rows, delta_rows, t.snapshot_time, now_us,
-                                  t.ttl_us)
-                for k in range(g):
-                    row = answers[k]
-                    if row is not None:
-                        rows[order[i + k]] = row
-                        total += PyBytes_GET_SIZE(row)
-                i = start[s]
+            if m >= t.parallel_keys and t.fetch is not None:
+                # A large get: every shard's keys first, then their MultiGets spread
+                # over the read threads (``Reads.fetch``; it returns once all are read).
+                groups = []
+                i = 0  # start[s] is now the end of shard s's run in order
+                for s in range(shards):
+                    if start[s] == i:
+                        continue
+                    groups.append((s, _stored_int_keys(keys, order + i, start[s] - i)))
+                    i = start[s]
+                fetched = t.fetch(groups, t.delta, base, m)
+                i = 0
+                for k in range(len(groups)):
+                    s = groups[k][0]
+                    delta_rows, base_rows = fetched[k]
+                    total += _place(t, base_rows, delta_rows, now_us, rows, order + i,
+                                    start[s] - i)
+                    i = start[s]
+            else:
+                i = 0
+                for s in range(shards):
+                    if start[s] == i:
+                        continue
+                    g = start[s] - i
+                    group = _stored_int_keys(keys, order + i, g)
+                    nones = [None] * g
+                    delta = t.delta[s]
+                    delta_rows = nones if delta.empty else delta.multi_get(group)
+                    if base is None:
+                        base_rows = nones
+                    else:
+                        shard = base[s]
+                        base_rows = nones if shard.empty else shard.multi_get(group)
+                    total += _place(t, base_rows, delta_rows, now_us, rows, order + i, g)
+                    i = start[s]
         except Exception:
             return None
     finally:
         PyMem_Free(ids)
         PyMem_Free(start)
         PyMem_Free(keys)
+        PyMem_Free(pairs)
     frame = _response_frame(rows, m, total, t.schema_id, t.version, request_id)
     if frame is not None:
         t.stats.keys_read += m

@@ -109,6 +109,83 @@ cdef void _sort_by_shard(const int32_t* ids, Py_ssize_t n, int32_t shards, int32
         start[s] += 1
 
 
+cdef struct _KeyAt:
+    int64_t key
+    int32_t at
+
+
+cdef void _sort_key_runs(const int64_t* keys, int32_t* order, const int64_t* ends,
+                         int32_t shards, _KeyAt* pairs, _KeyAt* spare) noexcept nogil:
+    """Each shard's run of ``order`` (``_sort_by_shard``'s; ``ends`` its ends) sorted by
+    key, ascending: the stored keys' byte order (``_int_key``), which RocksDB's
+    MultiGet sorts a batch by first. A sorted batch reads ~12% faster (a 1000-key get
+    of the benchmark's table over 8 shards: 539 -> 473 us of MultiGets, in one
+    process). ``pairs`` and ``spare`` hold at least as many entries as ``order``."""
+    cdef Py_ssize_t i = 0, k
+    cdef int32_t s
+    for s in range(shards):
+        if ends[s] - i > 1:
+            for k in range(i, ends[s]):
+                pairs[k].key = keys[order[k]]
+                pairs[k].at = order[k]
+            _merge_sort(pairs + i, spare + i, ends[s] - i)
+            for k in range(i, ends[s]):
+                order[k] = pairs[k].at
+        i = ends[s]
+
+
+cdef void _merge_sort(_KeyAt* a, _KeyAt* spare, Py_ssize_t n) noexcept nogil:
+    """a[:n] sorted by key, stably, in O(n log n) whatever the keys (they come off the
+    network): insertion sorts of runs of 16, then merges, bottom up."""
+    cdef Py_ssize_t i, j, k, lo, mid, hi, width = 16
+    cdef _KeyAt x
+    cdef _KeyAt* src = a
+    cdef _KeyAt* dst = spare
+    cdef _KeyAt* swap
+    lo = 0
+    while lo < n:
+        hi = min(lo + 16, n)
+        for i in range(lo + 1, hi):
+            x = a[i]
+            j = i
+            while j > lo and a[j - 1].key > x.key:
+                a[j] = a[j - 1]
+                j -= 1
+            a[j] = x
+        lo = hi
+    while width < n:
+        lo = 0
+        while lo < n:
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            i = lo
+            j = mid
+            k = lo
+            while i < mid and j < hi:
+                if src[j].key < src[i].key:
+                    dst[k] = src[j]
+                    j += 1
+                else:
+                    dst[k] = src[i]
+                    i += 1
+                k += 1
+            while i < mid:
+                dst[k] = src[i]
+                i += 1
+                k += 1
+            while j < hi:
+                dst[k] = src[j]
+                j += 1
+                k += 1
+            lo = hi
+        swap = src
+        src = dst
+        dst = swap
+        width *= 2
+    if src != a:
+        memcpy(a, src, n * sizeof(_KeyAt))
+
+
 def shard_ids_int(keys, n_shards):
     """The shard of each int64 key: xxh3_64(its 8-byte stored form) % n_shards (int32)."""
     cdef int32_t shards = _shard_count(n_shards)

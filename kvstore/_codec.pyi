@@ -1,6 +1,6 @@
 """Type stub for the compiled row codec (ext/codec.pyx), see docs/row-format.md."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Self
 
 import numpy as np
@@ -300,7 +300,8 @@ class HotTable:
 
 @disjoint_base
 class ReadTable:
-    """What the fast read path needs to answer a table's small gets from its shards in C."""
+    """What the fast read path needs to answer a table's gets from its shards in C
+    (``fetch``: what reads a get of ``parallel_keys`` keys or more, on several threads)."""
 
     @property
     def table(self) -> Any: ...
@@ -321,6 +322,12 @@ class ReadTable:
         feature_names: Iterable[str],
         stats: Any,
         max_keys: int,
+        fetch: Callable[
+            [list[tuple[int, list[bytes]]], list[Any], list[Any] | None, int],
+            list[tuple[list[Any], list[Any]]],
+        ]
+        | None = None,
+        parallel_keys: int = ...,
     ) -> None: ...
     def holds(self, tables: dict[str, Any]) -> bool:
         """Whether this is still what ``tables`` (the node's, by name) reads by default."""
@@ -333,6 +340,9 @@ def answer_read(
     offset: int = 0,
 ) -> bytes | None:
     """The fast read path's response frame read from the shards in C, or None (full path)."""
+
+def unfilled_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new bytes object of ``size`` bytes, not yet filled, and a writable view of it."""
 
 def get_request(prefix: bytes, keys: npt.NDArray[np.int64], version: int) -> bytes:
     """``prefix`` plus the serialized GetRequest fields of int64 ``keys`` and ``version``."""

@@ -276,6 +276,64 @@ def test_an_answer_that_arrives_in_pieces_is_read_whole(pieces) -> None:
     assert (answer.schema_id, answer.version, answer.values) == (7, 3, b"v" * 40)
 
 
+@pytest.mark.parametrize("pieces", [(9 + 70_000,), (9 + 100, 9 + 200_000, 9 + 300_000)], ids=str)
+def test_an_answer_larger_than_the_receive_buffer_that_arrives_in_pieces_is_read_whole(
+    pieces,
+) -> None:
+    # The body is received into its own bytes, waiting for all of it (MSG_WAITALL):
+    # pieces 50 ms apart, and the first recv's part of the body, land in place.
+    values = np.random.default_rng(1).bytes(400_000)
+    body = pb.GetResponse(schema_id=7, version=3, values=values).SerializeToString()
+    frame = struct.pack("<IIB", len(body), 1, 0) + body
+    assert len(frame) > RECEIVE_BUFFER
+    server, address = _peer_answering(frame, pieces)
+    conns = FastConnections()
+    request = pb.GetRequest(table="t").SerializeToString()
+    with server:
+        status, got = conns.get_answer(address, request, timeout=5)
+    conns.close()
+    assert type(got) is bytes and (status, got) == (0, body)
+
+
+def test_a_large_answer_cut_short_fails_at_the_deadline_or_when_the_node_closes() -> None:
+    body = pb.GetResponse(schema_id=7, values=b"v" * 300_000).SerializeToString()
+    frame = struct.pack("<IIB", len(body), 1, 0) + body
+    server = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(frame[:200_000])
+                release.wait(5)  # first: silent past the deadline; then: closed
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    conns = FastConnections()
+    request = pb.GetRequest(table="t").SerializeToString()
+    with server:
+        started = time.monotonic()
+        with pytest.raises(kvstore.DeadlineExceeded, match=r"within the deadline of 0\.3 s"):
+            conns.get_answer(address, request, timeout=0.3)
+        assert 0.3 <= time.monotonic() - started < 0.8
+        release.set()
+        with pytest.raises(kvstore.Unavailable, match="closed the connection"):
+            conns.get_answer(address, request, timeout=5)
+    conns.close()
+
+
+def test_unfilled_bytes_are_written_through_their_view() -> None:
+    data, view = _codec.unfilled_bytes(5)
+    view[:] = b"abcde"
+    view.release()
+    assert type(data) is bytes and data == b"abcde"
+    assert _codec.unfilled_bytes(0)[0] == b""
+    with pytest.raises(ValueError, match="-1 bytes"):
+        _codec.unfilled_bytes(-1)
+
+
 def test_a_node_that_closes_mid_answer_is_unavailable() -> None:
     body = pb.GetResponse(schema_id=7, values=b"v" * 40).SerializeToString()
     frame = struct.pack("<IIB", len(body), 1, 0) + body

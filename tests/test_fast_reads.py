@@ -1,7 +1,8 @@
-"""The fast read path's small gets answered in C from the shards (``_codec.answer_read``):
+"""The fast read path's gets answered in C from the shards (``_codec.answer_read``):
 the same rows as the full path (``get_response``), whatever changes a key (writes,
-deletes, TTL expiry, loads, rollbacks, a table dropped and made again), and no answer
-(the full path's) for any request the full path would answer otherwise.
+deletes, TTL expiry, loads, rollbacks, a table dropped and made again), large gets
+read on the node's read threads included, and no answer (the full path's) for any
+request the full path would answer otherwise.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.wire.frames import RESPONSE_HEADER, STATUS_OK
 
 
-@pytest.fixture
-def node(tmp_path: Path):
+@pytest.fixture(params=["small", "threads"])
+def node(tmp_path: Path, request: pytest.FixtureRequest):
+    """A node with the default settings, and one whose gets of 4 keys or more are
+    "large": read on two read threads (``Reads.fetch``), in C as well."""
     config = NodeConfig(data_dir=tmp_path / "node")
+    if request.param == "threads":
+        config = NodeConfig(data_dir=tmp_path / "node", read_threads=2, parallel_read_keys=4)
     config.load()
     node = Node(config)
     node.open()
@@ -138,9 +143,7 @@ def test_what_the_full_path_must_answer_is_not_answered_in_c(node: Node) -> None
     assert read_table(node, "gone") is None
     keys = pb.Keys(count=3, int64_le=np.array([3, 1, 30], "<i8").tobytes())
     assert _c_answer(read_tables, node, pb.GetRequest(table="t", keys=keys)) is not None
-    limit = node.config.max_keys_per_request
-    if node.reads.pool is not None:
-        limit = min(limit, node.config.parallel_read_keys - 1)  # large gets use the threads
+    limit = node.config.max_keys_per_request  # large gets too, on the read threads
     for other in (
         pb.GetRequest(table="t", keys=keys, features=["nope"]),  # UnknownFeature
         pb.GetRequest(table="t", keys=keys, version=5),  # NotFound
@@ -196,6 +199,31 @@ def test_loads_rollbacks_writes_and_deletes_read_alike_over_both_transports(
 
 def test_a_row_is_not_served_after_its_ttl(start_node) -> None:
     check_ttl_expiry(start_node().address)
+
+
+def test_large_gets_read_on_the_read_threads_read_alike_over_both_transports(
+    start_node, tmp_path: Path
+) -> None:
+    """Gets of ``parallel_read_keys`` keys or more are answered in C too, their shards
+    read on the read threads: loads, rollbacks, pinned versions, writes, deletes and
+    TTLs read as the full path (gRPC) reads them."""
+    threads = ("--read-threads", "2", "--parallel-read-keys", "1")
+    node = start_node(*threads)
+    with Client(node.address) as fast, Client(node.address, transport="grpc") as full:
+        reads_alike_through_random_changes(fast, full, (fast,), tmp_path)
+    check_ttl_expiry(start_node(*threads).address)
+
+
+def test_a_get_of_a_thousand_keys_is_answered_in_c_on_the_read_threads(node: Node) -> None:
+    node.create_table(TableSchema.build("t", "int64", FEATURES, shards=8))
+    _write(node, "t", list(range(0, 3000, 2)), list(range(1500)), 1_000)
+    _delete(node, "t", list(range(0, 300, 4)), 2_000)
+    read_tables = {"t": read_table(node, "t")}
+    rng = np.random.default_rng(4)
+    request = _request("t", rng.integers(-10, 3010, 1000).tolist())
+    assert _check_same(read_tables, node, request)
+    response = _c_answer(read_tables, node, request)
+    assert response is not None and sum(r is not None for r in _in_order(response)) > 300
 
 
 def test_frames_that_arrive_together_are_answered_in_order(start_node) -> None:

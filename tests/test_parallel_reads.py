@@ -3,6 +3,7 @@ one the event loop's thread alone gives: same rows, same order, delta over base.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -69,8 +70,8 @@ def node(tmp_path: Path):
 
 
 def _spy_on_pool(node: Node, delay_s: float = 0.0) -> list:
-    """Record what the node hands its read thread: (keys in the chunk, future); the
-    thread starts its part ``delay_s`` late."""
+    """Record the futures of what the node hands its read thread, which starts its part
+    ``delay_s`` late."""
     handed: list = []
     submit = node.reads.pool.submit
 
@@ -78,24 +79,69 @@ def _spy_on_pool(node: Node, delay_s: float = 0.0) -> list:
         time.sleep(delay_s)
         return fn(*args)
 
-    def spy(fn, chunk, *args):
-        future = submit(late, fn, chunk, *args)
-        handed.append((sum(len(k) for _, k in chunk), future))
+    def spy(fn, *args):
+        future = submit(late, fn, *args)
+        handed.append(future)
         return future
 
     node.reads.pool.submit = spy
     return handed
 
 
-def test_the_read_thread_gets_about_half_of_a_large_batch(node: Node) -> None:
-    handed = _spy_on_pool(node)
+class _Recorded:
+    """A delta shard of table t that records which thread reads it; reads on the loop's
+    thread take ``loop_delay_s`` longer, the others 1 ms (each read lets go of the GIL,
+    as RocksDB's MultiGet does; the in-memory delta's does not). Everything else is the
+    shard's."""
+
+    def __init__(self, shard, s: int, readers: list, loop_delay_s: float) -> None:
+        self._shard, self._s, self._readers, self._delay = shard, s, readers, loop_delay_s
+        self._loop = threading.current_thread()
+
+    def multi_get(self, keys):
+        self._readers.append((self._s, threading.current_thread()))
+        time.sleep(self._delay if threading.current_thread() is self._loop else 0.001)
+        return self._shard.multi_get(keys)
+
+    def __getattr__(self, name: str):
+        return getattr(self._shard, name)
+
+
+def _readers(node: Node, loop_delay_s: float = 0.0) -> list:
+    """Record the thread that reads each shard of table t (its delta): (shard, thread)."""
+    readers: list = []
+    delta = node.table("t").delta
+    delta[:] = [_Recorded(shard, s, readers, loop_delay_s) for s, shard in enumerate(delta)]
+    return readers
+
+
+def test_the_loop_and_the_read_thread_share_a_large_batch_shard_by_shard(node: Node) -> None:
+    # The loop's thread reads slowly here: the read thread takes shards meanwhile.
+    readers = _readers(node, loop_delay_s=0.02)
     keys = np.arange(800, dtype=np.int64)
     answer = node.get("t", KeyBatch("int64", ints=keys), [])
     assert (answer.lengths > 0).all()
-    ((helper_keys, _),) = handed
-    assert 300 <= helper_keys <= 500  # 8 shards of ~100 keys: the cut nearest to 400
+    assert sorted(s for s, _ in readers) == list(range(8))  # each shard read once
+    loop = threading.current_thread()
+    assert {t is loop for _, t in readers} == {True, False}  # by both threads
+    readers.clear()
     node.get("t", KeyBatch("int64", ints=keys[:1]), [])  # under parallel_read_keys
-    assert len(handed) == 1
+    assert [t for _, t in readers] == [loop]
+
+
+def test_a_read_thread_that_has_not_started_leaves_the_batch_to_the_loop(node: Node) -> None:
+    # The read thread is busy elsewhere: the loop's thread reads every shard itself,
+    # and returns without waiting for the read thread's turn (its part is cancelled).
+    busy = node.reads.pool.submit(time.sleep, 1.0)
+    handed = _spy_on_pool(node)
+    readers = _readers(node, loop_delay_s=0.001)
+    started = time.monotonic()
+    answer = node.get("t", KeyBatch("int64", ints=np.arange(800, dtype=np.int64)), [])
+    assert time.monotonic() - started < 0.9 and not busy.done()
+    assert (answer.lengths > 0).all()
+    assert len(readers) == 8 and {t for _, t in readers} == {threading.current_thread()}
+    assert handed and all(future.cancelled() for future in handed)
+    busy.result()
 
 
 def test_a_failed_read_waits_for_the_read_thread_before_raising(node: Node) -> None:
@@ -113,4 +159,4 @@ def test_a_failed_read_waits_for_the_read_thread_before_raising(node: Node) -> N
     node.tables.clear()  # nothing left for node.close() to close
     with pytest.raises(TypeError):
         node.reads.fetch(groups, delta, None, 800)
-    assert handed and all(future.done() for _, future in handed)
+    assert handed and all(future.done() for future in handed)

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from kvstore._codec import unfilled_bytes
 from kvstore.errors import DeadlineExceeded, KvstoreError, Unavailable
 from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
@@ -144,12 +145,12 @@ class _Connection:
             if got < end:
                 self._fill(view[:end], got, end, deadline)
             body = bytes(view[RESPONSE_HEADER.size : end])
-        else:  # larger than the buffer: the body gets its own
-            large = bytearray(length)
+        else:  # larger than the buffer: received straight into the body's own bytes
+            body, large = unfilled_bytes(length)
             start = got - RESPONSE_HEADER.size
             large[:start] = view[RESPONSE_HEADER.size : got]
-            self._fill(memoryview(large), start, length, deadline)
-            body = bytes(large)
+            self._fill(large, start, length, deadline, wait_all=True)
+            large.release()
         if answered != request_id:
             raise Unavailable(
                 f"fast read path of node {self.address}: answer {answered} to request {request_id}"
@@ -157,16 +158,25 @@ class _Connection:
         return status, body
 
     def _fill(
-        self, view: memoryview, got: int, need: int, deadline: float, woke_early: bool = False
+        self,
+        view: memoryview,
+        got: int,
+        need: int,
+        deadline: float,
+        woke_early: bool = False,
+        wait_all: bool = False,
     ) -> int:
         """Receive into ``view`` from ``got`` until at least ``need`` bytes are there
         (never past the view's end); returns how many are. ``woke_early``: the last
-        armed wait ended before the deadline."""
+        armed wait ended before the deadline. ``wait_all``: the view's end is ``need``,
+        so each receive waits for all of it (MSG_WAITALL: one system call for a large
+        answer, not one per packet; it returns less when the armed wait ends)."""
         recv_into = self.sock.recv_into
+        flags = socket.MSG_WAITALL if wait_all else 0
         while got < need:
             self.arm(deadline, woke_early)
             try:
-                k = recv_into(view[got:] if got else view)
+                k = recv_into(view[got:] if got else view, 0, flags)
             except BlockingIOError:  # the armed wait ended: arm what is left
                 woke_early = True
                 continue

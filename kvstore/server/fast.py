@@ -34,17 +34,15 @@ __all__ = ["FastGetProtocol", "FastServer", "read_table", "refresh_read_table"]
 
 
 def read_table(node: Node, name: str) -> _codec.ReadTable | None:
-    """What ``_codec.answer_read`` answers ``name``'s small gets with: its current version's
+    """What ``_codec.answer_read`` answers ``name``'s gets with: its current version's
     shards as the node holds them now; None for a table it cannot answer (string keys,
-    gone). Gets of ``parallel_read_keys`` keys or more keep the full path, which reads
-    them on several threads."""
+    gone). Gets of ``parallel_read_keys`` keys or more are read on the node's read
+    threads (``Reads.fetch``), as the full path reads them."""
     table = node.tables.get(name)
     if table is None or table.schema.key_type != "int64":
         return None
     config = node.config
-    max_keys = config.max_keys_per_request
-    if node.reads.pool is not None:
-        max_keys = min(max_keys, config.parallel_read_keys - 1)
+    reads = node.reads
     entry = table.entry
     schema = entry.schema
     version = entry.current
@@ -63,7 +61,9 @@ def read_table(node: Node, name: str) -> _codec.ReadTable | None:
         schema.schema_id,
         [f.name for f in schema.features],
         node.stats[name],
-        max_keys,
+        config.max_keys_per_request,
+        fetch=None if reads.pool is None else reads.fetch,
+        parallel_keys=config.parallel_read_keys,
     )
 
 
