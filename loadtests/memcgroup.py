@@ -17,6 +17,7 @@ __all__ = [
     "evict_page_cache",
     "major_faults",
     "memory_cgroup",
+    "read_bytes",
     "set_limit",
 ]
 
@@ -95,6 +96,16 @@ def major_faults(pid: int) -> int:
     """Page faults of ``pid`` that had to read from the disk (majflt of /proc/<pid>/stat)."""
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[9])
+
+
+def read_bytes(pid: int) -> int:
+    """Bytes ``pid`` has had read from the disk (``read_bytes`` of /proc/<pid>/io): the
+    page cache misses of its reads and of its page faults alike, direct reads too."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    raise ValueError(f"no read_bytes in /proc/{pid}/io")
 
 
 def evict_page_cache(root: Path) -> int:

@@ -47,6 +47,16 @@ class Engine:
                 self._config.bloom_bits_per_key,
                 self.row_cache,
             )
+            reads = self._config.base_reads
+            if reads != "mmap":
+                # Not a format's option: files read either way are the same files.
+                options.set_allow_mmap_reads(False)
+                # RocksDB's default, said here because it is what makes pread suit a
+                # base larger than RAM: POSIX_FADV_RANDOM on every file, so a read
+                # that misses the page cache brings in its own pages only (mapped,
+                # a fault reads around it).
+                options.set_advise_random_on_open(True)
+                options.set_use_direct_reads(reads == "direct")
         return options
 
     def cache_usage(self) -> dict[str, int]:
