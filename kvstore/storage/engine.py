@@ -49,12 +49,13 @@ class Engine:
             )
             reads = self._config.base_reads
             if reads != "mmap":
-                # Not a format's option: files read either way are the same files.
+                # Not a format's option: the files are the same however they are read.
+                # PlainTable then holds its index and bloom filter in the node's memory
+                # and reads a row with two preads (its key, then its value).
                 options.set_allow_mmap_reads(False)
-                # RocksDB's default, said here because it is what makes pread suit a
-                # base larger than RAM: POSIX_FADV_RANDOM on every file, so a read
-                # that misses the page cache brings in its own pages only (mapped,
-                # a fault reads around it).
+                # RocksDB's default, said here because pread relies on it: every file
+                # is opened with POSIX_FADV_RANDOM, so a read that misses the page cache
+                # brings in its own pages, not the device's readahead (8 MiB here).
                 options.set_advise_random_on_open(True)
                 options.set_use_direct_reads(reads == "direct")
         return options
