@@ -98,14 +98,18 @@ BLOCK_CACHE_SHARE = 1 / 8
 #: The plain format (PlainTable: no block cache, rows read in place) reads its files by
 #: pread instead (``KVSTORE_BASE_READS``): its index and filter then sit in the node's
 #: memory, not in pages the cap evicts, a read that misses brings in only its own pages,
-#: and the page cache is needed only between a miss's reads of the same page. So nearly
-#: the whole allowance goes to the row cache (``PLAIN_ROW_CACHE_SHARE``), where a row
-#: costs ~540 B (420 B of the random table's) against a 4 KiB page: measured, 200k rows,
-#: zipfian, 100 keys, 3 rounds alternating, disk pages read per lookup 26.1 (mmap, 1/2)
-#: -> 22.9 (pread, 0.85) -> 22.4 (pread, 0.92) (docs/benchmarks.md). The block cache
-#: keeps a small share for the delta's blocks (the run writes none).
+#: and the page cache is needed only between a miss's two reads of the same page. So
+#: most of the allowance goes to the row cache (``PLAIN_ROW_CACHE_SHARE``), where a row
+#: costs its bytes + ~120 B against a 4 KiB page: measured, 200k rows, zipfian, 100 keys,
+#: 3 rounds alternating, disk pages read per lookup 26.1 (mmap, 1/2) -> 23.6 (pread,
+#: 3/4) -> 22.4 (pread, 0.92). Not more than 3/4: the rest holds what the node's own
+#: memory grows by while it serves (the index and filter, ~7 B a row, read buffers,
+#: allocator slack: ~15 MiB at 1M rows beyond what the mapped node grows by), which the
+#: cgroup cannot take back; at 0.9 the realistic table's 1M-row node was killed by the
+#: cgroup's OOM killer. The block cache keeps a small share, for the delta's blocks (the
+#: run writes none).
 PLAIN_ENV = {"KVSTORE_BASE_READS": "pread"}
-PLAIN_ROW_CACHE_SHARE = 0.9
+PLAIN_ROW_CACHE_SHARE = 3 / 4
 PLAIN_BLOCK_CACHE_SHARE = 1 / 32
 
 #: The bench tables: ``random`` (loadtests/systems.py: 96 float32, incompressible) and
