@@ -165,10 +165,10 @@ class NodeConfig:
         choices=BASE_FORMATS,
     )
     # mmap by default: reading rows in place is the fastest when the files fit in RAM
-    # (PlainTable, 100-key MultiGets of cached rows ~2.2 us a key against ~5 with
+    # (PlainTable, 100-key MultiGets of rows in the page cache ~2.2 us a key against ~5 with
     # pread). A node whose RAM cannot hold its files (loadtests/memcap.py) does better
     # with pread: the index and filter in its own memory, no page faults, and a miss
-    # reads only its pages (docs/operations.md, "A base larger than RAM").
+    # reads only its pages (docs/operations.md, "A base larger than the node's RAM").
     base_reads: str = _setting(
         "mmap",
         "how bulk versions are read: mmap = through a memory map (rows read in place, "

@@ -107,7 +107,10 @@ BLOCK_CACHE_SHARE = 1 / 8
 #: allocator slack: ~15 MiB at 1M rows beyond what the mapped node grows by), which the
 #: cgroup cannot take back; at 0.9 the realistic table's 1M-row node was killed by the
 #: cgroup's OOM killer. The block cache keeps a small share, for the delta's blocks (the
-#: run writes none).
+#: run writes none). Mind the start: opened by pread, PlainTable reads its index and
+#: filter into the node's memory at once (~17 MiB at 1M rows), so they count in the
+#: started node, and the cap is that much higher than a mapped node's
+#: (docs/operations.md, "A base larger than the node's RAM").
 PLAIN_ENV = {"KVSTORE_BASE_READS": "pread"}
 PLAIN_ROW_CACHE_SHARE = 3 / 4
 PLAIN_BLOCK_CACHE_SHARE = 1 / 32

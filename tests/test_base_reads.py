@@ -4,7 +4,7 @@ The files are the same whichever way they are read: a node answers the same rows
 every table format, and only the way they reach it changes. With ``mmap`` (the default)
 the node maps its table files; with ``pread`` or ``direct`` it maps none of them, so a
 base larger than RAM costs it no page faults and no readahead (docs/operations.md, "A
-base larger than RAM").
+base larger than the node's RAM").
 """
 
 from __future__ import annotations
