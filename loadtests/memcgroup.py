@@ -109,15 +109,20 @@ def read_bytes(pid: int) -> int:
 
 
 def evict_page_cache(root: Path) -> int:
-    """Drop the clean cached pages of every file under ``root`` (no process maps them);
-    returns the bytes of the files."""
+    """Drop the clean cached pages of every file under ``root`` (pages a process maps
+    stay); returns the bytes of the files. A file a running node deletes meanwhile (an
+    old log) is skipped."""
     total = 0
     for path in root.rglob("*"):
-        if path.is_file():
+        try:
+            if not path.is_file():
+                continue
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            total += path.stat().st_size
+        except FileNotFoundError:
+            continue
     return total
