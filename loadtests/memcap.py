@@ -103,7 +103,7 @@ BLOCK_CACHE_SHARE = 1 / 8
 #: costs its bytes + ~120 B against a 4 KiB page: measured, 200k rows, zipfian, 100 keys,
 #: 3 rounds alternating, disk pages read per lookup 26.1 (mmap, 1/2) -> 23.6 (pread,
 #: 3/4) -> 22.4 (pread, 0.92). Not more than 3/4: the rest holds what the node's own
-#: memory grows by while it serves (the index and filter, ~7 B a row, read buffers,
+#: memory grows by while it serves (the index and filter, ~9 B a row, read buffers,
 #: allocator slack: ~15 MiB at 1M rows beyond what the mapped node grows by), which the
 #: cgroup cannot take back; at 0.9 the realistic table's 1M-row node was killed by the
 #: cgroup's OOM killer. The block cache keeps a small share, for the delta's blocks (the
