@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "BASE_FORMATS",
+    "BASE_READS",
     "DEFAULT_ADDRESS",
     "ENV_PREFIX",
     "ENV_SETTINGS",
@@ -34,6 +35,8 @@ ENV_PREFIX = "KVSTORE_"
 
 #: Table formats of a bulk version's base shards (kvstore.storage.shard.base_options).
 BASE_FORMATS = ("plain", "block", "zstd")
+#: How a node reads its bulk versions' files (NodeConfig.base_reads).
+BASE_READS = ("mmap", "pread", "direct")
 
 # The spellings click's BOOL accepts, so a variable means the same to both readers.
 _BOOLS = {
@@ -161,6 +164,19 @@ class NodeConfig:
         "lookups. Kept versions keep theirs",
         choices=BASE_FORMATS,
     )
+    # mmap by default: reading rows in place is the fastest when the files fit in RAM
+    # (PlainTable, 100-key MultiGets of rows in the page cache ~2.2 us a key against ~5 with
+    # pread). A node whose RAM cannot hold its files (loadtests/memcap.py) does better
+    # with pread: the index and filter in its own memory, no page faults, and a miss
+    # reads only its pages (docs/operations.md, "A base larger than the node's RAM").
+    base_reads: str = _setting(
+        "mmap",
+        "how bulk versions are read: mmap = through a memory map (rows read in place, "
+        "the fastest when the files fit in RAM); pread = by system calls through the "
+        "page cache, without readahead, the index and filter held in the node's memory "
+        "(for a base larger than RAM); direct = O_DIRECT reads that bypass the page cache",
+        choices=BASE_READS,
+    )
     verify_base_checksums: bool = _setting(
         False,
         "verify RocksDB's block checksum on every read of a block-format bulk version "
@@ -285,6 +301,10 @@ class NodeConfig:
         if self.base_format not in BASE_FORMATS:
             raise ValueError(
                 f"base_format {self.base_format!r} is not one of {', '.join(BASE_FORMATS)}"
+            )
+        if self.base_reads not in BASE_READS:
+            raise ValueError(
+                f"base_reads {self.base_reads!r} is not one of {', '.join(BASE_READS)}"
             )
         if self.verify_base_checksums and self.base_format == "plain":
             raise ValueError(

@@ -12,8 +12,9 @@ cgroup whose limit (which counts the page cache it uses) is a third of what Redi
 from the page cache before the node starts. Every read the cgroup cannot cache goes to
 the disk. Lookups alternate between the capped node, an uncapped node on a copy of the
 same files, and Redis, round by round. Each node runs with the settings that suit it:
-the capped one those for a base larger than RAM (``COLD_ENV``, a row cache and a block
-cache; see ``--capped-env``), the uncapped one the node's defaults, which suit a base
+the capped one those for a base larger than RAM (``cold_env``: read threads, a row cache
+taking most of the memory the cap leaves for rows, the plain format's files read by
+pread; see ``--capped-env``), the uncapped one the node's defaults, which suit a base
 in memory.
 
 Each bench table (``--tables``: the random one of the main benchmark, and the realistic
@@ -66,32 +67,53 @@ from loadtests.memcgroup import (
     evict_page_cache,
     major_faults,
     memory_cgroup,
+    read_bytes,
     set_limit,
 )
 from loadtests.redis_client import HiredisMissing, client_versions
 from loadtests.servers import KvstoreNode, RedisServer, proc_memory_bytes
 from loadtests.systems import KeyPool, KvstoreSystem, RedisPackedSystem
 
-__all__ = ["main", "memory_cgroup"]
+__all__ = ["cold_env", "main", "memory_cgroup"]
 
 #: Settings of the capped node unless ``--capped-env`` gives others. A node whose base
 #: does not fit in its RAM waits on the disk more than on its CPU, so it reads a batch's
 #: shards on as many threads as the table has shards (the event loop's and 7 more), from
 #: 2 keys up, and the disk reads overlap; and it keeps hot rows in RocksDB's row cache,
-#: ``ROW_CACHE_SHARE`` of the memory the cap leaves for rows, which holds a row in about
-#: 500 B where the page cache holds the row's whole 4 KiB page (docs/operations.md).
-#: The hot-row cache stays off here (as by default): its RAM would come out of the same
-#: allowance, and this run keeps the split it was defined with (the row cache's share).
+#: which holds a row in its bytes + ~120 B where the page cache holds the row's whole
+#: 4 KiB page (docs/operations.md). The hot-row cache stays off here (as by default): its
+#: RAM would come out of the same allowance, it costs ~250 B a row besides the row, and
+#: it serves gets of at most 32 keys.
 COLD_ENV = {
     "KVSTORE_READ_THREADS": "7",
     "KVSTORE_PARALLEL_READ_KEYS": "2",
     "KVSTORE_HOT_ROWS_BYTES": "0",
 }
+#: The compressed formats keep ``ROW_CACHE_SHARE`` of the memory the cap leaves for rows
+#: for the row cache and ``BLOCK_CACHE_SHARE`` for RocksDB's block cache (their index and
+#: filter blocks and the blocks they decompress); the rest is page cache for the files,
+#: read through a memory map.
 ROW_CACHE_SHARE = 1 / 2
-#: ... and RocksDB's block cache, of which the plain format uses nothing (PlainTable
-#: reads rows in place) and the compressed formats their index and filter blocks and
-#: the blocks they decompress; the rest of the allowance is page cache for the files.
 BLOCK_CACHE_SHARE = 1 / 8
+#: The plain format (PlainTable: no block cache, rows read in place) reads its files by
+#: pread instead (``KVSTORE_BASE_READS``): its index and filter then sit in the node's
+#: memory, not in pages the cap evicts, a read that misses brings in only its own pages,
+#: and the page cache is needed only between a miss's two reads of the same page. So
+#: most of the allowance goes to the row cache (``PLAIN_ROW_CACHE_SHARE``), where a row
+#: costs its bytes + ~120 B against a 4 KiB page: measured, 200k rows, zipfian, 100 keys,
+#: 3 rounds alternating, disk pages read per lookup 26.1 (mmap, 1/2) -> 23.6 (pread,
+#: 3/4) -> 22.4 (pread, 0.92). Not more than 3/4: the rest holds what the node's own
+#: memory grows by while it serves (the index and filter, ~9 B a row, read buffers,
+#: allocator slack: ~15 MiB at 1M rows beyond what the mapped node grows by), which the
+#: cgroup cannot take back; at 0.9 the realistic table's 1M-row node was killed by the
+#: cgroup's OOM killer. The block cache keeps a small share, for the delta's blocks (the
+#: run writes none). Mind the start: opened by pread, PlainTable reads its index and
+#: filter into the node's memory at once (~7 MiB more at 1M rows), so they count in the
+#: started node, and the cap is that much higher than a mapped node's
+#: (docs/operations.md, "A base larger than the node's RAM").
+PLAIN_ENV = {"KVSTORE_BASE_READS": "pread"}
+PLAIN_ROW_CACHE_SHARE = 3 / 4
+PLAIN_BLOCK_CACHE_SHARE = 1 / 32
 
 #: The bench tables: ``random`` (loadtests/systems.py: 96 float32, incompressible) and
 #: ``realistic`` (loadtests/realistic.py: features distributed as real ones are).
@@ -122,9 +144,8 @@ def measure(
     (``kvstore.config.BASE_FORMATS``), into two kvstore nodes, cap one, and time lookups
     of each of ``batch_sizes`` keys drawn by each popularity in ``dists``. The capped
     node runs with ``capped_env``'s ``KVSTORE_*`` settings on top of the node's defaults
-    (None: ``COLD_ENV``, a row cache of ``ROW_CACHE_SHARE`` of its allowance and a block
-    cache of ``BLOCK_CACHE_SHARE``), and serves ``warm_keys`` keys (default ``rows``) of
-    each popularity before it is timed."""
+    (None: ``cold_env(base_format, allowance)``), and serves ``warm_keys`` keys (default
+    ``rows``) of each popularity before it is timed."""
     s = Settings(rows=rows, seed=seed)
     out: dict = {
         "table": table,
@@ -168,12 +189,7 @@ def measure(
             shutil.copytree(data, free_dir / "data")
             out["kvstore_file_bytes"] = evict_page_cache(capped_dir / "data")
             if capped_env is None:
-                allowance = (redis_used - redis_empty) // 3
-                capped_env = {
-                    **COLD_ENV,
-                    "KVSTORE_ROW_CACHE_BYTES": str(int(allowance * ROW_CACHE_SHARE)),
-                    "KVSTORE_BLOCK_CACHE_BYTES": str(int(allowance * BLOCK_CACHE_SHARE)),
-                }
+                capped_env = cold_env(base_format, (redis_used - redis_empty) // 3)
             out["capped_env"] = capped_env
             with (
                 memory_cgroup(f"kvbench-memcap-{os.getpid()}") as procs,
@@ -189,6 +205,12 @@ def measure(
                 # (modules imported on first use) is part of the started node. A lookup
                 # would not do: it pulls index pages in, which are the rows' cost.
                 _first_call(capped.address)
+                # Its base files leave the page cache again: opening a base may read parts
+                # of them (a node reading by pread reads PlainTable's index and filter,
+                # ~8 MiB at 1M rows, into its own memory, which counts, and through the
+                # page cache, which is not part of a started node: it would be room for
+                # rows). A mapped node has read nothing yet, and keeps what it maps.
+                evict_page_cache(capped_dir / "data")
                 base = cgroup_memory(procs)["usage_bytes"]
                 cap = base + (redis_used - redis_empty) // 3
                 out["peak_counts_from_cap"] = set_limit(procs, cap)
@@ -222,6 +244,21 @@ def measure(
                         system.close()
             packed.close()
     return out
+
+
+def cold_env(base_format: str, allowance: int) -> dict[str, str]:
+    """The capped node's default settings for a base in ``base_format`` when the cap
+    leaves it ``allowance`` bytes for rows: ``COLD_ENV``, and the caches' shares of it
+    (and the plain format's reads) above."""
+    plain = base_format == "plain"
+    row_share = PLAIN_ROW_CACHE_SHARE if plain else ROW_CACHE_SHARE
+    block_share = PLAIN_BLOCK_CACHE_SHARE if plain else BLOCK_CACHE_SHARE
+    return {
+        **COLD_ENV,
+        **(PLAIN_ENV if plain else {}),
+        "KVSTORE_ROW_CACHE_BYTES": str(int(allowance * row_share)),
+        "KVSTORE_BLOCK_CACHE_BYTES": str(int(allowance * block_share)),
+    }
 
 
 def _warm(reader, chooser: KeyChooser, rng: np.random.Generator, keys: int, batch: int) -> dict:
@@ -258,7 +295,8 @@ def _latency(
     pools = {b: KeyPool.chosen(chooser, rng, b, samples * (rounds + 1)) for b in batch_sizes}
     readers = {name: system.reader() for name, (system, _) in systems.items()}
     got: dict = {
-        name: {b: {"ns": [], "round_p50_ms": [], "faults": 0} for b in pools} for name in readers
+        name: {b: {"ns": [], "round_p50_ms": [], "faults": 0, "read_bytes": 0} for b in pools}
+        for name in readers
     }
     try:
         # in batches no larger than the timed ones: a larger answer could need more
@@ -278,10 +316,11 @@ def _latency(
                 assert cursor + samples <= len(pool), "a key batch would be read again"
                 for name, reader in readers.items():
                     pid = systems[name][1]
-                    faults = major_faults(pid)
+                    faults, read = major_faults(pid), read_bytes(pid)
                     ns = time_lookups(reader, pool, cursor, samples, 3.0)
                     cell = got[name][b]
                     cell["faults"] += major_faults(pid) - faults
+                    cell["read_bytes"] += read_bytes(pid) - read
                     cell["ns"].extend(ns)
                     cell["round_p50_ms"].append(float(np.median(ns)) / 1e6)
             line = ", ".join(f"{n} {got[n][b]['round_p50_ms'][-1]:.3f}" for b in pools for n in got)
@@ -298,6 +337,7 @@ def _latency(
                 **summary,
                 "round_p50_ms": cell["round_p50_ms"],
                 "major_faults_per_lookup": cell["faults"] / summary["count"],
+                "disk_pages_per_lookup": cell["read_bytes"] / 4096 / summary["count"],
             }
     return out
 
@@ -357,16 +397,18 @@ def render(res: dict) -> str:
         )
         + f"; its settings: {res['capped_env'] or 'the node defaults'}",
         "",
-        "| keys | keys per lookup | kvstore capped p50 | p99 | disk reads per lookup "
+        "| keys | keys per lookup | kvstore capped p50 | p99 | page faults from disk per lookup "
+        "| 4 KiB pages read from disk per lookup "
         "| kvstore uncapped p50 | p99 | redis-packed p50 | p99 | capped / redis p50 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dist, lat in res["latency"].items():
         for b in res["batch_sizes"]:
             c, u, r = (lat[n][str(b)] for n in ("kvstore capped", "kvstore", "redis-packed"))
             lines.append(
                 f"| {dist} | {b} | {c['p50_ms']:.3f} | {c['p99_ms']:.3f} "
-                f"| {c['major_faults_per_lookup']:.1f} | {u['p50_ms']:.3f} | {u['p99_ms']:.3f} "
+                f"| {c['major_faults_per_lookup']:.1f} | {c.get('disk_pages_per_lookup', 0):.1f} "
+                f"| {u['p50_ms']:.3f} | {u['p99_ms']:.3f} "
                 f"| {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {c['p50_ms'] / r['p50_ms']:.1f}x |"
             )
     return "\n".join(lines)
@@ -395,8 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         help="settings of the capped node (docs/operations.md); default: "
         + ",".join(f"{k}={v}" for k, v in COLD_ENV.items())
         + f", KVSTORE_ROW_CACHE_BYTES at {ROW_CACHE_SHARE * 100:.0f}%% of the cap's allowance "
-        f"for rows and KVSTORE_BLOCK_CACHE_BYTES at {BLOCK_CACHE_SHARE * 100:.1f}%%; given, these "
-        "are replaced, not added to ('' for the node's own defaults)",
+        f"for rows and KVSTORE_BLOCK_CACHE_BYTES at {BLOCK_CACHE_SHARE * 100:.1f}%%; for the"
+        + " plain format also "
+        + ",".join(f"{k}={v}" for k, v in PLAIN_ENV.items())
+        + " and the shares "
+        f"{PLAIN_ROW_CACHE_SHARE * 100:.0f}%% and {PLAIN_BLOCK_CACHE_SHARE * 100:.1f}%%; given, "
+        "these are replaced, not added to ('' for the node's own defaults)",
     )
     p.add_argument(
         "--tables",

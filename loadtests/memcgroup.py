@@ -17,6 +17,7 @@ __all__ = [
     "evict_page_cache",
     "major_faults",
     "memory_cgroup",
+    "read_bytes",
     "set_limit",
 ]
 
@@ -97,16 +98,31 @@ def major_faults(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[9])
 
 
+def read_bytes(pid: int) -> int:
+    """Bytes ``pid`` has had read from the disk (``read_bytes`` of /proc/<pid>/io): the
+    page cache misses of its reads and of its page faults alike, direct reads too."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    raise ValueError(f"no read_bytes in /proc/{pid}/io")
+
+
 def evict_page_cache(root: Path) -> int:
-    """Drop the clean cached pages of every file under ``root`` (no process maps them);
-    returns the bytes of the files."""
+    """Drop the clean cached pages of every file under ``root`` (pages a process maps
+    stay); returns the bytes of the files. A file a running node deletes meanwhile (an
+    old log) is skipped."""
     total = 0
     for path in root.rglob("*"):
-        if path.is_file():
+        try:
+            if not path.is_file():
+                continue
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            total += path.stat().st_size
+        except FileNotFoundError:
+            continue
     return total

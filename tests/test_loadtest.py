@@ -153,13 +153,17 @@ def test_the_ram_capped_run_stays_under_its_cap_and_reads_from_disk(tmp_path: Pa
     assert capped["cgroup_usage_bytes"] <= res["cap_bytes"]
     if res["peak_counts_from_cap"]:
         assert capped["cgroup_max_usage_bytes"] <= res["cap_bytes"]
-    # By default the capped node runs the settings for a base larger than RAM, its row
-    # cache half of what the cap leaves for rows, and is warmed with every row's worth.
+    # By default the capped node runs the settings for a base larger than RAM: in the
+    # plain format, its files read by pread and its row cache 3/4 of what the cap leaves
+    # for rows; and it is warmed with every row's worth.
     env = res["capped_env"]
+    assert env == memcap.cold_env("plain", allowance)
     assert {k: env[k] for k in memcap.COLD_ENV} == memcap.COLD_ENV
-    assert int(env["KVSTORE_ROW_CACHE_BYTES"]) == int(allowance * memcap.ROW_CACHE_SHARE)
+    assert env["KVSTORE_BASE_READS"] == "pread"
+    assert int(env["KVSTORE_ROW_CACHE_BYTES"]) == int(allowance * memcap.PLAIN_ROW_CACHE_SHARE)
     uniform, zipfian = res["latency"]["uniform"], res["latency"]["zipfian"]
-    assert uniform["kvstore capped"]["100"]["major_faults_per_lookup"] > 1
+    # Read by pread, the misses are disk reads (read_bytes), not page faults.
+    assert uniform["kvstore capped"]["100"]["disk_pages_per_lookup"] > 1
     for lat in (uniform, zipfian):
         assert lat["capped_warmed"]["keys"] == 20_000
         assert lat["kvstore"]["100"]["count"] == lat["kvstore capped"]["100"]["count"] == 40

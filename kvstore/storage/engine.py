@@ -47,6 +47,17 @@ class Engine:
                 self._config.bloom_bits_per_key,
                 self.row_cache,
             )
+            reads = self._config.base_reads
+            if reads != "mmap":
+                # Not a format's option: the files are the same however they are read.
+                # PlainTable then holds its index and bloom filter in the node's memory
+                # and reads a row with two preads (its key, then its value).
+                options.set_allow_mmap_reads(False)
+                # RocksDB's default, said here because pread relies on it: every file
+                # is opened with POSIX_FADV_RANDOM, so a read that misses the page cache
+                # brings in its own pages, not the device's readahead (8 MiB here).
+                options.set_advise_random_on_open(True)
+                options.set_use_direct_reads(reads == "direct")
         return options
 
     def cache_usage(self) -> dict[str, int]:
