@@ -36,9 +36,10 @@ __all__ = ["STEP_KEYS", "Position", "Writes", "position_prefix", "run_steps"]
 Merge = Callable[[int, int, int, list], list[bytes]]
 
 #: Keys of one shard a write step reads, merges and writes before yielding to reads.
-#: A step holds the event loop ~5 us a key (1,000-row partial updates of the
-#: benchmark's table, in-process): one step per shard (125 keys on 8 shards) held it
-#: ~0.66 ms, long enough to show in the p99 of reads served meanwhile.
+#: One step per shard (125 keys on 8 shards) held the event loop ~0.66 ms, long enough
+#: to show in the p99 of reads served meanwhile. A step costs ~8 us plus ~1.6 us a key
+#: (1,000-row partial updates of the benchmark's table, in-process thread CPU): 32 keys
+#: ~60 us; 8-key steps cost ~30% more CPU a batch (docs/streaming.md).
 STEP_KEYS = 32
 
 
