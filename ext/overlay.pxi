@@ -84,9 +84,11 @@ cdef int _overlay_row(const RowLayout* c, object b, object d, Py_ssize_t i,
     FROM_A = base, FROM_B = delta) and the row's event time in ``event_time_out``.
     ``valid``: NULL, or the 2 int64 of the row's window (µs), narrowed by its TTLs.
     ``chosen`` and ``times``: F bytes and F int64 of scratch."""
-    cdef Py_ssize_t f
+    cdef Py_ssize_t f, byte, k
+    cdef uint32_t bits
     cdef bint base_counts, any_delta, expired
     cdef int64_t t, tb, event_time
+    base.row = NULL  # until a base row is viewed
     if d is None:
         if b is None:
             return OUT_NONE
@@ -118,21 +120,26 @@ cdef int _overlay_row(const RowLayout* c, object b, object d, Py_ssize_t i,
     tb = base.event_time if base_counts else INT64_MIN
     any_delta = False
     event_time = tb
-    for f in range(c.n_features):
-        if _bit(delta.present, f):
-            t = _feature_time(delta, f)
+    memset(choice, FROM_A if base_counts else FROM_NONE, c.n_features)
+    if ttls != NULL:
+        for f in range(c.n_features):
+            times[f] = tb
+    # Only the features the delta holds can come from it: walk its present bitmap (a
+    # sparse row's times are stored in that order, a format-2 row's at 8 f).
+    k = 0
+    for byte in range(c.bitmap_size):
+        bits = _bits_at(c, delta.present, byte)
+        while bits:
+            f = 8 * byte + __builtin_ctz(bits)
+            bits &= bits - 1
+            t = load_i64(delta.times + 8 * (k if delta.sparse else f))
+            k += 1
             if t > snapshot_time and t > tb:
                 choice[f] = FROM_B
                 times[f] = t
                 any_delta = True
                 if t > event_time:
                     event_time = t
-                continue
-        if base_counts:
-            choice[f] = FROM_A
-            times[f] = tb
-        else:
-            choice[f] = FROM_NONE
     if not any_delta and not base_counts:
         return OUT_NONE
     expired = False
@@ -320,8 +327,8 @@ def overlay_join(Layout layout not None, list fetched, int64_t snapshot_time, in
                     _combine_into(c, &views[2 * k], &views[2 * k + 1], choices + F * k,
                                   event_times[k], <uint8_t*>out + at)
                 else:
-                    _assemble_into(c, &views[2 * k], &views[2 * k + 1], choices + F * k,
-                                   False, event_times[k], 0, NULL, <uint8_t*>out + at)
+                    _assemble_row_into(c, &views[2 * k], &views[2 * k + 1], choices + F * k,
+                                       event_times[k], <uint8_t*>out + at)
             lengths_view[k] = <int32_t>size
             at += size
     finally:

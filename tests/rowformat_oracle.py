@@ -5,10 +5,10 @@ obvious: one ``struct`` call per field, one feature at a time, no numpy. Values 
 Python objects: bool, int, float, str, bytes, list[float] (float32[N], stored as
 float32, float16 or int8) and list[int] (int64[]); None is a null.
 
-Delta rows (format 2) and the operations on them (apply, delete, overlay, compact)
-work on a feature's stored bytes (a "cell": its fixed field or its var data, None for
-a null) rather than on values, because the codec copies those bytes as they are: a
-sloppy row's true bool 0x80 stays 0x80, while the bytes of a null become zero.
+Delta rows (format 3, and format 2 as read) and the operations on them (apply, delete,
+overlay, compact) work on a feature's stored bytes (a "cell": its fixed field or its var
+data, None for a null) rather than on values, because the codec copies those bytes as
+they are: a sloppy row's true bool 0x80 stays 0x80, while the bytes of a null become zero.
 Event times, snapshot times and TTLs are int64 microseconds.
 """
 
@@ -308,21 +308,23 @@ def decode_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) ->
 
 
 # --------------------------------------------------------------------------------------
-# Delta rows (format 2) and reads of delta over base (docs/row-format.md, "Delta rows")
+# Delta rows (format 3; format 2 read) and reads of delta over base (docs/row-format.md,
+# "Delta rows")
 
-DELTA_FORMAT = 2
+DELTA_FORMAT = 3  # written: only the present features are stored
+DELTA_DENSE_FORMAT = 2  # written before format 3, still read: every feature has its slot
 # format byte, schema id (u32), event time, deleted_at (i64, µs)
 DELTA_HEADER = struct.Struct("<BIqq")
 NO_DELETE = -(2**63)  # deleted_at of a key never deleted; the snapshot time without a version
 
 
 def delta_header_size(lay: RowLayout) -> int:
-    """21 + 2B + 8F: the fixed header, the null and present bitmaps, the feature times."""
+    """Format 2: 21 + 2B + 8F: the fixed header, the null and present bitmaps, the times."""
     return DELTA_HEADER.size + 2 * lay.null_bitmap_size + 8 * len(lay.kinds)
 
 
 def delta_shift(lay: RowLayout) -> int:
-    """How much further into a delta row than into a format-1 row its body starts."""
+    """How much further into a format-2 delta row than into a format-1 row its body starts."""
     return delta_header_size(lay) - HEADER_SIZE - lay.null_bitmap_size
 
 
@@ -342,8 +344,47 @@ class DeltaRow:
         return cls(NO_DELETE, NO_DELETE, [None] * n_features, [None] * n_features)
 
 
+def _bitmap(lay: RowLayout, bits: list[bool]) -> bytes:
+    out = bytearray(lay.null_bitmap_size)
+    for feature, bit in enumerate(bits):
+        if bit:
+            out[feature // 8] |= 1 << (feature % 8)
+    return bytes(out)
+
+
 def encode_delta(lay: RowLayout, schema_id: int, delta: DeltaRow) -> bytes:
-    """A delta row: an absent feature has no null or present bit, time 0, zero or empty bytes."""
+    """A format-3 delta row: header, null bitmap (present features only), present bitmap,
+    then per present feature in order its time, its fixed value (zero bytes when null),
+    the var ends of the present var features and their data."""
+    present = [t is not None for t in delta.times]
+    nulls = [p and cell is None for p, cell in zip(present, delta.cells, strict=True)]
+    times = [t for t in delta.times if t is not None]
+    fixed = b""
+    ends = []
+    var_data = b""
+    for feature, (p, cell) in enumerate(zip(present, delta.cells, strict=True)):
+        if not p:
+            continue
+        if lay.kinds[feature] in VAR_KINDS:
+            var_data += cell or b""
+            ends.append(len(var_data))
+        else:
+            fixed += bytes(lay.widths[feature]) if cell is None else cell
+    header = DELTA_HEADER.pack(DELTA_FORMAT, schema_id, delta.event_time, delta.deleted_at)
+    return (
+        header
+        + _bitmap(lay, nulls)
+        + _bitmap(lay, present)
+        + struct.pack(f"<{len(times)}q", *times)
+        + fixed
+        + struct.pack(f"<{len(ends)}I", *ends)
+        + var_data
+    )
+
+
+def encode_dense_delta(lay: RowLayout, schema_id: int, delta: DeltaRow) -> bytes:
+    """A format-2 delta row (as written before format 3): an absent feature has no null or
+    present bit, time 0, zero or empty bytes."""
     present = bytearray(lay.null_bitmap_size)
     for feature, t in enumerate(delta.times):
         if t is not None:
@@ -353,7 +394,7 @@ def encode_delta(lay: RowLayout, schema_id: int, delta: DeltaRow) -> bytes:
     # encode_sections marks absent features null: only present ones may have the bit
     bitmap = bytes(n & p for n, p in zip(bitmap, present, strict=True))
     times = struct.pack(f"<{len(delta.times)}q", *(0 if t is None else t for t in delta.times))
-    header = DELTA_HEADER.pack(DELTA_FORMAT, schema_id, delta.event_time, delta.deleted_at)
+    header = DELTA_HEADER.pack(DELTA_DENSE_FORMAT, schema_id, delta.event_time, delta.deleted_at)
     return header + bitmap + bytes(present) + times + fixed + var
 
 
@@ -365,40 +406,111 @@ def encode_delta_row(
     deleted_at: int,
     times: list[int | None],
     values: list,
+    dense: bool = False,
 ) -> bytes:
-    """A delta row from values; ``times[f]`` None = feature f absent (its value ignored)."""
+    """A delta row from values; ``times[f]`` None = feature f absent (its value ignored).
+    ``dense``: in format 2, as written before format 3."""
     lay = layout(kinds, dims)
     cells = [
         None if value is None or t is None else encode_value(kind, dim, value)
         for kind, dim, t, value in zip(kinds, lay.dims, times, values, strict=True)
     ]
-    return encode_delta(lay, schema_id, DeltaRow(event_time, deleted_at, list(times), cells))
+    encode = encode_dense_delta if dense else encode_delta
+    return encode(lay, schema_id, DeltaRow(event_time, deleted_at, list(times), cells))
+
+
+def _present(lay: RowLayout, row: bytes) -> list[bool]:
+    """The present bitmap of a delta row (either format), its padding bits ignored."""
+    at = DELTA_HEADER.size + lay.null_bitmap_size
+    return [bool(row[at + f // 8] >> (f % 8) & 1) for f in range(len(lay.kinds))]
+
+
+def _sparse_fault(lay: RowLayout, row: bytes) -> str | None:
+    """Why a format-3 row (format byte and schema id checked) is not valid, or None."""
+    min_size = DELTA_HEADER.size + 2 * lay.null_bitmap_size
+    if len(row) >= min_size:
+        present = _present(lay, row)
+        var = [f for f in lay.var_features if present[f]]
+        fixed = sum(lay.widths[f] for f in range(len(lay.kinds)) if present[f])
+        min_size += 8 * sum(present) + fixed + 4 * len(var)
+    if len(row) < min_size:
+        return f"length {len(row)} is shorter than the {min_size}-byte minimum"
+    ends = struct.unpack_from(f"<{len(var)}I", row, min_size - 4 * len(var))
+    previous = 0
+    for feature, end in zip(var, ends, strict=True):
+        if end < previous:
+            return (
+                f"var ends decrease: feature {feature} ends at {end}, "
+                f"before the previous end {previous}"
+            )
+        previous = end
+    if previous != len(row) - min_size:
+        return (
+            f"var data length mismatch: the var ends cover {previous} bytes, "
+            f"the row holds {len(row) - min_size}"
+        )
+    return None
 
 
 def check_delta_row(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> str | None:
-    """Why ``row`` is not a valid delta row of this schema, or None; the same checks in the
-    same order as format 1 (nothing more: the bitmaps and times can hold anything)."""
+    """Why ``row`` is not a valid delta row (format 3, or format 2) of this schema, or None:
+    the header, the format byte, the schema id, then the sizes (nothing more: the
+    bitmaps and times can hold anything)."""
     lay = layout(kinds, dims)
-    return _fault(lay, schema_id, row, DELTA_FORMAT, DELTA_HEADER.size, delta_shift(lay))
+    if len(row) < DELTA_HEADER.size:
+        smallest = DELTA_HEADER.size + 2 * lay.null_bitmap_size
+        return f"length {len(row)} is shorter than the {smallest}-byte minimum"
+    row_format, row_schema_id = struct.unpack_from("<BI", row)
+    if row_format not in (DELTA_FORMAT, DELTA_DENSE_FORMAT):
+        return (
+            f"format byte 0x{row_format:02x}, expected 0x{DELTA_FORMAT:02x} "
+            f"(or 0x{DELTA_DENSE_FORMAT:02x})"
+        )
+    if row_schema_id != schema_id:
+        return f"schema id {row_schema_id}, expected {schema_id}"
+    if row_format == DELTA_FORMAT:
+        return _sparse_fault(lay, row)
+    return _fault(lay, schema_id, row, DELTA_DENSE_FORMAT, DELTA_HEADER.size, delta_shift(lay))
 
 
 def delta_cells(kinds: list[int], dims: list[int], schema_id: int, row: bytes) -> DeltaRow:
-    """A delta row decoded to stored bytes; what an absent feature's bits and bytes hold is
-    ignored. ValueError when the row is not valid."""
+    """A delta row (either format) decoded to stored bytes; what an absent feature's bits
+    and bytes hold is ignored. ValueError when the row is not valid."""
     fault = check_delta_row(kinds, dims, schema_id, row)
     if fault is not None:
         raise ValueError(fault)
     lay = layout(kinds, dims)
     _, _, event_time, deleted_at = DELTA_HEADER.unpack_from(row)
     n = len(kinds)
-    present_at = DELTA_HEADER.size + lay.null_bitmap_size
-    stored_times = struct.unpack_from(f"<{n}q", row, present_at + lay.null_bitmap_size)
-    times = [
-        t if row[present_at + f // 8] >> (f % 8) & 1 else None for f, t in enumerate(stored_times)
-    ]
+    present = _present(lay, row)
+    times_at = DELTA_HEADER.size + 2 * lay.null_bitmap_size
+    if row[0] == DELTA_DENSE_FORMAT:
+        stored_times = struct.unpack_from(f"<{n}q", row, times_at)
+        times = [t if p else None for p, t in zip(present, stored_times, strict=True)]
+        cells = [
+            cell if t is not None else None
+            for t, cell in zip(times, _cells(lay, row, delta_shift(lay)), strict=True)
+        ]
+        return DeltaRow(event_time, deleted_at, times, cells)
+    packed = iter(struct.unpack_from(f"<{sum(present)}q", row, times_at))
+    times = [next(packed) if p else None for p in present]
+    at = times_at + 8 * sum(present)
+    fixed: dict[int, bytes] = {}
+    for f in range(n):
+        if present[f] and lay.kinds[f] not in VAR_KINDS:
+            fixed[f] = row[at : at + lay.widths[f]]
+            at += lay.widths[f]
+    var = [f for f in lay.var_features if present[f]]
+    ends = struct.unpack_from(f"<{len(var)}I", row, at)
+    var_data = row[at + 4 * len(var) :]
+    start = 0
+    for f, end in zip(var, ends, strict=True):
+        fixed[f] = var_data[start:end]
+        start = end
+    nulls_at = DELTA_HEADER.size
     cells = [
-        cell if t is not None else None
-        for t, cell in zip(times, _cells(lay, row, delta_shift(lay)), strict=True)
+        None if not present[f] or row[nulls_at + f // 8] >> (f % 8) & 1 else fixed[f]
+        for f in range(n)
     ]
     return DeltaRow(event_time, deleted_at, times, cells)
 

@@ -1,4 +1,5 @@
-"""Delta rows (format 2) and reads of delta over base, checked against the oracle.
+"""Delta rows (format 3; format 2 as written before it) and reads of delta over base,
+checked against the oracle.
 
 The node applies every online write with ``delta_apply``, every delete with
 ``delta_delete``, reads with ``overlay`` and compacts the delta with ``delta_compact``
@@ -44,23 +45,31 @@ ttls = st.integers(-1, 15) | st.sampled_from([0, 1, INT64_MAX])
 
 def dirty_delta(kinds: list[int], dims: list[int], row: bytes) -> bytes:
     """A delta row as a sloppy writer might store it, still valid: absent features have a
-    null bit, a time and fixed bytes; null fixed bytes are not zero; true bools are 0x80."""
+    null bit (and in format 2 a time and fixed bytes), the present bitmap's padding bits
+    are set; null fixed bytes are not zero; true bools are 0x80."""
     lay = oracle.layout(kinds, dims)
-    shift = oracle.delta_shift(lay)
+    n = len(kinds)
     bitmap_at = oracle.DELTA_HEADER.size
     present_at = bitmap_at + lay.null_bitmap_size
     times_at = present_at + lay.null_bitmap_size
+    dense = row[0] == oracle.DELTA_DENSE_FORMAT
+    present = [row[present_at + f // 8] >> (f % 8) & 1 for f in range(n)]
     out = bytearray(row)
+    if n % 8:
+        out[present_at + lay.null_bitmap_size - 1] |= 0xFF << (n % 8) & 0xFF
+    at = times_at + 8 * sum(present)  # format 3: the first present fixed value
     for f, kind in enumerate(kinds):
-        present = row[present_at + f // 8] >> (f % 8) & 1
         null = row[bitmap_at + f // 8] >> (f % 8) & 1
-        if not present:
+        if not present[f]:
             out[bitmap_at + f // 8] |= 1 << (f % 8)
-            out[times_at + 8 * f : times_at + 8 * f + 8] = struct.pack("<q", 0x5A5A + f)
-        if kind in oracle.VAR_KINDS:
+            if dense:
+                out[times_at + 8 * f : times_at + 8 * f + 8] = struct.pack("<q", 0x5A5A + f)
+        if kind in oracle.VAR_KINDS or not (dense or present[f]):
             continue
-        offset, width = lay.fixed_offsets[f] + shift, lay.widths[f]
-        if not present or null:
+        width = lay.widths[f]
+        offset = lay.fixed_offsets[f] + oracle.delta_shift(lay) if dense else at
+        at += width
+        if not present[f] or null:
             out[offset : offset + width] = b"\xab" * width
         elif kind == oracle.BOOL and row[offset]:
             out[offset] = 0x80
@@ -78,7 +87,11 @@ def delta_rows(draw, kinds: list[int], dims: list[int], schema_id: int) -> bytes
     deleted_at = draw(st.just(oracle.NO_DELETE) | event_times)
     newest = max([deleted_at] + [t for t in times if t is not None])
     event_time = draw(st.just(newest) | event_times)
-    row = oracle.encode_delta_row(kinds, dims, schema_id, event_time, deleted_at, times, values)
+    # Format 2 too: rows written before format 3 are read (and rewritten) by every operation.
+    dense = draw(st.booleans())
+    row = oracle.encode_delta_row(
+        kinds, dims, schema_id, event_time, deleted_at, times, values, dense
+    )
     return dirty_delta(kinds, dims, row) if draw(st.booleans()) else row
 
 
@@ -143,8 +156,8 @@ def same_read(got: bytes | None, want: bytes | None, base: bytes | None) -> bool
 
 
 @examples
-@given(schemas(max_features=10), st.data())
-def test_oracle_delta_rows_round_trip(schema, data):
+@given(schemas(max_features=10), st.booleans(), st.data())
+def test_oracle_delta_rows_round_trip(schema, dense, data):
     kinds, dims, schema_id = schema
     times = [data.draw(st.none() | event_times) for _ in kinds]
     values = [
@@ -152,17 +165,33 @@ def test_oracle_delta_rows_round_trip(schema, data):
         for k, d, t in zip(kinds, dims, times, strict=True)
     ]
     event_time, deleted_at = data.draw(event_times), data.draw(event_times)
-    row = oracle.encode_delta_row(kinds, dims, schema_id, event_time, deleted_at, times, values)
+    row = oracle.encode_delta_row(
+        kinds, dims, schema_id, event_time, deleted_at, times, values, dense
+    )
     lay = oracle.layout(kinds, dims)
     assert oracle.check_delta_row(kinds, dims, schema_id, row) is None
-    assert len(row) >= lay.min_row_size + oracle.delta_shift(lay)
+    assert row[0] == (oracle.DELTA_DENSE_FORMAT if dense else oracle.DELTA_FORMAT)
+    # Format 3 stores only the present features: 8 bytes of time and the value each.
+    present = [f for f, t in enumerate(times) if t is not None]
+    values_bytes = sum(lay.widths[f] or 4 for f in present)
+    assert len(row) >= 21 + 2 * lay.null_bitmap_size + 8 * len(present) + values_bytes
+    if not dense:
+        var_bytes = len(row) - 21 - 2 * lay.null_bitmap_size - 8 * len(present) - values_bytes
+        assert var_bytes == sum(
+            len(oracle.encode_value(kinds[f], lay.dims[f], values[f]))
+            for f in present
+            if kinds[f] in oracle.VAR_KINDS and values[f] is not None
+        )
     got = oracle.decode_delta_row(kinds, dims, schema_id, row)
     assert got[:3] == (event_time, deleted_at, times)
     assert all(same_value(k, a, b) for k, a, b in zip(kinds, got[3], values, strict=True))
     sloppy = oracle.decode_delta_row(kinds, dims, schema_id, dirty_delta(kinds, dims, row))
     assert sloppy[:3] == got[:3]
     assert all(same_value(k, a, b) for k, a, b in zip(kinds, sloppy[3], values, strict=True))
-    # The body is format 1's: behind a format-1 header, the present values decode alike.
+    if not dense:
+        return
+    # Format 2's body is format 1's: behind a format-1 header, the present values decode alike.
+    assert len(row) >= lay.min_row_size + oracle.delta_shift(lay)
     body = row[oracle.delta_header_size(lay) :]
     bitmap = row[oracle.DELTA_HEADER.size : oracle.DELTA_HEADER.size + lay.null_bitmap_size]
     as_row = oracle.HEADER.pack(1, schema_id, event_time) + bitmap + body
@@ -172,10 +201,27 @@ def test_oracle_delta_rows_round_trip(schema, data):
 
 
 def test_oracle_example_delta_row():
-    # int32, string, bool; the int32 is present at time 5, the string present and null
-    # at time 7, the bool absent; no delete
+    # int32, string, bool, int64; the int32 is present at time 5, the string present and
+    # null at time 7, the bool absent, the int64 present at 6; no delete
     row = oracle.encode_delta_row(
-        [1, 6, 0], [0, 0, 0], 9, 7, codec.NO_DELETE, [5, 7, None], [-2, None, True]
+        [1, 6, 0, 2], [0, 0, 0, 0], 9, 7, codec.NO_DELETE, [5, 7, None, 6], [-2, None, True, 3]
+    )
+    assert row == (
+        b"\x03" + b"\x09\x00\x00\x00" + (7).to_bytes(8, "little")  # format, schema id, event time
+        + b"\x00\x00\x00\x00\x00\x00\x00\x80"  # deleted_at: INT64_MIN
+        + b"\x02"  # null bitmap: feature 1
+        + b"\x0b"  # present bitmap: features 0, 1 and 3
+        + struct.pack("<3q", 5, 7, 6)  # the present features' times, in order
+        + b"\xfe\xff\xff\xff" + (3).to_bytes(8, "little")  # fixed values: the int32, int64
+        + b"\x00\x00\x00\x00"  # the null string ends at 0
+    )  # fmt: skip
+    assert len(row) == 21 + 2 * 1 + 8 * 3 + 4 + 8 + 4
+
+
+def test_oracle_example_dense_delta_row():
+    # Format 2, as written before format 3 (and still read): every feature has its slot.
+    row = oracle.encode_delta_row(
+        [1, 6, 0], [0, 0, 0], 9, 7, codec.NO_DELETE, [5, 7, None], [-2, None, True], dense=True
     )
     assert row == (
         b"\x02" + b"\x09\x00\x00\x00" + (7).to_bytes(8, "little")  # format, schema id, event time
@@ -190,8 +236,34 @@ def test_oracle_example_delta_row():
 
 
 def test_delta_constants():
-    assert codec.DELTA_FORMAT_VERSION == oracle.DELTA_FORMAT == 2
+    assert codec.DELTA_FORMAT_VERSION == oracle.DELTA_FORMAT == 3
     assert codec.NO_DELETE == oracle.NO_DELETE == INT64_MIN
+
+
+@examples
+@given(schemas(max_features=12), st.booleans(), st.data())
+def test_rows_written_whole_read_as_the_oracle_says(schema, sloppy, data):
+    """A row written whole (every feature present: the codec copies its stored body in
+    one piece) and the same row with a partial update read over a base row, in both
+    read paths, against the oracle; the row with a dirty writer's bytes too."""
+    kinds, dims, schema_id = schema
+    layout = codec.Layout(schema_id, kinds, dims)
+    t = data.draw(st.integers(1, 12))
+    values = [data.draw(st.none() | value_strategy(k, d)) for k, d in zip(kinds, dims, strict=True)]
+    whole = oracle.encode_delta_row(kinds, dims, schema_id, t, INT64_MIN, [t] * len(kinds), values)
+    if sloppy:
+        whole = dirty_delta(kinds, dims, whole)
+    update = data.draw(updates(kinds, dims, schema_id, [True] * len(kinds)))
+    assert apply_one(layout, None, update, [True] * len(kinds)) == oracle.delta_apply(
+        kinds, dims, schema_id, None, update, [True] * len(kinds)
+    )
+    base = data.draw(st.none() | base_rows(kinds, dims, schema_id))
+    snapshot_time = data.draw(st.just(codec.NO_DELETE) | st.integers(-3, 12))
+    for b in (None, base):
+        want = oracle.overlay(kinds, dims, schema_id, b, whole, snapshot_time, 0)
+        assert same_read(read_one(layout, b, whole, snapshot_time, 0, None), want, b)
+        block, lengths = codec.overlay_join(layout, [([whole], [b])], snapshot_time, 0)
+        assert block == (want or b"") and lengths.tolist() == [-1 if want is None else len(want)]
 
 
 # --------------------------------------------------------------------------------------
@@ -602,33 +674,52 @@ BASE = oracle.encode_row(KINDS, DIMS, SCHEMA_ID, 10, [1, "abc", [1.0, 2.0], b"xy
 DELTA = oracle.encode_delta_row(
     KINDS, DIMS, SCHEMA_ID, 20, 5, [20, 20, None, 15], [2, "de", None, b"f"]
 )
-DELTA_ENDS = LAYOUT.ends_start + oracle.delta_shift(LAYOUT)  # 67: the two u32 var ends
+DENSE_DELTA = oracle.encode_delta_row(
+    KINDS, DIMS, SCHEMA_ID, 20, 5, [20, 20, None, 15], [2, "de", None, b"f"], dense=True
+)
+# Format 3: 23-byte header and bitmaps, 3 times, the int32, the two u32 var ends at 51.
+DELTA_ENDS = 21 + 2 + 3 * 8 + 4
+DENSE_DELTA_ENDS = LAYOUT.ends_start + oracle.delta_shift(LAYOUT)  # 67
 
 
 def with_u32(row: bytes, offset: int, value: int) -> bytes:
     return row[:offset] + struct.pack("<I", value) + row[offset + 4 :]
 
 
+def delta_corruptions(row: bytes, ends: int, minimum: int, cut: int) -> dict:
+    return {
+        "truncated header": (row[:20], "delta row: length 20 is shorter than the 23-byte minimum"),
+        "truncated times": (
+            row[:cut],
+            f"delta row: length {cut} is shorter than the {minimum}-byte minimum",
+        ),
+        "truncated var data": (
+            row[:-1],
+            "delta row: var data length mismatch: the var ends cover 3 bytes, the row holds 2",
+        ),
+        "trailing garbage": (
+            row + b"\x00",
+            "delta row: var data length mismatch: the var ends cover 3 bytes, the row holds 4",
+        ),
+        "a base row": (BASE, "delta row: format byte 0x01, expected 0x03 (or 0x02)"),
+        "decreasing var ends": (
+            with_u32(row, ends, 4),
+            "delta row: var ends decrease: feature 3 ends at 3, before the previous end 4",
+        ),
+    }
+
+
+# Rows of both formats: every operation reads rows written before format 3 too.
 DELTA_CORRUPTIONS = {
-    "truncated header": (DELTA[:20], "delta row: length 20 is shorter than the 75-byte minimum"),
-    "truncated times": (DELTA[:50], "delta row: length 50 is shorter than the 75-byte minimum"),
-    "truncated var data": (
-        DELTA[:-1],
-        "delta row: var data length mismatch: the var ends cover 3 bytes, the row holds 2",
-    ),
-    "trailing garbage": (
-        DELTA + b"\x00",
-        "delta row: var data length mismatch: the var ends cover 3 bytes, the row holds 4",
-    ),
-    "a base row": (BASE, "delta row: format byte 0x01, expected 0x02"),
-    "decreasing var ends": (
-        with_u32(DELTA, DELTA_ENDS, 4),
-        "delta row: var ends decrease: feature 3 ends at 3, before the previous end 4",
-    ),
+    **{f"format 3, {k}": v for k, v in delta_corruptions(DELTA, DELTA_ENDS, 59, 40).items()},
+    **{
+        f"format 2, {k}": v
+        for k, v in delta_corruptions(DENSE_DELTA, DENSE_DELTA_ENDS, 75, 50).items()
+    },
 }
 BASE_CORRUPTIONS = {
     "truncated": (BASE[:20], "base row: length 20 is shorter than the 34-byte minimum"),
-    "a delta row": (DELTA, "base row: format byte 0x02, expected 0x01"),
+    "a delta row": (DELTA, "base row: format byte 0x03, expected 0x01"),
     "trailing garbage": (
         BASE + b"\x00",
         "base row: var data length mismatch: the var ends cover 5 bytes, the row holds 6",

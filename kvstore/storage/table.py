@@ -3,7 +3,7 @@
 Two tiers per shard (docs/architecture.md, "Base and delta"):
 
 * the **delta**, one RocksDB per shard under the hot data directory: every online
-  write, update and delete, with per-feature event times (format-2 rows);
+  write, update and delete, with per-feature event times (format-3 rows);
 * the **base**, one immutable RocksDB per shard per bulk version under the cold
   directory, built by the loader, moved in by a bulk load and then only read; its
   table format (``VersionMeta.format``, see ``kvstore.storage.shard.BASE_FORMATS``)
