@@ -62,7 +62,7 @@ def _shard_counts(node: Node, table: str, keys: np.ndarray) -> np.ndarray:
     return np.bincount(batch.shard_ids(len(node.table(table).delta)), minlength=4)
 
 
-def test_a_write_yields_after_its_checks_and_every_step_of_a_shard(
+def test_a_write_yields_after_its_checks_its_preparation_and_every_step_of_a_shard(
     node: Node,
 ) -> None:
     node.create_table(TableSchema.build("t", "int64", {"x": "int64"}, shards=4))
@@ -76,12 +76,13 @@ def test_a_write_yields_after_its_checks_and_every_step_of_a_shard(
             assert done.value == 1000
             break
         found_after_each_step.append(int((_read(node, "t", keys) >= 0).sum()))
-    # The checks, then each shard's keys STEP_KEYS at a time (the pass's preparation, the
-    # keys put in step order, is part of its first step: no step of its own).
-    expected_steps = 1 + sum(-(-int(c) // STEP_KEYS) for c in _shard_counts(node, "t", keys))
+    # The checks, the pass's preparation (the keys put in step order, in C), then each
+    # shard's keys STEP_KEYS at a time, each gathering its own rows.
+    expected_steps = 2 + sum(-(-int(c) // STEP_KEYS) for c in _shard_counts(node, "t", keys))
     assert len(found_after_each_step) == expected_steps
-    assert found_after_each_step[0] == 0  # the checks write nothing
-    assert 1 <= found_after_each_step[1] <= STEP_KEYS
+    assert found_after_each_step[:2] == [0, 0]  # the checks and the preparation write nothing
+    assert 1 <= found_after_each_step[2] <= STEP_KEYS
+    found_after_each_step = found_after_each_step[1:]
     # Between steps a reader sees whole steps: the count grows by at most STEP_KEYS.
     grown = np.diff(found_after_each_step)
     assert (grown >= 1).all() and (grown <= STEP_KEYS).all()
