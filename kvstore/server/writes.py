@@ -37,9 +37,10 @@ Merge = Callable[[int, int, int, list], list[bytes]]
 
 #: Keys of one shard a write step reads, merges and writes before yielding to reads.
 #: One step per shard (125 keys on 8 shards) held the event loop ~0.66 ms, long enough
-#: to show in the p99 of reads served meanwhile. A step costs ~8 us plus ~1.6 us a key
-#: (1,000-row partial updates of the benchmark's table, in-process thread CPU): 32 keys
-#: ~60 us; 8-key steps cost ~30% more CPU a batch (docs/streaming.md).
+#: to show in the p99 of reads served meanwhile. With format-3 delta rows a step costs
+#: ~8 us plus ~0.7 us a key (1,000-row partial updates of the benchmark's table,
+#: in-process thread CPU): 32 keys ~30 us; 16-key steps cost ~23% more CPU a batch,
+#: 64-key steps ~11% less with a step p99 of 85-120 us (docs/streaming.md).
 STEP_KEYS = 32
 
 
