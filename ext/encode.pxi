@@ -297,3 +297,131 @@ def encode_rows(Layout layout not None, columns, Py_ssize_t n_rows, event_times)
     finally:
         PyMem_Free(cols)
     return block, row_offsets
+
+
+# The node's side of a write (kvstore/server/writes.py): a request's rows handed to
+# delta_apply a step at a time, each step's rows gathered into one block, and the
+# request's event times and repeated keys found, without a Python object per row.
+
+import os as _os
+
+# Seeded per process: keys chosen to collide cannot build long probe runs on purpose.
+cdef uint64_t _repeat_seed = int.from_bytes(_os.urandom(8), "little")
+
+
+def gather_rows(buf, offsets, positions):
+    """The rows at ``positions`` of a block, back to back: (bytes, offsets).
+
+    Row i of the block is ``buf[offsets[i] : offsets[i + 1]]`` (int64 offsets, n + 1
+    entries); ``positions`` (an int32 or int64 ndarray) picks rows in any order. Returns
+    the picked rows as one bytes object and their k + 1 int64 offsets. Raises
+    ValueError for a position outside [0, n) or a row outside ``buf``.
+    """
+    cdef const uint8_t[::1] data = _byte_buffer(buf, "buf")
+    offsets = _int64_array(offsets, -1, "offsets")
+    cdef const int64_t* off = _int64_data(offsets)
+    cdef Py_ssize_t n = cnp.PyArray_DIMS(<cnp.ndarray>offsets)[0] - 1
+    if n < 0:
+        raise ValueError("offsets is empty, expected n + 1 entries")
+    cdef const int32_t[::1] pos32
+    cdef const int64_t* pos64 = NULL
+    cdef Py_ssize_t k
+    if isinstance(positions, np.ndarray) and positions.dtype == _INT32:
+        pos32 = np.ascontiguousarray(positions)
+        k = pos32.shape[0]
+    else:
+        positions = _int64_array(positions, -1, "positions")
+        pos64 = _int64_data(positions)
+        k = cnp.PyArray_DIMS(<cnp.ndarray>positions)[0]
+    cdef Py_ssize_t i, p
+    cdef int64_t a, b, total = 0
+    out_offsets = _empty(k + 1, cnp.NPY_INT64)
+    cdef int64_t* out_off = _int64_data(out_offsets)
+    out_off[0] = 0
+    for i in range(k):
+        p = pos64[i] if pos64 != NULL else pos32[i]
+        if p < 0 or p >= n:
+            raise ValueError(f"positions[{i}] is {p}, not in [0, {n})")
+        a = off[p]
+        b = off[p + 1]
+        if a < 0 or b < a or b > data.shape[0]:
+            raise ValueError(f"offsets: [{a}, {b}) of row {p} is not a range of the buffer")
+        total += b - a
+        out_off[i + 1] = total
+    block = PyBytes_FromStringAndSize(NULL, total)
+    cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(block)
+    cdef const uint8_t* base = _bytes_ptr(data)
+    for i in range(k):
+        p = pos64[i] if pos64 != NULL else pos32[i]
+        memcpy(out + out_off[i], base + off[p], <size_t>(out_off[i + 1] - out_off[i]))
+    return block, out_offsets
+
+
+def row_event_times(buf, offsets):
+    """The header event time (µs) of each row of a block: an int64 array of n.
+
+    Row i is ``buf[offsets[i] : offsets[i + 1]]`` (int64 offsets, n + 1 entries); its
+    event time is the little-endian int64 at byte 5 (docs/row-format.md). Raises
+    ValueError for a row outside ``buf`` or shorter than the header.
+    """
+    cdef const uint8_t[::1] data = _byte_buffer(buf, "buf")
+    offsets = _int64_array(offsets, -1, "offsets")
+    cdef const int64_t* off = _int64_data(offsets)
+    cdef Py_ssize_t i, n = cnp.PyArray_DIMS(<cnp.ndarray>offsets)[0] - 1
+    if n < 0:
+        raise ValueError("offsets is empty, expected n + 1 entries")
+    times = _empty(n, cnp.NPY_INT64)
+    cdef int64_t* out = _int64_data(times)
+    cdef const uint8_t* base = _bytes_ptr(data)
+    cdef int64_t a, b
+    for i in range(n):
+        a = off[i]
+        b = off[i + 1]
+        if a < 0 or b > data.shape[0] or b - a < ROW_HEADER_SIZE:
+            raise ValueError(f"row {i}: [{a}, {b}) is not a row of the buffer")
+        out[i] = load_i64(base + a + 5)
+    return times
+
+
+def key_repeats(keys):
+    """For int64 keys: None when no key repeats (the common case), else an int32 array
+    saying, for each position, how many times its key came before it."""
+    keys = _int64_array(keys, -1, "keys")
+    cdef const int64_t* k = _int64_data(keys)
+    cdef Py_ssize_t n = cnp.PyArray_DIMS(<cnp.ndarray>keys)[0]
+    if n < 2:
+        return None
+    cdef Py_ssize_t size = 16, i, j
+    while size < 2 * n:
+        size *= 2
+    cdef size_t mask = <size_t>(size - 1)
+    # A slot: the key, and (its count so far) + 1; 0 = empty.
+    cdef int64_t* slot_keys = <int64_t*>PyMem_Malloc(size * sizeof(int64_t))
+    cdef int32_t* slot_counts = <int32_t*>PyMem_Calloc(size, sizeof(int32_t))
+    cdef int32_t* before = <int32_t*>PyMem_Malloc(n * sizeof(int32_t))
+    cdef bint repeated = False
+    cdef int64_t key
+    try:
+        if slot_keys == NULL or slot_counts == NULL or before == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(n):
+                key = k[i]
+                j = <Py_ssize_t>(XXH3_64bits_withSeed(&key, 8, _repeat_seed) & mask)
+                while slot_counts[j] and slot_keys[j] != key:
+                    j = <Py_ssize_t>((j + 1) & mask)
+                if slot_counts[j]:
+                    repeated = True
+                else:
+                    slot_keys[j] = key
+                before[i] = slot_counts[j]
+                slot_counts[j] += 1
+        if not repeated:
+            return None
+        out = _empty(n, cnp.NPY_INT32)
+        memcpy(cnp.PyArray_DATA(<cnp.ndarray>out), before, n * sizeof(int32_t))
+        return out
+    finally:
+        PyMem_Free(slot_keys)
+        PyMem_Free(slot_counts)
+        PyMem_Free(before)

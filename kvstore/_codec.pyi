@@ -90,6 +90,25 @@ def encode_rows(
     event_times: npt.NDArray[np.int64],
 ) -> tuple[bytes, npt.NDArray[np.int64]]: ...
 
+# The node's side of a write (the end of ext/encode.pxi; kvstore.server.writes).
+
+def gather_rows(
+    buf: Any,
+    offsets: npt.NDArray[np.int64],
+    positions: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+) -> tuple[bytes, npt.NDArray[np.int64]]:
+    """The rows at ``positions`` of a block (row i at ``buf[offsets[i] : offsets[i +
+    1]]``) back to back, and their k + 1 byte offsets; ValueError for a position or
+    row out of range."""
+
+def row_event_times(buf: Any, offsets: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The header event time (µs) of each row of a block; ValueError for a row outside
+    the buffer or shorter than the header."""
+
+def key_repeats(keys: npt.NDArray[np.int64]) -> npt.NDArray[np.int32] | None:
+    """None when no int64 key repeats, else for each position how many times its key
+    came before it."""
+
 @disjoint_base
 class Projection:
     """The features a decode fills, in order, checked once (repeats allowed)."""

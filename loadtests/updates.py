@@ -18,7 +18,10 @@ update sets a few features (``UPDATE_FEATURES``) of existing keys, event time no
   rows/s = rows acknowledged / (last ack - first send).
 * **Reads under updates**: 100-key ``get`` latency from this process, first with no
   update running, then while a streaming producer process sends updates at half of
-  the streaming rate just measured (paced per batch).
+  the streaming rate just measured (paced per batch). Beside each window, as
+  diagnostics that change nothing measured: the shares of the window the node's main
+  thread (its event loop) ran and waited for a core (/proc schedstat), and the
+  machine's busy cores, which say whether a busy p99 is the loop's work or the cores.
 """
 
 from __future__ import annotations
@@ -323,6 +326,40 @@ def measure_update_rate(
     return result
 
 
+def _main_thread_times(pid: int) -> tuple[float, float]:
+    """(run, runqueue wait) of process ``pid``'s main thread so far, in seconds, from
+    /proc/PID/task/PID/schedstat: the time it ran, and the time it was ready to run but
+    waited for a core. (0, 0) where the kernel does not keep them."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            run_ns, wait_ns, _ = f.read().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
+class _Window:
+    """Diagnostics of one read window, beside its latencies: the node's main thread (the
+    event loop that serves reads and runs write steps) as shares of the window's wall
+    time, running and waiting for a core, and the machine's busy cores. A main thread
+    near 1.0 running + waiting is saturated: reads queue behind whatever it runs."""
+
+    def __init__(self, node_pid: int) -> None:
+        self.node_pid = node_pid
+        self.wall = time.monotonic()
+        self.main = _main_thread_times(node_pid)
+        self.machine = machine_busy_seconds()
+
+    def end(self) -> dict:
+        wall = time.monotonic() - self.wall
+        run, wait = _main_thread_times(self.node_pid)
+        return {
+            "node_main_thread_running": (run - self.main[0]) / wall,
+            "node_main_thread_waiting_for_a_core": (wait - self.main[1]) / wall,
+            "machine_busy_cores": (machine_busy_seconds() - self.machine) / wall,
+        }
+
+
 def _read_latencies(address: str, rows: int, seed: int, seconds: float) -> dict:
     from loadtests.systems import KvstoreReader
 
@@ -356,11 +393,18 @@ def _read_latencies(address: str, rows: int, seed: int, seconds: float) -> dict:
 def measure_reads_under_updates(
     address: str, node_pid: int, rows: int, seed: int, rate: float, window_s: float, mif: int
 ) -> dict:
-    """100-key read latency without updates, then with a producer at ``rate`` rows/s."""
+    """100-key read latency without updates, then with a producer at ``rate`` rows/s.
+
+    Each window also reports, as diagnostics (``_Window``), the node's main thread's
+    running and waiting shares and the machine's busy cores."""
+    window = _Window(node_pid)
     idle = _read_latencies(address, rows, seed, window_s)
+    idle.update(window.end())
     with Producer(address, "stream", rows, seed + 1, rate, mif) as producer:
         node0, wall0 = proc_cpu_seconds(node_pid), time.monotonic()
+        window = _Window(node_pid)
         busy = _read_latencies(address, rows, seed + 1, window_s)
+        busy.update(window.end())
         node_cores = (proc_cpu_seconds(node_pid) - node0) / (time.monotonic() - wall0)
         updates = producer.stop()
     return {
@@ -409,6 +453,15 @@ def measure_updates(address: str, node_pid: int, rows: int, seed: int, u: Update
         f"{busy['p99_ms']:.2f} ms with {r['updates']['rows_per_s']:,.0f} update rows/s: "
         f"{r['p99_ratio']:.2f}x (target <= {TARGET_READ_P99_RATIO}x); p50 "
         f"{idle['p50_ms']:.2f} -> {busy['p50_ms']:.2f} ms; node {r['node_cpu_cores']:.2f} cores",
+        flush=True,
+    )
+    print(
+        "  the node's main thread running / waiting for a core: "
+        f"{idle['node_main_thread_running']:.2f} / "
+        f"{idle['node_main_thread_waiting_for_a_core']:.2f} without updates, "
+        f"{busy['node_main_thread_running']:.2f} / "
+        f"{busy['node_main_thread_waiting_for_a_core']:.2f} with them; machine busy "
+        f"{idle['machine_busy_cores']:.2f} -> {busy['machine_busy_cores']:.2f} cores",
         flush=True,
     )
     return out

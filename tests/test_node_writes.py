@@ -62,7 +62,7 @@ def _shard_counts(node: Node, table: str, keys: np.ndarray) -> np.ndarray:
     return np.bincount(batch.shard_ids(len(node.table(table).delta)), minlength=4)
 
 
-def test_a_write_yields_after_its_checks_its_preparations_and_every_step_of_a_shard(
+def test_a_write_yields_after_its_checks_its_preparation_and_every_step_of_a_shard(
     node: Node,
 ) -> None:
     node.create_table(TableSchema.build("t", "int64", {"x": "int64"}, shards=4))
@@ -76,12 +76,13 @@ def test_a_write_yields_after_its_checks_its_preparations_and_every_step_of_a_sh
             assert done.value == 1000
             break
         found_after_each_step.append(int((_read(node, "t", keys) >= 0).sum()))
-    # The checks, the keys and then the rows put in step order, then each shard's keys
-    # STEP_KEYS at a time.
-    expected_steps = 3 + sum(-(-int(c) // STEP_KEYS) for c in _shard_counts(node, "t", keys))
+    # The checks, the pass's preparation (the keys put in step order, in C), then each
+    # shard's keys STEP_KEYS at a time, each gathering its own rows.
+    expected_steps = 2 + sum(-(-int(c) // STEP_KEYS) for c in _shard_counts(node, "t", keys))
     assert len(found_after_each_step) == expected_steps
-    assert found_after_each_step[:3] == [0, 0, 0]  # the checks and preparations write nothing
-    found_after_each_step = found_after_each_step[2:]
+    assert found_after_each_step[:2] == [0, 0]  # the checks and the preparation write nothing
+    assert 1 <= found_after_each_step[2] <= STEP_KEYS
+    found_after_each_step = found_after_each_step[1:]
     # Between steps a reader sees whole steps: the count grows by at most STEP_KEYS.
     grown = np.diff(found_after_each_step)
     assert (grown >= 1).all() and (grown <= STEP_KEYS).all()
@@ -145,6 +146,29 @@ def test_repeated_keys_apply_in_request_order_across_steps(node: Node) -> None:
     )
     # Equal event times: the later write in the request wins.
     assert _x_values(node, "t", first).tolist() == (first + 2000).tolist()
+
+
+def test_repeated_string_keys_apply_in_request_order_and_every_key_lands(node: Node) -> None:
+    node.create_table(TableSchema.build("s", "string", {"x": "int64"}, shards=3))
+    names = np.array([f"user_{i:04d}" for i in range(150)], dtype=object)
+    keys = np.concatenate([names, names[::-1], names[:50]])
+    values = np.arange(len(keys), dtype=np.int64)
+    schema = node.table("s").schema
+    rows = encode_rows(schema, {"key": keys, "x": values}, event_time=1_700_000_000_000_000)
+    written = run_steps(
+        node.write_steps("s", schema.schema_id, rows.keys, rows.rows, rows.offsets, rows.features)
+    )
+    assert written == len(keys)
+    # Equal event times: the last occurrence of each key in the request wins.
+    last = {k: int(v) for k, v in zip(keys.tolist(), values.tolist(), strict=True)}
+    answer = node.get("s", KeyBatch.from_values("string", names, "s", "key"), [])
+    assert (answer.lengths > 0).all()
+    ends = np.cumsum(answer.lengths)
+    raw = np.frombuffer(answer.values, np.uint8)
+    x = [int(raw[e - 8 : e].view("<i8")[0]) for e in ends]
+    order = answer.order if answer.order is not None else np.arange(len(names))
+    by_key = {names[int(i)]: v for i, v in zip(order.tolist(), x, strict=True)}
+    assert by_key == last
 
 
 def test_a_table_dropped_during_a_write_is_reported(node: Node) -> None:

@@ -176,8 +176,12 @@ class Rerouting:
     def _plan(self, number: int) -> list[tuple[int, NodeCall]]:
         """The parts of batch ``number`` still to send: the shards short of their quorum
         (all, for a new batch) to the writable replicas that have neither applied them
-        nor have them in flight, but shelved nodes."""
-        batch = self._batches[number]
+        nor have them in flight, but shelved nodes. None for a batch acknowledged
+        already: ``send``'s own ``_progress`` may have sent it again with the others (a
+        node failed) and taken its acks."""
+        batch = self._batches.get(number)
+        if batch is None:
+            return []
         ops = self._client._ops
         if batch.acked or batch.pending:
             only = ops._lacking(self._table, self._schema, batch.present, batch.acked)

@@ -32,13 +32,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["STEP_KEYS", "Position", "Writes", "position_prefix", "run_steps"]
 
 #: A pass's merge: ``merge(shard, lo, hi, old_rows)`` → the new delta rows of the keys
-#: at ``order[lo:hi]`` (the positions given to ``regroup``), ``old_rows`` their stored ones.
+#: at ``order[lo:hi]`` (the positions given to the pass's ``plan``), ``old_rows`` their stored ones.
 Merge = Callable[[int, int, int, list], list[bytes]]
 
 #: Keys of one shard a write step reads, merges and writes before yielding to reads.
-#: A step holds the event loop ~5 us a key (1,000-row partial updates of the
-#: benchmark's table, in-process): one step per shard (125 keys on 8 shards) held it
-#: ~0.66 ms, long enough to show in the p99 of reads served meanwhile.
+#: One step per shard (125 keys on 8 shards) held the event loop ~0.66 ms, long enough
+#: to show in the p99 of reads served meanwhile. With format-3 delta rows a step costs
+#: ~8 us plus ~0.7 us a key (1,000-row partial updates of the benchmark's table,
+#: in-process thread CPU): 32 keys ~30 us; 16-key steps cost ~23% more CPU a batch,
+#: 64-key steps ~11% less with a step p99 of 85-120 us (docs/streaming.md).
 STEP_KEYS = 32
 
 
@@ -134,25 +136,16 @@ class Writes:
             for feature in features:
                 present[schema.index_of(feature)] = 1
         layout = schema.layout
-        yield  # the checks: a step of their own (~0.16 ms of CPU for 1,000 rows)
-        parts: list[bytes] = []
+        yield  # the checks: a step of their own (~40 us of CPU for 1,000 rows)
 
-        def regroup(order: np.ndarray) -> Merge:
-            # The pass's rows in step order, once: each step then hands delta_apply a
-            # slice of one buffer (gathering each step's rows cost as much as the merge
-            # itself: py-spy, 1,000-row partial updates).
-            if not parts:
-                parts.extend(_codec.split_rows(rows, row_offsets))
-            buf = b"".join([parts[i] for i in order.tolist()])
-            offsets = np.zeros(len(order) + 1, np.int64)
-            np.cumsum(lengths[order], out=offsets[1:])
-
+        def plan(order: np.ndarray) -> Merge:
             def merge(shard: int, lo: int, hi: int, old_rows: list) -> list[bytes]:
+                # The step's rows gathered in C into one block for delta_apply: no bytes
+                # object per row, and no pass over the whole request in one step.
+                buf, offsets = _codec.gather_rows(rows, row_offsets, order[lo:hi])
                 while True:
                     try:
-                        return _codec.delta_apply(
-                            layout, old_rows, buf, offsets[lo : hi + 1], present
-                        )
+                        return _codec.delta_apply(layout, old_rows, buf, offsets, present)
                     except (_codec.CorruptRow, _codec.SchemaMismatch) as exc:
                         at = keys.describe(order[lo + exc.index])
                         where = f"table {name!r}, shard {shard}, key {at}"
@@ -167,7 +160,7 @@ class Writes:
 
             return merge
 
-        yield from self._update_steps(table, keys, regroup, position)
+        yield from self._update_steps(table, keys, plan, position)
         self._stats[name].record_updates(event_times, now_us())
         return n
 
@@ -175,12 +168,11 @@ class Writes:
         self, name: str, keys: KeyBatch, rows: bytes, row_offsets: np.ndarray
     ) -> tuple[bytes, np.ndarray]:
         """The rows' event times (µs); a 0 becomes the node's clock (rows rewritten)."""
-        raw = np.frombuffer(rows, np.uint8)
-        at = row_offsets[:-1, None] + 5 + np.arange(8)
-        times = np.ascontiguousarray(raw[at]).view("<i8").ravel().copy()
+        times = _codec.row_event_times(rows, row_offsets)
         now = now_us()
         missing = times == 0
         if missing.any():
+            at = row_offsets[:-1, None] + 5 + np.arange(8)
             fixed = bytearray(rows)
             view = np.frombuffer(fixed, np.uint8)
             view[at[missing]] = np.frombuffer(np.int64(now).astype("<i8").tobytes(), np.uint8)
@@ -205,46 +197,45 @@ class Writes:
         self,
         table: Table,
         keys: KeyBatch,
-        regroup: Callable[[np.ndarray], Merge],
+        plan: Callable[[np.ndarray], Merge],
         position: Position | None,
     ) -> Generator[None, None, None]:
         """The one read-modify-write of the delta, behind writes and deletes.
 
-        Per pass: the keys in step order (shard by shard), a step; ``regroup(order)``
-        given their positions, which returns the pass's ``merge``, a step (both in the
-        first write step when the pass has at most ``STEP_KEYS`` keys); then, shard by
-        shard, ``STEP_KEYS`` keys a step: read the keys' delta rows, ``merge(shard, lo,
-        hi, old_rows)`` them (the keys at ``order[lo:hi]``) into new rows, write those in
-        one WriteBatch, yield. No key is in two steps of one pass, and nothing else runs
-        during a step (other writes above all), so each key's
+        Per pass: the keys' positions in step order (shard by shard) and their stored
+        bytes (C, ~25 us for 1,000 int64 keys), ``plan(order)``, which returns the pass's
+        ``merge``; then, shard by shard, ``STEP_KEYS`` keys a step: read their delta rows,
+        ``merge(shard, lo, hi, old_rows)`` them (the keys at ``order[lo:hi]``) into new
+        rows, write those in one WriteBatch, yield. A pass's preparation is a step of
+        its own (part of its first step when the pass has at most ``STEP_KEYS`` keys);
+        no other step does work in proportion to the whole request. No key is in two
+        steps of one pass, and nothing else runs during a step (other writes above all),
+        so each key's
         read-modify-write is atomic. Repeated keys go in later passes (``_rounds``), so
         they apply in request order. The position, if any, is written with the last
         step of each shard in the last pass, so it never runs ahead of the data (a crash
         in between re-applies the shard's rows on replay: idempotent, the newest event
         time wins); shards without keys record it at the end.
         """
-        encoded = keys.encoded()
-        shard_ids = keys.shard_ids(len(table.delta))
-        rounds = _rounds(encoded)
+        n_shards = len(table.delta)
+        shard_ids = keys.shard_ids(n_shards)
+        rounds = _rounds(keys)
         touched: set[int] = set()
         for r, positions in enumerate(rounds):
             self._check_not_dropped(table)
             pos = position if r == len(rounds) - 1 else None
             extra = [] if pos is None else [(pos.key(), struct.pack("<q", pos.offset))]
             if positions is None:
-                order, counts = _codec.group_by_shard(shard_ids, len(table.delta))
+                order, counts = _codec.group_by_shard(shard_ids, n_shards)
             else:
-                index = np.asarray(positions)
-                order, counts = _codec.group_by_shard(shard_ids[index], len(table.delta))
-                order = index[order]
-            round_keys = [encoded[i] for i in order.tolist()]
-            large = len(round_keys) > STEP_KEYS  # a small pass is prepared in its first step
-            if large:
-                yield  # the pass's keys in step order (~0.1 ms for 1,000): a step of their own
-                self._check_not_dropped(table)
-            merge = regroup(order)
-            if large:
-                yield  # and its rows (as long again)
+                order, counts = _codec.group_by_shard(shard_ids[positions], n_shards)
+                order = positions[order]
+            round_keys = keys.encoded(order)  # in C for int64 keys: ~15 us for 1,000
+            merge = plan(order)
+            if len(order) > STEP_KEYS:
+                # A step of its own (~30 us for 1,000 keys): in the first shard step it
+                # made that step the longest of the write.
+                yield
             end = 0
             for s, count in enumerate(counts):
                 if not count:
@@ -265,6 +256,7 @@ class Writes:
                         touched.add(s)
                     yield
             if extra:
+                self._check_not_dropped(table)
                 for shard in table.delta:
                     if shard.index not in touched:
                         shard.write(extra, (), self._write_options)
@@ -313,7 +305,7 @@ class Writes:
         self._check_not_ahead(name, keys, np.full(keys.count, when, np.int64), now)
         layout = table.schema.layout
 
-        def regroup(order: np.ndarray) -> Merge:
+        def plan(order: np.ndarray) -> Merge:
             def merge(shard: int, lo: int, hi: int, old_rows: list) -> list[bytes]:
                 times = np.full(len(old_rows), when, np.int64)
                 try:
@@ -327,7 +319,7 @@ class Writes:
 
             return merge
 
-        yield from self._update_steps(table, keys, regroup, position)
+        yield from self._update_steps(table, keys, plan, position)
         self._stats[name].keys_deleted += keys.count
         return keys.count
 
@@ -372,17 +364,21 @@ def run_steps(steps: Generator[None, None, int]) -> int:
             return done.value
 
 
-def _rounds(encoded: list[bytes]) -> list[list[int] | None]:
+def _rounds(keys: KeyBatch) -> list[np.ndarray | None]:
     """Batches of distinct keys, in request order: [None] (all) when no key repeats,
-    else the first occurrences, then the second ones, and so on."""
-    if len(set(encoded)) == len(encoded):
-        return [None]
-    seen: dict[bytes, int] = {}
-    rounds: list[list[int]] = []
-    for i, key in enumerate(encoded):
-        r = seen.get(key, 0)
-        seen[key] = r + 1
-        if r == len(rounds):
-            rounds.append([])
-        rounds[r].append(i)
-    return rounds  # type: ignore[return-value]
+    else the positions (int32) of the first occurrences, then the second ones, and so
+    on. Repeated int64 keys are found in C (~2 us for 1,000 keys)."""
+    if keys.ints is not None:
+        before = _codec.key_repeats(keys.ints)
+        if before is None:
+            return [None]
+    else:
+        encoded = keys.encoded()
+        if len(set(encoded)) == len(encoded):
+            return [None]
+        seen: dict[bytes, int] = {}
+        before = np.empty(len(encoded), np.int32)
+        for i, key in enumerate(encoded):
+            before[i] = seen.get(key, 0)
+            seen[key] = before[i] + 1
+    return [np.flatnonzero(before == r).astype(np.int32) for r in range(int(before.max()) + 1)]
