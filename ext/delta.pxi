@@ -234,6 +234,17 @@ cdef int _view_base(const RowLayout* c, object value, Py_ssize_t index, RowView*
     return 0
 
 
+cdef inline bint _a_var_is_null(const RowLayout* c, const uint8_t* bitmap) noexcept nogil:
+    """Whether a variable-width feature is null in ``bitmap``: a null one may still hold
+    bytes in a stored row (valid, if not what the writers write), so such a row cannot be
+    copied whole into an answer sized for its non-null values."""
+    cdef Py_ssize_t j
+    for j in range(c.n_var):
+        if _bit(bitmap, c.var_features[j]):
+            return True
+    return False
+
+
 cdef int _view_delta(const RowLayout* c, object value, Py_ssize_t index, RowView* v) except -1:
     """Points v at a stored delta row; CorruptRow/SchemaMismatch names ``index``."""
     cdef RowCheck check
@@ -254,7 +265,7 @@ cdef int _view_delta(const RowLayout* c, object value, Py_ssize_t index, RowView
     v.sparse = v.row[0] == DELTA_FORMAT
     if v.sparse:
         p, w, n_var = check.a, check.b, check.c  # _check_sparse_delta_row's sizes
-        v.whole = p == c.n_features
+        v.whole = p == c.n_features and not _a_var_is_null(c, v.row + DELTA_FIXED_HEADER)
         v.shift = 0  # no fixed offsets: values are found by walking the present features
         v.fixed = v.times + 8 * p
         v.ends = v.fixed + w

@@ -1006,3 +1006,23 @@ def test_overlay_join_combines_on_a_base_row_with_stray_bytes_as_overlay_does():
             assert rows[0] is not base  # combined
             block, lengths = codec.overlay_join(layout, [([delta], [base])], 0, 0)
             assert (block, lengths.tolist()) == (rows[0], [len(rows[0])])
+
+
+@pytest.mark.parametrize("stray", [0, 1, 64])
+def test_a_whole_row_with_a_null_string_holding_bytes_reads_as_the_oracle_says(stray):
+    """A format-3 row with every feature present, a null string among them and bytes
+    stored for it anyway (valid by the format; a corrupted bitmap can make one): read
+    whole, it was copied with those bytes into an answer sized without them (past the
+    end of the answer's bytes object: found by a byte-flip fuzz in review)."""
+    kinds, dims, schema_id = [codec.KIND_INT64, codec.KIND_STRING], [0, 0], 3
+    layout = codec.Layout(schema_id, kinds, dims)
+    clean = oracle.encode_delta_row(
+        kinds, dims, schema_id, 120, codec.NO_DELETE, [120, 120], [7, None]
+    )
+    row = clean[:-4] + struct.pack("<I", stray) + b"A" * stray  # the string's end, its bytes
+    assert oracle.check_delta_row(kinds, dims, schema_id, row) is None
+    want = oracle.overlay(kinds, dims, schema_id, None, row, codec.NO_DELETE, 200, None)
+    (got,) = codec.overlay(layout, [None], [row], codec.NO_DELETE, 200, None)
+    assert got == want
+    block, lengths = codec.overlay_join(layout, [([row], [None])], codec.NO_DELETE, 200, None)
+    assert (block, lengths.tolist()) == (want, [len(want)])
