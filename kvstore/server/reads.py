@@ -280,8 +280,12 @@ def _fetch_shared(
                 failed.append(exc)
                 raise
 
-    helpers = [pool.submit(take) for _ in range(min(threads, len(groups) - 1))]
+    helpers: list = []
     try:
+        # Submitted inside the try: a submit that fails part way (no thread to start)
+        # still waits for the helpers already reading.
+        for _ in range(min(threads, len(groups) - 1)):
+            helpers.append(pool.submit(take))
         take()
     finally:
         # Never leave with a helper still reading: the loop could then close its shard.
