@@ -136,7 +136,10 @@ cdef void _sort_key_runs(const int64_t* keys, int32_t* order, const int64_t* end
 
 cdef void _merge_sort(_KeyAt* a, _KeyAt* spare, Py_ssize_t n) noexcept nogil:
     """a[:n] sorted by key, stably, in O(n log n) whatever the keys (they come off the
-    network): insertion sorts of runs of 16, then merges, bottom up."""
+    network): insertion sorts of runs of 16, then merges, bottom up. Not libc's qsort:
+    with it (a comparator call a comparison) 1000-key gets were slower, p50 635 against
+    605 us, every one of 8 rounds (``loadtests.ab --rows 200000 --batch-sizes 100,1000
+    --rounds 8``, alternating)."""
     cdef Py_ssize_t i, j, k, lo, mid, hi, width = 16
     cdef _KeyAt x
     cdef _KeyAt* src = a
