@@ -131,6 +131,16 @@ def small_version(path: Path, keys: range, salt: int) -> str:
     return str(path)
 
 
+def answers_of(nodes: dict[str, Any], table: str, keys: list[int]) -> dict[str, list]:
+    """Each node's answer (``to_pylist()``) to a get of ``keys`` of ``table``, by name:
+    ``nodes`` maps names to started nodes (anything with an ``address``)."""
+    out = {}
+    for name, node in nodes.items():
+        with Client(node.address) as client:
+            out[name] = client.get(table, keys).to_pylist()
+    return out
+
+
 def reads_alike_through_random_changes(
     a: Client, b: Client, writers: tuple[Client, ...], tmp_path: Path
 ) -> None:

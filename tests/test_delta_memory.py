@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rocksdict
 from helpers import SMALL_FEATURES as FEATURES
-from helpers import small_version
+from helpers import answers_of, small_version
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -168,11 +168,7 @@ def test_nodes_answer_the_same_with_the_copy_off_on_and_outgrown(
     keys = [*range(-5, 300), *range(995, 1455), 2000]
 
     def answers() -> dict[str, list]:
-        out = {}
-        for name, node in nodes.items():
-            with Client(node.address) as client:
-                out[name] = client.get("t", keys).to_pylist()
-        return out
+        return answers_of(nodes, "t", keys)
 
     for name, node in nodes.items():
         with Client(node.address) as client:

@@ -11,7 +11,7 @@ from pathlib import Path
 import rocksdict
 import rowformat_oracle as oracle
 from helpers import SMALL_FEATURES as FEATURES
-from helpers import small_version
+from helpers import answers_of, small_version
 
 from kvstore import Client
 from kvstore.storage.shard import Shard, delta_options
@@ -49,11 +49,7 @@ def test_a_node_reads_and_rewrites_delta_rows_of_format_2(start_node, tmp_path: 
     keys = [*range(-2, 120), *range(995, 1060)]
 
     def answers() -> dict[str, list]:
-        out = {}
-        for name, node in nodes.items():
-            with Client(node.address) as client:
-                out[name] = client.get("t", keys).to_pylist()
-        return out
+        return answers_of(nodes, "t", keys)
 
     for name, node in nodes.items():
         with Client(node.address) as client:
