@@ -210,11 +210,11 @@ class Writes:
         its own (part of its first step when the pass has at most ``STEP_KEYS`` keys);
         no other step does work in proportion to the whole request. No key is in two
         steps of one pass, and nothing else runs during a step (other writes above all),
-        so each key's read-modify-write is atomic. Repeated keys go in later passes (``_rounds``), so
-        they apply in request order. The position, if any, is written with the last
-        step of each shard in the last pass, so it never runs ahead of the data (a crash
-        in between re-applies the shard's rows on replay: idempotent, the newest event
-        time wins); shards without keys record it at the end.
+        so each key's read-modify-write is atomic. Repeated keys go in later passes
+        (``_rounds``), so they apply in request order. The position, if any, is written
+        with the last step of each shard in the last pass, so it never runs ahead of the
+        data (a crash in between re-applies the shard's rows on replay: idempotent, the
+        newest event time wins); shards without keys record it at the end.
         """
         n_shards = len(table.delta)
         shard_ids = keys.shard_ids(n_shards)
