@@ -136,3 +136,19 @@ def test_the_cli_runs_redis_s_part_alone_and_writes_json(tmp_path: Path) -> None
     result = json.loads(out.read_text())
     _check_fields(result["redis_reads_under_updates"])
     assert result["settings"]["rows"] == ROWS
+
+
+@needs_redis
+def test_the_cli_runs_the_section_with_redis_beside_kvstore(tmp_path: Path) -> None:
+    out = tmp_path / "updates.json"
+    cmd = [sys.executable, "-m", "loadtests.updates", "--rows", str(ROWS)]
+    cmd += ["--freshness-updates", "5", "--rate-window", "0.3", "--read-window", "0.3"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    kv, rr = result["reads_under_updates"], result["redis_reads_under_updates"]
+    assert kv["no_updates"]["count"] > 0 and kv["under_updates"]["count"] > 0
+    _check_fields(rr)
+    assert f"{rr['p99_ratio']:.2f}x (kvstore {kv['p99_ratio']:.2f}x)" in proc.stdout
