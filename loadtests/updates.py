@@ -22,6 +22,13 @@ update sets a few features (``UPDATE_FEATURES``) of existing keys, event time no
   diagnostics that change nothing measured: the shares of the window the node's main
   thread (its event loop) ran and waited for a core (/proc schedstat), and the
   machine's busy cores, which say whether a busy p99 is the loop's work or the cores.
+* **Redis beside it** (the floor of issue 17, part 4; ``measure_redis_reads_under_updates``):
+  the same on the bench's Redis hashes: the maximum rate of one producer process
+  sending pipelines of ``BATCH_ROWS`` HSETs of the same 4 fields, 16 in flight, then
+  100-key HGETALL reads idle and while a producer sends at half that, paced per batch.
+
+``python -m loadtests.updates`` runs the section alone (a node and a redis-server of
+its own, ``--rows`` rows loaded); ``--help``.
 """
 
 from __future__ import annotations
@@ -482,6 +489,7 @@ def measure_updates(
             u.read_window_s,
             u.max_in_flight,
         )
+        rr["kvstore_p99_ratio"] = r["p99_ratio"]  # the two side by side in the JSON too
         out["redis_reads_under_updates"] = rr
         print_redis_reads_under_updates(rr, r["p99_ratio"])
     return out
@@ -838,6 +846,7 @@ def run_section(rows: int, seed: int, u: UpdateSettings, with_kvstore: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m loadtests.updates``: the section alone (``run_section``)."""
     import argparse
     import json
     from pathlib import Path

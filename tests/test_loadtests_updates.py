@@ -152,3 +152,4 @@ def test_the_cli_runs_the_section_with_redis_beside_kvstore(tmp_path: Path) -> N
     assert kv["no_updates"]["count"] > 0 and kv["under_updates"]["count"] > 0
     _check_fields(rr)
     assert f"{rr['p99_ratio']:.2f}x (kvstore {kv['p99_ratio']:.2f}x)" in proc.stdout
+    assert rr["kvstore_p99_ratio"] == kv["p99_ratio"]
