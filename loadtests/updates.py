@@ -34,6 +34,7 @@ its own, ``--rows`` rows loaded); ``--help``.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -690,14 +691,21 @@ def _redis_read_latencies(port: int, rows: int, seed: int, seconds: float) -> di
 
 
 def _redis_window(server_pid: int) -> Any:
-    """``_Window`` on the redis-server process (its main thread runs every command)."""
+    """``_Window`` on the redis-server process (its main thread runs every command), and
+    the same shares of this process's main thread, the reader: a read that waited for a
+    core is the machine's doing, not the server's. Returns the function ending it."""
     window = _Window(server_pid)
+    reader = _main_thread_times(os.getpid())
 
     def end() -> dict:
         d = _Window.end(window)
+        run, wait = _main_thread_times(os.getpid())
+        wall = time.monotonic() - window.wall
         return {
             "redis_main_thread_running": d["node_main_thread_running"],
             "redis_main_thread_waiting_for_a_core": d["node_main_thread_waiting_for_a_core"],
+            "reader_running": (run - reader[0]) / wall,
+            "reader_waiting_for_a_core": (wait - reader[1]) / wall,
             "machine_busy_cores": d["machine_busy_cores"],
         }
 
@@ -772,7 +780,9 @@ def print_redis_reads_under_updates(r: dict, kvstore_ratio: float | None) -> Non
         f"rows/s: {r['p99_ratio']:.2f}x{beside}; p50 {idle['p50_ms']:.2f} -> "
         f"{busy['p50_ms']:.2f} ms; redis-server {r['redis_cpu_cores']:.2f} cores, its main "
         f"thread running {idle['redis_main_thread_running']:.2f} -> "
-        f"{busy['redis_main_thread_running']:.2f}; machine busy "
+        f"{busy['redis_main_thread_running']:.2f}, the reader waiting for a core "
+        f"{idle['reader_waiting_for_a_core']:.2f} -> {busy['reader_waiting_for_a_core']:.2f}; "
+        "machine busy "
         f"{idle['machine_busy_cores']:.2f} -> {busy['machine_busy_cores']:.2f} cores",
         flush=True,
     )

@@ -76,6 +76,7 @@ def _check_fields(r: dict) -> None:
         assert w["count"] > 10 and 0 < w["p50_ms"] <= w["p99_ms"]
         assert 0 <= w["redis_main_thread_running"] <= 1.1
         assert 0 <= w["redis_main_thread_waiting_for_a_core"] <= 1.1
+        assert 0 < w["reader_running"] <= 1.1 and 0 <= w["reader_waiting_for_a_core"] <= 1.1
         assert w["machine_busy_cores"] > 0
     assert r["p99_ratio"] == busy["p99_ms"] / idle["p99_ms"]
     assert r["read_batch"] == 100 and r["target_p99_ratio"] == 1.5
