@@ -19,7 +19,8 @@ arrives, from a zstd Parquet file of the same rows through the bulk loader
    (``loadtests/aio_reads.py``); the FastAPI example on kvstore against the same app
    on Redis (``loadtests/serving.py``);
 2. freshness and updates (``loadtests/updates.py``): update → readable latency,
-   update rows/s unary and streaming, read latency while updates run;
+   update rows/s unary and streaming, read latency while updates run, and beside it
+   the same on Redis's hashes (HSET pipelines at half Redis's maximum);
 3. the cluster step (``loadtests/cluster_bench.py``): one node process against N on a
    real etcd, same rows, 32 client processes; reads while a shard moves; the replica
    step (``loadtests/replica_bench.py``) and the kill -9 soak (``loadtests/kill_soak.py``,
@@ -585,8 +586,13 @@ def run(s: Settings) -> dict:
         print("the FastAPI example on kvstore against the same app on Redis (alternating)")
         results["serving"] = measure_serving(kv.address, packed_port, workdir, s.serving)
         print(render_serving(results["serving"]), flush=True)
-        print("freshness and updates (kvstore; updates set 4 features of existing keys)")
-        results["updates"] = measure_updates(kv.address, node.pid, s.rows, s.seed, s.updates)
+        print(
+            "freshness and updates (kvstore; updates set 4 features of existing keys; "
+            "Redis's reads under updates beside kvstore's, on the hashes)"
+        )
+        results["updates"] = measure_updates(
+            kv.address, node.pid, s.rows, s.seed, s.updates, redis=redis_servers["redis-hash"]
+        )
         if s.cluster.nodes:
             s.cluster.rows, s.cluster.seed = s.rows, s.seed
             print(f"cluster: one node process against {s.cluster.nodes}, the same rows")

@@ -22,11 +22,19 @@ update sets a few features (``UPDATE_FEATURES``) of existing keys, event time no
   diagnostics that change nothing measured: the shares of the window the node's main
   thread (its event loop) ran and waited for a core (/proc schedstat), and the
   machine's busy cores, which say whether a busy p99 is the loop's work or the cores.
+* **Redis beside it** (the floor of issue 17, part 4; ``measure_redis_reads_under_updates``):
+  the same on the bench's Redis hashes: the maximum rate of one producer process
+  sending pipelines of ``BATCH_ROWS`` HSETs of the same 4 fields, 16 in flight, then
+  100-key HGETALL reads idle and while a producer sends at half that, paced per batch.
+
+``python -m loadtests.updates`` runs the section alone (a node and a redis-server of
+its own, ``--rows`` rows loaded); ``--help``.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +44,11 @@ import numpy as np
 from loadtests.servers import machine_busy_seconds, proc_cpu_seconds
 from loadtests.systems import TABLE
 
-__all__ = ["UpdateSettings", "measure_updates"]
+__all__ = [
+    "UpdateSettings",
+    "measure_redis_reads_under_updates",
+    "measure_updates",
+]
 
 UPDATE_FEATURES = ["f00", "f01", "f02", "f03"]
 BATCH_ROWS = 1000
@@ -419,8 +431,12 @@ def measure_reads_under_updates(
     }
 
 
-def measure_updates(address: str, node_pid: int, rows: int, seed: int, u: UpdateSettings) -> dict:
-    """The whole section; prints a line per part."""
+def measure_updates(
+    address: str, node_pid: int, rows: int, seed: int, u: UpdateSettings, redis: Any = None
+) -> dict:
+    """The whole section; prints a line per part. ``redis`` (a ``RedisServer`` holding the
+    rows as hashes, or None) adds Redis's reads under updates beside kvstore's
+    (``measure_redis_reads_under_updates``)."""
     out: dict[str, Any] = {"features": UPDATE_FEATURES, "batch_rows": BATCH_ROWS}
     f = measure_freshness(address, rows, u.freshness_updates, seed)
     out["freshness"] = f
@@ -464,4 +480,421 @@ def measure_updates(address: str, node_pid: int, rows: int, seed: int, u: Update
         f"{idle['machine_busy_cores']:.2f} -> {busy['machine_busy_cores']:.2f} cores",
         flush=True,
     )
+    if redis is not None:
+        rr = measure_redis_reads_under_updates(
+            redis.port,
+            redis.pid,
+            rows,
+            seed,
+            u.throughput_window_s,
+            u.read_window_s,
+            u.max_in_flight,
+        )
+        rr["kvstore_p99_ratio"] = r["p99_ratio"]  # the two side by side in the JSON too
+        out["redis_reads_under_updates"] = rr
+        print_redis_reads_under_updates(rr, r["p99_ratio"])
     return out
+
+
+# -- Redis beside it: the floor of reads under updates (issue 17, part 4) ----------------
+#
+# The same measurement on Redis, as the bench sets it up (redis-py on hiredis,
+# ``loadtests/redis_client.py``; the bench's "redis-hash" server): a Redis user updates
+# 4 features of a row with HSET of 4 fields on the entity's hash (the packed layout
+# cannot be updated in part without reading the row back), so the producer sends
+# HSETs and the reader reads those hashes (``RedisHashReader``: pipelined HGETALL).
+
+
+def _redis_commands(seed: int, rows: int, index: int) -> list[list[tuple]]:
+    """``_batches(seed, rows, index)`` (the same keys and values as kvstore's producer)
+    as HSET commands: one per row, its 4 features as 4-byte float32 fields."""
+    from loadtests.systems import redis_key
+
+    out = []
+    for batch in _batches(seed, rows, index):
+        columns = [(name.encode(), batch[name].tobytes()) for name in UPDATE_FEATURES]
+        commands = []
+        for i, key in enumerate(batch["key"].tolist()):
+            args: list[bytes] = [b"HSET", redis_key(key)]
+            for field, values in columns:
+                args += [field, values[4 * i : 4 * i + 4]]
+            commands.append(tuple(args))
+        out.append(commands)
+    return out
+
+
+class _RedisPipelines:
+    """Pipelines of HSETs on one redis-py connection (hiredis parser), up to ``window``
+    of them sent and not yet answered: redis-py's ``Pipeline.execute`` sends one and
+    waits for its replies; this sends with the connection's own ``pack_commands`` and
+    ``send_packed_command`` (what ``execute`` does) and reads the replies later, the
+    way ``update_stream`` keeps ``max_in_flight`` batches awaiting their ack."""
+
+    def __init__(self, port: int, window: int) -> None:
+        from loadtests.redis_client import connect
+
+        self.client = connect(port)
+        self.conn = self.client.connection_pool.get_connection()
+        self.window = max(1, window)
+        self.in_flight: list[int] = []  # replies awaited, per pipeline, oldest first
+        self.rows_acked = 0
+
+    def send(self, commands: list[tuple]) -> None:
+        """Send one pipeline, after reading the oldest one's replies if the window is full."""
+        while len(self.in_flight) >= self.window:
+            self._read_oldest()
+        self.conn.send_packed_command(self.conn.pack_commands(commands))
+        self.in_flight.append(len(commands))
+
+    def _read_oldest(self) -> None:
+        n = self.in_flight.pop(0)
+        for _ in range(n):
+            reply = self.conn.read_response()
+            if isinstance(reply, Exception):
+                raise reply
+        self.rows_acked += n
+
+    def read_ready(self, timeout_s: float) -> None:
+        """Read the replies of pipelines whose replies arrive within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight:
+            left = deadline - time.monotonic()
+            if not self.conn.can_read(timeout=max(0.0, left)):
+                return
+            self._read_oldest()
+
+    def flush(self) -> None:
+        while self.in_flight:
+            self._read_oldest()
+
+    def close(self) -> None:
+        self.client.connection_pool.release(self.conn)
+        self.client.close()
+
+
+def _redis_producer_main(
+    port: int, rows: int, seed: int, rate: float, window: int, conn: Any
+) -> None:
+    """``_producer_main`` for Redis: the same protocol, pacing and figures; a batch is a
+    pipeline of ``BATCH_ROWS`` HSETs (``_redis_commands``), ``window`` in flight."""
+    batches = _redis_commands(seed, rows, 1)
+    pipes = None
+    try:
+        pipes = _RedisPipelines(port, window)
+        for b in batches[:4]:  # warm-up
+            pipes.send(b)
+        pipes.flush()
+        acked0 = pipes.rows_acked
+        conn.send("ready")
+        conn.recv()  # "go"
+        conn.send("started")
+        cpu0 = time.process_time()
+        start = time.monotonic_ns()
+        sent = 0
+        call_ns: list[int] = []
+        late_ns = 0
+        deadline = start + int(600e9)
+        i = 0
+        while not conn.poll():
+            if rate > 0:
+                due = start + int(sent / rate * 1e9)
+                now = time.monotonic_ns()
+                if due > now:
+                    pipes.read_ready((due - now) / 1e9)  # acks meanwhile, as a stream's are
+                    now = time.monotonic_ns()
+                    if due > now:
+                        time.sleep((due - now) / 1e9)
+                else:
+                    late_ns = max(late_ns, now - due)
+            b = batches[i % PRODUCER_BATCHES]
+            i += 1
+            t0 = time.monotonic_ns()
+            pipes.send(b)
+            call_ns.append(time.monotonic_ns() - t0)
+            sent += BATCH_ROWS
+            if t0 > deadline:
+                break
+        send_end = time.monotonic_ns()
+        pipes.flush()
+        end = time.monotonic_ns()
+        acked = pipes.rows_acked - acked0
+        conn.recv()  # "stop"
+        conn.send(
+            {
+                "mode": "redis-hset-pipelines",
+                "rows": acked,
+                "rows_sent": sent,
+                "batches": i,
+                "seconds": (end - start) / 1e9,
+                "flush_s": (end - send_end) / 1e9,
+                "rows_per_s": acked / ((end - start) / 1e9),
+                "call_p50_ms": float(np.percentile(call_ns, 50)) / 1e6 if call_ns else 0.0,
+                "call_p99_ms": float(np.percentile(call_ns, 99)) / 1e6 if call_ns else 0.0,
+                "max_behind_schedule_ms": late_ns / 1e6,
+                "cpu_s": time.process_time() - cpu0,
+                "start_ns": start,
+                "end_ns": end,
+            }
+        )
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send({"error": f"redis producer: {exc!r}"})
+    finally:
+        if pipes is not None:
+            pipes.close()
+
+
+class RedisProducer(Producer):
+    """A Redis update producer process (``_redis_producer_main``), as a context manager."""
+
+    def __init__(self, port: int, rows: int, seed: int, rate: float, window: int):
+        ctx = mp.get_context("forkserver")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_redis_producer_main,
+            args=(port, rows, seed, rate, window, child),
+            daemon=True,
+            name="bench-updates-redis",
+        )
+
+
+def _redis_read_latencies(port: int, rows: int, seed: int, seconds: float) -> dict:
+    """``_read_latencies`` on Redis: 100-key reads of the hashes (pipelined HGETALL)."""
+    from loadtests.redis_client import connect
+    from loadtests.systems import KeyPool, RedisHashReader
+
+    rng = np.random.default_rng([seed, 47])
+    pool = KeyPool.of(rng.integers(0, rows, size=(2000, READ_BATCH), dtype=np.int64))
+    reader = RedisHashReader(connect(port))
+    try:
+        for j in range(50):  # warm-up
+            reader.lookup(pool.ints[j], pool.names[j])
+        lat = []
+        deadline = time.monotonic_ns() + int(seconds * 1e9)
+        j = 0
+        while True:
+            k = j % len(pool)
+            t0 = time.perf_counter_ns()
+            reader.lookup(pool.ints[k], pool.names[k])
+            lat.append(time.perf_counter_ns() - t0)
+            j += 1
+            if time.monotonic_ns() > deadline:
+                break
+    finally:
+        reader.close()
+    ms = np.asarray(lat) / 1e6
+    return {
+        "count": len(ms),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+    }
+
+
+def _redis_window(server_pid: int) -> Any:
+    """``_Window`` on the redis-server process (its main thread runs every command), and
+    the same shares of this process's main thread, the reader: a read that waited for a
+    core is the machine's doing, not the server's. Returns the function ending it."""
+    window = _Window(server_pid)
+    reader = _main_thread_times(os.getpid())
+
+    def end() -> dict:
+        d = _Window.end(window)
+        run, wait = _main_thread_times(os.getpid())
+        wall = time.monotonic() - window.wall
+        return {
+            "redis_main_thread_running": d["node_main_thread_running"],
+            "redis_main_thread_waiting_for_a_core": d["node_main_thread_waiting_for_a_core"],
+            "reader_running": (run - reader[0]) / wall,
+            "reader_waiting_for_a_core": (wait - reader[1]) / wall,
+            "machine_busy_cores": d["machine_busy_cores"],
+        }
+
+    return end
+
+
+def measure_redis_reads_under_updates(
+    port: int,
+    server_pid: int,
+    rows: int,
+    seed: int,
+    rate_window_s: float,
+    read_window_s: float,
+    max_in_flight: int,
+) -> dict:
+    """Redis's floor beside ``measure_reads_under_updates``: its maximum HSET rate from
+    one producer process over ``rate_window_s``, then 100-key reads of the hashes for
+    ``read_window_s`` idle and while a producer sends at half that rate, paced per batch
+    like kvstore's. Each read window also reports (``_Window`` on the redis-server) its
+    main thread's running and waiting shares and the machine's busy cores."""
+    with RedisProducer(port, rows, seed, 0.0, max_in_flight) as producer:
+        cpu0, machine0, wall0 = (
+            proc_cpu_seconds(server_pid),
+            machine_busy_seconds(),
+            time.monotonic(),
+        )
+        time.sleep(rate_window_s)  # the measuring window: the producer runs meanwhile
+        top = producer.stop()
+        wall = time.monotonic() - wall0
+        top["redis_cpu_cores"] = (proc_cpu_seconds(server_pid) - cpu0) / wall
+        top["machine_cpu_cores"] = (machine_busy_seconds() - machine0) / wall
+        top["client_cpu_cores"] = top["cpu_s"] / top["seconds"]
+    top["max_in_flight"] = max_in_flight
+    rate = top["rows_per_s"] / 2
+    end = _redis_window(server_pid)
+    idle = _redis_read_latencies(port, rows, seed, read_window_s)
+    idle.update(end())
+    with RedisProducer(port, rows, seed + 1, rate, max_in_flight) as producer:
+        cpu0, wall0 = proc_cpu_seconds(server_pid), time.monotonic()
+        end = _redis_window(server_pid)
+        busy = _redis_read_latencies(port, rows, seed + 1, read_window_s)
+        busy.update(end())
+        redis_cores = (proc_cpu_seconds(server_pid) - cpu0) / (time.monotonic() - wall0)
+        updates = producer.stop()
+    return {
+        "layout": "redis-hash: HSET of 4 fields per row, 100-key reads by pipelined HGETALL",
+        "read_batch": READ_BATCH,
+        "max_stream": top,
+        "no_updates": idle,
+        "under_updates": busy,
+        "update_rate_target_rows_per_s": rate,
+        "updates": updates,
+        "redis_cpu_cores": redis_cores,
+        "p99_ratio": busy["p99_ms"] / idle["p99_ms"],
+        "target_p99_ratio": TARGET_READ_P99_RATIO,
+    }
+
+
+def print_redis_reads_under_updates(r: dict, kvstore_ratio: float | None) -> None:
+    """The Redis lines of the section's printout, kvstore's ratio beside Redis's."""
+    top, idle, busy = r["max_stream"], r["no_updates"], r["under_updates"]
+    beside = f" (kvstore {kvstore_ratio:.2f}x)" if kvstore_ratio is not None else ""
+    print(
+        f"  Redis (hash, {BATCH_ROWS}-HSET pipelines, {top['max_in_flight']} in flight): "
+        f"{top['rows_per_s']:,.0f} rows/s at most (redis-server {top['redis_cpu_cores']:.2f} "
+        f"cores, producer {top['client_cpu_cores']:.2f})",
+        flush=True,
+    )
+    print(
+        f"  Redis {READ_BATCH}-key reads (HGETALL): p99 {idle['p99_ms']:.2f} ms without "
+        f"updates, {busy['p99_ms']:.2f} ms with {r['updates']['rows_per_s']:,.0f} update "
+        f"rows/s: {r['p99_ratio']:.2f}x{beside}; p50 {idle['p50_ms']:.2f} -> "
+        f"{busy['p50_ms']:.2f} ms; redis-server {r['redis_cpu_cores']:.2f} cores, its main "
+        f"thread running {idle['redis_main_thread_running']:.2f} -> "
+        f"{busy['redis_main_thread_running']:.2f}, the reader waiting for a core "
+        f"{idle['reader_waiting_for_a_core']:.2f} -> {busy['reader_waiting_for_a_core']:.2f}; "
+        "machine busy "
+        f"{idle['machine_busy_cores']:.2f} -> {busy['machine_busy_cores']:.2f} cores",
+        flush=True,
+    )
+
+
+# -- the section alone: python -m loadtests.updates -------------------------------------
+
+
+def run_section(rows: int, seed: int, u: UpdateSettings, with_kvstore: bool = True) -> dict:
+    """Start a kvstore node and a redis-server (loadtests/servers.py) in a temporary
+    directory, load ``rows`` rows the way the bench does (Redis: pipelined HSET of each
+    hash; kvstore: bulk load of a zstd Parquet file of the same rows), wait for both to
+    settle, and run the section (kvstore's parts unless ``with_kvstore`` is False, then
+    Redis's reads under updates)."""
+    import tempfile
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from loadtests.bench import LOAD_CHUNK_ROWS, bulk_load
+    from loadtests.bulkload import ParquetSink
+    from loadtests.servers import (
+        SETTLE_TIMEOUT_S,
+        KvstoreNode,
+        RedisServer,
+        wait_until_idle,
+    )
+    from loadtests.systems import Chunk, KvstoreSystem, RedisHashSystem
+
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvupdates-")))
+        (work / "redis-hash").mkdir()
+        redis_server = stack.enter_context(RedisServer(work / "redis-hash"))
+        node = stack.enter_context(KvstoreNode(work)) if with_kvstore else None
+        hashed = RedisHashSystem(redis_server)
+        stack.callback(hashed.close)
+        sink = ParquetSink(work / "bench_features.parquet") if node is not None else None
+        print(f"loading {rows:,} rows (Redis hashes, pipelined HSET; Parquet)", flush=True)
+        for lo in range(0, rows, LOAD_CHUNK_ROWS):
+            chunk = Chunk.generate(seed, lo, min(lo + LOAD_CHUNK_ROWS, rows))
+            hashed.load(chunk)
+            if sink is not None:
+                sink.write(chunk)
+        pids = [redis_server.pid]
+        if node is not None:
+            assert sink is not None
+            kv = KvstoreSystem(node.address, node.pid)
+            stack.callback(kv.close)
+            kv.create()
+            bulk_load(kv, node, TABLE, sink.close(), work, rows)
+            pids.append(node.pid)
+        wait_until_idle(pids, SETTLE_TIMEOUT_S)
+        machine0, wall0 = machine_busy_seconds(), time.monotonic()
+        if node is not None:
+            print("freshness and updates (kvstore; updates set 4 features of existing keys)")
+            out = measure_updates(node.address, node.pid, rows, seed, u, redis=redis_server)
+        else:
+            rr = measure_redis_reads_under_updates(
+                redis_server.port,
+                redis_server.pid,
+                rows,
+                seed,
+                u.throughput_window_s,
+                u.read_window_s,
+                u.max_in_flight,
+            )
+            print_redis_reads_under_updates(rr, None)
+            out = {"redis_reads_under_updates": rr}
+        out["machine_busy_cores"] = (machine_busy_seconds() - machine0) / (time.monotonic() - wall0)
+        out["settings"] = {"rows": rows, "seed": seed, **u.__dict__}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loadtests.updates``: the section alone (``run_section``)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.updates",
+        description=(
+            "The bench's freshness and updates section alone, Redis's reads under updates "
+            "beside kvstore's: starts a kvstore node and a redis-server, loads --rows rows "
+            "into both (kvstore by bulk load, Redis as hashes), then measures."
+        ),
+    )
+    p.add_argument("--rows", type=int, default=100_000, help="rows loaded (default 100000)")
+    p.add_argument("--seed", type=int, default=20261123)
+    p.add_argument("--freshness-updates", type=int, default=100, help="default 100")
+    p.add_argument(
+        "--rate-window", type=float, default=5.0, help="s of each max-rate window (default 5)"
+    )
+    p.add_argument(
+        "--read-window", type=float, default=6.0, help="s of each read window (default 6)"
+    )
+    p.add_argument("--max-in-flight", type=int, default=16, help="batches in flight (16)")
+    p.add_argument("--redis-only", action="store_true", help="no kvstore node: Redis's part alone")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    u = UpdateSettings(
+        freshness_updates=args.freshness_updates,
+        throughput_window_s=args.rate_window,
+        read_window_s=args.read_window,
+        max_in_flight=args.max_in_flight,
+    )
+    out = run_section(args.rows, args.seed, u, with_kvstore=not args.redis_only)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
