@@ -385,7 +385,7 @@ def _redis_update_rows(rr: dict[str, Any], rd: dict[str, Any]) -> list[list[str]
             "rows/s (half its max)",
             f"p50 {_ms(busy['p50_ms'])}, p99 {_ms(busy['p99_ms'])} ms "
             f"({rr['p99_ratio']:.2f}x the p99; kvstore {rd['p99_ratio']:.2f}x)",
-            "the floor",
+            "the peer, same rig",
             "",
         ],
         [
