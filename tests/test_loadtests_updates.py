@@ -1,4 +1,4 @@
-"""Redis's reads under updates (loadtests/updates.py), the floor beside kvstore's: the
+"""Redis's reads under updates (loadtests/updates.py), the peer beside kvstore's: the
 HSET pipelines, the measurement's fields and its printout, and `python -m
 loadtests.updates`, against a real redis-server. Short windows; no timing is asserted."""
 
