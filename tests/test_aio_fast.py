@@ -4,6 +4,7 @@ connection per node, and cancellation, deadlines and node restarts leave it usab
 from __future__ import annotations
 
 import asyncio
+import select
 import shutil
 import signal
 import sys
@@ -109,6 +110,48 @@ def test_64_tasks_pipeline_their_gets_on_one_connection(
     assert len(in_flight) == 64 * 20 + 1
     # Tasks did not wait for each other: many requests were on the wire at once.
     assert max(in_flight) >= 32
+
+
+def test_an_answer_already_received_is_taken_without_a_loop_pass_in_bounded_runs(
+    shared_node, table: str, monkeypatch
+) -> None:
+    """A get alone on its connection whose answer is in the socket when its request is
+    sent returns without waiting for a pass of the event loop; a task that loops on
+    such gets still lets the loop run at least every EAGER_RUN + 1 calls (here every
+    answer is made to be there: each send waits until its answer is readable)."""
+    submit = aio_fast._Pipeline.submit
+
+    def answered_before_return(self, *args):
+        out = submit(self, *args)
+        readable, _, _ = select.select([self.sock], [], [], 10)  # a wait on a condition
+        assert readable, "no answer within 10 s"
+        return out
+
+    async def scenario() -> None:
+        async with AsyncClient(shared_node.address, timeout=10) as c:
+            await c.get(table, [0])  # describes the table, opens the connection
+            monkeypatch.setattr(aio_fast._Pipeline, "submit", answered_before_return)
+            passes = 0
+
+            async def ticker() -> None:
+                nonlocal passes
+                while True:
+                    passes += 1
+                    await asyncio.sleep(0)
+
+            ticking = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            calls = 20 * (aio_fast.EAGER_RUN + 1)
+            before = passes
+            for k in range(calls):
+                check(await c.get(table, [k % (ROWS + 3)]), [k % (ROWS + 3)])
+            ticks = passes - before
+            ticking.cancel()
+            assert not only_connection(c).waiting
+        # each call waiting for the loop gave the ticker a pass or a few; the others none
+        assert 20 <= ticks <= calls // 4, ticks
+
+    asyncio.run(scenario())
 
 
 def test_answers_larger_than_the_receive_buffer_between_small_ones(

@@ -34,6 +34,10 @@ MIN_READ = 64 * 1024
 LARGEST_IDLE_BUFFER = 1024 * 1024
 #: Request ids wrap at 2**32 (a u32 in the frame).
 ID_MASK = 0xFFFFFFFF
+#: Calls in a row a connection may answer from its socket at once, without a pass of
+#: the event loop (see AsyncFastConnections.get_answer); then one call waits for the
+#: loop, so a task that loops on gets lets the loop's other tasks and timers run.
+EAGER_RUN = 16
 
 
 class _Pipeline(asyncio.BufferedProtocol):
@@ -67,6 +71,8 @@ class _Pipeline(asyncio.BufferedProtocol):
         #: The one timer of the connection's deadlines, and when it wakes (see submit).
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf
+        #: Calls that may still be answered at once before one waits for the loop.
+        self.eager = EAGER_RUN
 
     # -- asyncio.BufferedProtocol -------------------------------------------------------
 
@@ -185,6 +191,25 @@ class _Pipeline(asyncio.BufferedProtocol):
             self._arm(loop, deadline)
         return request_id, future
 
+    def read_now(self) -> None:
+        """Read what the socket holds now, as the loop would once it polls: the answers
+        in it go to their futures at once. A connection reset fails every waiting call."""
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            got = sock.recv_into(self.get_buffer(-1))
+        except (BlockingIOError, InterruptedError):  # nothing yet: the loop will wait
+            return
+        except OSError as exc:
+            self.fail(Unavailable(f"fast read path of node {self.address}: {exc}"))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if got:
+            self.buffer_updated(got)
+        # 0 is the node's end of the connection: the transport's next read sees it too
+
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -288,6 +313,17 @@ class AsyncFastConnections:
             conn = await self._connection(loop, address, timeout)
         request_id, future = conn.submit(body, loop, loop.time() + timeout, timeout)
         try:
+            # Alone on the connection, the answer is most often there by the time the
+            # send returns (the node answers a 1-key get in a few µs, while the send is
+            # in the kernel): read it now rather than after a pass of the loop (its poll,
+            # the read callback, the task's wake-up: ~2 µs of a ~20 µs get). With other
+            # calls in flight, the loop's reads serve them all.
+            if conn.eager and len(conn.waiting) == 1:
+                conn.read_now()
+                if future.done():
+                    conn.eager -= 1
+                    return future.result()
+            conn.eager = EAGER_RUN  # this call lets the loop run
             return await future
         finally:
             # Cancelled, expired or answered: nobody waits on this id any more.
