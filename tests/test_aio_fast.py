@@ -80,14 +80,13 @@ def test_64_tasks_pipeline_their_gets_on_one_connection(
     shared_node, table: str, monkeypatch
 ) -> None:
     in_flight: list[int] = []
-    submit = aio_fast._Pipeline.submit
+    send = aio_fast._Pipeline.send
 
     def observed(self, *args):
-        out = submit(self, *args)
-        in_flight.append(len(self.waiting))
-        return out
+        in_flight.append(len(self.waiting) + 1)  # the calls waiting, and this one
+        return send(self, *args)
 
-    monkeypatch.setattr(aio_fast._Pipeline, "submit", observed)
+    monkeypatch.setattr(aio_fast._Pipeline, "send", observed)
     rng = np.random.default_rng(18)
 
     async def scenario() -> None:
@@ -119,10 +118,10 @@ def test_an_answer_already_received_is_taken_without_a_loop_pass_in_bounded_runs
     sent returns without waiting for a pass of the event loop; a task that loops on
     such gets still lets the loop run at least every EAGER_RUN + 1 calls (here every
     answer is made to be there: each send waits until its answer is readable)."""
-    submit = aio_fast._Pipeline.submit
+    send = aio_fast._Pipeline.send
 
     def answered_before_return(self, *args):
-        out = submit(self, *args)
+        out = send(self, *args)
         readable, _, _ = select.select([self.sock], [], [], 10)  # a wait on a condition
         assert readable, "no answer within 10 s"
         return out
@@ -130,7 +129,7 @@ def test_an_answer_already_received_is_taken_without_a_loop_pass_in_bounded_runs
     async def scenario() -> None:
         async with AsyncClient(shared_node.address, timeout=10) as c:
             await c.get(table, [0])  # describes the table, opens the connection
-            monkeypatch.setattr(aio_fast._Pipeline, "submit", answered_before_return)
+            monkeypatch.setattr(aio_fast._Pipeline, "send", answered_before_return)
             passes = 0
 
             async def ticker() -> None:

@@ -73,6 +73,8 @@ class _Pipeline(asyncio.BufferedProtocol):
         self.timer_at = math.inf
         #: Calls that may still be answered at once before one waits for the loop.
         self.eager = EAGER_RUN
+        #: Bytes take_answer read into the buffer, not handed out yet.
+        self.unread = 0
 
     # -- asyncio.BufferedProtocol -------------------------------------------------------
 
@@ -159,21 +161,18 @@ class _Pipeline(asyncio.BufferedProtocol):
     ) -> tuple[int, asyncio.Future]:
         """Write a request frame of ``body``; its id and the future of its answer (the
         GetResponse, or the node's error as its KvstoreError), failed with
-        DeadlineExceeded at ``deadline`` (loop time, s)
-        naming ``timeout`` (s), the call's.
+        DeadlineExceeded at ``deadline`` (loop time, s) naming ``timeout`` (s), the
+        call's (``send``, then ``expect``)."""
+        request_id = self.send(body)
+        return request_id, self.expect(request_id, loop, deadline, timeout)
 
-        One timer per connection, not one per call (a loop timer costs several µs to
-        start and cancel, a good part of a call here), and no queue of deadlines (a heap
-        push per call, and answered calls' entries to prune): the timer wakes at the
-        earliest deadline of a call when it was armed, which calls with one timeout
-        leave where it is; when it wakes it fails the calls past their deadline and
-        is armed at the earliest left. Calls with one timeout T wake it once per T s."""
+    def send(self, body: bytes) -> int:
+        """Write a request frame of ``body``; its request id. Its answer is taken by
+        ``take_answer`` or, for a future, by ``expect``, before the loop runs again."""
         transport = self.transport
         if self.lost is not None or transport is None or transport.is_closing():
             raise self.lost or Unavailable(f"fast read path of node {self.address}: closed")
         self.next_id = request_id = (self.next_id + 1) & ID_MASK
-        future = loop.create_future()
-        self.waiting[request_id] = (future, deadline, timeout)
         frame = REQUEST_HEADER.pack(len(body), request_id) + body
         sock = self.sock
         if sock is not None and not transport.get_write_buffer_size():
@@ -187,28 +186,58 @@ class _Pipeline(asyncio.BufferedProtocol):
                 transport.write(frame[sent:])
         else:  # behind queued bytes: after them
             transport.write(frame)
-        if deadline < self.timer_at:
-            self._arm(loop, deadline)
-        return request_id, future
+        return request_id
 
-    def read_now(self) -> None:
-        """Read what the socket holds now, as the loop would once it polls: the answers
-        in it go to their futures at once. A connection reset fails every waiting call."""
+    def take_answer(self, request_id: int) -> tuple[int, bytes] | None:
+        """The answer to ``request_id`` (its status and a copy of its body) when the
+        socket holds it whole now and nothing else, read as the loop would once it
+        polls; else None, and whatever was read waits in the buffer for ``expect``.
+        For a call alone on the connection (nothing waiting, nothing half read)."""
         sock = self.sock
-        if sock is None:
-            return
+        if sock is None or self.have:
+            return None
+        view = self.view
         try:
-            got = sock.recv_into(self.get_buffer(-1))
+            got = sock.recv_into(view)
         except (BlockingIOError, InterruptedError):  # nothing yet: the loop will wait
-            return
-        except OSError as exc:
+            return None
+        except OSError as exc:  # reset: the connection is done for
             self.fail(Unavailable(f"fast read path of node {self.address}: {exc}"))
             if self.transport is not None:
                 self.transport.abort()
-            return
-        if got:
+            return None
+        header = RESPONSE_HEADER.size
+        if got >= header:
+            length, answered, status = RESPONSE_HEADER.unpack_from(view)
+            if answered == request_id and got == header + length:
+                return status, bytes(view[header:got])
+        # part of it, or more (0 is the node's end: the transport's next read sees it)
+        self.unread = got
+        return None
+
+    def expect(
+        self, request_id: int, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float
+    ) -> asyncio.Future:
+        """The future of the answer to the request ``request_id`` just sent, failed with
+        DeadlineExceeded at ``deadline`` (loop time, s) naming ``timeout`` (s).
+
+        One timer per connection, not one per call (a loop timer costs several µs to
+        start and cancel, a good part of a call here), and no queue of deadlines (a heap
+        push per call, and answered calls' entries to prune): the timer wakes at the
+        earliest deadline of a call when it was armed, which calls with one timeout
+        leave where it is; when it wakes it fails the calls past their deadline and
+        is armed at the earliest left. Calls with one timeout T wake it once per T s."""
+        future = loop.create_future()
+        if self.lost is not None:  # take_answer found the connection reset
+            future.set_exception(self.lost)
+            return future
+        self.waiting[request_id] = (future, deadline, timeout)
+        if deadline < self.timer_at:
+            self._arm(loop, deadline)
+        if self.unread:  # what take_answer read: this call's answer, maybe, or a part
+            got, self.unread = self.unread, 0
             self.buffer_updated(got)
-        # 0 is the node's end of the connection: the transport's next read sees it too
+        return future
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self.timer is not None:
@@ -311,19 +340,21 @@ class AsyncFastConnections:
         conn = conns.get(address) if conns is not None else None
         if conn is None or conn.__class__ is not _Pipeline or conn.lost is not None:
             conn = await self._connection(loop, address, timeout)
-        request_id, future = conn.submit(body, loop, loop.time() + timeout, timeout)
-        try:
-            # Alone on the connection, the answer is most often there by the time the
-            # send returns (the node answers a 1-key get in a few µs, while the send is
-            # in the kernel): read it now rather than after a pass of the loop (its poll,
-            # the read callback, the task's wake-up: ~2 µs of a ~20 µs get). With other
-            # calls in flight, the loop's reads serve them all.
-            if conn.eager and len(conn.waiting) == 1:
-                conn.read_now()
-                if future.done():
-                    conn.eager -= 1
-                    return future.result()
+        request_id = conn.send(body)
+        # Alone on the connection, the answer is most often there by the time the send
+        # returns (the node answers a 1-key get in a few µs, while the send is in the
+        # kernel): taken now, without a future, the timer or a pass of the loop (its
+        # poll, the read callback, the task's wake-up: ~2 µs of a ~20 µs get). With
+        # other calls in flight, the loop's reads serve them all.
+        if conn.eager and not conn.waiting:
+            answer = conn.take_answer(request_id)
+            if answer is not None:
+                conn.eager -= 1
+                return answer
+        future = conn.expect(request_id, loop, loop.time() + timeout, timeout)
+        if not future.done():
             conn.eager = EAGER_RUN  # this call lets the loop run
+        try:
             return await future
         finally:
             # Cancelled, expired or answered: nobody waits on this id any more.
