@@ -153,6 +153,34 @@ def test_an_answer_already_received_is_taken_without_a_loop_pass_in_bounded_runs
     asyncio.run(scenario())
 
 
+def test_only_small_gets_look_for_their_answer_at_once_and_a_miss_backs_off(
+    shared_node, table: str, monkeypatch
+) -> None:
+    """Gets of more than EAGER_KEYS keys never look (the node needs longer than the
+    send); after a look that finds nothing, the next EAGER_BACKOFF calls do not look."""
+    looked: list[int] = []
+
+    def finds_nothing(self, request_id):
+        looked.append(request_id)
+        return None  # as if the answer were not there yet: the call waits for the loop
+
+    async def scenario() -> None:
+        async with AsyncClient(shared_node.address, timeout=10) as c:
+            await c.get(table, [0])
+            monkeypatch.setattr(aio_fast._Pipeline, "take_answer", finds_nothing)
+            large = list(range(aio_fast.EAGER_KEYS + 1))
+            for _ in range(10):
+                check(await c.get(table, large), large)
+            assert looked == []
+            small = list(range(aio_fast.EAGER_KEYS))
+            calls = 4 * (aio_fast.EAGER_BACKOFF + 1)
+            for _ in range(calls):
+                check(await c.get(table, small), small)
+            assert len(looked) == 4  # the first, then one after each backoff
+
+    asyncio.run(scenario())
+
+
 def test_answers_larger_than_the_receive_buffer_between_small_ones(
     shared_node, client: Client, table_name: str
 ) -> None:

@@ -38,6 +38,14 @@ ID_MASK = 0xFFFFFFFF
 #: the event loop (see AsyncFastConnections.get_answer); then one call waits for the
 #: loop, so a task that loops on gets lets the loop's other tasks and timers run.
 EAGER_RUN = 16
+#: The most keys of a call that looks for its answer at once: the node answers a few
+#: keys while the request's send is in the kernel (measured here: the answer was there
+#: for 93-99% of 1-3 key calls, 80% at 4-6 keys, 56% at 8, 22% at 10, 1% at 100), and
+#: a look that finds nothing costs more than it saves at ~2 µs each.
+EAGER_KEYS = 8
+#: After a look that found nothing, the calls that do not look (a node slower than the
+#: send, a busy machine), before one looks again.
+EAGER_BACKOFF = 4
 
 
 class _Pipeline(asyncio.BufferedProtocol):
@@ -73,6 +81,8 @@ class _Pipeline(asyncio.BufferedProtocol):
         self.timer_at = math.inf
         #: Calls that may still be answered at once before one waits for the loop.
         self.eager = EAGER_RUN
+        #: Calls that will not look for their answer at once (see EAGER_BACKOFF).
+        self.backoff = 0
         #: Bytes take_answer read into the buffer, not handed out yet.
         self.unread = 0
 
@@ -330,27 +340,33 @@ class AsyncFastConnections:
         address), within ``timeout`` s; errors as KvstoreError."""
         return read_answer(*await self.get_answer(address, body, timeout))
 
-    async def get_answer(self, address: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+    async def get_answer(
+        self, address: str, body: bytes, timeout: float, keys: int = 0
+    ) -> tuple[int, bytes]:
         """The answer's status and body (``kvstore.wire.frames``) to one serialized
-        GetRequest sent to ``address`` within ``timeout`` s; the transport's errors as
-        KvstoreError (the node's are in the answer: ``Operations.finish_frame`` or
-        ``read_answer`` raise them)."""
+        GetRequest of ``keys`` keys (0: not known) sent to ``address`` within
+        ``timeout`` s; the transport's errors as KvstoreError (the node's are in the
+        answer: ``Operations.finish_frame`` or ``read_answer`` raise them)."""
         loop = asyncio.get_running_loop()
         conns = self._by_loop.get(loop)
         conn = conns.get(address) if conns is not None else None
         if conn is None or conn.__class__ is not _Pipeline or conn.lost is not None:
             conn = await self._connection(loop, address, timeout)
         request_id = conn.send(body)
-        # Alone on the connection, the answer is most often there by the time the send
-        # returns (the node answers a 1-key get in a few µs, while the send is in the
-        # kernel): taken now, without a future, the timer or a pass of the loop (its
-        # poll, the read callback, the task's wake-up: ~2 µs of a ~20 µs get). With
-        # other calls in flight, the loop's reads serve them all.
-        if conn.eager and not conn.waiting:
-            answer = conn.take_answer(request_id)
-            if answer is not None:
-                conn.eager -= 1
-                return answer
+        # Alone on the connection, a small get's answer is most often there by the time
+        # the send returns (the node answers a 1-key get in a few µs, while the send is
+        # in the kernel): taken now, without a future, the timer or a pass of the loop
+        # (its poll, the read callback, the task's wake-up: ~2 µs of a ~20 µs get).
+        # With other calls in flight, the loop's reads serve them all.
+        if 0 < keys <= EAGER_KEYS and conn.eager and not conn.waiting:
+            if conn.backoff:
+                conn.backoff -= 1
+            else:
+                answer = conn.take_answer(request_id)
+                if answer is not None:
+                    conn.eager -= 1
+                    return answer
+                conn.backoff = EAGER_BACKOFF
         future = conn.expect(request_id, loop, loop.time() + timeout, timeout)
         if not future.done():
             conn.eager = EAGER_RUN  # this call lets the loop run
