@@ -3,8 +3,52 @@
 # decoded (decode_answer), without a protobuf object. Included by codec.pyx, after
 # fast_answers.pxi (its varint helpers).
 
-from cpython.buffer cimport PyBUF_WRITE
+from cpython.buffer cimport (
+    PyBUF_SIMPLE,
+    PyBUF_WRITABLE,
+    PyBUF_WRITE,
+    PyBuffer_Release,
+    PyObject_GetBuffer,
+)
 from cpython.memoryview cimport PyMemoryView_FromMemory
+from libc.errno cimport EAGAIN, EINTR, errno
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
+    int MSG_DONTWAIT
+
+
+cdef extern from "<errno.h>" nogil:
+    int EWOULDBLOCK
+
+
+def take_answer(int fd, buffer, uint32_t request_id):
+    """One read of what the socket ``fd`` holds now, without waiting, into ``buffer``
+    (writable, from its start): the fast-path answer to ``request_id`` as (status, a
+    copy of its body) when the read is that one whole response frame and nothing else;
+    else the bytes read (0: the node closed the connection; -1: nothing there yet).
+    OSError for a failed read. (AsyncClient's look for a small get's answer: the same
+    read as Python's ``recv_into``, without an exception when nothing is there.)"""
+    cdef Py_buffer view
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    cdef ssize_t got = recv(fd, view.buf, <size_t>view.len, MSG_DONTWAIT)
+    cdef int err = errno
+    cdef const uint8_t* p = <const uint8_t*>view.buf
+    cdef uint32_t length, answered
+    try:
+        if got < 0:
+            if err == EAGAIN or err == EWOULDBLOCK or err == EINTR:
+                return -1
+            raise OSError(err, os.strerror(err))
+        if got >= 9:
+            memcpy(&length, p, 4)  # little-endian host (checked at import)
+            memcpy(&answered, p + 4, 4)
+            if answered == request_id and got == 9 + <ssize_t>length:
+                return p[8], PyBytes_FromStringAndSize(<const char*>p + 9, length)
+        return got
+    finally:
+        PyBuffer_Release(&view)
 
 
 def unfilled_bytes(Py_ssize_t size):

@@ -363,6 +363,11 @@ def answer_read(
 def unfilled_bytes(size: int) -> tuple[bytes, memoryview]:
     """A new bytes object of ``size`` bytes, not yet filled, and a writable view of it."""
 
+def take_answer(fd: int, buffer: Any, request_id: int) -> tuple[int, bytes] | int:
+    """One read of socket ``fd`` into ``buffer`` without waiting: the answer to
+    ``request_id`` as (status, body) when the read is that whole frame alone; else the
+    bytes read (0: closed by the node, -1: nothing yet)."""
+
 def get_request(prefix: bytes, keys: npt.NDArray[np.int64], version: int) -> bytes:
     """``prefix`` plus the serialized GetRequest fields of int64 ``keys`` and ``version``."""
 

@@ -7,6 +7,7 @@ import asyncio
 import select
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -19,10 +20,11 @@ from cluster_fixtures import KEYS, SHARDS, Cluster, check_all, feature_rows
 from etcd_server import EtcdServer, free_port
 
 import kvstore
-from kvstore import AsyncClient, Client
+from kvstore import AsyncClient, Client, _codec
 from kvstore.client import aio_fast
 from kvstore.client.aio_fast import AsyncFastConnections
 from kvstore.client.fast import FastConnections
+from kvstore.wire.frames import RESPONSE_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES = {"x": "float32", "s": "string", "v": "float32[3]", "l": "int64[]"}
@@ -179,6 +181,40 @@ def test_only_small_gets_look_for_their_answer_at_once_and_a_miss_backs_off(
             assert len(looked) == 4  # the first, then one after each backoff
 
     asyncio.run(scenario())
+
+
+def test_the_look_reads_once_and_returns_only_a_whole_answer_to_its_request() -> None:
+    """``_codec.take_answer``: one read without waiting; (status, body) only when the
+    read is the one whole frame answering the request; else the bytes read (-1:
+    nothing there, 0: the peer closed); a failed read raises OSError."""
+    mine, node = socket.socketpair()
+    mine.setblocking(False)
+    buffer = bytearray(64)
+    view = memoryview(buffer)
+
+    def frame(request_id: int, body: bytes, status: int = 0) -> bytes:
+        return RESPONSE_HEADER.pack(len(body), request_id, status) + body
+
+    try:
+        assert _codec.take_answer(mine.fileno(), view, 5) == -1
+        node.sendall(frame(5, b"rows", 1))
+        assert _codec.take_answer(mine.fileno(), view, 5) == (1, b"rows")
+        node.sendall(frame(4, b"late"))  # a cancelled call's answer: left for the loop
+        assert _codec.take_answer(mine.fileno(), view, 5) == 13
+        assert bytes(view[:13]) == frame(4, b"late")
+        node.sendall(frame(6, b"ab") + frame(7, b""))  # more than the answer
+        assert _codec.take_answer(mine.fileno(), view, 6) == 20
+        node.sendall(frame(8, b"x" * 10)[:12])  # a part of it
+        assert _codec.take_answer(mine.fileno(), view, 8) == 12
+        node.close()
+        assert _codec.take_answer(mine.fileno(), view, 9) == 0
+    finally:
+        mine.close()
+        node.close()
+    with pytest.raises(OSError):
+        _codec.take_answer(mine.fileno(), view, 9)  # -1: closed
+    with pytest.raises(BufferError):
+        _codec.take_answer(0, b"read-only", 1)
 
 
 def test_answers_larger_than_the_receive_buffer_between_small_ones(
