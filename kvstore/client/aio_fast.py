@@ -18,10 +18,10 @@ import os
 import socket
 from typing import Any
 
-from kvstore._codec import take_answer
+from kvstore._codec import AnswerReader, take_answer
 from kvstore.client.fast import connect_error, late
 from kvstore.errors import KvstoreError, Unavailable
-from kvstore.wire.frames import REQUEST_HEADER, RESPONSE_HEADER, read_answer
+from kvstore.wire.frames import REQUEST_HEADER, read_answer
 
 __all__ = ["AsyncFastConnections"]
 
@@ -49,32 +49,27 @@ EAGER_KEYS = 8
 EAGER_BACKOFF = 4
 
 
-class _Pipeline(asyncio.BufferedProtocol):
+class _Pipeline(AnswerReader, asyncio.BufferedProtocol):
     """One connection to one node's fast path: requests written as they come, answers
     matched to their waiting futures by request id.
 
     A BufferedProtocol: the loop reads straight into ``buffer``, and each answer's body
     is copied out of it once, for its caller to read in C as ``Client`` does (a plain
     Protocol's ``data_received`` gets a new bytes object per read, and an answer that
-    spans reads was copied twice more to join it)."""
+    spans reads was copied twice more to join it). Its reading half, ``get_buffer``
+    and ``buffer_updated``, is ``_codec.AnswerReader``, in C: ``buffer``, ``view``,
+    ``start``, ``have``, ``need`` and ``waiting`` (request id → (the future of the
+    call waiting on its answer, its deadline in loop time s, its timeout s); an
+    answered call leaves with its answer)."""
 
     def __init__(self, address: str) -> None:
+        AnswerReader.__init__(self, RECEIVE_BUFFER, MIN_READ, LARGEST_IDLE_BUFFER)
         self.address = address
         self.transport: asyncio.Transport | None = None
         #: The connection's socket, a duplicate of the transport's descriptor: a request
         #: is sent with it at once when the transport has nothing queued (see submit).
         self.sock: socket.socket | None = None
-        #: request id → (the future of the call waiting on its answer, its deadline in
-        #: loop time s, its timeout s). An answered call leaves with its answer.
-        self.waiting: dict[int, tuple[asyncio.Future, float, float]] = {}
         self.next_id = 0
-        self.buffer = bytearray(RECEIVE_BUFFER)
-        self.view = memoryview(self.buffer)
-        #: ``buffer[start:have]``: received, not handed out yet (the start of an answer).
-        self.start = 0
-        self.have = 0
-        #: Bytes of the answer at ``start`` once whole (0: not known yet).
-        self.need = 0
         #: Why the connection is no longer usable (None while it is).
         self.lost: KvstoreError | None = None
         #: The one timer of the connection's deadlines, and when it wakes (see submit).
@@ -99,54 +94,6 @@ class _Pipeline(asyncio.BufferedProtocol):
             # Not a timed socket under socket.setdefaulttimeout(): a full send buffer must
             # give EAGAIN (the transport takes the frame), never a wait on the loop.
             self.sock.setblocking(False)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        have = self.have
-        if not have:  # all handed out (most reads): the whole buffer, no new view
-            return self.view
-        if len(self.view) - have < MIN_READ:
-            self._compact(self.need)
-        return self.view[self.have :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        have = self.have = self.have + nbytes
-        view = self.view
-        pos = self.start
-        waiting = self.waiting
-        self.need = 0
-        header = RESPONSE_HEADER.size
-        while have - pos >= header:
-            length, request_id, status = RESPONSE_HEADER.unpack_from(view, pos)
-            stop = pos + header + length
-            if stop > have:
-                self.need = stop - pos
-                break
-            call = waiting.pop(request_id, None)
-            if call is not None and not call[0].done():
-                # The status and a copy of the body: the caller reads it as Client does
-                # (Operations.finish_frame, in C), or with protobuf (read_answer).
-                call[0].set_result((status, bytes(view[pos + header : stop])))
-            pos = stop
-        if pos == have:  # everything handed out: read into the buffer from its start
-            self.start = self.have = self.need = 0
-            if len(view) > LARGEST_IDLE_BUFFER:  # a large answer's buffer is not kept
-                self._compact(0)
-        else:
-            self.start = pos
-
-    def _compact(self, need: int) -> None:
-        """Move the unread bytes to the front, into a new buffer if the answer they
-        begin (``need`` bytes whole) does not fit this one with MIN_READ to spare."""
-        rest = self.have - self.start
-        size = len(self.view)
-        if need + MIN_READ > size or size > LARGEST_IDLE_BUFFER >= need + MIN_READ:
-            # a new bytearray: one with a memoryview of it cannot change size
-            buffer = bytearray(max(need + MIN_READ, RECEIVE_BUFFER))
-            buffer[:rest] = self.view[self.start : self.have]
-            self.buffer, self.view = buffer, memoryview(buffer)
-        elif rest:
-            self.buffer[:rest] = self.view[self.start : self.have]
-        self.start, self.have = 0, rest
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._close_sock()
