@@ -35,7 +35,7 @@ from libc.stdint cimport (
     uint64_t,
 )
 from libc.math cimport NAN, fabsf, isfinite, nextafterf
-from libc.string cimport memchr, memcpy, memset
+from libc.string cimport memchr, memcpy, memmove, memset
 
 cnp.import_array()
 

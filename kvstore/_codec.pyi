@@ -363,6 +363,33 @@ def answer_read(
 def unfilled_bytes(size: int) -> tuple[bytes, memoryview]:
     """A new bytes object of ``size`` bytes, not yet filled, and a writable view of it."""
 
+@disjoint_base
+class AnswerReader:
+    """The receiving half of an AsyncClient connection, in C: answers split out of
+    ``buffer`` and handed to the futures in ``waiting`` by request id."""
+
+    buffer: bytearray
+    view: memoryview
+    start: int
+    have: int
+    need: int
+    waiting: dict[int, tuple[Any, float, float]]
+    @property
+    def receive_buffer(self) -> int: ...
+    @property
+    def min_read(self) -> int: ...
+    @property
+    def largest_idle(self) -> int: ...
+    def __init__(self, receive_buffer: int, min_read: int, largest_idle: int) -> None: ...
+    def get_buffer(self, sizehint: int) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+    def compact(self, need: int) -> None: ...
+
+def take_answer(fd: int, buffer: Any, request_id: int) -> tuple[int, bytes] | int:
+    """One read of socket ``fd`` into ``buffer`` without waiting: the answer to
+    ``request_id`` as (status, body) when the read is that whole frame alone; else the
+    bytes read (0: closed by the node, -1: nothing yet)."""
+
 def get_request(prefix: bytes, keys: npt.NDArray[np.int64], version: int) -> bytes:
     """``prefix`` plus the serialized GetRequest fields of int64 ``keys`` and ``version``."""
 

@@ -4,8 +4,10 @@ connection per node, and cancellation, deadlines and node restarts leave it usab
 from __future__ import annotations
 
 import asyncio
+import select
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -18,10 +20,11 @@ from cluster_fixtures import KEYS, SHARDS, Cluster, check_all, feature_rows
 from etcd_server import EtcdServer, free_port
 
 import kvstore
-from kvstore import AsyncClient, Client
+from kvstore import AsyncClient, Client, _codec
 from kvstore.client import aio_fast
 from kvstore.client.aio_fast import AsyncFastConnections
 from kvstore.client.fast import FastConnections
+from kvstore.wire.frames import RESPONSE_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES = {"x": "float32", "s": "string", "v": "float32[3]", "l": "int64[]"}
@@ -79,14 +82,13 @@ def test_64_tasks_pipeline_their_gets_on_one_connection(
     shared_node, table: str, monkeypatch
 ) -> None:
     in_flight: list[int] = []
-    submit = aio_fast._Pipeline.submit
+    send = aio_fast._Pipeline.send
 
     def observed(self, *args):
-        out = submit(self, *args)
-        in_flight.append(len(self.waiting))
-        return out
+        in_flight.append(len(self.waiting) + 1)  # the calls waiting, and this one
+        return send(self, *args)
 
-    monkeypatch.setattr(aio_fast._Pipeline, "submit", observed)
+    monkeypatch.setattr(aio_fast._Pipeline, "send", observed)
     rng = np.random.default_rng(18)
 
     async def scenario() -> None:
@@ -109,6 +111,110 @@ def test_64_tasks_pipeline_their_gets_on_one_connection(
     assert len(in_flight) == 64 * 20 + 1
     # Tasks did not wait for each other: many requests were on the wire at once.
     assert max(in_flight) >= 32
+
+
+def test_an_answer_already_received_is_taken_without_a_loop_pass_in_bounded_runs(
+    shared_node, table: str, monkeypatch
+) -> None:
+    """A get alone on its connection whose answer is in the socket when its request is
+    sent returns without waiting for a pass of the event loop; a task that loops on
+    such gets still lets the loop run at least every EAGER_RUN + 1 calls (here every
+    answer is made to be there: each send waits until its answer is readable)."""
+    send = aio_fast._Pipeline.send
+
+    def answered_before_return(self, *args):
+        out = send(self, *args)
+        readable, _, _ = select.select([self.sock], [], [], 10)  # a wait on a condition
+        assert readable, "no answer within 10 s"
+        return out
+
+    async def scenario() -> None:
+        async with AsyncClient(shared_node.address, timeout=10) as c:
+            await c.get(table, [0])  # describes the table, opens the connection
+            monkeypatch.setattr(aio_fast._Pipeline, "send", answered_before_return)
+            passes = 0
+
+            async def ticker() -> None:
+                nonlocal passes
+                while True:
+                    passes += 1
+                    await asyncio.sleep(0)
+
+            ticking = asyncio.create_task(ticker())
+            await asyncio.sleep(0)
+            calls = 20 * (aio_fast.EAGER_RUN + 1)
+            before = passes
+            for k in range(calls):
+                check(await c.get(table, [k % (ROWS + 3)]), [k % (ROWS + 3)])
+            ticks = passes - before
+            ticking.cancel()
+            assert not only_connection(c).waiting
+        # each call waiting for the loop gave the ticker a pass or a few; the others none
+        assert 20 <= ticks <= calls // 4, ticks
+
+    asyncio.run(scenario())
+
+
+def test_only_small_gets_look_for_their_answer_at_once_and_a_miss_backs_off(
+    shared_node, table: str, monkeypatch
+) -> None:
+    """Gets of more than EAGER_KEYS keys never look (the node needs longer than the
+    send); after a look that finds nothing, the next EAGER_BACKOFF calls do not look."""
+    looked: list[int] = []
+
+    def finds_nothing(self, request_id):
+        looked.append(request_id)
+        return None  # as if the answer were not there yet: the call waits for the loop
+
+    async def scenario() -> None:
+        async with AsyncClient(shared_node.address, timeout=10) as c:
+            await c.get(table, [0])
+            monkeypatch.setattr(aio_fast._Pipeline, "take_answer", finds_nothing)
+            large = list(range(aio_fast.EAGER_KEYS + 1))
+            for _ in range(10):
+                check(await c.get(table, large), large)
+            assert looked == []
+            small = list(range(aio_fast.EAGER_KEYS))
+            calls = 4 * (aio_fast.EAGER_BACKOFF + 1)
+            for _ in range(calls):
+                check(await c.get(table, small), small)
+            assert len(looked) == 4  # the first, then one after each backoff
+
+    asyncio.run(scenario())
+
+
+def test_the_look_reads_once_and_returns_only_a_whole_answer_to_its_request() -> None:
+    """``_codec.take_answer``: one read without waiting; (status, body) only when the
+    read is the one whole frame answering the request; else the bytes read (-1:
+    nothing there, 0: the peer closed); a failed read raises OSError."""
+    mine, node = socket.socketpair()
+    mine.setblocking(False)
+    buffer = bytearray(64)
+    view = memoryview(buffer)
+
+    def frame(request_id: int, body: bytes, status: int = 0) -> bytes:
+        return RESPONSE_HEADER.pack(len(body), request_id, status) + body
+
+    try:
+        assert _codec.take_answer(mine.fileno(), view, 5) == -1
+        node.sendall(frame(5, b"rows", 1))
+        assert _codec.take_answer(mine.fileno(), view, 5) == (1, b"rows")
+        node.sendall(frame(4, b"late"))  # a cancelled call's answer: left for the loop
+        assert _codec.take_answer(mine.fileno(), view, 5) == 13
+        assert bytes(view[:13]) == frame(4, b"late")
+        node.sendall(frame(6, b"ab") + frame(7, b""))  # more than the answer
+        assert _codec.take_answer(mine.fileno(), view, 6) == 20
+        node.sendall(frame(8, b"x" * 10)[:12])  # a part of it
+        assert _codec.take_answer(mine.fileno(), view, 8) == 12
+        node.close()
+        assert _codec.take_answer(mine.fileno(), view, 9) == 0
+    finally:
+        mine.close()
+        node.close()
+    with pytest.raises(OSError):
+        _codec.take_answer(mine.fileno(), view, 9)  # -1: closed
+    with pytest.raises(BufferError):
+        _codec.take_answer(0, b"read-only", 1)
 
 
 def test_answers_larger_than_the_receive_buffer_between_small_ones(

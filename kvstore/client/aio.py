@@ -124,7 +124,7 @@ class AsyncClient:
             if fast is not None:
                 assert self._fast is not None
                 body = plan.request(batch, version)
-                status, answer = await self._fast.get_answer(fast, body, timeout)
+                status, answer = await self._fast.get_answer(fast, body, timeout, batch.count)
                 return ops.finish_frame(table, plan, batch, fast, status, answer)
             if calls and ops.replicated(table):
                 read = HedgedRead(ops, table, plan.schema, plan, batch, version, calls=calls)
