@@ -9,13 +9,11 @@ for) is observed, not inferred from timings.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Generator
 from typing import Any
 
 import uvloop
 
-from kvstore.server import servicer
 from kvstore.server.servicer import _drive
 
 
@@ -97,29 +95,3 @@ def test_a_write_waiting_for_a_sealed_shard_lets_the_others_take_their_turns() -
         return got
 
     assert _run(main) == [1, 2]
-
-
-def test_each_step_starts_by_offering_the_core_to_a_waiting_process(monkeypatch: Any) -> None:
-    # A reader answered in the pass before a step was woken on the loop's core; the
-    # step offers it the core first (os.sched_yield), so it waits for no step at all,
-    # rather than for the scheduler to end the loop's time slice (docs/streaming.md).
-    events: list[str] = []
-    monkeypatch.setattr(servicer, "_yield_core", lambda: events.append("yield"))
-
-    def steps(n: int) -> Generator[None, None, int]:
-        for i in range(n):
-            events.append(f"step {i}")
-            yield
-        return n
-
-    async def main() -> int:
-        return await _drive(steps(3), asyncio.Lock())
-
-    assert _run(main) == 3
-    # The last yield is the one before the generator's end (StopIteration).
-    assert events == ["yield", "step 0", "yield", "step 1", "yield", "step 2", "yield"]
-
-
-def test_the_core_is_offered_with_the_real_system_call() -> None:
-    assert servicer._yield_core is getattr(os, "sched_yield", servicer._yield_core)
-    servicer._yield_core()  # returns at once when nothing else waits for the core

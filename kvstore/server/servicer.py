@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
@@ -426,16 +425,9 @@ async def _drive(steps: Generator[Any, None, int], turn: asyncio.Lock) -> int:
     that arrives waits for one step at most, not one step of every write in flight (n
     writes, each ready after its step, ran n steps in one pass). The lock is fair:
     the turns go round in the order the writes asked for them.
-
-    Before each step the thread offers its core to whatever waits for it
-    (``os.sched_yield``; ~1 us when nothing does): a client answered in the pass before
-    was woken on this core (a loopback socket's wake-up is a "sync" one, which puts the
-    woken task on the waker's core), and without the yield it waits for the scheduler
-    to end the loop's time slice, ~0.6-1 ms of steps, rather than for one step.
     """
     while True:
         async with turn:
-            _yield_core()
             try:
                 waited = next(steps)
             except StopIteration as done:
@@ -446,10 +438,6 @@ async def _drive(steps: Generator[Any, None, int], turn: asyncio.Lock) -> int:
         # Without the turn (the other writes go on); shielded: a cancelled write must not
         # end the seal for the others.
         await asyncio.shield(waited)
-
-
-#: ``os.sched_yield`` where the platform has it (Linux, macOS); else nothing to offer.
-_yield_core: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
 
 
 def _position(request: pb.WriteRequest | pb.DeleteRequest) -> Position | None:
