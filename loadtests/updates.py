@@ -20,9 +20,10 @@ update sets a few features (``UPDATE_FEATURES``) of existing keys, event time no
   update running, then while a streaming producer process sends updates at half of
   the streaming rate just measured (paced per batch). Beside each window, as
   diagnostics that change nothing measured: the shares of the window the node's main
-  thread (its event loop) ran and waited for a core (/proc schedstat), and the
-  machine's busy cores, which say whether a busy p99 is the loop's work or the cores.
-* **Redis beside it** (the floor of issue 17, part 4; ``measure_redis_reads_under_updates``):
+  thread (its event loop) and the reader ran and waited for a core (/proc schedstat),
+  and the machine's busy cores, which say whether a busy p99 is the loop's work or the
+  cores.
+* **Redis beside it** (issue 17, part 4; ``measure_redis_reads_under_updates``):
   the same on the bench's Redis hashes: the maximum rate of one producer process
   sending pipelines of ``BATCH_ROWS`` HSETs of the same 4 fields, 16 in flight, then
   100-key HGETALL reads idle and while a producer sends at half that, paced per batch.
@@ -350,24 +351,42 @@ def _main_thread_times(pid: int) -> tuple[float, float]:
     return int(run_ns) / 1e9, int(wait_ns) / 1e9
 
 
+def _this_thread_times() -> tuple[float, float]:
+    """(run, runqueue wait) of the calling thread so far, in seconds (as
+    ``_main_thread_times``); (0, 0) where the kernel does not keep them."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            run_ns, wait_ns, _ = f.read().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
 class _Window:
     """Diagnostics of one read window, beside its latencies: the node's main thread (the
     event loop that serves reads and runs write steps) as shares of the window's wall
-    time, running and waiting for a core, and the machine's busy cores. A main thread
-    near 1.0 running + waiting is saturated: reads queue behind whatever it runs."""
+    time, running and waiting for a core, the same for the reader (the thread that
+    makes the window and times the reads in it), and the machine's busy cores. A main
+    thread near 1.0 running + waiting is saturated: reads queue behind whatever it
+    runs. A reader that waits for a core sees its answers late however fast the node
+    is: on 2 cores its wake-ups queue behind the node's loop or the update producer."""
 
     def __init__(self, node_pid: int) -> None:
         self.node_pid = node_pid
         self.wall = time.monotonic()
         self.main = _main_thread_times(node_pid)
+        self.reader = _this_thread_times()
         self.machine = machine_busy_seconds()
 
     def end(self) -> dict:
         wall = time.monotonic() - self.wall
         run, wait = _main_thread_times(self.node_pid)
+        reader_run, reader_wait = _this_thread_times()
         return {
             "node_main_thread_running": (run - self.main[0]) / wall,
             "node_main_thread_waiting_for_a_core": (wait - self.main[1]) / wall,
+            "reader_running": (reader_run - self.reader[0]) / wall,
+            "reader_waiting_for_a_core": (reader_wait - self.reader[1]) / wall,
             "machine_busy_cores": (machine_busy_seconds() - self.machine) / wall,
         }
 
@@ -480,6 +499,14 @@ def measure_updates(
         f"{idle['machine_busy_cores']:.2f} -> {busy['machine_busy_cores']:.2f} cores",
         flush=True,
     )
+    print(
+        "  the reader running / waiting for a core: "
+        f"{idle['reader_running']:.2f} / {idle['reader_waiting_for_a_core']:.2f} without "
+        f"updates, {busy['reader_running']:.2f} / {busy['reader_waiting_for_a_core']:.2f} "
+        f"with them; the producer {r['updates']['cpu_s'] / r['updates']['seconds']:.2f} "
+        "cores",
+        flush=True,
+    )
     if redis is not None:
         rr = measure_redis_reads_under_updates(
             redis.port,
@@ -496,7 +523,7 @@ def measure_updates(
     return out
 
 
-# -- Redis beside it: the floor of reads under updates (issue 17, part 4) ----------------
+# -- Redis beside it: the peer's reads under updates (issue 17, part 4) ----------------
 #
 # The same measurement on Redis, as the bench sets it up (redis-py on hiredis,
 # ``loadtests/redis_client.py``; the bench's "redis-hash" server): a Redis user updates
