@@ -452,12 +452,14 @@ class ClientCore:
         position: pb.ConsumerPosition | None = None,
         only: np.ndarray | None = None,
         acked: Mapping[str, np.ndarray] | None = None,
+        shard_ids: np.ndarray | None = None,
     ) -> list[NodeCall]:
         """One Write per node holding a writable replica of a shard of ``rows``' keys
-        (see ``fan_out``)."""
+        (see ``fan_out``; ``shard_ids``: the keys' shards, when known already)."""
         calls = []
         parts: list[bytes] | None = None
-        for address, positions, shards in self.fan_out(table, schema, rows.keys, only, acked):
+        plan = self.fan_out(table, schema, rows.keys, only, acked, shard_ids)
+        for address, positions, shards in plan:
             if positions is None:
                 keys, buf, offsets = rows.keys, rows.rows, rows.offsets
             else:
@@ -488,17 +490,24 @@ class ClientCore:
         keys: KeyBatch,
         only: np.ndarray | None = None,
         acked: Mapping[str, np.ndarray] | None = None,
+        shard_ids: np.ndarray | None = None,
     ) -> list[tuple[str, np.ndarray | None, np.ndarray]]:
         """Where a write of ``keys`` goes: (node, key positions, shards) for every node
         holding a writable replica of one of their shards, skipping nodes the map marks
         down (they catch up from their peers). ``only``: the shards to write (a retry),
-        ``acked``: per node, the shards it already applied (not sent again)."""
+        ``acked``: per node, the shards it already applied (not sent again);
+        ``shard_ids``: each key's shard, when the caller has it already."""
         route = self.route
         owners = route.owners.get(table)
         writable = route.writable.get(table)
         if owners is None or writable is None or len(owners) != schema.shards:
             raise KvstoreError(f"no route for table {table!r} in the cluster map")
-        shard_of_key = keys.shard_ids(schema.shards)
+        shard_of_key = keys.shard_ids(schema.shards) if shard_ids is None else shard_ids
+        if only is None and acked is None:
+            sole = route.sole_writer(table)
+            if sole is not None:  # one node takes every write: no per-node masks
+                counts = np.bincount(shard_of_key, minlength=schema.shards)
+                return [(sole, None, np.flatnonzero(counts))] if len(shard_of_key) else []
         wanted = np.ones(len(shard_of_key), bool)
         if only is not None:
             wanted = np.isin(shard_of_key, only)

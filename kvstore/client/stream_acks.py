@@ -92,10 +92,11 @@ class _Batch:
     """A batch not acknowledged yet: its rows (event times stamped), the shards it
     touches, per node the shards that applied it and the shards of its parts in flight."""
 
-    __slots__ = ("acked", "pending", "present", "rows")
+    __slots__ = ("acked", "pending", "present", "rows", "shard_ids")
 
-    def __init__(self, rows: EncodedRows, present: np.ndarray) -> None:
+    def __init__(self, rows: EncodedRows, shard_ids: np.ndarray, present: np.ndarray) -> None:
         self.rows = rows
+        self.shard_ids = shard_ids
         self.present = present
         self.acked: dict[str, np.ndarray] = {}
         self.pending: dict[str, collections.deque[np.ndarray]] = {}
@@ -119,6 +120,11 @@ class _Batch:
             done = out.get(address, np.empty(0, np.int64))
             out[address] = np.unique(np.concatenate([done, *parts]))
         return out
+
+
+def _in_flight(batch: _Batch, route: Any) -> bool:
+    """True while a part of ``batch`` awaits the ack of a node the map has not dropped."""
+    return not route.live().isdisjoint(batch.pending)
 
 
 class Rerouting:
@@ -156,8 +162,10 @@ class Rerouting:
         """Encode a batch (its event times stamped now, once) and number it."""
         rows = encode_rows(self._schema, data, key_column, event_time)
         self.batches_sent += 1
-        present = np.unique(rows.keys.shard_ids(self._schema.shards))
-        self._batches[self.batches_sent] = _Batch(rows, present)
+        shards = self._schema.shards
+        shard_ids = rows.keys.shard_ids(shards)
+        present = np.flatnonzero(np.bincount(shard_ids, minlength=shards))
+        self._batches[self.batches_sent] = _Batch(rows, shard_ids, present)
         return self.batches_sent
 
     def _shelved(self, address: str) -> bool:
@@ -167,11 +175,7 @@ class Rerouting:
 
     def _gone(self, address: str) -> bool:
         """True for a node the map no longer lists, or marks down."""
-        route = self._client._ops.route
-        if address not in route.nodes:
-            return True
-        i = route.nodes.index(address)
-        return i < len(route.down) and bool(route.down[i])
+        return self._client._ops.route.gone(address)
 
     def _plan(self, number: int) -> list[tuple[int, NodeCall]]:
         """The parts of batch ``number`` still to send: the shards short of their quorum
@@ -188,10 +192,15 @@ class Rerouting:
             if not len(only):
                 return []
             calls = ops.plan_write(
-                self._table, self._schema, batch.rows, only=only, acked=batch.covered()
+                self._table,
+                self._schema,
+                batch.rows,
+                only=only,
+                acked=batch.covered(),
+                shard_ids=batch.shard_ids,
             )
         else:
-            calls = ops.plan_write(self._table, self._schema, batch.rows)
+            calls = ops.plan_write(self._table, self._schema, batch.rows, shard_ids=batch.shard_ids)
         return [(number, c) for c in calls if not self._shelved(c.address)]
 
     def _take_applied(self, address: str, applied: list[tuple[int, np.ndarray]]) -> None:
@@ -238,11 +247,12 @@ class Rerouting:
         """Count the batches whose every shard has its quorum by the current map and
         whose parts are all answered (or on nodes the map marks down) as acknowledged."""
         ops = self._client._ops
-        if self._newer > ops.route.epoch:
+        route = ops.route
+        if self._newer > route.epoch:
             return
         for number in list(self._batches):
             batch = self._batches[number]
-            if any(not self._gone(a) for a in batch.pending):
+            if _in_flight(batch, route):
                 continue
             if len(ops._lacking(self._table, self._schema, batch.present, batch.acked)):
                 continue
@@ -256,8 +266,9 @@ class Rerouting:
         if self._waiting_on_failed():
             return None
         ops = self._client._ops
+        route = ops.route
         for number, batch in self._batches.items():
-            if any(not self._gone(a) for a in batch.pending) or self._plan(number):
+            if _in_flight(batch, route) or self._plan(number):
                 continue
             if len(ops._lacking(self._table, self._schema, batch.present, batch.acked)):
                 return self._no_quorum(batch)
