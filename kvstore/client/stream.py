@@ -125,8 +125,10 @@ class UpdateStream(Rerouting):
         """Queue one batch of (partial) rows; returns its number (1, 2, …) in this stream.
 
         ``event_time`` in µs since the epoch (default: now, stamped here once)."""
-        number = self._new_batch(data, key_column, event_time)
+        # Acks first, then the batch: planned by the map they may have refreshed, and
+        # never checked for being stuck before it was sent once.
         self._progress()
+        number = self._new_batch(data, key_column, event_time)
         self._send(self._plan(number))
         self._progress()
         return number
@@ -300,8 +302,8 @@ class AsyncUpdateStream(Rerouting):
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
     ) -> int:
         """Queue one batch of (partial) rows; returns its number in this stream."""
-        number = self._new_batch(data, key_column, event_time)
         await self._progress()
+        number = self._new_batch(data, key_column, event_time)
         await self._send(self._plan(number))
         await self._progress()
         return number
