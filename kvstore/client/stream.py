@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import MAX_ROUTE_RETRIES, NodeCall
+from kvstore.client.core import MAX_ROUTE_RETRIES, NodeCall, SerializedWrite
 from kvstore.client.stream_acks import NodeAcks, Rerouting
 from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.schema import TableSchema
+from kvstore.v1 import feature_store_pb2 as pb
 
 if TYPE_CHECKING:
     from kvstore.client.aio import AsyncClient
@@ -49,6 +50,14 @@ if TYPE_CHECKING:
 __all__ = ["AsyncUpdateStream", "UpdateStream"]
 
 _END = object()
+
+#: The update stream's method, called with our own request serializer.
+UPDATE_STREAM_METHOD = "/kvstore.v1.FeatureStore/UpdateStream"
+
+
+def _wire_form(request: SerializedWrite) -> bytes:
+    return request.data
+
 
 #: How long ``flush`` waits for an ack before it looks at the map again (s).
 TICK_S = 0.25
@@ -59,13 +68,19 @@ class _NodeStream(NodeAcks):
     ``events`` is the stream's condition, notified at every ack and at the call's end."""
 
     def __init__(
-        self, stub: Any, address: str, max_in_flight: int, events: threading.Condition
+        self, channel: grpc.Channel, address: str, max_in_flight: int, events: threading.Condition
     ) -> None:
         super().__init__(address)
         self.window = threading.Semaphore(max_in_flight)
         self.requests: queue.Queue = queue.Queue()
         self.done = events
-        self.call = stub.UpdateStream(iter(self.requests.get, _END))
+        # Requests come serialized already (SerializedWrite): see core.serialized_write.
+        update_stream = channel.stream_stream(
+            UPDATE_STREAM_METHOD,
+            request_serializer=_wire_form,
+            response_deserializer=pb.WriteAck.FromString,
+        )
+        self.call = update_stream(iter(self.requests.get, _END))
         self.reader = threading.Thread(target=self._read_acks, daemon=True)
         self.reader.start()
 
@@ -113,6 +128,7 @@ class UpdateStream(Rerouting):
     """``with client.update_stream("t") as s: s.send({"key": [...], "ctr": [...]})``."""
 
     _client: Client
+    _serialized = True
 
     def __init__(self, client: Client, table: str, schema: TableSchema, max_in_flight: int):
         super().__init__(client, table, schema, max_in_flight)
@@ -139,7 +155,7 @@ class UpdateStream(Rerouting):
             stream = self._streams.get(call.address)
             if stream is None:
                 stream = _NodeStream(
-                    self._client._stub(call.address),
+                    self._client._channel(call.address),
                     call.address,
                     self._max_in_flight,
                     self._events,

@@ -132,6 +132,8 @@ class Rerouting:
     acknowledged, the quorum check, the failed nodes and what to send again."""
 
     _streams: dict[str, Any]
+    #: Whether the calls take each request in its wire form (``SerializedWrite``).
+    _serialized = False
 
     def __init__(self, client: Any, table: str, schema: TableSchema, max_in_flight: int):
         if max_in_flight < 1:
@@ -198,9 +200,16 @@ class Rerouting:
                 only=only,
                 acked=batch.covered(),
                 shard_ids=batch.shard_ids,
+                serialized=self._serialized,
             )
         else:
-            calls = ops.plan_write(self._table, self._schema, batch.rows, shard_ids=batch.shard_ids)
+            calls = ops.plan_write(
+                self._table,
+                self._schema,
+                batch.rows,
+                shard_ids=batch.shard_ids,
+                serialized=self._serialized,
+            )
         return [(number, c) for c in calls if not self._shelved(c.address)]
 
     def _take_applied(self, address: str, applied: list[tuple[int, np.ndarray]]) -> None:

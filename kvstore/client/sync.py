@@ -260,6 +260,11 @@ class Client:
 
     # -- plumbing --------------------------------------------------------------------
 
+    def _channel(self, address: str) -> grpc.Channel:
+        """The channel to ``address`` (the one ``_stub`` calls on)."""
+        self._stub(address)
+        return self._channels[address][0]
+
     def _stub(self, address: str) -> pb_grpc.FeatureStoreStub:
         entry = self._channels.get(address)
         if entry is None:
