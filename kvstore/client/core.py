@@ -525,9 +525,10 @@ class ClientCore:
                 position=position,
                 epoch=epoch,
             )
+            sent: Any = request
             if serialized:
-                request = SerializedWrite(serialized_write(request, buf, offset_bytes), epoch)
-            calls.append(NodeCall(address, "Write", request, positions, shards))
+                sent = SerializedWrite(serialized_write(request, buf, offset_bytes), epoch)
+            calls.append(NodeCall(address, "Write", sent, positions, shards))
         return calls
 
     def fan_out(

@@ -104,7 +104,7 @@ class Route:
             self._memo[key] = out
         return out
 
-    def _members(self, table: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+    def _members(self, table: str) -> tuple[dict[str, int], np.ndarray]:
         """(node index by address, (nodes, shards) int64 1 where the node holds a
         readable replica of the shard, the same counting writable replicas for the
         shards with no readable one): what ``acks`` adds up."""
@@ -119,14 +119,14 @@ class Route:
             fallback = (writable[None] == nodes).any(axis=2)
             counts[:, none_readable] = fallback[:, none_readable]
             index = {a: i for i, a in enumerate(self.nodes)}
-            out = self._memo[key] = (index, counts, none_readable)
+            out = self._memo[key] = (index, counts)
         return out
 
     def acks(self, table: str, acked: Mapping[str, np.ndarray]) -> np.ndarray:
         """Per shard, how many of its readable replicas applied a write, from ``acked``
         (node address → the shards it applied, each once); for a shard with no readable
         replica, how many writable ones did."""
-        index, counts, _ = self._members(table)
+        index, counts = self._members(table)
         counted = np.zeros(counts.shape[1], np.int64)
         for address, shards in acked.items():
             node = index.get(address)
