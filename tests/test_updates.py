@@ -280,3 +280,13 @@ def test_an_update_streams_request_in_its_wire_form_parses_as_the_plain_one() ->
             plain.CopyFrom(head)
             plain.rows, plain.row_offsets = rows, offsets
             assert pb.WriteRequest.FromString(serialized_write(head, rows, offsets)) == plain
+
+
+def test_a_write_call_sends_a_serialized_write_as_it_is() -> None:
+    """Client.write and AsyncClient.write plan each node's request in its wire form; their
+    Write calls' serializer passes it through (and still serializes a plain message)."""
+    from kvstore.client.core import SerializedWrite, write_wire
+
+    plain = pb.WriteRequest(table="t", rows=b"\x01\x02", epoch=4)
+    assert write_wire(SerializedWrite(b"wire", 4)) == b"wire"
+    assert write_wire(plain) == plain.SerializeToString()

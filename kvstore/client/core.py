@@ -209,6 +209,16 @@ def serialized_write(request: pb.WriteRequest, rows: bytes, offsets: bytes) -> b
     )
 
 
+WRITE_METHOD = "/kvstore.v1.FeatureStore/Write"
+
+
+def write_wire(request: pb.WriteRequest | SerializedWrite) -> bytes:
+    """A Write call's request serializer: a ``SerializedWrite`` as it is."""
+    if isinstance(request, SerializedWrite):
+        return request.data
+    return request.SerializeToString()
+
+
 class ClientCore:
     """Schemas and the cluster map, cached; plans and finishes batch calls."""
 
