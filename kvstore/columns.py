@@ -69,12 +69,25 @@ def encode_rows(
     for name, values in columns.items():
         index = _feature_index(schema, name)
         feature = schema.features[index]
-        arr = to_arrow_column(values, feature.dtype, schema.name, name)
+        dtype = feature.dtype
+        if (
+            isinstance(values, np.ndarray)
+            and values.ndim == 1
+            and _codec.KIND_BOOL < dtype.kind <= _codec.KIND_FLOAT64
+            and values.dtype == dtype.numpy_dtype
+        ):
+            # Already the feature's values, no nulls (NaN is a value): what Arrow would
+            # give back, without going through it (an update stream's batch, per column).
+            arr = values
+            column = (np.ascontiguousarray(values), None)
+        else:
+            arr = to_arrow_column(values, dtype, schema.name, name)
+            column = None
         if len(arr) != n:
             raise InvalidArgument(
                 f"table {schema.name!r}, column {name!r}: {len(arr)} values for {n} keys"
             )
-        codec_columns[index] = codec_column(arr, feature.dtype, schema.name, name)
+        codec_columns[index] = column or codec_column(arr, dtype, schema.name, name)
     if event_time is None:
         event_times = np.full(n, now_us(), dtype=np.int64)
     elif np.ndim(event_time) == 0:

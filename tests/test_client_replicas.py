@@ -155,6 +155,51 @@ def test_reads_prefer_the_zone_then_the_least_busy_replica_and_writes_need_their
         assert set(shard_of_key[positions].tolist()) == set(held)
 
 
+def test_a_table_written_on_one_node_is_planned_as_one_call_like_the_general_fan_out() -> None:
+    """Every writable replica of every shard on one live node: a write (an update
+    stream's batch) is one call with every key, planned without per-node masks, the
+    same plan as the general fan-out; a second writable replica (even Initializing) or
+    the node marked down is the general fan-out again. What a route derives (the quorum,
+    the live nodes, the sole writer) is kept per map and read-only."""
+    nodes = [_node_info("a:1", "", ""), _node_info("b:1", "", "")]
+    one = pb.ShardReplicas(node=[0], state=["Available"])
+    table = pb.TableShards(table="t", owner=[0] * SHARDS, replicas=[one] * SHARDS)
+    cmap = pb.ClusterMap(epoch=2, nodes=nodes, tables=[table])
+    core = ClientCore("a:1", TIMEOUT_S)
+    core.apply_cluster_map(cmap)
+    schema = TableSchema.build("t", "int64", FEATURES, SHARDS)
+    keys = KeyBatch.from_values("int64", np.arange(3, 40, 3), "t")
+    route = core.route
+    assert route.sole_writer("t") == "a:1"
+    assert route.live() == {"a:1", "b:1"} and not route.gone("b:1") and route.gone("c:1")
+    needed = route.needed("t")
+    assert needed is route.needed("t") and not needed.flags.writeable
+    plan = core.fan_out("t", schema, keys)
+    general = core.fan_out("t", schema, keys, acked={})  # the per-node masks' path
+    assert [(a, p, s.tolist()) for a, p, s in plan] == [
+        ("a:1", None, np.unique(keys.shard_ids(SHARDS)).tolist())
+    ]
+    assert [(a, p, s.tolist()) for a, p, s in general] == [(a, p, s.tolist()) for a, p, s in plan]
+    assert core.fan_out("t", schema, KeyBatch.from_values("int64", [], "t")) == []
+
+    cmap.tables[0].replicas[2].CopyFrom(
+        pb.ShardReplicas(node=[0, 1], state=["Available", "Initializing"])
+    )
+    cmap.epoch = 3
+    core.apply_cluster_map(cmap)
+    assert core.route.sole_writer("t") is None
+    plan = core.fan_out("t", schema, keys)
+    assert sorted(a for a, _, _ in plan) == ["a:1", "b:1"]
+    assert dict((a, s.tolist()) for a, _, s in plan)["b:1"] == [2]
+
+    cmap.tables[0].replicas[2].CopyFrom(one)
+    cmap.nodes[0].state = "down"
+    cmap.epoch = 4
+    core.apply_cluster_map(cmap)
+    assert core.route.sole_writer("t") is None and core.route.gone("a:1")
+    assert core.fan_out("t", schema, keys) == []  # its peers catch it up, none here
+
+
 def test_a_read_that_failed_on_every_replica_asks_them_again_after_the_map_refresh() -> None:
     """Client.get's own read failed on both replicas (a blip): the flow avoids them,
     finds no replica left, refreshes the map, and then reads from the new map's

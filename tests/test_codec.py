@@ -318,6 +318,33 @@ def test_encode_null_values_are_zero_whatever_the_column_holds():
     assert block == b"".join(want)
 
 
+def test_encode_a_partial_update_of_a_wide_row_matches_the_oracle():
+    """A stream's update sets a few features of a wide row: the absent ones (fixed and
+    var, before and after the set ones) are null and zero in every row, as are a set
+    feature's null values, whatever junk its column holds there."""
+    F = codec.KIND_FLOAT32
+    kinds = [F] * 10 + [codec.KIND_FLOAT32_VECTOR, codec.KIND_STRING, codec.KIND_INT64] + [F] * 9
+    dims = [0] * 10 + [3, 0, 0] + [0] * 9
+    layout = codec.Layout(7, kinds, dims)
+    n = 5
+    columns: list = [None] * len(kinds)
+    columns[2] = (np.arange(n, dtype=np.float32) + 0.5, None)
+    columns[9] = (np.full(n, 9.0, np.float32), np.array([1, 0, 1, 0, 1], np.uint8))
+    columns[12] = (np.arange(n, dtype=np.int64) - 2, np.array([0, 1, 1, 1, 0], np.uint8))
+    columns[21] = (np.full(n, -1.25, np.float32), None)
+    block, _ = codec.encode_rows(layout, columns, n, np.arange(n, dtype=np.int64) + 100)
+    rows = []
+    for i in range(n):
+        row: list = [None] * len(kinds)
+        row[2] = i + 0.5
+        row[9] = 9.0 if i % 2 == 0 else None
+        row[12] = i - 2 if 0 < i < 4 else None
+        row[21] = -1.25
+        rows.append(row)
+    want = oracle_rows(kinds, dims, 7, [100 + i for i in range(n)], rows)
+    assert block == b"".join(want)
+
+
 def test_encode_empty_batch_and_empty_schema():
     layout = codec.Layout(1, [codec.KIND_STRING, codec.KIND_FLOAT32_VECTOR], [0, 4])
     columns = [(np.zeros(1, np.int64), b"", None), (np.zeros((0, 4), np.float32), None)]

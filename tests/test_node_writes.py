@@ -228,3 +228,27 @@ def test_a_delete_that_waited_while_its_table_was_made_again_with_other_keys_app
     with pytest.raises(kvstore.SchemaChanged, match="now has string keys"):
         run_steps(steps)
     assert all(shard.empty for shard in node.table("t").delta)
+
+
+def test_numpy_columns_of_the_features_dtype_encode_as_their_arrow_arrays() -> None:
+    """A stream's batch of NumPy columns already of each feature's dtype skips Arrow:
+    the same rows (NaN a value, a strided column read in order); another dtype still
+    goes through Arrow's checks."""
+    import pyarrow as pa
+
+    from kvstore.errors import InvalidArgument
+    from kvstore.schema import TableSchema
+
+    schema = TableSchema.build("t", "int64", {"f": "float32", "i": "int32", "d": "float64"}, 4)
+    keys = np.arange(6, dtype=np.int64)
+    f = np.array([0.5, np.nan, -1.0, 2.0, np.inf, 3.0], np.float32)
+    i = np.arange(12, dtype=np.int32)[::2]  # not contiguous
+    d = np.linspace(0, 1, 6)
+    fast = encode_rows(schema, {"key": keys, "f": f, "i": i, "d": d}, event_time=7)
+    arrow = {"key": keys, "f": pa.array(f), "i": pa.array(i), "d": pa.array(d)}
+    slow = encode_rows(schema, arrow, event_time=7)
+    assert fast.rows == slow.rows and fast.offsets.tolist() == slow.offsets.tolist()
+    with pytest.raises(InvalidArgument, match="'i'"):
+        encode_rows(schema, {"key": keys, "i": np.full(6, 2**40, np.int64)})
+    with pytest.raises(InvalidArgument, match="5 values for 6 keys"):
+        encode_rows(schema, {"key": keys, "f": f[:5]})

@@ -260,3 +260,33 @@ def test_acknowledged_updates_survive_kill_9(start_node) -> None:
             lost = keys[~res.found]
             assert not len(lost), f"round {round_}: {len(lost)} acknowledged rows lost: {lost[:5]}"
         acked = acked_before_kill
+
+
+def test_an_update_streams_request_in_its_wire_form_parses_as_the_plain_one() -> None:
+    """The update stream sends each WriteRequest serialized by hand (its rows appended,
+    not copied through protobuf): the node parses the same message, whatever the
+    lengths (one- to three-byte varints), a position or features set or not."""
+    from kvstore.client.core import serialized_write
+
+    position = pb.ConsumerPosition(consumer="c", source="s", partition=2, offset=9)
+    for size in (0, 1, 127, 128, 16_383, 16_384, 402_000):
+        rows = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        offsets = np.arange(size // 8 + 1, dtype="<i8").tobytes()
+        for extra in ({}, {"position": position, "features": ["a", "c"]}):
+            head = pb.WriteRequest(table="t", schema_id=3, epoch=7, **extra)
+            head.keys.count = 2
+            head.keys.int64_le = np.array([1, 2], "<i8").tobytes()
+            plain = pb.WriteRequest()
+            plain.CopyFrom(head)
+            plain.rows, plain.row_offsets = rows, offsets
+            assert pb.WriteRequest.FromString(serialized_write(head, rows, offsets)) == plain
+
+
+def test_a_write_call_sends_a_serialized_write_as_it_is() -> None:
+    """Client.write and AsyncClient.write plan each node's request in its wire form; their
+    Write calls' serializer passes it through (and still serializes a plain message)."""
+    from kvstore.client.core import SerializedWrite, write_wire
+
+    plain = pb.WriteRequest(table="t", rows=b"\x01\x02", epoch=4)
+    assert write_wire(SerializedWrite(b"wire", 4)) == b"wire"
+    assert write_wire(plain) == plain.SerializeToString()

@@ -323,7 +323,7 @@ class Operations(ReplicaFlows):
                 return 0
 
             def plan(only: Any, acked: Any) -> list[NodeCall]:
-                return self.plan_write(table, schema, rows, pos, only, acked)
+                return self.plan_write(table, schema, rows, pos, only, acked, serialized=True)
 
             yield from self.quorum_flow(table, schema, rows.keys, plan, pos)
             return len(rows)

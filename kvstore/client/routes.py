@@ -65,6 +65,9 @@ class Route:
     #: Per node: its zone, and whether the map marks it down (its lease lapsed).
     zones: tuple[str, ...] = ()
     down: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    #: What ``needed``, ``acks``, ``gone`` and ``sole_writer`` derive from the map, kept
+    #: on first use: an update stream asks them for every batch, and a map never changes.
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def without(self, table: str) -> Route:
         """This route with no entry for ``table``."""
@@ -86,33 +89,81 @@ class Route:
         """Per shard, the acks of readable replicas (Available, Leaving) a write needs:
         the table's write_quorum, default a majority of them (an Initializing replica
         takes the write but does not count: it serves no reads yet), at most those on
-        nodes not marked down, at least 1."""
-        readable = self.readable[table]
-        count = (readable >= 0).sum(axis=1)
-        padded = np.append(self.down, False)
-        live = ((readable >= 0) & ~padded[readable]).sum(axis=1)
-        quorum = self.quorum.get(table, 0)
-        want = np.full(len(readable), quorum) if quorum else count // 2 + 1
-        return np.maximum(np.minimum(want, live), 1)
+        nodes not marked down, at least 1. Read-only (kept for the map's life)."""
+        key = ("needed", table)
+        out = self._memo.get(key)
+        if out is None:
+            readable = self.readable[table]
+            count = (readable >= 0).sum(axis=1)
+            padded = np.append(self.down, False)
+            live = ((readable >= 0) & ~padded[readable]).sum(axis=1)
+            quorum = self.quorum.get(table, 0)
+            want = np.full(len(readable), quorum) if quorum else count // 2 + 1
+            out = np.maximum(np.minimum(want, live), 1)
+            out.setflags(write=False)
+            self._memo[key] = out
+        return out
+
+    def _members(self, table: str) -> tuple[dict[str, int], np.ndarray]:
+        """(node index by address, (nodes, shards) int64 1 where the node holds a
+        readable replica of the shard, the same counting writable replicas for the
+        shards with no readable one): what ``acks`` adds up."""
+        key = ("members", table)
+        out = self._memo.get(key)
+        if out is None:
+            readable = self.readable[table]
+            writable = self.writable[table]
+            nodes = np.arange(len(self.nodes)).reshape(-1, 1, 1)
+            counts = (readable[None] == nodes).any(axis=2).astype(np.int64)
+            none_readable = (readable < 0).all(axis=1)
+            fallback = (writable[None] == nodes).any(axis=2)
+            counts[:, none_readable] = fallback[:, none_readable]
+            index = {a: i for i, a in enumerate(self.nodes)}
+            out = self._memo[key] = (index, counts)
+        return out
 
     def acks(self, table: str, acked: Mapping[str, np.ndarray]) -> np.ndarray:
         """Per shard, how many of its readable replicas applied a write, from ``acked``
-        (node address → the shards it applied); for a shard with no readable replica,
-        how many writable ones did."""
-        readable = self.readable[table]
-        writable = self.writable[table]
-        index = {a: i for i, a in enumerate(self.nodes)}
-        counted = np.zeros(len(readable), np.int64)
-        fallback = np.zeros(len(readable), np.int64)
+        (node address → the shards it applied, each once); for a shard with no readable
+        replica, how many writable ones did."""
+        index, counts = self._members(table)
+        counted = np.zeros(counts.shape[1], np.int64)
         for address, shards in acked.items():
             node = index.get(address)
             if node is None or not len(shards):
                 continue
-            counted[shards[(readable[shards] == node).any(axis=1)]] += 1
-            fallback[shards[(writable[shards] == node).any(axis=1)]] += 1
-        none_readable = (readable < 0).all(axis=1)
-        counted[none_readable] = fallback[none_readable]
+            counted[shards] += counts[node, shards]
         return counted
+
+    def live(self) -> frozenset[str]:
+        """The addresses of the nodes the map lists and does not mark down."""
+        listed = self._memo.get("live")
+        if listed is None:
+            down = self.down
+            listed = self._memo["live"] = frozenset(
+                a for i, a in enumerate(self.nodes) if not (i < len(down) and down[i])
+            )
+        return listed
+
+    def gone(self, address: str) -> bool:
+        """True for a node the map does not list, or marks down."""
+        return address not in self.live()
+
+    def sole_writer(self, table: str) -> str | None:
+        """The node that holds every writable replica of every shard of ``table``, when
+        one does and the map does not mark it down; else None (a write fans out)."""
+        key = ("sole_writer", table)
+        if key not in self._memo:
+            writable = self.writable[table]
+            first = int(writable[0, 0]) if writable.size else -1
+            one = (
+                first >= 0
+                and bool((writable[:, 0] == first).all())
+                and bool((writable[:, 1:] < 0).all())
+            )
+            address = self.nodes[first] if one and first < len(self.nodes) else ""
+            self._memo[key] = address if address and not self.gone(address) else None
+        return self._memo[key]
 
 
 def _replica_matrix(shards: Any, states: tuple[str, ...], owners: np.ndarray) -> np.ndarray:

@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import MAX_ROUTE_RETRIES, NodeCall
+from kvstore.client.core import MAX_ROUTE_RETRIES, NodeCall, SerializedWrite
 from kvstore.client.stream_acks import NodeAcks, Rerouting
 from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.schema import TableSchema
+from kvstore.v1 import feature_store_pb2 as pb
 
 if TYPE_CHECKING:
     from kvstore.client.aio import AsyncClient
@@ -49,6 +50,14 @@ if TYPE_CHECKING:
 __all__ = ["AsyncUpdateStream", "UpdateStream"]
 
 _END = object()
+
+#: The update stream's method, called with our own request serializer.
+UPDATE_STREAM_METHOD = "/kvstore.v1.FeatureStore/UpdateStream"
+
+
+def _wire_form(request: SerializedWrite) -> bytes:
+    return request.data
+
 
 #: How long ``flush`` waits for an ack before it looks at the map again (s).
 TICK_S = 0.25
@@ -59,13 +68,19 @@ class _NodeStream(NodeAcks):
     ``events`` is the stream's condition, notified at every ack and at the call's end."""
 
     def __init__(
-        self, stub: Any, address: str, max_in_flight: int, events: threading.Condition
+        self, channel: grpc.Channel, address: str, max_in_flight: int, events: threading.Condition
     ) -> None:
         super().__init__(address)
         self.window = threading.Semaphore(max_in_flight)
         self.requests: queue.Queue = queue.Queue()
         self.done = events
-        self.call = stub.UpdateStream(iter(self.requests.get, _END))
+        # Requests come serialized already (SerializedWrite): see core.serialized_write.
+        update_stream = channel.stream_stream(
+            UPDATE_STREAM_METHOD,
+            request_serializer=_wire_form,
+            response_deserializer=pb.WriteAck.FromString,
+        )
+        self.call = update_stream(iter(self.requests.get, _END))
         self.reader = threading.Thread(target=self._read_acks, daemon=True)
         self.reader.start()
 
@@ -113,6 +128,7 @@ class UpdateStream(Rerouting):
     """``with client.update_stream("t") as s: s.send({"key": [...], "ctr": [...]})``."""
 
     _client: Client
+    _serialized = True
 
     def __init__(self, client: Client, table: str, schema: TableSchema, max_in_flight: int):
         super().__init__(client, table, schema, max_in_flight)
@@ -125,8 +141,10 @@ class UpdateStream(Rerouting):
         """Queue one batch of (partial) rows; returns its number (1, 2, …) in this stream.
 
         ``event_time`` in µs since the epoch (default: now, stamped here once)."""
-        number = self._new_batch(data, key_column, event_time)
+        # Acks first, then the batch: planned by the map they may have refreshed, and
+        # never checked for being stuck before it was sent once.
         self._progress()
+        number = self._new_batch(data, key_column, event_time)
         self._send(self._plan(number))
         self._progress()
         return number
@@ -137,7 +155,7 @@ class UpdateStream(Rerouting):
             stream = self._streams.get(call.address)
             if stream is None:
                 stream = _NodeStream(
-                    self._client._stub(call.address),
+                    self._client._channel(call.address),
                     call.address,
                     self._max_in_flight,
                     self._events,
@@ -300,8 +318,8 @@ class AsyncUpdateStream(Rerouting):
         self, data: Any, *, key_column: str = "key", event_time: int | np.ndarray | None = None
     ) -> int:
         """Queue one batch of (partial) rows; returns its number in this stream."""
-        number = self._new_batch(data, key_column, event_time)
         await self._progress()
+        number = self._new_batch(data, key_column, event_time)
         await self._send(self._plan(number))
         await self._progress()
         return number

@@ -92,10 +92,11 @@ class _Batch:
     """A batch not acknowledged yet: its rows (event times stamped), the shards it
     touches, per node the shards that applied it and the shards of its parts in flight."""
 
-    __slots__ = ("acked", "pending", "present", "rows")
+    __slots__ = ("acked", "pending", "present", "rows", "shard_ids")
 
-    def __init__(self, rows: EncodedRows, present: np.ndarray) -> None:
+    def __init__(self, rows: EncodedRows, shard_ids: np.ndarray, present: np.ndarray) -> None:
         self.rows = rows
+        self.shard_ids = shard_ids
         self.present = present
         self.acked: dict[str, np.ndarray] = {}
         self.pending: dict[str, collections.deque[np.ndarray]] = {}
@@ -121,11 +122,18 @@ class _Batch:
         return out
 
 
+def _in_flight(batch: _Batch, route: Any) -> bool:
+    """True while a part of ``batch`` awaits the ack of a node the map has not dropped."""
+    return not route.live().isdisjoint(batch.pending)
+
+
 class Rerouting:
     """What UpdateStream and AsyncUpdateStream share, sans I/O: the batches not
     acknowledged, the quorum check, the failed nodes and what to send again."""
 
     _streams: dict[str, Any]
+    #: Whether the calls take each request in its wire form (``SerializedWrite``).
+    _serialized = False
 
     def __init__(self, client: Any, table: str, schema: TableSchema, max_in_flight: int):
         if max_in_flight < 1:
@@ -156,8 +164,10 @@ class Rerouting:
         """Encode a batch (its event times stamped now, once) and number it."""
         rows = encode_rows(self._schema, data, key_column, event_time)
         self.batches_sent += 1
-        present = np.unique(rows.keys.shard_ids(self._schema.shards))
-        self._batches[self.batches_sent] = _Batch(rows, present)
+        shards = self._schema.shards
+        shard_ids = rows.keys.shard_ids(shards)
+        present = np.flatnonzero(np.bincount(shard_ids, minlength=shards))
+        self._batches[self.batches_sent] = _Batch(rows, shard_ids, present)
         return self.batches_sent
 
     def _shelved(self, address: str) -> bool:
@@ -167,11 +177,7 @@ class Rerouting:
 
     def _gone(self, address: str) -> bool:
         """True for a node the map no longer lists, or marks down."""
-        route = self._client._ops.route
-        if address not in route.nodes:
-            return True
-        i = route.nodes.index(address)
-        return i < len(route.down) and bool(route.down[i])
+        return self._client._ops.route.gone(address)
 
     def _plan(self, number: int) -> list[tuple[int, NodeCall]]:
         """The parts of batch ``number`` still to send: the shards short of their quorum
@@ -188,10 +194,22 @@ class Rerouting:
             if not len(only):
                 return []
             calls = ops.plan_write(
-                self._table, self._schema, batch.rows, only=only, acked=batch.covered()
+                self._table,
+                self._schema,
+                batch.rows,
+                only=only,
+                acked=batch.covered(),
+                shard_ids=batch.shard_ids,
+                serialized=self._serialized,
             )
         else:
-            calls = ops.plan_write(self._table, self._schema, batch.rows)
+            calls = ops.plan_write(
+                self._table,
+                self._schema,
+                batch.rows,
+                shard_ids=batch.shard_ids,
+                serialized=self._serialized,
+            )
         return [(number, c) for c in calls if not self._shelved(c.address)]
 
     def _take_applied(self, address: str, applied: list[tuple[int, np.ndarray]]) -> None:
@@ -238,16 +256,29 @@ class Rerouting:
         """Count the batches whose every shard has its quorum by the current map and
         whose parts are all answered (or on nodes the map marks down) as acknowledged."""
         ops = self._client._ops
-        if self._newer > ops.route.epoch:
+        route = ops.route
+        if self._newer > route.epoch:
             return
         for number in list(self._batches):
             batch = self._batches[number]
-            if any(not self._gone(a) for a in batch.pending):
+            if _in_flight(batch, route):
                 continue
-            if len(ops._lacking(self._table, self._schema, batch.present, batch.acked)):
+            if not self._applied_by_sole_writer(batch, route) and len(
+                ops._lacking(self._table, self._schema, batch.present, batch.acked)
+            ):
                 continue
             self._rows_acked += len(batch.rows.keys)
             del self._batches[number]
+
+    def _applied_by_sole_writer(self, batch: _Batch, route: Any) -> bool:
+        """True when the one node holding every replica of the table's shards (live)
+        applied every shard of ``batch``: each shard's quorum is then that node's ack
+        (what ``_lacking`` would find, without its arrays)."""
+        if len(batch.acked) != 1:
+            return False
+        ((address, shards),) = batch.acked.items()
+        # The acked shards are distinct shards of the batch: all of them, if as many.
+        return address == route.sole_writer(self._table) and len(shards) == len(batch.present)
 
     def _stuck(self) -> KvstoreError | None:
         """The error for the oldest batch that can reach its quorum no more: shards
@@ -256,8 +287,9 @@ class Rerouting:
         if self._waiting_on_failed():
             return None
         ops = self._client._ops
+        route = ops.route
         for number, batch in self._batches.items():
-            if any(not self._gone(a) for a in batch.pending) or self._plan(number):
+            if _in_flight(batch, route) or self._plan(number):
                 continue
             if len(ops._lacking(self._table, self._schema, batch.present, batch.acked)):
                 return self._no_quorum(batch)

@@ -11,9 +11,11 @@ from kvstore.client.core import (
     DEFAULT_TIMEOUT_S,
     STALE_ROUTE,
     STALE_SCHEMA,
+    WRITE_METHOD,
     NodeCall,
     Settled,
     read_once,
+    write_wire,
 )
 from kvstore.client.fast import FastConnections
 from kvstore.client.flows import Operations
@@ -23,6 +25,7 @@ from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
 from kvstore.client.sync_hedging import drive_fast, drive_grpc
 from kvstore.errors import KvstoreError, TableNotFound, Unavailable, from_rpc_error
+from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -260,11 +263,23 @@ class Client:
 
     # -- plumbing --------------------------------------------------------------------
 
+    def _channel(self, address: str) -> grpc.Channel:
+        """The channel to ``address`` (the one ``_stub`` calls on)."""
+        self._stub(address)
+        return self._channels[address][0]
+
     def _stub(self, address: str) -> pb_grpc.FeatureStoreStub:
         entry = self._channels.get(address)
         if entry is None:
             channel = open_channel(address)
-            entry = (channel, pb_grpc.FeatureStoreStub(channel))
+            stub = pb_grpc.FeatureStoreStub(channel)
+            # Writes travel serialized already (core.serialized_write: one copy of rows).
+            stub.Write = channel.unary_unary(
+                WRITE_METHOD,
+                request_serializer=write_wire,
+                response_deserializer=pb.WriteResponse.FromString,
+            )
+            entry = (channel, stub)
             self._channels[address] = entry
         return entry[1]
 
