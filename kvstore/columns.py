@@ -71,7 +71,7 @@ def encode_rows(
         feature = schema.features[index]
         dtype = feature.dtype
         if (
-            isinstance(values, np.ndarray)
+            type(values) is np.ndarray  # not a MaskedArray: its mask means nulls
             and values.ndim == 1
             and _codec.KIND_BOOL < dtype.kind <= _codec.KIND_FLOAT64
             and values.dtype == dtype.numpy_dtype

@@ -252,3 +252,24 @@ def test_numpy_columns_of_the_features_dtype_encode_as_their_arrow_arrays() -> N
         encode_rows(schema, {"key": keys, "i": np.full(6, 2**40, np.int64)})
     with pytest.raises(InvalidArgument, match="5 values for 6 keys"):
         encode_rows(schema, {"key": keys, "f": f[:5]})
+
+
+def test_masked_numpy_columns_write_nulls_where_masked() -> None:
+    """A MaskedArray (what ``GetResult.to_numpy`` gives for int columns with missing
+    rows) of the feature's dtype is not taken as plain values: its masked rows are
+    nulls, as Arrow reads them, not the values under the mask."""
+    from kvstore.schema import TableSchema
+
+    schema = TableSchema.build("t", "int64", {"v": "float64", "w": "int64"}, 4)
+    keys = np.arange(3, dtype=np.int64)
+    mask = [False, True, False]
+    masked = {
+        "key": keys,
+        "v": np.ma.masked_array(np.array([1.0, 2.0, 3.0]), mask=mask),
+        "w": np.ma.masked_array(np.array([4, 5, 6], np.int64), mask=mask),
+    }
+    nulls = {"key": keys, "v": [1.0, None, 3.0], "w": [4, None, 6]}
+    assert (
+        encode_rows(schema, masked, event_time=5).rows
+        == encode_rows(schema, nulls, event_time=5).rows
+    )
