@@ -37,6 +37,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,8 +202,8 @@ def _producer_main(
 ) -> None:
     """Send update batches until told to stop; ``rate`` rows/s (0 = as fast as possible).
 
-    Protocol: sends "ready" once warmed up, waits for "go", sends "started", runs until
-    "stop" (or 10 min), then reports its figures.
+    Protocol (``_paced_sends``): sends "ready" once warmed up, waits for "go", sends
+    "started", runs until "stop" (or 10 min), then reports its figures.
     """
     from kvstore import Client
 
@@ -210,72 +211,94 @@ def _producer_main(
     client = Client(address, timeout=60.0)
     stream = client.update_stream(TABLE, max_in_flight=max_in_flight) if mode != "unary" else None
     try:
-        for b in batches[:4]:  # warm-up
-            if stream is None:
-                client.write(TABLE, b)
-            else:
-                stream.send(b)
-        if stream is not None:
-            stream.flush()
-        acked0 = stream.rows_acked if stream is not None else 0
-        conn.send("ready")
-        conn.recv()  # "go"
-        conn.send("started")
-        cpu0 = time.process_time()
-        start = time.monotonic_ns()
-        sent = 0
-        call_ns: list[int] = []
-        late_ns = 0
-        deadline = start + int(600e9)
-        i = 0
-        while not conn.poll():
-            if rate > 0:
-                due = start + int(sent / rate * 1e9)
-                now = time.monotonic_ns()
-                if due > now:
-                    time.sleep((due - now) / 1e9)
-                else:
-                    late_ns = max(late_ns, now - due)
-            b = batches[i % PRODUCER_BATCHES]
-            i += 1
-            t0 = time.monotonic_ns()
-            if stream is None:
-                client.write(TABLE, b)
-            else:
-                stream.send(b)
-            call_ns.append(time.monotonic_ns() - t0)
-            sent += BATCH_ROWS
-            if t0 > deadline:
-                break
-        send_end = time.monotonic_ns()
-        if stream is not None:
-            stream.flush(timeout=120)
-        end = time.monotonic_ns()
-        acked = stream.rows_acked - acked0 if stream is not None else sent
-        conn.recv()  # "stop"
-        conn.send(
-            {
-                "mode": mode,
-                "rows": acked,
-                "rows_sent": sent,
-                "batches": i,
-                "seconds": (end - start) / 1e9,
-                "flush_s": (end - send_end) / 1e9,
-                "rows_per_s": acked / ((end - start) / 1e9),
-                "call_p50_ms": float(np.percentile(call_ns, 50)) / 1e6 if call_ns else 0.0,
-                "call_p99_ms": float(np.percentile(call_ns, 99)) / 1e6 if call_ns else 0.0,
-                "max_behind_schedule_ms": late_ns / 1e6,
-                "cpu_s": time.process_time() - cpu0,
-                "start_ns": start,
-                "end_ns": end,
-            }
-        )
+        if stream is None:
+            _paced_sends(conn, mode, batches, lambda b: client.write(TABLE, b), rate)
+        else:
+            _paced_sends(
+                conn,
+                mode,
+                batches,
+                stream.send,
+                rate,
+                flush=lambda: stream.flush(timeout=120),
+                rows_acked=lambda: stream.rows_acked,
+            )
     except Exception as exc:  # reported to the parent, which raises it
         conn.send({"error": f"{mode} producer: {exc!r}"})
     finally:
         if stream is not None:
             stream.close()
         client.close()
+
+
+def _paced_sends(
+    conn: Any,
+    mode: str,
+    batches: list,
+    send: Callable[[Any], Any],
+    rate: float,
+    flush: Callable[[], Any] = lambda: None,
+    rows_acked: Callable[[], int] | None = None,
+    wait: Callable[[float], Any] = time.sleep,
+) -> None:
+    """A producer process's protocol and figures, for kvstore's and Redis's: ``send``
+    4 batches and ``flush`` (warm-up), send "ready", wait for "go", send "started",
+    then ``send`` batches (``BATCH_ROWS`` rows each) paced to ``rate`` rows/s (0 = as
+    fast as possible; ``wait(s)`` between them) until "stop" (or 10 min), ``flush``,
+    and send the figures. ``rows_acked``: the rows acknowledged so far (None: every
+    sent row, acknowledged by its ``send``)."""
+    for b in batches[:4]:  # warm-up
+        send(b)
+    flush()
+    acked0 = rows_acked() if rows_acked is not None else 0
+    conn.send("ready")
+    conn.recv()  # "go"
+    conn.send("started")
+    cpu0 = time.process_time()
+    start = time.monotonic_ns()
+    sent = 0
+    call_ns: list[int] = []
+    late_ns = 0
+    deadline = start + int(600e9)
+    i = 0
+    while not conn.poll():
+        if rate > 0:
+            due = start + int(sent / rate * 1e9)
+            now = time.monotonic_ns()
+            if due > now:
+                wait((due - now) / 1e9)
+            else:
+                late_ns = max(late_ns, now - due)
+        b = batches[i % PRODUCER_BATCHES]
+        i += 1
+        t0 = time.monotonic_ns()
+        send(b)
+        call_ns.append(time.monotonic_ns() - t0)
+        sent += BATCH_ROWS
+        if t0 > deadline:
+            break
+    send_end = time.monotonic_ns()
+    flush()
+    end = time.monotonic_ns()
+    acked = rows_acked() - acked0 if rows_acked is not None else sent
+    conn.recv()  # "stop"
+    conn.send(
+        {
+            "mode": mode,
+            "rows": acked,
+            "rows_sent": sent,
+            "batches": i,
+            "seconds": (end - start) / 1e9,
+            "flush_s": (end - send_end) / 1e9,
+            "rows_per_s": acked / ((end - start) / 1e9),
+            "call_p50_ms": float(np.percentile(call_ns, 50)) / 1e6 if call_ns else 0.0,
+            "call_p99_ms": float(np.percentile(call_ns, 99)) / 1e6 if call_ns else 0.0,
+            "max_behind_schedule_ms": late_ns / 1e6,
+            "cpu_s": time.process_time() - cpu0,
+            "start_ns": start,
+            "end_ns": end,
+        }
+    )
 
 
 class Producer:
@@ -392,20 +415,29 @@ class _Window:
 
 
 def _read_latencies(address: str, rows: int, seed: int, seconds: float) -> dict:
+    """100-key gets from kvstore for ``seconds`` (``_timed_lookups``)."""
     from loadtests.systems import KvstoreReader
 
+    return _timed_lookups(KvstoreReader(address), rows, seed, seconds)
+
+
+def _timed_lookups(reader: Any, rows: int, seed: int, seconds: float) -> dict:
+    """``reader.lookup`` of ``READ_BATCH`` random existing keys back to back for
+    ``seconds`` (after 50 untimed); its latencies' p50, p99 and mean. Closes ``reader``."""
+    from loadtests.systems import KeyPool
+
     rng = np.random.default_rng([seed, 47])
-    pool = rng.integers(0, rows, size=(2000, READ_BATCH), dtype=np.int64)
-    reader = KvstoreReader(address)
+    pool = KeyPool.of(rng.integers(0, rows, size=(2000, READ_BATCH), dtype=np.int64))
     try:
         for j in range(50):  # warm-up
-            reader.lookup(pool[j], [])
+            reader.lookup(pool.ints[j], pool.names[j])
         lat = []
         deadline = time.monotonic_ns() + int(seconds * 1e9)
         j = 0
         while True:
+            k = j % len(pool)
             t0 = time.perf_counter_ns()
-            reader.lookup(pool[j % len(pool)], [])
+            reader.lookup(pool.ints[k], pool.names[k])
             lat.append(time.perf_counter_ns() - t0)
             j += 1
             if time.monotonic_ns() > deadline:
@@ -590,6 +622,15 @@ class _RedisPipelines:
                 return
             self._read_oldest()
 
+    def wait(self, seconds: float) -> None:
+        """Wait ``seconds``, reading the replies that arrive meanwhile (as a stream's
+        acks are)."""
+        end = time.monotonic() + seconds
+        self.read_ready(seconds)
+        left = end - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+
     def flush(self) -> None:
         while self.in_flight:
             self._read_oldest()
@@ -602,66 +643,22 @@ class _RedisPipelines:
 def _redis_producer_main(
     port: int, rows: int, seed: int, rate: float, window: int, conn: Any
 ) -> None:
-    """``_producer_main`` for Redis: the same protocol, pacing and figures; a batch is a
-    pipeline of ``BATCH_ROWS`` HSETs (``_redis_commands``), ``window`` in flight."""
+    """``_producer_main`` for Redis: the same protocol, pacing and figures
+    (``_paced_sends``); a batch is a pipeline of ``BATCH_ROWS`` HSETs
+    (``_redis_commands``), ``window`` in flight, their replies read while it waits."""
     batches = _redis_commands(seed, rows, 1)
     pipes = None
     try:
         pipes = _RedisPipelines(port, window)
-        for b in batches[:4]:  # warm-up
-            pipes.send(b)
-        pipes.flush()
-        acked0 = pipes.rows_acked
-        conn.send("ready")
-        conn.recv()  # "go"
-        conn.send("started")
-        cpu0 = time.process_time()
-        start = time.monotonic_ns()
-        sent = 0
-        call_ns: list[int] = []
-        late_ns = 0
-        deadline = start + int(600e9)
-        i = 0
-        while not conn.poll():
-            if rate > 0:
-                due = start + int(sent / rate * 1e9)
-                now = time.monotonic_ns()
-                if due > now:
-                    pipes.read_ready((due - now) / 1e9)  # acks meanwhile, as a stream's are
-                    now = time.monotonic_ns()
-                    if due > now:
-                        time.sleep((due - now) / 1e9)
-                else:
-                    late_ns = max(late_ns, now - due)
-            b = batches[i % PRODUCER_BATCHES]
-            i += 1
-            t0 = time.monotonic_ns()
-            pipes.send(b)
-            call_ns.append(time.monotonic_ns() - t0)
-            sent += BATCH_ROWS
-            if t0 > deadline:
-                break
-        send_end = time.monotonic_ns()
-        pipes.flush()
-        end = time.monotonic_ns()
-        acked = pipes.rows_acked - acked0
-        conn.recv()  # "stop"
-        conn.send(
-            {
-                "mode": "redis-hset-pipelines",
-                "rows": acked,
-                "rows_sent": sent,
-                "batches": i,
-                "seconds": (end - start) / 1e9,
-                "flush_s": (end - send_end) / 1e9,
-                "rows_per_s": acked / ((end - start) / 1e9),
-                "call_p50_ms": float(np.percentile(call_ns, 50)) / 1e6 if call_ns else 0.0,
-                "call_p99_ms": float(np.percentile(call_ns, 99)) / 1e6 if call_ns else 0.0,
-                "max_behind_schedule_ms": late_ns / 1e6,
-                "cpu_s": time.process_time() - cpu0,
-                "start_ns": start,
-                "end_ns": end,
-            }
+        _paced_sends(
+            conn,
+            "redis-hset-pipelines",
+            batches,
+            pipes.send,
+            rate,
+            flush=pipes.flush,
+            rows_acked=lambda: pipes.rows_acked,
+            wait=pipes.wait,
         )
     except Exception as exc:  # reported to the parent, which raises it
         conn.send({"error": f"redis producer: {exc!r}"})
@@ -687,34 +684,9 @@ class RedisProducer(Producer):
 def _redis_read_latencies(port: int, rows: int, seed: int, seconds: float) -> dict:
     """``_read_latencies`` on Redis: 100-key reads of the hashes (pipelined HGETALL)."""
     from loadtests.redis_client import connect
-    from loadtests.systems import KeyPool, RedisHashReader
+    from loadtests.systems import RedisHashReader
 
-    rng = np.random.default_rng([seed, 47])
-    pool = KeyPool.of(rng.integers(0, rows, size=(2000, READ_BATCH), dtype=np.int64))
-    reader = RedisHashReader(connect(port))
-    try:
-        for j in range(50):  # warm-up
-            reader.lookup(pool.ints[j], pool.names[j])
-        lat = []
-        deadline = time.monotonic_ns() + int(seconds * 1e9)
-        j = 0
-        while True:
-            k = j % len(pool)
-            t0 = time.perf_counter_ns()
-            reader.lookup(pool.ints[k], pool.names[k])
-            lat.append(time.perf_counter_ns() - t0)
-            j += 1
-            if time.monotonic_ns() > deadline:
-                break
-    finally:
-        reader.close()
-    ms = np.asarray(lat) / 1e6
-    return {
-        "count": len(ms),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "mean_ms": float(ms.mean()),
-    }
+    return _timed_lookups(RedisHashReader(connect(port)), rows, seed, seconds)
 
 
 def _redis_window(server_pid: int) -> Any:
