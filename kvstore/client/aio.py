@@ -15,11 +15,10 @@ from kvstore.client.core import (
     DEFAULT_TIMEOUT_S,
     STALE_ROUTE,
     STALE_SCHEMA,
-    WRITE_METHOD,
     NodeCall,
     Settled,
+    feature_store_stub,
     read_once,
-    write_wire,
 )
 from kvstore.client.flows import Operations
 from kvstore.client.health import HedgePolicy
@@ -33,7 +32,6 @@ from kvstore.errors import (
     Unavailable,
     from_rpc_error,
 )
-from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_aio_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -228,13 +226,7 @@ class AsyncClient:
             if any(loop.is_closed() for loop, _ in self._channels):  # their channels are gone
                 self._channels = {k: e for k, e in self._channels.items() if not k[0].is_closed()}
             channel = open_aio_channel(address)
-            stub = pb_grpc.FeatureStoreStub(channel)
-            # Writes travel serialized already (core.serialized_write: one copy of rows).
-            stub.Write = channel.unary_unary(
-                WRITE_METHOD,
-                request_serializer=write_wire,
-                response_deserializer=pb.WriteResponse.FromString,
-            )
+            stub = feature_store_stub(channel)
             entry = (channel, stub)
             self._channels[key] = entry
         return entry[1]

@@ -32,6 +32,7 @@ from kvstore.errors import (
 from kvstore.keys import KeyBatch
 from kvstore.schema import Feature, TableSchema
 from kvstore.v1 import feature_store_pb2 as pb
+from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import resolve_address
 from kvstore.wire.frames import STATUS_OK, read_answer
 
@@ -217,6 +218,18 @@ def write_wire(request: pb.WriteRequest | SerializedWrite) -> bytes:
     if isinstance(request, SerializedWrite):
         return request.data
     return request.SerializeToString()
+
+
+def feature_store_stub(channel: Any) -> pb_grpc.FeatureStoreStub:
+    """The FeatureStore stub of ``channel`` (a sync or an asyncio one) whose Write takes
+    a request serialized already (``serialized_write``: one copy of the rows)."""
+    stub = pb_grpc.FeatureStoreStub(channel)
+    stub.Write = channel.unary_unary(
+        WRITE_METHOD,
+        request_serializer=write_wire,
+        response_deserializer=pb.WriteResponse.FromString,
+    )
+    return stub
 
 
 class ClientCore:

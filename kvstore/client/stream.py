@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from kvstore.client.core import MAX_ROUTE_RETRIES, NodeCall, SerializedWrite
+from kvstore.client.core import MAX_ROUTE_RETRIES, NodeCall, write_wire
 from kvstore.client.stream_acks import NodeAcks, Rerouting
 from kvstore.errors import KvstoreError, from_rpc_error
 from kvstore.schema import TableSchema
@@ -53,10 +53,6 @@ _END = object()
 
 #: The update stream's method, called with our own request serializer.
 UPDATE_STREAM_METHOD = "/kvstore.v1.FeatureStore/UpdateStream"
-
-
-def _wire_form(request: SerializedWrite) -> bytes:
-    return request.data
 
 
 #: How long ``flush`` waits for an ack before it looks at the map again (s).
@@ -77,7 +73,7 @@ class _NodeStream(NodeAcks):
         # Requests come serialized already (SerializedWrite): see core.serialized_write.
         update_stream = channel.stream_stream(
             UPDATE_STREAM_METHOD,
-            request_serializer=_wire_form,
+            request_serializer=write_wire,
             response_deserializer=pb.WriteAck.FromString,
         )
         self.call = update_stream(iter(self.requests.get, _END))

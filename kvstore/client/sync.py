@@ -11,11 +11,10 @@ from kvstore.client.core import (
     DEFAULT_TIMEOUT_S,
     STALE_ROUTE,
     STALE_SCHEMA,
-    WRITE_METHOD,
     NodeCall,
     Settled,
+    feature_store_stub,
     read_once,
-    write_wire,
 )
 from kvstore.client.fast import FastConnections
 from kvstore.client.flows import Operations
@@ -25,7 +24,6 @@ from kvstore.client.result import GetResult
 from kvstore.client.stream import UpdateStream
 from kvstore.client.sync_hedging import drive_fast, drive_grpc
 from kvstore.errors import KvstoreError, TableNotFound, Unavailable, from_rpc_error
-from kvstore.v1 import feature_store_pb2 as pb
 from kvstore.v1 import feature_store_pb2_grpc as pb_grpc
 from kvstore.wire.dial import open_channel
 from kvstore.wire.messages import TableInfo, VersionInfo
@@ -272,13 +270,7 @@ class Client:
         entry = self._channels.get(address)
         if entry is None:
             channel = open_channel(address)
-            stub = pb_grpc.FeatureStoreStub(channel)
-            # Writes travel serialized already (core.serialized_write: one copy of rows).
-            stub.Write = channel.unary_unary(
-                WRITE_METHOD,
-                request_serializer=write_wire,
-                response_deserializer=pb.WriteResponse.FromString,
-            )
+            stub = feature_store_stub(channel)
             entry = (channel, stub)
             self._channels[address] = entry
         return entry[1]
